@@ -1,0 +1,85 @@
+# Shelfwise: `make demo` and `make test` do everything, from a fresh clone, on Python 3.11.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+
+# State lives under SHELFWISE_HOME; Dagster and BentoML need absolute homes inside it.
+export SHELFWISE_HOME := $(abspath $(or $(SHELFWISE_HOME),data))
+export DAGSTER_HOME := $(SHELFWISE_HOME)/dagster
+export BENTOML_HOME := $(SHELFWISE_HOME)/bentoml
+export BENTOML_DO_NOT_TRACK := true
+export DO_NOT_TRACK := 1
+export DBT_SEND_ANONYMOUS_USAGE_STATS := false
+export OMP_WAIT_POLICY := PASSIVE
+export PATH := $(BIN):$(PATH)
+
+HOST ?= 127.0.0.1
+SERVE_PORT ?= 3000
+UI_PORT ?= 3001
+DBT_MANIFEST := dbt_project/target/manifest.json
+DBT_SOURCES := $(shell find dbt_project -path dbt_project/target -prune -o -type f \( -name '*.sql' -o -name '*.yml' \) -print)
+INSTALLED := $(VENV)/.installed
+
+.PHONY: help setup init demo pipeline data serve ui test lint format lock clean
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt pip setuptools wheel
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[dev]'
+	@touch $@
+
+$(DBT_MANIFEST): $(INSTALLED) $(DBT_SOURCES)
+	$(BIN)/dagster-dbt project prepare-and-package --file orchestration/dbt_project.py
+
+setup: $(INSTALLED) $(DBT_MANIFEST)  ## Create .venv from the pinned constraints and prepare the dbt manifest.
+
+init: setup
+	@$(BIN)/shelfwise init
+
+data: init  ## Generate the demo shop, unless the lake already holds events.
+	$(BIN)/shelfwise generate --if-empty
+
+pipeline: data  ## Materialize every asset (ingest → dbt → candidates → ranker → evaluation → bento).
+	$(BIN)/dagster asset materialize -m orchestration.definitions --select '*'
+
+serve: init  ## Serve the latest bento on 127.0.0.1:3000.
+	$(BIN)/bentoml serve shelfwise:latest --host $(HOST) --port $(SERVE_PORT)
+
+ui: init  ## Open the Dagster UI on 127.0.0.1:3001.
+	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(UI_PORT)
+
+demo: pipeline  ## Set up, run the whole pipeline on generated data, then serve and open the UI.
+	@$(BIN)/shelfwise demo-banner --host $(HOST) --serve-port $(SERVE_PORT) --ui-port $(UI_PORT)
+	@trap 'kill 0' INT TERM EXIT; \
+	  $(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(UI_PORT) & \
+	  $(BIN)/bentoml serve shelfwise:latest --host $(HOST) --port $(SERVE_PORT) & \
+	  wait
+
+test: setup  ## Run the test suite.
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)  ## Check style with ruff.
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(INSTALLED)  ## Fix style with ruff.
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock:  ## Re-resolve pyproject.toml into constraints.txt in a throw-away venv.
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ echo "# Every package of the resolved environment, pinned. Installs always use this file:"; \
+	  echo "#   pip install -c constraints.txt -e '.[dev]'   (see the Makefile; regenerate with 'make lock')"; \
+	  .lock-venv/bin/pip freeze --all --exclude-editable | sort -f; } > constraints.txt
+	rm -rf .lock-venv
+
+clean:  ## Remove the virtual environment and the dbt build output (keeps data/).
+	rm -rf $(VENV) dbt_project/target dbt_project/logs

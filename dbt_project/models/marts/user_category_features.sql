@@ -1,0 +1,41 @@
+-- Each user's affinity to each category before each cutoff: the share of their decayed interest.
+with
+
+events as (
+
+    select * from {{ ref('int_events_before_cutoffs') }}
+
+),
+
+items as (
+
+    select item_id, category_id from {{ ref('stg_lake__items') }}
+
+),
+
+per_category as (
+
+    select
+        events.as_of,
+        events.user_id,
+        items.category_id,
+        count(*) as events,
+        count(*) filter (where events.event_type = 'purchase') as purchases,
+        sum(events.event_weight * events.decay) as interest
+    from events
+    inner join items
+        on items.item_id = events.item_id
+    group by events.as_of, events.user_id, items.category_id
+
+),
+
+final as (
+
+    select
+        *,
+        interest / nullif(sum(interest) over (partition by as_of, user_id), 0) as affinity
+    from per_category
+
+)
+
+select * from final

@@ -1,0 +1,34 @@
+-- User features as of each cutoff, from the user's events before it. Users with no event before
+-- a cutoff have no row for it (the ranker sees missing values: a cold user).
+with
+
+events as (
+
+    select * from {{ ref('int_events_before_cutoffs') }}
+
+),
+
+final as (
+
+    select
+        as_of,
+        user_id,
+        count(*) as events,
+        count(*) filter (where event_type = 'view') as views,
+        count(*) filter (where event_type = 'add_to_cart') as carts,
+        count(*) filter (where event_type = 'purchase') as purchases,
+        coalesce(sum(price * quantity) filter (where event_type = 'purchase'), 0.0) as spend,
+        count(*) filter (where age_days < 1) as events_1d,
+        count(*) filter (where age_days < 7) as events_7d,
+        count(*) filter (where age_days < 30) as events_30d,
+        count(distinct session_id) as sessions,
+        count(distinct session_id) filter (where event_type = 'purchase')
+            / count(distinct session_id) as session_conversion_rate,
+        min(age_days) as days_since_last_event,
+        avg(price) filter (where event_type in ('view', 'add_to_cart', 'purchase')) as mean_price
+    from events
+    group by as_of, user_id
+
+)
+
+select * from final

@@ -1,0 +1,1 @@
+"""ML code as plain typed functions: cutoffs, candidates, features, ranker, metrics, evaluation."""

@@ -1,0 +1,148 @@
+"""The ranker's feature vector, assembled in one place for training and for serving.
+
+Training (past cutoffs) and the service (the serving cutoff) both call `assemble_features` on the
+same dbt feature tables, so the two cannot drift apart. Missing values stay missing (null → NaN):
+LightGBM learns what "no history" means instead of us pretending it is zero.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from shelfwise.lake import FEATURES, Lake
+
+# Candidate-generation signals, produced by `models.candidates.generate_candidates`.
+CANDIDATE_FEATURES = ["covisit_score", "covisit_hits", "from_history", "from_popular"]
+
+ITEM_FEATURES = {
+    "popularity": "item_popularity",
+    "popularity_rank": "item_popularity_rank",
+    "views_1d": "item_views_1d",
+    "views_7d": "item_views_7d",
+    "views_30d": "item_views_30d",
+    "purchases_7d": "item_purchases_7d",
+    "purchases_30d": "item_purchases_30d",
+    "users_30d": "item_users_30d",
+    "trend": "item_trend",
+    "view_to_cart_rate": "item_view_to_cart_rate",
+    "cart_to_purchase_rate": "item_cart_to_purchase_rate",
+    "price": "item_price",
+    "age_days": "item_age_days",
+}
+
+USER_FEATURES = {
+    "events": "user_events",
+    "views": "user_views",
+    "carts": "user_carts",
+    "purchases": "user_purchases",
+    "spend": "user_spend",
+    "events_1d": "user_events_1d",
+    "events_7d": "user_events_7d",
+    "sessions": "user_sessions",
+    "session_conversion_rate": "user_session_conversion_rate",
+    "days_since_last_event": "user_days_since_last_event",
+}
+
+USER_ITEM_FEATURES = {
+    "views": "user_item_views",
+    "carts": "user_item_carts",
+    "purchases": "user_item_purchases",
+    "days_since_last": "user_item_days_since_last",
+    "interest": "user_item_interest",
+}
+
+USER_CATEGORY_FEATURES = {
+    "affinity": "user_category_affinity",
+    "purchases": "user_category_purchases",
+}
+
+DERIVED_FEATURES = ["price_to_user_mean"]
+
+FEATURE_COLUMNS: list[str] = [
+    *CANDIDATE_FEATURES,
+    *ITEM_FEATURES.values(),
+    *USER_FEATURES.values(),
+    *USER_ITEM_FEATURES.values(),
+    *USER_CATEGORY_FEATURES.values(),
+    *DERIVED_FEATURES,
+]
+
+TABLE_NAMES = ("item_features", "user_features", "user_item_features", "user_category_features")
+
+
+@dataclass(frozen=True)
+class FeatureTables:
+    """The dbt feature marts, possibly restricted to some cutoffs."""
+
+    items: pl.DataFrame
+    users: pl.DataFrame
+    user_items: pl.DataFrame
+    user_categories: pl.DataFrame
+
+    @classmethod
+    def load(cls, lake: Lake, as_of: list[datetime] | None = None) -> "FeatureTables":
+        """Reads the feature marts from `<lake>/features/`.
+
+        Args:
+            lake: The lake dbt exported to.
+            as_of: Keep only these cutoffs; all when omitted.
+
+        Returns:
+            The tables.
+        """
+        frames = [lake.read_frame(f"{FEATURES}/{name}.parquet") for name in TABLE_NAMES]
+        if as_of is not None:
+            wanted = pl.Series("as_of", as_of, dtype=pl.Datetime("us", "UTC"))
+            frames = [frame.filter(pl.col("as_of").is_in(wanted.implode())) for frame in frames]
+        return cls(*frames)
+
+
+def assemble_features(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:
+    """Joins candidates with every feature table into the ranker's feature vector.
+
+    Args:
+        candidates: One row per (as_of, user_id, item_id) with `CANDIDATE_FEATURES`; other
+            columns (labels, sources) are kept.
+        tables: The feature marts for the candidates' cutoffs.
+
+    Returns:
+        The candidates in their original order with `FEATURE_COLUMNS` added as Float32.
+    """
+    items = tables.items.select(
+        "as_of", "item_id", "category_id", *[pl.col(k).alias(v) for k, v in ITEM_FEATURES.items()]
+    )
+    users = tables.users.select(
+        "as_of", "user_id", "mean_price", *[pl.col(k).alias(v) for k, v in USER_FEATURES.items()]
+    )
+    user_items = tables.user_items.select(
+        "as_of", "user_id", "item_id", *[pl.col(k).alias(v) for k, v in USER_ITEM_FEATURES.items()]
+    )
+    user_categories = tables.user_categories.select(
+        "as_of",
+        "user_id",
+        "category_id",
+        *[pl.col(k).alias(v) for k, v in USER_CATEGORY_FEATURES.items()],
+    )
+    assembled = (
+        candidates.join(items, on=["as_of", "item_id"], how="left", maintain_order="left")
+        .join(users, on=["as_of", "user_id"], how="left", maintain_order="left")
+        .join(user_items, on=["as_of", "user_id", "item_id"], how="left", maintain_order="left")
+        .join(
+            user_categories,
+            on=["as_of", "user_id", "category_id"],
+            how="left",
+            maintain_order="left",
+        )
+        .with_columns(
+            (pl.col("item_price") / pl.col("mean_price")).alias("price_to_user_mean"),
+        )
+        .drop("mean_price", "category_id")
+    )
+    return assembled.with_columns([pl.col(name).cast(pl.Float32) for name in FEATURE_COLUMNS])
+
+
+def feature_matrix(assembled: pl.DataFrame) -> np.ndarray:
+    """The `FEATURE_COLUMNS` of assembled rows as a float32 matrix (nulls become NaN)."""
+    return assembled.select(FEATURE_COLUMNS).to_numpy().astype(np.float32, copy=False)

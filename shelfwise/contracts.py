@@ -1,0 +1,146 @@
+"""Data contracts of the lake (ARCHITECTURE.md §4) as Arrow schemas, and the checks that enforce them.
+
+Identifiers are strings; timestamps are UTC with microsecond precision. The generator, the
+importers, the ingestion and the service all conform their data with `conform`, so a column that
+is missing or cannot be cast fails with its name in the message.
+"""
+
+from datetime import datetime
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("occurred_at", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("session_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("quantity", pa.int32(), nullable=False),
+        pa.field("price", pa.float64(), nullable=True),
+        pa.field("rec_id", pa.string(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+
+IMPRESSIONS_SCHEMA = pa.schema(
+    [
+        pa.field("rec_id", pa.string(), nullable=False),
+        pa.field("shown_at", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=True),
+        pa.field("strategy", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=True),
+    ]
+)
+
+ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=True),
+        pa.field("category_id", pa.string(), nullable=False),
+        pa.field("category_path", pa.string(), nullable=True),
+        pa.field("brand", pa.string(), nullable=True),
+        pa.field("price", pa.float64(), nullable=True),
+        pa.field("is_in_stock", pa.bool_(), nullable=False),
+        pa.field("created_at", TIMESTAMP, nullable=True),
+    ]
+)
+
+USERS_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("signed_up_at", TIMESTAMP, nullable=True),
+        pa.field("country", pa.string(), nullable=True),
+        pa.field("device", pa.string(), nullable=True),
+    ]
+)
+
+# Columns that identify a row of each dataset (unique within the dataset).
+EVENTS_KEY = "event_id"
+ITEMS_KEY = "item_id"
+USERS_KEY = "user_id"
+
+
+class ContractError(ValueError):
+    """Input that does not fit a contract; the message names the source and the column."""
+
+
+def conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
+    """Selects and casts a table's columns to a contract schema.
+
+    Optional (nullable) columns that are missing are added as nulls; extra columns are dropped.
+
+    Args:
+        table: The input rows.
+        schema: The contract to conform to.
+        source: Where the rows came from (a file name), used in error messages.
+
+    Returns:
+        A table with exactly the contract's columns, in order, with its types.
+
+    Raises:
+        ContractError: A required column is missing or a column cannot be cast.
+    """
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise ContractError(f"{source}: required column '{field.name}' is missing")
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        try:
+            if pa.types.is_timestamp(field.type) and pa.types.is_timestamp(column.type):
+                if column.type.tz is None:
+                    column = pc.assume_timezone(column, "UTC")
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise ContractError(
+                f"{source}: column '{field.name}' cannot be read as {field.type}: {error}"
+            ) from error
+    return pa.Table.from_arrays(columns, schema=schema.with_metadata(None).remove_metadata())
+
+
+def split_valid_events(events: pl.DataFrame, now: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Splits contract-typed events into valid rows and rejected rows with a reason per row.
+
+    A row is rejected when a required field is null, `event_type` is outside the domain,
+    `quantity` or `price` is negative, `occurred_at` lies in the future, or its `event_id` was
+    already seen earlier in the same batch.
+
+    Args:
+        events: Events already conformed to `EVENTS_SCHEMA`.
+        now: The ingestion time; events after it are rejected.
+
+    Returns:
+        `(valid, rejected)`; `rejected` has the event columns plus `reason`.
+    """
+    required = [field.name for field in EVENTS_SCHEMA if not field.nullable]
+    checks = [
+        *[(pl.col(name).is_null(), f"{name} is null") for name in required],
+        (~pl.col("event_type").is_in(EVENT_TYPES), f"event_type not in {list(EVENT_TYPES)}"),
+        (pl.col("quantity") < 0, "quantity is negative"),
+        (pl.col("price") < 0, "price is negative"),
+        (pl.col("occurred_at") > pl.lit(now).dt.cast_time_unit("us"), "occurred_at is in the future"),
+        (pl.col("event_id").is_duplicated() & ~pl.col("event_id").is_first_distinct(),
+         "event_id duplicated in batch"),
+    ]
+    reason = pl.concat_str(
+        [pl.when(condition.fill_null(False)).then(pl.lit(text)) for condition, text in checks],
+        separator="; ",
+        ignore_nulls=True,
+    )
+    labelled = events.with_columns(reason.alias("reason"))
+    valid = labelled.filter(pl.col("reason") == "").drop("reason")
+    rejected = labelled.filter(pl.col("reason") != "")
+    return valid, rejected

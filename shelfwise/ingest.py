@@ -1,0 +1,125 @@
+"""Ingestion: validate what arrived in the lake's landing area and publish it.
+
+`shelfwise generate`, `shelfwise import` and the service all drop files into `landing/`. Ingestion
+conforms each file to its contract, publishes the valid rows (events partitioned by date, catalog
+rows upserted by key) and writes rejected rows with a reason per row to `quarantine/`. A landing
+file is removed only after everything it held is published, and output names derive from the
+landing file's name, so an interrupted ingestion can simply run again.
+"""
+
+import posixpath
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import polars as pl
+import pyarrow as pa
+
+from shelfwise import lake as paths
+from shelfwise.contracts import (
+    EVENTS_SCHEMA,
+    ITEMS_KEY,
+    ITEMS_SCHEMA,
+    USERS_KEY,
+    USERS_SCHEMA,
+    conform,
+    split_valid_events,
+)
+from shelfwise.lake import Lake
+
+CATALOG_FILE = "catalog.parquet"
+
+
+@dataclass
+class IngestReport:
+    """What one ingestion run did."""
+
+    files: int = 0
+    events_landed: int = 0
+    events_quarantined: int = 0
+    items_upserted: int = 0
+    users_upserted: int = 0
+    catalog_rows_quarantined: int = 0
+    dates: list[str] = field(default_factory=list)
+
+    @property
+    def quarantined_share(self) -> float:
+        """Share of event rows rejected in this run (0 when nothing arrived)."""
+        total = self.events_landed + self.events_quarantined
+        return self.events_quarantined / total if total else 0.0
+
+
+def ingest_landing(lake: Lake, now: datetime) -> IngestReport:
+    """Validates and publishes every file in the landing area.
+
+    Args:
+        lake: The lake to ingest into.
+        now: Ingestion time; events after it are quarantined.
+
+    Returns:
+        Counts of what was landed and quarantined.
+
+    Raises:
+        ContractError: A landing file misses a required column or cannot be cast; the message
+            names the file and the column. The file stays in landing.
+    """
+    report = IngestReport()
+    for relpath in lake.list_files(paths.LANDING_EVENTS):
+        _ingest_events_file(lake, relpath, now, report)
+    for landing, target, schema, key in (
+        (paths.LANDING_ITEMS, paths.ITEMS, ITEMS_SCHEMA, ITEMS_KEY),
+        (paths.LANDING_USERS, paths.USERS, USERS_SCHEMA, USERS_KEY),
+    ):
+        files = lake.list_files(landing)
+        if files:
+            upserted = _upsert_catalog(lake, files, target, schema, key, report)
+            if target == paths.ITEMS:
+                report.items_upserted += upserted
+            else:
+                report.users_upserted += upserted
+    report.dates = sorted(set(report.dates))
+    return report
+
+
+def _ingest_events_file(lake: Lake, relpath: str, now: datetime, report: IngestReport) -> None:
+    stem = posixpath.splitext(posixpath.basename(relpath))[0]
+    events = conform(lake.read_table(relpath), EVENTS_SCHEMA, source=lake.uri(relpath))
+    valid, rejected = split_valid_events(pl.from_arrow(events), now)
+    if rejected.height:
+        lake.write_parquet(rejected.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
+    dated = valid.with_columns(pl.col("occurred_at").dt.date().cast(pl.String).alias("_date"))
+    for (date,), rows in dated.partition_by("_date", as_dict=True, maintain_order=True).items():
+        table = rows.drop("_date").to_arrow().cast(EVENTS_SCHEMA)
+        lake.write_parquet(table, f"{paths.EVENTS}/date={date}/{stem}.parquet")
+        report.dates.append(str(date))
+    lake.remove([relpath])
+    report.files += 1
+    report.events_landed += valid.height
+    report.events_quarantined += rejected.height
+
+
+def _upsert_catalog(
+    lake: Lake, files: list[str], target: str, schema: pa.Schema, key: str, report: IngestReport
+) -> int:
+    arrivals = []
+    for relpath in files:
+        rows = pl.from_arrow(conform(lake.read_table(relpath), schema, source=lake.uri(relpath)))
+        missing_key = rows.filter(pl.col(key).is_null())
+        if missing_key.height:
+            stem = posixpath.splitext(posixpath.basename(relpath))[0]
+            quarantined = missing_key.with_columns(pl.lit(f"{key} is null").alias("reason"))
+            lake.write_parquet(quarantined.to_arrow(), f"{paths.QUARANTINE}/{target}/{stem}.parquet")
+            report.catalog_rows_quarantined += missing_key.height
+        arrivals.append(rows.filter(pl.col(key).is_not_null()))
+    current_path = f"{target}/{CATALOG_FILE}"
+    current = [lake.read_frame(current_path)] if lake.exists(current_path) else []
+    # Later deliveries win: the newest row of each key is the catalog's truth.
+    merged = pl.concat([*current, *arrivals]).unique(subset=key, keep="last", maintain_order=True)
+    lake.write_parquet(merged.sort(key).to_arrow().cast(schema), current_path)
+    lake.remove(files)
+    report.files += len(files)
+    return sum(frame.height for frame in arrivals)
+
+
+def lake_has_events(lake: Lake) -> bool:
+    """Whether the lake holds events, ingested or still waiting in landing."""
+    return bool(lake.list_files(paths.EVENTS) or lake.list_files(paths.LANDING_EVENTS))

@@ -1,0 +1,155 @@
+"""The lake: one root (a local folder or `s3://bucket/prefix`) and the datasets under it.
+
+Every read and write of lake data goes through `Lake`, so the same code serves a local folder and an
+S3 bucket (through s3fs). Files are published atomically: written under a temporary name, then
+renamed, so a reader never sees half a file.
+"""
+
+import io
+import json
+import posixpath
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+# Dataset folders, relative to the lake root.
+LANDING_EVENTS = "landing/events"
+LANDING_ITEMS = "landing/items"
+LANDING_USERS = "landing/users"
+EVENTS = "events"
+IMPRESSIONS = "impressions"
+ITEMS = "catalog/items"
+USERS = "catalog/users"
+QUARANTINE = "quarantine"
+FEATURES = "features"
+CANDIDATES = "candidates"
+TRAINING = "training"
+EVALUATION = "evaluation"
+MODELS = "models"
+GROUND_TRUTH = "ground_truth"
+
+
+class Lake:
+    """A lake root with atomic Parquet and JSON I/O.
+
+    Args:
+        url: A local path or an `s3://bucket/prefix` URL.
+        storage_options: Extra options for the fsspec filesystem (for example an S3 endpoint).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.protocol = "s3" if self.url.startswith("s3://") else "file"
+        self.storage_options = storage_options or {}
+        self.fs: fsspec.AbstractFileSystem = fsspec.filesystem(
+            self.protocol, **self.storage_options
+        )
+        self._root = self.url.removeprefix("s3://") if self.protocol == "s3" else self.url
+
+    def uri(self, relpath: str = "") -> str:
+        """The full URL of a path in the lake (what DuckDB and users see)."""
+        return posixpath.join(self.url, relpath) if relpath else self.url
+
+    def path(self, relpath: str = "") -> str:
+        """The filesystem path of a path in the lake (what `self.fs` takes)."""
+        return posixpath.join(self._root, relpath) if relpath else self._root
+
+    def exists(self, relpath: str) -> bool:
+        """Whether a file or folder exists in the lake."""
+        return self.fs.exists(self.path(relpath))
+
+    def list_files(self, relpath: str, suffix: str = ".parquet") -> list[str]:
+        """Files under a folder (recursively), as lake-relative paths, sorted.
+
+        Args:
+            relpath: The folder, relative to the lake root.
+            suffix: Only files whose name ends with this.
+
+        Returns:
+            Sorted lake-relative paths; empty when the folder does not exist.
+        """
+        base = self.path(relpath)
+        if not self.fs.exists(base):
+            return []
+        root = self.path().rstrip("/") + "/"
+        found = [p for p in self.fs.find(base) if p.endswith(suffix)]
+        return sorted(p.removeprefix(root) for p in found)
+
+    def write_parquet(self, table: pa.Table, relpath: str) -> str:
+        """Writes a Parquet file atomically (temporary name, then rename).
+
+        Args:
+            table: The rows to write.
+            relpath: Target file, relative to the lake root.
+
+        Returns:
+            The lake-relative path written.
+        """
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self._publish(buffer.getvalue(), relpath)
+        return relpath
+
+    def write_json(self, payload: Any, relpath: str) -> str:
+        """Writes a JSON document atomically."""
+        self._publish(json.dumps(payload, indent=2, default=str).encode(), relpath)
+        return relpath
+
+    def read_json(self, relpath: str) -> Any:
+        """Reads a JSON document."""
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            return json.loads(handle.read())
+
+    def read_table(self, relpath: str, columns: list[str] | None = None) -> pa.Table:
+        """Reads a Parquet file or a (hive-partitioned) folder of them.
+
+        Args:
+            relpath: A file or folder, relative to the lake root.
+            columns: Only these columns, when given.
+
+        Returns:
+            The rows; a partition folder `key=value` becomes a column `key`.
+
+        Raises:
+            FileNotFoundError: Nothing is stored at that path.
+        """
+        target = self.path(relpath)
+        if not self.fs.exists(target):
+            raise FileNotFoundError(f"nothing in the lake at {self.uri(relpath)}")
+        if relpath.endswith(".parquet"):
+            with self.fs.open(target, "rb") as handle:
+                return pq.read_table(handle, columns=columns)
+        files = [self.path(p) for p in self.list_files(relpath)]
+        if not files:
+            raise FileNotFoundError(f"no Parquet files in the lake under {self.uri(relpath)}")
+        dataset = pads.dataset(
+            files, filesystem=self.fs, format="parquet", partitioning="hive",
+            partition_base_dir=target,
+        )
+        return dataset.to_table(columns=columns)
+
+    def read_frame(self, relpath: str, columns: list[str] | None = None) -> pl.DataFrame:
+        """Reads a Parquet file or folder as a polars DataFrame (see `read_table`)."""
+        return pl.from_arrow(self.read_table(relpath, columns=columns))
+
+    def remove(self, relpaths: Iterable[str]) -> None:
+        """Deletes files from the lake (missing ones are ignored)."""
+        for relpath in relpaths:
+            if self.fs.exists(self.path(relpath)):
+                self.fs.rm(self.path(relpath))
+
+    def _publish(self, data: bytes, relpath: str) -> None:
+        target = self.path(relpath)
+        folder = posixpath.dirname(target)
+        temporary = posixpath.join(folder, f"_tmp-{uuid.uuid4().hex}")
+        if self.protocol == "file":
+            self.fs.makedirs(folder, exist_ok=True)
+        with self.fs.open(temporary, "wb") as handle:
+            handle.write(data)
+        self.fs.mv(temporary, target)

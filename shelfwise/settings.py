@@ -1,0 +1,51 @@
+"""Where Shelfwise keeps its state, read from the environment when a process starts."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Locations and secrets of one Shelfwise installation.
+
+    Attributes:
+        home: Local state folder (`SHELFWISE_HOME`, default `./data`), always absolute.
+        lake_url: Lake root (`SHELFWISE_LAKE`): a local path or `s3://bucket/prefix`.
+        api_token: When set, write and admin endpoints require this bearer token.
+    """
+
+    home: Path
+    lake_url: str
+    api_token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Reads the settings from environment variables (call it at start-up, not at import).
+
+        Args:
+            environ: The environment to read; `os.environ` when omitted.
+
+        Returns:
+            The settings, with `home` made absolute.
+        """
+        env = os.environ if environ is None else environ
+        home = Path(env.get("SHELFWISE_HOME") or "data").expanduser().resolve()
+        lake_url = env.get("SHELFWISE_LAKE") or str(home / "lake")
+        return cls(home=home, lake_url=lake_url, api_token=env.get("SHELFWISE_API_TOKEN") or None)
+
+    @property
+    def dagster_home(self) -> Path:
+        """`DAGSTER_HOME`: run history, event logs and sensor cursors."""
+        return self.home / "dagster"
+
+    @property
+    def bentoml_home(self) -> Path:
+        """`BENTOML_HOME`: the BentoML model store and bentos."""
+        return self.home / "bentoml"
+
+    @property
+    def warehouse_path(self) -> Path:
+        """The DuckDB file that only dbt writes."""
+        return self.home / "warehouse" / "shelfwise.duckdb"
