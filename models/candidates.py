@@ -71,10 +71,7 @@ def generate_candidates(
     recent = (
         user_items.join(queries, on=KEY, how="semi")
         .with_columns(
-            pl.col("days_since_last")
-            .rank(method="ordinal")
-            .over(KEY)
-            .alias("recency_rank")
+            pl.col("days_since_last").rank(method="ordinal").over(KEY).alias("recency_rank")
         )
         .filter(pl.col("recency_rank") <= config.recent_items)
         .select(*KEY, "item_id", "recency_rank")

@@ -50,7 +50,9 @@ class CutoffPlan:
         """
         ordered = sorted(set(cutoffs))
         if len(ordered) < 3:
-            raise ValueError(f"need at least 3 cutoffs (training, evaluation, serving), got {ordered}")
+            raise ValueError(
+                f"need at least 3 cutoffs (training, evaluation, serving), got {ordered}"
+            )
         return cls(training=tuple(ordered[:-2]), evaluation=ordered[-2], serving=ordered[-1])
 
 

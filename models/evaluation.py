@@ -10,7 +10,9 @@ from models.metrics import ranking_metrics, top_k
 
 def score_with_ranker(assembled: pl.DataFrame, booster: lgb.Booster) -> pl.DataFrame:
     """Adds the ranker's score to assembled candidate rows."""
-    scores = booster.predict(feature_matrix(assembled), num_threads=booster.params.get("num_threads", 0))
+    scores = booster.predict(
+        feature_matrix(assembled), num_threads=booster.params.get("num_threads", 0)
+    )
     return assembled.with_columns(pl.Series("score", scores, dtype=pl.Float64))
 
 

@@ -43,11 +43,15 @@ def ranking_metrics(
     n_positives = positives.group_by(QUERY).agg(pl.len().alias("n_positives"))
     for k in k_values:
         discount = 1.0 / (pl.col("rank") + 1).log(base=2)
-        dcg = hits.filter(pl.col("rank") <= k).group_by(QUERY).agg(
-            (pl.col("gain") * discount).sum().alias("dcg"), pl.len().alias("hits")
+        dcg = (
+            hits.filter(pl.col("rank") <= k)
+            .group_by(QUERY)
+            .agg((pl.col("gain") * discount).sum().alias("dcg"), pl.len().alias("hits"))
         )
-        idcg = ideal.filter(pl.col("rank") <= k).group_by(QUERY).agg(
-            (pl.col("gain") * discount).sum().alias("idcg")
+        idcg = (
+            ideal.filter(pl.col("rank") <= k)
+            .group_by(QUERY)
+            .agg((pl.col("gain") * discount).sum().alias("idcg"))
         )
         per_user = (
             users.join(idcg, on=QUERY, how="left")
@@ -55,7 +59,9 @@ def ranking_metrics(
             .join(n_positives, on=QUERY, how="left")
             .with_columns(pl.col("dcg", "hits").fill_null(0))
         )
-        metrics[f"ndcg@{k}"] = float(per_user.select((pl.col("dcg") / pl.col("idcg")).mean()).item())
+        metrics[f"ndcg@{k}"] = float(
+            per_user.select((pl.col("dcg") / pl.col("idcg")).mean()).item()
+        )
         metrics[f"recall@{k}"] = float(
             per_user.select((pl.col("hits") / pl.col("n_positives")).mean()).item()
         )

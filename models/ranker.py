@@ -51,9 +51,7 @@ def keep_queries_with_positives(rows: pl.DataFrame) -> pl.DataFrame:
 
 def query_sizes(rows: pl.DataFrame) -> np.ndarray:
     """Group sizes for LightGBM; the rows must be sorted by (as_of, user_id)."""
-    return (
-        rows.group_by(QUERY, maintain_order=True).agg(pl.len()).get_column("len").to_numpy()
-    )
+    return rows.group_by(QUERY, maintain_order=True).agg(pl.len()).get_column("len").to_numpy()
 
 
 def _dataset(rows: pl.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:

@@ -5,7 +5,7 @@ import sys
 from datetime import date
 
 from shelfwise.home import prepare_home
-from shelfwise.lake import Lake
+from shelfwise.lake import SERVING_CANDIDATES, Lake
 from shelfwise.settings import Settings
 
 
@@ -47,10 +47,16 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _demo_banner(args: argparse.Namespace, settings: Settings) -> int:
-    from shelfwise.serving_data import example_user_id
+def _example_user_id(lake: Lake) -> str:
+    """A user the serving snapshot knows, so the printed curl shows a personalized answer."""
+    if not lake.exists(SERVING_CANDIDATES):
+        return "u1"
+    users = lake.read_table(SERVING_CANDIDATES, columns=["user_id"]).column("user_id")
+    return str(users[0]) if len(users) else "u1"
 
-    user_id = example_user_id(Lake(settings.lake_url)) or "u1"
+
+def _demo_banner(args: argparse.Namespace, settings: Settings) -> int:
+    user_id = _example_user_id(Lake(settings.lake_url))
     serve = f"http://{args.host}:{args.serve_port}"
     _say(
         "\nShelfwise is starting (Ctrl-C stops both servers):\n"
@@ -58,7 +64,7 @@ def _demo_banner(args: argparse.Namespace, settings: Settings) -> int:
         f"  pipelines (Dagster UI):    http://{args.host}:{args.ui_port}\n\n"
         "Try, once BentoML reports it is ready:\n"
         f"  curl -s -X POST {serve}/recommend -H 'Content-Type: application/json' \\\n"
-        f"       -d '{{\"user_id\": \"{user_id}\", \"k\": 10}}'\n"
+        f'       -d \'{{"user_id": "{user_id}", "k": 10}}\'\n'
     )
     return 0
 

@@ -1,4 +1,4 @@
-"""Data contracts of the lake (ARCHITECTURE.md §4) as Arrow schemas, and the checks that enforce them.
+"""Data contracts of the lake (ARCHITECTURE.md §4) as Arrow schemas, and the checks enforcing them.
 
 Identifiers are strings; timestamps are UTC with microsecond precision. The generator, the
 importers, the ingestion and the service all conform their data with `conform`, so a column that
@@ -131,9 +131,14 @@ def split_valid_events(events: pl.DataFrame, now: datetime) -> tuple[pl.DataFram
         (~pl.col("event_type").is_in(EVENT_TYPES), f"event_type not in {list(EVENT_TYPES)}"),
         (pl.col("quantity") < 0, "quantity is negative"),
         (pl.col("price") < 0, "price is negative"),
-        (pl.col("occurred_at") > pl.lit(now).dt.cast_time_unit("us"), "occurred_at is in the future"),
-        (pl.col("event_id").is_duplicated() & ~pl.col("event_id").is_first_distinct(),
-         "event_id duplicated in batch"),
+        (
+            pl.col("occurred_at") > pl.lit(now).dt.cast_time_unit("us"),
+            "occurred_at is in the future",
+        ),
+        (
+            pl.col("event_id").is_duplicated() & ~pl.col("event_id").is_first_distinct(),
+            "event_id duplicated in batch",
+        ),
     ]
     reason = pl.concat_str(
         [pl.when(condition.fill_null(False)).then(pl.lit(text)) for condition, text in checks],

@@ -8,8 +8,9 @@ landing file's name, so an interrupted ingestion can simply run again.
 """
 
 import posixpath
+import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 import polars as pl
 import pyarrow as pa
@@ -87,10 +88,10 @@ def _ingest_events_file(lake: Lake, relpath: str, now: datetime, report: IngestR
     if rejected.height:
         lake.write_parquet(rejected.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
     dated = valid.with_columns(pl.col("occurred_at").dt.date().cast(pl.String).alias("_date"))
-    for (date,), rows in dated.partition_by("_date", as_dict=True, maintain_order=True).items():
+    for (day,), rows in dated.partition_by("_date", as_dict=True, maintain_order=True).items():
         table = rows.drop("_date").to_arrow().cast(EVENTS_SCHEMA)
-        lake.write_parquet(table, f"{paths.EVENTS}/date={date}/{stem}.parquet")
-        report.dates.append(str(date))
+        lake.write_parquet(table, f"{paths.EVENTS}/date={day}/{stem}.parquet")
+        report.dates.append(str(day))
     lake.remove([relpath])
     report.files += 1
     report.events_landed += valid.height
@@ -107,7 +108,9 @@ def _upsert_catalog(
         if missing_key.height:
             stem = posixpath.splitext(posixpath.basename(relpath))[0]
             quarantined = missing_key.with_columns(pl.lit(f"{key} is null").alias("reason"))
-            lake.write_parquet(quarantined.to_arrow(), f"{paths.QUARANTINE}/{target}/{stem}.parquet")
+            lake.write_parquet(
+                quarantined.to_arrow(), f"{paths.QUARANTINE}/{target}/{stem}.parquet"
+            )
             report.catalog_rows_quarantined += missing_key.height
         arrivals.append(rows.filter(pl.col(key).is_not_null()))
     current_path = f"{target}/{CATALOG_FILE}"
@@ -123,3 +126,13 @@ def _upsert_catalog(
 def lake_has_events(lake: Lake) -> bool:
     """Whether the lake holds events, ingested or still waiting in landing."""
     return bool(lake.list_files(paths.EVENTS) or lake.list_files(paths.LANDING_EVENTS))
+
+
+def ingested_dates(lake: Lake) -> list[date]:
+    """The dates with ingested events, from the partition folder names (no file is read)."""
+    found = {
+        match.group(1)
+        for relpath in lake.list_files(paths.EVENTS)
+        if (match := re.search(r"/date=(\d{4}-\d{2}-\d{2})/", relpath))
+    }
+    return sorted(date.fromisoformat(text) for text in found)

@@ -33,6 +33,9 @@ TRAINING = "training"
 EVALUATION = "evaluation"
 MODELS = "models"
 GROUND_TRUTH = "ground_truth"
+SERVING = "serving"
+SERVING_CANDIDATES = f"{SERVING}/candidate_features.parquet"
+SERVING_POPULAR = f"{SERVING}/popular_items.parquet"
 
 
 class Lake:
@@ -96,6 +99,16 @@ class Lake:
         self._publish(buffer.getvalue(), relpath)
         return relpath
 
+    def write_text(self, text: str, relpath: str) -> str:
+        """Writes a text file atomically."""
+        self._publish(text.encode(), relpath)
+        return relpath
+
+    def read_text(self, relpath: str) -> str:
+        """Reads a text file."""
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            return handle.read().decode()
+
     def write_json(self, payload: Any, relpath: str) -> str:
         """Writes a JSON document atomically."""
         self._publish(json.dumps(payload, indent=2, default=str).encode(), relpath)
@@ -129,7 +142,10 @@ class Lake:
         if not files:
             raise FileNotFoundError(f"no Parquet files in the lake under {self.uri(relpath)}")
         dataset = pads.dataset(
-            files, filesystem=self.fs, format="parquet", partitioning="hive",
+            files,
+            filesystem=self.fs,
+            format="parquet",
+            partitioning="hive",
             partition_base_dir=target,
         )
         return dataset.to_table(columns=columns)

@@ -1,0 +1,128 @@
+"""Answering a recommendation request from the serving snapshot, without any web framework.
+
+The pipeline exports, as of the serving cutoff, every known user's candidates with their feature
+vectors (assembled by `models.features.assemble_features`, exactly as for training) and the popular
+items. A request slices the user's rows, scores them with the ranker and returns the top k; a user
+without candidates gets popular items. The BentoML service is a thin shell around `Recommender`.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from models.features import FEATURE_COLUMNS
+from shelfwise.lake import SERVING_CANDIDATES, SERVING_POPULAR, Lake
+
+logger = logging.getLogger(__name__)
+
+STRATEGY_PERSONALIZED = "personalized"
+STRATEGY_POPULAR = "popular"
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    """One recommended item."""
+
+    item_id: str
+    score: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The answer to one request."""
+
+    items: list[RankedItem]
+    strategy: str
+
+
+class Recommender:
+    """Ranks a user's precomputed candidates with the ranker; popular items for everyone else.
+
+    Args:
+        candidates: Serving snapshot rows: user_id, item_id, candidate_rank, `FEATURE_COLUMNS`.
+        popular: Popular items, most popular first: item_id, popularity.
+        booster: The ranker, or None to serve candidates in their generators' order.
+        feature_names: The features the booster was trained on, in its order.
+    """
+
+    def __init__(
+        self,
+        candidates: pl.DataFrame,
+        popular: pl.DataFrame,
+        booster: lgb.Booster | None,
+        feature_names: list[str] | None = None,
+    ) -> None:
+        features = feature_names or FEATURE_COLUMNS
+        missing = [name for name in features if name not in candidates.columns]
+        if missing:
+            raise ValueError(f"serving snapshot lacks the ranker's features: {missing}")
+        ordered = candidates.sort("user_id", "candidate_rank")
+        self._matrix = ordered.select(features).to_numpy().astype(np.float32, copy=False)
+        self._item_ids = ordered.get_column("item_id").to_numpy()
+        self._candidate_rank = ordered.get_column("candidate_rank").to_numpy()
+        sizes = ordered.group_by("user_id", maintain_order=True).agg(pl.len())
+        ends = np.cumsum(sizes.get_column("len").to_numpy().astype(np.int64)).tolist()
+        starts = [0, *ends[:-1]]
+        user_ids = sizes.get_column("user_id").to_list()
+        self._rows = dict(zip(user_ids, zip(starts, ends, strict=True), strict=True))
+        self._popular_ids = popular.get_column("item_id").to_list()
+        self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
+        self._booster = booster
+
+    @classmethod
+    def from_lake(
+        cls, lake: Lake, booster: lgb.Booster | None, feature_names: list[str] | None = None
+    ) -> "Recommender":
+        """Loads the serving snapshot the pipeline exported to the lake."""
+        return cls(
+            lake.read_frame(SERVING_CANDIDATES),
+            lake.read_frame(SERVING_POPULAR),
+            booster,
+            feature_names,
+        )
+
+    @property
+    def known_users(self) -> int:
+        """How many users have precomputed candidates."""
+        return len(self._rows)
+
+    def recommend(self, user_id: str, k: int) -> Recommendation:
+        """The top-k distinct items for a user.
+
+        Args:
+            user_id: Any user id; unknown users are normal traffic and get popular items.
+            k: How many items (at least 1).
+
+        Returns:
+            k items (fewer only when the whole catalog snapshot is smaller), best first.
+        """
+        span = self._rows.get(user_id)
+        if span is None:
+            return Recommendation(self._popular(k, exclude=set()), STRATEGY_POPULAR)
+        start, end = span
+        if self._booster is not None:
+            scores = self._booster.predict(self._matrix[start:end], num_threads=1)
+            source = "ranker"
+        else:
+            scores = -self._candidate_rank[start:end].astype(np.float64)
+            source = "candidates"
+        order = np.argsort(-scores, kind="stable")[:k]
+        items = [
+            RankedItem(str(self._item_ids[start + i]), float(scores[i]), source) for i in order
+        ]
+        if len(items) < k:
+            items += self._popular(k - len(items), exclude={item.item_id for item in items})
+        return Recommendation(items, STRATEGY_PERSONALIZED)
+
+    def _popular(self, k: int, exclude: set[str]) -> list[RankedItem]:
+        chosen = []
+        for item_id, score in zip(self._popular_ids, self._popular_scores, strict=True):
+            if item_id not in exclude:
+                chosen.append(RankedItem(item_id, score, "popular"))
+                if len(chosen) == k:
+                    break
+        return chosen

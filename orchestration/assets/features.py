@@ -1,0 +1,78 @@
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+import dagster as dg
+import pyarrow.parquet as pq
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
+
+from models.cutoffs import plan_cutoffs
+from orchestration.dbt_project import dbt_project
+from orchestration.resources import ShelfwiseResource
+from shelfwise.home import prepare_home
+from shelfwise.ingest import ingested_dates
+from shelfwise.lake import FEATURES, Lake
+
+
+class FeatureCutoffsConfig(dg.Config):
+    """Which cutoffs the features are computed as of (see models/cutoffs.py)."""
+
+    label_window_days: int = 7
+    training_cutoffs: int = 3
+
+
+class ShelfwiseDbtTranslator(DagsterDbtTranslator):
+    def get_group_name(self, dbt_resource_props: dict[str, Any]) -> str | None:
+        return "features"
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    project=dbt_project,
+    dagster_dbt_translator=ShelfwiseDbtTranslator(),
+)
+def dbt_feature_tables(
+    context: dg.AssetExecutionContext,
+    dbt: DbtCliResource,
+    shelfwise: ShelfwiseResource,
+    config: FeatureCutoffsConfig,
+) -> Iterator[Any]:
+    """Point-in-time feature tables built by dbt as of every cutoff, exported to <lake>/features."""
+    settings = shelfwise.settings()
+    prepare_home(settings)
+    lake = Lake(settings.lake_url)
+    dates = ingested_dates(lake)
+    if not dates:
+        raise dg.Failure(f"No ingested events in {lake.uri('events')}; materialize raw_events.")
+    data_end = datetime.combine(dates[-1] + timedelta(days=1), time(), tzinfo=UTC)
+    plan = plan_cutoffs(data_end, config.label_window_days, config.training_cutoffs)
+    context.log.info(f"Feature cutoffs: {plan.as_dbt_vars()}")
+    dbt_vars = {
+        "lake": lake.url,
+        "warehouse_path": str(settings.warehouse_path),
+        "as_of": plan.as_dbt_vars(),
+    }
+    invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context)
+    for event in invocation.stream():
+        yield _with_row_count(event, lake)
+
+
+def _with_row_count(event: Any, lake: Lake) -> Any:
+    """Adds the row count of an exported mart, read from its Parquet footer."""
+    if not isinstance(event, dg.Output | dg.AssetMaterialization):
+        return event
+    unique_id = event.metadata.get("unique_id")
+    model = str(getattr(unique_id, "value", unique_id) or "").rsplit(".", 1)[-1]
+    relpath = f"{FEATURES}/{model}.parquet"
+    if not model or not lake.exists(relpath):
+        return event
+    with lake.fs.open(lake.path(relpath), "rb") as handle:
+        rows = pq.ParquetFile(handle).metadata.num_rows
+    return event.with_metadata(
+        {
+            **event.metadata,
+            "dagster/row_count": rows,
+            "path": dg.MetadataValue.path(lake.uri(relpath)),
+        }
+    )

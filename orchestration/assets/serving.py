@@ -1,0 +1,59 @@
+import os
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.assets.ranking import RANKER_FILE, RANKER_INFO
+from orchestration.resources import ShelfwiseResource
+from shelfwise.lake import EVALUATION
+from shelfwise.registry import register_ranker
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BENTOFILE = PROJECT_ROOT / "bentos" / "bentofile.yaml"
+
+
+@dg.asset(deps=["ranker", "evaluation"], group_name="serving")
+def registered_model(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+    """The ranker in the BentoML model store, with its metrics, feature list and training window
+    in the model's metadata (`bentoml models get shelfwise_ranker:latest`)."""
+    settings = shelfwise.settings()
+    lake = shelfwise.lake()
+    info = lake.read_json(RANKER_INFO)
+    report = lake.read_json(f"{EVALUATION}/metrics.json")
+    metrics = report["metrics"]
+    metadata = {
+        "ndcg@10": metrics["ranker"]["ndcg@10"],
+        "recall@20": metrics["ranker"]["recall@20"],
+        "popularity_ndcg@10": metrics["popularity"]["ndcg@10"],
+        "evaluation_cutoff": report["evaluation_cutoff"],
+        "training_cutoffs": info["training_cutoffs"],
+        "validation_cutoff": info["validation_cutoff"],
+        "features": info["features"],
+        "best_iteration": info["best_iteration"],
+    }
+    tag = register_ranker(settings.bentoml_home, lake.read_text(RANKER_FILE), info, metadata)
+    return dg.MaterializeResult(
+        metadata={"tag": tag, "store": dg.MetadataValue.path(str(settings.bentoml_home / "models"))}
+    )
+
+
+@dg.asset(deps=["registered_model", "serving_features"], group_name="serving")
+def bento(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+    """The deployable bento (`shelfwise:<version>`): the service code, the core and ML packages and
+    the latest registered ranker, built offline from bentos/bentofile.yaml."""
+    settings = shelfwise.settings()
+    env = {**os.environ, "BENTOML_HOME": str(settings.bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
+    # A subprocess: BentoML binds its home when first used, and this run's home must win.
+    result = subprocess.run(
+        ["bentoml", "build", "-f", str(BENTOFILE), "-o", "tag", str(PROJECT_ROOT)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise dg.Failure(f"bentoml build failed:\n{result.stderr[-4000:]}")
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return dg.MaterializeResult(metadata={"tag": tag})

@@ -1,0 +1,13 @@
+"""The dbt project, in a module of its own so `dagster-dbt project prepare-and-package` can load it.
+
+The manifest is prepared by `make setup` (and rebuilt under `dagster dev`), not at import time.
+"""
+
+from pathlib import Path
+
+from dagster_dbt import DbtProject
+
+DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
+
+dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+dbt_project.prepare_if_dev()

@@ -1,0 +1,41 @@
+"""The one Dagster code location of Shelfwise: every asset from raw events to the bento."""
+
+import sys
+from pathlib import Path
+
+import dagster as dg
+from dagster_dbt import DbtCliResource
+
+from orchestration.assets.features import dbt_feature_tables
+from orchestration.assets.lake import raw_events
+from orchestration.assets.ranking import (
+    candidates,
+    evaluation,
+    ranker,
+    serving_features,
+    training_set,
+)
+from orchestration.assets.serving import bento, registered_model
+from orchestration.dbt_project import dbt_project
+from orchestration.resources import ShelfwiseResource
+
+DBT_EXECUTABLE = str(Path(sys.executable).with_name("dbt"))
+
+defs = dg.Definitions(
+    assets=[
+        raw_events,
+        dbt_feature_tables,
+        candidates,
+        training_set,
+        ranker,
+        evaluation,
+        serving_features,
+        registered_model,
+        bento,
+    ],
+    resources={
+        "shelfwise": ShelfwiseResource(),
+        # The dbt of this virtual environment, also when it is not activated.
+        "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
+    },
+)
