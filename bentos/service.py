@@ -72,7 +72,7 @@ class RecommendationService:
     @bentoml.api(route="/recommend")
     def recommend(
         self,
-        user_id: Annotated[str, Field(min_length=1, description="The shopper, e.g. \"u1\".")],
+        user_id: Annotated[str, Field(min_length=1, description='The shopper, e.g. "u1".')],
         k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
     ) -> RecommendResponse:
         """Top-k items for a user: their candidates re-ranked by the ranker, or popular items."""

@@ -127,12 +127,13 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     plan = _plan(lake)
     rows = lake.read_frame(f"{TRAINING}/training_set.parquet")
     params = RankerParams(**config.model_dump())
-    validation_cutoff = plan.training[-1] if len(plan.training) > 1 else None
-    if validation_cutoff is None:
-        train, validation = rows, None
+    # The latest training cutoff validates (early stopping) when there is more than one.
+    if len(plan.training) > 1:
+        trained_on, validation_cutoff = plan.training[:-1], plan.training[-1]
+        train, validation = _at(rows, *trained_on), _at(rows, validation_cutoff)
     else:
-        train = rows.filter(pl.col("as_of") < validation_cutoff)
-        validation = _at(rows, validation_cutoff)
+        trained_on, validation_cutoff = plan.training, None
+        train, validation = rows, None
     started = time.perf_counter()
     booster = train_ranker(train, validation, params)
     seconds = time.perf_counter() - started
@@ -141,7 +142,7 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
         "features": FEATURE_COLUMNS,
         "params": params.lightgbm_params(),
         "best_iteration": booster.best_iteration,
-        "training_cutoffs": [c.isoformat() for c in plan.training],
+        "training_cutoffs": [c.isoformat() for c in trained_on],
         "validation_cutoff": validation_cutoff.isoformat() if validation_cutoff else None,
         "training_rows": train.height,
     }

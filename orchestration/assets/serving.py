@@ -1,5 +1,6 @@
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +12,8 @@ from shelfwise.registry import register_ranker
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = PROJECT_ROOT / "bentos" / "bentofile.yaml"
+# The bentoml of this virtual environment, also when it is not activated.
+BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
 
 
 @dg.asset(deps=["ranker", "evaluation"], group_name="serving")
@@ -46,7 +49,7 @@ def bento(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     env = {**os.environ, "BENTOML_HOME": str(settings.bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
     # A subprocess: BentoML binds its home when first used, and this run's home must win.
     result = subprocess.run(
-        ["bentoml", "build", "-f", str(BENTOFILE), "-o", "tag", str(PROJECT_ROOT)],
+        [BENTOML_EXECUTABLE, "build", "-f", str(BENTOFILE), "-o", "tag", str(PROJECT_ROOT)],
         capture_output=True,
         text=True,
         env=env,

@@ -1,0 +1,177 @@
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from shelfwise.contracts import EVENTS_SCHEMA, ContractError, conform
+from shelfwise.home import prepare_home
+from shelfwise.ingest import ingest_landing, ingested_dates, lake_has_events
+from shelfwise.lake import Lake
+from shelfwise.settings import Settings
+
+NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
+
+
+def events_table(rows):
+    columns = [field.name for field in EVENTS_SCHEMA]
+    data = {name: [row.get(name) for row in rows] for name in columns}
+    return pa.table(data, schema=EVENTS_SCHEMA.with_metadata(None)) if rows else None
+
+
+def event(event_id, when, **overrides):
+    return {
+        "event_id": event_id,
+        "occurred_at": when,
+        "user_id": "u1",
+        "session_id": "s1",
+        "item_id": "i1",
+        "event_type": "view",
+        "quantity": 1,
+        "price": 9.5,
+        "rec_id": None,
+        "source": "test",
+        **overrides,
+    }
+
+
+def test_conform_names_the_missing_column_and_the_file():
+    table = pa.table({"event_id": ["e1"], "user_id": ["u1"]})
+    with pytest.raises(ContractError, match=r"batch-7\.parquet: required column 'occurred_at'"):
+        conform(table, EVENTS_SCHEMA, source="batch-7.parquet")
+
+
+def test_conform_names_a_column_that_cannot_be_cast():
+    rows = events_table([event("e1", NOW)]).to_pylist()
+    table = pa.Table.from_pylist([{**rows[0], "quantity": "lots"}])
+    with pytest.raises(ContractError, match="column 'quantity'"):
+        conform(table, EVENTS_SCHEMA, source="x.parquet")
+
+
+def test_conform_adds_missing_optional_columns_and_makes_naive_timestamps_utc():
+    table = pa.table(
+        {
+            "event_id": ["e1"],
+            "occurred_at": pa.array([datetime(2026, 5, 1, 8)], pa.timestamp("ms")),
+            "user_id": ["u1"],
+            "session_id": ["s1"],
+            "item_id": [7],
+            "event_type": ["view"],
+            "quantity": [1],
+            "source": ["csv"],
+        }
+    )
+    conformed = conform(table, EVENTS_SCHEMA, source="t")
+    assert conformed.schema.field("occurred_at").type == pa.timestamp("us", tz="UTC")
+    assert conformed.column("item_id").to_pylist() == ["7"]
+    assert conformed.column("rec_id").null_count == 1
+
+
+def test_ingestion_partitions_by_date_and_quarantines_bad_rows_with_reasons(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    day1, day2 = NOW - timedelta(days=2), NOW - timedelta(days=1)
+    rows = [
+        event("e1", day1),
+        event("e2", day2, event_type="purchase"),
+        event("e3", day2, event_type="teleport"),
+        event("e4", day2, price=-1.0),
+        event("e5", NOW + timedelta(days=1)),
+        event("e1", day2),
+    ]
+    lake.write_parquet(events_table(rows), "landing/events/batch-1.parquet")
+    report = ingest_landing(lake, now=NOW)
+    assert (report.events_landed, report.events_quarantined) == (2, 4)
+    assert report.quarantined_share == pytest.approx(4 / 6)
+    assert lake.list_files("events") == [
+        "events/date=2026-05-08/batch-1.parquet",
+        "events/date=2026-05-09/batch-1.parquet",
+    ]
+    assert ingested_dates(lake) == [day1.date(), day2.date()]
+    landed = lake.read_frame("events")
+    assert sorted(landed.get_column("event_id").to_list()) == ["e1", "e2"]
+    quarantined = lake.read_frame("quarantine/events/batch-1.parquet")
+    assert quarantined.height == 4
+    text = " | ".join(quarantined.get_column("reason").to_list())
+    for expected in ("event_type not in", "price is negative", "in the future", "duplicated"):
+        assert expected in text
+    assert lake.list_files("landing") == []
+
+
+def test_ingesting_the_same_delivery_twice_adds_nothing(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    table = events_table(
+        [event("e1", NOW - timedelta(hours=3)), event("e2", NOW - timedelta(hours=2))]
+    )
+    lake.write_parquet(table, "landing/events/delivery.parquet")
+    ingest_landing(lake, now=NOW)
+    lake.write_parquet(table, "landing/events/delivery.parquet")
+    ingest_landing(lake, now=NOW)
+    assert lake.read_frame("events").height == 2
+
+
+def test_catalog_deliveries_are_upserted_by_key(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    base = {
+        "title": "t",
+        "category_id": "c1",
+        "category_path": "A > B",
+        "brand": "b",
+        "created_at": NOW,
+    }
+    lake.write_parquet(
+        pa.Table.from_pylist(
+            [
+                {**base, "item_id": "i1", "price": 5.0, "is_in_stock": True},
+                {**base, "item_id": "i2", "price": 6.0, "is_in_stock": True},
+            ]
+        ),
+        "landing/items/first.parquet",
+    )
+    ingest_landing(lake, now=NOW)
+    lake.write_parquet(
+        pa.Table.from_pylist(
+            [
+                {**base, "item_id": "i2", "price": 7.0, "is_in_stock": False},
+                {**base, "item_id": None, "price": 1.0, "is_in_stock": True},
+            ]
+        ),
+        "landing/items/second.parquet",
+    )
+    report = ingest_landing(lake, now=NOW)
+    catalog = lake.read_frame("catalog/items").sort("item_id")
+    assert catalog.select("item_id", "price", "is_in_stock").rows() == [
+        ("i1", 5.0, True),
+        ("i2", 7.0, False),
+    ]
+    assert report.catalog_rows_quarantined == 1
+    assert lake.read_frame("quarantine/catalog/items/second.parquet").get_column("reason")[0] == (
+        "item_id is null"
+    )
+
+
+def test_lake_writes_are_atomic_and_listed_relative_to_the_root(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    assert not lake_has_events(lake)
+    lake.write_parquet(pa.table({"x": [1]}), "events/date=2026-01-01/a.parquet")
+    lake.write_json({"a": 1}, "evaluation/metrics.json")
+    assert lake.list_files("events") == ["events/date=2026-01-01/a.parquet"]
+    assert lake.read_json("evaluation/metrics.json") == {"a": 1}
+    assert not [p for p in (tmp_path / "lake").rglob("_tmp-*")]
+    assert lake_has_events(lake)
+    with pytest.raises(FileNotFoundError, match="nothing in the lake"):
+        lake.read_table("features/missing.parquet")
+    assert isinstance(lake.read_frame("events"), pl.DataFrame)
+
+
+def test_settings_default_to_data_and_prepare_home_turns_dagster_telemetry_off(tmp_path):
+    settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path / "home")})
+    assert settings.home == (tmp_path / "home").resolve()
+    assert settings.lake_url == str(settings.home / "lake")
+    assert settings.dagster_home == settings.home / "dagster"
+    assert settings.api_token is None
+    prepare_home(settings)
+    assert "enabled: false" in (settings.dagster_home / "dagster.yaml").read_text()
+    assert (settings.home / "lake" / "features").is_dir()
+    assert Settings.from_env({}).home.name == "data"
+    custom = Settings.from_env({"SHELFWISE_HOME": "x", "SHELFWISE_LAKE": "s3://b/p"})
+    assert custom.lake_url == "s3://b/p"

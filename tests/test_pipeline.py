@@ -1,0 +1,149 @@
+"""The whole lineage, materialized once on a tiny generated shop (see conftest.py)."""
+
+import json
+import subprocess
+
+import polars as pl
+
+from models.features import FEATURE_COLUMNS
+from shelfwise.registry import list_rankers
+from tests.support import VENV_BIN, service_env
+
+EXPECTED_ASSETS = {
+    "raw_events",
+    "catalog_items",
+    "catalog_users",
+    "stg_lake__events",
+    "stg_lake__items",
+    "stg_lake__users",
+    "user_features",
+    "item_features",
+    "user_item_features",
+    "user_category_features",
+    "item_covisitation",
+    "interaction_labels",
+    "feature_cutoffs",
+    "candidates",
+    "training_set",
+    "ranker",
+    "evaluation",
+    "serving_features",
+    "registered_model",
+    "bento",
+}
+
+
+def materializations(result):
+    return [event.materialization for event in result.get_asset_materialization_events()]
+
+
+def metadata_of(result, key: str):
+    [materialization] = [m for m in materializations(result) if m.asset_key.to_user_string() == key]
+    return {
+        name: getattr(value, "value", value) for name, value in materialization.metadata.items()
+    }
+
+
+def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
+    result = pipeline_run.result
+    assert result.success
+    materialized = {m.asset_key.to_user_string() for m in materializations(result)}
+    assert EXPECTED_ASSETS <= materialized
+    checks = result.get_asset_check_evaluations()
+    assert checks, "dbt tests should run as asset checks"
+    failed = [c.check_name for c in checks if not c.passed]
+    assert failed == []
+
+
+def test_raw_events_are_partitioned_by_date_with_the_contract(pipeline_run):
+    lake = pipeline_run.lake
+    files = lake.list_files("events")
+    assert files and all("/date=" in f for f in files)
+    assert lake.list_files("landing") == []
+    events = lake.read_frame("events")
+    assert events.get_column("event_id").is_unique().all()
+
+
+def test_features_are_exported_as_parquet_for_every_cutoff(pipeline_run):
+    lake = pipeline_run.lake
+    cutoffs = lake.read_frame("features/feature_cutoffs.parquet").get_column("as_of")
+    assert cutoffs.len() == 5
+    for mart in ("user_features", "item_features", "item_covisitation", "user_item_features"):
+        frame = lake.read_frame(f"features/{mart}.parquet")
+        assert set(frame.get_column("as_of").unique().to_list()) <= set(cutoffs.to_list())
+        assert frame.height > 0
+
+
+def test_features_never_see_events_at_or_after_their_cutoff(pipeline_run):
+    lake = pipeline_run.lake
+    events = lake.read_frame("events")
+    users = lake.read_frame("features/user_features.parquet")
+    first_cutoff = users.get_column("as_of").min()
+    expected = (
+        events.filter(pl.col("occurred_at") < first_cutoff)
+        .group_by("user_id")
+        .agg(pl.len().alias("expected"))
+    )
+    actual = users.filter(pl.col("as_of") == first_cutoff).select("user_id", "events")
+    joined = expected.join(actual, on="user_id", how="full", coalesce=True)
+    assert joined.filter(pl.col("expected") != pl.col("events")).height == 0
+    assert joined.filter(pl.col("expected").is_null() | pl.col("events").is_null()).height == 0
+
+
+def test_training_set_has_graded_labels_and_every_feature(pipeline_run):
+    rows = pipeline_run.lake.read_frame("training/training_set.parquet")
+    assert set(FEATURE_COLUMNS) <= set(rows.columns)
+    assert set(rows.get_column("label").unique().to_list()) <= {0, 1, 2, 3}
+    # Every query holds at least one positive.
+    per_query = rows.group_by("as_of", "user_id").agg((pl.col("label") > 0).any().alias("pos"))
+    assert per_query.get_column("pos").all()
+
+
+def test_ranker_beats_popularity_on_the_held_out_window(pipeline_run):
+    report = pipeline_run.lake.read_json("evaluation/metrics.json")
+    metrics = report["metrics"]
+    assert metrics["ranker"]["users"] > 50
+    assert metrics["ranker"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
+    assert metrics["ranker"]["recall@20"] > metrics["popularity"]["recall@20"]
+    evaluation = metadata_of(pipeline_run.result, "evaluation")
+    assert evaluation["ranker_ndcg@10"] == metrics["ranker"]["ndcg@10"]
+
+
+def test_registered_model_carries_metrics_features_and_training_window(pipeline_run):
+    settings = pipeline_run.settings
+    [tag] = list_rankers(settings.bentoml_home)
+    shown = subprocess.run(
+        [str(VENV_BIN / "bentoml"), "models", "get", tag, "-o", "json"],
+        capture_output=True,
+        text=True,
+        env=service_env(settings),
+        check=True,
+    )
+    metadata = json.loads(shown.stdout)["metadata"]
+    assert metadata["features"] == FEATURE_COLUMNS
+    assert metadata["ndcg@10"] > metadata["popularity_ndcg@10"]
+    assert len(metadata["training_cutoffs"]) == 2 and metadata["validation_cutoff"]
+    assert metadata_of(pipeline_run.result, "registered_model")["tag"] == tag
+
+
+def test_bento_is_in_the_store_with_the_model(pipeline_run):
+    settings = pipeline_run.settings
+    tag = metadata_of(pipeline_run.result, "bento")["tag"]
+    assert tag.startswith("shelfwise:")
+    shown = subprocess.run(
+        [str(VENV_BIN / "bentoml"), "get", tag, "-o", "json"],
+        capture_output=True,
+        text=True,
+        env=service_env(settings),
+        check=True,
+    )
+    bento = json.loads(shown.stdout)
+    [service] = bento["services"]
+    assert [m["tag"] for m in service["models"]] == list_rankers(settings.bentoml_home)
+
+
+def test_code_location_loads_with_every_asset():
+    from orchestration.definitions import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert EXPECTED_ASSETS <= keys

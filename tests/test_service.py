@@ -1,0 +1,108 @@
+"""The served bento over real HTTP: the response contract and the 4xx cases."""
+
+import httpx
+import polars as pl
+import pytest
+
+from shelfwise.lake import SERVING_CANDIDATES
+from shelfwise.registry import list_rankers
+
+
+def recommend(server, body, **kwargs):
+    return httpx.post(f"{server.url}/recommend", timeout=10, **({"json": body} | kwargs))
+
+
+@pytest.fixture(scope="module")
+def known_user(pipeline_run):
+    snapshot = pipeline_run.lake.read_frame(SERVING_CANDIDATES)
+    sizes = snapshot.group_by("user_id").len().sort("len", "user_id", descending=[True, False])
+    return sizes.get_column("user_id")[0]
+
+
+def test_known_user_gets_k_distinct_items_reranked_by_the_ranker(
+    bento_server, pipeline_run, known_user
+):
+    response = recommend(bento_server, {"user_id": known_user, "k": 10})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"items", "strategy", "model_version"}
+    items = body["items"]
+    assert len(items) == 10
+    assert len({item["item_id"] for item in items}) == 10
+    assert all(item["source"] == "ranker" for item in items)
+    scores = [item["score"] for item in items]
+    assert scores == sorted(scores, reverse=True)
+    assert body["strategy"] == "personalized"
+    assert body["model_version"] == list_rankers(pipeline_run.settings.bentoml_home)[0]
+    # The items come from the user's own precomputed candidates.
+    snapshot = pipeline_run.lake.read_frame(SERVING_CANDIDATES)
+    candidates = set(snapshot.filter(pl.col("user_id") == known_user).get_column("item_id"))
+    assert {item["item_id"] for item in items} <= candidates
+
+
+def test_the_ranker_reorders_the_candidate_generators_order(bento_server, pipeline_run):
+    snapshot = pipeline_run.lake.read_frame(SERVING_CANDIDATES)
+    users = snapshot.get_column("user_id").unique().sort().head(20).to_list()
+    reordered = 0
+    for user_id in users:
+        served = [
+            i["item_id"]
+            for i in recommend(bento_server, {"user_id": user_id, "k": 10}).json()["items"]
+        ]
+        generators = (
+            snapshot.filter(pl.col("user_id") == user_id)
+            .sort("candidate_rank")
+            .get_column("item_id")
+            .head(10)
+            .to_list()
+        )
+        reordered += served != generators
+    assert reordered > 0
+
+
+def test_unknown_user_gets_popular_items_not_an_error(bento_server, pipeline_run):
+    response = recommend(bento_server, {"user_id": "someone-new", "k": 5})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["strategy"] == "popular"
+    popular = pipeline_run.lake.read_frame("serving/popular_items.parquet")
+    assert [i["item_id"] for i in body["items"]] == popular.get_column("item_id").head(5).to_list()
+    assert {i["source"] for i in body["items"]} == {"popular"}
+
+
+def test_k_defaults_to_ten(bento_server, known_user):
+    assert len(recommend(bento_server, {"user_id": known_user}).json()["items"]) == 10
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"k": 10}, "user_id"),
+        ({"user_id": 12, "k": 10}, "user_id"),
+        ({"user_id": "", "k": 10}, "user_id"),
+        ({"user_id": "u1", "k": 0}, "k"),
+        ({"user_id": "u1", "k": 101}, "k"),
+        ({"user_id": "u1", "k": "ten"}, "k"),
+    ],
+)
+def test_invalid_bodies_get_a_4xx_naming_the_field(bento_server, body, field):
+    response = recommend(bento_server, body)
+    assert 400 <= response.status_code < 500
+    detail = response.json()["detail"]
+    assert [error["loc"] for error in detail] == [[field]]
+    assert detail[0]["msg"]
+
+
+def test_a_body_that_is_not_json_gets_a_4xx(bento_server):
+    response = recommend(
+        bento_server, None, content=b"user_id=u1", headers={"Content-Type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500
+    assert "JSON" in response.text
+
+
+def test_health_and_metrics_endpoints(bento_server):
+    assert httpx.get(f"{bento_server.url}/livez").status_code == 200
+    assert httpx.get(f"{bento_server.url}/readyz").status_code == 200
+    metrics = httpx.get(f"{bento_server.url}/metrics").text
+    assert "bentoml_service_request" in metrics
