@@ -38,6 +38,13 @@ SERVING_CANDIDATES = f"{SERVING}/candidate_features.parquet"
 SERVING_POPULAR = f"{SERVING}/popular_items.parquet"
 
 
+# Arrow's pre-buffering reads fsspec files from its own I/O threads, which can abort the
+# interpreter at exit ("terminate called without an active exception"); read without it.
+_PARQUET = pads.ParquetFileFormat(
+    default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False)
+)
+
+
 class Lake:
     """A lake root with atomic Parquet and JSON I/O.
 
@@ -137,14 +144,14 @@ class Lake:
             raise FileNotFoundError(f"nothing in the lake at {self.uri(relpath)}")
         if relpath.endswith(".parquet"):
             with self.fs.open(target, "rb") as handle:
-                return pq.read_table(handle, columns=columns)
+                return pq.read_table(handle, columns=columns, pre_buffer=False)
         files = [self.path(p) for p in self.list_files(relpath)]
         if not files:
             raise FileNotFoundError(f"no Parquet files in the lake under {self.uri(relpath)}")
         dataset = pads.dataset(
             files,
             filesystem=self.fs,
-            format="parquet",
+            format=_PARQUET,
             partitioning="hive",
             partition_base_dir=target,
         )

@@ -6,8 +6,10 @@ import subprocess
 import polars as pl
 
 from models.features import FEATURE_COLUMNS
+from shelfwise.home import prepare_home
 from shelfwise.registry import list_rankers
-from tests.support import VENV_BIN, service_env
+from shelfwise.settings import Settings
+from tests.support import PROJECT_ROOT, VENV_BIN, service_env
 
 EXPECTED_ASSETS = {
     "raw_events",
@@ -147,3 +149,18 @@ def test_code_location_loads_with_every_asset():
 
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert EXPECTED_ASSETS <= keys
+
+
+def test_workspace_loads_in_dagster_as_the_ui_would(tmp_path):
+    settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path / "home")})
+    prepare_home(settings)
+    env = {**service_env(settings), "DAGSTER_HOME": str(settings.dagster_home)}
+    validated = subprocess.run(
+        [str(VENV_BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        check=False,
+    )
+    assert validated.returncode == 0, validated.stdout + validated.stderr
