@@ -9,5 +9,10 @@ from dagster_dbt import DbtProject
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 
-dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+# A full parse every time: partial parsing has kept stale model dependencies here.
+dbt_project = DbtProject(
+    project_dir=DBT_PROJECT_DIR,
+    profiles_dir=DBT_PROJECT_DIR,
+    prepare_project_cli_args=["parse", "--quiet", "--no-partial-parse"],
+)
 dbt_project.prepare_if_dev()

@@ -29,6 +29,17 @@ class PipelineRun:
     result: object  # dagster.ExecuteInProcessResult
 
     @property
+    def failures(self) -> list[str]:
+        """Each failed step with the end of its error, for assertion messages."""
+        import dagster as dg
+
+        return [
+            f"{event.step_key}: {event.event_specific_data.error.to_string()[-1500:]}"
+            for event in self.result.all_events
+            if event.event_type == dg.DagsterEventType.STEP_FAILURE
+        ]
+
+    @property
     def lake(self) -> Lake:
         return Lake(self.settings.lake_url)
 
@@ -68,7 +79,7 @@ class Server:
 @pytest.fixture(scope="session")
 def bento_server(pipeline_run: PipelineRun, tmp_path_factory) -> Iterator[Server]:
     """`bentoml serve shelfwise:latest` (what `make serve` runs) on a free loopback port."""
-    assert pipeline_run.result.success, "the pipeline must succeed before serving"
+    assert pipeline_run.result.success, pipeline_run.failures
     port = free_port()
     log = (tmp_path_factory.mktemp("server") / "bentoml.log").open("w")
     process = subprocess.Popen(

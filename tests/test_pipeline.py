@@ -48,7 +48,7 @@ def metadata_of(result, key: str):
 
 def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
     result = pipeline_run.result
-    assert result.success
+    assert result.success, pipeline_run.failures
     materialized = {m.asset_key.to_user_string() for m in materializations(result)}
     assert EXPECTED_ASSETS <= materialized
     checks = result.get_asset_check_evaluations()

@@ -1,6 +1,8 @@
 -- The feature cutoffs ("as of" timestamps) of this build, from the dbt var `as_of` (one timestamp
 -- or a list). Without it, one cutoff at the midnight after the last event: features "as of now".
 -- label_until is the next cutoff: the labels of a cutoff come from [as_of, label_until).
+-- The dependency on the events holds with or without the var (dbt and Dagster see one graph):
+-- depends_on: {{ ref('stg_lake__events') }}
 {%- set as_of = var('as_of') -%}
 {%- if as_of is string -%}{%- set as_of = [as_of] -%}{%- endif %}
 
