@@ -56,10 +56,11 @@ ui: init  ## Open the Dagster UI on 127.0.0.1:3001.
 
 demo: pipeline  ## Set up, run the whole pipeline on generated data, then serve and open the UI.
 	@$(BIN)/shelfwise demo-banner --host $(HOST) --serve-port $(SERVE_PORT) --ui-port $(UI_PORT)
-	@trap 'kill 0' INT TERM EXIT; \
-	  $(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(UI_PORT) & \
-	  $(BIN)/bentoml serve shelfwise:latest --host $(HOST) --port $(SERVE_PORT) & \
-	  wait
+	@# Dagster runs in the foreground and gets Ctrl-C itself; BentoML, a background job (which
+	@# ignores SIGINT), is stopped with TERM when the recipe exits.
+	@$(BIN)/bentoml serve shelfwise:latest --host $(HOST) --port $(SERVE_PORT) & serve=$$!; \
+	  trap 'kill -TERM $$serve 2>/dev/null; wait $$serve' EXIT; \
+	  $(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(UI_PORT)
 
 test: setup  ## Run the test suite.
 	$(BIN)/pytest $(PYTEST_ARGS)

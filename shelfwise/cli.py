@@ -1,10 +1,17 @@
-"""The `shelfwise` command line: set up local state, generate a demo shop, show how to use it."""
+"""The `shelfwise` command line: set up state, generate or import a shop, show how to use it."""
 
 import argparse
 import sys
 from datetime import date
 
 from shelfwise.home import prepare_home
+from shelfwise.importers import (
+    DEFAULT_BATCH_ROWS,
+    FORMATS,
+    TIMESTAMP_UNITS,
+    ImportReport,
+    import_files,
+)
 from shelfwise.lake import SERVING_CANDIDATES, Lake
 from shelfwise.settings import Settings
 
@@ -45,6 +52,60 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
         f"users to {lake.uri('landing')}; `make pipeline` ingests them."
     )
     return 0
+
+
+def _import(args: argparse.Namespace, settings: Settings) -> int:
+    lake = Lake(args.lake or settings.lake_url)
+    try:
+        report = import_files(
+            lake,
+            args.paths,
+            args.format,
+            mapping=dict(args.map) or None,
+            event_types=dict(args.map_event) or None,
+            timestamp_unit=args.timestamp_unit,
+            timezone=args.timezone,
+            batch_rows=args.batch_rows,
+        )
+    except (ValueError, OSError) as error:  # ContractError is a ValueError
+        sys.stderr.write(f"shelfwise import: {error}\n")
+        return 2
+    _describe_import(report, lake)
+    return 0
+
+
+def _describe_import(report: ImportReport, lake: Lake, listed: int = 20) -> None:
+    _say(
+        f"Imported {report.rows_read:,} rows ({report.format}) from {len(report.sources)} "
+        f"file(s) into {lake.uri('landing')}: {report.events_written:,} events, "
+        f"{report.items_written:,} items, {report.users_written:,} users, "
+        f"{len(report.files_written)} file(s)."
+    )
+    for relpath in report.files_written[:listed]:
+        _say(f"  wrote {relpath}")
+    if len(report.files_written) > listed:
+        _say(f"  … and {len(report.files_written) - listed} more")
+    if report.sessions_derived:
+        _say("Sessions derived per user by a 30-minute inactivity gap.")
+    if report.rows_malformed:
+        _say(f"Skipped {report.rows_malformed:,} malformed row(s) (wrong number of fields):")
+        for text in report.malformed_rows:
+            _say(f"  {text}")
+    if report.unknown_event_types:
+        found = ", ".join(f"{k!r} ×{v:,}" for k, v in sorted(report.unknown_event_types.items()))
+        _say(f"Unknown event types kept for ingestion to quarantine: {found}")
+    if report.unreadable_values:
+        found = ", ".join(f"{k} ×{v:,}" for k, v in sorted(report.unreadable_values.items()))
+        _say(f"Unreadable values landed as nulls: {found}")
+    _say("Run the pipeline (or `make pipeline`) to ingest them.")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """`key=value` of `--map`/`--map-event`, both sides non-empty."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
 
 
 def _example_user_id(lake: Lake) -> str:
@@ -93,6 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--if-empty", action="store_true", help="do nothing when the lake already holds events"
     )
 
+    imports = commands.add_parser(
+        "import",
+        help="import a shop's own event files into the lake's landing area",
+        description="Import event files (and RetailRocket catalog files) into landing/.",
+    )
+    imports.add_argument("paths", nargs="+", metavar="PATH")
+    imports.add_argument("--format", required=True, choices=FORMATS)
+    imports.add_argument(
+        "--map",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="CANONICAL=SOURCE",
+        help="generic: read a contract column from a source column, e.g. user_id=visitor",
+    )
+    imports.add_argument(
+        "--map-event",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="SOURCE=CANONICAL",
+        help="generic: map a raw event type, e.g. click=view",
+    )
+    imports.add_argument(
+        "--timestamp-unit", choices=TIMESTAMP_UNITS, default=None, help="generic; default iso"
+    )
+    imports.add_argument(
+        "--timezone", default=None, help="generic: zone of naive ISO times; default UTC"
+    )
+    imports.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
+    imports.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS)
+
     banner = commands.add_parser("demo-banner", help="print the demo's URLs and a curl")
     banner.add_argument("--host", default="127.0.0.1")
     banner.add_argument("--serve-port", type=int, default=3000)
@@ -104,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the `shelfwise` command line."""
     args = build_parser().parse_args(argv)
     settings = Settings.from_env()
-    handlers = {"init": _init, "generate": _generate, "demo-banner": _demo_banner}
+    handlers = {
+        "init": _init,
+        "generate": _generate,
+        "import": _import,
+        "demo-banner": _demo_banner,
+    }
     return handlers[args.command](args, settings)
 
 

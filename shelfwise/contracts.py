@@ -5,9 +5,6 @@ importers, the ingestion and the service all conform their data with `conform`, 
 is missing or cannot be cast fails with its name in the message.
 """
 
-from datetime import datetime
-
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -109,43 +106,3 @@ def conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
                 f"{source}: column '{field.name}' cannot be read as {field.type}: {error}"
             ) from error
     return pa.Table.from_arrays(columns, schema=schema.with_metadata(None).remove_metadata())
-
-
-def split_valid_events(events: pl.DataFrame, now: datetime) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Splits contract-typed events into valid rows and rejected rows with a reason per row.
-
-    A row is rejected when a required field is null, `event_type` is outside the domain,
-    `quantity` or `price` is negative, `occurred_at` lies in the future, or its `event_id` was
-    already seen earlier in the same batch.
-
-    Args:
-        events: Events already conformed to `EVENTS_SCHEMA`.
-        now: The ingestion time; events after it are rejected.
-
-    Returns:
-        `(valid, rejected)`; `rejected` has the event columns plus `reason`.
-    """
-    required = [field.name for field in EVENTS_SCHEMA if not field.nullable]
-    checks = [
-        *[(pl.col(name).is_null(), f"{name} is null") for name in required],
-        (~pl.col("event_type").is_in(EVENT_TYPES), f"event_type not in {list(EVENT_TYPES)}"),
-        (pl.col("quantity") < 0, "quantity is negative"),
-        (pl.col("price") < 0, "price is negative"),
-        (
-            pl.col("occurred_at") > pl.lit(now).dt.cast_time_unit("us"),
-            "occurred_at is in the future",
-        ),
-        (
-            pl.col("event_id").is_duplicated() & ~pl.col("event_id").is_first_distinct(),
-            "event_id duplicated in batch",
-        ),
-    ]
-    reason = pl.concat_str(
-        [pl.when(condition.fill_null(False)).then(pl.lit(text)) for condition, text in checks],
-        separator="; ",
-        ignore_nulls=True,
-    )
-    labelled = events.with_columns(reason.alias("reason"))
-    valid = labelled.filter(pl.col("reason") == "").drop("reason")
-    rejected = labelled.filter(pl.col("reason") != "")
-    return valid, rejected

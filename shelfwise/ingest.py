@@ -1,10 +1,17 @@
 """Ingestion: validate what arrived in the lake's landing area and publish it.
 
 `shelfwise generate`, `shelfwise import` and the service all drop files into `landing/`. Ingestion
-conforms each file to its contract, publishes the valid rows (events partitioned by date, catalog
-rows upserted by key) and writes rejected rows with a reason per row to `quarantine/`. A landing
-file is removed only after everything it held is published, and output names derive from the
-landing file's name, so an interrupted ingestion can simply run again.
+conforms each file to its contract, validates its rows with Great Expectations
+(`shelfwise.validation`), publishes the valid rows (events partitioned by date, catalog rows
+upserted by key) and writes rejected rows with a reason per row to `quarantine/`.
+
+A batch whose invalid share exceeds `max_invalid_share` is held: its rejected rows still go to
+quarantine for inspection, but nothing of it is published and the file stays in landing, so a
+broken delivery never feeds features, also not in a later run. Fix the source and import again (the
+same landing name is overwritten), or raise the threshold to accept it.
+
+A landing file is removed only after everything it held is published, and output names derive from
+the landing file's name, so an interrupted ingestion can simply run again.
 """
 
 import posixpath
@@ -23,11 +30,21 @@ from shelfwise.contracts import (
     USERS_KEY,
     USERS_SCHEMA,
     conform,
-    split_valid_events,
 )
 from shelfwise.lake import Lake
+from shelfwise.validation import validate_events
 
 CATALOG_FILE = "catalog.parquet"
+DEFAULT_MAX_INVALID_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class HeldBatch:
+    """A landing file not published because too many of its rows are invalid."""
+
+    path: str
+    invalid_share: float
+    reasons: list[str]
 
 
 @dataclass
@@ -35,26 +52,32 @@ class IngestReport:
     """What one ingestion run did."""
 
     files: int = 0
+    events_checked: int = 0
     events_landed: int = 0
     events_quarantined: int = 0
+    duplicates_collapsed: int = 0
     items_upserted: int = 0
     users_upserted: int = 0
     catalog_rows_quarantined: int = 0
     dates: list[str] = field(default_factory=list)
+    held: list[HeldBatch] = field(default_factory=list)
+    expectations: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def quarantined_share(self) -> float:
-        """Share of event rows rejected in this run (0 when nothing arrived)."""
-        total = self.events_landed + self.events_quarantined
-        return self.events_quarantined / total if total else 0.0
+        """Share of the event rows checked in this run that were rejected (0 when none arrived)."""
+        return self.events_quarantined / self.events_checked if self.events_checked else 0.0
 
 
-def ingest_landing(lake: Lake, now: datetime) -> IngestReport:
+def ingest_landing(
+    lake: Lake, now: datetime, max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE
+) -> IngestReport:
     """Validates and publishes every file in the landing area.
 
     Args:
         lake: The lake to ingest into.
         now: Ingestion time; events after it are quarantined.
+        max_invalid_share: A file with a larger share of invalid rows is held (not published).
 
     Returns:
         Counts of what was landed and quarantined.
@@ -65,7 +88,7 @@ def ingest_landing(lake: Lake, now: datetime) -> IngestReport:
     """
     report = IngestReport()
     for relpath in lake.list_files(paths.LANDING_EVENTS):
-        _ingest_events_file(lake, relpath, now, report)
+        _ingest_events_file(lake, relpath, now, max_invalid_share, report)
     for landing, target, schema, key in (
         (paths.LANDING_ITEMS, paths.ITEMS, ITEMS_SCHEMA, ITEMS_KEY),
         (paths.LANDING_USERS, paths.USERS, USERS_SCHEMA, USERS_KEY),
@@ -81,21 +104,35 @@ def ingest_landing(lake: Lake, now: datetime) -> IngestReport:
     return report
 
 
-def _ingest_events_file(lake: Lake, relpath: str, now: datetime, report: IngestReport) -> None:
+def _ingest_events_file(
+    lake: Lake, relpath: str, now: datetime, max_invalid_share: float, report: IngestReport
+) -> None:
     stem = posixpath.splitext(posixpath.basename(relpath))[0]
     events = conform(lake.read_table(relpath), EVENTS_SCHEMA, source=lake.uri(relpath))
-    valid, rejected = split_valid_events(pl.from_arrow(events), now)
-    if rejected.height:
-        lake.write_parquet(rejected.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
-    dated = valid.with_columns(pl.col("occurred_at").dt.date().cast(pl.String).alias("_date"))
+    verdict = validate_events(pl.from_arrow(events), now)
+    report.duplicates_collapsed += verdict.duplicates_collapsed
+    for name, outcome in verdict.expectations.items():
+        merged = report.expectations.setdefault(name, {"success": True, "rejected_rows": 0})
+        merged["success"] = bool(merged["success"] and outcome["success"])
+        merged["rejected_rows"] = int(merged["rejected_rows"]) + int(outcome["rejected_rows"])
+    if verdict.rejected.height:
+        lake.write_parquet(verdict.rejected.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
+    report.events_quarantined += verdict.rejected.height
+    report.events_checked += verdict.valid.height + verdict.rejected.height
+    if verdict.batch_errors or verdict.invalid_share > max_invalid_share:
+        reasons = verdict.batch_errors or sorted(set(verdict.rejected.get_column("reason")))
+        report.held.append(HeldBatch(relpath, verdict.invalid_share, reasons))
+        return
+    dated = verdict.valid.with_columns(
+        pl.col("occurred_at").dt.date().cast(pl.String).alias("_date")
+    )
     for (day,), rows in dated.partition_by("_date", as_dict=True, maintain_order=True).items():
         table = rows.drop("_date").to_arrow().cast(EVENTS_SCHEMA)
         lake.write_parquet(table, f"{paths.EVENTS}/date={day}/{stem}.parquet")
         report.dates.append(str(day))
     lake.remove([relpath])
     report.files += 1
-    report.events_landed += valid.height
-    report.events_quarantined += rejected.height
+    report.events_landed += verdict.valid.height
 
 
 def _upsert_catalog(

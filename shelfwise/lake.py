@@ -15,7 +15,6 @@ from typing import Any
 import fsspec
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 # Dataset folders, relative to the lake root.
@@ -36,13 +35,6 @@ GROUND_TRUTH = "ground_truth"
 SERVING = "serving"
 SERVING_CANDIDATES = f"{SERVING}/candidate_features.parquet"
 SERVING_POPULAR = f"{SERVING}/popular_items.parquet"
-
-
-# Arrow's pre-buffering reads fsspec files from its own I/O threads, which can abort the
-# interpreter at exit ("terminate called without an active exception"); read without it.
-_PARQUET = pads.ParquetFileFormat(
-    default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False)
-)
 
 
 class Lake:
@@ -143,19 +135,40 @@ class Lake:
         if not self.fs.exists(target):
             raise FileNotFoundError(f"nothing in the lake at {self.uri(relpath)}")
         if relpath.endswith(".parquet"):
-            with self.fs.open(target, "rb") as handle:
-                return pq.read_table(handle, columns=columns, pre_buffer=False)
-        files = [self.path(p) for p in self.list_files(relpath)]
+            return self._read_file(target, columns)
+        files = self.list_files(relpath)
         if not files:
             raise FileNotFoundError(f"no Parquet files in the lake under {self.uri(relpath)}")
-        dataset = pads.dataset(
-            files,
-            filesystem=self.fs,
-            format=_PARQUET,
-            partitioning="hive",
-            partition_base_dir=target,
-        )
-        return dataset.to_table(columns=columns)
+        tables = []
+        for file in files:
+            partitions = dict(
+                part.split("=", 1)
+                for part in posixpath.dirname(file.removeprefix(relpath)).split("/")
+                if "=" in part
+            )
+            file_columns = None if columns is None else [c for c in columns if c not in partitions]
+            table = self._read_file(self.path(file), file_columns)
+            for key, value in partitions.items():
+                if columns is None or key in columns:
+                    table = table.append_column(
+                        key, pa.array([value] * table.num_rows, pa.string())
+                    )
+            tables.append(table)
+        return pa.concat_tables(tables, promote_options="default")
+
+    def parquet_rows(self, relpath: str) -> int:
+        """The row count of a Parquet file, from its footer."""
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            handle.seek(-8, 2)
+            footer_length = int.from_bytes(handle.read(4), "little")
+            handle.seek(-(footer_length + 8), 2)
+            footer = handle.read(footer_length + 8)
+        return pq.read_metadata(pa.BufferReader(footer)).num_rows
+
+    def _read_file(self, path: str, columns: list[str] | None) -> pa.Table:
+        # Whole-object reads: Arrow reading through a Python file object can abort the
+        # interpreter at exit ("terminate called without an active exception").
+        return pq.read_table(pa.BufferReader(self.fs.cat_file(path)), columns=columns)
 
     def read_frame(self, relpath: str, columns: list[str] | None = None) -> pl.DataFrame:
         """Reads a Parquet file or folder as a polars DataFrame (see `read_table`)."""

@@ -73,15 +73,18 @@ def test_ingestion_partitions_by_date_and_quarantines_bad_rows_with_reasons(tmp_
     rows = [
         event("e1", day1),
         event("e2", day2, event_type="purchase"),
+        event("e2", day2, event_type="purchase"),  # the same delivery twice: collapsed
         event("e3", day2, event_type="teleport"),
         event("e4", day2, price=-1.0),
         event("e5", NOW + timedelta(days=1)),
-        event("e1", day2),
+        event("e6", day1),
+        event("e6", day2),  # one event_id, two different rows: both rejected
     ]
     lake.write_parquet(events_table(rows), "landing/events/batch-1.parquet")
-    report = ingest_landing(lake, now=NOW)
-    assert (report.events_landed, report.events_quarantined) == (2, 4)
-    assert report.quarantined_share == pytest.approx(4 / 6)
+    report = ingest_landing(lake, now=NOW, max_invalid_share=1.0)
+    assert (report.events_landed, report.events_quarantined) == (2, 5)
+    assert report.duplicates_collapsed == 1
+    assert report.quarantined_share == pytest.approx(5 / 7)
     assert lake.list_files("events") == [
         "events/date=2026-05-08/batch-1.parquet",
         "events/date=2026-05-09/batch-1.parquet",
@@ -89,12 +92,50 @@ def test_ingestion_partitions_by_date_and_quarantines_bad_rows_with_reasons(tmp_
     assert ingested_dates(lake) == [day1.date(), day2.date()]
     landed = lake.read_frame("events")
     assert sorted(landed.get_column("event_id").to_list()) == ["e1", "e2"]
-    quarantined = lake.read_frame("quarantine/events/batch-1.parquet")
-    assert quarantined.height == 4
-    text = " | ".join(quarantined.get_column("reason").to_list())
-    for expected in ("event_type not in", "price is negative", "in the future", "duplicated"):
-        assert expected in text
+    quarantined = dict(
+        lake.read_frame("quarantine/events/batch-1.parquet").select("event_id", "reason").rows()
+    )
+    assert quarantined["e3"].startswith("event_type not in")
+    assert quarantined["e4"] == "price is negative"
+    assert quarantined["e5"] == "occurred_at is in the future"
+    assert quarantined["e6"] == "event_id shared by different rows in the batch"
     assert lake.list_files("landing") == []
+    assert report.expectations["expect_column_values_to_be_in_set(event_type)"] == {
+        "success": False,
+        "rejected_rows": 1,
+    }
+
+
+def broken_batch(n_rows: int, n_broken: int) -> pa.Table:
+    rows = [event(f"e{i}", NOW - timedelta(hours=1)) for i in range(n_rows - n_broken)]
+    rows += [event(f"bad{i}", NOW - timedelta(hours=1), quantity=-1) for i in range(n_broken)]
+    return events_table(rows)
+
+
+def test_a_batch_within_the_threshold_lands_its_valid_rows(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_parquet(broken_batch(100, 5), "landing/events/five-percent.parquet")
+    report = ingest_landing(lake, now=NOW, max_invalid_share=0.10)
+    assert (report.events_landed, report.events_quarantined, report.held) == (95, 5, [])
+    assert lake.read_frame("events").height == 95
+    reasons = lake.read_frame("quarantine/events/five-percent.parquet").get_column("reason")
+    assert reasons.to_list() == ["quantity is negative"] * 5
+
+
+def test_a_batch_above_the_threshold_is_held_in_landing_and_publishes_nothing(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_parquet(broken_batch(100, 30), "landing/events/thirty-percent.parquet")
+    report = ingest_landing(lake, now=NOW, max_invalid_share=0.10)
+    [held] = report.held
+    assert held.path == "landing/events/thirty-percent.parquet"
+    assert held.invalid_share == pytest.approx(0.30)
+    assert held.reasons == ["quantity is negative"]
+    assert report.events_landed == 0 and lake.list_files("events") == []
+    assert lake.list_files("landing") == ["landing/events/thirty-percent.parquet"]
+    assert lake.read_frame("quarantine/events/thirty-percent.parquet").height == 30
+    # The default threshold (1%) holds even the 5% batch.
+    lake.write_parquet(broken_batch(100, 5), "landing/events/five-percent.parquet")
+    assert len(ingest_landing(lake, now=NOW).held) == 2
 
 
 def test_ingesting_the_same_delivery_twice_adds_nothing(tmp_path):

@@ -4,7 +4,6 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import dagster as dg
-import pyarrow.parquet as pq
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
 from models.cutoffs import plan_cutoffs
@@ -67,8 +66,7 @@ def _with_row_count(event: Any, lake: Lake) -> Any:
     relpath = f"{FEATURES}/{model}.parquet"
     if not model or not lake.exists(relpath):
         return event
-    with lake.fs.open(lake.path(relpath), "rb") as handle:
-        rows = pq.ParquetFile(handle).metadata.num_rows
+    rows = lake.parquet_rows(relpath)
     return event.with_metadata(
         {
             **event.metadata,

@@ -3,7 +3,15 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from orchestration.resources import ShelfwiseResource
-from shelfwise.ingest import ingest_landing
+from shelfwise.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
+
+VALID_BATCHES_CHECK = "valid_batches"
+
+
+class IngestionConfig(dg.Config):
+    """How much invalid input a landing batch may hold before it is held back."""
+
+    max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE
 
 
 @dg.multi_asset(
@@ -16,14 +24,24 @@ from shelfwise.ingest import ingest_landing
         dg.AssetSpec("catalog_items", description="The item catalog (catalog/items/)."),
         dg.AssetSpec("catalog_users", description="Registered users (catalog/users/)."),
     ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            VALID_BATCHES_CHECK,
+            asset="raw_events",
+            blocking=True,
+            description="Great Expectations row checks: no landing batch has a larger share of "
+            "invalid rows than max_invalid_share. A failing batch is held in landing and "
+            "nothing downstream is built.",
+        )
+    ],
     group_name="lake",
 )
-def raw_events(shelfwise: ShelfwiseResource):
+def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
     """Ingests what `shelfwise generate` or `shelfwise import` left in the lake's landing area."""
     lake = shelfwise.lake()
-    report = ingest_landing(lake, now=datetime.now(UTC))
+    report = ingest_landing(lake, now=datetime.now(UTC), max_invalid_share=config.max_invalid_share)
     events = lake.list_files("events")
-    if not events:
+    if not events and not report.held:
         raise dg.Failure(
             f"The lake at {lake.url} holds no events: run `shelfwise generate` (demo shop) or "
             "`shelfwise import` (your data) first."
@@ -34,6 +52,7 @@ def raw_events(shelfwise: ShelfwiseResource):
             "landed_rows": report.events_landed,
             "quarantined_rows": report.events_quarantined,
             "quarantined_share": float(report.quarantined_share),
+            "duplicates_collapsed": report.duplicates_collapsed,
             "new_dates": len(report.dates),
             "files_in_lake": len(events),
             "lake": dg.MetadataValue.path(lake.uri("events")),
@@ -46,4 +65,28 @@ def raw_events(shelfwise: ShelfwiseResource):
     yield dg.MaterializeResult(
         asset_key="catalog_users",
         metadata={"upserted_rows": report.users_upserted, "lake": lake.uri("catalog/users")},
+    )
+    held = {
+        batch.path: f"{batch.invalid_share:.1%} invalid: {'; '.join(batch.reasons)}"
+        for batch in report.held
+    }
+    yield dg.AssetCheckResult(
+        asset_key="raw_events",
+        check_name=VALID_BATCHES_CHECK,
+        passed=not held,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            f"{len(held)} landing batch(es) above {config.max_invalid_share:.1%} invalid rows "
+            "held back"
+            if held
+            else "every landing batch within the threshold"
+        ),
+        metadata={
+            "checked_rows": report.events_checked,
+            "quarantined_rows": report.events_quarantined,
+            "quarantined_share": float(report.quarantined_share),
+            "max_invalid_share": float(config.max_invalid_share),
+            "held_batches": dg.MetadataValue.json(held),
+            "expectations": dg.MetadataValue.json(report.expectations),
+        },
     )

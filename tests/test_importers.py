@@ -1,0 +1,405 @@
+"""Importers: real-data formats into contract-valid landing files (hand-made fixtures plus the
+shared YooChoose sample), idempotent re-imports, streaming, and clear errors."""
+
+import gzip
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from shelfwise import cli
+from shelfwise import lake as paths
+from shelfwise.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, ContractError, conform
+from shelfwise.importers import import_file, import_files
+from shelfwise.ingest import ingest_landing
+from shelfwise.lake import Lake
+
+FIXTURES = Path(__file__).parent / "fixtures" / "importers"
+RETAILROCKET = [
+    str(FIXTURES / "retailrocket" / name)
+    for name in (
+        "events.csv",
+        "item_properties_part1.csv",
+        "item_properties_part2.csv",
+        "category_tree.csv",
+    )
+]
+REES46 = str(FIXTURES / "rees46" / "2019-Oct-sample.csv")
+GENERIC = str(FIXTURES / "generic" / "clicks.csv")
+GENERIC_MAPPING = {
+    "user_id": "visitor",
+    "item_id": "product",
+    "occurred_at": "ts",
+    "event_type": "action",
+    "quantity": "qty",
+    "price": "amount",
+}
+YOOCHOOSE_TEST = Path("/work/shared/datasets/yoochoose_rsc15_sample/yoochoose-clicks-100k_test.txt")
+NOW = datetime(2026, 5, 10, tzinfo=UTC)
+
+
+def landing(lake: Lake, folder: str = paths.LANDING_EVENTS) -> pl.DataFrame:
+    """Every landing file of a folder, in name order, checked against its contract."""
+    schema = {
+        paths.LANDING_EVENTS: EVENTS_SCHEMA,
+        paths.LANDING_ITEMS: ITEMS_SCHEMA,
+        paths.LANDING_USERS: USERS_SCHEMA,
+    }[folder]
+    frames = []
+    for relpath in lake.list_files(folder):
+        table = lake.read_table(relpath)
+        conformed = conform(table, schema, source=relpath)
+        assert table.schema.names == schema.names
+        assert [f.type for f in table.schema] == [f.type for f in schema]
+        assert all(conformed.column(n).equals(table.column(n)) for n in schema.names)
+        frames.append(pl.from_arrow(conformed))
+    return pl.concat(frames)
+
+
+def utc(*parts: int) -> datetime:
+    return datetime(*parts, tzinfo=UTC)
+
+
+def test_generic_maps_columns_time_zones_event_types_and_defaults(tmp_path):
+    lake = Lake(str(tmp_path))
+    report = import_file(
+        lake,
+        GENERIC,
+        "generic",
+        mapping=GENERIC_MAPPING,
+        event_types={"checkout": "purchase"},
+        timezone="Europe/Berlin",
+    )
+    events = landing(lake)
+    assert report.rows_read == 24 and report.rows_malformed == 1
+    assert "v4;012;2024-06-03 09:00:00;view;1;1;c;extra" in report.malformed_rows[0]
+    assert report.events_written == events.height == 23
+    assert report.unknown_event_types == {"wishlist": 1}
+    assert report.unreadable_values == {"occurred_at": 1, "quantity": 1}
+    rows = events.rows(named=True)
+    # Naive times are Berlin time: CET before the DST switch, CEST after it.
+    assert rows[0]["occurred_at"] == utc(2024, 3, 30, 22, 30)
+    assert rows[1]["occurred_at"] == utc(2024, 3, 31, 1, 15)
+    # An explicit `Z` or offset wins over the time zone option; minutes-only and date-only work.
+    assert rows[3]["occurred_at"] == rows[4]["occurred_at"] == utc(2024, 6, 1, 12)
+    assert rows[6]["occurred_at"] == utc(2024, 6, 2, 8)
+    assert rows[7]["occurred_at"] == utc(2024, 6, 2, 8, 5, 0, 250_000)
+    assert rows[8]["occurred_at"] == utc(2024, 6, 2, 22)
+    assert rows[5]["occurred_at"] is None  # "yesterday": lands null, ingestion quarantines it
+    # Event types: default synonyms, case-insensitive, an explicit mapping, unknown kept raw.
+    assert [r["event_type"] for r in rows[:8]] == [
+        "view",
+        "add_to_cart",
+        "purchase",
+        "view",
+        "wishlist",
+        "view",
+        "view",
+        "view",
+    ]
+    # Ids stay text (leading zeros kept); quantity defaults to 1, "2.5" is unreadable.
+    assert rows[0]["item_id"] == "007" and rows[0]["user_id"] == "v1"
+    assert [r["quantity"] for r in rows[:3]] == [1, 2, 2] and rows[7]["quantity"] is None
+    assert rows[4]["price"] is None and rows[0]["price"] == 9.99
+    assert set(events.get_column("source")) == {"import:generic"}
+    assert events.get_column("rec_id").null_count() == events.height
+    assert events.get_column("event_id").n_unique() == events.height
+    # Sessions were derived (no session column): v4 has a 40-minute pause.
+    v4 = events.filter(pl.col("user_id") == "v4").get_column("session_id").to_list()
+    assert v4 == ["v4@20240602T220000", "v4@20240603T071000", *["v4@20240603T075000"] * 2]
+    items = landing(lake, paths.LANDING_ITEMS)
+    assert items.get_column("item_id").to_list() == [f"0{n:02d}" for n in range(7, 16)]
+    assert set(items.get_column("category_id")) == {"unknown"}
+    assert items.get_column("is_in_stock").all()
+    assert landing(lake, paths.LANDING_USERS).get_column("user_id").to_list() == [
+        f"v{n}" for n in range(1, 9)
+    ]
+
+    report = ingest_landing(lake, now=NOW, max_invalid_share=1.0)
+    assert (report.events_landed, report.events_quarantined) == (20, 3)
+    quarantined = lake.read_frame(f"{paths.QUARANTINE}/events")
+    reasons = dict(zip(quarantined["event_type"], quarantined["reason"], strict=True))
+    assert "event_type not in" in reasons["wishlist"]
+
+
+@pytest.mark.parametrize(("name", "unit"), [("epoch_seconds.csv", "s"), ("epoch_millis.tsv", "ms")])
+def test_generic_reads_epoch_seconds_and_milliseconds(tmp_path, name, unit):
+    lake = Lake(str(tmp_path))
+    mapping = {"user_id": "user", "item_id": "item", "occurred_at": "t"}
+    import_file(
+        lake, str(FIXTURES / "generic" / name), "generic", mapping=mapping, timestamp_unit=unit
+    )
+    times = landing(lake).get_column("occurred_at").to_list()
+    assert times[:2] == [utc(2024, 6, 1, 12), utc(2024, 6, 1, 12, 0, 0, 250_000)]
+    assert times[2] == utc(2024, 6, 1, 13, 0, 0, 0 if unit == "s" else 500)
+    assert times[3:] == ([None] if unit == "s" else [])
+
+
+def test_generic_reads_typed_parquet(tmp_path):
+    source = tmp_path / "shop.parquet"
+    pl.DataFrame(
+        {
+            "user_id": [7, 8],
+            "item_id": [1.0, 2.0],  # what pandas leaves behind for an integer column with gaps
+            "occurred_at": [datetime(2024, 1, 15, 10), datetime(2024, 7, 15, 10)],
+            "event_type": ["purchase", "cart"],
+            "brand": ["acme", None],
+        }
+    ).write_parquet(source)
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_file(lake, str(source), "generic", timezone="America/New_York")
+    events = landing(lake)
+    assert events.get_column("user_id").to_list() == ["7", "8"]
+    assert events.get_column("item_id").to_list() == ["1", "2"]
+    assert events.get_column("occurred_at").to_list() == [
+        utc(2024, 1, 15, 15),
+        utc(2024, 7, 15, 14),
+    ]
+    assert events.get_column("event_type").to_list() == ["purchase", "add_to_cart"]
+    items = landing(lake, paths.LANDING_ITEMS)
+    assert items.get_column("brand").to_list() == ["acme", None]
+    assert report.items_written == 2
+
+
+def test_retailrocket_derives_sessions_and_reads_item_properties(tmp_path):
+    lake = Lake(str(tmp_path))
+    report = import_files(lake, RETAILROCKET, "retailrocket")
+    events = landing(lake)
+    assert report.rows_malformed == 2 and report.events_written == events.height == 28
+    assert report.rows_read == 30 + 8 + 4 + 6
+    assert report.unknown_event_types == {"wishlist": 1}
+    assert report.sessions_derived
+    assert events.filter(pl.col("user_id") == "100").sort("occurred_at").select(
+        "item_id", "event_type", "session_id"
+    ).rows() == [
+        ("11", "view", "100@20150602T050000"),
+        ("12", "view", "100@20150602T050000"),
+        ("13", "view", "100@20150602T050000"),  # exactly 30 minutes later: same session
+        ("14", "view", "100@20150602T061100"),  # 31 minutes later (and earlier in the file)
+        ("14", "add_to_cart", "100@20150602T061100"),
+        ("14", "purchase", "100@20150602T061100"),
+    ]
+    sessions = events.group_by("user_id").agg(pl.col("session_id").n_unique()).sort("user_id")
+    assert dict(sessions.rows()) == {
+        "100": 2,
+        "200": 3,
+        "300": 1,
+        "400": 1,
+        "600": 1,  # its only event has an unreadable time: no session, quarantined later
+        "800": 1,
+        "900": 1,
+    }
+    assert events.filter(pl.col("user_id") == "600").get_column("session_id").to_list() == [None]
+    # The exact duplicate row (visitor 800) stays two events.
+    assert events.filter(pl.col("user_id") == "800").get_column("event_id").n_unique() == 2
+    items = {
+        row["item_id"]: row for row in landing(lake, paths.LANDING_ITEMS).iter_rows(named=True)
+    }
+    assert set(items) == {"11", "12", "13", "14", "15", "16", "17", "18", "19", "99"}
+    # Latest value by time, not by file: part2's older categoryid 200 does not win.
+    assert (items["11"]["category_id"], items["11"]["category_path"]) == ("1338", "213 > 1338")
+    assert (items["12"]["category_path"], items["12"]["is_in_stock"]) == ("250 > 809", False)
+    assert (items["13"]["category_id"], items["13"]["is_in_stock"]) == ("unknown", True)
+    assert items["99"]["category_path"] == "213 > 1016"
+    assert items["14"]["category_id"] == "unknown" and items["14"]["is_in_stock"]
+    assert report.users_written == 7
+
+
+def test_rees46_events_and_items(tmp_path):
+    lake = Lake(str(tmp_path))
+    report = import_file(lake, REES46, "rees46")
+    events = landing(lake)
+    assert (report.rows_read, report.rows_malformed, events.height) == (28, 1, 27)
+    assert report.unknown_event_types == {"wishlist": 1}
+    assert report.unreadable_values == {"price": 1}
+    cart = events.filter(pl.col("user_id") == "535871217", pl.col("item_id") == "1004237")
+    assert cart.get_column("event_type").to_list() == [
+        "view",
+        "add_to_cart",
+        "remove_from_cart",
+        "add_to_cart",
+        "purchase",
+    ]
+    assert cart.get_column("occurred_at")[0] == utc(2019, 10, 1, 0, 0, 4)
+    assert set(cart.get_column("session_id")) == {"c6bd7419-2748-4c56-95b4-8cec9ff8b80d"}
+    no_session = events.filter(pl.col("item_id") == "1306631")
+    assert no_session.get_column("session_id").to_list() == ["550050854@20191001"]
+    items = {
+        row["item_id"]: row for row in landing(lake, paths.LANDING_ITEMS).iter_rows(named=True)
+    }
+    assert len(items) == report.items_written == 19
+    heater = items["3900821"]
+    assert heater["category_id"] == "2053013552326770905"
+    assert heater["category_path"] == "appliances > environment > water_heater"
+    assert (heater["brand"], heater["price"]) == ("aqua", 35.0)  # latest by time, not file order
+    assert items["1005135"]["price"] == 1747.79
+    assert items["23100006"]["category_path"] is None and items["23100006"]["brand"] is None
+
+
+def test_importing_twice_writes_identical_files_and_adds_no_rows(tmp_path):
+    lake = Lake(str(tmp_path))
+
+    def snapshot() -> dict[str, bytes]:
+        return {p: Path(lake.path(p)).read_bytes() for p in lake.list_files("landing")}
+
+    first = import_files(lake, RETAILROCKET, "retailrocket", batch_rows=10)
+    before = snapshot()
+    second = import_files(lake, RETAILROCKET, "retailrocket", batch_rows=10)
+    assert snapshot() == before and second.files_written == first.files_written
+    assert [p.rsplit("/", 1)[1] for p in lake.list_files(paths.LANDING_EVENTS)] == [
+        f"import-retailrocket-events-{first.files_written[0].split('-')[-2]}-b0000{n}.parquet"
+        for n in range(3)
+    ]
+    ingest_landing(lake, now=NOW, max_invalid_share=1.0)
+    landed = lake.read_frame(paths.EVENTS)
+    import_files(lake, RETAILROCKET, "retailrocket", batch_rows=10)
+    # The catalog is known now: the re-import adds no placeholder rows that could overwrite it.
+    assert lake.list_files(paths.LANDING_ITEMS) == [first.files_written[-2]]
+    ingest_landing(lake, now=NOW, max_invalid_share=1.0)
+    again = lake.read_frame(paths.EVENTS)
+    assert again.height == landed.height == 26
+    assert again.get_column("event_id").n_unique() == again.height
+    catalog = lake.read_frame(f"{paths.ITEMS}/catalog.parquet")
+    assert catalog.filter(pl.col("item_id") == "11").get_column("category_id").item() == "1338"
+
+
+def test_events_only_reimport_never_overwrites_known_catalog_rows(tmp_path):
+    lake = Lake(str(tmp_path))
+    import_files(lake, RETAILROCKET, "retailrocket")
+    ingest_landing(lake, now=NOW, max_invalid_share=1.0)
+    report = import_files(lake, RETAILROCKET[:1], "retailrocket")
+    assert report.items_written == 0 and report.users_written == 0
+    assert lake.list_files(paths.LANDING_ITEMS) == lake.list_files(paths.LANDING_USERS) == []
+
+
+@pytest.mark.parametrize(
+    ("fmt", "paths_", "options"),
+    [
+        ("retailrocket", RETAILROCKET[:1], {}),
+        ("rees46", [REES46], {}),
+        ("generic", [GENERIC], {"mapping": GENERIC_MAPPING, "timezone": "Europe/Berlin"}),
+    ],
+)
+def test_streaming_in_tiny_batches_gives_the_same_events(tmp_path, fmt, paths_, options):
+    whole, streamed = Lake(str(tmp_path / "whole")), Lake(str(tmp_path / "streamed"))
+    import_files(whole, paths_, fmt, **options)
+    report = import_files(streamed, paths_, fmt, batch_rows=4, **options)
+    batches = [p for p in report.files_written if p.startswith(paths.LANDING_EVENTS)]
+    assert len(batches) == -(-report.events_written // 4) > 1
+    assert landing(streamed).equals(landing(whole))
+    for folder in (paths.LANDING_ITEMS, paths.LANDING_USERS):
+        assert landing(streamed, folder).equals(landing(whole, folder))
+
+
+def test_a_reimport_with_fewer_batches_removes_stale_landing_batches(tmp_path):
+    lake = Lake(str(tmp_path))
+    import_file(lake, REES46, "rees46", batch_rows=4)
+    assert len(lake.list_files(paths.LANDING_EVENTS)) == 7
+    import_file(lake, REES46, "rees46")
+    assert len(lake.list_files(paths.LANDING_EVENTS)) == 1
+    assert landing(lake).height == 27
+
+
+def test_compressed_csv_gives_the_same_events(tmp_path):
+    plain = FIXTURES / "yoochoose" / "clicks.txt"
+    packed = tmp_path / "clicks.txt.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    first, second = Lake(str(tmp_path / "a")), Lake(str(tmp_path / "b"))
+    import_file(first, str(plain), "yoochoose")
+    report = import_file(second, str(packed), "yoochoose")
+    assert "import-yoochoose-clicks-" in report.files_written[0]
+    assert landing(second).equals(landing(first))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "path", "options", "column"),
+    [
+        ("retailrocket", "retailrocket/events_without_visitorid.csv", {}, "visitorid"),
+        ("rees46", "rees46/without_product_id.csv", {}, "product_id"),
+        ("yoochoose", "yoochoose/without_time.txt", {}, "Time"),
+        ("generic", "generic/without_visitor.csv", {"mapping": {"user_id": "visitor"}}, "visitor"),
+        (
+            "generic",
+            "generic/without_visitor.csv",
+            {"mapping": {"item_id": "product", "occurred_at": "ts"}},
+            "user_id",
+        ),
+        (
+            "generic",
+            "generic/clicks.csv",
+            {"mapping": GENERIC_MAPPING, "timestamp_unit": "s"},
+            "ts",
+        ),
+    ],
+)
+def test_a_missing_or_unreadable_column_names_the_file_and_the_column(
+    tmp_path, fmt, path, options, column
+):
+    lake = Lake(str(tmp_path))
+    with pytest.raises(ContractError, match=rf"{Path(path).name}: .*column '{column}'"):
+        import_file(lake, str(FIXTURES / path), fmt, **options)
+    assert lake.list_files(paths.LANDING_EVENTS) == []
+
+
+def test_a_file_that_cannot_be_parsed_names_the_file(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes(b"SessionId\tItemId\tTime\n1\t\xff\xfe\t1396860669\n")
+    with pytest.raises(ContractError, match=r"broken\.txt: column 'ItemId'"):
+        import_file(lake, str(broken), "yoochoose")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ContractError, match=r"empty\.csv: the file is empty"):
+        import_file(lake, str(empty), "rees46")
+    not_parquet = tmp_path / "events.parquet"
+    not_parquet.write_text("user_id,item_id\n")
+    with pytest.raises(ContractError, match=r"events\.parquet: cannot be read as Parquet"):
+        import_file(lake, str(not_parquet), "generic")
+    with pytest.raises(ValueError, match="generic format only"):
+        import_file(lake, REES46, "rees46", mapping={"user_id": "visitor"})
+
+
+def test_yoochoose_fixture_keeps_a_row_with_an_unreadable_time(tmp_path):
+    lake = Lake(str(tmp_path))
+    report = import_file(lake, str(FIXTURES / "yoochoose" / "clicks.txt"), "yoochoose")
+    events = landing(lake)
+    assert report.unreadable_values == {"occurred_at": 1}
+    assert events.get_column("occurred_at")[0] == utc(2014, 4, 7, 8, 51, 9, 277_000)
+    assert events.get_column("occurred_at")[6] == utc(2014, 4, 7, 12, 0, 2, 500_000)
+    assert events.get_column("user_id").to_list() == events.get_column("session_id").to_list()
+    assert events.get_column("user_id").to_list()[:3] == ["s1", "s1", "s2"]
+
+
+@pytest.mark.skipif(not YOOCHOOSE_TEST.exists(), reason="shared YooChoose sample not present")
+def test_yoochoose_real_sample_matches_its_provenance_and_lands_every_row(tmp_path):
+    lake = Lake(str(tmp_path))
+    report = import_file(lake, str(YOOCHOOSE_TEST), "yoochoose")
+    events = landing(lake)
+    # PROVENANCE.md, test file: 13,568 rows, 3,416 sessions, 1,771 items.
+    assert report.rows_read == report.events_written == events.height == 13_568
+    assert events.get_column("session_id").n_unique() == report.users_written == 3_416
+    assert events.get_column("item_id").n_unique() == report.items_written == 1_771
+    assert set(events.get_column("event_type")) == {"view"}
+    assert events.get_column("occurred_at").min() >= utc(2014, 4, 6)
+    assert events.get_column("occurred_at").max() < utc(2014, 4, 9)
+    ingested = ingest_landing(lake, now=datetime.now(UTC))
+    assert (ingested.events_landed, ingested.events_quarantined, ingested.held) == (13_568, 0, [])
+    assert lake.read_table(paths.EVENTS).num_rows == 13_568
+    assert (ingested.items_upserted, ingested.users_upserted) == (1_771, 3_416)
+
+
+def test_cli_import_prints_what_it_wrote(tmp_path, capsys):
+    lake_dir = str(tmp_path / "lake")
+    argv = ["import", "--format", "generic", GENERIC, "--lake", lake_dir, "--batch-rows", "10"]
+    argv += [f"--map={k}={v}" for k, v in GENERIC_MAPPING.items()]
+    argv += ["--map-event", "checkout=purchase", "--timezone", "Europe/Berlin"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "23 events, 9 items, 8 users, 5 file(s)" in out
+    assert "wrote landing/events/import-generic-clicks-" in out
+    assert "'wishlist' ×1" in out and "Skipped 1 malformed row" in out
+    assert len(Lake(lake_dir).list_files(paths.LANDING_EVENTS)) == 3
+
+    assert cli.main(["import", "--format", "rees46", GENERIC, "--lake", lake_dir]) == 2
+    assert "required column 'event_time' is missing" in capsys.readouterr().err

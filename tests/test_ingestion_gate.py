@@ -1,0 +1,91 @@
+"""A broken delivery stops the pipeline before features are built (blocking asset check)."""
+
+from datetime import UTC, date, datetime, timedelta
+
+import dagster as dg
+import pyarrow as pa
+
+from orchestration.assets.features import dbt_feature_tables
+from orchestration.assets.lake import VALID_BATCHES_CHECK, raw_events
+from orchestration.definitions import defs
+from orchestration.resources import ShelfwiseResource
+from shelfwise.contracts import EVENTS_SCHEMA
+from shelfwise.generate import ShopConfig, generate_shop, write_shop
+from shelfwise.home import prepare_home
+from shelfwise.lake import Lake
+from shelfwise.settings import Settings
+
+
+def broken_delivery(rows: int, broken_share: float) -> pa.Table:
+    when = datetime.now(UTC) - timedelta(hours=1)
+    broken = int(rows * broken_share)
+    return pa.Table.from_pylist(
+        [
+            {
+                "event_id": f"delivery-{i}",
+                "occurred_at": when,
+                "user_id": "u1",
+                "session_id": "s-delivery",
+                "item_id": "i1",
+                "event_type": "teleport" if i < broken else "view",
+                "quantity": 1,
+                "price": 1.0,
+                "rec_id": None,
+                "source": "test",
+            }
+            for i in range(rows)
+        ],
+        schema=EVENTS_SCHEMA,
+    )
+
+
+def run_ingestion_and_features(tmp_path, broken_share: float, max_invalid_share: float):
+    settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path)})
+    prepare_home(settings)
+    lake = Lake(settings.lake_url)
+    shop = ShopConfig(users=200, items=150, days=21, events=8_000, seed=5, end_date=date.today())
+    write_shop(generate_shop(shop), lake, seed=5)
+    lake.write_parquet(broken_delivery(200, broken_share), "landing/events/delivery.parquet")
+    resources = {
+        **defs.resources,
+        "shelfwise": ShelfwiseResource(home=str(settings.home), lake_url=settings.lake_url),
+    }
+    config = {"ops": {"raw_events": {"config": {"max_invalid_share": max_invalid_share}}}}
+    result = dg.materialize(
+        [raw_events, dbt_feature_tables],
+        resources=resources,
+        run_config=config,
+        raise_on_error=False,
+    )
+    return result, lake
+
+
+def check_of(result):
+    [evaluation] = [
+        e for e in result.get_asset_check_evaluations() if e.check_name == VALID_BATCHES_CHECK
+    ]
+    return evaluation
+
+
+def test_thirty_percent_broken_delivery_stops_the_pipeline_before_features(tmp_path):
+    result, lake = run_ingestion_and_features(tmp_path, broken_share=0.30, max_invalid_share=0.10)
+    assert not result.success
+    evaluation = check_of(result)
+    assert not evaluation.passed
+    held = evaluation.metadata["held_batches"].value
+    assert list(held) == ["landing/events/delivery.parquet"]
+    assert "30.0% invalid" in held["landing/events/delivery.parquet"]
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "raw_events" in materialized
+    assert "item_features" not in materialized and "stg_lake__events" not in materialized
+    assert not lake.exists("features/item_features.parquet")
+    assert lake.list_files("landing/events") == ["landing/events/delivery.parquet"]
+
+
+def test_five_percent_broken_delivery_lands_and_features_are_built(tmp_path):
+    result, lake = run_ingestion_and_features(tmp_path, broken_share=0.05, max_invalid_share=0.10)
+    assert result.success
+    assert check_of(result).passed
+    assert lake.read_frame("quarantine/events/delivery.parquet").height == 10
+    assert lake.exists("features/item_features.parquet")
+    assert lake.list_files("landing/events") == []
