@@ -119,3 +119,38 @@ def bento_server(pipeline_run: PipelineRun, tmp_path_factory) -> Iterator[Server
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server mode) on a free loopback port, with test credentials."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    patch = pytest.MonkeyPatch()
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        patch.setenv(name, value)
+    try:
+        yield endpoint
+    finally:
+        patch.undo()
+        server.stop()
+
+
+@pytest.fixture
+def s3_lake_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the S3 server; the lake lives under a prefix in it."""
+    import fsspec
+
+    bucket = "lake-" + request.node.name.lower().replace("_", "-")[:40]
+    filesystem = fsspec.filesystem("s3", skip_instance_cache=True)
+    filesystem.mkdir(bucket)
+    return f"s3://{bucket}/shop"
