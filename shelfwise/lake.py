@@ -166,9 +166,11 @@ class Lake:
         return pq.read_metadata(pa.BufferReader(footer)).num_rows
 
     def _read_file(self, path: str, columns: list[str] | None) -> pa.Table:
-        # Whole-object reads: Arrow reading through a Python file object can abort the
-        # interpreter at exit ("terminate called without an active exception").
-        return pq.read_table(pa.BufferReader(self.fs.cat_file(path)), columns=columns)
+        # Single-threaded: Arrow's decoding threads next to polars' can abort the interpreter at
+        # exit ("terminate called without an active exception"), seen with pyarrow 26 + polars 2.1.
+        return pq.read_table(
+            pa.BufferReader(self.fs.cat_file(path)), columns=columns, use_threads=False
+        )
 
     def read_frame(self, relpath: str, columns: list[str] | None = None) -> pl.DataFrame:
         """Reads a Parquet file or folder as a polars DataFrame (see `read_table`)."""
