@@ -1,0 +1,114 @@
+"""Features as of a cutoff never see what happened at or after it, and do not depend on which
+other cutoffs a build computes (training and serving share one definition)."""
+
+from datetime import UTC, date, datetime, timedelta
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from shelfwise.contracts import EVENTS_SCHEMA
+from shelfwise.generate import ShopConfig, generate_shop, write_shop
+from shelfwise.home import prepare_home
+from shelfwise.ingest import ingest_landing
+from shelfwise.lake import Lake
+from shelfwise.settings import Settings
+from tests.dbt_support import dbt
+
+END = datetime(2026, 10, 22, tzinfo=UTC)
+CUTOFF = END - timedelta(days=7)
+LATER = END
+FEATURE_MARTS = (
+    "user_features",
+    "item_features",
+    "user_item_features",
+    "user_category_features",
+    "item_covisitation",
+)
+
+
+def assert_same(left: pl.DataFrame, right: pl.DataFrame) -> None:
+    # Parallel float sums may differ in the last bits; anything else is a leak.
+    assert_frame_equal(left, right, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def marts_as_of(lake: Lake, cutoff: datetime) -> dict[str, pl.DataFrame]:
+    frames = {}
+    for mart in FEATURE_MARTS:
+        frame = lake.read_frame(f"features/{mart}.parquet").filter(pl.col("as_of") == cutoff)
+        frames[mart] = frame.sort(frame.columns)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def shop_lake(tmp_path_factory):
+    settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path_factory.mktemp("pit"))})
+    prepare_home(settings)
+    lake = Lake(settings.lake_url)
+    config = ShopConfig(
+        users=300, items=200, days=21, events=12_000, seed=21, end_date=date(2026, 10, 22)
+    )
+    write_shop(generate_shop(config), lake, seed=21)
+    ingest_landing(lake, now=END)
+    return settings, lake
+
+
+def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake, tmp_path):
+    settings, lake = shop_lake
+    dbt(settings, ["build", "--exclude", "resource_type:test"], [CUTOFF, LATER], tmp_path / "t1")
+    before = marts_as_of(lake, CUTOFF)
+    later_before = marts_as_of(lake, LATER)
+    assert all(frame.height for frame in before.values())
+
+    events = lake.read_frame("events")
+    # 1. Late-arriving edits: every event at or after the cutoff is rewritten in place.
+    after_cutoff = pl.col("occurred_at") >= CUTOFF
+    edited = events.with_columns(
+        pl.when(after_cutoff)
+        .then(pl.lit("purchase"))
+        .otherwise(pl.col("event_type"))
+        .alias("event_type"),
+        pl.when(after_cutoff).then(pl.col("price") * 10).otherwise(pl.col("price")).alias("price"),
+    )
+    assert edited.filter(after_cutoff).height > 0
+    for file in lake.list_files("events"):
+        lake.remove([file])
+    for (day,), rows in edited.partition_by("date", as_dict=True).items():
+        lake.write_parquet(
+            rows.drop("date").to_arrow().cast(EVENTS_SCHEMA), f"events/date={day}/rewritten.parquet"
+        )
+    # 2. New events after the cutoff by users and for items that exist before it.
+    known = events.filter(~after_cutoff).head(500)
+    appended = known.with_columns(
+        (pl.col("event_id") + "-late").alias("event_id"),
+        (pl.lit(CUTOFF) + pl.duration(hours=pl.int_range(pl.len()) % 150)).alias("occurred_at"),
+        pl.lit("add_to_cart").alias("event_type"),
+    )
+    lake.write_parquet(
+        appended.drop("date").to_arrow().cast(EVENTS_SCHEMA),
+        f"events/date={CUTOFF.date()}/appended.parquet",
+    )
+
+    dbt(settings, ["build", "--exclude", "resource_type:test"], [CUTOFF, LATER], tmp_path / "t2")
+    after = marts_as_of(lake, CUTOFF)
+    for mart in FEATURE_MARTS:
+        assert_same(after[mart], before[mart])
+    # The same build did see the changes: features as of the later cutoff moved.
+    later_after = marts_as_of(lake, LATER)
+    assert not later_after["user_features"].equals(later_before["user_features"])
+
+
+def test_features_for_a_cutoff_do_not_depend_on_the_other_cutoffs_built(shop_lake, tmp_path):
+    settings, lake = shop_lake
+    dbt(
+        settings,
+        ["build", "--exclude", "resource_type:test"],
+        [CUTOFF - timedelta(days=7), CUTOFF, LATER],
+        tmp_path / "t1",
+    )
+    in_a_training_build = marts_as_of(lake, CUTOFF)
+    # A serving-style build computes only this cutoff ("as of now").
+    dbt(settings, ["build", "--exclude", "resource_type:test"], [CUTOFF], tmp_path / "t2")
+    alone = marts_as_of(lake, CUTOFF)
+    for mart in FEATURE_MARTS:
+        assert_same(alone[mart], in_a_training_build[mart])
