@@ -56,6 +56,13 @@ USER_ITEM_FEATURES = {
 USER_CATEGORY_FEATURES = {
     "affinity": "user_category_affinity",
     "purchases": "user_category_purchases",
+    "days_since_last": "user_category_days_since_last",
+}
+
+USER_BRAND_FEATURES = {
+    "affinity": "user_brand_affinity",
+    "purchases": "user_brand_purchases",
+    "days_since_last": "user_brand_days_since_last",
 }
 
 DERIVED_FEATURES = ["price_to_user_mean"]
@@ -66,10 +73,17 @@ FEATURE_COLUMNS: list[str] = [
     *USER_FEATURES.values(),
     *USER_ITEM_FEATURES.values(),
     *USER_CATEGORY_FEATURES.values(),
+    *USER_BRAND_FEATURES.values(),
     *DERIVED_FEATURES,
 ]
 
-TABLE_NAMES = ("item_features", "user_features", "user_item_features", "user_category_features")
+TABLE_NAMES = (
+    "item_features",
+    "user_features",
+    "user_item_features",
+    "user_category_features",
+    "user_brand_features",
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class FeatureTables:
     users: pl.DataFrame
     user_items: pl.DataFrame
     user_categories: pl.DataFrame
+    user_brands: pl.DataFrame
 
     @classmethod
     def load(cls, lake: Lake, as_of: list[datetime] | None = None) -> "FeatureTables":
@@ -111,7 +126,11 @@ def assemble_features(candidates: pl.DataFrame, tables: FeatureTables) -> pl.Dat
         The candidates in their original order with `FEATURE_COLUMNS` added as Float32.
     """
     items = tables.items.select(
-        "as_of", "item_id", "category_id", *[pl.col(k).alias(v) for k, v in ITEM_FEATURES.items()]
+        "as_of",
+        "item_id",
+        "category_id",
+        "brand",
+        *[pl.col(k).alias(v) for k, v in ITEM_FEATURES.items()],
     )
     users = tables.users.select(
         "as_of", "user_id", "mean_price", *[pl.col(k).alias(v) for k, v in USER_FEATURES.items()]
@@ -125,6 +144,9 @@ def assemble_features(candidates: pl.DataFrame, tables: FeatureTables) -> pl.Dat
         "category_id",
         *[pl.col(k).alias(v) for k, v in USER_CATEGORY_FEATURES.items()],
     )
+    user_brands = tables.user_brands.select(
+        "as_of", "user_id", "brand", *[pl.col(k).alias(v) for k, v in USER_BRAND_FEATURES.items()]
+    )
     assembled = (
         candidates.join(items, on=["as_of", "item_id"], how="left", maintain_order="left")
         .join(users, on=["as_of", "user_id"], how="left", maintain_order="left")
@@ -135,10 +157,11 @@ def assemble_features(candidates: pl.DataFrame, tables: FeatureTables) -> pl.Dat
             how="left",
             maintain_order="left",
         )
+        .join(user_brands, on=["as_of", "user_id", "brand"], how="left", maintain_order="left")
         .with_columns(
             (pl.col("item_price") / pl.col("mean_price")).alias("price_to_user_mean"),
         )
-        .drop("mean_price", "category_id")
+        .drop("mean_price", "category_id", "brand")
     )
     return assembled.with_columns([pl.col(name).cast(pl.Float32) for name in FEATURE_COLUMNS])
 

@@ -17,6 +17,7 @@ def tables():
             "as_of": [AS_OF] * 2,
             "item_id": ["a", "b"],
             "category_id": ["c1", "c2"],
+            "brand": ["acme", "zenith"],
             "popularity": [5.0, 1.0],
             "popularity_rank": [1, 2],
             "views_1d": [1, 0],
@@ -68,9 +69,20 @@ def tables():
             "category_id": ["c2"],
             "affinity": [1.0],
             "purchases": [0],
+            "days_since_last": [1.5],
         }
     )
-    return FeatureTables(items, users, user_items, user_categories)
+    user_brands = pl.DataFrame(
+        {
+            "as_of": [AS_OF],
+            "user_id": ["u1"],
+            "brand": ["acme"],
+            "affinity": [0.25],
+            "purchases": [1],
+            "days_since_last": [4.0],
+        }
+    )
+    return FeatureTables(items, users, user_items, user_categories, user_brands)
 
 
 def candidates(users, items):
@@ -93,6 +105,7 @@ def test_assembly_keeps_candidate_order_and_joins_each_table_on_its_key():
     assert assembled.select("user_id", "item_id").rows() == [("u1", "b"), ("u1", "a"), ("new", "a")]
     row_b, row_a, row_new = assembled.iter_rows(named=True)
     assert row_b["user_item_carts"] == 1 and row_b["user_category_affinity"] == 1.0
+    assert row_b["user_brand_affinity"] is None and row_a["user_brand_affinity"] == 0.25
     assert row_a["user_item_carts"] is None and row_a["user_category_affinity"] is None
     assert row_b["price_to_user_mean"] == pytest.approx(2.0)
     assert row_new["user_events"] is None and row_new["item_popularity"] == 5.0

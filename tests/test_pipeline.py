@@ -22,6 +22,8 @@ EXPECTED_ASSETS = {
     "item_features",
     "user_item_features",
     "user_category_features",
+    "user_brand_features",
+    "item_bought_together",
     "item_covisitation",
     "interaction_labels",
     "feature_cutoffs",

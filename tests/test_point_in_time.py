@@ -23,7 +23,9 @@ FEATURE_MARTS = (
     "item_features",
     "user_item_features",
     "user_category_features",
+    "user_brand_features",
     "item_covisitation",
+    "item_bought_together",
 )
 
 

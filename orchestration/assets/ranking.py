@@ -6,7 +6,7 @@ import polars as pl
 from models.candidates import CandidateConfig, generate_candidates
 from models.cutoffs import CutoffPlan
 from models.evaluation import evaluate_against_baselines
-from models.features import FEATURE_COLUMNS, FeatureTables, assemble_features
+from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, assemble_features
 from models.ranker import RankerParams, feature_importance, train_ranker
 from models.training_set import build_training_set, label_queries
 from orchestration.resources import ShelfwiseResource
@@ -88,7 +88,7 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     )
 
 
-@dg.asset(deps=["candidates", "user_features", "user_category_features"], group_name="ranking")
+@dg.asset(deps=["candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
 def training_set(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """Labelled feature rows at every training cutoff: one ranking query per (cutoff, user),
     graded labels (purchase 3 > cart 2 > view 1 > nothing 0) from the week after the cutoff."""
@@ -169,7 +169,7 @@ def load_ranker(lake: Lake):
     return lgb.Booster(model_str=lake.read_text(RANKER_FILE))
 
 
-@dg.asset(deps=["ranker", "candidates"], group_name="ranking")
+@dg.asset(deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
 def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """Offline quality on the held-out week after the evaluation cutoff (a time split): NDCG@10,
     Recall@10/20 of the ranker against popularity and the candidate order without the ranker,
@@ -202,13 +202,7 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
 
 
 @dg.asset(
-    deps=[
-        "candidates",
-        "item_features",
-        "user_features",
-        "user_item_features",
-        "user_category_features",
-    ],
+    deps=["candidates", *TABLE_NAMES],
     group_name="serving",
 )
 def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:

@@ -21,6 +21,7 @@ per_category as (
         items.category_id,
         count(*) as events,
         count(*) filter (where events.event_type = 'purchase') as purchases,
+        min(events.age_days) as days_since_last,
         sum(events.event_weight * events.decay) as interest
     from events
     inner join items
