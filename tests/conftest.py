@@ -150,7 +150,7 @@ def s3_lake_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     """A fresh bucket on the S3 server; the lake lives under a prefix in it."""
     import fsspec
 
-    bucket = "lake-" + request.node.name.lower().replace("_", "-")[:40]
+    bucket = ("lake-" + request.node.name.lower().replace("_", "-")[:40]).rstrip("-")
     filesystem = fsspec.filesystem("s3", skip_instance_cache=True)
     filesystem.mkdir(bucket)
     return f"s3://{bucket}/shop"
