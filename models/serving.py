@@ -13,13 +13,30 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from models.features import FEATURE_COLUMNS
+from models.features import FEATURE_COLUMNS, FeatureTables, assemble_features
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_POPULAR, Lake
 
 logger = logging.getLogger(__name__)
 
 STRATEGY_PERSONALIZED = "personalized"
 STRATEGY_POPULAR = "popular"
+
+
+SNAPSHOT_KEY = ["user_id", "item_id", "candidate_rank"]
+
+
+def serving_snapshot(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:
+    """The rows the service ranks: candidates with their feature vectors, as for training.
+
+    Args:
+        candidates: Candidates at one cutoff (see `models.candidates.generate_candidates`).
+        tables: Feature marts at the same cutoff.
+
+    Returns:
+        user_id, item_id, candidate_rank and `FEATURE_COLUMNS`, assembled by the very function
+        that builds the training set.
+    """
+    return assemble_features(candidates, tables).select(*SNAPSHOT_KEY, *FEATURE_COLUMNS)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from models.features import FEATURE_COLUMNS
 from shelfwise.home import prepare_home
 from shelfwise.registry import list_rankers
 from shelfwise.settings import Settings
+from tests.dbt_support import dbt
 from tests.support import PROJECT_ROOT, VENV_BIN, service_env
 
 EXPECTED_ASSETS = {
@@ -166,3 +167,14 @@ def test_workspace_loads_in_dagster_as_the_ui_would(tmp_path):
         check=False,
     )
     assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+def test_dbt_docs_generate_documents_every_mart(pipeline_run, tmp_path):
+    cutoffs = pipeline_run.lake.read_frame("features/feature_cutoffs.parquet")["as_of"].to_list()
+    dbt(pipeline_run.settings, ["docs", "generate"], cutoffs, tmp_path / "docs")
+    catalog = json.loads((tmp_path / "docs" / "catalog.json").read_text())
+    manifest = json.loads((tmp_path / "docs" / "manifest.json").read_text())
+    item_features = catalog["nodes"]["model.shelfwise.item_features"]
+    assert {"as_of", "item_id", "popularity", "trend"} <= set(item_features["columns"])
+    described = manifest["nodes"]["model.shelfwise.item_features"]["description"]
+    assert "Grain: (as_of, item_id)" in described

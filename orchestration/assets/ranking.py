@@ -8,6 +8,7 @@ from models.cutoffs import CutoffPlan
 from models.evaluation import evaluate_against_baselines
 from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, assemble_features
 from models.ranker import RankerParams, feature_importance, train_ranker
+from models.serving import serving_snapshot
 from models.training_set import build_training_set, label_queries
 from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import (
@@ -211,8 +212,7 @@ def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     lake = shelfwise.lake()
     plan = _plan(lake)
     tables = FeatureTables.load(lake, [plan.serving])
-    assembled = assemble_features(lake.read_frame(f"{CANDIDATES}/serving.parquet"), tables)
-    snapshot = assembled.select("user_id", "item_id", "candidate_rank", *FEATURE_COLUMNS)
+    snapshot = serving_snapshot(lake.read_frame(f"{CANDIDATES}/serving.parquet"), tables)
     lake.write_parquet(snapshot.to_arrow(), SERVING_CANDIDATES)
     popular = (
         tables.items.filter(pl.col("is_in_stock"))

@@ -1,5 +1,7 @@
 -- Every event paired with every cutoff it precedes: the only events a feature as of that cutoff
--- may see. Carries the event's age at the cutoff, its weight and its time decay.
+-- may see. Carries the event's age at the cutoff, its weight and its time decay. A table in the
+-- warehouse, computed once for all marts.
+{{ config(materialized='table') }}
 with
 
 events as (

@@ -12,6 +12,9 @@ session_items as (
         max(decay) as decay,
         count(*) over (partition by as_of, session_id) as session_size
     from {{ ref('int_events_before_cutoffs') }}
+    -- Older sessions weigh little after time decay (3 half-lives by default: 12%) but cost the
+    -- most: the pairs grow with the square of session length, for every cutoff.
+    where age_days < {{ var('covisitation_lookback_days') }}
     group by as_of, session_id, item_id
 
 ),

@@ -1,9 +1,10 @@
 -- Each user's affinity to each category before each cutoff: the share of their decayed interest.
+-- Rolled up from user_item_features (one row per user and item), much smaller than the events.
 with
 
-events as (
+user_items as (
 
-    select * from {{ ref('int_events_before_cutoffs') }}
+    select * from {{ ref('user_item_features') }}
 
 ),
 
@@ -16,17 +17,17 @@ items as (
 per_category as (
 
     select
-        events.as_of,
-        events.user_id,
+        user_items.as_of,
+        user_items.user_id,
         items.category_id,
-        count(*) as events,
-        count(*) filter (where events.event_type = 'purchase') as purchases,
-        min(events.age_days) as days_since_last,
-        sum(events.event_weight * events.decay) as interest
-    from events
+        sum(user_items.views + user_items.carts + user_items.purchases) as events,
+        sum(user_items.purchases) as purchases,
+        min(user_items.days_since_last) as days_since_last,
+        sum(user_items.interest) as interest
+    from user_items
     inner join items
-        on items.item_id = events.item_id
-    group by events.as_of, events.user_id, items.category_id
+        on items.item_id = user_items.item_id
+    group by user_items.as_of, user_items.user_id, items.category_id
 
 ),
 

@@ -1,5 +1,7 @@
 -- Events as delivered, cast to their contract types, deduplicated by event_id (deliveries are
--- at-least-once: the first delivery of an event_id wins).
+-- at-least-once: the first delivery of an event_id wins). A table in the warehouse: every mart
+-- reads it, and deduplicating once is much cheaper than once per mart.
+{{ config(materialized='table') }}
 with source as (
 
     select * from {{ source('lake', 'events') }}

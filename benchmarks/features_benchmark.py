@@ -1,0 +1,169 @@
+"""Benchmark of the feature build: every dbt feature table from 10 million events, through Dagster.
+
+Generates (or reuses) a shop in a benchmark home, ingests it, then materializes the dbt assets
+in-process exactly as the pipeline does (five cutoffs: three training, evaluation, serving) and
+splits the wall time using dbt's own `run_results.json`:
+
+- SQL time: from the first model's start to the last model's end (two dbt threads in parallel);
+- dbt tests: the same span for the data tests (unique / not_null / relationships / ...);
+- dbt overhead: dbt's elapsed time minus both spans (start-up, parsing, adapter, hooks);
+- Dagster overhead: the asset's wall time minus dbt's elapsed time (subprocess, events, metadata).
+
+Target (issue 4): all features from 10 million events in under 3 minutes on 2 cores, compared
+with the asset's wall time without the data tests (which the table reports on their own).
+
+Usage:
+    .venv/bin/python benchmarks/features_benchmark.py [--home DIR] [--events N] [--users N]
+        [--items N] [--days N] [--fresh]
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
+TARGET_SECONDS = 180.0
+
+
+def _span(results: list[dict], resource_type: str) -> float:
+    timings = [
+        (datetime.fromisoformat(t["started_at"]), datetime.fromisoformat(t["completed_at"]))
+        for r in results
+        if r["unique_id"].startswith(f"{resource_type}.")
+        for t in r["timing"]
+        if t["name"] == "execute" and t.get("started_at") and t.get("completed_at")
+    ]
+    if not timings:
+        return 0.0
+    return (max(end for _, end in timings) - min(start for start, _ in timings)).total_seconds()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=Path("/tmp/shelfwise-features-benchmark"))
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--users", type=int, default=400_000)
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--fresh", action="store_true", help="regenerate even if events exist")
+    args = parser.parse_args()
+
+    os.environ["SHELFWISE_HOME"] = str(args.home)
+    os.environ.pop("SHELFWISE_LAKE", None)
+
+    import dagster as dg
+
+    from orchestration.assets.features import dbt_feature_tables
+    from orchestration.dbt_project import DBT_PROJECT_DIR
+    from orchestration.definitions import defs
+    from orchestration.resources import ShelfwiseResource
+    from shelfwise.generate import ShopConfig, generate_shop, write_shop
+    from shelfwise.home import prepare_home
+    from shelfwise.ingest import ingest_landing, lake_has_events
+    from shelfwise.lake import Lake
+    from shelfwise.settings import Settings
+
+    settings = Settings.from_env()
+    prepare_home(settings)
+    lake = Lake(settings.lake_url)
+    figures: dict[str, float] = {}
+    if args.fresh or not lake_has_events(lake):
+        config = ShopConfig(
+            users=args.users,
+            items=args.items,
+            days=args.days,
+            events=args.events,
+            seed=7,
+            end_date=date(2026, 11, 1),
+        )
+        started = time.perf_counter()
+        write_shop(generate_shop(config), lake, seed=7)
+        figures["generate_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    report = ingest_landing(lake, now=datetime.now(UTC), max_invalid_share=1.0)
+    figures["ingest_seconds"] = time.perf_counter() - started
+    events = lake.read_table("events", columns=["event_id"]).num_rows
+
+    resources = {
+        **defs.resources,
+        "shelfwise": ShelfwiseResource(home=str(settings.home), lake_url=settings.lake_url),
+    }
+    before = set((DBT_PROJECT_DIR / "target").glob("*/run_results.json"))
+    started = time.perf_counter()
+    result = dg.materialize([dbt_feature_tables], resources=resources, raise_on_error=True)
+    figures["asset_seconds"] = time.perf_counter() - started
+    assert result.success
+    [run_results_path] = set((DBT_PROJECT_DIR / "target").glob("*/run_results.json")) - before
+    run_results = json.loads(run_results_path.read_text())
+    figures["dbt_elapsed_seconds"] = run_results["elapsed_time"]
+    figures["sql_seconds"] = _span(run_results["results"], "model")
+    figures["dbt_tests_seconds"] = _span(run_results["results"], "test")
+    figures["dbt_overhead_seconds"] = (
+        figures["dbt_elapsed_seconds"] - figures["sql_seconds"] - figures["dbt_tests_seconds"]
+    )
+    figures["dagster_overhead_seconds"] = figures["asset_seconds"] - figures["dbt_elapsed_seconds"]
+    figures["features_seconds"] = figures["asset_seconds"] - figures["dbt_tests_seconds"]
+    model_seconds = {
+        r["unique_id"].rsplit(".", 1)[-1]: round(r["execution_time"], 2)
+        for r in run_results["results"]
+        if r["unique_id"].startswith("model.")
+    }
+    passed = figures["features_seconds"] < TARGET_SECONDS
+
+    rows = [
+        ("events", f"{events:,}"),
+        ("ingest (Great Expectations), s", f"{figures['ingest_seconds']:.1f}"),
+        ("Dagster asset wall, s", f"{figures['asset_seconds']:.1f}"),
+        ("  dbt SQL (models), s", f"{figures['sql_seconds']:.1f}"),
+        ("  dbt data tests, s", f"{figures['dbt_tests_seconds']:.1f}"),
+        ("  dbt overhead, s", f"{figures['dbt_overhead_seconds']:.1f}"),
+        ("  Dagster overhead, s", f"{figures['dagster_overhead_seconds']:.1f}"),
+        ("features built (asset minus tests), s", f"{figures['features_seconds']:.1f}"),
+        ("target, s", f"< {TARGET_SECONDS:.0f}"),
+        ("result", "PASS" if passed else "MISS"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print("slowest models:", sorted(model_seconds.items(), key=lambda kv: -kv[1])[:5])
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    import dbt.version
+    import duckdb
+
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "features",
+                "measured_at": datetime.now(UTC).isoformat(),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "versions": {
+                    "dagster": dg.__version__,
+                    "dbt": str(dbt.version.installed),
+                    "duckdb": duckdb.__version__,
+                },
+                "config": {
+                    "events": events,
+                    "cutoffs": 5,
+                    "dbt_threads": 2,
+                    "quarantined": report.events_quarantined,
+                },
+                "figures": {k: round(v, 2) for k, v in figures.items()},
+                "model_seconds": model_seconds,
+                "target_seconds": TARGET_SECONDS,
+                "passed": passed,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
