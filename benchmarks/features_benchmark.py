@@ -4,13 +4,13 @@ Generates (or reuses) a shop in a benchmark home, ingests it, then materializes 
 in-process exactly as the pipeline does (five cutoffs: three training, evaluation, serving) and
 splits the wall time using dbt's own `run_results.json`:
 
-- SQL time: from the first model's start to the last model's end (two dbt threads in parallel);
-- dbt tests: the same span for the data tests (unique / not_null / relationships / ...);
-- dbt overhead: dbt's elapsed time minus both spans (start-up, parsing, adapter, hooks);
+- SQL window: from the first node's start to the last node's end (`dbt build` runs each model's
+  data tests right after it, two nodes at a time), with the busy seconds of models and of tests;
+- dbt overhead: dbt's elapsed time minus the SQL window (start-up, parsing, adapter, hooks);
 - Dagster overhead: the asset's wall time minus dbt's elapsed time (subprocess, events, metadata).
 
 Target (issue 4): all features from 10 million events in under 3 minutes on 2 cores, compared
-with the asset's wall time without the data tests (which the table reports on their own).
+with the asset's whole wall time, data tests included.
 
 Usage:
     .venv/bin/python benchmarks/features_benchmark.py [--home DIR] [--events N] [--users N]
@@ -29,16 +29,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
 TARGET_SECONDS = 180.0
 
 
-def _span(results: list[dict], resource_type: str) -> float:
+def _busy(results: list[dict], resource_type: str) -> float:
+    """Sum of the execution times of one kind of dbt node (two run at a time)."""
+    return sum(
+        r["execution_time"] for r in results if r["unique_id"].startswith(f"{resource_type}.")
+    )
+
+
+def _window(results: list[dict]) -> float:
+    """From the first node's start to the last node's end."""
     timings = [
         (datetime.fromisoformat(t["started_at"]), datetime.fromisoformat(t["completed_at"]))
         for r in results
-        if r["unique_id"].startswith(f"{resource_type}.")
         for t in r["timing"]
         if t["name"] == "execute" and t.get("started_at") and t.get("completed_at")
     ]
-    if not timings:
-        return 0.0
     return (max(end for _, end in timings) - min(start for start, _ in timings)).total_seconds()
 
 
@@ -100,30 +105,34 @@ def main() -> None:
     [run_results_path] = set((DBT_PROJECT_DIR / "target").glob("*/run_results.json")) - before
     run_results = json.loads(run_results_path.read_text())
     figures["dbt_elapsed_seconds"] = run_results["elapsed_time"]
-    figures["sql_seconds"] = _span(run_results["results"], "model")
-    figures["dbt_tests_seconds"] = _span(run_results["results"], "test")
+    nodes = run_results["results"]
+    figures["models_busy_seconds"] = _busy(nodes, "model")
+    figures["tests_busy_seconds"] = _busy(nodes, "test")
+    figures["nodes_window_seconds"] = _window(nodes)
     figures["dbt_overhead_seconds"] = (
-        figures["dbt_elapsed_seconds"] - figures["sql_seconds"] - figures["dbt_tests_seconds"]
+        figures["dbt_elapsed_seconds"] - figures["nodes_window_seconds"]
     )
     figures["dagster_overhead_seconds"] = figures["asset_seconds"] - figures["dbt_elapsed_seconds"]
-    figures["features_seconds"] = figures["asset_seconds"] - figures["dbt_tests_seconds"]
     model_seconds = {
         r["unique_id"].rsplit(".", 1)[-1]: round(r["execution_time"], 2)
         for r in run_results["results"]
         if r["unique_id"].startswith("model.")
     }
-    passed = figures["features_seconds"] < TARGET_SECONDS
+    passed = figures["asset_seconds"] < TARGET_SECONDS
 
     rows = [
         ("events", f"{events:,}"),
         ("ingest (Great Expectations), s", f"{figures['ingest_seconds']:.1f}"),
-        ("Dagster asset wall, s", f"{figures['asset_seconds']:.1f}"),
-        ("  dbt SQL (models), s", f"{figures['sql_seconds']:.1f}"),
-        ("  dbt data tests, s", f"{figures['dbt_tests_seconds']:.1f}"),
-        ("  dbt overhead, s", f"{figures['dbt_overhead_seconds']:.1f}"),
+        ("Dagster asset wall (dbt build: models + tests), s", f"{figures['asset_seconds']:.1f}"),
+        (
+            "  dbt SQL window (first node start to last end), s",
+            f"{figures['nodes_window_seconds']:.1f}",
+        ),
+        ("    models, busy s (2 threads)", f"{figures['models_busy_seconds']:.1f}"),
+        ("    data tests, busy s (2 threads)", f"{figures['tests_busy_seconds']:.1f}"),
+        ("  dbt overhead (start-up, parse, adapter), s", f"{figures['dbt_overhead_seconds']:.1f}"),
         ("  Dagster overhead, s", f"{figures['dagster_overhead_seconds']:.1f}"),
-        ("features built (asset minus tests), s", f"{figures['features_seconds']:.1f}"),
-        ("target, s", f"< {TARGET_SECONDS:.0f}"),
+        ("target (asset wall), s", f"< {TARGET_SECONDS:.0f}"),
         ("result", "PASS" if passed else "MISS"),
     ]
     width = max(len(name) for name, _ in rows)
