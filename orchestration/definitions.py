@@ -6,16 +6,11 @@ from pathlib import Path
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
+from orchestration.assets.evaluation import evaluation
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
-from orchestration.assets.ranking import (
-    candidates,
-    evaluation,
-    ranker,
-    serving_features,
-    training_set,
-)
-from orchestration.assets.serving import bento, registered_model
+from orchestration.assets.ranking import candidates, ranker, training_set
+from orchestration.assets.serving import bento, registered_model, serving_features
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 

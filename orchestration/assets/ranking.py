@@ -1,40 +1,14 @@
 import time
 
 import dagster as dg
-import polars as pl
 
 from models.candidates import CandidateConfig, generate_candidates
-from models.cutoffs import CutoffPlan
-from models.evaluation import evaluate_against_baselines
-from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, assemble_features
+from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables
 from models.ranker import RankerParams, feature_importance, train_ranker
-from models.serving import serving_snapshot
 from models.training_set import build_training_set, label_queries
+from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, at_cutoffs, load_plan
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import (
-    CANDIDATES,
-    EVALUATION,
-    FEATURES,
-    MODELS,
-    SERVING_CANDIDATES,
-    SERVING_POPULAR,
-    TRAINING,
-    Lake,
-)
-
-SERVING_POPULAR_ITEMS = 200
-RANKER_FILE = f"{MODELS}/ranker/model.txt"
-RANKER_INFO = f"{MODELS}/ranker/model.json"
-
-
-def _plan(lake: Lake) -> CutoffPlan:
-    cutoffs = lake.read_frame(f"{FEATURES}/feature_cutoffs.parquet").get_column("as_of")
-    return CutoffPlan.from_cutoffs(cutoffs.to_list())
-
-
-def _at(frame: pl.DataFrame, *cutoffs) -> pl.DataFrame:
-    wanted = pl.Series(list(cutoffs), dtype=pl.Datetime("us", "UTC"))
-    return frame.filter(pl.col("as_of").is_in(wanted.implode()))
+from shelfwise.lake import CANDIDATES, FEATURES, TRAINING
 
 
 class CandidatesConfig(dg.Config):
@@ -59,7 +33,7 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     users with something to learn from in the window after; the serving cutoff covers every user
     with history."""
     lake = shelfwise.lake()
-    plan = _plan(lake)
+    plan = load_plan(lake)
     started = time.perf_counter()
     item_features = lake.read_frame(f"{FEATURES}/item_features.parquet")
     user_items = lake.read_frame(f"{FEATURES}/user_item_features.parquet")
@@ -68,9 +42,9 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     users = lake.read_frame(f"{FEATURES}/user_features.parquet", columns=["as_of", "user_id"])
     generator = CandidateConfig(**config.model_dump())
     queries = {
-        "training": _at(label_queries(labels), *plan.training),
-        "evaluation": _at(label_queries(labels), plan.evaluation),
-        "serving": _at(users, plan.serving),
+        "training": at_cutoffs(label_queries(labels), *plan.training),
+        "evaluation": at_cutoffs(label_queries(labels), plan.evaluation),
+        "serving": at_cutoffs(users, plan.serving),
     }
     counts = {}
     for role, role_queries in queries.items():
@@ -94,8 +68,8 @@ def training_set(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """Labelled feature rows at every training cutoff: one ranking query per (cutoff, user),
     graded labels (purchase 3 > cart 2 > view 1 > nothing 0) from the week after the cutoff."""
     lake = shelfwise.lake()
-    plan = _plan(lake)
-    labels = _at(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), *plan.training)
+    plan = load_plan(lake)
+    labels = at_cutoffs(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), *plan.training)
     tables = FeatureTables.load(lake, list(plan.training))
     rows = build_training_set(lake.read_frame(f"{CANDIDATES}/training.parquet"), labels, tables)
     lake.write_parquet(rows.to_arrow(), f"{TRAINING}/training_set.parquet")
@@ -125,13 +99,13 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     """LightGBM LambdaRank ranker, trained on all training cutoffs but the last, which is the
     validation window for early stopping (later in time than what it trains on)."""
     lake = shelfwise.lake()
-    plan = _plan(lake)
+    plan = load_plan(lake)
     rows = lake.read_frame(f"{TRAINING}/training_set.parquet")
     params = RankerParams(**config.model_dump())
     # The latest training cutoff validates (early stopping) when there is more than one.
     if len(plan.training) > 1:
         trained_on, validation_cutoff = plan.training[:-1], plan.training[-1]
-        train, validation = _at(rows, *trained_on), _at(rows, validation_cutoff)
+        train, validation = at_cutoffs(rows, *trained_on), at_cutoffs(rows, validation_cutoff)
     else:
         trained_on, validation_cutoff = plan.training, None
         train, validation = rows, None
@@ -160,72 +134,5 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
             "feature_importance_gain": dg.MetadataValue.json(
                 {name: round(gain, 2) for name, gain in list(importances.items())[:20]}
             ),
-        }
-    )
-
-
-def load_ranker(lake: Lake):
-    import lightgbm as lgb
-
-    return lgb.Booster(model_str=lake.read_text(RANKER_FILE))
-
-
-@dg.asset(deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
-def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
-    """Offline quality on the held-out week after the evaluation cutoff (a time split): NDCG@10,
-    Recall@10/20 of the ranker against popularity and the candidate order without the ranker,
-    averaged over users with at least one positive, computed by our own metric code."""
-    lake = shelfwise.lake()
-    plan = _plan(lake)
-    labels = _at(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), plan.evaluation)
-    tables = FeatureTables.load(lake, [plan.evaluation])
-    assembled = assemble_features(lake.read_frame(f"{CANDIDATES}/evaluation.parquet"), tables)
-    results = evaluate_against_baselines(assembled, load_ranker(lake), labels, tables.items)
-    report = {"evaluation_cutoff": plan.evaluation.isoformat(), "metrics": results}
-    lake.write_json(report, f"{EVALUATION}/metrics.json")
-    ranker_ndcg = results["ranker"]["ndcg@10"]
-    popularity_ndcg = results["popularity"]["ndcg@10"]
-    return dg.MaterializeResult(
-        metadata={
-            "evaluated_users": int(results["ranker"]["users"]),
-            **{
-                f"{approach}_{metric}": float(value)
-                for approach, metrics in results.items()
-                for metric, value in metrics.items()
-                if metric != "users"
-            },
-            "ndcg@10_lift_over_popularity": float(ranker_ndcg / popularity_ndcg)
-            if popularity_ndcg
-            else 0.0,
-            "metrics": dg.MetadataValue.json(results),
-        }
-    )
-
-
-@dg.asset(
-    deps=["candidates", *TABLE_NAMES],
-    group_name="serving",
-)
-def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
-    """The serving snapshot as of the end of the data: every known user's candidates with feature
-    vectors assembled exactly as for training, and the popular in-stock items for everyone else."""
-    lake = shelfwise.lake()
-    plan = _plan(lake)
-    tables = FeatureTables.load(lake, [plan.serving])
-    snapshot = serving_snapshot(lake.read_frame(f"{CANDIDATES}/serving.parquet"), tables)
-    lake.write_parquet(snapshot.to_arrow(), SERVING_CANDIDATES)
-    popular = (
-        tables.items.filter(pl.col("is_in_stock"))
-        .sort("popularity_rank")
-        .head(SERVING_POPULAR_ITEMS)
-        .select("item_id", "popularity")
-    )
-    lake.write_parquet(popular.to_arrow(), SERVING_POPULAR)
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": snapshot.height,
-            "users": snapshot.get_column("user_id").n_unique(),
-            "popular_items": popular.height,
-            "as_of": plan.serving.isoformat(),
         }
     )

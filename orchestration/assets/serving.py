@@ -4,16 +4,49 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
-from orchestration.assets.ranking import RANKER_FILE, RANKER_INFO
+from models.features import TABLE_NAMES, FeatureTables
+from models.serving import serving_snapshot
+from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, load_plan
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import EVALUATION
+from shelfwise.lake import CANDIDATES, EVALUATION, SERVING_CANDIDATES, SERVING_POPULAR
 from shelfwise.registry import register_ranker
 
+SERVING_POPULAR_ITEMS = 200
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = PROJECT_ROOT / "bentos" / "bentofile.yaml"
 # The bentoml of this virtual environment, also when it is not activated.
 BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
+
+
+@dg.asset(
+    deps=["candidates", *TABLE_NAMES],
+    group_name="serving",
+)
+def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+    """The serving snapshot as of the end of the data: every known user's candidates with feature
+    vectors assembled exactly as for training, and the popular in-stock items for everyone else."""
+    lake = shelfwise.lake()
+    plan = load_plan(lake)
+    tables = FeatureTables.load(lake, [plan.serving])
+    snapshot = serving_snapshot(lake.read_frame(f"{CANDIDATES}/serving.parquet"), tables)
+    lake.write_parquet(snapshot.to_arrow(), SERVING_CANDIDATES)
+    popular = (
+        tables.items.filter(pl.col("is_in_stock"))
+        .sort("popularity_rank")
+        .head(SERVING_POPULAR_ITEMS)
+        .select("item_id", "popularity")
+    )
+    lake.write_parquet(popular.to_arrow(), SERVING_POPULAR)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": snapshot.height,
+            "users": snapshot.get_column("user_id").n_unique(),
+            "popular_items": popular.height,
+            "as_of": plan.serving.isoformat(),
+        }
+    )
 
 
 @dg.asset(deps=["ranker", "evaluation"], group_name="serving")
