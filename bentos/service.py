@@ -1,8 +1,9 @@
 """The Shelfwise recommendation service (BentoML).
 
 `POST /recommend` re-ranks the user's precomputed candidates with the packaged ranker; users
-without history get popular items. The ranker comes from the BentoML model store (declared below,
-so `bentoml build` packs it into the bento); the serving snapshot comes from the lake.
+without history get popular items. The ranker is the production model of the BentoML model store
+(`shelfwise_production:latest`, a copy of the promoted ranker; see `shelfwise.registry`), declared
+below so `bentoml build` packs it into the bento; the serving snapshot comes from the lake.
 """
 
 import json
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.serving import Recommender
 from shelfwise.lake import Lake
-from shelfwise.registry import RANKER_FILE, RANKER_INFO_FILE, RANKER_MODEL_NAME
+from shelfwise.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE, SOURCE_TAG
 from shelfwise.settings import Settings
 
 logger = logging.getLogger("bentoml.shelfwise")
@@ -48,23 +49,26 @@ class RecommendResponse(BaseModel):
 
 @bentoml.service(name="shelfwise", traffic={"timeout": 10})
 class RecommendationService:
-    # Declared as a dependency: `bentoml build` packs this model into the bento.
-    ranker_model = bentoml.models.BentoModel(f"{RANKER_MODEL_NAME}:latest")
+    # Declared as a dependency: `bentoml build` packs the production model into the bento.
+    production_model = bentoml.models.BentoModel(f"{PRODUCTION_MODEL_NAME}:latest")
 
     def __init__(self) -> None:
         settings = Settings.from_env()
-        model_dir = Path(self.ranker_model.path)
+        model = self.production_model
+        model_dir = Path(model.path)
         import lightgbm as lgb
 
         booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
         info = json.loads((model_dir / RANKER_INFO_FILE).read_text())
-        self.model_version = str(self.ranker_model.tag)
+        # The promoted ranker's tag, not the production copy's: what training and evaluation know.
+        self.model_version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
         self.recommender = Recommender.from_lake(
             Lake(settings.lake_url), booster, feature_names=info["features"]
         )
         logger.info(
-            "Serving %s for %d known users from %s",
+            "Serving %s (as %s) for %d known users from %s",
             self.model_version,
+            model.tag,
             self.recommender.known_users,
             settings.lake_url,
         )

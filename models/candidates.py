@@ -1,9 +1,21 @@
-"""Candidate generation: a few hundred plausible items per user, for the ranker to order.
+"""Candidate generation: a couple of hundred plausible items per user, for the ranker to order.
 
-Three generators, merged: the user's own recent items ("continue shopping", "buy again"), the
-co-visitation neighbours of those items, and the globally popular items as of the cutoff (which is
-also all a user with no history gets). Each candidate keeps the signals of the generators that
-proposed it as features, and `candidate_rank` is the order the generators alone would show.
+Each generator is a plain function returning `(as_of, user_id, item_id, <generator>_score)`:
+
+- `history`: the user's most recent items ("continue shopping"), scored by recency;
+- `buy_again`: items the user bought, in categories whose repeat-purchase rate (learned from data,
+  `category_repurchase_rates`) makes buying again plausible, scored by that rate;
+- `covisit`: co-visitation neighbours of the recent items, weighted by the seed's recency;
+- `bought_together`: items carted or bought with what the user carted or bought;
+- `category_popular`: the most popular items of the user's favourite categories;
+- `content`: new items (no or little history) in the user's favourite categories, closest to the
+  user's usual price first — so new items reach users before anyone interacted with them;
+- `trending`: items rising fastest overall (decayed popularity times trend);
+- `popular`: the most popular items overall (all a user without history gets, with `trending`).
+
+`generate_candidates` merges them into up to `max_candidates` per user. Every generator's score
+stays a feature of the candidate (0 when that generator did not propose it), and
+`candidate_rank` is the order the generators alone would show.
 """
 
 from dataclasses import dataclass
@@ -11,6 +23,19 @@ from dataclasses import dataclass
 import polars as pl
 
 KEY = ["as_of", "user_id"]
+ROW = [*KEY, "item_id"]
+
+GENERATORS = (
+    "history",
+    "buy_again",
+    "covisit",
+    "bought_together",
+    "category_popular",
+    "content",
+    "trending",
+    "popular",
+)
+SCORE_COLUMNS = [f"{name}_score" for name in GENERATORS]
 
 
 @dataclass(frozen=True)
@@ -18,15 +43,38 @@ class CandidateConfig:
     """Sizes of the candidate generators.
 
     Attributes:
-        recent_items: How many of the user's most recent items seed co-visitation (and are
-            candidates themselves).
-        popular_items: How many popular items every user gets.
+        recent_items: How many of the user's most recent items are candidates and seed
+            co-visitation and bought-together.
+        min_repeat_rate: Categories below this repeat-purchase rate get no "buy again".
+        top_categories: How many favourite categories feed category_popular and content.
+        per_category: Items per favourite category (category_popular and content each).
+        new_item_days: Items younger than this count as new for the content generator.
+        trending_items: Items from the trending generator.
+        popular_items: Items from the popular generator.
         max_candidates: Candidates kept per user after merging.
     """
 
-    recent_items: int = 10
+    recent_items: int = 20
+    min_repeat_rate: float = 0.05
+    top_categories: int = 3
+    per_category: int = 15
+    new_item_days: float = 14.0
+    trending_items: int = 30
     popular_items: int = 50
-    max_candidates: int = 150
+    max_candidates: int = 200
+
+
+@dataclass(frozen=True)
+class CandidateSources:
+    """The feature marts the generators read (any cutoffs; generators join on `as_of`)."""
+
+    user_items: pl.DataFrame
+    item_features: pl.DataFrame
+    covisitation: pl.DataFrame
+    bought_together: pl.DataFrame
+    user_categories: pl.DataFrame
+    user_features: pl.DataFrame
+    repurchase_rates: pl.DataFrame
 
 
 def popular_items(item_features: pl.DataFrame, n: int) -> pl.DataFrame:
@@ -46,84 +94,218 @@ def popular_items(item_features: pl.DataFrame, n: int) -> pl.DataFrame:
     )
 
 
-def generate_candidates(
-    users: pl.DataFrame,
-    user_items: pl.DataFrame,
-    covisitation: pl.DataFrame,
-    item_features: pl.DataFrame,
-    config: CandidateConfig,
-) -> pl.DataFrame:
-    """Merges the generators into up to `config.max_candidates` candidates per (as_of, user).
-
-    Args:
-        users: The queries: columns as_of, user_id (users unknown at that cutoff are fine).
-        user_items: The `user_item_features` mart (as_of, user_id, item_id, days_since_last,
-            interest).
-        covisitation: The `item_covisitation` mart (as_of, item_id, neighbour_item_id, score).
-        item_features: The `item_features` mart (as_of, item_id, popularity_rank).
-        config: Generator sizes.
-
-    Returns:
-        One row per (as_of, user_id, item_id) with covisit_score, covisit_hits, from_history,
-        from_popular and candidate_rank (1 = first in the generators' own order).
-    """
-    queries = users.select(KEY).unique()
-    recent = (
+def _recent(queries: pl.DataFrame, user_items: pl.DataFrame, n: int) -> pl.DataFrame:
+    return (
         user_items.join(queries, on=KEY, how="semi")
         .with_columns(
             pl.col("days_since_last").rank(method="ordinal").over(KEY).alias("recency_rank")
         )
-        .filter(pl.col("recency_rank") <= config.recent_items)
-        .select(*KEY, "item_id", "recency_rank")
+        .filter(pl.col("recency_rank") <= n)
     )
-    history = recent.select(
-        *KEY,
-        "item_id",
-        pl.lit(1.0).alias("from_history"),
-        (1.0 / pl.col("recency_rank")).alias("history_score"),
+
+
+def history(queries: pl.DataFrame, user_items: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The user's `n` most recent items, scored 1 / recency rank."""
+    recent = _recent(queries, user_items, n)
+    return recent.select(*ROW, (1.0 / pl.col("recency_rank")).alias("history_score"))
+
+
+def buy_again(
+    queries: pl.DataFrame,
+    user_items: pl.DataFrame,
+    item_features: pl.DataFrame,
+    repurchase_rates: pl.DataFrame,
+    min_repeat_rate: float,
+) -> pl.DataFrame:
+    """Items the user bought in categories people do buy again, scored by the repeat rate."""
+    categories = item_features.select("as_of", "item_id", "category_id")
+    return (
+        user_items.join(queries, on=KEY, how="semi")
+        .filter(pl.col("purchases") > 0)
+        .join(categories, on=["as_of", "item_id"], how="inner")
+        .join(repurchase_rates, on=["as_of", "category_id"], how="inner")
+        .filter(pl.col("repeat_rate") >= min_repeat_rate)
+        .select(*ROW, pl.col("repeat_rate").alias("buy_again_score"))
     )
-    # A neighbour of a more recent item counts more: weight by 1 / recency rank.
-    covisited = (
-        recent.join(covisitation, on=["as_of", "item_id"], how="inner")
+
+
+def neighbours(seeds: pl.DataFrame, neighbourhood: pl.DataFrame, score_name: str) -> pl.DataFrame:
+    """Neighbours of each user's seed items, summing `score / seed rank` over the seeds.
+
+    Args:
+        seeds: as_of, user_id, item_id, recency_rank.
+        neighbourhood: as_of, item_id, neighbour_item_id, score (co-visitation, bought together).
+        score_name: Name of the summed score column.
+
+    Returns:
+        as_of, user_id, item_id, `score_name`, and `<score_name without _score>_hits`.
+    """
+    hits = score_name.removesuffix("_score") + "_hits"
+    return (
+        seeds.join(neighbourhood, on=["as_of", "item_id"], how="inner")
         .group_by(*KEY, "neighbour_item_id")
         .agg(
-            (pl.col("score") / pl.col("recency_rank")).sum().alias("covisit_score"),
-            pl.len().cast(pl.Float64).alias("covisit_hits"),
+            (pl.col("score") / pl.col("recency_rank")).sum().alias(score_name),
+            pl.len().cast(pl.Float64).alias(hits),
         )
         .rename({"neighbour_item_id": "item_id"})
     )
-    popular = queries.join(
-        popular_items(item_features, config.popular_items), on="as_of", how="inner"
-    ).select(*KEY, "item_id", pl.lit(1.0).alias("from_popular"), "popularity_rank")
 
-    merged = (
-        pl.concat([history, covisited, popular], how="diagonal_relaxed")
-        .group_by(*KEY, "item_id")
-        .agg(
-            pl.col("covisit_score").sum(),
-            pl.col("covisit_hits").sum(),
-            pl.col("from_history").max().fill_null(0.0),
-            pl.col("from_popular").max().fill_null(0.0),
-            pl.col("history_score").max().fill_null(0.0),
-            pl.col("popularity_rank").min(),
+
+def _favourite_categories(
+    queries: pl.DataFrame, user_categories: pl.DataFrame, n: int
+) -> pl.DataFrame:
+    return (
+        user_categories.join(queries, on=KEY, how="semi")
+        .with_columns(
+            pl.col("affinity").rank(method="ordinal", descending=True).over(KEY).alias("rank")
         )
+        .filter(pl.col("rank") <= n)
+        .select(*KEY, "category_id", "affinity")
     )
-    # The generators' own order: recent history first, then co-visitation, then popularity.
+
+
+def category_popular(
+    favourites: pl.DataFrame, item_features: pl.DataFrame, per_category: int
+) -> pl.DataFrame:
+    """The most popular items of each favourite category, scored affinity / rank in category."""
+    ranked = item_features.with_columns(
+        pl.col("popularity")
+        .rank(method="ordinal", descending=True)
+        .over("as_of", "category_id")
+        .alias("category_rank")
+    ).filter(pl.col("category_rank") <= per_category)
+    return favourites.join(ranked, on=["as_of", "category_id"], how="inner").select(
+        *ROW, (pl.col("affinity") / pl.col("category_rank")).alias("category_popular_score")
+    )
+
+
+def content(
+    favourites: pl.DataFrame,
+    item_features: pl.DataFrame,
+    user_features: pl.DataFrame,
+    per_category: int,
+    new_item_days: float,
+) -> pl.DataFrame:
+    """New items of each favourite category, nearest the user's usual price first."""
+    new_items = item_features.filter(pl.col("age_days") < new_item_days).select(
+        "as_of", "item_id", "category_id", "price"
+    )
+    prices = user_features.select(*KEY, "mean_price")
+    return (
+        favourites.join(new_items, on=["as_of", "category_id"], how="inner")
+        .join(prices, on=KEY, how="left")
+        .with_columns(
+            (pl.col("price").log() - pl.col("mean_price").log()).abs().fill_null(0.0).alias("gap")
+        )
+        .with_columns(pl.col("gap").rank(method="ordinal").over(*KEY, "category_id").alias("r"))
+        .filter(pl.col("r") <= per_category)
+        .select(*ROW, (pl.col("affinity") / (1.0 + pl.col("gap"))).alias("content_score"))
+    )
+
+
+def trending(queries: pl.DataFrame, item_features: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The items rising fastest overall: decayed popularity times trend."""
+    top = (
+        item_features.with_columns((pl.col("popularity") * pl.col("trend")).alias("trending"))
+        .with_columns(
+            pl.col("trending").rank(method="ordinal", descending=True).over("as_of").alias("r")
+        )
+        .filter(pl.col("r") <= n)
+        .select("as_of", "item_id", pl.col("trending").alias("trending_score"))
+    )
+    return queries.join(top, on="as_of", how="inner").select(*ROW, "trending_score")
+
+
+def popular(queries: pl.DataFrame, item_features: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The most popular items overall, scored 1 / popularity rank."""
+    top = popular_items(item_features, n)
+    return queries.join(top, on="as_of", how="inner").select(
+        *ROW, (1.0 / pl.col("popularity_rank")).alias("popular_score")
+    )
+
+
+def generate_candidates(
+    users: pl.DataFrame, sources: CandidateSources, config: CandidateConfig
+) -> pl.DataFrame:
+    """Merges every generator into up to `config.max_candidates` candidates per (as_of, user).
+
+    Args:
+        users: The queries: columns as_of, user_id (users unknown at that cutoff are fine).
+        sources: The feature marts.
+        config: Generator sizes.
+
+    Returns:
+        One row per (as_of, user_id, item_id) with every generator's score (0 when it did not
+        propose the item), `covisit_hits`, `bought_together_hits`, `sources` (how many
+        generators proposed it) and `candidate_rank` (1 = first in the generators' own order).
+    """
+    queries = users.select(KEY).unique()
+    recent = _recent(queries, sources.user_items, config.recent_items)
+    carted = recent.filter((pl.col("carts") > 0) | (pl.col("purchases") > 0))
+    favourites = _favourite_categories(queries, sources.user_categories, config.top_categories)
+    generated = [
+        history(queries, sources.user_items, config.recent_items),
+        buy_again(
+            queries,
+            sources.user_items,
+            sources.item_features,
+            sources.repurchase_rates,
+            config.min_repeat_rate,
+        ),
+        neighbours(recent, sources.covisitation, "covisit_score"),
+        neighbours(carted, sources.bought_together, "bought_together_score"),
+        category_popular(favourites, sources.item_features, config.per_category),
+        content(
+            favourites,
+            sources.item_features,
+            sources.user_features,
+            config.per_category,
+            config.new_item_days,
+        ),
+        trending(queries, sources.item_features, config.trending_items),
+        popular(queries, sources.item_features, config.popular_items),
+    ]
+    extra = ["covisit_hits", "bought_together_hits"]
+    merged = (
+        pl.concat(generated, how="diagonal_relaxed")
+        .group_by(ROW)
+        .agg(*[pl.col(name).max() for name in [*SCORE_COLUMNS, *extra]])
+        .with_columns([pl.col(name).fill_null(0.0) for name in [*SCORE_COLUMNS, *extra]])
+        .with_columns(pl.sum_horizontal([pl.col(s) > 0 for s in SCORE_COLUMNS]).alias("sources"))
+    )
+    # The generators' own order: the user's own items, then their neighbourhoods, then what
+    # their categories and the whole shop offer.
     ranked = merged.sort(
-        [*KEY, "history_score", "covisit_score", "popularity_rank", "item_id"],
-        descending=[False, False, True, True, False, False],
-        nulls_last=True,
-    ).with_columns((pl.int_range(pl.len()).over(KEY) + 1).alias("candidate_rank"))
+        [*KEY, *SCORE_COLUMNS, "item_id"],
+        descending=[False, False, *[True] * len(SCORE_COLUMNS), False],
+    ).with_columns((pl.int_range(pl.len()).over(KEY) + 1).cast(pl.Int32).alias("candidate_rank"))
     return (
         ranked.filter(pl.col("candidate_rank") <= config.max_candidates)
-        .select(
-            *KEY,
-            "item_id",
-            "covisit_score",
-            "covisit_hits",
-            "from_history",
-            "from_popular",
-            pl.col("candidate_rank").cast(pl.Int32),
-        )
+        .select(*ROW, *SCORE_COLUMNS, *extra, pl.col("sources").cast(pl.Int32), "candidate_rank")
         .sort(*KEY, "candidate_rank")
     )
+
+
+def generator_recall(candidates: pl.DataFrame, labels: pl.DataFrame) -> dict[str, float]:
+    """Share of the held-out positives each generator (and the merged set) proposed.
+
+    Averaged over users with at least one positive, like the ranking metrics.
+
+    Args:
+        candidates: Output of `generate_candidates` for the evaluation cutoff.
+        labels: Labels of the window after that cutoff (label > 0 is a positive).
+
+    Returns:
+        `recall@N` of the merged candidates and `<generator>` recall for each generator.
+    """
+    positives = labels.filter(pl.col("label") > 0).select(ROW)
+    if positives.height == 0:
+        return {}
+    joined = positives.join(candidates, on=ROW, how="left")
+    columns = {"merged": pl.col("candidate_rank").is_not_null()}
+    columns |= {name: pl.col(f"{name}_score").fill_null(0) > 0 for name in GENERATORS}
+    per_user = joined.group_by(KEY).agg(
+        [expr.cast(pl.Float64).mean().alias(name) for name, expr in columns.items()]
+    )
+    return {name: float(per_user.get_column(name).mean()) for name in columns}

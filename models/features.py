@@ -11,10 +11,11 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
+from models.candidates import SCORE_COLUMNS
 from shelfwise.lake import FEATURES, Lake
 
 # Candidate-generation signals, produced by `models.candidates.generate_candidates`.
-CANDIDATE_FEATURES = ["covisit_score", "covisit_hits", "from_history", "from_popular"]
+CANDIDATE_FEATURES = [*SCORE_COLUMNS, "covisit_hits", "bought_together_hits", "sources"]
 
 ITEM_FEATURES = {
     "popularity": "item_popularity",

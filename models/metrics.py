@@ -12,7 +12,15 @@ QUERY = ["as_of", "user_id"]
 def ranking_metrics(
     recommendations: pl.DataFrame, labels: pl.DataFrame, k_values: tuple[int, ...] = (10, 20)
 ) -> dict[str, float]:
-    """NDCG@k (graded gains) and Recall@k, averaged over users with at least one positive.
+    """Per-user ranking metrics at each k, averaged over users with at least one positive.
+
+    NDCG@k uses graded gains `2^label - 1`; the other metrics treat `label > 0` as relevant:
+
+    * `recall@k`: positives in the top k / all of the user's positives;
+    * `map@k`: average precision, `sum(precision@i for each relevant rank i <= k) /
+      min(k, positives)`;
+    * `hit_rate@k`: 1 when at least one positive is in the top k;
+    * `mrr@k`: 1 / rank of the first positive in the top k (0 when none).
 
     Args:
         recommendations: Columns as_of, user_id, item_id, rank (1 = shown first). Ranks beyond
@@ -22,21 +30,28 @@ def ranking_metrics(
         k_values: The cut-offs to report.
 
     Returns:
-        `ndcg@k` and `recall@k` for each k, plus `users` (how many users were averaged). Users
-        with positives but no recommendations count as 0.
+        `ndcg@k`, `recall@k`, `map@k`, `hit_rate@k` and `mrr@k` for each k, plus `users` (how
+        many users were averaged). Users with positives but no recommendations count as 0.
     """
     positives = labels.filter(pl.col("label") > 0)
     users = positives.select(QUERY).unique()
     metrics: dict[str, float] = {"users": float(users.height)}
+    names = ("ndcg", "recall", "map", "hit_rate", "mrr")
     if users.height == 0:
         for k in k_values:
-            metrics[f"ndcg@{k}"] = 0.0
-            metrics[f"recall@{k}"] = 0.0
+            for name in names:
+                metrics[f"{name}@{k}"] = 0.0
         return metrics
     gain = (pl.lit(2.0).pow(pl.col("label")) - 1.0).alias("gain")
-    hits = recommendations.join(
-        positives.select(*QUERY, "item_id", "label"), on=[*QUERY, "item_id"], how="inner"
-    ).with_columns(gain)
+    hits = (
+        recommendations.join(
+            positives.select(*QUERY, "item_id", "label"), on=[*QUERY, "item_id"], how="inner"
+        )
+        .with_columns(gain)
+        .sort(*QUERY, "rank")
+        # How many positives are at or above this rank: precision@rank = this / rank.
+        .with_columns((pl.int_range(pl.len()).over(QUERY) + 1).alias("hits_so_far"))
+    )
     ideal = positives.with_columns(gain).with_columns(
         pl.col("gain").rank(method="ordinal", descending=True).over(QUERY).alias("rank")
     )
@@ -46,7 +61,12 @@ def ranking_metrics(
         dcg = (
             hits.filter(pl.col("rank") <= k)
             .group_by(QUERY)
-            .agg((pl.col("gain") * discount).sum().alias("dcg"), pl.len().alias("hits"))
+            .agg(
+                (pl.col("gain") * discount).sum().alias("dcg"),
+                pl.len().alias("hits"),
+                (pl.col("hits_so_far") / pl.col("rank")).sum().alias("precision_sum"),
+                (1.0 / pl.col("rank").min()).alias("reciprocal_rank"),
+            )
         )
         idcg = (
             ideal.filter(pl.col("rank") <= k)
@@ -57,14 +77,147 @@ def ranking_metrics(
             users.join(idcg, on=QUERY, how="left")
             .join(dcg, on=QUERY, how="left")
             .join(n_positives, on=QUERY, how="left")
-            .with_columns(pl.col("dcg", "hits").fill_null(0))
+            .with_columns(pl.col("dcg", "hits", "precision_sum", "reciprocal_rank").fill_null(0))
         )
-        metrics[f"ndcg@{k}"] = float(
-            per_user.select((pl.col("dcg") / pl.col("idcg")).mean()).item()
+        means = per_user.select(
+            (pl.col("dcg") / pl.col("idcg")).mean().alias("ndcg"),
+            (pl.col("hits") / pl.col("n_positives")).mean().alias("recall"),
+            (pl.col("precision_sum") / pl.min_horizontal(pl.col("n_positives"), pl.lit(k)))
+            .mean()
+            .alias("map"),
+            (pl.col("hits") > 0).cast(pl.Float64).mean().alias("hit_rate"),
+            pl.col("reciprocal_rank").mean().alias("mrr"),
+        ).row(0, named=True)
+        for name in names:
+            metrics[f"{name}@{k}"] = float(means[name])
+    return metrics
+
+
+def item_interactions(user_items: pl.DataFrame) -> pl.DataFrame:
+    """How often each item was interacted with before each cutoff (the training history).
+
+    Args:
+        user_items: The `user_item_features` mart (as_of, user_id, item_id, views, carts,
+            purchases).
+
+    Returns:
+        Columns as_of, item_id, interactions (views + carts + purchases over all users).
+    """
+    return user_items.group_by("as_of", "item_id").agg(
+        pl.sum_horizontal(
+            pl.col("views").fill_null(0),
+            pl.col("carts").fill_null(0),
+            pl.col("purchases").fill_null(0),
         )
-        metrics[f"recall@{k}"] = float(
-            per_user.select((pl.col("hits") / pl.col("n_positives")).mean()).item()
-        )
+        .sum()
+        .cast(pl.Float64)
+        .alias("interactions")
+    )
+
+
+def catalog_coverage(recommendations: pl.DataFrame, catalog: pl.DataFrame, k: int = 10) -> float:
+    """Share of the catalog that appears in at least one user's top k.
+
+    Args:
+        recommendations: Columns as_of, user_id, item_id, rank.
+        catalog: Columns as_of, item_id: the items that could be recommended at each cutoff
+            (for example the `item_features` mart). Recommended items outside it are ignored.
+        k: List length.
+
+    Returns:
+        Distinct (as_of, item) pairs recommended in a top k / catalog (as_of, item) pairs; 0.0
+        for an empty catalog.
+    """
+    items = catalog.select("as_of", "item_id").unique()
+    if items.height == 0:
+        return 0.0
+    shown = (
+        recommendations.filter(pl.col("rank") <= k)
+        .select("as_of", "item_id")
+        .unique()
+        .join(items, on=["as_of", "item_id"], how="semi")
+    )
+    return shown.height / items.height
+
+
+def novelty(
+    recommendations: pl.DataFrame,
+    interactions: pl.DataFrame,
+    catalog: pl.DataFrame,
+    k: int = 10,
+    smoothing: float = 1.0,
+) -> float:
+    """Mean self-information `-log2(p)` of the recommended items (higher = less popular).
+
+    `p` is the item's share of the interactions before the cutoff, Laplace-smoothed so that
+    never-seen items stay finite: `(interactions + smoothing) / (total + smoothing * items)`,
+    where `items` counts the catalog and every item in the history.
+
+    Args:
+        recommendations: Columns as_of, user_id, item_id, rank.
+        interactions: Columns as_of, item_id, interactions (see `item_interactions`).
+        catalog: Columns as_of, item_id.
+        k: List length; every (user, item) slot in the top k counts once.
+        smoothing: Pseudo-count added to every item.
+
+    Returns:
+        The mean over recommended slots; 0.0 when nothing is recommended.
+    """
+    shown = recommendations.filter(pl.col("rank") <= k).select("as_of", "item_id")
+    if shown.height == 0:
+        return 0.0
+    items = pl.concat(
+        [
+            catalog.select("as_of", "item_id"),
+            interactions.select("as_of", "item_id"),
+            shown,
+        ]
+    ).unique()
+    counts = items.join(
+        interactions.select("as_of", "item_id", "interactions"),
+        on=["as_of", "item_id"],
+        how="left",
+    ).with_columns(pl.col("interactions").fill_null(0.0))
+    share = counts.with_columns(
+        (
+            (pl.col("interactions") + smoothing)
+            / (pl.col("interactions").sum().over("as_of") + smoothing * pl.len().over("as_of"))
+        ).alias("share")
+    )
+    scored = shown.join(share, on=["as_of", "item_id"], how="left")
+    return float(scored.select((-pl.col("share").log(base=2)).mean()).item())
+
+
+def evaluation_metrics(
+    recommendations: pl.DataFrame,
+    labels: pl.DataFrame,
+    catalog: pl.DataFrame,
+    interactions: pl.DataFrame,
+    k_values: tuple[int, ...] = (10, 20),
+    list_k: int = 10,
+) -> dict[str, float]:
+    """`ranking_metrics` plus list-level `coverage@list_k` and `novelty@list_k`.
+
+    The list-level metrics use only the lists of users with at least one positive, like every
+    other metric, so that all approaches are compared on the same users.
+
+    Args:
+        recommendations: Columns as_of, user_id, item_id, rank.
+        labels: Columns as_of, user_id, item_id, label.
+        catalog: Columns as_of, item_id (see `catalog_coverage`).
+        interactions: Columns as_of, item_id, interactions (see `item_interactions`).
+        k_values: Cut-offs of the ranking metrics.
+        list_k: List length of coverage and novelty.
+
+    Returns:
+        The metrics by name (see `ranking_metrics`), with `coverage@list_k` and
+        `novelty@list_k`.
+    """
+    metrics = ranking_metrics(recommendations, labels, k_values)
+    users = labels.filter(pl.col("label") > 0).select(QUERY).unique()
+    evaluated = recommendations.join(users, on=QUERY, how="semi")
+    metrics[f"coverage@{list_k}"] = catalog_coverage(evaluated, catalog, list_k)
+    metrics[f"novelty@{list_k}"] = novelty(evaluated, interactions, catalog, list_k)
     return metrics
 
 

@@ -10,7 +10,12 @@ from orchestration.assets.evaluation import evaluation
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
 from orchestration.assets.ranking import candidates, ranker, training_set
-from orchestration.assets.serving import bento, registered_model, serving_features
+from orchestration.assets.serving import (
+    bento,
+    production_model,
+    registered_model,
+    serving_features,
+)
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 
@@ -26,6 +31,7 @@ defs = dg.Definitions(
         evaluation,
         serving_features,
         registered_model,
+        production_model,
         bento,
     ],
     resources={

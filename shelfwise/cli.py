@@ -1,6 +1,7 @@
-"""The `shelfwise` command line: set up state, generate or import a shop, show how to use it."""
+"""The `shelfwise` command line: set up state, generate or import a shop, manage the models."""
 
 import argparse
+import json
 import sys
 from datetime import date
 
@@ -100,6 +101,98 @@ def _describe_import(report: ImportReport, lake: Lake, listed: int = 20) -> None
     _say("Run the pipeline (or `make pipeline`) to ingest them.")
 
 
+def _models_list(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.registry import describe_rankers, production
+
+    home = settings.bentoml_home
+    records = describe_rankers(home)
+    current = production(home)
+    if args.json:
+        payload = {
+            "production": None
+            if current is None
+            else {
+                "tag": current.tag,
+                "source_tag": current.source_tag,
+                "previous_source_tag": current.previous_source_tag,
+                "action": current.action,
+                "promoted_at": current.promoted_at.isoformat(),
+                "metrics": current.metrics,
+            },
+            "rankers": [
+                {
+                    "tag": record.tag,
+                    "created_at": record.created_at.isoformat(),
+                    "production": record.production,
+                    "metrics": record.metrics,
+                    "data_fingerprint": record.data_fingerprint,
+                    "code_version": record.code_version,
+                }
+                for record in records
+            ],
+        }
+        _say(json.dumps(payload, indent=2))
+        return 0
+    if not records:
+        _say(f"No rankers in {home / 'models'} yet; run the pipeline to train one.")
+        return 0
+    _say(f"{'':2}{'tag':<34} {'created (UTC)':<19} {'ndcg@10':>8}  {'data':<14} code")
+    for record in records:
+        ndcg = record.metrics.get("ndcg@10")
+        _say(
+            f"{'*' if record.production else '':2}{record.tag:<34} "
+            f"{record.created_at.strftime('%Y-%m-%d %H:%M:%S'):<19} "
+            f"{'-' if ndcg is None else f'{ndcg:.4f}':>8}  "
+            f"{(record.data_fingerprint or '-')[:14]:<14} {(record.code_version or '-')[:12]}"
+        )
+    if current is None:
+        _say("No production model.")
+    else:
+        _say(f"* production: {current.source_tag} (as {current.tag}, {current.action})")
+    return 0
+
+
+def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.registry import RegistryError, production, promote
+
+    home = settings.bentoml_home
+    before = production(home)
+    try:
+        tag = promote(home, args.tag)
+    except RegistryError as error:
+        sys.stderr.write(f"shelfwise models promote: {error}\n")
+        return 2
+    current = production(home)
+    assert current is not None  # promote() just published it
+    if before is not None and before.tag == tag:
+        _say(f"{current.source_tag} is already production ({tag}).")
+    else:
+        previous = current.previous_source_tag or "none"
+        _say(f"Promoted {current.source_tag} to production as {tag} (previous: {previous}).")
+    return 0
+
+
+def _models_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.registry import RegistryError, production, rollback
+
+    home = settings.bentoml_home
+    before = production(home)
+    try:
+        tag = rollback(home)
+    except RegistryError as error:
+        sys.stderr.write(f"shelfwise models rollback: {error}\n")
+        return 2
+    current = production(home)
+    assert current is not None and before is not None  # rollback() needs and publishes one
+    _say(f"Rolled production back from {before.source_tag} to {current.source_tag} as {tag}.")
+    return 0
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    handlers = {"list": _models_list, "promote": _models_promote, "rollback": _models_rollback}
+    return handlers[args.models_command](args, settings)
+
+
 def _pair(text: str) -> tuple[str, str]:
     """`key=value` of `--map`/`--map-event`, both sides non-empty."""
     key, sep, value = text.partition("=")
@@ -186,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
     imports.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS)
 
+    models = commands.add_parser(
+        "models",
+        help="list the registered rankers, promote one to production, roll back",
+        description="The rankers in the BentoML model store under BENTOML_HOME.",
+    )
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="the rankers, newest first; * = production")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    promoting = models_commands.add_parser("promote", help="make a ranker production")
+    promoting.add_argument("tag", metavar="TAG", help="shelfwise_ranker:<version> (or a prefix)")
+    models_commands.add_parser("rollback", help="restore the previous production ranker")
+
     banner = commands.add_parser("demo-banner", help="print the demo's URLs and a curl")
     banner.add_argument("--host", default="127.0.0.1")
     banner.add_argument("--serve-port", type=int, default=3000)
@@ -202,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _generate,
         "import": _import,
         "demo-banner": _demo_banner,
+        "models": _models,
     }
     return handlers[args.command](args, settings)
 

@@ -1,8 +1,15 @@
 from datetime import UTC, datetime
 
 import polars as pl
+import pytest
 
-from models.candidates import CandidateConfig, generate_candidates
+from models.candidates import (
+    GENERATORS,
+    CandidateConfig,
+    CandidateSources,
+    generate_candidates,
+    generator_recall,
+)
 
 AS_OF = datetime(2026, 1, 8, tzinfo=UTC)
 
@@ -11,50 +18,105 @@ def make(rows, columns):
     return pl.DataFrame([(AS_OF, *r) for r in rows], schema=["as_of", *columns], orient="row")
 
 
+# u1 viewed a yesterday and bought b three days ago; u2 touched z. Categories: c1 repeatable.
 USER_ITEMS = make(
-    [("u1", "a", 0.5, 1.0), ("u1", "b", 3.0, 1.0), ("u2", "z", 1.0, 1.0)],
-    ["user_id", "item_id", "days_since_last", "interest"],
+    [("u1", "a", 0, 0, 0.5, 1.0), ("u1", "b", 1, 1, 3.0, 2.0), ("u2", "z", 0, 0, 1.0, 1.0)],
+    ["user_id", "item_id", "carts", "purchases", "days_since_last", "interest"],
 )
+ITEM_FEATURES = make(
+    [
+        ("a", "c1", 10.0, 1.0, 3, 50.0, 40.0),
+        ("b", "c1", 12.0, 1.0, 2, 30.0, 40.0),
+        ("c", "c2", 20.0, 1.0, 1, 60.0, 40.0),
+        ("d", "c2", 1.0, 5.0, 6, 5.0, 40.0),
+        ("e", "c1", 2.0, 1.0, 5, 2.0, 10.0),
+        ("new", "c1", 0.0, 1.0, 7, 1.0, 12.0),
+        ("p1", "c3", 30.0, 1.0, 0, 80.0, 40.0),
+        ("z", "c3", 0.5, 1.0, 8, 9.0, 40.0),
+    ],
+    ["item_id", "category_id", "popularity", "trend", "popularity_rank", "age_days", "price"],
+).with_columns(pl.col("popularity_rank") + 1)
 COVISITATION = make(
-    [("a", "c", 5.0), ("a", "d", 1.0), ("b", "c", 2.0), ("b", "e", 4.0)],
-    ["item_id", "neighbour_item_id", "score"],
+    [("a", "c", 5.0), ("a", "d", 1.0), ("b", "c", 2.0)], ["item_id", "neighbour_item_id", "score"]
 )
-ITEM_FEATURES = make([("p1", 1), ("p2", 2), ("c", 3), ("p3", 4)], ["item_id", "popularity_rank"])
+BOUGHT_TOGETHER = make([("b", "e", 3.0)], ["item_id", "neighbour_item_id", "score"])
+USER_CATEGORIES = make(
+    [("u1", "c1", 0.9), ("u1", "c2", 0.1)], ["user_id", "category_id", "affinity"]
+)
+USER_FEATURES = make([("u1", 12.0), ("u2", 40.0)], ["user_id", "mean_price"])
+REPURCHASE = make([("c1", 0.3), ("c2", 0.0)], ["category_id", "repeat_rate"])
+SOURCES = CandidateSources(
+    USER_ITEMS,
+    ITEM_FEATURES,
+    COVISITATION,
+    BOUGHT_TOGETHER,
+    USER_CATEGORIES,
+    USER_FEATURES,
+    REPURCHASE,
+)
+CONFIG = CandidateConfig(
+    recent_items=10,
+    top_categories=1,
+    per_category=2,
+    new_item_days=14,
+    trending_items=1,
+    popular_items=2,
+    max_candidates=50,
+)
 
 
-DEFAULT = CandidateConfig(recent_items=10, popular_items=3, max_candidates=50)
+def generate(users, config=CONFIG):
+    return generate_candidates(make([(u,) for u in users], ["user_id"]), SOURCES, config)
 
 
-def generate(users, config=DEFAULT):
-    queries = make([(u,) for u in users], ["user_id"])
-    return generate_candidates(queries, USER_ITEMS, COVISITATION, ITEM_FEATURES, config)
+def rows_of(frame):
+    return {r["item_id"]: r for r in frame.iter_rows(named=True)}
 
 
-def test_history_covisitation_and_popular_merge_with_their_signals():
-    result = generate(["u1"])
-    rows = {r["item_id"]: r for r in result.iter_rows(named=True)}
-    assert set(rows) == {"a", "b", "c", "d", "e", "p1", "p2"}
-    # c is a neighbour of a (rank 1, score 5) and b (rank 2, score 2 / 2) and popular.
-    assert rows["c"]["covisit_score"] == 5.0 + 2.0 / 2
-    assert rows["c"]["covisit_hits"] == 2
-    assert rows["c"]["from_popular"] == 1.0
-    assert rows["a"]["from_history"] == 1.0 and rows["p1"]["from_history"] == 0.0
-    # Generators' own order: most recent history first, then co-visitation, then popularity.
-    ordered = result.sort("candidate_rank").get_column("item_id").to_list()
-    assert ordered[:2] == ["a", "b"]
-    assert ordered[2:5] == ["c", "e", "d"]
-    assert ordered[5:] == ["p1", "p2"]
-    assert result.get_column("candidate_rank").to_list() == list(range(1, 8))
+def test_every_generator_contributes_its_own_signal():
+    rows = rows_of(generate(["u1"]))
+    assert rows["a"]["history_score"] == 1.0 and rows["b"]["history_score"] == 0.5
+    # b was bought in a repeatable category; a was only viewed.
+    assert rows["b"]["buy_again_score"] == 0.3 and rows["a"]["buy_again_score"] == 0.0
+    # c neighbours a (rank 1, score 5) and b (rank 2, score 2 / 2).
+    assert rows["c"]["covisit_score"] == pytest.approx(6.0) and rows["c"]["covisit_hits"] == 2
+    # e was bought together with b (carted by u1, recency rank 2).
+    assert rows["e"]["bought_together_score"] == pytest.approx(1.5)
+    # c1 is u1's favourite category: its two most popular items, and its newest items.
+    assert rows["b"]["category_popular_score"] == pytest.approx(0.9)
+    assert rows["a"]["category_popular_score"] == pytest.approx(0.45)
+    assert rows["new"]["content_score"] > 0 and rows["new"]["sources"] == 1
+    # Popularity x trend is largest for p1 (30 x 1 beats d's 1 x 5); p1 and c are the top two.
+    assert rows["p1"]["trending_score"] == 30.0 and rows["p1"]["popular_score"] == 1.0
+    assert rows["c"]["popular_score"] == 0.5
+    assert {r["sources"] for r in rows.values()} <= set(range(1, len(GENERATORS) + 1))
 
 
-def test_unknown_user_gets_popular_items_only():
+def test_the_generators_own_order_puts_the_users_items_first():
+    ordered = generate(["u1"]).sort("candidate_rank")
+    assert ordered.get_column("item_id").to_list()[:2] == ["a", "b"]
+    assert ordered.get_column("candidate_rank").to_list() == list(range(1, ordered.height + 1))
+
+
+def test_unknown_user_gets_trending_and_popular_items_only():
     result = generate(["stranger"])
-    assert result.get_column("item_id").to_list() == ["p1", "p2", "c"]
-    assert result.get_column("from_popular").to_list() == [1.0, 1.0, 1.0]
+    assert set(result.get_column("item_id")) == {"p1", "c"}
+    assert result.get_column("history_score").sum() == 0
 
 
-def test_candidates_are_capped_per_user():
-    config = CandidateConfig(recent_items=10, popular_items=3, max_candidates=4)
-    result = generate(["u1", "u2"], config)
-    assert result.group_by("user_id").len().get_column("len").max() == 4
+def test_candidates_are_capped_per_user_and_unique():
+    result = generate(["u1", "u2"], CandidateConfig(max_candidates=3, popular_items=2))
+    assert result.group_by("user_id").len().get_column("len").max() == 3
     assert result.select("as_of", "user_id", "item_id").is_unique().all()
+
+
+def test_generator_recall_counts_positives_each_generator_proposed():
+    candidates = generate(["u1"])
+    labels = make(
+        [("u1", "e", 3), ("u1", "c", 1), ("u1", "unseen", 1)], ["user_id", "item_id", "label"]
+    )
+    recall = generator_recall(candidates, labels)
+    assert recall["merged"] == pytest.approx(2 / 3)
+    assert recall["bought_together"] == pytest.approx(1 / 3)
+    assert recall["covisit"] == pytest.approx(1 / 3)
+    assert recall["history"] == 0.0

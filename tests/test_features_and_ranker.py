@@ -4,7 +4,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from models.features import FEATURE_COLUMNS, FeatureTables, assemble_features, feature_matrix
+from models.features import (
+    CANDIDATE_FEATURES,
+    FEATURE_COLUMNS,
+    FeatureTables,
+    assemble_features,
+    feature_matrix,
+)
 from models.metrics import ranking_metrics, top_k
 from models.ranker import RankerParams, train_ranker
 
@@ -86,16 +92,16 @@ def tables():
 
 
 def candidates(users, items):
+    n = len(users)
+    scores = {name: [0.0] * n for name in CANDIDATE_FEATURES}
+    scores["popular_score"] = [1.0] * n
     return pl.DataFrame(
         {
-            "as_of": [AS_OF] * len(users),
+            "as_of": [AS_OF] * n,
             "user_id": users,
             "item_id": items,
-            "covisit_score": [0.0] * len(users),
-            "covisit_hits": [0.0] * len(users),
-            "from_history": [0.0] * len(users),
-            "from_popular": [1.0] * len(users),
-            "candidate_rank": list(range(1, len(users) + 1)),
+            **scores,
+            "candidate_rank": list(range(1, n + 1)),
         }
     )
 

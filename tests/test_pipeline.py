@@ -7,7 +7,7 @@ import polars as pl
 
 from models.features import FEATURE_COLUMNS
 from shelfwise.home import prepare_home
-from shelfwise.registry import list_rankers
+from shelfwise.registry import list_rankers, production
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 from tests.support import PROJECT_ROOT, VENV_BIN, service_env
@@ -25,6 +25,7 @@ EXPECTED_ASSETS = {
     "user_category_features",
     "user_brand_features",
     "item_bought_together",
+    "category_repurchase_rates",
     "item_covisitation",
     "interaction_labels",
     "feature_cutoffs",
@@ -34,6 +35,7 @@ EXPECTED_ASSETS = {
     "evaluation",
     "serving_features",
     "registered_model",
+    "production_model",
     "bento",
 }
 
@@ -144,7 +146,9 @@ def test_bento_is_in_the_store_with_the_model(pipeline_run):
     )
     bento = json.loads(shown.stdout)
     [service] = bento["services"]
-    assert [m["tag"] for m in service["models"]] == list_rankers(settings.bentoml_home)
+    current = production(settings.bentoml_home)
+    assert [m["tag"] for m in service["models"]] == [current.tag]
+    assert current.source_tag == list_rankers(settings.bentoml_home)[0]
 
 
 def test_code_location_loads_with_every_asset():

@@ -7,11 +7,13 @@ import dagster as dg
 import polars as pl
 
 from models.features import TABLE_NAMES, FeatureTables
+from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
 from models.serving import serving_snapshot
+from orchestration.assets.evaluation import PRODUCTION
 from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, load_plan
 from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import CANDIDATES, EVALUATION, SERVING_CANDIDATES, SERVING_POPULAR
-from shelfwise.registry import register_ranker
+from shelfwise.registry import lake_fingerprint, list_rankers, production, promote, register_ranker
 
 SERVING_POPULAR_ITEMS = 200
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -49,18 +51,45 @@ def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(deps=["ranker", "evaluation"], group_name="serving")
-def registered_model(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
-    """The ranker in the BentoML model store, with its metrics, feature list and training window
-    in the model's metadata (`bentoml models get shelfwise_ranker:latest`)."""
+GATE_CHECK = "promotion_gate"
+# Approaches that are not baselines for the gate: the candidate itself, the model in production
+# and the oracle (an upper bound, not something to beat).
+NOT_BASELINES = ("ranker", PRODUCTION, "oracle")
+
+
+class PromotionGateConfig(dg.Config):
+    """How much better than the baselines, and how close to production, a new ranker must be."""
+
+    metric: str = DEFAULT_METRIC
+    min_lift_over_best_baseline: float = DEFAULT_MIN_LIFT
+    tolerance_below_production: float = DEFAULT_TOLERANCE
+
+
+@dg.asset(
+    deps=["ranker", "evaluation"],
+    group_name="serving",
+    check_specs=[
+        dg.AssetCheckSpec(
+            GATE_CHECK,
+            asset="registered_model",
+            blocking=True,
+            description="The new ranker beats the best baseline by the configured margin and is "
+            "not worse than the production model beyond the tolerance; otherwise it is not "
+            "promoted and no bento is built.",
+        )
+    ],
+)
+def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
+    """Every trained ranker in the BentoML model store (`shelfwise models list`), with its
+    metrics, feature list, training window, data fingerprint and code version in the model's
+    metadata; then the promotion gate decides whether it may become production."""
     settings = shelfwise.settings()
     lake = shelfwise.lake()
     info = lake.read_json(RANKER_INFO)
     report = lake.read_json(f"{EVALUATION}/metrics.json")
     metrics = report["metrics"]
     metadata = {
-        "ndcg@10": metrics["ranker"]["ndcg@10"],
-        "recall@20": metrics["ranker"]["recall@20"],
+        **{name: float(value) for name, value in metrics["ranker"].items()},
         "popularity_ndcg@10": metrics["popularity"]["ndcg@10"],
         "evaluation_cutoff": report["evaluation_cutoff"],
         "training_cutoffs": info["training_cutoffs"],
@@ -68,16 +97,55 @@ def registered_model(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         "features": info["features"],
         "best_iteration": info["best_iteration"],
     }
-    tag = register_ranker(settings.bentoml_home, lake.read_text(RANKER_FILE), info, metadata)
-    return dg.MaterializeResult(
+    tag = register_ranker(
+        settings.bentoml_home,
+        lake.read_text(RANKER_FILE),
+        info,
+        metadata,
+        data_fingerprint=lake_fingerprint(lake),
+    )
+    yield dg.MaterializeResult(
         metadata={"tag": tag, "store": dg.MetadataValue.path(str(settings.bentoml_home / "models"))}
+    )
+    decision = gate_decision(
+        metrics["ranker"],
+        {name: values for name, values in metrics.items() if name not in NOT_BASELINES},
+        metrics.get(PRODUCTION),
+        metric=config.metric,
+        min_lift=config.min_lift_over_best_baseline,
+        tolerance=config.tolerance_below_production,
+    )
+    yield dg.AssetCheckResult(
+        asset_key="registered_model",
+        check_name=GATE_CHECK,
+        passed=decision.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=decision.message,
+        metadata={"tag": tag, "decision": decision.message},
     )
 
 
-@dg.asset(deps=["registered_model", "serving_features"], group_name="serving")
+@dg.asset(deps=["registered_model"], group_name="serving")
+def production_model(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+    """The ranker in production (`shelfwise_production:latest`, what the service and the bento
+    use): the newly registered ranker, once it passed the promotion gate."""
+    home = shelfwise.settings().bentoml_home
+    [newest, *_] = list_rankers(home)
+    tag = promote(home, newest)
+    current = production(home)
+    return dg.MaterializeResult(
+        metadata={
+            "production_tag": tag,
+            "source_tag": current.source_tag,
+            "previous_source_tag": str(current.previous_source_tag),
+        }
+    )
+
+
+@dg.asset(deps=["production_model", "serving_features"], group_name="serving")
 def bento(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """The deployable bento (`shelfwise:<version>`): the service code, the core and ML packages and
-    the latest registered ranker, built offline from bentos/bentofile.yaml."""
+    the production ranker, built offline from bentos/bentofile.yaml."""
     settings = shelfwise.settings()
     env = {**os.environ, "BENTOML_HOME": str(settings.bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
     # A subprocess: BentoML binds its home when first used, and this run's home must win.

@@ -1,0 +1,162 @@
+"""Human-readable renderings of an `EvaluationReport`: a Markdown summary and a PNG bar chart."""
+
+import io
+
+from models.evaluation import EvaluationReport
+
+# Columns of the approaches × metrics table, in order; metrics a report lacks are skipped.
+MARKDOWN_METRICS = (
+    "ndcg@10",
+    "recall@10",
+    "recall@20",
+    "map@10",
+    "hit_rate@10",
+    "mrr@10",
+    "coverage@10",
+    "novelty@10",
+)
+CHART_METRICS = ("ndcg@10", "recall@20")
+RANKER = "ranker"
+ORACLE = "oracle"
+HEADLINE = "ndcg@10"
+
+
+def _format(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _columns(report: EvaluationReport) -> list[str]:
+    present = {name for metrics in report.metrics.values() for name in metrics}
+    return [name for name in MARKDOWN_METRICS if name in present]
+
+
+def headline_ratios(report: EvaluationReport) -> dict[str, float | str | None]:
+    """The ranker's NDCG@10 relative to the best baseline and to the oracle.
+
+    Args:
+        report: An evaluation report with a `ranker` approach.
+
+    Returns:
+        `best_baseline` (name), `ratio_to_best_baseline` and `ratio_to_oracle`; a ratio is None
+        when its denominator is missing or zero.
+    """
+    ranker = report.metrics.get(RANKER, {}).get(HEADLINE, 0.0)
+    baselines = {
+        name: metrics.get(HEADLINE, 0.0)
+        for name, metrics in report.metrics.items()
+        if name not in (RANKER, ORACLE)
+    }
+    best = max(baselines, key=lambda name: baselines[name]) if baselines else None
+    best_value = baselines.get(best, 0.0) if best else 0.0
+    oracle = report.metrics.get(ORACLE, {}).get(HEADLINE)
+    return {
+        "best_baseline": best,
+        "ratio_to_best_baseline": ranker / best_value if best_value else None,
+        "ratio_to_oracle": ranker / oracle if oracle else None,
+    }
+
+
+def render_markdown(report: EvaluationReport) -> str:
+    """Renders the report as Markdown.
+
+    Three parts: a table of approaches × metrics, a table of NDCG@10 per approach and user
+    segment (with the number of users in each segment), and the ranker's NDCG@10 relative to
+    the best baseline and to the oracle (when present).
+
+    Args:
+        report: The evaluation report.
+
+    Returns:
+        Markdown text ending with a newline.
+    """
+    users = int(report.metrics.get(RANKER, next(iter(report.metrics.values()), {})).get("users", 0))
+    cutoffs = ", ".join(report.evaluation_cutoffs) or "unknown cutoff"
+    columns = _columns(report)
+    lines = [f"## Offline evaluation ({users:,} users with a positive; cutoff {cutoffs})", ""]
+    lines += _table(
+        ["approach", *columns],
+        [
+            [name, *(_format(metrics.get(column, 0.0)) for column in columns)]
+            for name, metrics in report.metrics.items()
+        ],
+    )
+    segments = list(report.segments)
+    lines += ["", f"### NDCG@10 by user segment (heavy: more than {report.heavy_threshold} events)"]
+    lines += [""]
+    header = [
+        "approach",
+        *(f"{segment} ({report.segment_users.get(segment, 0):,} users)" for segment in segments),
+    ]
+    lines += _table(
+        header,
+        [
+            [
+                name,
+                *(
+                    _format(report.segments[segment].get(name, {}).get(HEADLINE, 0.0))
+                    for segment in segments
+                ),
+            ]
+            for name in report.metrics
+        ],
+    )
+    ratios = headline_ratios(report)
+    lines += ["", "### Ranker NDCG@10", ""]
+    if ratios["ratio_to_best_baseline"] is not None:
+        lines.append(
+            f"- {ratios['ratio_to_best_baseline']:.2f}× the best baseline "
+            f"({ratios['best_baseline']})"
+        )
+    else:
+        lines.append("- no baseline with a positive NDCG@10 to compare with")
+    if ratios["ratio_to_oracle"] is not None:
+        lines.append(f"- {ratios['ratio_to_oracle']:.2f}× the oracle")
+    elif ORACLE in report.metrics:
+        lines.append("- the oracle's NDCG@10 is 0: no ratio")
+    else:
+        lines.append("- no oracle (no ground truth)")
+    return "\n".join(lines) + "\n"
+
+
+def render_png(report: EvaluationReport, dpi: int = 100) -> bytes:
+    """Renders NDCG@10 and Recall@20 per approach as a grouped bar chart.
+
+    matplotlib is imported here (with the non-interactive Agg backend), so importing this module
+    stays cheap.
+
+    Args:
+        report: The evaluation report.
+        dpi: Resolution of the image.
+
+    Returns:
+        The PNG file's bytes.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    names = report.approaches
+    figure = Figure(figsize=(max(6.0, 1.1 * len(names) + 2.0), 4.0), dpi=dpi)
+    axes = figure.subplots()
+    width = 0.8 / len(CHART_METRICS)
+    for index, metric in enumerate(CHART_METRICS):
+        values = [report.metrics[name].get(metric, 0.0) for name in names]
+        positions = [i + (index - (len(CHART_METRICS) - 1) / 2) * width for i in range(len(names))]
+        bars = axes.bar(positions, values, width=width, label=metric)
+        axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+    axes.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    axes.set_ylabel("mean over users with a positive")
+    axes.set_title("Offline evaluation: " + ", ".join(CHART_METRICS))
+    axes.legend()
+    axes.margins(y=0.15)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
