@@ -19,6 +19,9 @@ class FeatureCutoffsConfig(dg.Config):
 
     label_window_days: int = 7
     training_cutoffs: int = 3
+    # ISO timestamp of the serving cutoff; empty: the midnight after the last ingested day. Set it
+    # when the last day is only a sliver, or to replay the pipeline as of a past date.
+    data_end: str = ""
 
 
 class ShelfwiseDbtTranslator(DagsterDbtTranslator):
@@ -44,7 +47,11 @@ def dbt_feature_tables(
     dates = ingested_dates(lake)
     if not dates:
         raise dg.Failure(f"No ingested events in {lake.uri('events')}; materialize raw_events.")
-    data_end = datetime.combine(dates[-1] + timedelta(days=1), time(), tzinfo=UTC)
+    if config.data_end:
+        data_end = datetime.fromisoformat(config.data_end)
+        data_end = data_end if data_end.tzinfo else data_end.replace(tzinfo=UTC)
+    else:
+        data_end = datetime.combine(dates[-1] + timedelta(days=1), time(), tzinfo=UTC)
     plan = plan_cutoffs(data_end, config.label_window_days, config.training_cutoffs)
     context.log.info(f"Feature cutoffs: {plan.as_dbt_vars()}")
     dbt_vars = {
