@@ -8,6 +8,7 @@ below so `bentoml build` packs it into the bento; the serving snapshot comes fro
 
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -35,15 +36,22 @@ class RecommendResponse(BaseModel):
         # BentoML's OpenAPI 3.0 schema takes the singular `example`.
         json_schema_extra={
             "example": {
+                "rec_id": "3f1c9a0e6b5d4c7e8f90a1b2c3d4e5f6",
                 "items": [{"item_id": "i42", "score": 1.73, "source": "ranker"}],
                 "strategy": "personalized",
+                "fallback_level": 0,
                 "model_version": "shelfwise_ranker:abc123",
             }
         }
     )
 
+    rec_id: str = Field(description="Identifies this response (for impressions and feedback).")
     items: list[RecommendedItem]
     strategy: str = Field(description="personalized (known user) or popular (no history).")
+    fallback_level: int = Field(
+        description="0 as intended; 1 the ranker was unavailable (candidate order); "
+        "2 the candidates were unavailable (popular items)."
+    )
     model_version: str | None = Field(description="The ranker's tag; null when none is loaded.")
 
 
@@ -54,21 +62,28 @@ class RecommendationService:
 
     def __init__(self) -> None:
         settings = Settings.from_env()
-        model = self.production_model
-        model_dir = Path(model.path)
-        import lightgbm as lgb
+        lake = Lake(settings.lake_url)
+        booster, features, self.model_version = None, None, None
+        try:
+            model = self.production_model
+            model_dir = Path(model.path)
+            import lightgbm as lgb
 
-        booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
-        info = json.loads((model_dir / RANKER_INFO_FILE).read_text())
-        # The promoted ranker's tag, not the production copy's: what training and evaluation know.
-        self.model_version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
-        self.recommender = Recommender.from_lake(
-            Lake(settings.lake_url), booster, feature_names=info["features"]
-        )
+            booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
+            features = json.loads((model_dir / RANKER_INFO_FILE).read_text())["features"]
+            # The promoted ranker's tag, not the production copy's: what training knows.
+            self.model_version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
+        except Exception:  # a missing or corrupt model degrades the service, never kills it
+            logger.exception("No usable production ranker: serving the candidate order")
+        try:
+            self.recommender = Recommender.from_lake(lake, booster, feature_names=features)
+        except ValueError:  # the snapshot was built for other features than this ranker's
+            logger.exception("Serving snapshot does not fit the ranker: serving without it")
+            self.model_version = None
+            self.recommender = Recommender.from_lake(lake, None)
         logger.info(
-            "Serving %s (as %s) for %d known users from %s",
+            "Serving %s for %d known users from %s",
             self.model_version,
-            model.tag,
             self.recommender.known_users,
             settings.lake_url,
         )
@@ -82,7 +97,9 @@ class RecommendationService:
         """Top-k items for a user: their candidates re-ranked by the ranker, or popular items."""
         answer = self.recommender.recommend(user_id, k)
         return RecommendResponse(
+            rec_id=uuid.uuid4().hex,
             items=[RecommendedItem(**vars(item)) for item in answer.items],
             strategy=answer.strategy,
+            fallback_level=answer.fallback_level,
             model_version=self.model_version,
         )

@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 STRATEGY_PERSONALIZED = "personalized"
 STRATEGY_POPULAR = "popular"
 
+# How far a response fell back from what it should have been (ARCHITECTURE.md §6).
+FALLBACK_NONE = 0  # as intended: the ranker for known users, popular items for unknown ones
+FALLBACK_CANDIDATE_ORDER = 1  # the ranker is missing or failed: the generators' own order
+FALLBACK_POPULAR = 2  # the candidates are missing: popular items for everyone
+
 
 SNAPSHOT_KEY = ["user_id", "item_id", "candidate_rank"]
 
@@ -54,6 +59,7 @@ class Recommendation:
 
     items: list[RankedItem]
     strategy: str
+    fallback_level: int = FALLBACK_NONE
 
 
 class Recommender:
@@ -83,7 +89,7 @@ class Recommender:
         self._candidate_rank = ordered.get_column("candidate_rank").to_numpy()
         sizes = ordered.group_by("user_id", maintain_order=True).agg(pl.len())
         ends = np.cumsum(sizes.get_column("len").to_numpy().astype(np.int64)).tolist()
-        starts = [0, *ends[:-1]]
+        starts = [0, *ends[:-1]] if ends else []
         user_ids = sizes.get_column("user_id").to_list()
         self._rows = dict(zip(user_ids, zip(starts, ends, strict=True), strict=True))
         self._popular_ids = popular.get_column("item_id").to_list()
@@ -94,13 +100,30 @@ class Recommender:
     def from_lake(
         cls, lake: Lake, booster: lgb.Booster | None, feature_names: list[str] | None = None
     ) -> "Recommender":
-        """Loads the serving snapshot the pipeline exported to the lake."""
-        return cls(
-            lake.read_frame(SERVING_CANDIDATES),
-            lake.read_frame(SERVING_POPULAR),
-            booster,
-            feature_names,
-        )
+        """Loads the serving snapshot the pipeline exported to the lake.
+
+        A missing or unreadable snapshot is logged and leaves the recommender degraded (popular
+        items, or nothing when those are missing too) instead of failing the service.
+        """
+        features = feature_names or FEATURE_COLUMNS
+        frames = []
+        for relpath, schema in (
+            (
+                SERVING_CANDIDATES,
+                {
+                    **{k: pl.String for k in SNAPSHOT_KEY[:2]},
+                    "candidate_rank": pl.Int32,
+                    **{name: pl.Float32 for name in features},
+                },
+            ),
+            (SERVING_POPULAR, {"item_id": pl.String, "popularity": pl.Float64}),
+        ):
+            try:
+                frames.append(lake.read_frame(relpath))
+            except Exception:  # a missing or corrupt artifact must not take the service down
+                logger.exception("serving snapshot %s unavailable: degrading", lake.uri(relpath))
+                frames.append(pl.DataFrame(schema=schema))
+        return cls(frames[0], frames[1], booster, features)
 
     @property
     def known_users(self) -> int:
@@ -119,21 +142,25 @@ class Recommender:
         """
         span = self._rows.get(user_id)
         if span is None:
-            return Recommendation(self._popular(k, exclude=set()), STRATEGY_POPULAR)
+            level = FALLBACK_POPULAR if not self._rows else FALLBACK_NONE
+            return Recommendation(self._popular(k, exclude=set()), STRATEGY_POPULAR, level)
         start, end = span
+        scores, source, level = None, "ranker", FALLBACK_NONE
         if self._booster is not None:
-            scores = self._booster.predict(self._matrix[start:end], num_threads=1)
-            source = "ranker"
-        else:
+            try:
+                scores = self._booster.predict(self._matrix[start:end], num_threads=1)
+            except Exception:  # degrade to the candidate order rather than fail the request
+                logger.exception("ranker failed for user %s: serving the candidate order", user_id)
+        if scores is None:
             scores = -self._candidate_rank[start:end].astype(np.float64)
-            source = "candidates"
+            source, level = "candidates", FALLBACK_CANDIDATE_ORDER
         order = np.argsort(-scores, kind="stable")[:k]
         items = [
             RankedItem(str(self._item_ids[start + i]), float(scores[i]), source) for i in order
         ]
         if len(items) < k:
             items += self._popular(k - len(items), exclude={item.item_id for item in items})
-        return Recommendation(items, STRATEGY_PERSONALIZED)
+        return Recommendation(items, STRATEGY_PERSONALIZED, level)
 
     def _popular(self, k: int, exclude: set[str]) -> list[RankedItem]:
         chosen = []

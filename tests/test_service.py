@@ -25,7 +25,8 @@ def test_known_user_gets_k_distinct_items_reranked_by_the_ranker(
     response = recommend(bento_server, {"user_id": known_user, "k": 10})
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"items", "strategy", "model_version"}
+    assert set(body) == {"rec_id", "items", "strategy", "fallback_level", "model_version"}
+    assert body["fallback_level"] == 0 and len(body["rec_id"]) == 32
     items = body["items"]
     assert len(items) == 10
     assert len({item["item_id"] for item in items}) == 10
