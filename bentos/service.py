@@ -15,6 +15,7 @@ from typing import Annotated
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.business_rules import RequestFilters
 from models.serving import Recommender
 from shelfwise.lake import Lake
 from shelfwise.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE, SOURCE_TAG
@@ -29,6 +30,23 @@ class RecommendedItem(BaseModel):
         description="Ranker score (higher is better); not comparable across users."
     )
     source: str = Field(description="What ranked it: ranker, candidates or popular.")
+
+
+class RecommendFilters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    category_ids: list[str] | None = Field(None, description="Only items of these categories.")
+    exclude_item_ids: list[str] = Field(default_factory=list, description="Never these items.")
+    price_max: float | None = Field(None, ge=0, description="Only items at most this expensive.")
+    in_stock_only: bool = Field(True, description="Only items in stock.")
+
+    def to_rules(self) -> RequestFilters:
+        return RequestFilters(
+            category_ids=frozenset(self.category_ids) if self.category_ids is not None else None,
+            exclude_item_ids=frozenset(self.exclude_item_ids),
+            price_max=self.price_max,
+            in_stock_only=self.in_stock_only,
+        )
 
 
 class RecommendResponse(BaseModel):
@@ -76,11 +94,13 @@ class RecommendationService:
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
         try:
-            self.recommender = Recommender.from_lake(lake, booster, feature_names=features)
+            self.recommender = Recommender.from_lake(
+                lake, booster, features, settings.max_per_category
+            )
         except ValueError:  # the snapshot was built for other features than this ranker's
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             self.model_version = None
-            self.recommender = Recommender.from_lake(lake, None)
+            self.recommender = Recommender.from_lake(lake, None, None, settings.max_per_category)
         logger.info(
             "Serving %s for %d known users from %s",
             self.model_version,
@@ -93,9 +113,11 @@ class RecommendationService:
         self,
         user_id: Annotated[str, Field(min_length=1, description='The shopper, e.g. "u1".')],
         k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
+        filters: RecommendFilters | None = None,
     ) -> RecommendResponse:
-        """Top-k items for a user: their candidates re-ranked by the ranker, or popular items."""
-        answer = self.recommender.recommend(user_id, k)
+        """Top-k items for a user: their candidates re-ranked by the ranker, or popular items,
+        filtered by the business rules (already bought, out of stock, the request's filters)."""
+        answer = self.recommender.recommend(user_id, k, filters.to_rules() if filters else None)
         return RecommendResponse(
             rec_id=uuid.uuid4().hex,
             items=[RecommendedItem(**vars(item)) for item in answer.items],

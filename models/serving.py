@@ -13,6 +13,7 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
+from models.business_rules import BusinessRules, RequestFilters
 from models.features import FEATURE_COLUMNS, FeatureTables, assemble_features
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_POPULAR, Lake
 
@@ -70,6 +71,7 @@ class Recommender:
         popular: Popular items, most popular first: item_id, popularity.
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
+        rules: The business rules (already bought, stock, request filters, category cap).
     """
 
     def __init__(
@@ -78,7 +80,9 @@ class Recommender:
         popular: pl.DataFrame,
         booster: lgb.Booster | None,
         feature_names: list[str] | None = None,
+        rules: BusinessRules | None = None,
     ) -> None:
+        self.rules = rules or BusinessRules()
         features = feature_names or FEATURE_COLUMNS
         missing = [name for name in features if name not in candidates.columns]
         if missing:
@@ -98,7 +102,11 @@ class Recommender:
 
     @classmethod
     def from_lake(
-        cls, lake: Lake, booster: lgb.Booster | None, feature_names: list[str] | None = None
+        cls,
+        lake: Lake,
+        booster: lgb.Booster | None,
+        feature_names: list[str] | None = None,
+        max_per_category: int = 0,
     ) -> "Recommender":
         """Loads the serving snapshot the pipeline exported to the lake.
 
@@ -123,27 +131,34 @@ class Recommender:
             except Exception:  # a missing or corrupt artifact must not take the service down
                 logger.exception("serving snapshot %s unavailable: degrading", lake.uri(relpath))
                 frames.append(pl.DataFrame(schema=schema))
-        return cls(frames[0], frames[1], booster, features)
+        return cls(
+            frames[0], frames[1], booster, features, BusinessRules.from_lake(lake, max_per_category)
+        )
 
     @property
     def known_users(self) -> int:
         """How many users have precomputed candidates."""
         return len(self._rows)
 
-    def recommend(self, user_id: str, k: int) -> Recommendation:
-        """The top-k distinct items for a user.
+    def recommend(
+        self, user_id: str, k: int, filters: RequestFilters | None = None
+    ) -> Recommendation:
+        """The top-k distinct items for a user that the business rules allow.
 
         Args:
             user_id: Any user id; unknown users are normal traffic and get popular items.
             k: How many items (at least 1).
+            filters: The request's filters; in-stock items only by default.
 
         Returns:
-            k items (fewer only when the whole catalog snapshot is smaller), best first.
+            Up to k items, best first: the user's candidates, topped up with popular items.
         """
+        filters = filters or RequestFilters()
         span = self._rows.get(user_id)
         if span is None:
             level = FALLBACK_POPULAR if not self._rows else FALLBACK_NONE
-            return Recommendation(self._popular(k, exclude=set()), STRATEGY_POPULAR, level)
+            items = self._popular(user_id, k, filters, chosen=[])
+            return Recommendation(items, STRATEGY_POPULAR, level)
         start, end = span
         scores, source, level = None, "ranker", FALLBACK_NONE
         if self._booster is not None:
@@ -154,19 +169,22 @@ class Recommender:
         if scores is None:
             scores = -self._candidate_rank[start:end].astype(np.float64)
             source, level = "candidates", FALLBACK_CANDIDATE_ORDER
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = np.argsort(-scores, kind="stable")
+        ranked = ((str(self._item_ids[start + i]), float(scores[i])) for i in order)
         items = [
-            RankedItem(str(self._item_ids[start + i]), float(scores[i]), source) for i in order
+            RankedItem(item_id, score, source)
+            for item_id, score in self.rules.select(user_id, ranked, filters, k)
         ]
         if len(items) < k:
-            items += self._popular(k - len(items), exclude={item.item_id for item in items})
+            items += self._popular(user_id, k - len(items), filters, chosen=items)
         return Recommendation(items, STRATEGY_PERSONALIZED, level)
 
-    def _popular(self, k: int, exclude: set[str]) -> list[RankedItem]:
-        chosen = []
-        for item_id, score in zip(self._popular_ids, self._popular_scores, strict=True):
-            if item_id not in exclude:
-                chosen.append(RankedItem(item_id, score, "popular"))
-                if len(chosen) == k:
-                    break
-        return chosen
+    def _popular(
+        self, user_id: str, k: int, filters: RequestFilters, chosen: list[RankedItem]
+    ) -> list[RankedItem]:
+        ranked = zip(self._popular_ids, self._popular_scores, strict=True)
+        already = [item.item_id for item in chosen]
+        return [
+            RankedItem(item_id, float(score), "popular")
+            for item_id, score in self.rules.select(user_id, ranked, filters, k, already)
+        ]

@@ -14,11 +14,14 @@ class Settings:
         home: Local state folder (`SHELFWISE_HOME`, default `./data`), always absolute.
         lake_url: Lake root (`SHELFWISE_LAKE`): a local path or `s3://bucket/prefix`.
         api_token: When set, write and admin endpoints require this bearer token.
+        max_per_category: At most this many items of one category per recommendation list
+            (`SHELFWISE_MAX_PER_CATEGORY`; 0, the default, means no cap).
     """
 
     home: Path
     lake_url: str
     api_token: str | None = None
+    max_per_category: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -33,7 +36,12 @@ class Settings:
         env = os.environ if environ is None else environ
         home = Path(env.get("SHELFWISE_HOME") or "data").expanduser().resolve()
         lake_url = env.get("SHELFWISE_LAKE") or str(home / "lake")
-        return cls(home=home, lake_url=lake_url, api_token=env.get("SHELFWISE_API_TOKEN") or None)
+        return cls(
+            home=home,
+            lake_url=lake_url,
+            api_token=env.get("SHELFWISE_API_TOKEN") or None,
+            max_per_category=int(env.get("SHELFWISE_MAX_PER_CATEGORY") or 0),
+        )
 
     @property
     def dagster_home(self) -> Path:

@@ -107,3 +107,47 @@ def test_health_and_metrics_endpoints(bento_server):
     assert httpx.get(f"{bento_server.url}/readyz").status_code == 200
     metrics = httpx.get(f"{bento_server.url}/metrics").text
     assert "bentoml_service_request" in metrics
+
+
+def test_filters_and_business_rules_hold_over_http(bento_server, pipeline_run):
+    lake = pipeline_run.lake
+    items = {
+        row["item_id"]: row
+        for row in lake.read_frame("serving/items.parquet").iter_rows(named=True)
+    }
+    purchases = lake.read_frame("serving/purchases.parquet")
+    buyer = purchases.group_by("user_id").len().sort("len", descending=True)["user_id"][0]
+    bought = set(purchases.filter(pl.col("user_id") == buyer)["item_id"])
+
+    plain = recommend(bento_server, {"user_id": buyer, "k": 20}).json()["items"]
+    for item in plain:
+        facts = items[item["item_id"]]
+        assert facts["is_in_stock"]
+        assert item["item_id"] not in bought or facts["is_repeatable"]
+
+    category = items[plain[0]["item_id"]]["category_id"]
+    price_max = 50.0
+    body = {
+        "user_id": buyer,
+        "k": 10,
+        "filters": {
+            "category_ids": [category],
+            "price_max": price_max,
+            "exclude_item_ids": [plain[0]["item_id"]],
+        },
+    }
+    filtered = recommend(bento_server, body).json()["items"]
+    assert filtered, "the category has cheap items to show"
+    for item in filtered:
+        assert items[item["item_id"]]["category_id"] == category
+        assert items[item["item_id"]]["price"] <= price_max
+        assert item["item_id"] != plain[0]["item_id"]
+
+
+def test_invalid_filters_get_a_4xx_naming_the_field(bento_server):
+    response = recommend(bento_server, {"user_id": "u1", "filters": {"price_max": -1}})
+    assert response.status_code == 400
+    assert [e["loc"] for e in response.json()["detail"]] == [["filters", "price_max"]]
+    response = recommend(bento_server, {"user_id": "u1", "filters": {"colour": "red"}})
+    assert response.status_code == 400
+    assert response.json()["detail"][0]["loc"] == ["filters", "colour"]

@@ -6,13 +6,15 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from models.business_rules import SERVING_ITEMS, SERVING_PURCHASES, serving_facts
+from models.candidates import CandidateConfig
 from models.features import TABLE_NAMES, FeatureTables
 from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
 from models.serving import serving_snapshot
 from orchestration.assets.evaluation import PRODUCTION
-from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, load_plan
+from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, at_cutoffs, load_plan
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import CANDIDATES, EVALUATION, SERVING_CANDIDATES, SERVING_POPULAR
+from shelfwise.lake import CANDIDATES, EVALUATION, FEATURES, SERVING_CANDIDATES, SERVING_POPULAR
 from shelfwise.registry import lake_fingerprint, list_rankers, production, promote, register_ranker
 
 SERVING_POPULAR_ITEMS = 200
@@ -23,12 +25,13 @@ BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
 
 
 @dg.asset(
-    deps=["candidates", *TABLE_NAMES],
+    deps=["candidates", "category_repurchase_rates", *TABLE_NAMES],
     group_name="serving",
 )
 def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """The serving snapshot as of the end of the data: every known user's candidates with feature
-    vectors assembled exactly as for training, and the popular in-stock items for everyone else."""
+    vectors assembled exactly as for training, the popular in-stock items for everyone else, and
+    the facts the business rules read (catalog stock, price, repeatable categories, purchases)."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     tables = FeatureTables.load(lake, [plan.serving])
@@ -41,6 +44,14 @@ def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         .select("item_id", "popularity")
     )
     lake.write_parquet(popular.to_arrow(), SERVING_POPULAR)
+    rates = at_cutoffs(
+        lake.read_frame(f"{FEATURES}/category_repurchase_rates.parquet"), plan.serving
+    )
+    items, purchases = serving_facts(
+        tables.items, rates, tables.user_items, CandidateConfig().min_repeat_rate
+    )
+    lake.write_parquet(items.to_arrow(), SERVING_ITEMS)
+    lake.write_parquet(purchases.to_arrow(), SERVING_PURCHASES)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": snapshot.height,

@@ -1,0 +1,185 @@
+"""Business rules: one declarative layer deciding which ranked items a shopper may be shown.
+
+Each rule is a named predicate over (user, item, request filters); `BusinessRules.select` walks a
+ranked list, drops what any rule forbids, caps items per category for diversity, and stops at k.
+The facts come from the serving snapshot: the catalog as of the serving cutoff (category, price,
+stock, whether the category is bought again often enough to repeat) and what each user bought.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from shelfwise.lake import Lake
+
+SERVING_ITEMS = "serving/items.parquet"
+SERVING_PURCHASES = "serving/purchases.parquet"
+
+
+@dataclass(frozen=True)
+class RequestFilters:
+    """What the shop asked for in this request.
+
+    Attributes:
+        category_ids: Only items of these categories, when given.
+        exclude_item_ids: Never these items (already on the page, in the cart, ...).
+        price_max: Only items at most this expensive, when given.
+        in_stock_only: Only items in stock (the default).
+    """
+
+    category_ids: frozenset[str] | None = None
+    exclude_item_ids: frozenset[str] = frozenset()
+    price_max: float | None = None
+    in_stock_only: bool = True
+
+
+@dataclass(frozen=True)
+class ItemFacts:
+    """What the rules need to know about an item."""
+
+    category_id: str | None
+    price: float | None
+    is_in_stock: bool
+    is_repeatable: bool
+
+
+Rule = Callable[[str, str, ItemFacts | None, RequestFilters], bool]
+
+
+@dataclass
+class BusinessRules:
+    """The rules and the facts they read.
+
+    Args:
+        items: Facts per item id (from the serving catalog snapshot).
+        purchased: Item ids each user bought before the serving cutoff.
+        max_per_category: At most this many items of one category per list (0: no cap).
+    """
+
+    items: dict[str, ItemFacts] = field(default_factory=dict)
+    purchased: dict[str, set[str]] = field(default_factory=dict)
+    max_per_category: int = 0
+
+    def __post_init__(self) -> None:
+        # Declarative: (name, rule); an item is shown only if every rule allows it. An item without
+        # facts (no catalog snapshot) cannot be judged on its attributes and passes those rules.
+        self.rules: list[tuple[str, Rule]] = [
+            ("excluded_by_request", lambda u, i, f, r: i not in r.exclude_item_ids),
+            ("out_of_stock", lambda u, i, f, r: f is None or not r.in_stock_only or f.is_in_stock),
+            (
+                "outside_requested_categories",
+                lambda u, i, f, r: (
+                    r.category_ids is None or (f is not None and f.category_id in r.category_ids)
+                ),
+            ),
+            (
+                "above_price_max",
+                lambda u, i, f, r: (
+                    r.price_max is None
+                    or f is None
+                    or (f.price is not None and f.price <= r.price_max)
+                ),
+            ),
+            (
+                "already_bought",
+                lambda u, i, f, r: (
+                    i not in self.purchased.get(u, ()) or (f is not None and f.is_repeatable)
+                ),
+            ),
+        ]
+
+    @classmethod
+    def from_lake(cls, lake: Lake, max_per_category: int = 0) -> "BusinessRules":
+        """Loads the facts the pipeline exported with the serving snapshot (empty when absent)."""
+        items: dict[str, ItemFacts] = {}
+        purchased: dict[str, set[str]] = {}
+        if lake.exists(SERVING_ITEMS):
+            for row in lake.read_frame(SERVING_ITEMS).iter_rows(named=True):
+                items[row["item_id"]] = ItemFacts(
+                    row["category_id"],
+                    row["price"],
+                    bool(row["is_in_stock"]),
+                    bool(row["is_repeatable"]),
+                )
+        if lake.exists(SERVING_PURCHASES):
+            frame = lake.read_frame(SERVING_PURCHASES)
+            for user_id, item_ids in frame.group_by("user_id").agg("item_id").iter_rows():
+                purchased[user_id] = set(item_ids)
+        return cls(items, purchased, max_per_category)
+
+    def violated(self, user_id: str, item_id: str, filters: RequestFilters) -> list[str]:
+        """The names of the rules that forbid showing this item to this user."""
+        facts = self.items.get(item_id)
+        return [name for name, rule in self.rules if not rule(user_id, item_id, facts, filters)]
+
+    def select(
+        self,
+        user_id: str,
+        ranked: Iterable[tuple[str, object]],
+        filters: RequestFilters,
+        k: int,
+        already: Iterable[str] = (),
+    ) -> list[tuple[str, object]]:
+        """Takes up to k allowed items from a ranked list, best first, with the category cap.
+
+        Args:
+            user_id: The shopper.
+            ranked: (item_id, payload) best first; the payload is passed through.
+            filters: The request's filters.
+            k: How many to take.
+            already: Items chosen before (by an earlier list): not repeated, count for the cap.
+
+        Returns:
+            The chosen (item_id, payload) pairs.
+        """
+        chosen: list[tuple[str, object]] = []
+        seen = set(already)
+        per_category = Counter(self.items[i].category_id for i in seen if i in self.items)
+        for item_id, payload in ranked:
+            if len(chosen) == k:
+                break
+            if item_id in seen or self.violated(user_id, item_id, filters):
+                continue
+            category = self.items[item_id].category_id if item_id in self.items else None
+            if self.max_per_category and category is not None:
+                if per_category[category] >= self.max_per_category:
+                    continue
+                per_category[category] += 1
+            seen.add(item_id)
+            chosen.append((item_id, payload))
+        return chosen
+
+
+def serving_facts(
+    item_features: pl.DataFrame,
+    repurchase_rates: pl.DataFrame,
+    user_items: pl.DataFrame,
+    min_repeat_rate: float,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The facts the rules read, as of the serving cutoff, for the serving snapshot.
+
+    Args:
+        item_features: `item_features` at the serving cutoff.
+        repurchase_rates: `category_repurchase_rates` at the serving cutoff.
+        user_items: `user_item_features` at the serving cutoff.
+        min_repeat_rate: Categories at or above this repeat-purchase rate are repeatable.
+
+    Returns:
+        `(items, purchases)`: item_id, category_id, price, is_in_stock, is_repeatable; and the
+        (user_id, item_id) pairs the users bought.
+    """
+    items = item_features.join(
+        repurchase_rates.select("as_of", "category_id", "repeat_rate"),
+        on=["as_of", "category_id"],
+        how="left",
+    ).select(
+        "item_id",
+        "category_id",
+        "price",
+        "is_in_stock",
+        (pl.col("repeat_rate").fill_null(0.0) >= min_repeat_rate).alias("is_repeatable"),
+    )
+    purchases = user_items.filter(pl.col("purchases") > 0).select("user_id", "item_id")
+    return items, purchases
