@@ -1,21 +1,17 @@
 """Shared fixtures: a tiny generated shop, the whole pipeline materialized on it once per session,
 and a real BentoML server over the result. Everything lives in temporary folders."""
 
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 
-import httpx
 import pytest
 
 from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from tests.support import VENV_BIN, service_env
+from tests.support import bentoml_server
 
 # Small enough for a fast suite, large enough for the ranker to learn: five weekly cutoffs.
 TINY_SHOP = ShopConfig(
@@ -64,61 +60,20 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
     return PipelineRun(settings=settings, result=result)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Server:
     url: str
-    process: subprocess.Popen
 
 
 @pytest.fixture(scope="session")
 def bento_server(pipeline_run: PipelineRun, tmp_path_factory) -> Iterator[Server]:
     """`bentoml serve shelfwise:latest` (what `make serve` runs) on a free loopback port."""
     assert pipeline_run.result.success, pipeline_run.failures
-    port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "bentoml.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "bentoml"),
-            "serve",
-            "shelfwise:latest",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=service_env(pipeline_run.settings),
-        cwd=tmp_path_factory.mktemp("cwd"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited ({process.returncode}); see {log.name}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"bentoml serve was not ready within 120 s; see {log.name}")
-        yield Server(url=url, process=process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    folder = tmp_path_factory.mktemp("server")
+    with bentoml_server(
+        "shelfwise:latest", pipeline_run.settings, cwd=folder, log_path=folder / "bentoml.log"
+    ) as url:
+        yield Server(url=url)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
 """The service degrades instead of failing: ranker → candidate order → popular items."""
 
 import shutil
-import subprocess
-import time
 
 import httpx
 import lightgbm as lgb
@@ -19,8 +17,7 @@ from models.serving import (
 )
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from tests.conftest import free_port
-from tests.support import PROJECT_ROOT, VENV_BIN, service_env
+from tests.support import PROJECT_ROOT, bentoml_server
 
 
 def snapshot() -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -89,39 +86,13 @@ def server_without_model(pipeline_run, tmp_path):
     for booster_file in (home / "bentoml" / "models" / "shelfwise_production").glob("*/model.txt"):
         booster_file.write_text("not a LightGBM model")
     settings = Settings.from_env({"SHELFWISE_HOME": str(home)})
-    port = free_port()
-    log = (tmp_path / "bentoml.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(VENV_BIN / "bentoml"),
-            "serve",
-            "bentos/service.py:RecommendationService",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=service_env(settings),
+    with bentoml_server(
+        "bentos/service.py:RecommendationService",
+        settings,
         cwd=PROJECT_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        assert process.poll() is None, (tmp_path / "bentoml.log").read_text()[-3000:]
+        log_path=tmp_path / "bentoml.log",
+    ) as url:
         yield url, settings
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def test_a_service_with_a_corrupt_model_still_serves_the_candidate_order(server_without_model):
