@@ -27,7 +27,7 @@ import polars as pl
 
 from models.candidates import popular_items
 from models.features import feature_matrix
-from models.metrics import QUERY, evaluation_metrics, item_interactions, ranking_metrics, top_k
+from models.metrics import QUERY, evaluation_metrics, item_interactions, top_k
 
 SEGMENTS = ("new", "light", "heavy")
 # The generator's constants (shelfwise/generate.py): share of sessions whose leaf comes from
@@ -508,37 +508,3 @@ def evaluate(
         heavy_threshold=heavy_threshold,
         evaluation_cutoffs=[cutoff.isoformat() for cutoff in cutoffs],
     )
-
-
-def evaluate_against_baselines(
-    assembled: pl.DataFrame,
-    booster: lgb.Booster,
-    labels: pl.DataFrame,
-    item_features: pl.DataFrame,
-    k: int = 20,
-) -> dict[str, dict[str, float]]:
-    """Scores the ranker and the first baselines on the same users and held-out labels.
-
-    Kept for the running pipeline; `evaluate` adds the other baselines, the oracle, list-level
-    metrics and user segments.
-
-    Args:
-        assembled: Candidates of the evaluation users at the evaluation cutoff, with features.
-        booster: The ranker.
-        labels: Labels of the evaluation window (as_of = evaluation cutoff).
-        item_features: `item_features` at the evaluation cutoff (for the popularity baseline).
-        k: Longest list to evaluate (the largest metric cut-off).
-
-    Returns:
-        Metrics per approach (see `ranking_metrics`): `ranker`, `candidate_order` (the
-        generators without the ranker) and `popularity` (the same top items for everyone).
-    """
-    users = evaluated_users(labels)
-    return {
-        name: ranking_metrics(recommendations, labels)
-        for name, recommendations in (
-            ("ranker", top_k(score_with_ranker(assembled, booster), "score", k)),
-            ("candidate_order", candidate_order_baseline(assembled, k)),
-            ("popularity", popularity_baseline(users, item_features, k)),
-        )
-    }

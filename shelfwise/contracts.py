@@ -63,7 +63,6 @@ USERS_SCHEMA = pa.schema(
 )
 
 # Columns that identify a row of each dataset (unique within the dataset).
-EVENTS_KEY = "event_id"
 ITEMS_KEY = "item_id"
 USERS_KEY = "user_id"
 

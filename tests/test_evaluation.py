@@ -12,7 +12,6 @@ from models.evaluation import (
     candidate_order_baseline,
     covisitation_baseline,
     evaluate,
-    evaluate_against_baselines,
     evaluated_users,
     oracle_baseline,
     oracle_scores,
@@ -305,22 +304,6 @@ def test_report_to_dict_is_plain_and_json_ready():
     assert exported["metrics"]["ranker"]["users"] == 3
     assert type(exported["metrics"]["ranker"]["users"]) is int
     assert exported["segment_users"]["heavy"] == 1
-
-
-def test_evaluate_against_baselines_still_reports_the_three_approaches():
-    assembled = candidates().with_columns([pl.lit(0.0).alias(name) for name in FEATURE_COLUMNS])
-
-    class FixedBooster:
-        params: dict[str, int] = {}
-
-        def predict(self, matrix, num_threads=0):
-            return perfect_scores(assembled)
-
-    results = evaluate_against_baselines(assembled, FixedBooster(), labels(), items())
-    assert list(results) == ["ranker", "candidate_order", "popularity"]
-    for metrics in results.values():
-        assert {"users", "ndcg@10", "recall@10", "recall@20"} <= set(metrics)
-    assert results["ranker"]["ndcg@10"] == pytest.approx(1.0)
 
 
 def test_markdown_report_lists_every_approach_segment_and_ratios():
