@@ -34,21 +34,6 @@ pairs as (
 
 ),
 
-ranked as (
-
-    select
-        *,
-        row_number() over (
-            partition by as_of, item_id order by score desc, neighbour_item_id
-        ) as neighbour_rank
-    from pairs
-
-),
-
-final as (
-
-    select * from ranked where neighbour_rank <= {{ var('covisitation_neighbours') }}
-
-)
+{{ top_neighbours('pairs') }}
 
 select * from final
