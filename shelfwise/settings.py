@@ -54,6 +54,11 @@ class Settings:
         return self.home / "bentoml"
 
     @property
+    def wal_dir(self) -> Path:
+        """The write-ahead log of feedback (events, impressions) not yet compacted into the lake."""
+        return self.home / "wal"
+
+    @property
     def warehouse_path(self) -> Path:
         """The DuckDB file that only dbt writes."""
         return self.home / "warehouse" / "shelfwise.duckdb"
