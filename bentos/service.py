@@ -1,79 +1,71 @@
 """The Shelfwise recommendation service (BentoML).
 
-`POST /recommend` re-ranks the user's precomputed candidates with the packaged ranker; users
-without history get popular items. The ranker is the production model of the BentoML model store
-(`shelfwise_production:latest`, a copy of the promoted ranker; see `shelfwise.registry`), declared
-below so `bentoml build` packs it into the bento; the serving snapshot comes from the lake.
+`POST /recommend` walks the cold-start ladder (`models.serving`): a known user's precomputed
+candidates, updated with their live session and re-ranked by the packaged ranker; session
+neighbours for unknown users; trending or popular items when nothing is known. `POST /similar`
+gives an item's neighbours; `POST /events` takes feedback, durable before it is acknowledged.
+The ranker is the production model of the BentoML model store (`shelfwise_production:latest`, a
+copy of the promoted ranker; see `shelfwise.registry`), declared below so `bentoml build` packs it
+into the bento; the serving snapshot comes from the lake.
 """
 
 import json
 import logging
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, TypeAdapter, ValidationError
 
-from models.business_rules import RequestFilters
-from models.serving import Recommender
+from bentos.api_models import (
+    EventIn,
+    EventsResponse,
+    RecommendContext,
+    RecommendedItem,
+    RecommendFilters,
+    RecommendResponse,
+    RejectedEvent,
+    SimilarResponse,
+    StockUpdate,
+)
+from bentos.compat import SERVICE_CONFIG, settle_heap
+from bentos.guard import RequestGuard
+from bentos.impressions import ImpressionLog
+from models.serving import Recommendation, Recommender
+from models.session import Session
+from shelfwise.feedback import FeedbackLog
 from shelfwise.lake import Lake
+from shelfwise.online_state import open_state
 from shelfwise.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE, SOURCE_TAG
 from shelfwise.settings import Settings
 
 logger = logging.getLogger("bentoml.shelfwise")
 
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_STOCK_UPDATES_PER_REQUEST = 10_000
 
-class RecommendedItem(BaseModel):
-    item_id: str = Field(description="The recommended item.")
-    score: float = Field(
-        description="Ranker score (higher is better); not comparable across users."
-    )
-    source: str = Field(description="What ranked it: ranker, candidates or popular.")
+RESPONSES = bentoml.metrics.Counter(
+    name="shelfwise_responses",
+    documentation="Responses by endpoint, strategy (cold-start rung) and fallback level.",
+    labelnames=["endpoint", "strategy", "fallback_level"],
+)
+EVENTS = bentoml.metrics.Counter(
+    name="shelfwise_events",
+    documentation="Events posted to /events by outcome: accepted, duplicate or rejected.",
+    labelnames=["outcome"],
+)
+MODEL = bentoml.metrics.Gauge(
+    name="shelfwise_model_info",
+    documentation="1 for the ranker version this worker serves ('none' without a ranker).",
+    labelnames=["model_version"],
+)
 
-
-class RecommendFilters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    category_ids: list[str] | None = Field(None, description="Only items of these categories.")
-    exclude_item_ids: list[str] = Field(default_factory=list, description="Never these items.")
-    price_max: float | None = Field(None, ge=0, description="Only items at most this expensive.")
-    in_stock_only: bool = Field(True, description="Only items in stock.")
-
-    def to_rules(self) -> RequestFilters:
-        return RequestFilters(
-            category_ids=frozenset(self.category_ids) if self.category_ids is not None else None,
-            exclude_item_ids=frozenset(self.exclude_item_ids),
-            price_max=self.price_max,
-            in_stock_only=self.in_stock_only,
-        )
+EVENT_VALIDATOR = TypeAdapter(EventIn)
 
 
-class RecommendResponse(BaseModel):
-    model_config = ConfigDict(
-        # BentoML's OpenAPI 3.0 schema takes the singular `example`.
-        json_schema_extra={
-            "example": {
-                "rec_id": "3f1c9a0e6b5d4c7e8f90a1b2c3d4e5f6",
-                "items": [{"item_id": "i42", "score": 1.73, "source": "ranker"}],
-                "strategy": "personalized",
-                "fallback_level": 0,
-                "model_version": "shelfwise_ranker:abc123",
-            }
-        }
-    )
-
-    rec_id: str = Field(description="Identifies this response (for impressions and feedback).")
-    items: list[RecommendedItem]
-    strategy: str = Field(description="personalized (known user) or popular (no history).")
-    fallback_level: int = Field(
-        description="0 as intended; 1 the ranker was unavailable (candidate order); "
-        "2 the candidates were unavailable (popular items)."
-    )
-    model_version: str | None = Field(description="The ranker's tag; null when none is loaded.")
-
-
-@bentoml.service(name="shelfwise", traffic={"timeout": 10})
+@bentoml.service(name="shelfwise", **SERVICE_CONFIG)
 class RecommendationService:
     # Declared as a dependency: `bentoml build` packs the production model into the bento.
     production_model = bentoml.models.BentoModel(f"{PRODUCTION_MODEL_NAME}:latest")
@@ -93,35 +85,172 @@ class RecommendationService:
             self.model_version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
+        budget = settings.ranker_budget_ms / 1000 or None
         try:
             self.recommender = Recommender.from_lake(
-                lake, booster, features, settings.max_per_category
+                lake, booster, features, settings.max_per_category, budget
             )
         except ValueError:  # the snapshot was built for other features than this ranker's
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             self.model_version = None
-            self.recommender = Recommender.from_lake(lake, None, None, settings.max_per_category)
+            self.recommender = Recommender.from_lake(
+                lake, None, None, settings.max_per_category, budget
+            )
+        self.state = open_state(settings.redis_url)
+        self.feedback = FeedbackLog(settings.wal_dir)
+        self.impressions = ImpressionLog(self.feedback)
+        MODEL.labels(model_version=self.model_version or "none").set(1)
         logger.info(
-            "Serving %s for %d known users from %s",
+            "Serving %s for %d known users from %s, online state %s",
             self.model_version,
             self.recommender.known_users,
             settings.lake_url,
+            "in Redis" if settings.redis_url else "in process",
         )
+        settle_heap()
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.impressions.close()
+        self.feedback.close()
 
     @bentoml.api(route="/recommend")
     def recommend(
         self,
         user_id: Annotated[str, Field(min_length=1, description='The shopper, e.g. "u1".')],
         k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
+        context: RecommendContext | None = None,
         filters: RecommendFilters | None = None,
     ) -> RecommendResponse:
-        """Top-k items for a user: their candidates re-ranked by the ranker, or popular items,
+        """Top-k items for a user: their candidates updated with the live session and re-ranked
+        by the ranker; session neighbours, trending or popular items when the user is new;
         filtered by the business rules (already bought, out of stock, the request's filters)."""
-        answer = self.recommender.recommend(user_id, k, filters.to_rules() if filters else None)
-        return RecommendResponse(
-            rec_id=uuid.uuid4().hex,
+        activity = self.state.activity(user_id)
+        context = context or RecommendContext()
+        session = Session(
+            activity.item_ids, activity.carted_ids, activity.purchased_ids
+        ).with_context(context.item_id, context.session_item_ids)
+        answer = self.recommender.recommend(
+            user_id,
+            k,
+            filters.to_rules() if filters else None,
+            session,
+            context.item_id,
+            self.state.stock(),
+        )
+        return self._respond("recommend", user_id, answer, RecommendResponse)
+
+    @bentoml.api(route="/similar")
+    def similar(
+        self,
+        item_id: Annotated[str, Field(min_length=1, description='The item, e.g. "i42".')],
+        k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
+        user_id: Annotated[
+            str | None, Field(min_length=1, description="The shopper, when known (for logging).")
+        ] = None,
+        filters: RecommendFilters | None = None,
+    ) -> SimilarResponse:
+        """Items viewed or bought together with an item ("customers who viewed this also
+        viewed"); content-based neighbours (same category, price, brand) for new items."""
+        answer = self.recommender.similar(
+            item_id, k, filters.to_rules(exclude=item_id) if filters else None
+        )
+        return self._respond("similar", user_id or "", answer, SimilarResponse)
+
+    @bentoml.api(route="/events")
+    def events(
+        self,
+        ctx: bentoml.Context,
+        events: Annotated[
+            list[dict[str, Any]],
+            Field(
+                max_length=MAX_EVENTS_PER_REQUEST,
+                description="Events in the lake contract (see EventIn); each is validated on its "
+                "own: valid ones are kept, invalid ones are listed in `rejected`.",
+            ),
+        ] = [],  # noqa: B006 (pydantic copies defaults)
+        stock: Annotated[
+            list[StockUpdate],
+            Field(max_length=MAX_STOCK_UPDATES_PER_REQUEST, description="Stock changes."),
+        ] = [],  # noqa: B006
+    ) -> EventsResponse:
+        """Feedback from the shop: views, carts, purchases (and stock changes). Acknowledged only
+        once durable in the write-ahead log; a re-sent event (same event_id) is harmless. The
+        user's next /recommend reflects it at once."""
+        now = datetime.now(UTC)
+        valid, rejected = [], []
+        for index, raw in enumerate(events):
+            try:
+                valid.append(event_row(EVENT_VALIDATOR.validate_python(raw), now))
+            except ValidationError as error:
+                first = error.errors()[0]
+                field = ".".join(str(part) for part in first["loc"]) or "event"
+                rejected.append(RejectedEvent(index=index, field=field, message=first["msg"]))
+        fresh = list({row["event_id"]: row for row in valid}.values())
+        unseen = self.state.unseen([row["event_id"] for row in fresh])
+        fresh = [row for row, new in zip(fresh, unseen, strict=True) if new]
+        if fresh:
+            self.feedback.append("events", fresh)  # durable (fsync'ed) before anything else
+            self.state.record(sorted(fresh, key=lambda row: row["occurred_at"]))
+        if stock:
+            self.state.update_stock({update.item_id: update.is_in_stock for update in stock})
+        EVENTS.labels(outcome="accepted").inc(len(fresh))
+        EVENTS.labels(outcome="duplicate").inc(len(valid) - len(fresh))
+        EVENTS.labels(outcome="rejected").inc(len(rejected))
+        if rejected and not valid:
+            ctx.response.status_code = 400
+        return EventsResponse(
+            accepted=len(fresh),
+            duplicates=len(valid) - len(fresh),
+            rejected=rejected,
+            stock_updates=len(stock),
+        )
+
+    def _respond(self, endpoint: str, user_id: str, answer: Recommendation, response_type):
+        rec_id = uuid.uuid4().hex
+        RESPONSES.labels(
+            endpoint=endpoint, strategy=answer.strategy, fallback_level=str(answer.fallback_level)
+        ).inc()
+        shown_at = datetime.now(UTC)
+        self.impressions.add(
+            [
+                {
+                    "rec_id": rec_id,
+                    "shown_at": shown_at,
+                    "user_id": user_id,
+                    "item_id": item.item_id,
+                    "position": position,
+                    "model_version": self.model_version,
+                    "strategy": f"{endpoint}:{answer.strategy}",
+                    "variant": None,
+                }
+                for position, item in enumerate(answer.items, start=1)
+            ]
+        )
+        return response_type(
+            rec_id=rec_id,
             items=[RecommendedItem(**vars(item)) for item in answer.items],
             strategy=answer.strategy,
             fallback_level=answer.fallback_level,
             model_version=self.model_version,
         )
+
+
+RecommendationService.add_asgi_middleware(RequestGuard)
+
+
+def event_row(event: EventIn, now: datetime) -> dict[str, Any]:
+    """An accepted event as a lake row (`shelfwise.contracts.EVENTS_SCHEMA`)."""
+    occurred_at = event.occurred_at or now
+    return {
+        "event_id": event.event_id or uuid.uuid4().hex,
+        "occurred_at": occurred_at,
+        "user_id": event.user_id,
+        "session_id": event.session_id or f"api:{event.user_id}",
+        "item_id": event.item_id,
+        "event_type": event.event_type,
+        "quantity": event.quantity,
+        "price": event.price,
+        "rec_id": event.rec_id,
+        "source": event.source,
+    }

@@ -3,15 +3,17 @@
 Each rule is a named predicate over (user, item, request filters); `BusinessRules.select` walks a
 ranked list, drops what any rule forbids, caps items per category for diversity, and stops at k.
 The facts come from the serving snapshot: the catalog as of the serving cutoff (category, price,
-stock, whether the category is bought again often enough to repeat) and what each user bought.
+stock, whether the category is bought again often enough to repeat) and what each user bought;
+`OnlineFacts` adds what happened since (purchases and stock updates posted to `/events`).
 """
 
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 
 import polars as pl
 
+from models.features import ITEM_FEATURES
 from shelfwise.lake import Lake
 
 SERVING_ITEMS = "serving/items.parquet"
@@ -43,9 +45,28 @@ class ItemFacts:
     price: float | None
     is_in_stock: bool
     is_repeatable: bool
+    brand: str | None = None
+    popularity: float = 0.0
+    trending: float = 0.0
 
 
-Rule = Callable[[str, str, ItemFacts | None, RequestFilters], bool]
+@dataclass(frozen=True)
+class OnlineFacts:
+    """What the service learned since the snapshot, for one request.
+
+    Attributes:
+        purchased: Items this user bought since the snapshot.
+        stock: Stock updates since the snapshot (item_id → in stock), for every user.
+    """
+
+    purchased: Collection[str] = frozenset()
+    stock: Mapping[str, bool] = field(default_factory=dict)
+
+
+NO_ONLINE_FACTS = OnlineFacts()
+
+# A rule sees what the user bought, the item, its facts (None when unknown) and the request.
+Rule = Callable[[Collection[str], str, ItemFacts | None, RequestFilters], bool]
 
 
 @dataclass
@@ -66,17 +87,17 @@ class BusinessRules:
         # Declarative: (name, rule); an item is shown only if every rule allows it. An item without
         # facts (no catalog snapshot) cannot be judged on its attributes and passes those rules.
         self.rules: list[tuple[str, Rule]] = [
-            ("excluded_by_request", lambda u, i, f, r: i not in r.exclude_item_ids),
-            ("out_of_stock", lambda u, i, f, r: f is None or not r.in_stock_only or f.is_in_stock),
+            ("excluded_by_request", lambda b, i, f, r: i not in r.exclude_item_ids),
+            ("out_of_stock", lambda b, i, f, r: f is None or not r.in_stock_only or f.is_in_stock),
             (
                 "outside_requested_categories",
-                lambda u, i, f, r: (
+                lambda b, i, f, r: (
                     r.category_ids is None or (f is not None and f.category_id in r.category_ids)
                 ),
             ),
             (
                 "above_price_max",
-                lambda u, i, f, r: (
+                lambda b, i, f, r: (
                     r.price_max is None
                     or f is None
                     or (f.price is not None and f.price <= r.price_max)
@@ -84,9 +105,7 @@ class BusinessRules:
             ),
             (
                 "already_bought",
-                lambda u, i, f, r: (
-                    i not in self.purchased.get(u, ()) or (f is not None and f.is_repeatable)
-                ),
+                lambda b, i, f, r: i not in b or (f is not None and f.is_repeatable),
             ),
         ]
 
@@ -96,12 +115,16 @@ class BusinessRules:
         items: dict[str, ItemFacts] = {}
         purchased: dict[str, set[str]] = {}
         if lake.exists(SERVING_ITEMS):
-            for row in lake.read_frame(SERVING_ITEMS).iter_rows(named=True):
+            frame = lake.read_frame(SERVING_ITEMS)
+            for row in frame.iter_rows(named=True):
                 items[row["item_id"]] = ItemFacts(
                     row["category_id"],
                     row["price"],
                     bool(row["is_in_stock"]),
                     bool(row["is_repeatable"]),
+                    row.get("brand"),
+                    float(row.get("popularity") or 0.0),
+                    float(row.get("trending") or 0.0),
                 )
         if lake.exists(SERVING_PURCHASES):
             frame = lake.read_frame(SERVING_PURCHASES)
@@ -109,10 +132,36 @@ class BusinessRules:
                 purchased[user_id] = set(item_ids)
         return cls(items, purchased, max_per_category)
 
-    def violated(self, user_id: str, item_id: str, filters: RequestFilters) -> list[str]:
-        """The names of the rules that forbid showing this item to this user."""
+    def facts(self, item_id: str, online: OnlineFacts = NO_ONLINE_FACTS) -> ItemFacts | None:
+        """The item's facts with the online stock update applied (None when nothing is known)."""
         facts = self.items.get(item_id)
-        return [name for name, rule in self.rules if not rule(user_id, item_id, facts, filters)]
+        if item_id in online.stock:
+            in_stock = online.stock[item_id]
+            if facts is None:
+                return ItemFacts(None, None, in_stock, False)
+            return replace(facts, is_in_stock=in_stock)
+        return facts
+
+    def bought(self, user_id: str, online: OnlineFacts = NO_ONLINE_FACTS) -> Collection[str]:
+        """Everything the user bought: before the snapshot and since."""
+        before = self.purchased.get(user_id, frozenset())
+        return before | set(online.purchased) if online.purchased else before
+
+    def violated(
+        self,
+        user_id: str,
+        item_id: str,
+        filters: RequestFilters,
+        online: OnlineFacts = NO_ONLINE_FACTS,
+    ) -> list[str]:
+        """The names of the rules that forbid showing this item to this user."""
+        return self._violated(self.bought(user_id, online), item_id, filters, online)
+
+    def _violated(
+        self, bought: Collection[str], item_id: str, filters: RequestFilters, online: OnlineFacts
+    ) -> list[str]:
+        facts = self.facts(item_id, online)
+        return [name for name, rule in self.rules if not rule(bought, item_id, facts, filters)]
 
     def select(
         self,
@@ -121,6 +170,7 @@ class BusinessRules:
         filters: RequestFilters,
         k: int,
         already: Iterable[str] = (),
+        online: OnlineFacts = NO_ONLINE_FACTS,
     ) -> list[tuple[str, object]]:
         """Takes up to k allowed items from a ranked list, best first, with the category cap.
 
@@ -130,6 +180,7 @@ class BusinessRules:
             filters: The request's filters.
             k: How many to take.
             already: Items chosen before (by an earlier list): not repeated, count for the cap.
+            online: Purchases and stock updates since the snapshot.
 
         Returns:
             The chosen (item_id, payload) pairs.
@@ -137,10 +188,11 @@ class BusinessRules:
         chosen: list[tuple[str, object]] = []
         seen = set(already)
         per_category = Counter(self.items[i].category_id for i in seen if i in self.items)
+        bought = self.bought(user_id, online)
         for item_id, payload in ranked:
             if len(chosen) == k:
                 break
-            if item_id in seen or self.violated(user_id, item_id, filters):
+            if item_id in seen or self._violated(bought, item_id, filters, online):
                 continue
             category = self.items[item_id].category_id if item_id in self.items else None
             if self.max_per_category and category is not None:
@@ -167,8 +219,10 @@ def serving_facts(
         min_repeat_rate: Categories at or above this repeat-purchase rate are repeatable.
 
     Returns:
-        `(items, purchases)`: item_id, category_id, price, is_in_stock, is_repeatable; and the
-        (user_id, item_id) pairs the users bought.
+        `(items, purchases)`: item_id, category_id, price, is_in_stock, is_repeatable, brand,
+        popularity, trending (decayed popularity times trend) and the item's part of the ranker's
+        feature vector (`ITEM_FEATURES`, for candidates found in real time); and the (user_id,
+        item_id) pairs the users bought.
     """
     items = item_features.join(
         repurchase_rates.select("as_of", "category_id", "repeat_rate"),
@@ -180,6 +234,10 @@ def serving_facts(
         "price",
         "is_in_stock",
         (pl.col("repeat_rate").fill_null(0.0) >= min_repeat_rate).alias("is_repeatable"),
+        "brand",
+        pl.col("popularity").cast(pl.Float64),
+        (pl.col("popularity") * pl.col("trend")).cast(pl.Float64).alias("trending"),
+        *[pl.col(k).cast(pl.Float32).alias(v) for k, v in ITEM_FEATURES.items()],
     )
     purchases = user_items.filter(pl.col("purchases") > 0).select("user_id", "item_id")
     return items, purchases

@@ -1,25 +1,59 @@
 """Answering a recommendation request from the serving snapshot, without any web framework.
 
 The pipeline exports, as of the serving cutoff, every known user's candidates with their feature
-vectors (assembled by `models.features.assemble_features`, exactly as for training) and the popular
-items. A request slices the user's rows, scores them with the ranker and returns the top k; a user
-without candidates gets popular items. The BentoML service is a thin shell around `Recommender`.
+vectors (assembled by `models.features.assemble_features`, exactly as for training), the item
+neighbours, the catalog facts and the popular items. A request walks the cold-start ladder:
+
+1. a known user: their candidates, updated with the session (`models.session`), re-ranked;
+2. an unknown user with a session or a context item: the session items' neighbours
+   (co-visitation, bought together);
+3. a new item without neighbours yet: what trends in its category (the context item's, else the
+   latest session item's);
+4. nothing known: the shop's popular items.
+
+Every list is topped up with popular items when the rules leave fewer than k.
+
+The business rules filter every list. The BentoML service is a thin shell around `Recommender`.
 """
 
 import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from models.business_rules import BusinessRules, RequestFilters
-from models.features import FEATURE_COLUMNS, FeatureTables, assemble_features
-from shelfwise.lake import SERVING_CANDIDATES, SERVING_POPULAR, Lake
+from models.business_rules import SERVING_ITEMS, BusinessRules, OnlineFacts, RequestFilters
+from models.candidates import GENERATORS, SCORE_COLUMNS, CandidateConfig
+from models.features import (
+    FEATURE_COLUMNS,
+    ITEM_FEATURES,
+    USER_BRAND_FEATURES,
+    USER_CATEGORY_FEATURES,
+    USER_FEATURES,
+    FeatureTables,
+    assemble_features,
+)
+from models.session import (
+    BOUGHT_TOGETHER,
+    COVISIT,
+    ContentIndex,
+    NeighbourIndex,
+    RecencySignals,
+    Session,
+    recency_signals,
+)
+from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
 
 logger = logging.getLogger(__name__)
 
+# The rungs of the cold-start ladder (the response's `strategy`).
 STRATEGY_PERSONALIZED = "personalized"
+STRATEGY_SESSION = "session"
+STRATEGY_CATEGORY_TRENDING = "category_trending"
 STRATEGY_POPULAR = "popular"
 
 # How far a response fell back from what it should have been (ARCHITECTURE.md §6).
@@ -64,7 +98,7 @@ class Recommendation:
 
 
 class Recommender:
-    """Ranks a user's precomputed candidates with the ranker; popular items for everyone else.
+    """Walks the cold-start ladder for one request; see the module docstring.
 
     Args:
         candidates: Serving snapshot rows: user_id, item_id, candidate_rank, `FEATURE_COLUMNS`.
@@ -72,7 +106,15 @@ class Recommender:
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
         rules: The business rules (already bought, stock, request filters, category cap).
+        neighbours: Item neighbours (co-visitation, bought together) as of the snapshot.
+        item_vectors: item_id and the `ITEM_FEATURES` columns, for items a session adds.
+        ranker_budget_s: Seconds the ranker may take per request before the candidate order is
+            served instead (None: no limit).
+        recent_items: Recent items that seed the neighbour generators (as in training).
     """
+
+    # Candidates a session may add to a known user's list (its strongest neighbours).
+    MAX_SESSION_CANDIDATES = 100
 
     def __init__(
         self,
@@ -81,14 +123,26 @@ class Recommender:
         booster: lgb.Booster | None,
         feature_names: list[str] | None = None,
         rules: BusinessRules | None = None,
+        neighbours: NeighbourIndex | None = None,
+        item_vectors: pl.DataFrame | None = None,
+        ranker_budget_s: float | None = None,
+        recent_items: int = CandidateConfig().recent_items,
     ) -> None:
         self.rules = rules or BusinessRules()
+        self.neighbours = neighbours or NeighbourIndex.empty()
+        self.content = ContentIndex(self.rules.items)
         features = feature_names or FEATURE_COLUMNS
         missing = [name for name in features if name not in candidates.columns]
         if missing:
             raise ValueError(f"serving snapshot lacks the ranker's features: {missing}")
-        ordered = candidates.sort("user_id", "candidate_rank")
-        self._matrix = ordered.select(features).to_numpy().astype(np.float32, copy=False)
+        ordered = candidates.sort("user_id", "candidate_rank").with_columns(
+            [pl.lit(None, pl.Float32).alias(c) for c in FEATURE_COLUMNS if c not in candidates]
+        )
+        self._matrix = ordered.select(FEATURE_COLUMNS).to_numpy().astype(np.float32, copy=False)
+        self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
+        # The booster's columns; None when they are FEATURE_COLUMNS as they are (no copy needed).
+        ranker_columns = [self._column[name] for name in features]
+        self._ranker_columns = None if features == FEATURE_COLUMNS else ranker_columns
         self._item_ids = ordered.get_column("item_id").to_numpy()
         self._candidate_rank = ordered.get_column("candidate_rank").to_numpy()
         sizes = ordered.group_by("user_id", maintain_order=True).agg(pl.len())
@@ -99,6 +153,24 @@ class Recommender:
         self._popular_ids = popular.get_column("item_id").to_list()
         self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
         self._booster = booster
+        self._budget = ranker_budget_s
+        # Prediction runs on a worker thread only to be able to stop waiting for it.
+        self._ranker_pool = ThreadPoolExecutor(2, "ranker") if ranker_budget_s else None
+        self._recent_items = recent_items
+        vectors = item_vectors if item_vectors is not None else pl.DataFrame({"item_id": []})
+        item_columns = list(ITEM_FEATURES.values())
+        vectors = vectors.with_columns(
+            [pl.lit(None, pl.Float32).alias(c) for c in item_columns if c not in vectors.columns]
+        )
+        self._item_vector_rows = {
+            item: n for n, item in enumerate(vectors.get_column("item_id").cast(pl.String))
+        }
+        self._item_vectors = (
+            vectors.select(item_columns).to_numpy().astype(np.float32, copy=False)
+            if vectors.height
+            else np.zeros((0, len(item_columns)), np.float32)
+        )
+        self._sources = self._proposing_generators(self._matrix)
 
     @classmethod
     def from_lake(
@@ -107,32 +179,46 @@ class Recommender:
         booster: lgb.Booster | None,
         feature_names: list[str] | None = None,
         max_per_category: int = 0,
+        ranker_budget_s: float | None = None,
     ) -> "Recommender":
         """Loads the serving snapshot the pipeline exported to the lake.
 
-        A missing or unreadable snapshot is logged and leaves the recommender degraded (popular
-        items, or nothing when those are missing too) instead of failing the service.
+        A missing or unreadable part is logged and leaves the recommender degraded (the
+        candidate order, popular items, or nothing when those are missing too) instead of
+        failing the service.
         """
         features = feature_names or FEATURE_COLUMNS
-        frames = []
-        for relpath, schema in (
-            (
-                SERVING_CANDIDATES,
-                {
-                    **{k: pl.String for k in SNAPSHOT_KEY[:2]},
-                    "candidate_rank": pl.Int32,
-                    **{name: pl.Float32 for name in features},
-                },
-            ),
-            (SERVING_POPULAR, {"item_id": pl.String, "popularity": pl.Float64}),
-        ):
+        parts = {
+            SERVING_CANDIDATES: {
+                **{k: pl.String for k in SNAPSHOT_KEY[:2]},
+                "candidate_rank": pl.Int32,
+                **{name: pl.Float32 for name in features},
+            },
+            SERVING_POPULAR: {"item_id": pl.String, "popularity": pl.Float64},
+            SERVING_NEIGHBOURS: {
+                "kind": pl.String,
+                "item_id": pl.String,
+                "neighbour_item_id": pl.String,
+                "score": pl.Float64,
+            },
+            SERVING_ITEMS: {"item_id": pl.String},
+        }
+        frames = {}
+        for relpath, schema in parts.items():
             try:
-                frames.append(lake.read_frame(relpath))
+                frames[relpath] = lake.read_frame(relpath)
             except Exception:  # a missing or corrupt artifact must not take the service down
                 logger.exception("serving snapshot %s unavailable: degrading", lake.uri(relpath))
-                frames.append(pl.DataFrame(schema=schema))
+                frames[relpath] = pl.DataFrame(schema=schema)
         return cls(
-            frames[0], frames[1], booster, features, BusinessRules.from_lake(lake, max_per_category)
+            frames[SERVING_CANDIDATES],
+            frames[SERVING_POPULAR],
+            booster,
+            features,
+            BusinessRules.from_lake(lake, max_per_category),
+            NeighbourIndex(frames[SERVING_NEIGHBOURS]),
+            frames[SERVING_ITEMS],
+            ranker_budget_s,
         )
 
     @property
@@ -141,50 +227,301 @@ class Recommender:
         return len(self._rows)
 
     def recommend(
-        self, user_id: str, k: int, filters: RequestFilters | None = None
+        self,
+        user_id: str,
+        k: int,
+        filters: RequestFilters | None = None,
+        session: Session | None = None,
+        context_item_id: str | None = None,
+        stock: Mapping[str, bool] | None = None,
     ) -> Recommendation:
         """The top-k distinct items for a user that the business rules allow.
 
         Args:
-            user_id: Any user id; unknown users are normal traffic and get popular items.
+            user_id: Any user id; unknown users are normal traffic.
             k: How many items (at least 1).
             filters: The request's filters; in-stock items only by default.
+            session: What the user did since the snapshot (and the request's context items).
+            context_item_id: The item on the page, if any (its category guides cold start).
+            stock: Stock updates since the snapshot.
 
         Returns:
-            Up to k items, best first: the user's candidates, topped up with popular items.
+            Up to k items, best first, topped up with popular items.
         """
         filters = filters or RequestFilters()
+        session = session or Session()
+        online = OnlineFacts(session.purchased_ids, stock or {})
         span = self._rows.get(user_id)
-        if span is None:
+        if span is not None:
+            items, level = self._personalized(user_id, span, session, filters, online, k)
+            strategy = STRATEGY_PERSONALIZED
+        else:
             level = FALLBACK_POPULAR if not self._rows else FALLBACK_NONE
-            items = self._popular(user_id, k, filters, chosen=[])
-            return Recommendation(items, STRATEGY_POPULAR, level)
-        start, end = span
-        scores, source, level = None, "ranker", FALLBACK_NONE
-        if self._booster is not None:
-            try:
-                scores = self._booster.predict(self._matrix[start:end], num_threads=1)
-            except Exception:  # degrade to the candidate order rather than fail the request
-                logger.exception("ranker failed for user %s: serving the candidate order", user_id)
-        if scores is None:
-            scores = -self._candidate_rank[start:end].astype(np.float64)
-            source, level = "candidates", FALLBACK_CANDIDATE_ORDER
-        order = np.argsort(-scores, kind="stable")
-        ranked = ((str(self._item_ids[start + i]), float(scores[i])) for i in order)
-        items = [
-            RankedItem(item_id, score, source)
-            for item_id, score in self.rules.select(user_id, ranked, filters, k)
-        ]
+            items = self._session_based(user_id, session, filters, online, k)
+            strategy = STRATEGY_SESSION if items else STRATEGY_POPULAR
+            if not items:  # a new item without neighbours yet: what trends in its category
+                facts = self.rules.items.get(context_item_id or next(iter(session.item_ids), ""))
+                trending = self.content.trending_in(facts.category_id if facts else None)
+                items = self._select(user_id, trending, "trending", filters, online, k, items)
+                strategy = STRATEGY_CATEGORY_TRENDING if items else strategy
         if len(items) < k:
-            items += self._popular(user_id, k - len(items), filters, chosen=items)
-        return Recommendation(items, STRATEGY_PERSONALIZED, level)
+            popular = zip(self._popular_ids, self._popular_scores, strict=True)
+            items += self._select(user_id, popular, "popular", filters, online, k, items)
+        return Recommendation(items, strategy, level)
 
-    def _popular(
-        self, user_id: str, k: int, filters: RequestFilters, chosen: list[RankedItem]
+    def similar(
+        self, item_id: str, k: int, filters: RequestFilters | None = None
+    ) -> Recommendation:
+        """Items viewed or bought together with an item; content-based neighbours for new items.
+
+        Args:
+            item_id: Any item id; unknown items get popular items.
+            k: How many items.
+            filters: Request filters (in-stock items only by default).
+
+        Returns:
+            Up to k items other than `item_id`, strongest first; strategy `neighbours`,
+            `content` (the item has no co-visitation yet) or `popular`.
+        """
+        filters = filters or RequestFilters(exclude_item_ids=frozenset([item_id]))
+        filters = RequestFilters(
+            filters.category_ids,
+            filters.exclude_item_ids | {item_id},
+            filters.price_max,
+            filters.in_stock_only,
+        )
+        merged: dict[str, list] = {}
+        for kind in (COVISIT, BOUGHT_TOGETHER):
+            neighbours = self.neighbours.of(kind, item_id)
+            top = neighbours[0][1] if neighbours else 1.0
+            for neighbour, score in neighbours:
+                entry = merged.setdefault(neighbour, [0.0, kind, 0.0])
+                share = score / top if top else 0.0
+                entry[0] += share
+                if share > entry[2]:
+                    entry[1], entry[2] = kind, share
+        online = OnlineFacts()
+        items: list[RankedItem] = []
+        for kind in (COVISIT, BOUGHT_TOGETHER):
+            ranked = sorted(
+                ((n, e[0]) for n, e in merged.items() if e[1] == kind), key=lambda p: -p[1]
+            )
+            items += self._select("", ranked, kind, filters, online, k, items)
+        items.sort(key=lambda item: -item.score)
+        strategy = "neighbours" if items else "content"
+        if len(items) < k:
+            content = self.content.similar(item_id, k * 3)
+            items += self._select("", content, "content", filters, online, k, items)
+        if not items:
+            strategy = STRATEGY_POPULAR
+        if len(items) < k:
+            popular = zip(self._popular_ids, self._popular_scores, strict=True)
+            items += self._select("", popular, "popular", filters, online, k, items)
+        return Recommendation(items, strategy, FALLBACK_NONE)
+
+    def _personalized(
+        self,
+        user_id: str,
+        span: tuple[int, int],
+        session: Session,
+        filters: RequestFilters,
+        online: OnlineFacts,
+        k: int,
+    ) -> tuple[list[RankedItem], int]:
+        start, end = span
+        matrix, item_ids = self._matrix[start:end], self._item_ids[start:end]
+        fallback_order = self._candidate_rank[start:end].astype(np.float64)
+        sources = self._sources[start:end]
+        if session.item_ids:
+            matrix, item_ids = self._with_session(matrix, item_ids, session)
+            fallback_order = _generators_order(matrix, self._column)
+            sources = self._proposing_generators(matrix)
+        level = FALLBACK_NONE
+        scores = self._rank(user_id, matrix)
+        if scores is None:
+            scores, level = -fallback_order, FALLBACK_CANDIDATE_ORDER
+        order = np.argsort(-scores, kind="stable")
+        ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
+        chosen = self.rules.select(user_id, ranked, filters, k, online=online)
+        return [RankedItem(item, score, source) for item, (score, source) in chosen], level
+
+    def _rank(self, user_id: str, matrix: np.ndarray) -> np.ndarray | None:
+        """The ranker's scores, or None when it is missing, fails or overruns its budget."""
+        if self._booster is None:
+            return None
+        rows = matrix if self._ranker_columns is None else matrix[:, self._ranker_columns]
+        try:
+            if self._ranker_pool is None:
+                return self._booster.predict(rows, num_threads=1)
+            future = self._ranker_pool.submit(self._booster.predict, rows, num_threads=1)
+            return future.result(timeout=self._budget)
+        except FutureTimeout:
+            logger.warning(
+                "ranker over its %.3f s budget: serving the candidate order", self._budget
+            )
+        except Exception:  # degrade to the candidate order rather than fail the request
+            logger.exception("ranker failed for user %s: serving the candidate order", user_id)
+        return None
+
+    def _with_session(
+        self, matrix: np.ndarray, item_ids: np.ndarray, session: Session
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The user's rows with the session applied.
+
+        Recency features are recomputed and the session's strongest neighbours are added.
+        """
+        col = self._column
+        history = matrix[:, col["history_score"]]
+        recent_rows = np.flatnonzero(history > 0)
+        recent_rows = recent_rows[np.argsort(-history[recent_rows], kind="stable")]
+        carts = np.nan_to_num(matrix[:, col["user_item_carts"]]) + np.nan_to_num(
+            matrix[:, col["user_item_purchases"]]
+        )
+        signals = recency_signals(
+            session,
+            [str(item_ids[n]) for n in recent_rows],
+            {str(item_ids[n]) for n in recent_rows if carts[n] > 0},
+            self.neighbours,
+            self._recent_items,
+        )
+        known = set(item_ids.tolist())
+        new = sorted(signals.proposed() - known, key=lambda i: -_signal_strength(signals, i))
+        new = new[: self.MAX_SESSION_CANDIDATES]
+        rows = np.vstack([matrix, self._new_rows(matrix, item_ids, new)])
+        ids = np.concatenate([item_ids, np.array(new, dtype=object)])
+        _apply_signals(rows, ids, signals, session, col)
+        return rows, ids
+
+    def _new_rows(self, matrix: np.ndarray, item_ids: np.ndarray, new: list[str]) -> np.ndarray:
+        """Feature rows for items the session proposes that the snapshot did not.
+
+        The user's own features, the item's, and the user's category and brand features where
+        another candidate shares the category or brand; the rest is unknown (NaN), as in training.
+        """
+        col = self._column
+        rows = np.full((len(new), len(FEATURE_COLUMNS)), np.nan, dtype=np.float32)
+        if not new:
+            return rows
+        rows[:, [col[c] for c in SCORE_COLUMNS]] = 0.0
+        user_columns = [col[c] for c in USER_FEATURES.values()]
+        rows[:, user_columns] = matrix[0, user_columns]
+        by_category: dict[str | None, int] = {}
+        by_brand: dict[str | None, int] = {}
+        for n, item in enumerate(item_ids.tolist()):
+            facts = self.rules.items.get(item)
+            if facts is not None:
+                by_category.setdefault(facts.category_id, n)
+                by_brand.setdefault(facts.brand, n)
+        item_columns = [col[c] for c in ITEM_FEATURES.values()]
+        category_columns = [col[c] for c in USER_CATEGORY_FEATURES.values()]
+        brand_columns = [col[c] for c in USER_BRAND_FEATURES.values()]
+        # price_to_user_mean = item price / the user's mean price, recovered from a known row.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means = matrix[:, col["item_price"]] / matrix[:, col["price_to_user_mean"]]
+        means = means[np.isfinite(means)]
+        for n, item in enumerate(new):
+            vector = self._item_vector_rows.get(item)
+            if vector is not None:
+                rows[n, item_columns] = self._item_vectors[vector]
+            facts = self.rules.items.get(item)
+            if facts is None:
+                continue
+            if facts.category_id in by_category:
+                rows[n, category_columns] = matrix[by_category[facts.category_id], category_columns]
+            if facts.brand is not None and facts.brand in by_brand:
+                rows[n, brand_columns] = matrix[by_brand[facts.brand], brand_columns]
+        if means.size:
+            rows[:, col["price_to_user_mean"]] = rows[:, col["item_price"]] / means[0]
+        return rows
+
+    def _session_based(
+        self,
+        user_id: str,
+        session: Session,
+        filters: RequestFilters,
+        online: OnlineFacts,
+        k: int,
     ) -> list[RankedItem]:
-        ranked = zip(self._popular_ids, self._popular_scores, strict=True)
+        """Neighbours of the session's items for a user the snapshot does not know."""
+        if not session.item_ids:
+            return []
+        signals = recency_signals(session, [], set(), self.neighbours, self._recent_items)
+        seen = set(session.item_ids)
+        scored = {
+            item: (score, COVISIT)
+            for item, (score, _) in signals.covisit.items()
+            if item not in seen
+        }
+        for item, (score, _) in signals.bought_together.items():
+            if item not in seen and score > scored.get(item, (0.0, ""))[0]:
+                scored[item] = (scored.get(item, (0.0, ""))[0] + score, BOUGHT_TOGETHER)
+        ranked = sorted(scored.items(), key=lambda pair: -pair[1][0])
+        items: list[RankedItem] = []
+        for kind in (COVISIT, BOUGHT_TOGETHER):
+            pairs = ((item, score) for item, (score, source) in ranked if source == kind)
+            items += self._select(user_id, pairs, kind, filters, online, k, items)
+        items.sort(key=lambda item: -item.score)
+        return items
+
+    def _select(
+        self,
+        user_id: str,
+        ranked,
+        source: str,
+        filters: RequestFilters,
+        online: OnlineFacts,
+        k: int,
+        chosen: list[RankedItem],
+    ) -> list[RankedItem]:
+        """Up to k - len(chosen) more items of one source that the business rules allow."""
+        if len(chosen) >= k:
+            return []
         already = [item.item_id for item in chosen]
-        return [
-            RankedItem(item_id, float(score), "popular")
-            for item_id, score in self.rules.select(user_id, ranked, filters, k, already)
-        ]
+        picked = self.rules.select(user_id, ranked, filters, k - len(chosen), already, online)
+        return [RankedItem(item_id, float(score), source) for item_id, score in picked]
+
+    def _proposing_generators(self, matrix: np.ndarray) -> np.ndarray:
+        """Per row, the index in `GENERATORS` of the first generator that proposed the item."""
+        scores = matrix[:, [self._column[c] for c in SCORE_COLUMNS]]
+        return np.argmax(np.nan_to_num(scores) > 0, axis=1)
+
+
+def _signal_strength(signals: RecencySignals, item: str) -> float:
+    return (
+        signals.history.get(item, 0.0)
+        + signals.covisit.get(item, (0.0, 0.0))[0]
+        + signals.bought_together.get(item, (0.0, 0.0))[0]
+    )
+
+
+def _apply_signals(
+    rows: np.ndarray,
+    item_ids: np.ndarray,
+    signals: RecencySignals,
+    session: Session,
+    col: dict[str, int],
+) -> None:
+    """Writes the recomputed recency features into the rows (in place)."""
+    for n, item in enumerate(item_ids.tolist()):
+        covisit = signals.covisit.get(item, (0.0, 0.0))
+        together = signals.bought_together.get(item, (0.0, 0.0))
+        rows[n, col["history_score"]] = signals.history.get(item, 0.0)
+        rows[n, col["covisit_score"]], rows[n, col["covisit_hits"]] = covisit
+        rows[n, col["bought_together_score"]], rows[n, col["bought_together_hits"]] = together
+    in_session = np.isin(item_ids, np.array(session.item_ids, dtype=object))
+    rows[in_session, col["user_item_days_since_last"]] = 0.0
+    rows[:, col["user_days_since_last_event"]] = 0.0
+    scores = rows[:, [col[c] for c in SCORE_COLUMNS]]
+    rows[:, col["sources"]] = (np.nan_to_num(scores) > 0).sum(axis=1)
+
+
+def _generators_order(matrix: np.ndarray, col: dict[str, int]) -> np.ndarray:
+    """Each row's position in the generators' own order, as `generate_candidates` sorts.
+
+    By the score columns: the first generator first, highest score first.
+    """
+    keys = [-np.nan_to_num(matrix[:, col[c]]) for c in reversed(SCORE_COLUMNS)]
+    order = np.lexsort(keys)
+    position = np.empty(len(order), dtype=np.float64)
+    position[order] = np.arange(1, len(order) + 1)
+    return position

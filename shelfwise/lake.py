@@ -35,6 +35,7 @@ GROUND_TRUTH = "ground_truth"
 SERVING = "serving"
 SERVING_CANDIDATES = f"{SERVING}/candidate_features.parquet"
 SERVING_POPULAR = f"{SERVING}/popular_items.parquet"
+SERVING_NEIGHBOURS = f"{SERVING}/neighbours.parquet"
 
 
 class Lake:

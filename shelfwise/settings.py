@@ -16,12 +16,21 @@ class Settings:
         api_token: When set, write and admin endpoints require this bearer token.
         max_per_category: At most this many items of one category per recommendation list
             (`SHELFWISE_MAX_PER_CATEGORY`; 0, the default, means no cap).
+        redis_url: When set (`SHELFWISE_REDIS_URL`), the service keeps its online state (sessions,
+            purchases, stock updates) in this Redis, shared by all workers and replicas.
+        ranker_budget_ms: Milliseconds the ranker may take per request before the service serves
+            the candidate order instead (`SHELFWISE_RANKER_BUDGET_MS`, default 50; 0: no limit).
+        max_body_bytes: The largest request body the service reads (`SHELFWISE_MAX_BODY_BYTES`,
+            default 1 MiB).
     """
 
     home: Path
     lake_url: str
     api_token: str | None = None
     max_per_category: int = 0
+    redis_url: str | None = None
+    ranker_budget_ms: float = 50.0
+    max_body_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -41,6 +50,9 @@ class Settings:
             lake_url=lake_url,
             api_token=env.get("SHELFWISE_API_TOKEN") or None,
             max_per_category=int(env.get("SHELFWISE_MAX_PER_CATEGORY") or 0),
+            redis_url=env.get("SHELFWISE_REDIS_URL") or None,
+            ranker_budget_ms=float(env.get("SHELFWISE_RANKER_BUDGET_MS") or 50.0),
+            max_body_bytes=int(env.get("SHELFWISE_MAX_BODY_BYTES") or 1 << 20),
         )
 
     @property

@@ -11,7 +11,7 @@ from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from tests.support import bentoml_server
+from tests.support import bentoml_server, free_port
 
 # Small enough for a fast suite, large enough for the ranker to learn: five weekly cutoffs.
 TINY_SHOP = ShopConfig(
@@ -109,3 +109,41 @@ def s3_lake_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     filesystem = fsspec.filesystem("s3", skip_instance_cache=True)
     filesystem.mkdir(bucket)
     return f"s3://{bucket}/shop"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis server on a free loopback port (`.ci/run` installs redis-server)."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

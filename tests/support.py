@@ -38,7 +38,12 @@ def free_port() -> int:
 
 @contextmanager
 def bentoml_server(
-    target: str, settings: Settings, cwd: Path, log_path: Path, timeout: float = 120
+    target: str,
+    settings: Settings,
+    cwd: Path,
+    log_path: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> Iterator[str]:
     """Runs `bentoml serve TARGET` on a free loopback port until `/readyz` answers; yields its URL.
 
@@ -48,6 +53,7 @@ def bentoml_server(
         cwd: Where to start it (the project root to serve from source).
         log_path: Where its output goes (named in errors).
         timeout: Seconds to wait for readiness.
+        env: Extra environment variables (SHELFWISE_* settings, BENTOML_CONFIG_OPTIONS).
     """
     port = free_port()
     with log_path.open("w") as log:
@@ -61,7 +67,7 @@ def bentoml_server(
                 "--port",
                 str(port),
             ],
-            env=service_env(settings),
+            env={**service_env(settings), **(env or {})},
             cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -90,3 +96,46 @@ def bentoml_server(
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def copy_state(settings: Settings, folder: Path) -> Settings:
+    """A copy of a pipeline's state (without its write-ahead log) that a test may change."""
+    import shutil
+
+    home = folder / "home"
+    shutil.copytree(settings.home, home, ignore=shutil.ignore_patterns("wal"))
+    return Settings.from_env({"SHELFWISE_HOME": str(home)})
+
+
+@contextmanager
+def served_from_source(
+    settings: Settings, folder: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`bentoml serve bentos/service.py:RecommendationService` on `settings`' state."""
+    with bentoml_server(
+        "bentos/service.py:RecommendationService",
+        settings,
+        cwd=PROJECT_ROOT,
+        log_path=folder / "bentoml.log",
+        env=env,
+    ) as url:
+        yield url
+
+
+@contextmanager
+def served_copy(
+    settings: Settings, folder: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, Settings]]:
+    """Serves a copy of a pipeline's state from source, so a test may change it freely.
+
+    Args:
+        settings: The state to copy (a finished pipeline run).
+        folder: An empty folder for the copy and the server's log.
+        env: Extra environment for the server.
+
+    Yields:
+        The server's URL and the copy's settings.
+    """
+    copy = copy_state(settings, folder)
+    with served_from_source(copy, folder, env) as url:
+        yield url, copy

@@ -11,10 +11,18 @@ from models.candidates import CandidateConfig
 from models.features import TABLE_NAMES, FeatureTables
 from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
 from models.serving import serving_snapshot
+from models.session import BOUGHT_TOGETHER, COVISIT
 from orchestration.assets.evaluation import PRODUCTION
 from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, at_cutoffs, load_plan
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import CANDIDATES, EVALUATION, FEATURES, SERVING_CANDIDATES, SERVING_POPULAR
+from shelfwise.lake import (
+    CANDIDATES,
+    EVALUATION,
+    FEATURES,
+    SERVING_CANDIDATES,
+    SERVING_NEIGHBOURS,
+    SERVING_POPULAR,
+)
 from shelfwise.registry import lake_fingerprint, list_rankers, production, promote, register_ranker
 
 SERVING_POPULAR_ITEMS = 200
@@ -25,12 +33,19 @@ BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
 
 
 @dg.asset(
-    deps=["candidates", "category_repurchase_rates", *TABLE_NAMES],
+    deps=[
+        "candidates",
+        "category_repurchase_rates",
+        "item_covisitation",
+        "item_bought_together",
+        *TABLE_NAMES,
+    ],
     group_name="serving",
 )
 def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """The serving snapshot as of the end of the data: every known user's candidates with feature
-    vectors assembled exactly as for training, the popular in-stock items for everyone else, and
+    vectors assembled exactly as for training, the item neighbours (co-visitation, bought
+    together) that sessions and `/similar` use, the popular in-stock items for everyone else, and
     the facts the business rules read (catalog stock, price, repeatable categories, purchases)."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
@@ -52,6 +67,21 @@ def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     )
     lake.write_parquet(items.to_arrow(), SERVING_ITEMS)
     lake.write_parquet(purchases.to_arrow(), SERVING_PURCHASES)
+    neighbours = pl.concat(
+        [
+            at_cutoffs(lake.read_frame(f"{FEATURES}/{mart}.parquet"), plan.serving).select(
+                pl.lit(kind).alias("kind"),
+                "item_id",
+                "neighbour_item_id",
+                pl.col("score").cast(pl.Float64),
+            )
+            for kind, mart in (
+                (COVISIT, "item_covisitation"),
+                (BOUGHT_TOGETHER, "item_bought_together"),
+            )
+        ]
+    )
+    lake.write_parquet(neighbours.to_arrow(), SERVING_NEIGHBOURS)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": snapshot.height,

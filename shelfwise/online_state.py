@@ -1,0 +1,233 @@
+"""Online state: what shoppers did since the serving snapshot, shared by every serving worker.
+
+`/events` records views, carts and purchases here after they are durable in the write-ahead log;
+`/recommend` reads a user's session from here. Two implementations with one interface:
+
+- `InProcessState` (default): dictionaries in the worker's memory. Fast, but each worker and each
+  replica has its own, and a restart forgets it (the events themselves are in the lake).
+- `RedisState` (`SHELFWISE_REDIS_URL`): the same in Redis, so workers and replicas share it.
+
+Per user: the session (viewed or carted items, most recent first, distinct, at most
+`SESSION_ITEMS`, forgotten after `SESSION_TTL_S` without activity), the cart, and the items
+bought since the snapshot (kept `PURCHASES_TTL_S`, longer than a retraining cycle). Shop-wide:
+stock updates. Event ids seen recently (`SEEN_TTL_S`) make a re-sent event harmless.
+"""
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+SESSION_ITEMS = 20
+SESSION_TTL_S = 2 * 3600
+PURCHASES_TTL_S = 14 * 24 * 3600
+SEEN_TTL_S = 7 * 24 * 3600
+# The in-process state remembers at most this many event ids (oldest forgotten first).
+SEEN_CAPACITY = 2_000_000
+
+
+@dataclass(frozen=True)
+class UserActivity:
+    """One user's online state (plain values, independent of the ML code).
+
+    Attributes:
+        item_ids: Viewed or carted items, most recent first, distinct.
+        carted_ids: Items in the cart.
+        purchased_ids: Items bought since the snapshot.
+    """
+
+    item_ids: tuple[str, ...] = ()
+    carted_ids: frozenset[str] = frozenset()
+    purchased_ids: frozenset[str] = frozenset()
+
+
+class OnlineState(Protocol):
+    """The interface both implementations share."""
+
+    def unseen(self, event_ids: list[str]) -> list[bool]:
+        """Per event id, whether it was not recorded before (read-only)."""
+        ...
+
+    def record(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Applies events (event_id, user_id, item_id, event_type), oldest first."""
+        ...
+
+    def activity(self, user_id: str) -> UserActivity:
+        """The user's session, cart and purchases."""
+        ...
+
+    def update_stock(self, updates: Mapping[str, bool]) -> None:
+        """Records stock changes (item_id → in stock)."""
+        ...
+
+    def stock(self) -> Mapping[str, bool]:
+        """Every stock change recorded so far."""
+        ...
+
+
+@dataclass
+class _User:
+    items: list[str] = field(default_factory=list)
+    cart: set[str] = field(default_factory=set)
+    bought: set[str] = field(default_factory=set)
+    active_at: float = 0.0
+    bought_at: float = 0.0
+
+
+class InProcessState:
+    """Online state in this process's memory (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[str, _User] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._stock: dict[str, bool] = {}
+
+    def unseen(self, event_ids: list[str]) -> list[bool]:  # noqa: D102
+        with self._lock:
+            return [event_id not in self._seen for event_id in event_ids]
+
+    def record(self, events: Iterable[Mapping[str, Any]]) -> None:  # noqa: D102
+        now = time.monotonic()
+        with self._lock:
+            for event in events:
+                if event["event_id"] in self._seen:
+                    continue
+                self._seen[event["event_id"]] = None
+                if len(self._seen) > SEEN_CAPACITY:
+                    self._seen.popitem(last=False)
+                user = self._users.setdefault(event["user_id"], _User())
+                _apply(user, event["event_type"], event["item_id"], now)
+
+    def activity(self, user_id: str) -> UserActivity:  # noqa: D102
+        now = time.monotonic()
+        with self._lock:
+            user = self._users.get(user_id)
+            if user is None:
+                return UserActivity()
+            fresh = now - user.active_at < SESSION_TTL_S
+            bought = now - user.bought_at < PURCHASES_TTL_S
+            return UserActivity(
+                tuple(user.items) if fresh else (),
+                frozenset(user.cart) if fresh else frozenset(),
+                frozenset(user.bought) if bought else frozenset(),
+            )
+
+    def update_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
+        with self._lock:
+            self._stock.update(updates)
+
+    def stock(self) -> Mapping[str, bool]:  # noqa: D102
+        return self._stock
+
+
+def _apply(user: _User, event_type: str, item_id: str, now: float) -> None:
+    if now - user.active_at >= SESSION_TTL_S:
+        user.items, user.cart = [], set()
+    if event_type in ("view", "add_to_cart"):
+        if item_id in user.items:
+            user.items.remove(item_id)
+        user.items.insert(0, item_id)
+        del user.items[SESSION_ITEMS:]
+        user.active_at = now
+    if event_type == "add_to_cart":
+        user.cart.add(item_id)
+    elif event_type == "remove_from_cart":
+        user.cart.discard(item_id)
+        user.active_at = now
+    elif event_type == "purchase":
+        user.cart.discard(item_id)
+        user.bought.add(item_id)
+        user.bought_at = now
+
+
+class RedisState:
+    """Online state in Redis, shared by every worker and replica.
+
+    Keys (prefix `shelfwise:`): `seen:<event_id>` (string with a TTL), `session:<user>` (list,
+    most recent first), `cart:<user>` and `bought:<user>` (sets), `stock` (hash item → 0/1) with
+    `stock:version` (a counter, so each worker re-reads the hash only when it changed).
+
+    Args:
+        url: A Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+        prefix: Key prefix (several installations may share one Redis).
+    """
+
+    def __init__(self, url: str, prefix: str = "shelfwise:") -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
+        self._redis.ping()  # fail at start-up, not on the first request
+        self._prefix = prefix
+        self._stock: dict[str, bool] = {}
+        self._stock_version: str | None = None
+        self._lock = threading.Lock()
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    def unseen(self, event_ids: list[str]) -> list[bool]:  # noqa: D102
+        pipe = self._redis.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.exists(self._key("seen", event_id))
+        return [not found for found in pipe.execute()]
+
+    def record(self, events: Iterable[Mapping[str, Any]]) -> None:  # noqa: D102
+        events = list(events)
+        claim = self._redis.pipeline(transaction=False)
+        for event in events:
+            claim.set(self._key("seen", event["event_id"]), 1, nx=True, ex=SEEN_TTL_S)
+        pipe = self._redis.pipeline(transaction=False)
+        for event, claimed in zip(events, claim.execute(), strict=True):
+            if not claimed:  # recorded before (a re-sent event)
+                continue
+            user, item, kind = event["user_id"], event["item_id"], event["event_type"]
+            session, cart = self._key("session", user), self._key("cart", user)
+            if kind in ("view", "add_to_cart"):
+                pipe.lrem(session, 0, item)
+                pipe.lpush(session, item)
+                pipe.ltrim(session, 0, SESSION_ITEMS - 1)
+                pipe.expire(session, SESSION_TTL_S)
+            if kind == "add_to_cart":
+                pipe.sadd(cart, item)
+                pipe.expire(cart, SESSION_TTL_S)
+            elif kind == "remove_from_cart":
+                pipe.srem(cart, item)
+            elif kind == "purchase":
+                pipe.srem(cart, item)
+                bought = self._key("bought", user)
+                pipe.sadd(bought, item)
+                pipe.expire(bought, PURCHASES_TTL_S)
+        pipe.execute()
+
+    def activity(self, user_id: str) -> UserActivity:  # noqa: D102
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lrange(self._key("session", user_id), 0, SESSION_ITEMS - 1)
+        pipe.smembers(self._key("cart", user_id))
+        pipe.smembers(self._key("bought", user_id))
+        items, cart, bought = pipe.execute()
+        return UserActivity(tuple(items), frozenset(cart), frozenset(bought))
+
+    def update_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
+        if not updates:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._key("stock"), mapping={k: int(v) for k, v in updates.items()})
+        pipe.incr(self._key("stock", "version"))
+        pipe.execute()
+
+    def stock(self) -> Mapping[str, bool]:  # noqa: D102
+        version = self._redis.get(self._key("stock", "version"))
+        if version != self._stock_version:
+            with self._lock:
+                raw = self._redis.hgetall(self._key("stock"))
+                self._stock = {item: value == "1" for item, value in raw.items()}
+                self._stock_version = version
+        return self._stock
+
+
+def open_state(redis_url: str | None) -> OnlineState:
+    """Redis-backed state when a URL is given, else in-process state."""
+    return RedisState(redis_url) if redis_url else InProcessState()
