@@ -101,6 +101,38 @@ def _describe_import(report: ImportReport, lake: Lake, listed: int = 20) -> None
     _say("Run the pipeline (or `make pipeline`) to ingest them.")
 
 
+def _compact(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.feedback import compact_feedback
+
+    lake = Lake(args.lake or settings.lake_url)
+    result = compact_feedback(settings.wal_dir, lake)
+    _say(
+        f"Compacted {result.segments} log segment(s) from {settings.wal_dir} into {lake.url}: "
+        f"{result.events:,} events, {result.impressions:,} impressions, "
+        f"{len(result.files)} file(s)."
+    )
+    for relpath in result.files[:20]:
+        _say(f"  wrote {relpath}")
+    if len(result.files) > 20:
+        _say(f"  … and {len(result.files) - 20} more")
+    duplicates = sum(result.duplicates.values())
+    if duplicates:
+        _say(f"Dropped {duplicates:,} duplicate row(s) (same event_id or impression).")
+    if result.orphaned:
+        _say(f"Recovered {result.orphaned} segment(s) of writers that had stopped.")
+    if result.torn_bytes:
+        _say(f"Skipped {result.torn_bytes:,} byte(s) of torn, never acknowledged writes.")
+    if result.live:
+        _say(f"Left {result.live} open segment(s) of running writers for a later run.")
+    if result.failed:
+        _say(
+            f"Moved {len(result.failed)} segment(s) that do not fit the contract to "
+            f"{settings.wal_dir / 'failed'}: {', '.join(result.failed)}"
+        )
+        return 1
+    return 0
+
+
 def _models_list(args: argparse.Namespace, settings: Settings) -> int:
     from shelfwise.registry import describe_rankers, production
 
@@ -279,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
     imports.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS)
 
+    compact = commands.add_parser(
+        "compact",
+        help="publish the feedback write-ahead log (SHELFWISE_HOME/wal) to the lake as Parquet",
+    )
+    compact.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
+
     models = commands.add_parser(
         "models",
         help="list the registered rankers, promote one to production, roll back",
@@ -307,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _generate,
         "import": _import,
         "demo-banner": _demo_banner,
+        "compact": _compact,
         "models": _models,
     }
     return handlers[args.command](args, settings)

@@ -1,0 +1,420 @@
+"""The feedback write-ahead log and its compactor, on real files (and a real S3 API on moto)."""
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shelfwise.cli import main
+from shelfwise.contracts import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, ContractError
+from shelfwise.feedback import (
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    FeedbackLog,
+    compact_feedback,
+    read_segment,
+)
+from shelfwise.lake import EVENTS, IMPRESSIONS, Lake
+from shelfwise.settings import Settings
+from tests.support import PROJECT_ROOT
+
+DAY = datetime(2026, 11, 1, tzinfo=UTC)
+WRITER = PROJECT_ROOT / "tests" / "feedback_writer.py"
+
+
+def make_events(prefix: str, count: int, start: datetime = DAY) -> list[dict]:
+    return [
+        {
+            "event_id": f"{prefix}{index}",
+            "occurred_at": start + timedelta(hours=7 * index),
+            "user_id": f"u{index % 3}",
+            "session_id": f"s{index % 2}",
+            "item_id": f"i{index}",
+            "event_type": ("view", "add_to_cart", "remove_from_cart", "purchase")[index % 4],
+            "quantity": 1 + index % 3,
+            "price": None if index % 5 == 0 else 10.0 + index,
+            "rec_id": f"r{index}" if index % 2 else None,
+            "source": "web",
+        }
+        for index in range(count)
+    ]
+
+
+def make_impressions(rec_id: str, count: int) -> list[dict]:
+    shown = datetime(2026, 11, 2, 23, 59, 59, 999_999, tzinfo=UTC)
+    return [
+        {
+            "rec_id": rec_id,
+            "shown_at": shown,
+            "user_id": "u1",
+            "item_id": f"i{position}",
+            "position": position,
+            "model_version": "shelfwise_ranker:v1" if position % 2 else None,
+            "strategy": "ranker",
+            "variant": None,
+        }
+        for position in range(count)
+    ]
+
+
+def lake_rows(lake: Lake, dataset: str, key: str) -> list[dict]:
+    """Every row of a dataset (one dict per row, without the partition column), sorted by `key`."""
+    rows = [row for path in lake.list_files(dataset) for row in read_file(lake, path).to_pylist()]
+    return sorted(rows, key=lambda row: (row[key], str(row.get("position"))))
+
+
+def read_file(lake: Lake, relpath: str) -> pa.Table:
+    with lake.fs.open(lake.path(relpath), "rb") as handle:
+        return pq.read_table(handle)
+
+
+def utc(rows: list[dict], column: str) -> list[dict]:
+    return [{**row, column: row[column].astimezone(UTC)} for row in rows]
+
+
+def segments(directory: Path, suffix: str) -> list[Path]:
+    return sorted(directory.glob(f"*{suffix}"))
+
+
+def test_append_and_compact_round_trip_with_the_exact_contract_schema(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    berlin = timezone(timedelta(hours=1))
+    events = make_events("e", 12, start=datetime(2026, 11, 1, 0, 30, tzinfo=berlin))
+    impressions = make_impressions("r1", 5)
+    with FeedbackLog(wal) as log:
+        log.append(EVENTS, events[:7])
+        log.append(IMPRESSIONS, impressions)
+        log.append(EVENTS, events[7:])
+        log.append(EVENTS, [])  # nothing to do
+
+    result = compact_feedback(wal, lake)
+
+    assert (result.events, result.impressions, result.segments) == (12, 5, 1)
+    assert result.torn_bytes == 0 and result.live == 0
+    assert os.listdir(wal) == ["compact.lock"]
+    for relpath in result.files:
+        schema = pq.read_schema(lake.fs.open(lake.path(relpath), "rb"))
+        expected = EVENTS_SCHEMA if relpath.startswith("events/") else IMPRESSIONS_SCHEMA
+        assert schema.equals(expected), relpath
+    # Hive partitions by the UTC date: 00:30 at +01:00 is still October 31st in UTC.
+    event_dates = sorted({path.split("/")[1] for path in lake.list_files(EVENTS)})
+    expected_dates = {f"date={row['occurred_at'].astimezone(UTC).date()}" for row in events}
+    assert event_dates[0] == "date=2026-10-31" and event_dates == sorted(expected_dates)
+    assert lake.list_files(IMPRESSIONS) == [f for f in result.files if f.startswith(IMPRESSIONS)]
+    assert [f.split("/")[1] for f in lake.list_files(IMPRESSIONS)] == ["date=2026-11-02"]
+    for relpath in lake.list_files(EVENTS):
+        day = relpath.split("/")[1].removeprefix("date=")
+        assert {
+            r["occurred_at"].date().isoformat() for r in read_file(lake, relpath).to_pylist()
+        } == {day}
+    assert lake_rows(lake, EVENTS, "event_id") == sorted(
+        utc(events, "occurred_at"), key=lambda row: row["event_id"]
+    )
+    assert lake_rows(lake, IMPRESSIONS, "rec_id") == impressions
+    # The pipeline's reader sees the partition as a column.
+    assert lake.read_frame(EVENTS).height == 12
+    assert compact_feedback(wal, lake).segments == 0  # nothing left
+
+
+def test_duplicate_event_ids_are_published_once(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    events = make_events("e", 6)
+    with FeedbackLog(wal) as log:
+        log.append(EVENTS, events[:4])
+        log.append(EVENTS, events[2:6])  # a client retry: e2 and e3 again
+        log.rotate()
+        log.append(EVENTS, events[5:6])  # and again, in the next segment
+        log.append(IMPRESSIONS, make_impressions("r1", 3))
+        log.append(IMPRESSIONS, make_impressions("r1", 3))
+
+    result = compact_feedback(wal, lake)
+
+    assert result.segments == 2
+    assert result.rows == {EVENTS: 6, IMPRESSIONS: 3}
+    assert result.duplicates == {EVENTS: 3, IMPRESSIONS: 3}
+    assert [row["event_id"] for row in lake_rows(lake, EVENTS, "event_id")] == [
+        f"e{n}" for n in range(6)
+    ]
+
+
+def test_rows_that_break_the_contract_are_refused_before_anything_is_written(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    good = make_events("e", 3)
+    with FeedbackLog(wal) as log:
+        with pytest.raises(ContractError, match="'user_id'"):
+            log.append(EVENTS, [*good, {**good[0], "user_id": None}])
+        with pytest.raises(ContractError, match="'item_id'"):
+            log.append(EVENTS, [{k: v for k, v in good[0].items() if k != "item_id"}])
+        with pytest.raises(ContractError, match="'quantity'"):
+            log.append(EVENTS, [{**good[0], "quantity": "two"}])
+        with pytest.raises(ContractError, match="'occurred_at'"):
+            log.append(EVENTS, [{**good[0], "occurred_at": "yesterday"}])
+        with pytest.raises(ContractError, match="'event_type'"):
+            log.append(EVENTS, [{**good[0], "event_type": "click"}])
+        with pytest.raises(ContractError, match="'position'"):
+            log.append(IMPRESSIONS, [{**make_impressions("r", 1)[0], "position": None}])
+        with pytest.raises(ValueError, match="unknown feedback stream"):
+            log.append("clicks", good)
+        log.append(EVENTS, good)
+    with pytest.raises(RuntimeError, match="closed"):
+        log.append(EVENTS, good)
+
+    assert compact_feedback(wal, lake).rows == {EVENTS: 3, IMPRESSIONS: 0}
+
+
+@pytest.mark.parametrize("damage", ["cut", "zeros", "garbage", "flipped"])
+def test_a_torn_trailing_record_is_skipped(tmp_path, damage):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    with FeedbackLog(wal) as log:
+        log.append(EVENTS, make_events("a", 5))
+        log.append(EVENTS, make_events("b", 5))
+    (segment,) = segments(wal, SEALED_SUFFIX)
+    data = segment.read_bytes()
+    whole = read_segment(data)
+    assert whole.torn_bytes == 0 and len(whole.batches[EVENTS]) == 2
+    # A third batch whose write a crash cut short: it was never acknowledged.
+    with FeedbackLog(tmp_path / "other") as other:
+        other.append(EVENTS, make_events("c", 5))
+    third = next((tmp_path / "other").glob("*.sealed")).read_bytes()
+    # Skip its file magic (16 bytes) and schema record (10-byte header + payload): the batch record.
+    last = third[16 + 10 + struct.unpack_from("<I", third, 16 + 2)[0] :]
+    torn = {
+        "cut": data + last[:-7],
+        "zeros": data + bytes(4096),
+        "garbage": data + os.urandom(333),
+        "flipped": data + last[:-1] + bytes([last[-1] ^ 0xFF]),
+    }[damage]
+    segment.write_bytes(torn)
+
+    result = compact_feedback(wal, lake)
+
+    assert result.torn_bytes == len(torn) - whole.valid_bytes > 0
+    assert result.events == 10
+    assert {row["event_id"][0] for row in lake_rows(lake, EVENTS, "event_id")} == {"a", "b"}
+    assert list(wal.iterdir()) == [wal / "compact.lock"]
+
+
+def test_compaction_is_idempotent_when_removing_the_segment_was_interrupted(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    with FeedbackLog(wal) as log:
+        log.append(EVENTS, make_events("e", 10))
+        log.append(IMPRESSIONS, make_impressions("r1", 4))
+    (segment,) = segments(wal, SEALED_SUFFIX)
+    copy = tmp_path / "copy"
+    shutil.copy2(segment, copy)
+
+    first = compact_feedback(wal, lake)
+    files = lake.list_files("")
+    # As if the compactor had died after publishing and before removing the segment.
+    shutil.copy2(copy, segment)
+    second = compact_feedback(wal, lake)
+
+    assert second.files == first.files and len(first.files) == 4  # 3 days of events
+    assert lake.list_files("") == files  # no second copy, no temporary left behind
+    assert [row["event_id"] for row in lake_rows(lake, EVENTS, "event_id")] == sorted(
+        f"e{n}" for n in range(10)
+    )
+    assert len(lake_rows(lake, IMPRESSIONS, "rec_id")) == 4
+
+
+def test_open_segments_of_live_writers_wait_and_orphans_of_dead_ones_are_taken(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    # A writer that exits without closing its log: its segment stays `.open`, unlocked.
+    script = (
+        "import sys; from pathlib import Path;"
+        "from shelfwise.feedback import FeedbackLog;"
+        "from tests.test_feedback_log import make_events;"
+        "log = FeedbackLog(Path(sys.argv[1])); log.append('events', make_events('dead', 4));"
+        "import os; os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", script, str(wal)], cwd=PROJECT_ROOT, check=True)
+    assert len(segments(wal, OPEN_SUFFIX)) == 1
+    log = FeedbackLog(wal)
+    log.append(EVENTS, make_events("live", 3))
+
+    during = compact_feedback(wal, lake)
+
+    assert (during.orphaned, during.live, during.events) == (1, 1, 4)
+    assert len(segments(wal, OPEN_SUFFIX)) == 1  # the live writer's, untouched
+    log.append(EVENTS, make_events("more", 2))
+    log.close()
+    after = compact_feedback(wal, lake)
+    assert (after.orphaned, after.live, after.events) == (0, 0, 5)
+    assert len(lake_rows(lake, EVENTS, "event_id")) == 9
+
+
+def test_segments_rotate_by_size_and_age_while_threads_append(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    log = FeedbackLog(wal, max_segment_bytes=16 * 1024, max_segment_seconds=0.3)
+
+    def append(thread: int) -> None:
+        for batch in range(30):
+            log.append(EVENTS, make_events(f"t{thread}b{batch}-", 20))
+
+    threads = [threading.Thread(target=append, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(segments(wal, SEALED_SUFFIX)) > 2  # sealed by size
+    deadline = time.monotonic() + 10
+    while segments(wal, OPEN_SUFFIX) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the idle one is sealed by age, without a close
+    assert segments(wal, OPEN_SUFFIX) == []
+
+    result = compact_feedback(wal, lake)
+    log.close()
+
+    assert result.events == 4 * 30 * 20 and result.duplicates[EVENTS] == 0
+    ids = Counter(row["event_id"] for row in lake_rows(lake, EVENTS, "event_id"))
+    assert len(ids) == 2400 and set(ids.values()) == {1}
+
+
+def test_a_segment_that_does_not_fit_the_contract_is_set_aside_not_blocking(tmp_path):
+    from shelfwise import feedback
+
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    # A segment of another version, whose events had no `source`.
+    older = EVENTS_SCHEMA.remove(EVENTS_SCHEMA.get_field_index("source"))
+    batch = pa.RecordBatch.from_pylist(make_events("old", 3), schema=older)
+    stream = feedback._STREAMS[EVENTS]
+    wal.mkdir()
+    stale = wal / f"20200101T000000000000Z-1-000000000000-000001{SEALED_SUFFIX}"
+    stale.write_bytes(
+        feedback.FILE_MAGIC
+        + feedback._record(feedback._KIND_SCHEMA, stream, older.serialize().to_pybytes())
+        + feedback._record(feedback._KIND_BATCH, stream, batch.serialize().to_pybytes())
+    )
+    with FeedbackLog(wal) as log:
+        log.append(EVENTS, make_events("new", 2))
+
+    result = compact_feedback(wal, lake)
+
+    assert result.failed == [stale.name] and result.events == 2
+    assert (wal / "failed" / stale.name).exists() and not stale.exists()
+    assert compact_feedback(wal, lake).failed == []  # set aside once, not retried each run
+
+
+def _start_writers(wal: Path, count: int) -> list:
+    writers = []
+    for _ in range(count):
+        process = subprocess.Popen(
+            [sys.executable, str(WRITER), str(wal), "--threads", "2", "--segment-bytes", "262144"],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(
+            target=lambda out=process.stdout, got=lines: got.extend(line.decode() for line in out),
+            daemon=True,
+        )
+        reader.start()
+        writers.append((process, lines, reader))
+    return writers
+
+
+def _wait_for_acks(writers, at_least: int) -> None:
+    deadline = time.monotonic() + 60
+    while any(len(lines) < at_least for _, lines, _ in writers):
+        assert time.monotonic() < deadline, "the writers acknowledged too little"
+        assert all(process.poll() is None for process, _, _ in writers), "a writer died"
+        time.sleep(0.02)
+
+
+def _kill(writers) -> set[str]:
+    """SIGKILLs the writers mid-flight; returns the event ids they acknowledged."""
+    for process, _, _ in writers:
+        process.send_signal(signal.SIGKILL)
+    acknowledged: set[str] = set()
+    for process, lines, reader in writers:
+        assert process.wait(timeout=30) == -signal.SIGKILL
+        reader.join(timeout=30)
+        for line in lines:
+            if line.endswith("\n"):  # a line cut by the kill promises nothing
+                acknowledged.update(line.split()[1:])
+    return acknowledged
+
+
+def test_kill_9_loses_no_acknowledged_event_and_duplicates_none(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    # Round 1: two writer processes on one folder (like BentoML workers), compacted while live.
+    first = _start_writers(wal, 2)
+    _wait_for_acks(first, 100)
+    during = compact_feedback(wal, lake)
+    assert during.live >= 1 and during.segments > 0  # a writer may be between two segments
+    _wait_for_acks(first, 200)
+    acknowledged = _kill(first)
+    # Round 2: new writers start next to the dead ones' orphans; a compaction takes the orphans.
+    second = _start_writers(wal, 2)
+    _wait_for_acks(second, 50)
+    recovering = compact_feedback(wal, lake)
+    assert recovering.orphaned >= 1 and recovering.live >= 1
+    _wait_for_acks(second, 150)
+    acknowledged |= _kill(second)
+
+    final = compact_feedback(wal, lake)
+
+    assert final.live == 0 and final.orphaned >= 1
+    assert [p.name for p in wal.iterdir()] == ["compact.lock"]
+    published = Counter(
+        event_id
+        for relpath in lake.list_files(EVENTS)
+        for event_id in read_file(lake, relpath).column("event_id").to_pylist()
+    )
+    assert len(acknowledged) >= 4 * 100 * 100
+    assert not acknowledged - published.keys(), "acknowledged events were lost"
+    assert max(published.values()) == 1, "events were published twice"
+    assert lake.list_files(EVENTS, suffix="") == lake.list_files(EVENTS)  # no temporaries
+
+
+def test_round_trip_and_idempotent_recompaction_on_s3(s3_lake_url, tmp_path):
+    wal, lake = tmp_path / "wal", Lake(s3_lake_url)
+    events = make_events("e", 9)
+    with FeedbackLog(wal) as log:
+        log.append(EVENTS, events)
+        log.append(IMPRESSIONS, make_impressions("r9", 4))
+    (segment,) = segments(wal, SEALED_SUFFIX)
+    copy = tmp_path / "copy"
+    shutil.copy2(segment, copy)
+
+    first = compact_feedback(wal, lake)
+    shutil.copy2(copy, segment)
+    second = compact_feedback(wal, lake)
+
+    assert (first.events, first.impressions) == (9, 4)
+    assert second.files == first.files
+    assert lake.list_files("", suffix="") == sorted(first.files)  # unique keys, no temporaries
+    for relpath in first.files:
+        expected = EVENTS_SCHEMA if relpath.startswith("events/") else IMPRESSIONS_SCHEMA
+        assert read_file(lake, relpath).schema.equals(expected)
+    assert lake_rows(lake, EVENTS, "event_id") == sorted(
+        utc(events, "occurred_at"), key=lambda row: row["event_id"]
+    )
+    assert lake_rows(lake, IMPRESSIONS, "rec_id") == make_impressions("r9", 4)
+
+
+def test_cli_compact_publishes_the_log_of_shelfwise_home(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHELFWISE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SHELFWISE_LAKE", raising=False)
+    settings = Settings.from_env()
+    with FeedbackLog(settings.wal_dir) as log:
+        log.append(EVENTS, make_events("e", 4))
+        log.append(EVENTS, make_events("e", 2))
+
+    assert main(["compact"]) == 0
+
+    output = capsys.readouterr().out
+    assert "Compacted 1 log segment(s)" in output and "4 events, 0 impressions" in output
+    assert "Dropped 2 duplicate row(s)" in output
+    assert len(Lake(settings.lake_url).read_table(EVENTS)) == 4
