@@ -172,3 +172,8 @@ class EventsResponse(BaseModel):
     duplicates: int = Field(description="Events already received (same event_id): ignored.")
     rejected: list[RejectedEvent] = Field(description="Invalid events, not kept.")
     stock_updates: int = Field(description="Stock changes applied.")
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool = Field(description="Whether a newly promoted model was swapped in.")
+    model_version: str | None = Field(description="The ranker served from now on.")

@@ -11,7 +11,10 @@ into the bento; the serving snapshot comes from the lake.
 
 import json
 import logging
+import threading
+import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +30,7 @@ from bentos.api_models import (
     RecommendFilters,
     RecommendResponse,
     RejectedEvent,
+    ReloadResponse,
     SimilarResponse,
     StockUpdate,
 )
@@ -35,10 +39,17 @@ from bentos.guard import RequestGuard
 from bentos.impressions import ImpressionLog
 from models.serving import Recommendation, Recommender
 from models.session import Session
-from shelfwise.feedback import FeedbackLog
+from shelfwise.feedback import FeedbackLog, compact_feedback
 from shelfwise.lake import Lake
 from shelfwise.online_state import open_state
-from shelfwise.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE, SOURCE_TAG
+from shelfwise.registry import (
+    PRODUCTION_MODEL_NAME,
+    RANKER_FILE,
+    RANKER_INFO_FILE,
+    SOURCE_TAG,
+    production,
+    production_path,
+)
 from shelfwise.settings import Settings
 
 logger = logging.getLogger("bentoml.shelfwise")
@@ -71,46 +82,93 @@ class RecommendationService:
     production_model = bentoml.models.BentoModel(f"{PRODUCTION_MODEL_NAME}:latest")
 
     def __init__(self) -> None:
-        settings = Settings.from_env()
-        lake = Lake(settings.lake_url)
-        booster, features, self.model_version = None, None, None
+        self.settings = Settings.from_env()
+        booster, features, version, tag = None, None, None, None
         try:
             model = self.production_model
-            model_dir = Path(model.path)
-            import lightgbm as lgb
-
-            booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
-            features = json.loads((model_dir / RANKER_INFO_FILE).read_text())["features"]
+            booster, features = load_ranker(Path(model.path))
             # The promoted ranker's tag, not the production copy's: what training knows.
-            self.model_version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
+            version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
+            tag = str(model.tag)
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
-        budget = settings.ranker_budget_ms / 1000 or None
-        try:
-            self.recommender = Recommender.from_lake(
-                lake, booster, features, settings.max_per_category, budget
-            )
-        except ValueError:  # the snapshot was built for other features than this ranker's
-            logger.exception("Serving snapshot does not fit the ranker: serving without it")
-            self.model_version = None
-            self.recommender = Recommender.from_lake(
-                lake, None, None, settings.max_per_category, budget
-            )
-        self.state = open_state(settings.redis_url)
-        self.feedback = FeedbackLog(settings.wal_dir)
+        self.serving = self._serving(booster, features, version, tag)
+        self.state = open_state(self.settings.redis_url)
+        # Segments are sealed (compactable) as often as they are compacted.
+        self.feedback = FeedbackLog(
+            self.settings.wal_dir, max_segment_seconds=self.settings.compact_every_s or 60.0
+        )
         self.impressions = ImpressionLog(self.feedback)
-        MODEL.labels(model_version=self.model_version or "none").set(1)
+        self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
         logger.info(
             "Serving %s for %d known users from %s, online state %s",
-            self.model_version,
-            self.recommender.known_users,
-            settings.lake_url,
-            "in Redis" if settings.redis_url else "in process",
+            self.serving.model_version,
+            self.serving.recommender.known_users,
+            self.settings.lake_url,
+            "in Redis" if self.settings.redis_url else "in process",
         )
         settle_heap()
 
+    def _serving(self, booster, features, version: str | None, tag: str | None) -> "Serving":
+        """The recommender for a ranker and the lake's current serving snapshot."""
+        lake = Lake(self.settings.lake_url)
+        budget = self.settings.ranker_budget_ms / 1000 or None
+        cap = self.settings.max_per_category
+        try:
+            recommender = Recommender.from_lake(lake, booster, features, cap, budget)
+        except ValueError:  # the snapshot was built for other features than this ranker's
+            logger.exception("Serving snapshot does not fit the ranker: serving without it")
+            recommender, version = Recommender.from_lake(lake, None, None, cap, budget), None
+        MODEL.labels(model_version=version or "none").set(1)
+        return Serving(recommender, version, tag)
+
+    def reload(self) -> bool:
+        """Swaps in the production model of the store if it changed since it was loaded.
+
+        The new recommender (ranker and serving snapshot) is built aside; requests keep using
+        the old one until a single reference assignment switches them over.
+
+        Returns:
+            Whether a new model was swapped in.
+        """
+        with self._reload_lock:
+            current = production(self.settings.bentoml_home)
+            if current is None or current.tag == self.serving.tag:
+                return False
+            booster, features = load_ranker(production_path(self.settings.bentoml_home))
+            serving = self._serving(booster, features, current.source_tag, current.tag)
+            if serving.model_version is None:  # the snapshot does not fit: keep what works
+                return False
+            previous, self.serving = self.serving, serving
+            if previous.model_version != serving.model_version:
+                MODEL.labels(model_version=previous.model_version or "none").set(0)
+            logger.info("Swapped %s for %s", previous.model_version, serving.model_version)
+            return True
+
+    def _background(self) -> None:
+        """Upkeep off the request path: a newly promoted model, and log compaction."""
+        poll, compact = self.settings.model_poll_s, self.settings.compact_every_s
+        next_poll = next_compaction = time.monotonic()
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            if poll and now >= next_poll:
+                next_poll = now + poll
+                try:
+                    self.reload()
+                except Exception:  # a broken new model must not stop the old one serving
+                    logger.exception("Could not load the newly promoted model")
+            if compact and now >= next_compaction:
+                next_compaction = now + compact
+                try:
+                    compact_feedback(self.settings.wal_dir, Lake(self.settings.lake_url))
+                except Exception:  # the log keeps everything; the next round retries
+                    logger.exception("Feedback compaction failed")
+
     @bentoml.on_shutdown
     def close(self) -> None:
+        self._stop.set()
         self.impressions.close()
         self.feedback.close()
 
@@ -130,7 +188,8 @@ class RecommendationService:
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
         ).with_context(context.item_id, context.session_item_ids)
-        answer = self.recommender.recommend(
+        serving = self.serving
+        answer = serving.recommender.recommend(
             user_id,
             k,
             filters.to_rules() if filters else None,
@@ -138,7 +197,7 @@ class RecommendationService:
             context.item_id,
             self.state.stock(),
         )
-        return self._respond("recommend", user_id, answer, RecommendResponse)
+        return self._respond("recommend", user_id, answer, serving, RecommendResponse)
 
     @bentoml.api(route="/similar")
     def similar(
@@ -152,10 +211,11 @@ class RecommendationService:
     ) -> SimilarResponse:
         """Items viewed or bought together with an item ("customers who viewed this also
         viewed"); content-based neighbours (same category, price, brand) for new items."""
-        answer = self.recommender.similar(
+        serving = self.serving
+        answer = serving.recommender.similar(
             item_id, k, filters.to_rules(exclude=item_id) if filters else None
         )
-        return self._respond("similar", user_id or "", answer, SimilarResponse)
+        return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
 
     @bentoml.api(route="/events")
     def events(
@@ -206,7 +266,21 @@ class RecommendationService:
             stock_updates=len(stock),
         )
 
-    def _respond(self, endpoint: str, user_id: str, answer: Recommendation, response_type):
+    @bentoml.api(route="/admin/reload")
+    def admin_reload(self) -> ReloadResponse:
+        """Loads the newly promoted model now instead of at the next poll (needs the token when
+        SHELFWISE_API_TOKEN is set)."""
+        swapped = self.reload()
+        return ReloadResponse(reloaded=swapped, model_version=self.serving.model_version)
+
+    def _respond(
+        self,
+        endpoint: str,
+        user_id: str,
+        answer: Recommendation,
+        serving: "Serving",
+        response_type,
+    ):
         rec_id = uuid.uuid4().hex
         RESPONSES.labels(
             endpoint=endpoint, strategy=answer.strategy, fallback_level=str(answer.fallback_level)
@@ -220,7 +294,7 @@ class RecommendationService:
                     "user_id": user_id,
                     "item_id": item.item_id,
                     "position": position,
-                    "model_version": self.model_version,
+                    "model_version": serving.model_version,
                     "strategy": f"{endpoint}:{answer.strategy}",
                     "variant": None,
                 }
@@ -232,11 +306,28 @@ class RecommendationService:
             items=[RecommendedItem(**vars(item)) for item in answer.items],
             strategy=answer.strategy,
             fallback_level=answer.fallback_level,
-            model_version=self.model_version,
+            model_version=serving.model_version,
         )
 
 
 RecommendationService.add_asgi_middleware(RequestGuard)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What answers requests: replaced as a whole on a model swap, never changed in place."""
+
+    recommender: Recommender
+    model_version: str | None
+    tag: str | None
+
+
+def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:
+    """The LightGBM booster and its feature list from a model store folder."""
+    import lightgbm as lgb
+
+    booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
+    return booster, json.loads((model_dir / RANKER_INFO_FILE).read_text())["features"]
 
 
 def event_row(event: EventIn, now: datetime) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The one Dagster code location of Shelfwise: every asset from raw events to the bento."""
+"""The one Dagster code location of Shelfwise: every asset from raw events to the bento, and the
+retraining loop (job, feedback sensor, daily schedule)."""
 
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from orchestration.assets.serving import (
     registered_model,
     serving_features,
 )
+from orchestration.automation import daily_retraining, feedback_volume, retraining
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 
@@ -34,6 +36,9 @@ defs = dg.Definitions(
         production_model,
         bento,
     ],
+    jobs=[retraining],
+    schedules=[daily_retraining],
+    sensors=[feedback_volume],
     resources={
         "shelfwise": ShelfwiseResource(),
         # The dbt of this virtual environment, also when it is not activated.

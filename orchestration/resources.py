@@ -11,12 +11,13 @@ from shelfwise.settings import Settings
 class ShelfwiseResource(dg.ConfigurableResource):
     """The Shelfwise installation a run works on.
 
-    Each unset field falls back to its environment variable (SHELFWISE_HOME, SHELFWISE_LAKE),
-    read when the run uses the resource.
+    Each unset field falls back to its environment variable (SHELFWISE_HOME, SHELFWISE_LAKE,
+    SHELFWISE_RETRAIN_AFTER_EVENTS), read when a run or a sensor uses the resource.
     """
 
     home: str | None = None
     lake_url: str | None = None
+    retrain_after_events: int | None = None
 
     def settings(self) -> Settings:
         environ = dict(os.environ)
@@ -24,6 +25,8 @@ class ShelfwiseResource(dg.ConfigurableResource):
             environ["SHELFWISE_HOME"] = self.home
         if self.lake_url:
             environ["SHELFWISE_LAKE"] = self.lake_url
+        if self.retrain_after_events:
+            environ["SHELFWISE_RETRAIN_AFTER_EVENTS"] = str(self.retrain_after_events)
         return Settings.from_env(environ)
 
     def lake(self) -> Lake:

@@ -16,6 +16,7 @@ the landing file's name, so an interrupted ingestion can simply run again.
 
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -31,6 +32,7 @@ from shelfwise.contracts import (
     USERS_SCHEMA,
     conform,
 )
+from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX
 from shelfwise.lake import Lake
 from shelfwise.validation import validate_events
 
@@ -173,3 +175,28 @@ def ingested_dates(lake: Lake) -> list[date]:
         if (match := re.search(r"/date=(\d{4}-\d{2}-\d{2})/", relpath))
     }
     return sorted(date.fromisoformat(text) for text in found)
+
+
+def feedback_files(
+    lake: Lake, since: datetime, known: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """The feedback event files (compacted from the service's log) published after `since`.
+
+    Cheap enough for a sensor: one listing (with modification times) and, for files not seen
+    before, their Parquet footers; no data is read.
+
+    Args:
+        lake: The lake.
+        since: Count files published after this time (when the production model was trained).
+        known: Row counts already read (a sensor's cursor): those footers are not read again.
+
+    Returns:
+        Lake-relative path → rows, for the feedback files published after `since`.
+    """
+    known = known or {}
+    counts = {}
+    for relpath, published_at in lake.list_modified(paths.EVENTS).items():
+        name = posixpath.basename(relpath)
+        if name.startswith(FEEDBACK_FILE_PREFIX) and published_at > since:
+            counts[relpath] = known[relpath] if relpath in known else lake.parquet_rows(relpath)
+    return counts

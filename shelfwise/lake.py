@@ -10,6 +10,7 @@ import json
 import posixpath
 import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -83,6 +84,26 @@ class Lake:
         root = self.path().rstrip("/") + "/"
         found = [p for p in self.fs.find(base) if p.endswith(suffix)]
         return sorted(p.removeprefix(root) for p in found)
+
+    def list_modified(self, relpath: str, suffix: str = ".parquet") -> dict[str, datetime]:
+        """Files under a folder (recursively) with their modification times (UTC).
+
+        Args:
+            relpath: The folder, relative to the lake root.
+            suffix: Only files whose name ends with this.
+
+        Returns:
+            Lake-relative path → last modified; empty when the folder does not exist.
+        """
+        base = self.path(relpath)
+        if not self.fs.exists(base):
+            return {}
+        root = self.path().rstrip("/") + "/"
+        found = {}
+        for path, info in self.fs.find(base, detail=True).items():
+            if path.endswith(suffix):
+                found[path.removeprefix(root)] = _modified_at(info)
+        return found
 
     def write_parquet(self, table: pa.Table, relpath: str) -> str:
         """Writes a Parquet file atomically (temporary name, then rename).
@@ -192,3 +213,11 @@ class Lake:
         with self.fs.open(temporary, "wb") as handle:
             handle.write(data)
         self.fs.mv(temporary, target)
+
+
+def _modified_at(info: dict) -> datetime:
+    """A file's modification time from an fsspec listing (local: mtime; S3: LastModified)."""
+    modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if isinstance(modified, datetime):
+        return modified if modified.tzinfo else modified.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(float(modified), tz=UTC)

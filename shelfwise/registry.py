@@ -51,6 +51,9 @@ PRODUCTION_MODEL_NAME = "shelfwise_production"
 RANKER_FILE = "model.txt"
 RANKER_INFO_FILE = "model.json"
 
+# When the ranker's feature build read the lake (ISO time, in the ranker's metadata).
+DATA_READ_AT = "data_read_at"
+
 # Keys the registry writes into a production version's metadata (on top of the ranker's).
 SOURCE_TAG = "source_tag"
 PREVIOUS_SOURCE_TAG = "previous_source_tag"
@@ -452,3 +455,15 @@ def production_ranker(bentoml_home: Path) -> tuple[str, dict[str, Any]] | None:
     model = _model_store(bentoml_home).get(current.tag)
     info = json.loads(Path(model.path, RANKER_INFO_FILE).read_text())
     return Path(model.path, RANKER_FILE).read_text(), info
+
+
+def production_path(bentoml_home: Path) -> Path:
+    """The folder of the current production model in the store (booster and info files).
+
+    Raises:
+        RegistryError: Nothing is in production yet.
+    """
+    current = production(bentoml_home)
+    if current is None:
+        raise RegistryError("no model is in production yet")
+    return Path(_model_store(bentoml_home).get(current.tag).path)

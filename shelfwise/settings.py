@@ -22,6 +22,13 @@ class Settings:
             the candidate order instead (`SHELFWISE_RANKER_BUDGET_MS`, default 50; 0: no limit).
         max_body_bytes: The largest request body the service reads (`SHELFWISE_MAX_BODY_BYTES`,
             default 1 MiB).
+        retrain_after_events: The feedback sensor requests a retraining once this many feedback
+            events arrived since the production model was trained
+            (`SHELFWISE_RETRAIN_AFTER_EVENTS`, default 10,000).
+        model_poll_s: How often the service looks for a newly promoted model, in seconds
+            (`SHELFWISE_MODEL_POLL_S`, default 10; 0: only `POST /admin/reload`).
+        compact_every_s: How often the service compacts its feedback log into the lake, in
+            seconds (`SHELFWISE_COMPACT_EVERY_S`, default 30; 0: never, leave it to the pipeline).
     """
 
     home: Path
@@ -31,6 +38,9 @@ class Settings:
     redis_url: str | None = None
     ranker_budget_ms: float = 50.0
     max_body_bytes: int = 1 << 20
+    retrain_after_events: int = 10_000
+    model_poll_s: float = 10.0
+    compact_every_s: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -53,6 +63,9 @@ class Settings:
             redis_url=env.get("SHELFWISE_REDIS_URL") or None,
             ranker_budget_ms=float(env.get("SHELFWISE_RANKER_BUDGET_MS") or 50.0),
             max_body_bytes=int(env.get("SHELFWISE_MAX_BODY_BYTES") or 1 << 20),
+            retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
+            model_poll_s=float(env.get("SHELFWISE_MODEL_POLL_S") or 10.0),
+            compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
         )
 
     @property

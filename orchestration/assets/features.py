@@ -6,12 +6,15 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
+from models.attribution import attribution_markdown, attribution_totals
 from models.cutoffs import plan_cutoffs
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 from shelfwise.home import prepare_home
 from shelfwise.ingest import ingested_dates
 from shelfwise.lake import FEATURES, Lake
+
+ATTRIBUTION_MART = "feedback_attribution"
 
 
 class FeatureCutoffsConfig(dg.Config):
@@ -74,10 +77,13 @@ def _with_row_count(event: Any, lake: Lake) -> Any:
     if not model or not lake.exists(relpath):
         return event
     rows = lake.parquet_rows(relpath)
-    return event.with_metadata(
-        {
-            **event.metadata,
-            "dagster/row_count": rows,
-            "path": dg.MetadataValue.path(lake.uri(relpath)),
-        }
-    )
+    metadata = {
+        **event.metadata,
+        "dagster/row_count": rows,
+        "path": dg.MetadataValue.path(lake.uri(relpath)),
+    }
+    if model == ATTRIBUTION_MART:
+        totals = attribution_totals(lake.read_frame(relpath))
+        metadata["online_results"] = dg.MetadataValue.md(attribution_markdown(totals))
+        metadata["impressions"] = int(totals.get_column("impressions").sum())
+    return event.with_metadata(metadata)

@@ -3,7 +3,14 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from orchestration.resources import ShelfwiseResource
+from shelfwise.contracts import IMPRESSIONS_SCHEMA
+from shelfwise.feedback import compact_feedback
 from shelfwise.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
+from shelfwise.lake import IMPRESSIONS
+
+# A zero-row file keeps the impressions dataset readable (dbt's source) before the service has
+# logged anything; the date is far outside any real data.
+EMPTY_IMPRESSIONS = f"{IMPRESSIONS}/date=1970-01-01/empty.parquet"
 
 VALID_BATCHES_CHECK = "valid_batches"
 
@@ -21,6 +28,11 @@ class IngestionConfig(dg.Config):
             description="Validated user interactions in the lake, Parquet partitioned by date "
             "(events/date=YYYY-MM-DD/). Rejected rows go to quarantine/ with a reason.",
         ),
+        dg.AssetSpec(
+            "raw_impressions",
+            description="What the service showed, one row per item of a response, compacted from "
+            "its write-ahead log (impressions/date=YYYY-MM-DD/).",
+        ),
         dg.AssetSpec("catalog_items", description="The item catalog (catalog/items/)."),
         dg.AssetSpec("catalog_users", description="Registered users (catalog/users/)."),
     ],
@@ -37,8 +49,12 @@ class IngestionConfig(dg.Config):
     group_name="lake",
 )
 def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
-    """Ingests what `shelfwise generate` or `shelfwise import` left in the lake's landing area."""
+    """Ingests what `shelfwise generate` or `shelfwise import` left in the lake's landing area,
+    and the feedback (events and impressions) in the service's write-ahead log."""
     lake = shelfwise.lake()
+    feedback = compact_feedback(shelfwise.settings().wal_dir, lake)
+    if not lake.list_files(IMPRESSIONS):
+        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), EMPTY_IMPRESSIONS)
     report = ingest_landing(lake, now=datetime.now(UTC), max_invalid_share=config.max_invalid_share)
     events = lake.list_files("events")
     if not events and not report.held:
@@ -53,9 +69,18 @@ def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
             "quarantined_rows": report.events_quarantined,
             "quarantined_share": float(report.quarantined_share),
             "duplicates_collapsed": report.duplicates_collapsed,
+            "feedback_rows": feedback.events,
             "new_dates": len(report.dates),
             "files_in_lake": len(events),
             "lake": dg.MetadataValue.path(lake.uri("events")),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="raw_impressions",
+        metadata={
+            "compacted_rows": feedback.impressions,
+            "files_in_lake": len(lake.list_files(IMPRESSIONS)),
+            "lake": dg.MetadataValue.path(lake.uri(IMPRESSIONS)),
         },
     )
     yield dg.MaterializeResult(

@@ -23,7 +23,14 @@ from shelfwise.lake import (
     SERVING_NEIGHBOURS,
     SERVING_POPULAR,
 )
-from shelfwise.registry import lake_fingerprint, list_rankers, production, promote, register_ranker
+from shelfwise.registry import (
+    DATA_READ_AT,
+    lake_fingerprint,
+    list_rankers,
+    production,
+    promote,
+    register_ranker,
+)
 
 SERVING_POPULAR_ITEMS = 200
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +136,10 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
     info = lake.read_json(RANKER_INFO)
     report = lake.read_json(f"{EVALUATION}/metrics.json")
     metrics = report["metrics"]
+    # When the feature build read the events: feedback published later is new to this ranker
+    # (what the feedback sensor counts).
+    cutoffs = f"{FEATURES}/feature_cutoffs.parquet"
+    data_read_at = lake.list_modified(FEATURES)[cutoffs]
     metadata = {
         **{name: float(value) for name, value in metrics["ranker"].items()},
         "popularity_ndcg@10": metrics["popularity"]["ndcg@10"],
@@ -137,6 +148,8 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
         "validation_cutoff": info["validation_cutoff"],
         "features": info["features"],
         "best_iteration": info["best_iteration"],
+        "data_end": load_plan(lake).serving.isoformat(),
+        DATA_READ_AT: data_read_at.isoformat(),
     }
     tag = register_ranker(
         settings.bentoml_home,
