@@ -2,8 +2,11 @@
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from datetime import date
+from pathlib import Path
 
 from shelfwise.home import prepare_home
 from shelfwise.importers import (
@@ -131,6 +134,23 @@ def _compact(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     return 0
+
+
+def _retrain(args: argparse.Namespace, settings: Settings) -> int:
+    # The Dagster job, through Dagster's own CLI: the run is recorded in DAGSTER_HOME and shows in
+    # the UI like a sensor's or the schedule's (and `shelfwise` stays free of orchestration code).
+    prepare_home(settings)
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    env = {
+        **os.environ,
+        "SHELFWISE_HOME": str(settings.home),
+        "SHELFWISE_LAKE": settings.lake_url,
+        "DAGSTER_HOME": str(settings.dagster_home),
+        "BENTOML_HOME": str(settings.bentoml_home),
+    }
+    command = [dagster, "job", "execute", "-m", "orchestration.definitions", "-j", "retraining"]
+    _say(f"Retraining on {settings.lake_url} (the Dagster job 'retraining'; see `make ui`).")
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _models_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -317,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compact.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
 
+    commands.add_parser(
+        "retrain",
+        help="run the retraining job now: ingest feedback, rebuild features, train, gate, promote",
+    )
     models = commands.add_parser(
         "models",
         help="list the registered rankers, promote one to production, roll back",
@@ -346,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "import": _import,
         "demo-banner": _demo_banner,
         "compact": _compact,
+        "retrain": _retrain,
         "models": _models,
     }
     return handlers[args.command](args, settings)

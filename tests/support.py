@@ -139,3 +139,21 @@ def served_copy(
     copy = copy_state(settings, folder)
     with served_from_source(copy, folder, env) as url:
         yield url, copy
+
+
+def processes_serving(settings: Settings, cmdline_part: bytes = b"") -> set[int]:
+    """Processes started for `settings`' state (found through /proc by their SHELFWISE_HOME),
+    optionally only those whose command line contains `cmdline_part`."""
+    home = f"SHELFWISE_HOME={settings.home}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if cmdline_part in cmdline and home in environ.split(b"\0"):
+            found.add(int(entry.name))
+    return found

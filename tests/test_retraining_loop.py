@@ -172,3 +172,28 @@ def test_the_sensor_waits_for_a_production_model(tmp_path):
     prepare_home(settings)
     skipped, _ = evaluate_sensor(loop_definitions(settings), dg.DagsterInstance.ephemeral())
     assert isinstance(skipped, dg.SkipReason) and "No production model" in skipped.skip_message
+
+
+def test_shelfwise_retrain_runs_the_job_through_dagster(tmp_path):
+    """`shelfwise retrain` launches the retraining job in DAGSTER_HOME; on an empty lake the
+    run fails at its first asset with the reason, and the command says so with its exit code."""
+    import subprocess
+
+    from tests.support import VENV_BIN, service_env
+
+    settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path)})
+    result = subprocess.run(
+        [str(VENV_BIN / "shelfwise"), "retrain"],
+        env=service_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "holds no events" in result.stdout + result.stderr
+    from dagster._core.instance.ref import InstanceRef
+
+    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(settings.dagster_home)))
+    [run] = instance.get_runs()
+    assert run.job_name == "retraining"

@@ -9,7 +9,7 @@ import pytest
 
 from models.serving import FALLBACK_CANDIDATE_ORDER, FALLBACK_POPULAR
 from shelfwise.lake import SERVING_CANDIDATES, Lake
-from tests.support import copy_state, served_copy, served_from_source
+from tests.support import copy_state, processes_serving, served_copy, served_from_source
 
 TOKEN = "s3cret-token"
 
@@ -90,21 +90,6 @@ def test_missing_serving_artifacts_still_serve_popular_items(pipeline_run, tmp_p
         assert similar.status_code == 200 and similar.json()["strategy"] == "popular"
 
 
-def service_workers(settings) -> set[int]:
-    """The BentoML worker processes serving this state (found through /proc)."""
-    home = f"SHELFWISE_HOME={settings.home}".encode()
-    workers = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if b"_bentoml_impl.worker" in cmdline and home in environ.split(b"\0"):
-            workers.add(int(entry.name))
-    return workers
-
-
 def test_two_workers_share_the_online_state_through_redis(pipeline_run, tmp_path, redis_url):
     assert pipeline_run.result.success, pipeline_run.failures
     env = {
@@ -112,7 +97,7 @@ def test_two_workers_share_the_online_state_through_redis(pipeline_run, tmp_path
         "BENTOML_CONFIG_OPTIONS": "services.shelfwise.workers=2",
     }
     with served_copy(pipeline_run.settings, tmp_path, env) as (url, settings):
-        assert len(service_workers(settings)) == 2
+        assert len(processes_serving(settings, b"_bentoml_impl.worker")) == 2
         visitor = f"new-{uuid.uuid4().hex}"
         item = Lake(settings.lake_url).read_frame("serving/neighbours.parquet")["item_id"][0]
         response = httpx.post(f"{url}/events", json={"events": [view(visitor, item)]}, timeout=10)
