@@ -26,6 +26,7 @@ import pyarrow as pa
 from shelfwise import lake as paths
 from shelfwise.contracts import (
     EVENTS_SCHEMA,
+    IMPRESSIONS_SCHEMA,
     ITEMS_KEY,
     ITEMS_SCHEMA,
     USERS_KEY,
@@ -37,6 +38,9 @@ from shelfwise.lake import Lake
 from shelfwise.validation import validate_events
 
 CATALOG_FILE = "catalog.parquet"
+# A zero-row file keeps the impressions dataset readable before the service logged anything; its
+# date is far outside any real data.
+EMPTY_IMPRESSIONS = f"{paths.IMPRESSIONS}/date=1970-01-01/empty.parquet"
 DEFAULT_MAX_INVALID_SHARE = 0.01
 
 
@@ -76,6 +80,9 @@ def ingest_landing(
 ) -> IngestReport:
     """Validates and publishes every file in the landing area.
 
+    Also makes sure the impressions dataset exists (a zero-row file until the service logged
+    some), so that the feature layer can read it from the first run on.
+
     Args:
         lake: The lake to ingest into.
         now: Ingestion time; events after it are quarantined.
@@ -103,6 +110,8 @@ def ingest_landing(
             else:
                 report.users_upserted += upserted
     report.dates = sorted(set(report.dates))
+    if not lake.list_files(paths.IMPRESSIONS):
+        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), EMPTY_IMPRESSIONS)
     return report
 
 

@@ -3,14 +3,9 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from orchestration.resources import ShelfwiseResource
-from shelfwise.contracts import IMPRESSIONS_SCHEMA
 from shelfwise.feedback import compact_feedback
 from shelfwise.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
 from shelfwise.lake import IMPRESSIONS
-
-# A zero-row file keeps the impressions dataset readable (dbt's source) before the service has
-# logged anything; the date is far outside any real data.
-EMPTY_IMPRESSIONS = f"{IMPRESSIONS}/date=1970-01-01/empty.parquet"
 
 VALID_BATCHES_CHECK = "valid_batches"
 
@@ -53,8 +48,6 @@ def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
     and the feedback (events and impressions) in the service's write-ahead log."""
     lake = shelfwise.lake()
     feedback = compact_feedback(shelfwise.settings().wal_dir, lake)
-    if not lake.list_files(IMPRESSIONS):
-        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), EMPTY_IMPRESSIONS)
     report = ingest_landing(lake, now=datetime.now(UTC), max_invalid_share=config.max_invalid_share)
     events = lake.list_files("events")
     if not events and not report.held:
