@@ -192,7 +192,8 @@ class RecommendationService:
         answer = serving.recommender.recommend(
             user_id,
             k,
-            filters.to_rules() if filters else None,
+            # The item on the page is never recommended on its own page.
+            (filters or RecommendFilters()).to_rules(exclude=context.item_id),
             session,
             context.item_id,
             self.state.stock(),
@@ -213,7 +214,7 @@ class RecommendationService:
         viewed"); content-based neighbours (same category, price, brand) for new items."""
         serving = self.serving
         answer = serving.recommender.similar(
-            item_id, k, filters.to_rules(exclude=item_id) if filters else None
+            item_id, k, (filters or RecommendFilters()).to_rules(exclude=item_id)
         )
         return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
 

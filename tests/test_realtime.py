@@ -261,3 +261,12 @@ def test_metrics_count_strategies_and_fallbacks_and_name_the_model(realtime):
     )
     assert "shelfwise_model_info{model_version=" in metrics
     assert 'bentoml_service_request_duration_seconds_bucket{endpoint="/recommend"' in metrics
+
+
+def test_the_page_item_is_not_recommended_on_its_own_page(realtime, shop):
+    url, _ = realtime
+    [user] = users(shop, 1)
+    top = item_ids(recommend(url, user))[0]
+    on_its_page = recommend(url, user, context={"item_id": top})
+    assert on_its_page["strategy"] == "personalized"
+    assert top not in item_ids(on_its_page) and len(on_its_page["items"]) == 10
