@@ -138,18 +138,47 @@ class Recommender:
         ordered = candidates.sort("user_id", "candidate_rank").with_columns(
             [pl.lit(None, pl.Float32).alias(c) for c in FEATURE_COLUMNS if c not in candidates]
         )
-        self._matrix = ordered.select(FEATURE_COLUMNS).to_numpy().astype(np.float32, copy=False)
         self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
         # The booster's columns; None when they are FEATURE_COLUMNS as they are (no copy needed).
         ranker_columns = [self._column[name] for name in features]
         self._ranker_columns = None if features == FEATURE_COLUMNS else ranker_columns
-        self._item_ids = ordered.get_column("item_id").to_numpy()
+        # Stored factorised, for memory: per candidate row only what depends on the (user, item)
+        # pair; the item's and the user's features once per item and per user (they are the same
+        # in every row of the snapshot, which has one cutoff). A request reassembles its rows.
+        item_columns = list(ITEM_FEATURES.values())
+        user_columns = list(USER_FEATURES.values())
+        pair_columns = [c for c in FEATURE_COLUMNS if c not in {*item_columns, *user_columns}]
+        self._pair_index = np.array([self._column[c] for c in pair_columns])
+        self._item_index = np.array([self._column[c] for c in item_columns])
+        self._user_index = np.array([self._column[c] for c in user_columns])
+        self._pairs = ordered.select(pair_columns).to_numpy().astype(np.float32, copy=False)
+        items = (
+            ordered.group_by("item_id", maintain_order=True)
+            .agg([pl.first(c) for c in item_columns])
+            .with_row_index("code")
+        )
+        self._items = items.get_column("item_id").to_numpy()
+        self._item_part = items.select(item_columns).to_numpy().astype(np.float32, copy=False)
+        self._item_code = (
+            ordered.select("item_id")
+            .join(items.select("item_id", "code"), on="item_id", how="left", maintain_order="left")
+            .get_column("code")
+            .to_numpy()
+            .astype(np.int32)
+        )
         self._candidate_rank = ordered.get_column("candidate_rank").to_numpy()
-        sizes = ordered.group_by("user_id", maintain_order=True).agg(pl.len())
-        ends = np.cumsum(sizes.get_column("len").to_numpy().astype(np.int64)).tolist()
+        users = ordered.group_by("user_id", maintain_order=True).agg(
+            pl.len(), *[pl.first(c) for c in user_columns]
+        )
+        self._user_part = users.select(user_columns).to_numpy().astype(np.float32, copy=False)
+        ends = np.cumsum(users.get_column("len").to_numpy().astype(np.int64)).tolist()
         starts = [0, *ends[:-1]] if ends else []
-        user_ids = sizes.get_column("user_id").to_list()
-        self._rows = dict(zip(user_ids, zip(starts, ends, strict=True), strict=True))
+        self._rows = {
+            user: (start, end, n)
+            for n, (user, start, end) in enumerate(
+                zip(users.get_column("user_id").to_list(), starts, ends, strict=True)
+            )
+        }
         self._popular_ids = popular.get_column("item_id").to_list()
         self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
         self._booster = booster
@@ -170,7 +199,6 @@ class Recommender:
             if vectors.height
             else np.zeros((0, len(item_columns)), np.float32)
         )
-        self._sources = self._proposing_generators(self._matrix)
 
     @classmethod
     def from_lake(
@@ -322,20 +350,18 @@ class Recommender:
     def _personalized(
         self,
         user_id: str,
-        span: tuple[int, int],
+        span: tuple[int, int, int],
         session: Session,
         filters: RequestFilters,
         online: OnlineFacts,
         k: int,
     ) -> tuple[list[RankedItem], int]:
-        start, end = span
-        matrix, item_ids = self._matrix[start:end], self._item_ids[start:end]
-        fallback_order = self._candidate_rank[start:end].astype(np.float64)
-        sources = self._sources[start:end]
+        matrix, item_ids = self._user_rows(span)
+        fallback_order = self._candidate_rank[span[0] : span[1]].astype(np.float64)
         if session.item_ids:
             matrix, item_ids = self._with_session(matrix, item_ids, session)
             fallback_order = _generators_order(matrix, self._column)
-            sources = self._proposing_generators(matrix)
+        sources = self._proposing_generators(matrix)
         level = FALLBACK_NONE
         scores = self._rank(user_id, matrix)
         if scores is None:
@@ -344,6 +370,16 @@ class Recommender:
         ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
         chosen = self.rules.select(user_id, ranked, filters, k, online=online)
         return [RankedItem(item, score, source) for item, (score, source) in chosen], level
+
+    def _user_rows(self, span: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """A known user's candidate rows, reassembled, and their item ids."""
+        start, end, user = span
+        codes = self._item_code[start:end]
+        rows = np.empty((end - start, len(FEATURE_COLUMNS)), dtype=np.float32)
+        rows[:, self._pair_index] = self._pairs[start:end]
+        rows[:, self._item_index] = self._item_part[codes]
+        rows[:, self._user_index] = self._user_part[user]
+        return rows, self._items[codes]
 
     def _rank(self, user_id: str, matrix: np.ndarray) -> np.ndarray | None:
         """The ranker's scores, or None when it is missing, fails or overruns its budget."""
