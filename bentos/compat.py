@@ -1,12 +1,132 @@
-"""BentoML set-up shared by the service and the benchmark's no-op service.
+"""BentoML set-up shared by the service and the benchmark's no-op service (ARCHITECTURE.md §7).
 
-Filled in by the latency-tail work (see ARCHITECTURE.md §7); the service applies `SERVICE_CONFIG`
-in its `@bentoml.service` decorator and calls `settle_heap()` at the end of `__init__`.
+BentoML 1.4.40's `TimeoutMiddleware` (`bentoml/_internal/server/http/traffic.py`) schedules
+`loop.call_later(timeout, …)` for every HTTP request and never cancels it. The timer handle holds
+a copy of the request's context — with its OpenTelemetry span, set by the tracing middleware
+outside — so every request stays alive for the whole `traffic.timeout` (60 s by default). At
+~1,200 requests/s that is tens of thousands of live contexts: the heap grows by hundreds of MB and
+every full garbage collection walks it, freezing the event loop for 60–1,000 ms.
+
+- `install_timeout_timer_fix()` (called by the service module at import) replaces
+  `TimeoutMiddleware.__call__` with the same code plus one change: the timer is cancelled as soon
+  as the response has started (the only moment it could still act) or the request ends. It
+  refuses to patch a `TimeoutMiddleware` whose source it does not know, so a BentoML upgrade that
+  changes or fixes that code fails at start-up instead of being silently patched.
+- `SERVICE_CONFIG` keeps a 10 s traffic timeout and excludes the hot routes from tracing (no
+  exporter is configured, so their spans cost time and memory for nothing).
+- `settle_heap()`, at the end of the service's `__init__`, freezes what start-up allocated (the
+  serving snapshot, the model) so later full collections skip it.
 """
 
+import asyncio
 import gc
+import hashlib
+import inspect
+from typing import Any
 
-SERVICE_CONFIG: dict = {"traffic": {"timeout": 10}}
+import bentoml
+from bentoml._internal.server.http import traffic
+from starlette.responses import JSONResponse
+
+# Routes served on the hot path: no tracing spans for them (regexes searched in the request URL,
+# which OpenTelemetry builds as scheme://host/path, without the query string).
+HOT_ROUTES = ("/recommend", "/similar", "/events", "/noop", "/metrics", "/livez", "/readyz")
+
+SERVICE_CONFIG: dict[str, Any] = {
+    "traffic": {"timeout": 10},
+    "tracing": {"excluded_urls": [f"{route}$" for route in HOT_ROUTES]},
+}
+
+# sha256 of `inspect.getsource(TimeoutMiddleware)` in the BentoML versions this shim was written
+# against; the patched `__call__` below is that code plus the timer's cancellation.
+KNOWN_TIMEOUT_MIDDLEWARE = {
+    "4dab3e6bdd06efc590294d89beed9a399be6959b62bce9da024b33292e1be34b": "1.4.40",
+}
+_PATCHED_MARK = "__shelfwise_cancels_timer__"
+
+
+class BentoMLCompatError(RuntimeError):
+    """The installed BentoML is not the one a compatibility shim was written for."""
+
+
+def timeout_middleware_fingerprint(cls: type) -> str:
+    """sha256 of a class's source, to recognise the `TimeoutMiddleware` the shim patches."""
+    return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+
+
+def check_timeout_middleware(cls: type, version: str) -> None:
+    """Raises unless `cls` is a `TimeoutMiddleware` whose source the shim was written for.
+
+    Args:
+        cls: The middleware class (BentoML's, unpatched).
+        version: The installed BentoML version, for the message.
+
+    Raises:
+        BentoMLCompatError: The source differs from every known one.
+    """
+    try:
+        fingerprint = timeout_middleware_fingerprint(cls)
+    except (OSError, TypeError) as error:  # installed without its source
+        raise BentoMLCompatError(
+            f"bentos/compat.py: cannot read the source of BentoML {version}'s TimeoutMiddleware "
+            f"to check that the timer-cancelling shim fits it: {error}"
+        ) from error
+    if fingerprint not in KNOWN_TIMEOUT_MIDDLEWARE:
+        known = ", ".join(sorted(set(KNOWN_TIMEOUT_MIDDLEWARE.values())))
+        raise BentoMLCompatError(
+            f"bentos/compat.py: BentoML {version}'s TimeoutMiddleware ({inspect.getfile(cls)}) "
+            f"is not the code the timer-cancelling shim was written for (BentoML {known}; "
+            f"source sha256 {fingerprint}). If the new version cancels its per-request "
+            "`loop.call_later` timer itself, delete install_timeout_timer_fix(); otherwise port "
+            "the shim to the new source and add its fingerprint to KNOWN_TIMEOUT_MIDDLEWARE."
+        )
+
+
+async def _call_cancelling_timer(self: Any, scope: Any, receive: Any, send: Any) -> None:
+    """BentoML 1.4.40's `TimeoutMiddleware.__call__`, plus cancelling the timer when done."""
+    if scope["type"] not in ("http", "websocket"):
+        return await self.app(scope, receive, send)
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+    async def _send(message: Any) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+        await send(message)
+
+    fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+
+    try:
+        try:
+            await waiter
+        finally:
+            # Once the response has started (or timed out, or the caller is gone) the timer can
+            # do nothing more; left scheduled it keeps this request's context alive.
+            timer.cancel()
+    except TimeoutError:  # asyncio.TimeoutError since Python 3.11
+        if fut.cancel():
+            resp = JSONResponse(
+                {"error": f"Not able to process the request in {self.timeout} seconds"},
+                status_code=504,
+            )
+            await resp(scope, receive, send)
+    else:
+        await fut  # wait for the future to finish
+
+
+def install_timeout_timer_fix() -> None:
+    """Makes BentoML's `TimeoutMiddleware` cancel its per-request timer (idempotent).
+
+    Raises:
+        BentoMLCompatError: The installed BentoML's `TimeoutMiddleware` is not the known code.
+    """
+    cls = traffic.TimeoutMiddleware
+    if getattr(cls.__call__, _PATCHED_MARK, False):
+        return
+    check_timeout_middleware(cls, bentoml.__version__)
+    setattr(_call_cancelling_timer, _PATCHED_MARK, True)
+    cls.__call__ = _call_cancelling_timer  # type: ignore[method-assign]
 
 
 def settle_heap() -> None:

@@ -1,0 +1,82 @@
+"""A no-op BentoML service with the recommendation service's set-up, for latency comparisons.
+
+`POST /noop` takes a body shaped like `/recommend`'s (`{"user_id": "u1", "k": 10}`) and returns a
+tiny pydantic model, in a service set up exactly like `bentos/service.py`: `SERVICE_CONFIG` in the
+decorator, the timer-cancelling shim installed at import, `settle_heap()` at the end of
+`__init__`.
+
+`SHELFWISE_NOOP_VARIANT` (read at import, so in every worker) builds the variants the no-op
+benchmark compares, each adding one change to the previous:
+
+- `default`: BentoML's defaults (60 s traffic timeout, tracing on), a `dict` return;
+- `shim`: + the timer-cancelling shim and a 10 s timeout;
+- `shim_gc`: + `settle_heap()` at the end of `__init__`;
+- `shim_gc_tracing`: + tracing off for the hot routes (the whole `SERVICE_CONFIG`);
+- `full` (the default): + a pydantic model returned instead of a `dict`: the real set-up;
+- `full_noshim`: `full` without the shim, to see what the shim alone buys.
+
+Serve from the project root: `bentoml serve benchmarks/noop_service.py:NoopService`.
+"""
+
+import os
+from typing import Annotated, Any
+
+import bentoml
+from pydantic import BaseModel, Field
+
+from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
+
+VARIANTS = ("default", "shim", "shim_gc", "shim_gc_tracing", "full", "full_noshim")
+VARIANT = os.environ.get("SHELFWISE_NOOP_VARIANT", "full")
+if VARIANT not in VARIANTS:
+    raise ValueError(f"SHELFWISE_NOOP_VARIANT={VARIANT!r}: expected one of {VARIANTS}")
+
+_SHIM = VARIANT != "default" and VARIANT != "full_noshim"
+_SETTLE = VARIANT not in ("default", "shim")
+_PYDANTIC = VARIANT.startswith("full")
+if VARIANT == "default":
+    _CONFIG: dict[str, Any] = {}
+elif VARIANT in ("shim", "shim_gc"):
+    _CONFIG = {"traffic": SERVICE_CONFIG["traffic"]}
+else:
+    _CONFIG = SERVICE_CONFIG
+
+if _SHIM:
+    install_timeout_timer_fix()
+
+
+class NoopResponse(BaseModel):
+    ok: bool = Field(description="Always true.")
+    k: int = Field(description="The k of the request.")
+
+
+if _PYDANTIC:
+
+    @bentoml.service(name="noop", **_CONFIG)
+    class NoopService:
+        def __init__(self) -> None:
+            settle_heap()
+
+        @bentoml.api(route="/noop")
+        def noop(
+            self,
+            user_id: Annotated[str, Field(min_length=1)],
+            k: Annotated[int, Field(ge=1, le=100)] = 10,
+        ) -> NoopResponse:
+            return NoopResponse(ok=True, k=k)
+
+else:
+
+    @bentoml.service(name="noop", **_CONFIG)
+    class NoopService:  # type: ignore[no-redef]
+        def __init__(self) -> None:
+            if _SETTLE:
+                settle_heap()
+
+        @bentoml.api(route="/noop")
+        def noop(
+            self,
+            user_id: Annotated[str, Field(min_length=1)],
+            k: Annotated[int, Field(ge=1, le=100)] = 10,
+        ) -> dict:
+            return {"ok": True, "k": k}
