@@ -15,12 +15,16 @@ Each generator is a plain function returning `(as_of, user_id, item_id, <generat
 
 `generate_candidates` merges them into up to `max_candidates` per user. Every generator's score
 stays a feature of the candidate (0 when that generator did not propose it), and
-`candidate_rank` is the order the generators alone would show.
+`candidate_rank` is the order the generators alone would show. `generate_candidates_in_chunks`
+does the same chunk by chunk of queries, for shops whose candidates do not fit in memory at once.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import polars as pl
+
+from models.queries import at_cutoffs_of, query_chunks, restrict_to_queries
 
 KEY = ["as_of", "user_id"]
 ROW = [*KEY, "item_id"]
@@ -287,6 +291,92 @@ def generate_candidates(
     )
 
 
+def restrict_sources(sources: CandidateSources, queries: pl.DataFrame) -> CandidateSources:
+    """The sources cut down to what the queries' candidates can read.
+
+    The per-user marts keep the queries' rows, the per-item ones the queries' cutoffs, each in
+    its original order: every generator joins on the query or on the cutoff, so candidates
+    generated from the restricted sources are exactly those from the whole sources.
+
+    Args:
+        sources: The feature marts.
+        queries: Columns as_of, user_id.
+
+    Returns:
+        The restricted sources.
+    """
+    return CandidateSources(
+        user_items=restrict_to_queries(sources.user_items, queries),
+        item_features=at_cutoffs_of(sources.item_features, queries),
+        covisitation=at_cutoffs_of(sources.covisitation, queries),
+        bought_together=at_cutoffs_of(sources.bought_together, queries),
+        user_categories=restrict_to_queries(sources.user_categories, queries),
+        user_features=restrict_to_queries(sources.user_features, queries),
+        repurchase_rates=at_cutoffs_of(sources.repurchase_rates, queries),
+    )
+
+
+def generate_candidates_in_chunks(
+    users: pl.DataFrame, sources: CandidateSources, config: CandidateConfig, chunk_size: int
+) -> Iterator[pl.DataFrame]:
+    """`generate_candidates` chunk by chunk of at most `chunk_size` queries.
+
+    The chunks are contiguous in (as_of, user_id) order, so their concatenation is the frame
+    `generate_candidates(users, sources, config)` returns, row for row; memory is bounded by the
+    chunk (a 300,000-user shop's co-visitation neighbours alone do not fit at once). Each chunk
+    joins only against its own users' rows of the per-user marts.
+
+    Args:
+        users: The queries: columns as_of, user_id.
+        sources: The feature marts.
+        config: Generator sizes.
+        chunk_size: Queries per chunk.
+
+    Yields:
+        Each chunk's candidates (see `generate_candidates`); one empty frame when there is no
+        query.
+    """
+    queries = users.select(KEY).unique()
+    # Cut the marts down to these queries once, then per chunk from the smaller frames.
+    sources = restrict_sources(sources, queries)
+    for chunk in query_chunks(queries, chunk_size):
+        yield generate_candidates(chunk, restrict_sources(sources, chunk), config)
+
+
+def generator_recall_per_user(candidates: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    """Each user's share of held-out positives that each generator (and the merged set) proposed.
+
+    Args:
+        candidates: Output of `generate_candidates` for the evaluation cutoff.
+        labels: Labels of the window after that cutoff (label > 0 is a positive); only the
+            users with at least one positive get a row.
+
+    Returns:
+        as_of, user_id, `merged` and one column per generator, sorted by user.
+    """
+    positives = labels.filter(pl.col("label") > 0).select(ROW)
+    joined = positives.join(candidates, on=ROW, how="left")
+    columns = {"merged": pl.col("candidate_rank").is_not_null()}
+    columns |= {name: pl.col(f"{name}_score").fill_null(0) > 0 for name in GENERATORS}
+    return (
+        joined.group_by(KEY)
+        .agg([expr.cast(pl.Float64).mean().alias(name) for name, expr in columns.items()])
+        .sort(KEY)
+    )
+
+
+def mean_recall(per_user: pl.DataFrame) -> dict[str, float]:
+    """Averages `generator_recall_per_user` rows (of one or several chunks) over the users.
+
+    Returns:
+        `merged` and each generator's recall; empty when no user has a positive.
+    """
+    if per_user.height == 0:
+        return {}
+    names = ["merged", *GENERATORS]
+    return {name: float(per_user.get_column(name).mean()) for name in names}
+
+
 def generator_recall(candidates: pl.DataFrame, labels: pl.DataFrame) -> dict[str, float]:
     """Share of the held-out positives each generator (and the merged set) proposed.
 
@@ -297,15 +387,6 @@ def generator_recall(candidates: pl.DataFrame, labels: pl.DataFrame) -> dict[str
         labels: Labels of the window after that cutoff (label > 0 is a positive).
 
     Returns:
-        `recall@N` of the merged candidates and `<generator>` recall for each generator.
+        `merged` recall of the merged candidates and `<generator>` recall for each generator.
     """
-    positives = labels.filter(pl.col("label") > 0).select(ROW)
-    if positives.height == 0:
-        return {}
-    joined = positives.join(candidates, on=ROW, how="left")
-    columns = {"merged": pl.col("candidate_rank").is_not_null()}
-    columns |= {name: pl.col(f"{name}_score").fill_null(0) > 0 for name in GENERATORS}
-    per_user = joined.group_by(KEY).agg(
-        [expr.cast(pl.Float64).mean().alias(name) for name, expr in columns.items()]
-    )
-    return {name: float(per_user.get_column(name).mean()) for name in columns}
+    return mean_recall(generator_recall_per_user(candidates, labels))

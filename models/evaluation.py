@@ -440,12 +440,16 @@ def evaluate(
     k: int = 20,
     heavy_threshold: int = 20,
     trend_pivot: datetime | None = None,
+    queries: pl.DataFrame | None = None,
 ) -> EvaluationReport:
     """Evaluates the ranker and every baseline on the same users and held-out labels.
 
-    Averages are over users with at least one positive label (`evaluated_users`); metrics are
-    `ranking_metrics` at 10 and `k`, and coverage and novelty of the top 10
-    (`evaluation_metrics`). Novelty uses the interactions before the cutoff (`user_items`).
+    Averages are over users with at least one positive label (`evaluated_users`), or over those
+    of them among `queries` when a sample of queries is given: the labels and the candidates are
+    then restricted to the sample first, so the ranker, every baseline and the oracle are
+    scored on exactly the same users. Metrics are `ranking_metrics` at 10 and `k`, and coverage
+    and novelty of the top 10 (`evaluation_metrics`). Novelty uses the interactions before the
+    cutoff (`user_items`) of all users, sampled or not: it is a property of the items.
 
     Args:
         assembled: Candidates of the evaluation users at the evaluation cutoff (as_of, user_id,
@@ -460,16 +464,24 @@ def evaluate(
         k: Longest list to evaluate (the largest metric cut-off).
         heavy_threshold: Events above which a user is `heavy` (`light` is 1 to this many).
         trend_pivot: The middle of the generated window, for the oracle's trends (optional).
+        queries: The sampled queries (as_of, user_id) to evaluate; None evaluates every user
+            with a positive label.
 
     Returns:
         The report; approaches in the order ranker, candidate_order, covisitation, buy_again,
         popularity, trending, oracle (when ground truth is given).
     """
+    scored = _ranker_frame(assembled, scores)
+    if queries is not None:
+        sample = queries.select(QUERY).unique()
+        labels = labels.join(sample, on=QUERY, how="semi")
+        scored = scored.join(sample, on=QUERY, how="semi", maintain_order="left")
+    assembled = scored.drop("score")
     users = evaluated_users(labels)
     k_values = tuple(sorted({min(10, k), k}))
     list_k = min(10, k)
     approaches: dict[str, pl.DataFrame] = {
-        "ranker": top_k(_ranker_frame(assembled, scores), "score", k),
+        "ranker": top_k(scored, "score", k),
         "candidate_order": candidate_order_baseline(assembled, k),
         "covisitation": covisitation_baseline(assembled, k),
         "buy_again": buy_again_baseline(users, user_items, k),

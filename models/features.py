@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 
 from models.candidates import SCORE_COLUMNS
+from models.queries import at_cutoffs_of, restrict_to_queries
 from shelfwise.lake import FEATURES, Lake
 
 # Candidate-generation signals, produced by `models.candidates.generate_candidates`.
@@ -113,6 +114,29 @@ class FeatureTables:
             wanted = pl.Series("as_of", as_of, dtype=pl.Datetime("us", "UTC"))
             frames = [frame.filter(pl.col("as_of").is_in(wanted.implode())) for frame in frames]
         return cls(*frames)
+
+
+def tables_for_queries(tables: FeatureTables, queries: pl.DataFrame) -> FeatureTables:
+    """The feature tables cut down to the queries' users (and the item table to their cutoffs).
+
+    `assemble_features` joins each candidate with its own user's rows, so assembling a chunk of
+    queries against these tables gives the same rows as against the whole tables, without
+    joining every chunk against every user.
+
+    Args:
+        tables: The feature marts.
+        queries: Columns as_of, user_id (others are ignored; duplicates are fine).
+
+    Returns:
+        The restricted tables.
+    """
+    return FeatureTables(
+        items=at_cutoffs_of(tables.items, queries),
+        users=restrict_to_queries(tables.users, queries),
+        user_items=restrict_to_queries(tables.user_items, queries),
+        user_categories=restrict_to_queries(tables.user_categories, queries),
+        user_brands=restrict_to_queries(tables.user_brands, queries),
+    )
 
 
 def assemble_features(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:

@@ -9,7 +9,7 @@ import io
 import json
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -119,6 +119,91 @@ class Lake:
         pq.write_table(table, buffer, compression="zstd")
         self._publish(buffer.getvalue(), relpath)
         return relpath
+
+    def write_parquet_tables(
+        self, tables: Iterable[pa.Table], relpath: str, schema: pa.Schema | None = None
+    ) -> int:
+        """Streams tables into one Parquet file, published atomically when all are written.
+
+        For outputs too large to hold at once: each table becomes row groups of the file as it
+        arrives, so memory holds one table, never the file. The file is written under a
+        temporary name and renamed when complete (on S3: a multipart upload, then a move), as
+        `write_parquet` does, so a reader never sees half a file and a failure leaves the
+        previous file in place.
+
+        Args:
+            tables: The rows, in order. Each must have the schema (or be castable to it).
+            relpath: Target file, relative to the lake root.
+            schema: The file's schema; by default the first table's. Needed when there may be
+                no table at all (the file is then empty, with this schema).
+
+        Returns:
+            The number of rows written.
+
+        Raises:
+            ValueError: No table and no schema were given.
+        """
+        target = self.path(relpath)
+        folder = posixpath.dirname(target)
+        temporary = posixpath.join(folder, f"_tmp-{uuid.uuid4().hex}")
+        if self.protocol == "file":
+            self.fs.makedirs(folder, exist_ok=True)
+        rows = 0
+        try:
+            with self.fs.open(temporary, "wb") as handle:
+                writer: pq.ParquetWriter | None = None
+                try:
+                    for table in tables:
+                        if writer is None:
+                            schema = schema or table.schema
+                            writer = pq.ParquetWriter(handle, schema, compression="zstd")
+                        if not table.schema.equals(schema):
+                            table = table.cast(schema)
+                        writer.write_table(table)
+                        rows += table.num_rows
+                    if writer is None:
+                        if schema is None:
+                            raise ValueError(f"no table and no schema for {self.uri(relpath)}")
+                        writer = pq.ParquetWriter(handle, schema, compression="zstd")
+                finally:
+                    if writer is not None:
+                        writer.close()
+            self.fs.mv(temporary, target)
+        except BaseException:
+            if self.fs.exists(temporary):
+                self.fs.rm(temporary)
+            raise
+        return rows
+
+    def iter_parquet(
+        self, relpath: str, batch_rows: int, columns: list[str] | None = None
+    ) -> Iterator[pa.Table]:
+        """Reads a Parquet file in batches of rows, in file order, without loading it whole.
+
+        Args:
+            relpath: A Parquet file, relative to the lake root.
+            batch_rows: The most rows per batch (batches do not cross row groups, so some are
+                smaller).
+            columns: Only these columns, when given.
+
+        Yields:
+            Consecutive tables of the file's rows; one empty table (with the file's schema) when
+            the file has no rows, so that a consumer still sees the columns.
+        """
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            # Single-threaded decoding, as in `_read_file`.
+            parquet = pq.ParquetFile(handle)
+            empty = True
+            for batch in parquet.iter_batches(
+                batch_size=batch_rows, columns=columns, use_threads=False
+            ):
+                empty = False
+                yield pa.Table.from_batches([batch])
+            if empty:
+                schema = parquet.schema_arrow
+                if columns is not None:
+                    schema = pa.schema([schema.field(name) for name in columns])
+                yield schema.empty_table()
 
     def write_text(self, text: str, relpath: str) -> str:
         """Writes a text file atomically."""

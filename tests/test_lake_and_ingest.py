@@ -204,6 +204,41 @@ def test_lake_writes_are_atomic_and_listed_relative_to_the_root(tmp_path):
     assert isinstance(lake.read_frame("events"), pl.DataFrame)
 
 
+def check_streamed_parquet(lake: Lake, leftovers) -> None:
+    """Shared by the local and the S3 test: streamed writes, batched reads, atomicity."""
+    tables = [pa.table({"k": [i, i], "v": [0.5 * i, 1.0]}) for i in range(5)]
+    assert lake.write_parquet_tables(iter(tables), "serving/big.parquet") == 10
+    assert lake.read_table("serving/big.parquet").equals(pa.concat_tables(tables))
+    batches = list(lake.iter_parquet("serving/big.parquet", batch_rows=3, columns=["k"]))
+    assert max(batch.num_rows for batch in batches) <= 3
+    assert pa.concat_tables(batches).column("k").to_pylist() == [i for i in range(5) for _ in "ab"]
+    # A table that can be cast to the schema is cast; nothing at all needs a schema.
+    cast = pa.table({"k": pa.array([9], pa.int32()), "v": [9.0]})
+    assert lake.write_parquet_tables([tables[0], cast], "serving/cast.parquet") == 3
+    assert lake.read_table("serving/cast.parquet").schema == tables[0].schema
+    schema = pa.schema({"k": pa.int64()})
+    assert lake.write_parquet_tables([], "serving/empty.parquet", schema=schema) == 0
+    assert lake.read_table("serving/empty.parquet").schema == schema
+    with pytest.raises(ValueError, match="no table and no schema"):
+        lake.write_parquet_tables([], "serving/nothing.parquet")
+    assert not lake.exists("serving/nothing.parquet")
+
+    # A failure half-way leaves the previous file as it was, and no temporary file.
+    def failing():
+        yield pa.table({"k": [7], "v": [7.0]})
+        raise RuntimeError("the generator failed")
+
+    with pytest.raises(RuntimeError, match="the generator failed"):
+        lake.write_parquet_tables(failing(), "serving/big.parquet")
+    assert lake.read_table("serving/big.parquet").num_rows == 10
+    assert leftovers() == []
+
+
+def test_parquet_streams_are_written_atomically_and_read_in_batches(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    check_streamed_parquet(lake, lambda: list((tmp_path / "lake").rglob("_tmp-*")))
+
+
 def test_settings_default_to_data_and_prepare_home_turns_dagster_telemetry_off(tmp_path):
     settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path / "home")})
     assert settings.home == (tmp_path / "home").resolve()

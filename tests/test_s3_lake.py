@@ -36,3 +36,10 @@ def test_generate_and_ingest_write_the_same_layout_to_s3(s3_lake_url, tmp_path):
     s3_events = s3.read_frame("events").sort("event_id")
     assert s3_events.equals(local.read_frame("events").sort("event_id"))
     assert s3.read_frame("catalog/items").height == 110
+
+
+def test_parquet_streams_go_to_s3_atomically(s3_lake_url):
+    from tests.test_lake_and_ingest import check_streamed_parquet
+
+    lake = Lake(s3_lake_url)
+    check_streamed_parquet(lake, lambda: [p for p in lake.fs.find(lake.path()) if "_tmp-" in p])

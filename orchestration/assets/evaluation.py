@@ -1,11 +1,26 @@
 from datetime import UTC, datetime, time, timedelta
 
 import dagster as dg
+import polars as pl
 
 from models.evaluation import evaluate
-from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, assemble_features
+from models.features import (
+    FEATURE_COLUMNS,
+    TABLE_NAMES,
+    FeatureTables,
+    assemble_features,
+    tables_for_queries,
+)
+from models.queries import whole_queries
 from models.report import headline_ratios, render_markdown, render_png
-from orchestration.assets.shared import at_cutoffs, load_plan, load_ranker
+from models.training_set import label_queries
+from orchestration.assets.shared import (
+    ASSEMBLY_CHUNK_ROWS,
+    at_cutoffs,
+    load_plan,
+    load_ranker,
+    sampled_queries,
+)
 from orchestration.resources import ShelfwiseResource
 from shelfwise.ingest import ingested_dates
 from shelfwise.lake import CANDIDATES, EVALUATION, FEATURES, GROUND_TRUTH, Lake
@@ -51,12 +66,30 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     co-visitation alone, buy-again, the candidate order without the ranker and, on generated
     data, the oracle ranking from the ground-truth tastes; sliced by new / light / heavy users.
     The model currently in production is scored on the same candidates when its features match.
-    The report (a table and a chart) is in the metadata and in the lake under evaluation/."""
+    In a large shop all of them are scored on the same seeded sample of users (`candidates`
+    config `max_evaluation_queries`; sizes in the metadata and in metrics.json). The report (a
+    table and a chart) is in the metadata and in the lake under evaluation/."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     labels = at_cutoffs(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), plan.evaluation)
+    # The users the `candidates` asset drew (all labelled users of a small shop): every approach
+    # is scored on these, never the baselines on all users and the ranker on the sample.
+    queries = sampled_queries(lake, "evaluation")
+    labelled = label_queries(labels).height
+    sample = {
+        "evaluation_queries": queries.height if queries is not None else labelled,
+        "labelled_queries": labelled,
+    }
     tables = FeatureTables.load(lake, [plan.evaluation])
-    assembled = assemble_features(lake.read_frame(f"{CANDIDATES}/evaluation.parquet"), tables)
+    # Assembled chunk by chunk of users (the same rows): the joins' intermediates of all the
+    # sampled users' candidates at once would be several times the result.
+    batches = lake.iter_parquet(f"{CANDIDATES}/evaluation.parquet", ASSEMBLY_CHUNK_ROWS)
+    assembled = pl.concat(
+        [
+            assemble_features(chunk, tables_for_queries(tables, chunk))
+            for chunk in whole_queries(pl.from_arrow(batch) for batch in batches)
+        ]
+    )
     ground_truth = _ground_truth(lake)
     report = evaluate(
         assembled,
@@ -67,6 +100,7 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         tables.user_items,
         ground_truth=ground_truth,
         trend_pivot=_window_middle(lake) if ground_truth else None,
+        queries=queries,
     )
     results = report.to_dict()
     # The model in production, scored on the same candidates, for the gate's second comparison.
@@ -81,10 +115,11 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
             tables.items,
             tables.users,
             tables.user_items,
+            queries=queries,
         )
         results["metrics"][PRODUCTION] = production_report.to_dict()["metrics"]["ranker"]
     lake.write_json(
-        {"evaluation_cutoff": plan.evaluation.isoformat(), **results},
+        {"evaluation_cutoff": plan.evaluation.isoformat(), "sample": sample, **results},
         f"{EVALUATION}/metrics.json",
     )
     markdown = render_markdown(report)
@@ -96,6 +131,8 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={
             "evaluated_users": int(metrics["ranker"]["users"]),
+            **sample,
+            "sampled": sample["evaluation_queries"] < sample["labelled_queries"],
             **{
                 f"{approach}_{metric}": float(value)
                 for approach, values in metrics.items()

@@ -1,24 +1,37 @@
 import time
+from collections.abc import Iterator
+from dataclasses import fields
 
 import dagster as dg
 import polars as pl
+import pyarrow as pa
 
 from models.candidates import (
     CandidateConfig,
     CandidateSources,
-    generate_candidates,
-    generator_recall,
+    generate_candidates_in_chunks,
+    generator_recall_per_user,
+    mean_recall,
 )
-from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables
+from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, tables_for_queries
+from models.queries import QUERY, restrict_to_queries, sample_queries, whole_queries
 from models.ranker import RankerParams, feature_importance, train_ranker
 from models.training_set import build_training_set, label_queries
-from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, at_cutoffs, load_plan
+from orchestration.assets.shared import (
+    ASSEMBLY_CHUNK_ROWS,
+    RANKER_FILE,
+    RANKER_INFO,
+    SAMPLED_QUERIES,
+    SAMPLED_ROLES,
+    at_cutoffs,
+    load_plan,
+)
 from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import CANDIDATES, FEATURES, TRAINING
 
 
 class CandidatesConfig(dg.Config):
-    """Generator sizes (see models/candidates.py)."""
+    """Generator sizes (see models/candidates.py), chunking and the query samples."""
 
     recent_items: int = 20
     min_repeat_rate: float = 0.05
@@ -28,6 +41,15 @@ class CandidatesConfig(dg.Config):
     trending_items: int = 30
     popular_items: int = 50
     max_candidates: int = 200
+    # Queries (as_of, user) generated at a time: memory is one chunk's candidates and generator
+    # intermediates, not the role's (the rows are the same; see models/queries.py).
+    chunk_queries: int = 20_000
+    # Seeded samples of the labelled queries (None: all). A cutoff with fewer queries is not
+    # sampled, so a shop of up to 25,000 users (the demo has 20,000) trains and evaluates on all
+    # of them; at 400,000 users the full sets would be 70+ million training rows.
+    max_training_queries_per_cutoff: int | None = 25_000
+    max_evaluation_queries: int | None = 50_000
+    sample_seed: int = 7
 
 
 CANDIDATE_MARTS = [
@@ -41,6 +63,7 @@ CANDIDATE_MARTS = [
     "interaction_labels",
     "feature_cutoffs",
 ]
+ROLES = ("training", "evaluation", "serving")
 
 
 @dg.asset(deps=CANDIDATE_MARTS, group_name="ranking")
@@ -48,8 +71,10 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     """Candidate items per user and cutoff from eight generators (history, buy-again,
     co-visitation, bought-together, category-popular, new items by content, trending, popular),
     each generator's score kept as a feature. Training and evaluation cutoffs cover the users with
-    something to learn from in the window after; the serving cutoff covers every user with
-    history. The metadata reports each generator's recall on the held-out evaluation window."""
+    something to learn from in the window after (a seeded sample of them per cutoff in a large
+    shop, saved in candidates/queries.parquet); the serving cutoff covers every user with
+    history. Generated chunk by chunk of users and streamed into one file per role. The metadata
+    reports each generator's recall on the held-out evaluation window."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     started = time.perf_counter()
@@ -67,47 +92,99 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
         repurchase_rates=mart("category_repurchase_rates"),
     )
     labels = mart("interaction_labels")
-    generator = CandidateConfig(**config.model_dump())
-    queries = {
-        "training": at_cutoffs(label_queries(labels), *plan.training),
-        "evaluation": at_cutoffs(label_queries(labels), plan.evaluation),
+    generator = CandidateConfig(
+        **{field.name: getattr(config, field.name) for field in fields(CandidateConfig)}
+    )
+    labelled = label_queries(labels)
+    all_queries = {
+        "training": at_cutoffs(labelled, *plan.training),
+        "evaluation": at_cutoffs(labelled, plan.evaluation),
         "serving": at_cutoffs(sources.user_features.select("as_of", "user_id"), plan.serving),
     }
-    counts = {}
-    recall: dict[str, float] = {}
-    for role, role_queries in queries.items():
-        frame = generate_candidates(role_queries, sources, generator)
-        lake.write_parquet(frame.to_arrow(), f"{CANDIDATES}/{role}.parquet")
-        counts[role] = frame.height
-        if role == "evaluation":
-            recall = generator_recall(frame, at_cutoffs(labels, plan.evaluation))
+    limits = {
+        "training": config.max_training_queries_per_cutoff,
+        "evaluation": config.max_evaluation_queries,
+        "serving": None,
+    }
+    queries = {
+        role: sample_queries(all_queries[role], limits[role], config.sample_seed) for role in ROLES
+    }
+    lake.write_parquet(
+        pl.concat(
+            [queries[role].select(pl.lit(role).alias("role"), *QUERY) for role in SAMPLED_ROLES]
+        ).to_arrow(),
+        SAMPLED_QUERIES,
+    )
+    evaluation_labels = restrict_to_queries(
+        at_cutoffs(labels, plan.evaluation), queries["evaluation"]
+    )
+    recall_parts: list[pl.DataFrame] = []
+
+    def chunks(role: str) -> Iterator[pa.Table]:
+        for frame in generate_candidates_in_chunks(
+            queries[role], sources, generator, config.chunk_queries
+        ):
+            if role == "evaluation":
+                chunk_labels = restrict_to_queries(evaluation_labels, frame)
+                recall_parts.append(generator_recall_per_user(frame, chunk_labels))
+            yield frame.to_arrow()
+
+    counts, seconds = {}, {}
+    for role in ROLES:
+        role_started = time.perf_counter()
+        counts[role] = lake.write_parquet_tables(chunks(role), f"{CANDIDATES}/{role}.parquet")
+        seconds[role] = round(time.perf_counter() - role_started, 2)
+    recall = mean_recall(pl.concat(recall_parts)) if recall_parts else {}
     return dg.MaterializeResult(
         metadata={
             **{f"{role}_rows": rows for role, rows in counts.items()},
-            **{f"{role}_users": q.height for role, q in queries.items()},
+            **{f"{role}_users": queries[role].height for role in ROLES},
+            **{f"{role}_labelled_queries": all_queries[role].height for role in SAMPLED_ROLES},
+            **{f"{role}_seconds": value for role, value in seconds.items()},
             **{f"recall_{name}": value for name, value in recall.items()},
+            "chunk_queries": config.chunk_queries,
+            "sample_seed": config.sample_seed,
             "seconds": round(time.perf_counter() - started, 2),
             "cutoffs": [c.isoformat() for c in plan.all],
         }
     )
 
 
+class TrainingSetConfig(dg.Config):
+    """How much of the training set is assembled at a time."""
+
+    # Candidate rows read and assembled at a time (rounded to whole queries): memory holds one
+    # chunk's joins, not the whole set's (15 million rows at 75,000 sampled queries).
+    chunk_rows: int = ASSEMBLY_CHUNK_ROWS
+
+
 @dg.asset(deps=["candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
-def training_set(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+def training_set(shelfwise: ShelfwiseResource, config: TrainingSetConfig) -> dg.MaterializeResult:
     """Labelled feature rows at every training cutoff: one ranking query per (cutoff, user),
-    graded labels (purchase 3 > cart 2 > view 1 > nothing 0) from the week after the cutoff."""
+    graded labels (purchase 3 > cart 2 > view 1 > nothing 0) from the week after the cutoff.
+    Assembled chunk by chunk of queries and streamed into one file."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     labels = at_cutoffs(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), *plan.training)
     tables = FeatureTables.load(lake, list(plan.training))
-    rows = build_training_set(lake.read_frame(f"{CANDIDATES}/training.parquet"), labels, tables)
-    lake.write_parquet(rows.to_arrow(), f"{TRAINING}/training_set.parquet")
-    queries = rows.select("as_of", "user_id").n_unique()
+    totals = {"queries": 0, "positives": 0}
+
+    def chunks() -> Iterator[pa.Table]:
+        batches = lake.iter_parquet(f"{CANDIDATES}/training.parquet", config.chunk_rows)
+        for chunk in whole_queries(pl.from_arrow(batch) for batch in batches):
+            rows = build_training_set(
+                chunk, restrict_to_queries(labels, chunk), tables_for_queries(tables, chunk)
+            )
+            totals["queries"] += rows.select(QUERY).n_unique()
+            totals["positives"] += int((rows.get_column("label") > 0).sum())
+            yield rows.to_arrow()
+
+    rows = lake.write_parquet_tables(chunks(), f"{TRAINING}/training_set.parquet")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": rows.height,
-            "queries": queries,
-            "positive_share": float((rows.get_column("label") > 0).mean()),
+            "dagster/row_count": rows,
+            "queries": totals["queries"],
+            "positive_share": totals["positives"] / rows if rows else float("nan"),
             "features": len(FEATURE_COLUMNS),
         }
     )

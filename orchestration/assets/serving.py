@@ -1,19 +1,28 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pyarrow as pa
 
 from models.business_rules import SERVING_ITEMS, SERVING_PURCHASES, serving_facts
 from models.candidates import CandidateConfig
-from models.features import TABLE_NAMES, FeatureTables
+from models.features import TABLE_NAMES, FeatureTables, tables_for_queries
 from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
+from models.queries import QUERY, whole_queries
 from models.serving import serving_snapshot
 from models.session import BOUGHT_TOGETHER, COVISIT
 from orchestration.assets.evaluation import PRODUCTION
-from orchestration.assets.shared import RANKER_FILE, RANKER_INFO, at_cutoffs, load_plan
+from orchestration.assets.shared import (
+    ASSEMBLY_CHUNK_ROWS,
+    RANKER_FILE,
+    RANKER_INFO,
+    at_cutoffs,
+    load_plan,
+)
 from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import (
     CANDIDATES,
@@ -39,6 +48,14 @@ BENTOFILE = PROJECT_ROOT / "bentos" / "bentofile.yaml"
 BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
 
 
+class ServingFeaturesConfig(dg.Config):
+    """How much of the snapshot is assembled at a time."""
+
+    # Candidate rows read and assembled at a time (rounded to whole users): memory holds one
+    # chunk's feature vectors, not the snapshot's (60 million rows at 300,000 users).
+    chunk_rows: int = ASSEMBLY_CHUNK_ROWS
+
+
 @dg.asset(
     deps=[
         "candidates",
@@ -49,16 +66,27 @@ BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
     ],
     group_name="serving",
 )
-def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+def serving_features(
+    shelfwise: ShelfwiseResource, config: ServingFeaturesConfig
+) -> dg.MaterializeResult:
     """The serving snapshot as of the end of the data: every known user's candidates with feature
     vectors assembled exactly as for training, the item neighbours (co-visitation, bought
     together) that sessions and `/similar` use, the popular in-stock items for everyone else, and
-    the facts the business rules read (catalog stock, price, repeatable categories, purchases)."""
+    the facts the business rules read (catalog stock, price, repeatable categories, purchases).
+    The snapshot is assembled chunk by chunk of users and streamed into one file."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     tables = FeatureTables.load(lake, [plan.serving])
-    snapshot = serving_snapshot(lake.read_frame(f"{CANDIDATES}/serving.parquet"), tables)
-    lake.write_parquet(snapshot.to_arrow(), SERVING_CANDIDATES)
+    users = 0
+
+    def snapshot_chunks() -> Iterator[pa.Table]:
+        nonlocal users
+        batches = lake.iter_parquet(f"{CANDIDATES}/serving.parquet", config.chunk_rows)
+        for chunk in whole_queries(pl.from_arrow(batch) for batch in batches):
+            users += chunk.select(QUERY).n_unique()
+            yield serving_snapshot(chunk, tables_for_queries(tables, chunk)).to_arrow()
+
+    rows = lake.write_parquet_tables(snapshot_chunks(), SERVING_CANDIDATES)
     popular = (
         tables.items.filter(pl.col("is_in_stock"))
         .sort("popularity_rank")
@@ -91,8 +119,8 @@ def serving_features(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     lake.write_parquet(neighbours.to_arrow(), SERVING_NEIGHBOURS)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": snapshot.height,
-            "users": snapshot.get_column("user_id").n_unique(),
+            "dagster/row_count": rows,
+            "users": users,
             "popular_items": popular.height,
             "as_of": plan.serving.isoformat(),
         }

@@ -1,12 +1,20 @@
-"""What several assets share: the run's cutoff plan and where the ranker lives in the lake."""
+"""What several assets share: the run's cutoff plan, where the ranker and the sampled queries
+live in the lake."""
 
 import polars as pl
 
 from models.cutoffs import CutoffPlan
-from shelfwise.lake import FEATURES, MODELS, Lake
+from shelfwise.lake import CANDIDATES, FEATURES, MODELS, Lake
 
 RANKER_FILE = f"{MODELS}/ranker/model.txt"
 RANKER_INFO = f"{MODELS}/ranker/model.json"
+# The training and evaluation queries the `candidates` asset drew (role, as_of, user_id): the
+# evaluation scores the ranker and every baseline on exactly these users.
+SAMPLED_QUERIES = f"{CANDIDATES}/queries.parquet"
+SAMPLED_ROLES = ("training", "evaluation")
+# Candidate rows assembled into feature vectors at a time (training set, evaluation, serving
+# snapshot): the joins' Float64 intermediates of 60 million rows would not fit in memory.
+ASSEMBLY_CHUNK_ROWS = 2_000_000
 
 
 def load_plan(lake: Lake) -> CutoffPlan:
@@ -26,3 +34,12 @@ def load_ranker(lake: Lake):
     import lightgbm as lgb
 
     return lgb.Booster(model_str=lake.read_text(RANKER_FILE))
+
+
+def sampled_queries(lake: Lake, role: str) -> pl.DataFrame | None:
+    """The queries (as_of, user_id) the `candidates` asset drew for a role; None when the lake's
+    candidates predate sampling (then they cover every labelled query)."""
+    if not lake.exists(SAMPLED_QUERIES):
+        return None
+    frame = lake.read_frame(SAMPLED_QUERIES)
+    return frame.filter(pl.col("role") == role).select("as_of", "user_id")
