@@ -34,7 +34,7 @@ from bentos.api_models import (
     SimilarResponse,
     StockUpdate,
 )
-from bentos.compat import SERVICE_CONFIG, settle_heap
+from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
 from bentos.guard import RequestGuard
 from bentos.impressions import ImpressionLog
 from models.serving import Recommendation, Recommender
@@ -53,6 +53,10 @@ from shelfwise.registry import (
 from shelfwise.settings import Settings
 
 logger = logging.getLogger("bentoml.shelfwise")
+
+# BentoML's per-request timer leak (ARCHITECTURE.md §7): patched once per process, at import,
+# before the worker builds its app; refuses to patch a BentoML it does not know.
+install_timeout_timer_fix()
 
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_STOCK_UPDATES_PER_REQUEST = 10_000

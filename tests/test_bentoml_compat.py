@@ -304,3 +304,20 @@ def test_real_service_with_service_config(install_shim: bool, tmp_path: Path) ->
     assert probe["cancelled"] == (21 if install_shim else 0)
     assert probe["noop_traced"] is False
     assert probe["traced_traced"] is True
+
+
+def test_the_recommendation_service_installs_the_fix_when_imported():
+    import subprocess
+    import sys
+
+    from tests.support import PROJECT_ROOT
+
+    check = (
+        "import bentos.service\n"
+        "from bentoml._internal.server.http import traffic\n"
+        "assert getattr(traffic.TimeoutMiddleware.__call__, '__shelfwise_cancels_timer__', False)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -105,3 +105,13 @@ def test_a_service_with_a_corrupt_model_still_serves_the_candidate_order(server_
     assert body["fallback_level"] == FALLBACK_CANDIDATE_ORDER
     assert body["model_version"] is None
     assert len(body["items"]) == 5
+
+
+def test_a_ranker_over_its_time_budget_falls_back_to_the_candidate_order():
+    candidates, popular = snapshot()
+    booster = trained_booster(candidates)
+    late = Recommender(candidates, popular, booster, ranker_budget_s=1e-9).recommend("u1", 3)
+    assert late.fallback_level == FALLBACK_CANDIDATE_ORDER
+    assert [item.item_id for item in late.items] == ["i0", "i1", "i2"]
+    in_time = Recommender(candidates, popular, booster, ranker_budget_s=10.0).recommend("u1", 3)
+    assert in_time.fallback_level == FALLBACK_NONE
