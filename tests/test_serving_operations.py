@@ -2,11 +2,13 @@
 missing artifacts, and the online state shared through Redis by two workers."""
 
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 
+from models.business_rules import SERVING_ITEMS
 from models.serving import FALLBACK_CANDIDATE_ORDER, FALLBACK_POPULAR
 from shelfwise.lake import SERVING_CANDIDATES, Lake
 from tests.support import copy_state, processes_serving, served_copy, served_from_source
@@ -29,9 +31,11 @@ def view(user_id: str, item_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def guarded(pipeline_run, tmp_path_factory):
-    """A server with a token, a small body limit and a ranker budget no prediction can meet."""
+    """A server with a token, a small body limit, a ranker budget no prediction can meet and a
+    category cap."""
     assert pipeline_run.result.success, pipeline_run.failures
     env = {
+        "SHELFWISE_MAX_PER_CATEGORY": "2",
         "SHELFWISE_API_TOKEN": TOKEN,
         "SHELFWISE_MAX_BODY_BYTES": "4096",
         "SHELFWISE_RANKER_BUDGET_MS": "0.001",
@@ -51,6 +55,16 @@ def test_a_late_ranker_serves_the_candidate_order_not_an_error(guarded):
     assert body["model_version"] is not None  # the ranker is loaded; it was only too slow
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'endpoint="recommend",fallback_level="1",strategy="personalized"' in metrics
+
+
+def test_the_category_cap_holds_over_http(guarded):
+    url, settings = guarded
+    lake = Lake(settings.lake_url)
+    categories = dict(lake.read_frame(SERVING_ITEMS).select("item_id", "category_id").iter_rows())
+    for user in lake.read_frame(SERVING_CANDIDATES).get_column("user_id").unique().sort()[:20]:
+        body = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 10}, timeout=10).json()
+        per_category = Counter(categories[item["item_id"]] for item in body["items"])
+        assert len(body["items"]) == 10 and max(per_category.values()) <= 2
 
 
 def test_writes_need_the_token_reads_do_not(guarded):
