@@ -351,15 +351,7 @@ def write_candidates(home: Path, train_users: int, seed: int) -> None:
     def mart(name: str) -> pl.DataFrame:
         return lake.read_frame(f"{FEATURES}/{name}.parquet")
 
-    sources = CandidateSources(
-        user_items=mart("user_item_features"),
-        item_features=mart("item_features"),
-        covisitation=mart("item_covisitation"),
-        bought_together=mart("item_bought_together"),
-        user_categories=mart("user_category_features"),
-        user_features=mart("user_features"),
-        repurchase_rates=mart("category_repurchase_rates"),
-    )
+    sources = CandidateSources.from_lake(lake)
     labelled = label_queries(mart("interaction_labels"))
     sample = (
         labelled.select(pl.col("user_id").unique().sort())

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from models.queries import at_cutoffs_of, query_chunks, restrict_to_queries
+from shelfwise.lake import FEATURES, Lake
 
 KEY = ["as_of", "user_id"]
 ROW = [*KEY, "item_id"]
@@ -79,6 +80,30 @@ class CandidateSources:
     user_categories: pl.DataFrame
     user_features: pl.DataFrame
     repurchase_rates: pl.DataFrame
+
+    @classmethod
+    def from_lake(cls, lake: Lake) -> "CandidateSources":
+        """Reads the marts the generators need from `<lake>/features/`.
+
+        Args:
+            lake: The lake dbt exported to.
+
+        Returns:
+            The sources, every cutoff included.
+        """
+
+        def mart(name: str) -> pl.DataFrame:
+            return lake.read_frame(f"{FEATURES}/{name}.parquet")
+
+        return cls(
+            user_items=mart("user_item_features"),
+            item_features=mart("item_features"),
+            covisitation=mart("item_covisitation"),
+            bought_together=mart("item_bought_together"),
+            user_categories=mart("user_category_features"),
+            user_features=mart("user_features"),
+            repurchase_rates=mart("category_repurchase_rates"),
+        )
 
 
 def popular_items(item_features: pl.DataFrame, n: int) -> pl.DataFrame:

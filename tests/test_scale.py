@@ -130,18 +130,7 @@ def pipeline_plan(lake):
 
 
 def pipeline_sources(lake):
-    def mart(name):
-        return lake.read_frame(f"features/{name}.parquet")
-
-    return CandidateSources(
-        user_items=mart("user_item_features"),
-        item_features=mart("item_features"),
-        covisitation=mart("item_covisitation"),
-        bought_together=mart("item_bought_together"),
-        user_categories=mart("user_category_features"),
-        user_features=mart("user_features"),
-        repurchase_rates=mart("category_repurchase_rates"),
-    )
+    return CandidateSources.from_lake(lake)
 
 
 def test_chunked_candidates_equal_one_pass_on_a_generated_shop(pipeline_run):

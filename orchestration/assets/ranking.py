@@ -79,19 +79,8 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     plan = load_plan(lake)
     started = time.perf_counter()
 
-    def mart(name: str) -> pl.DataFrame:
-        return lake.read_frame(f"{FEATURES}/{name}.parquet")
-
-    sources = CandidateSources(
-        user_items=mart("user_item_features"),
-        item_features=mart("item_features"),
-        covisitation=mart("item_covisitation"),
-        bought_together=mart("item_bought_together"),
-        user_categories=mart("user_category_features"),
-        user_features=mart("user_features"),
-        repurchase_rates=mart("category_repurchase_rates"),
-    )
-    labels = mart("interaction_labels")
+    sources = CandidateSources.from_lake(lake)
+    labels = lake.read_frame(f"{FEATURES}/interaction_labels.parquet")
     generator = CandidateConfig(
         **{field.name: getattr(config, field.name) for field in fields(CandidateConfig)}
     )
