@@ -193,22 +193,14 @@ def settings_for(home: Path):
 
 def loop_definitions(home: Path, threshold: int):
     """The project's definitions bound to the state in `home` (as the retraining test does)."""
-    import dagster as dg
-
-    from orchestration.automation import feedback_volume, retraining
-    from orchestration.definitions import defs
+    from orchestration.definitions import bound_to
     from orchestration.resources import ShelfwiseResource
 
     settings = settings_for(home)
     shelfwise = ShelfwiseResource(
         home=str(settings.home), lake_url=settings.lake_url, retrain_after_events=threshold
     )
-    return dg.Definitions(
-        assets=defs.assets,
-        jobs=[retraining],
-        sensors=[feedback_volume],
-        resources={**defs.resources, "shelfwise": shelfwise},
-    )
+    return bound_to(shelfwise)
 
 
 def _timed(command: list[str], env: dict[str, str], log: Path) -> float:

@@ -45,3 +45,15 @@ defs = dg.Definitions(
         "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
     },
 )
+
+
+def bound_to(shelfwise: ShelfwiseResource) -> dg.Definitions:
+    """These definitions working on another installation than the environment's (tests and
+    benchmarks run several side by side)."""
+    return dg.Definitions(
+        assets=defs.assets,
+        jobs=[retraining],
+        schedules=[daily_retraining],
+        sensors=[feedback_volume],
+        resources={**defs.resources, "shelfwise": shelfwise},
+    )

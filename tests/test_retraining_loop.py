@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from models.attribution import attribution_totals
-from orchestration.automation import feedback_volume, retraining
-from orchestration.definitions import defs
+from orchestration.automation import feedback_volume
+from orchestration.definitions import bound_to
 from orchestration.resources import ShelfwiseResource
 from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
@@ -31,12 +31,7 @@ def loop_definitions(settings: Settings) -> dg.Definitions:
     shelfwise = ShelfwiseResource(
         home=str(settings.home), lake_url=settings.lake_url, retrain_after_events=THRESHOLD
     )
-    return dg.Definitions(
-        assets=defs.assets,
-        jobs=[retraining],
-        sensors=[feedback_volume],
-        resources={**defs.resources, "shelfwise": shelfwise},
-    )
+    return bound_to(shelfwise)
 
 
 @pytest.fixture(scope="module")
