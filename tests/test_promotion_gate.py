@@ -52,9 +52,11 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
         **defs.resources,
         "shelfwise": ShelfwiseResource(home=str(settings.home), lake_url=settings.lake_url),
     }
+    instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
         [evaluation, registered_model, production_model, bento],
         resources=resources,
+        instance=instance,
         raise_on_error=False,
     )
     assert not result.success
@@ -71,3 +73,18 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
     # The evaluation compared it with the model in production on the same candidates.
     metrics = lake.read_json("evaluation/metrics.json")["metrics"]
     assert metrics["production"]["ndcg@10"] > metrics["ranker"]["ndcg@10"]
+
+    # Materialized on its own, outside the run that evaluated the gate, production_model still
+    # refuses the ranker that failed it.
+    alone = dg.materialize(
+        [production_model], resources=resources, instance=instance, raise_on_error=False
+    )
+    assert not alone.success
+    [failure] = [e for e in alone.all_events if e.is_step_failure]
+    assert "failed the promotion gate" in failure.step_failure_data.error.message
+    assert production(settings.bentoml_home).tag == before.tag
+    # Nor does it promote on an instance that never saw a verdict on the newest ranker.
+    unjudged = dg.materialize([production_model], resources=resources, raise_on_error=False)
+    assert not unjudged.success
+    [failure] = [e for e in unjudged.all_events if e.is_step_failure]
+    assert "No promotion_gate verdict" in failure.step_failure_data.error.message

@@ -208,11 +208,27 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
 
 
 @dg.asset(deps=["registered_model"], group_name="serving")
-def production_model(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
+def production_model(
+    context: dg.AssetExecutionContext, shelfwise: ShelfwiseResource
+) -> dg.MaterializeResult:
     """The ranker in production (`shelfwise_production:latest`, what the service and the bento
     use): the newly registered ranker, once it passed the promotion gate."""
     home = shelfwise.settings().bentoml_home
     [newest, *_] = list_rankers(home)
+    # The blocking check stops this step only within the run that evaluated the gate; this asset
+    # can also be materialized on its own, so it reads the gate's latest verdict itself.
+    gate = context.instance.get_latest_asset_check_evaluation_record(
+        dg.AssetCheckKey(dg.AssetKey("registered_model"), GATE_CHECK)
+    )
+    verdict = gate.evaluation if gate else None
+    judged = verdict.metadata["tag"].value if verdict and "tag" in verdict.metadata else None
+    if verdict is None or judged != newest:
+        raise dg.Failure(
+            f"No promotion_gate verdict on {newest}, the newest registered ranker: materialize "
+            "registered_model first, or promote by hand with `shelfwise models promote`."
+        )
+    if not verdict.passed:
+        raise dg.Failure(f"{newest} failed the promotion gate: {verdict.description}")
     tag = promote(home, newest)
     current = production(home)
     return dg.MaterializeResult(
