@@ -65,7 +65,7 @@ class IngestReport:
     items_upserted: int = 0
     users_upserted: int = 0
     catalog_rows_quarantined: int = 0
-    dates: list[str] = field(default_factory=list)
+    rows_by_date: dict[str, int] = field(default_factory=dict)
     held: list[HeldBatch] = field(default_factory=list)
     expectations: dict[str, dict[str, object]] = field(default_factory=dict)
 
@@ -109,7 +109,7 @@ def ingest_landing(
                 report.items_upserted += upserted
             else:
                 report.users_upserted += upserted
-    report.dates = sorted(set(report.dates))
+    report.rows_by_date = dict(sorted(report.rows_by_date.items()))
     if not lake.list_files(paths.IMPRESSIONS):
         lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), EMPTY_IMPRESSIONS)
     return report
@@ -140,7 +140,7 @@ def _ingest_events_file(
     for (day,), rows in dated.partition_by("_date", as_dict=True, maintain_order=True).items():
         table = rows.drop("_date").to_arrow().cast(EVENTS_SCHEMA)
         lake.write_parquet(table, f"{paths.EVENTS}/date={day}/{stem}.parquet")
-        report.dates.append(str(day))
+        report.rows_by_date[str(day)] = report.rows_by_date.get(str(day), 0) + rows.height
     lake.remove([relpath])
     report.files += 1
     report.events_landed += verdict.valid.height

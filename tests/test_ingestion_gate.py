@@ -89,3 +89,16 @@ def test_five_percent_broken_delivery_lands_and_features_are_built(tmp_path):
     assert lake.read_frame("quarantine/events/delivery.parquet").height == 10
     assert lake.exists("features/item_features.parquet")
     assert lake.list_files("landing/events") == []
+    # The UI shows what the run added per day of the lake.
+    [landed] = [
+        e.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("raw_events")
+    ]
+    by_date = {
+        r.data["date"]: r.data["landed_rows"]
+        for r in landed.metadata["landed_rows_by_date"].value.records
+    }
+    assert len(by_date) >= 21
+    assert sum(by_date.values()) == landed.metadata["landed_rows"].value
+    assert by_date == {day: lake.read_frame(f"events/date={day}").height for day in by_date}

@@ -150,6 +150,27 @@ def test_ingesting_the_same_delivery_twice_adds_nothing(tmp_path):
     assert lake.read_frame("events").height == 2
 
 
+def test_a_new_day_is_ingested_without_rewriting_history(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    history = events_table(
+        [event(f"h{i}", NOW - timedelta(days=2, hours=10 * i)) for i in range(3)]
+    )
+    lake.write_parquet(history, "landing/events/history.parquet")
+    first = ingest_landing(lake, now=NOW)
+    assert first.rows_by_date == {"2026-05-07": 1, "2026-05-08": 2}
+    published = lake.list_modified("events")
+
+    today = events_table([event("t1", NOW - timedelta(hours=1))])
+    lake.write_parquet(today, "landing/events/today.parquet")
+    second = ingest_landing(lake, now=NOW)
+    assert second.rows_by_date == {"2026-05-10": 1}
+    after = lake.list_modified("events")
+    # The earlier days' files are untouched (same names, same modification times).
+    assert {path: after[path] for path in published} == published
+    assert sorted(set(after) - set(published)) == ["events/date=2026-05-10/today.parquet"]
+    assert lake.read_frame("events").height == 4
+
+
 def test_catalog_deliveries_are_upserted_by_key(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     base = {

@@ -63,7 +63,20 @@ def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
             "quarantined_share": float(report.quarantined_share),
             "duplicates_collapsed": report.duplicates_collapsed,
             "feedback_rows": feedback.events,
-            "new_dates": len(report.dates),
+            "dates_written": len(report.rows_by_date),
+            # What this run added per day of the lake: the per-day view of incremental ingestion.
+            "landed_rows_by_date": dg.MetadataValue.table(
+                records=[
+                    dg.TableRecord({"date": day, "landed_rows": rows})
+                    for day, rows in report.rows_by_date.items()
+                ],
+                schema=dg.TableSchema(
+                    columns=[
+                        dg.TableColumn("date", "string"),
+                        dg.TableColumn("landed_rows", "int"),
+                    ]
+                ),
+            ),
             "files_in_lake": len(events),
             "lake": dg.MetadataValue.path(lake.uri("events")),
         },
