@@ -47,6 +47,7 @@ from models.session import (
     Session,
     recency_signals,
 )
+from models.snapshot import SNAPSHOT_KEY, SNAPSHOT_ORDER, CandidateSnapshot, load_snapshot
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
 
 logger = logging.getLogger(__name__)
@@ -63,9 +64,6 @@ FALLBACK_CANDIDATE_ORDER = 1  # the ranker is missing or failed: the generators'
 FALLBACK_POPULAR = 2  # the candidates are missing: popular items for everyone
 
 
-SNAPSHOT_KEY = ["user_id", "item_id", "candidate_rank"]
-
-
 def serving_snapshot(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:
     """The rows the service ranks: candidates with their feature vectors, as for training.
 
@@ -75,9 +73,14 @@ def serving_snapshot(candidates: pl.DataFrame, tables: FeatureTables) -> pl.Data
 
     Returns:
         user_id, item_id, candidate_rank and `FEATURE_COLUMNS`, assembled by the very function
-        that builds the training set.
+        that builds the training set; each user's rows together, best candidate first (what
+        the service's streaming load needs, see `models.snapshot`).
     """
-    return assemble_features(candidates, tables).select(*SNAPSHOT_KEY, *FEATURE_COLUMNS)
+    return (
+        assemble_features(candidates, tables)
+        .select(*SNAPSHOT_KEY, *FEATURE_COLUMNS)
+        .sort(SNAPSHOT_ORDER)
+    )
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ class Recommender:
     """Walks the cold-start ladder for one request; see the module docstring.
 
     Args:
-        candidates: Serving snapshot rows: user_id, item_id, candidate_rank, `FEATURE_COLUMNS`.
+        candidates: The serving snapshot: rows of user_id, item_id, candidate_rank and
+            `FEATURE_COLUMNS` in any order, or already loaded (`CandidateSnapshot`).
         popular: Popular items, most popular first: item_id, popularity.
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
@@ -119,7 +123,7 @@ class Recommender:
 
     def __init__(
         self,
-        candidates: pl.DataFrame,
+        candidates: pl.DataFrame | CandidateSnapshot,
         popular: pl.DataFrame,
         booster: lgb.Booster | None,
         feature_names: list[str] | None = None,
@@ -133,53 +137,16 @@ class Recommender:
         self.neighbours = neighbours or NeighbourIndex.empty()
         self.content = ContentIndex(self.rules.items)
         features = feature_names or FEATURE_COLUMNS
-        missing = [name for name in features if name not in candidates.columns]
-        if missing:
-            raise ValueError(f"serving snapshot lacks the ranker's features: {missing}")
-        ordered = candidates.sort("user_id", "candidate_rank").with_columns(
-            [pl.lit(None, pl.Float32).alias(c) for c in FEATURE_COLUMNS if c not in candidates]
-        )
+        if isinstance(candidates, pl.DataFrame):
+            missing = [name for name in features if name not in candidates.columns]
+            if missing:
+                raise ValueError(f"serving snapshot lacks the ranker's features: {missing}")
+            candidates = CandidateSnapshot.from_frame(candidates)
+        self._snapshot = candidates
         self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
         # The booster's columns; None when they are FEATURE_COLUMNS as they are (no copy needed).
         ranker_columns = [self._column[name] for name in features]
         self._ranker_columns = None if features == FEATURE_COLUMNS else ranker_columns
-        # Stored factorised, for memory: per candidate row only what depends on the (user, item)
-        # pair; the item's and the user's features once per item and per user (they are the same
-        # in every row of the snapshot, which has one cutoff). A request reassembles its rows.
-        item_columns = list(ITEM_FEATURES.values())
-        user_columns = list(USER_FEATURES.values())
-        pair_columns = [c for c in FEATURE_COLUMNS if c not in {*item_columns, *user_columns}]
-        self._pair_index = np.array([self._column[c] for c in pair_columns])
-        self._item_index = np.array([self._column[c] for c in item_columns])
-        self._user_index = np.array([self._column[c] for c in user_columns])
-        self._pairs = ordered.select(pair_columns).to_numpy().astype(np.float32, copy=False)
-        items = (
-            ordered.group_by("item_id", maintain_order=True)
-            .agg([pl.first(c) for c in item_columns])
-            .with_row_index("code")
-        )
-        self._items = items.get_column("item_id").to_numpy()
-        self._item_part = items.select(item_columns).to_numpy().astype(np.float32, copy=False)
-        self._item_code = (
-            ordered.select("item_id")
-            .join(items.select("item_id", "code"), on="item_id", how="left", maintain_order="left")
-            .get_column("code")
-            .to_numpy()
-            .astype(np.int32)
-        )
-        self._candidate_rank = ordered.get_column("candidate_rank").to_numpy()
-        users = ordered.group_by("user_id", maintain_order=True).agg(
-            pl.len(), *[pl.first(c) for c in user_columns]
-        )
-        self._user_part = users.select(user_columns).to_numpy().astype(np.float32, copy=False)
-        ends = np.cumsum(users.get_column("len").to_numpy().astype(np.int64)).tolist()
-        starts = [0, *ends[:-1]] if ends else []
-        self._rows = {
-            user: (start, end, n)
-            for n, (user, start, end) in enumerate(
-                zip(users.get_column("user_id").to_list(), starts, ends, strict=True)
-            )
-        }
         self._popular_ids = popular.get_column("item_id").to_list()
         self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
         self._booster = booster
@@ -218,11 +185,6 @@ class Recommender:
         """
         features = feature_names or FEATURE_COLUMNS
         parts = {
-            SERVING_CANDIDATES: {
-                **{k: pl.String for k in SNAPSHOT_KEY[:2]},
-                "candidate_rank": pl.Int32,
-                **{name: pl.Float32 for name in features},
-            },
             SERVING_POPULAR: {"item_id": pl.String, "popularity": pl.Float64},
             SERVING_NEIGHBOURS: {
                 "kind": pl.String,
@@ -239,8 +201,20 @@ class Recommender:
             except Exception:  # a missing or corrupt artifact must not take the service down
                 logger.exception("serving snapshot %s unavailable: degrading", lake.uri(relpath))
                 frames[relpath] = pl.DataFrame(schema=schema)
+        try:
+            candidates = load_snapshot(lake, features)
+        except Exception:  # as above: the candidate order, then popular items
+            snapshot = lake.uri(SERVING_CANDIDATES)
+            logger.exception("serving snapshot %s unavailable: degrading", snapshot)
+            candidates = pl.DataFrame(
+                schema={
+                    **{k: pl.String for k in SNAPSHOT_KEY[:2]},
+                    "candidate_rank": pl.Int32,
+                    **{name: pl.Float32 for name in features},
+                }
+            )
         return cls(
-            frames[SERVING_CANDIDATES],
+            candidates,
             frames[SERVING_POPULAR],
             booster,
             features,
@@ -253,7 +227,7 @@ class Recommender:
     @property
     def known_users(self) -> int:
         """How many users have precomputed candidates."""
-        return len(self._rows)
+        return len(self._snapshot.spans)
 
     def recommend(
         self,
@@ -280,12 +254,12 @@ class Recommender:
         filters = filters or RequestFilters()
         session = session or Session()
         online = OnlineFacts(session.purchased_ids, stock or {})
-        span = self._rows.get(user_id)
+        span = self._snapshot.spans.get(user_id)
         if span is not None:
             items, level = self._personalized(user_id, span, session, filters, online, k)
             strategy = STRATEGY_PERSONALIZED
         else:
-            level = FALLBACK_POPULAR if not self._rows else FALLBACK_NONE
+            level = FALLBACK_POPULAR if not self._snapshot.spans else FALLBACK_NONE
             items = self._session_based(user_id, session, filters, online, k)
             strategy = STRATEGY_SESSION if items else STRATEGY_POPULAR
             if not items:  # a new item without neighbours yet: what trends in its category
@@ -357,8 +331,8 @@ class Recommender:
         online: OnlineFacts,
         k: int,
     ) -> tuple[list[RankedItem], int]:
-        matrix, item_ids = self._user_rows(span)
-        fallback_order = self._candidate_rank[span[0] : span[1]].astype(np.float64)
+        matrix, item_ids = self._snapshot.rows_of(span)
+        fallback_order = self._snapshot.ranks[span[0] : span[1]].astype(np.float64)
         if session.item_ids:
             matrix, item_ids = self._with_session(matrix, item_ids, session)
             fallback_order = _generators_order(matrix, self._column)
@@ -371,16 +345,6 @@ class Recommender:
         ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
         chosen = self.rules.select(user_id, ranked, filters, k, online=online)
         return [RankedItem(item, score, source) for item, (score, source) in chosen], level
-
-    def _user_rows(self, span: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """A known user's candidate rows, reassembled, and their item ids."""
-        start, end, user = span
-        codes = self._item_code[start:end]
-        rows = np.empty((end - start, len(FEATURE_COLUMNS)), dtype=np.float32)
-        rows[:, self._pair_index] = self._pairs[start:end]
-        rows[:, self._item_index] = self._item_part[codes]
-        rows[:, self._user_index] = self._user_part[user]
-        return rows, self._items[codes]
 
     def _rank(self, user_id: str, matrix: np.ndarray) -> np.ndarray | None:
         """The ranker's scores, or None when it is missing, fails or overruns its budget."""
