@@ -235,10 +235,16 @@ def probe_serving() -> None:
     recommender = Recommender.from_lake(lake, booster)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    resident = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
     figures = {
         "known_users": recommender.known_users,
         "load_seconds": round(seconds, 1),
         "peak_rss_mib": round(peak / MIB),
+        "rss_mib_after_load": round(resident / MIB),
     }
     print(json.dumps(figures))
 

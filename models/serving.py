@@ -19,8 +19,6 @@ The business rules filter every list. The BentoML service is a thin shell around
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import lightgbm as lgb
@@ -151,8 +149,6 @@ class Recommender:
         self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
         self._booster = booster
         self._budget = ranker_budget_s
-        # Prediction runs on a worker thread only to be able to stop waiting for it.
-        self._ranker_pool = ThreadPoolExecutor(2, "ranker") if ranker_budget_s else None
         self._recent_items = recent_items
         vectors = item_vectors if item_vectors is not None else pl.DataFrame({"item_id": []})
         item_columns = list(ITEM_FEATURES.values())
@@ -351,23 +347,22 @@ class Recommender:
         if self._booster is None:
             return None
         rows = matrix if self._ranker_columns is None else matrix[:, self._ranker_columns]
+        # Predicted inline and judged afterwards: a hand-off to a thread that could be abandoned
+        # cost more per request than the whole prediction (serving benchmark); a late answer is
+        # still discarded, so the budget bounds what is served. What bounds a prediction that
+        # never returns is BentoML's request timeout.
+        started = time.perf_counter()
         try:
-            if self._ranker_pool is None:
-                return self._booster.predict(rows, num_threads=1)
-            started = time.perf_counter()
-            future = self._ranker_pool.submit(self._booster.predict, rows, num_threads=1)
-            scores = future.result(timeout=self._budget)
-            # Late is late, also when the thread scheduling let the wait end after the answer.
-            if time.perf_counter() - started <= self._budget:
-                return scores
-            raise FutureTimeout
-        except FutureTimeout:
+            scores = self._booster.predict(rows, num_threads=1)
+        except Exception:  # degrade to the candidate order rather than fail the request
+            logger.exception("ranker failed for user %s: serving the candidate order", user_id)
+            return None
+        if self._budget is not None and time.perf_counter() - started > self._budget:
             logger.warning(
                 "ranker over its %.3f s budget: serving the candidate order", self._budget
             )
-        except Exception:  # degrade to the candidate order rather than fail the request
-            logger.exception("ranker failed for user %s: serving the candidate order", user_id)
-        return None
+            return None
+        return scores
 
     def _with_session(
         self, matrix: np.ndarray, item_ids: np.ndarray, session: Session
