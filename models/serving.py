@@ -145,6 +145,7 @@ class Recommender:
         # The booster's columns; None when they are FEATURE_COLUMNS as they are (no copy needed).
         ranker_columns = [self._column[name] for name in features]
         self._ranker_columns = None if features == FEATURE_COLUMNS else ranker_columns
+        self._score_columns = np.array([self._column[c] for c in SCORE_COLUMNS])
         self._popular_ids = popular.get_column("item_id").to_list()
         self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
         self._booster = booster
@@ -483,8 +484,8 @@ class Recommender:
 
     def _proposing_generators(self, matrix: np.ndarray) -> np.ndarray:
         """Per row, the index in `GENERATORS` of the first generator that proposed the item."""
-        scores = matrix[:, [self._column[c] for c in SCORE_COLUMNS]]
-        return np.argmax(np.nan_to_num(scores) > 0, axis=1)
+        # A missing score (NaN) compares False, as a zero would.
+        return np.argmax(matrix[:, self._score_columns] > 0, axis=1)
 
 
 def _signal_strength(signals: RecencySignals, item: str) -> float:
@@ -513,7 +514,7 @@ def _apply_signals(
     rows[in_session, col["user_item_days_since_last"]] = 0.0
     rows[:, col["user_days_since_last_event"]] = 0.0
     scores = rows[:, [col[c] for c in SCORE_COLUMNS]]
-    rows[:, col["sources"]] = (np.nan_to_num(scores) > 0).sum(axis=1)
+    rows[:, col["sources"]] = (scores > 0).sum(axis=1)
 
 
 def _generators_order(matrix: np.ndarray, col: dict[str, int]) -> np.ndarray:
