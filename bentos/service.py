@@ -39,8 +39,8 @@ from bentos.guard import RequestGuard
 from bentos.impressions import ImpressionLog
 from models.serving import Recommendation, Recommender
 from models.session import Session
-from shelfwise.feedback import FeedbackLog, compact_feedback
-from shelfwise.lake import Lake
+from shelfwise.feedback import FeedbackLog, compact_feedback, latest_stock_updates
+from shelfwise.lake import STOCK_UPDATES, Lake
 from shelfwise.online_state import open_state
 from shelfwise.registry import (
     PRODUCTION_MODEL_NAME,
@@ -103,6 +103,7 @@ class RecommendationService:
             self.settings.wal_dir, max_segment_seconds=self.settings.compact_every_s or 60.0
         )
         self.impressions = ImpressionLog(self.feedback)
+        self._restore_stock()
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
@@ -114,6 +115,17 @@ class RecommendationService:
             "in Redis" if self.settings.redis_url else "in process",
         )
         settle_heap()
+
+    def _restore_stock(self) -> None:
+        """Acknowledged stock updates outlive the process: the log's, compacted into the lake
+        (first what a killed predecessor left in it), are restored into the online state."""
+        lake = Lake(self.settings.lake_url)
+        try:
+            if self.settings.compact_every_s:
+                compact_feedback(self.settings.wal_dir, lake)
+            self.state.restore_stock(latest_stock_updates(lake))
+        except Exception:  # serve without them rather than not at all; the log keeps them
+            logger.exception("Could not restore the stock updates from %s", lake.url)
 
     def _serving(self, booster, features, version: str | None, tag: str | None) -> "Serving":
         """The recommender for a ranker and the lake's current serving snapshot."""
@@ -240,8 +252,9 @@ class RecommendationService:
         ] = [],  # noqa: B006
     ) -> EventsResponse:
         """Feedback from the shop: views, carts, purchases (and stock changes). Acknowledged only
-        once durable in the write-ahead log; a re-sent event (same event_id) is harmless. The
-        user's next /recommend reflects it at once."""
+        once durable in the write-ahead log (stock changes too: a restart restores them); a
+        re-sent event (same event_id) is harmless. The user's next /recommend reflects it at
+        once."""
         now = datetime.now(UTC)
         valid, rejected = [], []
         for index, raw in enumerate(events):
@@ -258,7 +271,16 @@ class RecommendationService:
             self.feedback.append("events", fresh)  # durable (fsync'ed) before anything else
             self.state.record(sorted(fresh, key=lambda row: row["occurred_at"]))
         if stock:
-            self.state.update_stock({update.item_id: update.is_in_stock for update in stock})
+            # The request's last word on an item wins, in the log as in the online state.
+            latest = {update.item_id: update.is_in_stock for update in stock}
+            self.feedback.append(
+                STOCK_UPDATES,
+                [
+                    {"item_id": item, "is_in_stock": in_stock, "updated_at": now}
+                    for item, in_stock in latest.items()
+                ],
+            )
+            self.state.update_stock(latest)
         EVENTS.labels(outcome="accepted").inc(len(fresh))
         EVENTS.labels(outcome="duplicate").inc(len(valid) - len(fresh))
         EVENTS.labels(outcome="rejected").inc(len(rejected))

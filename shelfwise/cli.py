@@ -16,7 +16,7 @@ from shelfwise.importers import (
     ImportReport,
     import_files,
 )
-from shelfwise.lake import SERVING_CANDIDATES, Lake
+from shelfwise.lake import SERVING_CANDIDATES, STOCK_UPDATES, Lake
 from shelfwise.settings import Settings
 
 
@@ -112,7 +112,7 @@ def _compact(args: argparse.Namespace, settings: Settings) -> int:
     _say(
         f"Compacted {result.segments} log segment(s) from {settings.wal_dir} into {lake.url}: "
         f"{result.events:,} events, {result.impressions:,} impressions, "
-        f"{len(result.files)} file(s)."
+        f"{result.rows[STOCK_UPDATES]:,} stock updates, {len(result.files)} file(s)."
     )
     for relpath in result.files[:20]:
         _say(f"  wrote {relpath}")

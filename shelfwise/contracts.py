@@ -40,6 +40,16 @@ IMPRESSIONS_SCHEMA = pa.schema(
     ]
 )
 
+# Stock changes the shop sends to the service's /events: they override the catalog's
+# `is_in_stock` for their item (the latest one wins) in serving.
+STOCK_UPDATES_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("is_in_stock", pa.bool_(), nullable=False),
+        pa.field("updated_at", TIMESTAMP, nullable=False),
+    ]
+)
+
 ITEMS_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),

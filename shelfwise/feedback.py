@@ -1,14 +1,15 @@
-"""Durable feedback: a write-ahead log of events and impressions, and its compactor into the lake.
+"""Durable feedback: a write-ahead log of events, impressions and stock updates; its compactor.
 
-The service appends each `/events` batch and each list of impressions to a `FeedbackLog` and
-acknowledges only after `append` returns, that is after the bytes are on disk (`fsync`). A
-compactor (`compact_feedback`, `shelfwise compact`, or the pipeline) later publishes the log as
-Parquet under `events/date=YYYY-MM-DD/` and `impressions/date=YYYY-MM-DD/` and removes it.
+The service appends each `/events` batch (and its stock updates) and each list of impressions to a
+`FeedbackLog` and acknowledges only after `append` returns, that is after the bytes are on disk
+(`fsync`). A compactor (`compact_feedback`, `shelfwise compact`, or the pipeline) later publishes
+the log as Parquet under `events/date=YYYY-MM-DD/`, `impressions/date=YYYY-MM-DD/` and
+`stock_updates/date=YYYY-MM-DD/` and removes it.
 
 Design:
 
 - **Segments.** Each `FeedbackLog` (one per process: a BentoML worker) writes its own segment files
-  in the log folder, both streams interleaved in one file, named
+  in the log folder, the streams interleaved in one file, named
   `<UTC creation time>-<pid>-<random token>-<sequence>` so names sort by age and are unique across
   processes and hosts. A segment is created as `<name>.new`, locked, given its file header,
   fsync'ed, renamed to `<name>.open` and the folder fsync'ed; it is sealed (fsync, rename to
@@ -38,9 +39,10 @@ Design:
 - **Compaction.** One compactor at a time (an `flock` on `compact.lock`). Segments are compacted
   oldest first, one at a time: each stream's batches are concatenated, conformed to the contract
   (`shelfwise.contracts.conform`), deduplicated (events by `event_id`, impressions by
-  `rec_id, item_id, position`; the first copy wins, also across the segments of one run),
-  split by the UTC date of `occurred_at` / `shown_at` and published with `Lake.write_parquet`
-  (temporary name, then move; on a local lake the file and its folder are also fsync'ed) as
+  `rec_id, item_id, position`, stock updates by `item_id, updated_at`; the first copy wins, also
+  across the segments of one run), split by the UTC date of `occurred_at` / `shown_at` /
+  `updated_at` and published with `Lake.write_parquet` (temporary name, then move; on a local
+  lake the file and its folder are also fsync'ed) as
   `<stream>/date=YYYY-MM-DD/wal-<segment name>.parquet`. Only then is the segment removed. The
   output name derives from the segment, so a compaction interrupted between publishing and
   removing simply rewrites the same objects on the next run: no second copy, also on S3 (where
@@ -73,10 +75,11 @@ from shelfwise.contracts import (
     EVENT_TYPES,
     EVENTS_SCHEMA,
     IMPRESSIONS_SCHEMA,
+    STOCK_UPDATES_SCHEMA,
     ContractError,
     conform,
 )
-from shelfwise.lake import EVENTS, IMPRESSIONS, Lake
+from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,9 @@ _STREAMS = {
     EVENTS: _Stream(EVENTS, 1, EVENTS_SCHEMA, "occurred_at", ("event_id",)),
     IMPRESSIONS: _Stream(
         IMPRESSIONS, 2, IMPRESSIONS_SCHEMA, "shown_at", ("rec_id", "item_id", "position")
+    ),
+    STOCK_UPDATES: _Stream(
+        STOCK_UPDATES, 3, STOCK_UPDATES_SCHEMA, "updated_at", ("item_id", "updated_at")
     ),
 }
 _BY_CODE = {stream.code: stream for stream in _STREAMS.values()}
@@ -226,7 +232,7 @@ class FeedbackLog:
         """Appends rows to the log; returns only once they are on disk (fsync'ed).
 
         Args:
-            stream: `"events"` or `"impressions"`.
+            stream: `"events"`, `"impressions"` or `"stock_updates"`.
             rows: Dicts with the contract's column names (`shelfwise.contracts`); missing optional
                 columns are null, extra keys are ignored. Timestamps are datetimes, tz-aware (a
                 naive one is taken as UTC, as `conform` does).
@@ -405,7 +411,7 @@ class CompactionResult:
     """What one compaction published.
 
     Attributes:
-        rows: Rows published per stream (`events`, `impressions`).
+        rows: Rows published per stream (`events`, `impressions`, `stock_updates`).
         duplicates: Rows dropped per stream as duplicates of a row compacted before them.
         files: Lake-relative paths of the Parquet files written.
         segments: Log segments compacted and removed.
@@ -534,6 +540,24 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
             finally:
                 os.close(fd)
     return result
+
+
+def latest_stock_updates(lake: Lake) -> dict[str, bool]:
+    """Per item, the latest stock update published to the lake.
+
+    What a restarted service restores into its online state.
+
+    Args:
+        lake: The lake the log is compacted into.
+
+    Returns:
+        item_id → in stock, from the newest `updated_at` of each item; empty when none arrived.
+    """
+    if not lake.list_files(STOCK_UPDATES):
+        return {}
+    updates = lake.read_frame(STOCK_UPDATES, columns=["item_id", "is_in_stock", "updated_at"])
+    latest = updates.sort("updated_at").unique("item_id", keep="last", maintain_order=True)
+    return dict(zip(latest["item_id"].to_list(), latest["is_in_stock"].to_list(), strict=True))
 
 
 @contextlib.contextmanager

@@ -66,6 +66,13 @@ class OnlineState(Protocol):
         """Every stock change recorded so far."""
         ...
 
+    def restore_stock(self, updates: Mapping[str, bool]) -> None:
+        """Records stock changes for items that have none yet.
+
+        A restart restores what the log kept, never over a newer change another worker recorded.
+        """
+        ...
+
 
 @dataclass
 class _User:
@@ -121,6 +128,11 @@ class InProcessState:
 
     def stock(self) -> Mapping[str, bool]:  # noqa: D102
         return self._stock
+
+    def restore_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
+        with self._lock:
+            for item, in_stock in updates.items():
+                self._stock.setdefault(item, in_stock)
 
 
 def _apply(user: _User, event_type: str, item_id: str, now: float) -> None:
@@ -226,6 +238,15 @@ class RedisState:
                 self._stock = {item: value == "1" for item, value in raw.items()}
                 self._stock_version = version
         return self._stock
+
+    def restore_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
+        if not updates:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        for item, in_stock in updates.items():
+            pipe.hsetnx(self._key("stock"), item, int(in_stock))
+        pipe.incr(self._key("stock", "version"))
+        pipe.execute()
 
 
 def open_state(redis_url: str | None) -> OnlineState:

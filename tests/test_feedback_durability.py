@@ -1,5 +1,5 @@
-"""`kill -9` of the whole server under /events load: after a restart every acknowledged event is
-in the lake exactly once."""
+"""`kill -9` of the whole server: after a restart every acknowledged event is in the lake exactly
+once, and every acknowledged stock update is in force again."""
 
 import os
 import signal
@@ -11,7 +11,7 @@ import httpx
 import polars as pl
 
 from shelfwise.feedback import OUTPUT_PREFIX
-from shelfwise.lake import EVENTS, Lake
+from shelfwise.lake import EVENTS, SERVING_CANDIDATES, Lake
 from tests.support import copy_state, processes_serving, served_from_source
 
 
@@ -74,3 +74,28 @@ def test_no_acknowledged_event_is_lost_or_doubled_by_a_kill_9(pipeline_run, tmp_
 
     assert set(acknowledged) <= set(event_ids)
     assert pl.Series(event_ids).is_duplicated().sum() == 0
+
+
+def test_an_acknowledged_stock_update_survives_a_kill_9(pipeline_run, tmp_path):
+    assert pipeline_run.result.success, pipeline_run.failures
+    settings = copy_state(pipeline_run.settings, tmp_path)
+    user = Lake(settings.lake_url).read_frame(SERVING_CANDIDATES).get_column("user_id").min()
+
+    def shown(url: str, **body) -> list[str]:
+        response = httpx.post(f"{url}/recommend", json={"user_id": user, **body}, timeout=10)
+        assert response.status_code == 200
+        return [item["item_id"] for item in response.json()["items"]]
+
+    with served_from_source(settings, tmp_path) as url:
+        sold_out = shown(url)[0]
+        update = {"stock": [{"item_id": sold_out, "is_in_stock": False}]}
+        response = httpx.post(f"{url}/events", json=update, timeout=10)
+        assert response.status_code == 200 and response.json()["stock_updates"] == 1
+        assert sold_out not in shown(url)
+        for pid in processes_serving(settings):
+            os.kill(pid, signal.SIGKILL)
+
+    (tmp_path / "restart").mkdir()
+    with served_from_source(settings, tmp_path / "restart") as url:
+        assert sold_out not in shown(url)
+        assert sold_out in shown(url, filters={"in_stock_only": False})

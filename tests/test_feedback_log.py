@@ -24,9 +24,11 @@ from shelfwise.feedback import (
     SEALED_SUFFIX,
     FeedbackLog,
     compact_feedback,
+    latest_stock_updates,
     read_segment,
 )
-from shelfwise.lake import EVENTS, IMPRESSIONS, Lake
+from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
+from shelfwise.online_state import open_state
 from shelfwise.settings import Settings
 from tests.support import PROJECT_ROOT
 
@@ -142,8 +144,8 @@ def test_duplicate_event_ids_are_published_once(tmp_path):
     result = compact_feedback(wal, lake)
 
     assert result.segments == 2
-    assert result.rows == {EVENTS: 6, IMPRESSIONS: 3}
-    assert result.duplicates == {EVENTS: 3, IMPRESSIONS: 3}
+    assert result.rows == {EVENTS: 6, IMPRESSIONS: 3, STOCK_UPDATES: 0}
+    assert result.duplicates == {EVENTS: 3, IMPRESSIONS: 3, STOCK_UPDATES: 0}
     assert [row["event_id"] for row in lake_rows(lake, EVENTS, "event_id")] == [
         f"e{n}" for n in range(6)
     ]
@@ -171,7 +173,7 @@ def test_rows_that_break_the_contract_are_refused_before_anything_is_written(tmp
     with pytest.raises(RuntimeError, match="closed"):
         log.append(EVENTS, good)
 
-    assert compact_feedback(wal, lake).rows == {EVENTS: 3, IMPRESSIONS: 0}
+    assert compact_feedback(wal, lake).rows == {EVENTS: 3, IMPRESSIONS: 0, STOCK_UPDATES: 0}
 
 
 @pytest.mark.parametrize("damage", ["cut", "zeros", "garbage", "flipped"])
@@ -422,3 +424,44 @@ def test_cli_compact_publishes_the_log_of_shelfwise_home(tmp_path, monkeypatch, 
     assert "Compacted 1 log segment(s)" in output and "4 events, 0 impressions" in output
     assert "Dropped 2 duplicate row(s)" in output
     assert len(Lake(settings.lake_url).read_table(EVENTS)) == 4
+
+
+def test_stock_updates_are_logged_compacted_and_the_latest_per_item_restored(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    assert latest_stock_updates(lake) == {}
+    with FeedbackLog(wal) as log:
+        log.append(
+            STOCK_UPDATES,
+            [
+                {"item_id": "i1", "is_in_stock": False, "updated_at": DAY + timedelta(hours=2)},
+                {"item_id": "i2", "is_in_stock": False, "updated_at": DAY},
+            ],
+        )
+        # An older update of i1 logged later (another worker) does not win; a newer one of i2
+        # on the next day does.
+        log.append(
+            STOCK_UPDATES,
+            [
+                {"item_id": "i1", "is_in_stock": True, "updated_at": DAY + timedelta(hours=1)},
+                {"item_id": "i2", "is_in_stock": True, "updated_at": DAY + timedelta(days=1)},
+            ],
+        )
+        with pytest.raises(ContractError, match="is_in_stock"):
+            log.append(STOCK_UPDATES, [{"item_id": "i3", "updated_at": DAY}])
+    result = compact_feedback(wal, lake)
+    assert result.rows[STOCK_UPDATES] == 4
+    assert [f.split("/")[1] for f in lake.list_files(STOCK_UPDATES)] == [
+        "date=2026-11-01",
+        "date=2026-11-02",
+    ]
+    assert latest_stock_updates(lake) == {"i1": False, "i2": True}
+
+
+@pytest.mark.parametrize("backend", ["in_process", "redis"])
+def test_restored_stock_never_overrides_a_newer_change(backend, request):
+    state = open_state(request.getfixturevalue("redis_url") if backend == "redis" else None)
+    item = f"item-{backend}-{time.monotonic_ns()}"
+    state.update_stock({item: True})
+    state.restore_stock({item: False, f"{item}-other": False})
+    assert state.stock()[item] is True
+    assert state.stock()[f"{item}-other"] is False
