@@ -199,7 +199,7 @@ class RecommendationService:
         """Top-k items for a user: their candidates updated with the live session and re-ranked
         by the ranker; session neighbours, trending or popular items when the user is new;
         filtered by the business rules (already bought, out of stock, the request's filters)."""
-        activity = self.state.activity(user_id)
+        activity, stock = self.state.activity_and_stock(user_id)
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
@@ -212,7 +212,7 @@ class RecommendationService:
             (filters or RecommendFilters()).to_rules(exclude=context.item_id),
             session,
             context.item_id,
-            self.state.stock(),
+            stock,
         )
         return self._respond("recommend", user_id, answer, serving, RecommendResponse)
 

@@ -58,6 +58,10 @@ class OnlineState(Protocol):
         """The user's session, cart and purchases."""
         ...
 
+    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, bool]]:
+        """What a recommendation reads: the user's activity and the stock changes, together."""
+        ...
+
     def update_stock(self, updates: Mapping[str, bool]) -> None:
         """Records stock changes (item_id → in stock)."""
         ...
@@ -121,6 +125,9 @@ class InProcessState:
                 frozenset(user.cart) if fresh else frozenset(),
                 frozenset(user.bought) if bought else frozenset(),
             )
+
+    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, bool]]:  # noqa: D102
+        return self.activity(user_id), self._stock
 
     def update_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
         with self._lock:
@@ -216,11 +223,24 @@ class RedisState:
 
     def activity(self, user_id: str) -> UserActivity:  # noqa: D102
         pipe = self._redis.pipeline(transaction=False)
+        self._queue_activity(pipe, user_id)
+        items, cart, bought = pipe.execute()
+        return UserActivity(tuple(items), frozenset(cart), frozenset(bought))
+
+    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, bool]]:  # noqa: D102
+        # One round trip: the stock's version travels with the activity; the hash itself is
+        # read again only when another worker changed it.
+        pipe = self._redis.pipeline(transaction=False)
+        self._queue_activity(pipe, user_id)
+        pipe.get(self._key("stock", "version"))
+        items, cart, bought, version = pipe.execute()
+        activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
+        return activity, self._stock_at(version)
+
+    def _queue_activity(self, pipe: Any, user_id: str) -> None:  # noqa: ANN401 - redis' Pipeline
         pipe.lrange(self._key("session", user_id), 0, SESSION_ITEMS - 1)
         pipe.smembers(self._key("cart", user_id))
         pipe.smembers(self._key("bought", user_id))
-        items, cart, bought = pipe.execute()
-        return UserActivity(tuple(items), frozenset(cart), frozenset(bought))
 
     def update_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
         if not updates:
@@ -231,7 +251,10 @@ class RedisState:
         pipe.execute()
 
     def stock(self) -> Mapping[str, bool]:  # noqa: D102
-        version = self._redis.get(self._key("stock", "version"))
+        return self._stock_at(self._redis.get(self._key("stock", "version")))
+
+    def _stock_at(self, version: str | None) -> Mapping[str, bool]:
+        """The stock hash as of `version`, re-read only when it is not the cached one."""
         if version != self._stock_version:
             with self._lock:
                 raw = self._redis.hgetall(self._key("stock"))

@@ -465,3 +465,12 @@ def test_restored_stock_never_overrides_a_newer_change(backend, request):
     state.restore_stock({item: False, f"{item}-other": False})
     assert state.stock()[item] is True
     assert state.stock()[f"{item}-other"] is False
+
+
+def test_activity_and_stock_in_one_read_see_another_workers_stock_change(redis_url):
+    worker, other = open_state(redis_url), open_state(redis_url)
+    item = f"item-{time.monotonic_ns()}"
+    activity, stock = worker.activity_and_stock("nobody")
+    assert activity.item_ids == () and item not in stock
+    other.update_stock({item: False})
+    assert worker.activity_and_stock("nobody")[1][item] is False
