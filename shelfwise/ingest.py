@@ -34,6 +34,7 @@ from shelfwise.contracts import (
     conform,
 )
 from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX
+from shelfwise.feedback import latest_stock_updates
 from shelfwise.lake import Lake
 from shelfwise.validation import validate_events
 
@@ -63,6 +64,7 @@ class IngestReport:
     events_quarantined: int = 0
     duplicates_collapsed: int = 0
     items_upserted: int = 0
+    stock_overrides: int = 0
     users_upserted: int = 0
     catalog_rows_quarantined: int = 0
     rows_by_date: dict[str, int] = field(default_factory=dict)
@@ -79,6 +81,9 @@ def ingest_landing(
     lake: Lake, now: datetime, max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE
 ) -> IngestReport:
     """Validates and publishes every file in the landing area.
+
+    Then applies the stock updates the service received (`stock_updates/`, the latest per item)
+    to the catalog: they override its `is_in_stock`, in the features as in serving.
 
     Also makes sure the impressions dataset exists (a zero-row file until the service logged
     some), so that the feature layer can read it from the first run on.
@@ -109,6 +114,7 @@ def ingest_landing(
                 report.items_upserted += upserted
             else:
                 report.users_upserted += upserted
+    report.stock_overrides = _apply_stock_updates(lake)
     report.rows_by_date = dict(sorted(report.rows_by_date.items()))
     if not lake.list_files(paths.IMPRESSIONS):
         lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), EMPTY_IMPRESSIONS)
@@ -169,6 +175,28 @@ def _upsert_catalog(
     lake.remove(files)
     report.files += len(files)
     return sum(frame.height for frame in arrivals)
+
+
+def _apply_stock_updates(lake: Lake) -> int:
+    """Sets the catalog's `is_in_stock` to each item's latest stock update sent to /events.
+
+    They override the catalog, as in serving. Returns how many items changed.
+    """
+    updates = latest_stock_updates(lake)
+    current_path = f"{paths.ITEMS}/{CATALOG_FILE}"
+    if not updates or not lake.exists(current_path):
+        return 0
+    catalog = lake.read_frame(current_path)
+    overrides = pl.DataFrame(
+        {ITEMS_KEY: list(updates), "_in_stock": list(updates.values())},
+        schema={ITEMS_KEY: pl.String, "_in_stock": pl.Boolean},
+    )
+    joined = catalog.join(overrides, on=ITEMS_KEY, how="left", maintain_order="left")
+    changed = joined.filter(pl.col("_in_stock") != pl.col("is_in_stock")).height
+    if changed:
+        updated = joined.with_columns(pl.coalesce("_in_stock", "is_in_stock").alias("is_in_stock"))
+        lake.write_parquet(updated.drop("_in_stock").to_arrow().cast(ITEMS_SCHEMA), current_path)
+    return changed
 
 
 def lake_has_events(lake: Lake) -> bool:

@@ -4,7 +4,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from shelfwise.contracts import EVENTS_SCHEMA, ContractError, conform
+from shelfwise.contracts import EVENTS_SCHEMA, STOCK_UPDATES_SCHEMA, ContractError, conform
 from shelfwise.home import prepare_home
 from shelfwise.ingest import ingest_landing, ingested_dates, lake_has_events
 from shelfwise.lake import Lake
@@ -272,3 +272,31 @@ def test_settings_default_to_data_and_prepare_home_turns_dagster_telemetry_off(t
     assert Settings.from_env({}).home.name == "data"
     custom = Settings.from_env({"SHELFWISE_HOME": "x", "SHELFWISE_LAKE": "s3://b/p"})
     assert custom.lake_url == "s3://b/p"
+
+
+def test_stock_updates_sent_to_the_service_override_the_catalog(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    catalog = pa.table(
+        {"item_id": ["i1", "i2", "i3"], "category_id": ["c"] * 3, "is_in_stock": [True] * 3}
+    )
+    lake.write_parquet(catalog, "landing/items/catalog.parquet")
+    assert ingest_landing(lake, now=NOW).stock_overrides == 0
+    updates = [
+        {"item_id": "i1", "is_in_stock": False, "updated_at": NOW - timedelta(hours=2)},
+        {"item_id": "i1", "is_in_stock": True, "updated_at": NOW - timedelta(hours=3)},
+        {"item_id": "i2", "is_in_stock": True, "updated_at": NOW - timedelta(hours=1)},
+        {"item_id": "unknown", "is_in_stock": False, "updated_at": NOW},
+    ]
+    lake.write_parquet(
+        pa.Table.from_pylist(updates, schema=STOCK_UPDATES_SCHEMA),
+        "stock_updates/date=2026-05-10/wal-a.parquet",
+    )
+    # i1's latest update sells it out; i2's changes nothing; an unknown item is no catalog row.
+    assert ingest_landing(lake, now=NOW).stock_overrides == 1
+    stock = dict(lake.read_frame("catalog/items").select("item_id", "is_in_stock").rows())
+    assert stock == {"i1": False, "i2": True, "i3": True}
+    # A later catalog delivery does not undo the service's update; nothing changes twice.
+    lake.write_parquet(catalog, "landing/items/again.parquet")
+    assert ingest_landing(lake, now=NOW).stock_overrides == 1
+    assert ingest_landing(lake, now=NOW).stock_overrides == 0
+    assert not dict(lake.read_frame("catalog/items").select("item_id", "is_in_stock").rows())["i1"]

@@ -91,7 +91,11 @@ def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
     )
     yield dg.MaterializeResult(
         asset_key="catalog_items",
-        metadata={"upserted_rows": report.items_upserted, "lake": lake.uri("catalog/items")},
+        metadata={
+            "upserted_rows": report.items_upserted,
+            "stock_overrides_applied": report.stock_overrides,
+            "lake": lake.uri("catalog/items"),
+        },
     )
     yield dg.MaterializeResult(
         asset_key="catalog_users",
