@@ -11,15 +11,19 @@ process tree (every process `bentoml serve` starts) is sampled from /proc from s
 RSS and PSS. The 1-minute load average before and after is recorded: other work on this 2-core
 machine shows in every figure.
 
-Users served. Loading the candidates of all 152,000 users with history (29.5 million rows x 46
-features) did not fit: the worker was killed by the kernel at 22.5 GB while loading. So the
-service loads the candidates of a seeded sample of `--serve-users` users (a lake of symbolic links
-to the state's, whose serving candidate file holds the sample's rows only); latency does not
-depend on how many users are loaded, memory does: the `Recommender` is loaded in a separate
-process at half and at the full sample (RSS after loading, after the allocators return what they
-keep, and the peak while loading), giving the marginal memory per million users. Profiles: the
-`Recommender.recommend` call (cProfile), predict time against the number of trees, and the real
-service class's `/recommend` method called in process (no HTTP).
+Users served: every user with candidates by default (`--serve-users 0`: 152,064 users, 29.5
+million snapshot rows), loaded batch by batch into the factorised snapshot (`models/snapshot.py`).
+Before that streaming load the whole snapshot did not fit (the worker was killed by the kernel at
+22.5 GB), and the benchmark served a seeded sample of `--serve-users` users (a lake of symbolic
+links to the state's, whose serving candidate file holds the sample's rows only); that option
+remains. A state built before the streaming load holds its snapshot in another order, which the
+service loads whole: rewrite it with `--serving-features --state DIR` first.
+
+Latency does not depend on how many users are loaded, memory does: the `Recommender` is
+loaded in a separate process at half and at all the users served (RSS after loading, after the
+allocators return what they keep, and the peak while loading), giving the marginal memory per
+million users. Profiles: the `Recommender.recommend` call (cProfile), predict time against the
+number of trees, and the real service class's `/recommend` method called in process (no HTTP).
 
 Building the state (`--state DIR` reuses a finished one; an unfinished build resumes). The
 realistic path (`shelfwise generate`, then `dagster asset materialize --select '*'`) does not fit
@@ -27,7 +31,9 @@ this machine (23 GB) at this size: the `candidates` asset builds all candidates 
 polars frame, and the serving role alone (152,000 users x 20 recent items x 50 neighbours before
 merging) needs more than 20 GB (the whole asset was killed by the kernel at 23 GB); the
 `serving_features` asset, assembling 29.5 million rows x 46 features at once, was killed at 22 GB
-too. So the build runs the pipeline in parts, with the pipeline's own functions:
+too. So the build runs the pipeline in parts, with the pipeline's own functions (the pipeline
+has since learned to work in chunks, see `pipeline_scale_benchmark.py`; the split build stays
+because it is what built the measured state):
 
 1. `shelfwise init`, `shelfwise generate`; Dagster materializes everything upstream of
    `candidates` (ingestion, dbt);
@@ -92,7 +98,7 @@ TARGET_THROUGHPUT_RATIO = 0.5  # of the no-op's, at every concurrency
 TARGET_CONCURRENCY = 8
 # Users whose candidates the service loads: all 152,000 need more than the machine's 23 GB (the
 # worker was killed by the kernel at 22.5 GB while loading), so a seeded sample is served.
-SERVE_USERS = 40_000
+SERVE_USERS = 0  # every user with candidates
 
 WRK_SCRIPT = """\
 wrk.method = "POST"
