@@ -45,7 +45,13 @@ from models.session import (
     Session,
     recency_signals,
 )
-from models.snapshot import SNAPSHOT_KEY, SNAPSHOT_ORDER, CandidateSnapshot, load_snapshot
+from models.snapshot import (
+    SNAPSHOT_KEY,
+    SNAPSHOT_ORDER,
+    CandidateSnapshot,
+    SnapshotFeaturesError,
+    load_snapshot,
+)
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
 
 logger = logging.getLogger(__name__)
@@ -138,7 +144,9 @@ class Recommender:
         if isinstance(candidates, pl.DataFrame):
             missing = [name for name in features if name not in candidates.columns]
             if missing:
-                raise ValueError(f"serving snapshot lacks the ranker's features: {missing}")
+                raise SnapshotFeaturesError(
+                    f"serving snapshot lacks the ranker's features: {missing}"
+                )
             candidates = CandidateSnapshot.from_frame(candidates)
         self._snapshot = candidates
         self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
@@ -179,6 +187,10 @@ class Recommender:
         A missing or unreadable part is logged and leaves the recommender degraded (the
         candidate order, popular items, or nothing when those are missing too) instead of
         failing the service.
+
+        Raises:
+            SnapshotFeaturesError: The snapshot lacks features the ranker needs (built for
+                another ranker); load it without the ranker instead.
         """
         features = feature_names or FEATURE_COLUMNS
         parts = {
@@ -200,6 +212,8 @@ class Recommender:
                 frames[relpath] = pl.DataFrame(schema=schema)
         try:
             candidates = load_snapshot(lake, features)
+        except SnapshotFeaturesError:  # a snapshot for another ranker: the caller decides
+            raise
         except Exception:  # as above: the candidate order, then popular items
             snapshot = lake.uri(SERVING_CANDIDATES)
             logger.exception("serving snapshot %s unavailable: degrading", snapshot)

@@ -46,6 +46,10 @@ class SnapshotOrderError(ValueError):
     """A snapshot's rows are not grouped by user in candidate order (they cannot be streamed)."""
 
 
+class SnapshotFeaturesError(ValueError):
+    """A snapshot lacks features the ranker needs (it was built for another ranker)."""
+
+
 @dataclass(frozen=True)
 class CandidateSnapshot:
     """Every known user's candidates with their feature vectors, stored factorised.
@@ -194,13 +198,13 @@ def load_snapshot(
         The factorised snapshot.
 
     Raises:
-        ValueError: The file lacks some of `features`.
+        SnapshotFeaturesError: The file lacks some of `features`.
     """
     batches = (pl.from_arrow(table) for table in lake.iter_parquet(relpath, batch_rows))
     first = next(batches)
     missing = [name for name in features if name not in first.columns]
     if missing:
-        raise ValueError(f"serving snapshot lacks the ranker's features: {missing}")
+        raise SnapshotFeaturesError(f"serving snapshot lacks the ranker's features: {missing}")
     try:
         return CandidateSnapshot.from_batches(_chain(first, batches), lake.parquet_rows(relpath))
     except SnapshotOrderError as error:

@@ -8,9 +8,11 @@ import polars as pl
 import pytest
 
 from models.features import FEATURE_COLUMNS
+from models.serving import Recommender
 from models.snapshot import (
     SNAPSHOT_ORDER,
     CandidateSnapshot,
+    SnapshotFeaturesError,
     SnapshotOrderError,
     load_snapshot,
 )
@@ -76,3 +78,11 @@ def test_streaming_rejects_rows_out_of_order_and_wrong_counts():
     snapshot = CandidateSnapshot.from_batches([rows(["u1"], [1]), rows(["u1", "u2"], [2, 1])], 3)
     assert snapshot.spans == {"u1": (0, 2, 0), "u2": (2, 3, 1)}
     assert snapshot.user_part.shape[0] == 2
+
+
+def test_a_snapshot_built_for_another_ranker_is_refused_not_served_empty(pipeline_run):
+    lake = pipeline_run.lake
+    with pytest.raises(SnapshotFeaturesError, match="not_a_feature"):
+        Recommender.from_lake(lake, None, [*FEATURE_COLUMNS, "not_a_feature"])
+    # Without that ranker the same snapshot serves its users.
+    assert Recommender.from_lake(lake, None).known_users > 0
