@@ -29,6 +29,9 @@ ITEMS = "catalog/items"
 USERS = "catalog/users"
 QUARANTINE = "quarantine"
 FEATURES = "features"
+# Written just before dbt reads the events: its modification time (on the lake's clock) is when
+# the feature build read them.
+FEATURE_BUILD_MARKER = f"{FEATURES}/feature_build.json"
 CANDIDATES = "candidates"
 TRAINING = "training"
 EVALUATION = "evaluation"

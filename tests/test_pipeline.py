@@ -2,11 +2,13 @@
 
 import json
 import subprocess
+from datetime import datetime
 
 import polars as pl
 
 from models.features import FEATURE_COLUMNS
 from shelfwise.home import prepare_home
+from shelfwise.lake import FEATURES
 from shelfwise.registry import list_rankers, production
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
@@ -131,6 +133,10 @@ def test_registered_model_carries_metrics_features_and_training_window(pipeline_
     assert metadata["ndcg@10"] > metadata["popularity_ndcg@10"]
     assert len(metadata["training_cutoffs"]) == 2 and metadata["validation_cutoff"]
     assert metadata_of(pipeline_run.result, "registered_model")["tag"] == tag
+    # The sensor counts feedback published after the feature build started reading the events:
+    # before dbt wrote any mart (on the lake's clock).
+    marts = pipeline_run.lake.list_modified(FEATURES)
+    assert marts and datetime.fromisoformat(metadata["data_read_at"]) <= min(marts.values())
 
 
 def test_bento_is_in_the_store_with_the_model(pipeline_run):

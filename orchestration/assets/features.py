@@ -12,7 +12,7 @@ from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 from shelfwise.home import prepare_home
 from shelfwise.ingest import ingested_dates
-from shelfwise.lake import FEATURES, Lake
+from shelfwise.lake import FEATURE_BUILD_MARKER, FEATURES, Lake
 
 ATTRIBUTION_MART = "feedback_attribution"
 
@@ -62,6 +62,9 @@ def dbt_feature_tables(
         "warehouse_path": str(settings.warehouse_path),
         "as_of": plan.as_dbt_vars(),
     }
+    # Feedback published after this marker may not be in these features: the feedback sensor
+    # counts it as new (a file dbt did read too is counted early, never missed).
+    lake.write_json({"cutoffs": plan.as_dbt_vars()}, FEATURE_BUILD_MARKER)
     invocation = dbt.cli(["build", "--vars", json.dumps(dbt_vars)], context=context)
     for event in invocation.stream():
         yield _with_row_count(event, lake)

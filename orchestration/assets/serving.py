@@ -27,6 +27,7 @@ from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import (
     CANDIDATES,
     EVALUATION,
+    FEATURE_BUILD_MARKER,
     FEATURES,
     SERVING_CANDIDATES,
     SERVING_NEIGHBOURS,
@@ -164,10 +165,11 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
     info = lake.read_json(RANKER_INFO)
     report = lake.read_json(f"{EVALUATION}/metrics.json")
     metrics = report["metrics"]
-    # When the feature build read the events: feedback published later is new to this ranker
-    # (what the feedback sensor counts).
-    cutoffs = f"{FEATURES}/feature_cutoffs.parquet"
-    data_read_at = lake.list_modified(FEATURES)[cutoffs]
+    # When the feature build started reading the events: feedback published later is new to
+    # this ranker (what the feedback sensor counts).
+    data_read_at = lake.list_modified(FEATURES, suffix=".json").get(FEATURE_BUILD_MARKER)
+    if data_read_at is None:  # features built by a version without the marker
+        data_read_at = lake.list_modified(FEATURES)[f"{FEATURES}/feature_cutoffs.parquet"]
     metadata = {
         **{name: float(value) for name, value in metrics["ranker"].items()},
         "popularity_ndcg@10": metrics["popularity"]["ndcg@10"],
