@@ -39,6 +39,7 @@ from bentos.guard import RequestGuard
 from bentos.impressions import ImpressionLog
 from models.serving import Recommendation, Recommender
 from models.session import Session
+from models.snapshot import SnapshotFeaturesError
 from shelfwise.feedback import FeedbackLog, compact_feedback, latest_stock_updates
 from shelfwise.lake import STOCK_UPDATES, Lake
 from shelfwise.online_state import open_state
@@ -134,7 +135,7 @@ class RecommendationService:
         cap = self.settings.max_per_category
         try:
             recommender = Recommender.from_lake(lake, booster, features, cap, budget)
-        except ValueError:  # the snapshot was built for other features than this ranker's
+        except SnapshotFeaturesError:  # the snapshot was built for another ranker's features
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             recommender, version = Recommender.from_lake(lake, None, None, cap, budget), None
         MODEL.labels(model_version=version or "none").set(1)
