@@ -11,19 +11,19 @@ from models.features import (
     assemble_features,
     tables_for_queries,
 )
-from models.queries import whole_queries
 from models.report import headline_ratios, render_markdown, render_png
 from models.training_set import label_queries
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
     at_cutoffs,
+    candidate_chunks,
     load_plan,
     load_ranker,
     sampled_queries,
 )
 from orchestration.resources import ShelfwiseResource
 from shelfwise.ingest import ingested_dates
-from shelfwise.lake import CANDIDATES, EVALUATION, FEATURES, GROUND_TRUTH, Lake
+from shelfwise.lake import EVALUATION, FEATURES, GROUND_TRUTH, Lake
 from shelfwise.registry import production_ranker
 
 # The approach name under which the current production model's metrics are reported.
@@ -83,11 +83,10 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     tables = FeatureTables.load(lake, [plan.evaluation])
     # Assembled chunk by chunk of users (the same rows): the joins' intermediates of all the
     # sampled users' candidates at once would be several times the result.
-    batches = lake.iter_parquet(f"{CANDIDATES}/evaluation.parquet", ASSEMBLY_CHUNK_ROWS)
     assembled = pl.concat(
         [
             assemble_features(chunk, tables_for_queries(tables, chunk))
-            for chunk in whole_queries(pl.from_arrow(batch) for batch in batches)
+            for chunk in candidate_chunks(lake, "evaluation", ASSEMBLY_CHUNK_ROWS)
         ]
     )
     ground_truth = _ground_truth(lake)

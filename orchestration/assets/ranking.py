@@ -14,7 +14,7 @@ from models.candidates import (
     mean_recall,
 )
 from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, tables_for_queries
-from models.queries import QUERY, restrict_to_queries, sample_queries, whole_queries
+from models.queries import QUERY, restrict_to_queries, sample_queries
 from models.ranker import RankerParams, feature_importance, train_ranker
 from models.training_set import build_training_set, label_queries
 from orchestration.assets.shared import (
@@ -24,6 +24,7 @@ from orchestration.assets.shared import (
     SAMPLED_QUERIES,
     SAMPLED_ROLES,
     at_cutoffs,
+    candidate_chunks,
     load_plan,
 )
 from orchestration.resources import ShelfwiseResource
@@ -159,8 +160,7 @@ def training_set(shelfwise: ShelfwiseResource, config: TrainingSetConfig) -> dg.
     totals = {"queries": 0, "positives": 0}
 
     def chunks() -> Iterator[pa.Table]:
-        batches = lake.iter_parquet(f"{CANDIDATES}/training.parquet", config.chunk_rows)
-        for chunk in whole_queries(pl.from_arrow(batch) for batch in batches):
+        for chunk in candidate_chunks(lake, "training", config.chunk_rows):
             rows = build_training_set(
                 chunk, restrict_to_queries(labels, chunk), tables_for_queries(tables, chunk)
             )

@@ -12,7 +12,7 @@ from models.business_rules import SERVING_ITEMS, SERVING_PURCHASES, serving_fact
 from models.candidates import CandidateConfig
 from models.features import TABLE_NAMES, FeatureTables, tables_for_queries
 from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
-from models.queries import QUERY, whole_queries
+from models.queries import QUERY
 from models.serving import serving_snapshot
 from models.session import BOUGHT_TOGETHER, COVISIT
 from orchestration.assets.evaluation import PRODUCTION
@@ -21,11 +21,11 @@ from orchestration.assets.shared import (
     RANKER_FILE,
     RANKER_INFO,
     at_cutoffs,
+    candidate_chunks,
     load_plan,
 )
 from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import (
-    CANDIDATES,
     EVALUATION,
     FEATURE_BUILD_MARKER,
     FEATURES,
@@ -82,8 +82,7 @@ def serving_features(
 
     def snapshot_chunks() -> Iterator[pa.Table]:
         nonlocal users
-        batches = lake.iter_parquet(f"{CANDIDATES}/serving.parquet", config.chunk_rows)
-        for chunk in whole_queries(pl.from_arrow(batch) for batch in batches):
+        for chunk in candidate_chunks(lake, "serving", config.chunk_rows):
             users += chunk.select(QUERY).n_unique()
             yield serving_snapshot(chunk, tables_for_queries(tables, chunk)).to_arrow()
 

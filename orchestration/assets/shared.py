@@ -1,9 +1,12 @@
 """What several assets share: the run's cutoff plan, where the ranker and the sampled queries
-live in the lake."""
+live in the lake, and the candidates read chunk by chunk of whole queries."""
+
+from collections.abc import Iterator
 
 import polars as pl
 
 from models.cutoffs import CutoffPlan
+from models.queries import whole_queries
 from shelfwise.lake import CANDIDATES, FEATURES, MODELS, Lake
 
 RANKER_FILE = f"{MODELS}/ranker/model.txt"
@@ -27,6 +30,13 @@ def at_cutoffs(frame: pl.DataFrame, *cutoffs) -> pl.DataFrame:
     """The rows of a frame with an `as_of` column at the given cutoffs."""
     wanted = pl.Series(list(cutoffs), dtype=pl.Datetime("us", "UTC"))
     return frame.filter(pl.col("as_of").is_in(wanted.implode()))
+
+
+def candidate_chunks(lake: Lake, role: str, chunk_rows: int) -> Iterator[pl.DataFrame]:
+    """A role's candidates (`candidates/<role>.parquet`) in chunks of about `chunk_rows` rows,
+    each holding whole queries, without loading the file."""
+    batches = lake.iter_parquet(f"{CANDIDATES}/{role}.parquet", chunk_rows)
+    return whole_queries(pl.from_arrow(batch) for batch in batches)
 
 
 def load_ranker(lake: Lake):
