@@ -32,6 +32,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+from harness import format_table
 
 from shelfwise.feedback import FeedbackLog, compact_feedback
 from shelfwise.lake import EVENTS, Lake
@@ -158,15 +159,6 @@ def _fsync_cost(directory: Path, repeats: int = 500) -> dict[str, float]:
     return {**_percentiles(timings), "per_second": repeats / sum(timings)}
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                  for i, (cell, width) in enumerate(zip(row, widths, strict=True)))
-        for row in rows
-    )  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns 0 when the throughput target is met, 1 otherwise."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -247,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{fsync['p99_ms']:.2f}",
         ]
     )
-    print(_table(rows))
+    print(format_table(rows))
     print(
         f"compaction: {compaction['events_read']:,} events from {compaction['segments']} "
         f"segment(s) in {compaction['seconds']:.2f} s "

@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import format_table, process_tree, state_env, wrk_json
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/feedback_loop_benchmark.py` from anywhere
@@ -162,27 +163,6 @@ end
 
 
 # --- environment, state and servers -----------------------------------------------------------
-
-
-def state_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment the Makefile exports, for the state folder `home` (plus `extra`)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("SHELFWISE_") and key != "BENTOML_CONFIG_OPTIONS"
-    }
-    env.update(
-        SHELFWISE_HOME=str(home),
-        DAGSTER_HOME=str(home / "dagster"),
-        BENTOML_HOME=str(home / "bentoml"),
-        BENTOML_DO_NOT_TRACK="true",
-        DO_NOT_TRACK="1",
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-        OMP_WAIT_POLICY="PASSIVE",
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    env.update(extra or {})
-    return env
 
 
 def settings_for(home: Path):
@@ -278,26 +258,9 @@ def state_copy(home: Path, scratch: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(copy, ignore_errors=True)
 
 
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def _tree_rss_mib(root: int) -> float:
     total = 0
-    for pid in _process_tree(root):
+    for pid in process_tree(root):
         try:
             text = Path(f"/proc/{pid}/status").read_text()
         except OSError:
@@ -318,7 +281,7 @@ def serving(
         process = subprocess.Popen(
             [str(BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
-            env=state_env(home, extra_env),
+            env=state_env(home, extra=extra_env),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -389,7 +352,7 @@ class CpuMeter:
 
     def _server(self) -> int:
         total = 0
-        for pid in _process_tree(self.server_pid):
+        for pid in process_tree(self.server_pid):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
@@ -443,36 +406,14 @@ def run_wrk(
 ) -> dict:
     """One wrk run (one thread, keep-alive); the figures of its `done()` and the CPU it took."""
     with CpuMeter(server_pid) as cpu:
-        done = subprocess.run(
-            [
-                "wrk",
-                "-t1",
-                f"-c{concurrency}",
-                f"-d{seconds:g}s",
-                "--timeout",
-                "10s",
-                "-s",
-                str(script),
-                url,
-                "--",
-                prefix,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    found = re.search(r"^WRK_JSON (.*)$", done.stdout, re.MULTILINE)
-    if not found:
-        raise RuntimeError(f"wrk said:\n{done.stdout}\n{done.stderr}")
-    raw = json.loads(found.group(1))
+        raw = wrk_json(url, script, concurrency, seconds, script_args=[prefix])
     seconds_run = raw["duration_us"] / 1e6
-    errors = sum(raw[key] for key in ("connect", "read", "write", "status", "timeout"))
     return {
         "requests": raw["requests"],
         "accepted": raw["accepted"],
         "responses_200": raw["ok"],
         "non_200": raw["non_200"],
-        "errors": errors,
+        "errors": raw["errors"],
         "seconds": round(seconds_run, 3),
         "events_per_second": raw["accepted"] / seconds_run,
         "requests_per_second": raw["requests"] / seconds_run,
@@ -524,7 +465,7 @@ def part_ingestion(home: Path, scratch: Path, args: argparse.Namespace) -> dict[
             log = scratch / f"ingest-{workers}.log"
             runs: dict[int, list[dict[str, Any]]] = {}
             with serving(copy, args.port, log, extra) as (url, process, startup):
-                processes = len(_process_tree(process.pid))
+                processes = len(process_tree(process.pid))
                 warmup = run_wrk(
                     f"{url}/events",
                     script,
@@ -800,7 +741,7 @@ def part_retraining(home: Path, scratch: Path, args: argparse.Namespace) -> dict
             serving(copy, args.port, scratch / "retraining.log", extra) as (url, process, _),
             httpx.Client(timeout=30) as client,
         ):
-            os.environ.update(state_env(copy, extra))  # for the bento asset's `bentoml build`
+            os.environ.update(state_env(copy, extra=extra))  # for the bento asset's `bentoml build`
             quiet = wait_for_quiet(args.quiet_cores, args.quiet_timeout)
             with CpuMeter(process.pid) as meter:
                 result = _retrain_and_swap(
@@ -1061,17 +1002,6 @@ def _machine(wal_dir: Path) -> dict[str, Any]:
     }
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(
-            cell.rjust(width) if n else cell.ljust(width)
-            for n, (cell, width) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
@@ -1200,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['cpu_cores']['other']:.2f}",
                     ]
                 )
-        print(_table(rows))
+        print(format_table(rows))
         best = max(
             row["median_events_per_second"]
             for result in figures["ingestion"].values()
@@ -1227,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         passed["durability"] = all(
             durability_ok(result["durability"]) for result in figures["ingestion"].values()
         )
-        print(_table(rows))
+        print(format_table(rows))
         print()
     if "event_to_recommendation" in figures:
         latency = figures["event_to_recommendation"]
@@ -1239,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             p = latency[key]
             rows.append([label, *(f"{p[k]:.2f}" for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms"))])
-        print(_table(rows))
+        print(format_table(rows))
         print(
             f"{latency['users']} users, {latency['workers']} worker(s): the first /recommend "
             f"after the ack reflected the view for {latency['reflected_on_first_answer']} "
@@ -1262,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         loop = figures["threshold_to_new_model"]
         rows = [["threshold → new model", "seconds"]]
         rows += [[phase, f"{s:.2f}"] for phase, s in loop["phases_seconds"].items()]
-        print(_table(rows))
+        print(format_table(rows))
         print(f"{loop['model_before']} → {loop['model_after']} (run key {loop['run_key']})")
         print(
             f"cores used meanwhile: server {loop['cpu_cores']['server']:.2f}, this script (sensor, "
@@ -1285,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
             http = 1000 / c1["requests_per_second"]
             rows.append(["over HTTP, 1 worker, c=1 (1 / req/s)", f"{http:.3f}"])
             profile["http_ms_per_request_c1"] = round(http, 3)
-        print(_table(rows))
+        print(format_table(rows))
         print()
     elapsed = time.perf_counter() - began
     print(f"benchmark took {elapsed / 60:.1f} min (state build excluded)")

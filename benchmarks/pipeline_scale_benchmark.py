@@ -49,29 +49,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from harness import state_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RESULTS = ROOT / "benchmarks" / "results" / "pipeline_scale.json"
 OTHER_BENCHMARKS = "serving_benchmark|feedback_loop_benchmark|wrk "
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
-
-
-def state_env(home: Path) -> dict[str, str]:
-    """The environment of `make pipeline` for a home (see the Makefile)."""
-    env = {
-        **os.environ,
-        "SHELFWISE_HOME": str(home),
-        "DAGSTER_HOME": str(home / "dagster"),
-        "BENTOML_HOME": str(home / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "DO_NOT_TRACK": "1",
-        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-    }
-    env.pop("SHELFWISE_LAKE", None)
-    return env
 
 
 def wait_for_other_benchmarks(max_minutes: float) -> dict[str, Any]:

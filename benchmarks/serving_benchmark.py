@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from harness import format_table, process_tree, state_env, wrk_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -122,48 +123,6 @@ end
 
 
 # --- the environment and the serving process tree ---------------------------------------------
-
-
-def state_env(home: Path, lake: Path | None = None) -> dict[str, str]:
-    """The environment the Makefile exports, for the state folder `home` (and another lake)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHELFWISE_")}
-    if lake is not None:
-        env["SHELFWISE_LAKE"] = str(lake)
-    env.update(
-        SHELFWISE_HOME=str(home),
-        DAGSTER_HOME=str(home / "dagster"),
-        BENTOML_HOME=str(home / "bentoml"),
-        BENTOML_DO_NOT_TRACK="true",
-        DO_NOT_TRACK="1",
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-        OMP_WAIT_POLICY="PASSIVE",
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    return env
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants."""
-    tree, found, todo = _children(), [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(tree.get(pid, []))
-    return found
 
 
 def _memory_kib(pid: int) -> tuple[int, int]:
@@ -545,31 +504,10 @@ def wrk_script(user_ids: list[str], k: int = 10) -> str:
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
     """One keep-alive wrk run (one client thread); latencies in ms, throughput in requests/s."""
-    done = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{concurrency}",
-            f"-d{seconds:g}s",
-            "--timeout",
-            "10s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found = re.search(r"^WRK_JSON (.*)$", done.stdout, re.MULTILINE)
-    if not found:
-        raise RuntimeError(f"wrk said:\n{done.stdout}\n{done.stderr}")
-    raw = json.loads(found.group(1))
-    errors = sum(raw[name] for name in ("connect", "read", "write", "status", "timeout"))
+    raw = wrk_json(url, script, concurrency, seconds, latency=True)
     return {
         "requests": raw["requests"],
-        "errors": errors,
+        "errors": raw["errors"],
         "rps": raw["requests"] / (raw["duration_us"] / 1e6),
         "p50_ms": raw["p50_us"] / 1000,
         "p95_ms": raw["p95_us"] / 1000,
@@ -871,17 +809,6 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(
-            cell.rjust(w) if n else cell.ljust(w)
-            for n, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    )
-
-
 def _profile(
     home: Path, serve_users: int, seed: int, env: dict[str, str], endpoint: bool = False
 ) -> dict[str, Any]:
@@ -1029,7 +956,7 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
     errors = sum(f["recommend"]["errors"] + f["noop"]["errors"] for f in figures.values())
 
     print()
-    print(_table(table))
+    print(format_table(table))
     print()
     config = build["config"]
     summary = [
@@ -1065,7 +992,7 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
             ["service.recommend() (no HTTP)", f"{endpoint['ms_per_request']:.2f} ms/request"],
             ["  waiting for the ranker thread", f"{endpoint['lock_wait_share']:.0%}"],
         ]
-    print(_table(summary))
+    print(format_table(summary))
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
@@ -1153,7 +1080,7 @@ def run_noop_variants(args: argparse.Namespace) -> int:
         )
         print(f"  {variant:<16} {row['rps']:7.0f} req/s  p99 {row['p99_ms']:7.2f} ms", flush=True)
     print()
-    print(_table(table))
+    print(format_table(table))
     NOOP_VARIANTS_RESULTS.parent.mkdir(parents=True, exist_ok=True)
     NOOP_VARIANTS_RESULTS.write_text(
         json.dumps(
