@@ -114,3 +114,26 @@ def test_features_for_a_cutoff_do_not_depend_on_the_other_cutoffs_built(shop_lak
     alone = marts_as_of(lake, CUTOFF)
     for mart in FEATURE_MARTS:
         assert_same(alone[mart], in_a_training_build[mart])
+
+
+def test_a_redelivered_batch_changes_no_feature(shop_lake, tmp_path):
+    """At-least-once delivery: events published twice (in a second file) count once, because
+    staging keeps one row per event_id."""
+    settings, lake = shop_lake
+    dbt(settings, ["build", "--exclude", "resource_type:test"], [LATER], tmp_path / "t1")
+    before = marts_as_of(lake, LATER)
+    redelivered = lake.read_frame("events").filter(pl.col("occurred_at") < LATER).head(3000)
+    assert redelivered.height == 3000
+    written = [
+        lake.write_parquet(
+            rows.drop("date").to_arrow().cast(EVENTS_SCHEMA), f"events/date={day}/again.parquet"
+        )
+        for (day,), rows in redelivered.partition_by("date", as_dict=True).items()
+    ]
+    try:
+        dbt(settings, ["build", "--exclude", "resource_type:test"], [LATER], tmp_path / "t2")
+        after = marts_as_of(lake, LATER)
+    finally:
+        lake.remove(written)
+    for mart in FEATURE_MARTS:
+        assert_same(after[mart], before[mart])
