@@ -309,11 +309,16 @@ def test_a_segment_that_does_not_fit_the_contract_is_set_aside_not_blocking(tmp_
     assert compact_feedback(wal, lake).failed == []  # set aside once, not retried each run
 
 
-def _start_writers(wal: Path, count: int) -> list:
+# Each round kills one writer that rotates segments often (it may die between two of them) and
+# one whose segment never fills (it surely dies with an open one, for the orphan assertions).
+ROTATING, NEVER_FULL = 256 * 1024, 256 * 1024 * 1024
+
+
+def _start_writers(wal: Path, segment_bytes: list[int]) -> list:
     writers = []
-    for _ in range(count):
+    for size in segment_bytes:
         process = subprocess.Popen(
-            [sys.executable, str(WRITER), str(wal), "--threads", "2", "--segment-bytes", "262144"],
+            [sys.executable, str(WRITER), str(wal), "--threads", "2", "--segment-bytes", str(size)],
             cwd=PROJECT_ROOT,
             stdout=subprocess.PIPE,
         )
@@ -352,14 +357,14 @@ def _kill(writers) -> set[str]:
 def test_kill_9_loses_no_acknowledged_event_and_duplicates_none(tmp_path):
     wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
     # Round 1: two writer processes on one folder (like BentoML workers), compacted while live.
-    first = _start_writers(wal, 2)
+    first = _start_writers(wal, [ROTATING, NEVER_FULL])
     _wait_for_acks(first, 100)
     during = compact_feedback(wal, lake)
     assert during.live >= 1 and during.segments > 0  # a writer may be between two segments
     _wait_for_acks(first, 200)
     acknowledged = _kill(first)
     # Round 2: new writers start next to the dead ones' orphans; a compaction takes the orphans.
-    second = _start_writers(wal, 2)
+    second = _start_writers(wal, [ROTATING, NEVER_FULL])
     _wait_for_acks(second, 50)
     recovering = compact_feedback(wal, lake)
     assert recovering.orphaned >= 1 and recovering.live >= 1
