@@ -118,13 +118,14 @@ class RecommendationService:
         settle_heap()
 
     def _restore_stock(self) -> None:
-        """Acknowledged stock updates outlive the process: the log's, compacted into the lake
-        (first what a killed predecessor left in it), are restored into the online state."""
+        """Acknowledged stock updates outlive the process: those in the lake and those still in
+        the log (a killed predecessor's, or all of them with compaction off) are restored into
+        the online state."""
         lake = Lake(self.settings.lake_url)
         try:
             if self.settings.compact_every_s:
                 compact_feedback(self.settings.wal_dir, lake)
-            self.state.restore_stock(latest_stock_updates(lake))
+            self.state.restore_stock(latest_stock_updates(lake, self.settings.wal_dir))
         except Exception:  # serve without them rather than not at all; the log keeps them
             logger.exception("Could not restore the stock updates from %s", lake.url)
 

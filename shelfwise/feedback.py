@@ -542,22 +542,60 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
     return result
 
 
-def latest_stock_updates(lake: Lake) -> dict[str, bool]:
-    """Per item, the latest stock update published to the lake.
+def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, bool]:
+    """Per item, the latest stock update published to the lake or still in the log.
 
-    What a restarted service restores into its online state.
+    What a restarted service restores into its online state. With `log_dir`, the updates not yet
+    compacted count too (compaction may be off, or a sibling worker's segment still open): an
+    acknowledged update is in force from its `fsync`, not from its compaction.
 
     Args:
         lake: The lake the log is compacted into.
+        log_dir: The log folder (`Settings.wal_dir`); None reads the lake only.
 
     Returns:
         item_id → in stock, from the newest `updated_at` of each item; empty when none arrived.
     """
-    if not lake.list_files(STOCK_UPDATES):
+    columns = ["item_id", "is_in_stock", "updated_at"]
+    frames = [_logged_stock_updates(Path(log_dir)).select(columns)] if log_dir else []
+    if lake.list_files(STOCK_UPDATES):
+        frames.append(lake.read_frame(STOCK_UPDATES, columns=columns))
+    updates = pl.concat(frames) if frames else pl.DataFrame()
+    if updates.is_empty():
         return {}
-    updates = lake.read_frame(STOCK_UPDATES, columns=["item_id", "is_in_stock", "updated_at"])
     latest = updates.sort("updated_at").unique("item_id", keep="last", maintain_order=True)
     return dict(zip(latest["item_id"].to_list(), latest["is_in_stock"].to_list(), strict=True))
+
+
+def _logged_stock_updates(directory: Path) -> pl.DataFrame:
+    """The stock updates in every sealed or open segment of the log (torn tails skipped)."""
+    schema = _STREAMS[STOCK_UPDATES].schema
+    tables = [schema.empty_table()]
+    names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    for name in names:
+        stem, suffix = os.path.splitext(name)
+        if suffix not in (SEALED_SUFFIX, OPEN_SUFFIX):
+            continue
+        # An open segment may be sealed (renamed) meanwhile; a sealed one gone is compacted, and
+        # the lake, read after the log, has it.
+        data = _read_if_present(directory / name)
+        if data is None and suffix == OPEN_SUFFIX:
+            data = _read_if_present(directory / f"{stem}{SEALED_SUFFIX}")
+        batches = read_segment(data).batches[STOCK_UPDATES] if data else []
+        if not batches:
+            continue
+        try:
+            tables.append(conform(pa.Table.from_batches(batches), schema, source=name))
+        except (ContractError, pa.ArrowException) as error:  # compaction moves it to failed/
+            logger.warning("%s: stock updates not restored: %s", name, error)
+    return pl.from_arrow(pa.concat_tables(tables))
+
+
+def _read_if_present(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 @contextlib.contextmanager

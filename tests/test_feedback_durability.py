@@ -9,6 +9,7 @@ import uuid
 
 import httpx
 import polars as pl
+import pytest
 
 from shelfwise.feedback import OUTPUT_PREFIX
 from shelfwise.lake import EVENTS, SERVING_CANDIDATES, Lake
@@ -76,7 +77,9 @@ def test_no_acknowledged_event_is_lost_or_doubled_by_a_kill_9(pipeline_run, tmp_
     assert pl.Series(event_ids).is_duplicated().sum() == 0
 
 
-def test_an_acknowledged_stock_update_survives_a_kill_9(pipeline_run, tmp_path):
+# With compaction off the update is still only in the log when the server dies.
+@pytest.mark.parametrize("compact_every_s", ["30", "0"])
+def test_an_acknowledged_stock_update_survives_a_kill_9(pipeline_run, tmp_path, compact_every_s):
     assert pipeline_run.result.success, pipeline_run.failures
     settings = copy_state(pipeline_run.settings, tmp_path)
     user = Lake(settings.lake_url).read_frame(SERVING_CANDIDATES).get_column("user_id").min()
@@ -86,7 +89,8 @@ def test_an_acknowledged_stock_update_survives_a_kill_9(pipeline_run, tmp_path):
         assert response.status_code == 200
         return [item["item_id"] for item in response.json()["items"]]
 
-    with served_from_source(settings, tmp_path) as url:
+    env = {"SHELFWISE_COMPACT_EVERY_S": compact_every_s}
+    with served_from_source(settings, tmp_path, env) as url:
         sold_out = shown(url)[0]
         update = {"stock": [{"item_id": sold_out, "is_in_stock": False}]}
         response = httpx.post(f"{url}/events", json=update, timeout=10)
@@ -96,6 +100,6 @@ def test_an_acknowledged_stock_update_survives_a_kill_9(pipeline_run, tmp_path):
             os.kill(pid, signal.SIGKILL)
 
     (tmp_path / "restart").mkdir()
-    with served_from_source(settings, tmp_path / "restart") as url:
+    with served_from_source(settings, tmp_path / "restart", env) as url:
         assert sold_out not in shown(url)
         assert sold_out in shown(url, filters={"in_stock_only": False})

@@ -462,6 +462,35 @@ def test_stock_updates_are_logged_compacted_and_the_latest_per_item_restored(tmp
     assert latest_stock_updates(lake) == {"i1": False, "i2": True}
 
 
+def test_stock_updates_still_in_the_log_are_restored_too(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    with FeedbackLog(wal) as log:
+        log.append(STOCK_UPDATES, [{"item_id": "i1", "is_in_stock": False, "updated_at": DAY}])
+    compact_feedback(wal, lake)
+    assert latest_stock_updates(lake, wal) == {"i1": False}
+
+    # Not compacted: one sealed segment, and one still open by a live writer. The newest update
+    # of an item wins across the lake and the log.
+    with FeedbackLog(wal) as log:
+        log.append(
+            STOCK_UPDATES,
+            [{"item_id": "i1", "is_in_stock": True, "updated_at": DAY + timedelta(hours=1)}],
+        )
+    with FeedbackLog(wal) as live:
+        live.append(STOCK_UPDATES, [{"item_id": "i2", "is_in_stock": False, "updated_at": DAY}])
+        live.append(
+            STOCK_UPDATES,
+            [{"item_id": "i1", "is_in_stock": False, "updated_at": DAY - timedelta(hours=1)}],
+        )
+        assert sorted(p.suffix for p in wal.iterdir() if p.suffix in (".open", ".sealed")) == [
+            ".open",
+            ".sealed",
+        ]
+        assert latest_stock_updates(lake) == {"i1": False}
+        assert latest_stock_updates(lake, wal) == {"i1": True, "i2": False}
+    assert latest_stock_updates(Lake(str(tmp_path / "empty")), tmp_path / "no-log") == {}
+
+
 @pytest.mark.parametrize("backend", ["in_process", "redis"])
 def test_restored_stock_never_overrides_a_newer_change(backend, request):
     state = open_state(request.getfixturevalue("redis_url") if backend == "redis" else None)
