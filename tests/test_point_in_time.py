@@ -31,8 +31,9 @@ FEATURE_MARTS = (
 
 
 def assert_same(left: pl.DataFrame, right: pl.DataFrame) -> None:
-    # Parallel float sums may differ in the last bits; anything else is a leak.
-    assert_frame_equal(left, right, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
+    # Exactly: float sums are order-independent (`exact_sum`), so ties in the ranked marts cannot
+    # swap places between builds either.
+    assert_frame_equal(left, right, check_exact=True)
 
 
 def marts_as_of(lake: Lake, cutoff: datetime) -> dict[str, pl.DataFrame]:
@@ -147,7 +148,5 @@ def test_a_redelivered_batch_changes_no_feature(shop_lake, tmp_path):
     finally:
         lake.remove(written)
     assert staged_after == staged_before and staged_after[0] == staged_after[1]
-    # Counts per user and per (user, item). The ranked marts are left out: their float scores are
-    # summed in a different order when more rows are read, and exact ties may then swap places.
-    for mart in ("user_features", "user_item_features"):
+    for mart in FEATURE_MARTS:
         assert_same(after[mart], before[mart])

@@ -28,7 +28,7 @@ per_attribute as (
         sum(user_items.views + user_items.carts + user_items.purchases) as events,
         sum(user_items.purchases) as purchases,
         min(user_items.days_since_last) as days_since_last,
-        sum(user_items.interest) as interest
+        {{ exact_sum('user_items.interest') }} as interest
     from user_items
     inner join items
         on items.item_id = user_items.item_id
@@ -40,7 +40,8 @@ final as (
 
     select
         *,
-        interest / nullif(sum(interest) over (partition by as_of, user_id), 0) as affinity
+        interest / nullif({{ exact_sum('interest', over='partition by as_of, user_id') }}, 0)
+            as affinity
     from per_attribute
 
 )

@@ -21,7 +21,7 @@ pairs as (
         anchor.as_of,
         anchor.item_id,
         partner.item_id as neighbour_item_id,
-        sum(least(anchor.decay, partner.decay)) as score,
+        {{ exact_sum('least(anchor.decay, partner.decay)') }} as score,
         count(distinct anchor.user_id) as users
     from baskets as anchor
     inner join baskets as partner

@@ -32,7 +32,7 @@ pairs as (
         anchor.as_of,
         anchor.item_id,
         neighbour.item_id as neighbour_item_id,
-        sum(neighbour.event_weight * least(anchor.decay, neighbour.decay)) as score,
+        {{ exact_sum('neighbour.event_weight * least(anchor.decay, neighbour.decay)') }} as score,
         count(*) as sessions
     from usable_session_items as anchor
     inner join usable_session_items as neighbour

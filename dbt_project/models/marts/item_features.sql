@@ -32,7 +32,7 @@ item_activity as (
         count(*) filter (where event_type = 'purchase' and age_days < 7) as purchases_7d,
         count(*) filter (where event_type = 'purchase' and age_days < 30) as purchases_30d,
         count(distinct user_id) filter (where age_days < 30) as users_30d,
-        sum(event_weight * decay) as popularity
+        {{ exact_sum('event_weight * decay') }} as popularity
     from events
     group by as_of, item_id
 

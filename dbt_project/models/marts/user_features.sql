@@ -1,5 +1,6 @@
 -- User features as of each cutoff, from the user's events before it. Users with no event before
 -- a cutoff have no row for it (the ranker sees missing values: a cold user).
+{%- set shopping = "event_type in ('view', 'add_to_cart', 'purchase')" %}
 with
 
 events as (
@@ -17,7 +18,8 @@ final as (
         count(*) filter (where event_type = 'view') as views,
         count(*) filter (where event_type = 'add_to_cart') as carts,
         count(*) filter (where event_type = 'purchase') as purchases,
-        coalesce(sum(price * quantity) filter (where event_type = 'purchase'), 0.0) as spend,
+        coalesce({{ exact_sum('price * quantity', 6, where="event_type = 'purchase'") }}, 0.0)
+            as spend,
         count(*) filter (where age_days < 1) as events_1d,
         count(*) filter (where age_days < 7) as events_7d,
         count(*) filter (where age_days < 30) as events_30d,
@@ -25,7 +27,8 @@ final as (
         count(distinct session_id) filter (where event_type = 'purchase')
             / count(distinct session_id) as session_conversion_rate,
         min(age_days) as days_since_last_event,
-        avg(price) filter (where event_type in ('view', 'add_to_cart', 'purchase')) as mean_price
+        {{ exact_sum('price', 6, where=shopping) }}
+            / nullif(count(price) filter (where {{ shopping }}), 0) as mean_price
     from events
     group by as_of, user_id
 

@@ -18,7 +18,7 @@ final as (
         count(*) filter (where event_type = 'add_to_cart') as carts,
         count(*) filter (where event_type = 'purchase') as purchases,
         min(age_days) as days_since_last,
-        sum(event_weight * decay) as interest
+        {{ exact_sum('event_weight * decay') }} as interest
     from events
     group by as_of, user_id, item_id
 
