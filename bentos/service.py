@@ -168,7 +168,9 @@ class RecommendationService:
     def _background(self) -> None:
         """Upkeep off the request path: a newly promoted model, and log compaction."""
         poll, compact = self.settings.model_poll_s, self.settings.compact_every_s
-        next_poll = next_compaction = time.monotonic()
+        # `__init__` compacted just now (`_restore_stock`): the next round is a period away.
+        next_poll = time.monotonic()
+        next_compaction = next_poll + compact
         while not self._stop.wait(0.5):
             now = time.monotonic()
             if poll and now >= next_poll:
