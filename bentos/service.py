@@ -42,7 +42,7 @@ from models.session import Session
 from models.snapshot import SnapshotFeaturesError
 from shelfwise.feedback import FeedbackLog, compact_feedback, latest_stock_updates
 from shelfwise.lake import STOCK_UPDATES, Lake
-from shelfwise.online_state import open_state
+from shelfwise.online_state import StockChange, open_state
 from shelfwise.registry import (
     PRODUCTION_MODEL_NAME,
     RANKER_FILE,
@@ -125,7 +125,7 @@ class RecommendationService:
         try:
             if self.settings.compact_every_s:
                 compact_feedback(self.settings.wal_dir, lake)
-            self.state.restore_stock(latest_stock_updates(lake, self.settings.wal_dir))
+            self.state.update_stock(latest_stock_updates(lake, self.settings.wal_dir))
         except Exception:  # serve without them rather than not at all; the log keeps them
             logger.exception("Could not restore the stock updates from %s", lake.url)
 
@@ -284,7 +284,9 @@ class RecommendationService:
                     for item, in_stock in latest.items()
                 ],
             )
-            self.state.update_stock(latest)
+            self.state.update_stock(
+                {item: StockChange.at(in_stock, now) for item, in_stock in latest.items()}
+            )
         EVENTS.labels(outcome="accepted").inc(len(fresh))
         EVENTS.labels(outcome="duplicate").inc(len(valid) - len(fresh))
         EVENTS.labels(outcome="rejected").inc(len(rejected))

@@ -4,7 +4,9 @@ Each rule is a named predicate over (user, item, request filters); `BusinessRule
 ranked list, drops what any rule forbids, caps items per category for diversity, and stops at k.
 The facts come from the serving snapshot: the catalog as of the serving cutoff (category, price,
 stock, whether the category is bought again often enough to repeat) and what each user bought;
-`OnlineFacts` adds what happened since (purchases and stock updates posted to `/events`).
+`OnlineFacts` adds what happened since (purchases and stock updates posted to `/events`). Of an
+item's stock the newest word wins: an online update older than the catalog's stock (a catalog
+delivered after the update) no longer applies.
 """
 
 from collections import Counter
@@ -15,6 +17,7 @@ import polars as pl
 
 from models.features import ITEM_FEATURES
 from shelfwise.lake import Lake
+from shelfwise.online_state import StockChange
 
 SERVING_ITEMS = "serving/items.parquet"
 SERVING_PURCHASES = "serving/purchases.parquet"
@@ -39,7 +42,11 @@ class RequestFilters:
 
 @dataclass(frozen=True)
 class ItemFacts:
-    """What the rules need to know about an item."""
+    """What the rules need to know about an item.
+
+    `stock_updated_at_us` is when the catalog's `is_in_stock` was set (microseconds since the
+    epoch; None: unknown, and then any online update is newer).
+    """
 
     category_id: str | None
     price: float | None
@@ -48,6 +55,7 @@ class ItemFacts:
     brand: str | None = None
     popularity: float = 0.0
     trending: float = 0.0
+    stock_updated_at_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,11 +64,11 @@ class OnlineFacts:
 
     Attributes:
         purchased: Items this user bought since the snapshot.
-        stock: Stock updates since the snapshot (item_id → in stock), for every user.
+        stock: Stock updates posted to the service (item_id → the newest), for every user.
     """
 
     purchased: Collection[str] = frozenset()
-    stock: Mapping[str, bool] = field(default_factory=dict)
+    stock: Mapping[str, StockChange] = field(default_factory=dict)
 
 
 NO_ONLINE_FACTS = OnlineFacts()
@@ -116,6 +124,8 @@ class BusinessRules:
         purchased: dict[str, set[str]] = {}
         if lake.exists(SERVING_ITEMS):
             frame = lake.read_frame(SERVING_ITEMS)
+            if "stock_updated_at" in frame.columns:  # snapshots before it have no stock time
+                frame = frame.with_columns(pl.col("stock_updated_at").dt.epoch("us"))
             for row in frame.iter_rows(named=True):
                 items[row["item_id"]] = ItemFacts(
                     row["category_id"],
@@ -125,6 +135,7 @@ class BusinessRules:
                     row.get("brand"),
                     float(row.get("popularity") or 0.0),
                     float(row.get("trending") or 0.0),
+                    row.get("stock_updated_at"),
                 )
         if lake.exists(SERVING_PURCHASES):
             frame = lake.read_frame(SERVING_PURCHASES)
@@ -133,14 +144,19 @@ class BusinessRules:
         return cls(items, purchased, max_per_category)
 
     def facts(self, item_id: str, online: OnlineFacts = NO_ONLINE_FACTS) -> ItemFacts | None:
-        """The item's facts with the online stock update applied (None when nothing is known)."""
+        """The item's facts, with the online stock update if newer (None when nothing is known)."""
         facts = self.items.get(item_id)
-        if item_id in online.stock:
-            in_stock = online.stock[item_id]
-            if facts is None:
-                return ItemFacts(None, None, in_stock, False)
-            return replace(facts, is_in_stock=in_stock)
-        return facts
+        change = online.stock.get(item_id)
+        if change is None:
+            return facts
+        if facts is None:
+            return ItemFacts(None, None, change.in_stock, False)
+        if (
+            facts.stock_updated_at_us is not None
+            and facts.stock_updated_at_us > change.updated_at_us
+        ):
+            return facts
+        return replace(facts, is_in_stock=change.in_stock)
 
     def bought(self, user_id: str, online: OnlineFacts = NO_ONLINE_FACTS) -> Collection[str]:
         """Everything the user bought: before the snapshot and since."""
@@ -219,7 +235,8 @@ def serving_facts(
         min_repeat_rate: Categories at or above this repeat-purchase rate are repeatable.
 
     Returns:
-        `(items, purchases)`: item_id, category_id, price, is_in_stock, is_repeatable, brand,
+        `(items, purchases)`: item_id, category_id, price, is_in_stock, stock_updated_at,
+        is_repeatable, brand,
         popularity, trending (decayed popularity times trend) and the item's part of the ranker's
         feature vector (`ITEM_FEATURES`, for candidates found in real time); and the (user_id,
         item_id) pairs the users bought.
@@ -233,6 +250,7 @@ def serving_facts(
         "category_id",
         "price",
         "is_in_stock",
+        "stock_updated_at",
         (pl.col("repeat_rate").fill_null(0.0) >= min_repeat_rate).alias("is_repeatable"),
         "brand",
         pl.col("popularity").cast(pl.Float64),

@@ -53,6 +53,7 @@ from models.snapshot import (
     load_snapshot,
 )
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
+from shelfwise.online_state import StockChange
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class Recommender:
         filters: RequestFilters | None = None,
         session: Session | None = None,
         context_item_id: str | None = None,
-        stock: Mapping[str, bool] | None = None,
+        stock: Mapping[str, StockChange] | None = None,
     ) -> Recommendation:
         """The top-k distinct items for a user that the business rules allow.
 
@@ -257,7 +258,7 @@ class Recommender:
             filters: The request's filters; in-stock items only by default.
             session: What the user did since the snapshot (and the request's context items).
             context_item_id: The item on the page, if any (its category guides cold start).
-            stock: Stock updates since the snapshot.
+            stock: Stock updates posted to the service (the online state's).
 
         Returns:
             Up to k items, best first, topped up with popular items.

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+STOCK_UPDATED_AT = "stock_updated_at"
 
 EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
 
@@ -60,6 +61,9 @@ ITEMS_SCHEMA = pa.schema(
         pa.field("price", pa.float64(), nullable=True),
         pa.field("is_in_stock", pa.bool_(), nullable=False),
         pa.field("created_at", TIMESTAMP, nullable=True),
+        # When `is_in_stock` was last set; ingestion fills an empty one with the delivery's time,
+        # so that the newest word on an item's stock wins (catalog or `/events` stock update).
+        pa.field(STOCK_UPDATED_AT, TIMESTAMP, nullable=True),
     ]
 )
 

@@ -80,6 +80,7 @@ from shelfwise.contracts import (
     conform,
 )
 from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
+from shelfwise.online_state import StockChange
 
 logger = logging.getLogger(__name__)
 
@@ -542,7 +543,7 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
     return result
 
 
-def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, bool]:
+def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, StockChange]:
     """Per item, the latest stock update published to the lake or still in the log.
 
     What a restarted service restores into its online state. With `log_dir`, the updates not yet
@@ -554,7 +555,7 @@ def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, b
         log_dir: The log folder (`Settings.wal_dir`); None reads the lake only.
 
     Returns:
-        item_id → in stock, from the newest `updated_at` of each item; empty when none arrived.
+        item_id → the item's newest update (`updated_at`); empty when none arrived.
     """
     columns = ["item_id", "is_in_stock", "updated_at"]
     frames = [_logged_stock_updates(Path(log_dir)).select(columns)] if log_dir else []
@@ -564,7 +565,10 @@ def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, b
     if updates.is_empty():
         return {}
     latest = updates.sort("updated_at").unique("item_id", keep="last", maintain_order=True)
-    return dict(zip(latest["item_id"].to_list(), latest["is_in_stock"].to_list(), strict=True))
+    changes = latest.select(
+        "item_id", "is_in_stock", pl.col("updated_at").dt.epoch("us").alias("updated_at_us")
+    )
+    return {item: StockChange(in_stock, at) for item, in_stock, at in changes.iter_rows()}
 
 
 def _logged_stock_updates(directory: Path) -> pl.DataFrame:

@@ -29,6 +29,7 @@ from shelfwise.contracts import (
     IMPRESSIONS_SCHEMA,
     ITEMS_KEY,
     ITEMS_SCHEMA,
+    STOCK_UPDATED_AT,
     USERS_KEY,
     USERS_SCHEMA,
     conform,
@@ -83,7 +84,9 @@ def ingest_landing(
     """Validates and publishes every file in the landing area.
 
     Then applies the stock updates the service received (`stock_updates/`, the latest per item)
-    to the catalog: they override its `is_in_stock`, in the features as in serving.
+    to the catalog where they are newer than its `is_in_stock`: the newest word on an item's stock
+    wins, an update's `updated_at` against the `stock_updated_at` of the catalog row (when a
+    delivery leaves it empty: the time the file landed), in the features as in serving.
 
     Also makes sure the impressions dataset exists (a zero-row file until the service logged
     some), so that the feature layer can read it from the first run on.
@@ -109,7 +112,8 @@ def ingest_landing(
     ):
         files = lake.list_files(landing)
         if files:
-            upserted = _upsert_catalog(lake, files, target, schema, key, report)
+            delivered_at = lake.list_modified(landing) if target == paths.ITEMS else {}
+            upserted = _upsert_catalog(lake, files, target, schema, key, report, delivered_at)
             if target == paths.ITEMS:
                 report.items_upserted += upserted
             else:
@@ -153,11 +157,23 @@ def _ingest_events_file(
 
 
 def _upsert_catalog(
-    lake: Lake, files: list[str], target: str, schema: pa.Schema, key: str, report: IngestReport
+    lake: Lake,
+    files: list[str],
+    target: str,
+    schema: pa.Schema,
+    key: str,
+    report: IngestReport,
+    delivered_at: Mapping[str, datetime],
 ) -> int:
     arrivals = []
     for relpath in files:
         rows = pl.from_arrow(conform(lake.read_table(relpath), schema, source=lake.uri(relpath)))
+        if relpath in delivered_at:  # the catalog's stock is as of the delivery, unless it says
+            rows = rows.with_columns(
+                pl.col(STOCK_UPDATED_AT).fill_null(
+                    pl.lit(delivered_at[relpath], dtype=pl.Datetime("us", "UTC"))
+                )
+            )
         missing_key = rows.filter(pl.col(key).is_null())
         if missing_key.height:
             stem = posixpath.splitext(posixpath.basename(relpath))[0]
@@ -168,7 +184,7 @@ def _upsert_catalog(
             report.catalog_rows_quarantined += missing_key.height
         arrivals.append(rows.filter(pl.col(key).is_not_null()))
     current_path = f"{target}/{CATALOG_FILE}"
-    current = [lake.read_frame(current_path)] if lake.exists(current_path) else []
+    current = [_read_catalog(lake, current_path, schema)] if lake.exists(current_path) else []
     # Later deliveries win: the newest row of each key is the catalog's truth.
     merged = pl.concat([*current, *arrivals]).unique(subset=key, keep="last", maintain_order=True)
     lake.write_parquet(merged.sort(key).to_arrow().cast(schema), current_path)
@@ -177,26 +193,46 @@ def _upsert_catalog(
     return sum(frame.height for frame in arrivals)
 
 
-def _apply_stock_updates(lake: Lake) -> int:
-    """Sets the catalog's `is_in_stock` to each item's latest stock update sent to /events.
+def _read_catalog(lake: Lake, relpath: str, schema: pa.Schema) -> pl.DataFrame:
+    """The published catalog in its contract (one written before a column was added gets it)."""
+    return pl.from_arrow(conform(lake.read_table(relpath), schema, source=lake.uri(relpath)))
 
-    They override the catalog, as in serving. Returns how many items changed.
+
+def _apply_stock_updates(lake: Lake) -> int:
+    """Sets the catalog's stock to each item's latest update sent to /events, where it is newer.
+
+    An update applies when its `updated_at` is after the row's `stock_updated_at` (or that is
+    unknown); the row then takes both. So a catalog delivered after an update wins over it, and
+    an update is applied once. Returns how many items changed their `is_in_stock`.
     """
-    updates = latest_stock_updates(lake)
     current_path = f"{paths.ITEMS}/{CATALOG_FILE}"
-    if not updates or not lake.exists(current_path):
+    if not lake.exists(current_path):
         return 0
-    catalog = lake.read_frame(current_path)
-    overrides = pl.DataFrame(
-        {ITEMS_KEY: list(updates), "_in_stock": list(updates.values())},
-        schema={ITEMS_KEY: pl.String, "_in_stock": pl.Boolean},
+    updates = latest_stock_updates(lake)
+    stored = lake.read_table(current_path)
+    catalog = _read_catalog(lake, current_path, ITEMS_SCHEMA)
+    changes = pl.DataFrame(
+        {
+            ITEMS_KEY: list(updates),
+            "_in_stock": [change.in_stock for change in updates.values()],
+            "_updated_at": [change.updated_at_us for change in updates.values()],
+        },
+        schema={ITEMS_KEY: pl.String, "_in_stock": pl.Boolean, "_updated_at": pl.Int64},
+    ).with_columns(pl.from_epoch("_updated_at", time_unit="us").dt.replace_time_zone("UTC"))
+    joined = catalog.join(changes, on=ITEMS_KEY, how="left", maintain_order="left")
+    newer = pl.col("_updated_at").is_not_null() & (
+        pl.col(STOCK_UPDATED_AT).is_null() | (pl.col("_updated_at") > pl.col(STOCK_UPDATED_AT))
     )
-    joined = catalog.join(overrides, on=ITEMS_KEY, how="left", maintain_order="left")
-    changed = joined.filter(pl.col("_in_stock") != pl.col("is_in_stock")).height
-    if changed:
-        updated = joined.with_columns(pl.coalesce("_in_stock", "is_in_stock").alias("is_in_stock"))
-        lake.write_parquet(updated.drop("_in_stock").to_arrow().cast(ITEMS_SCHEMA), current_path)
-    return changed
+    applied = joined.filter(newer)
+    if applied.height or stored.schema != ITEMS_SCHEMA:
+        updated = joined.with_columns(
+            pl.when(newer).then("_in_stock").otherwise("is_in_stock").alias("is_in_stock"),
+            pl.when(newer).then("_updated_at").otherwise(STOCK_UPDATED_AT).alias(STOCK_UPDATED_AT),
+        )
+        lake.write_parquet(
+            updated.drop("_in_stock", "_updated_at").to_arrow().cast(ITEMS_SCHEMA), current_path
+        )
+    return applied.filter(pl.col("_in_stock") != pl.col("is_in_stock")).height
 
 
 def lake_has_events(lake: Lake) -> bool:

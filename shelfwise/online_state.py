@@ -10,7 +10,9 @@
 Per user: the session (viewed or carted items, most recent first, distinct, at most
 `SESSION_ITEMS`, forgotten after `SESSION_TTL_S` without activity), the cart, and the items
 bought since the snapshot (kept `PURCHASES_TTL_S`, longer than a retraining cycle). Shop-wide:
-stock updates. Event ids seen recently (`SEEN_TTL_S`) make a re-sent event harmless.
+stock changes, each with its time: the newest change of an item wins, whatever order they arrive
+in (two workers, a restart restoring the log). Event ids seen recently (`SEEN_TTL_S`) make a
+re-sent event harmless.
 """
 
 import threading
@@ -18,7 +20,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, Protocol
 
 SESSION_ITEMS = 20
 SESSION_TTL_S = 2 * 3600
@@ -26,6 +29,24 @@ PURCHASES_TTL_S = 14 * 24 * 3600
 SEEN_TTL_S = 7 * 24 * 3600
 # The in-process state remembers at most this many event ids (oldest forgotten first).
 SEEN_CAPACITY = 2_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class StockChange(NamedTuple):
+    """An item's stock as of a time.
+
+    Attributes:
+        in_stock: Whether the item can be sold.
+        updated_at_us: When this became true, in microseconds since the epoch (UTC).
+    """
+
+    in_stock: bool
+    updated_at_us: int
+
+    @classmethod
+    def at(cls, in_stock: bool, updated_at: datetime) -> "StockChange":
+        """The change made at `updated_at` (a time-zone aware datetime)."""
+        return cls(in_stock, (updated_at - _EPOCH) // timedelta(microseconds=1))
 
 
 @dataclass(frozen=True)
@@ -58,23 +79,20 @@ class OnlineState(Protocol):
         """The user's session, cart and purchases."""
         ...
 
-    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, bool]]:
+    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, StockChange]]:
         """What a recommendation reads: the user's activity and the stock changes, together."""
         ...
 
-    def update_stock(self, updates: Mapping[str, bool]) -> None:
-        """Records stock changes (item_id → in stock)."""
-        ...
+    def update_stock(self, changes: Mapping[str, StockChange]) -> None:
+        """Records stock changes (item_id → change) that are newer than the item's recorded one.
 
-    def stock(self) -> Mapping[str, bool]:
-        """Every stock change recorded so far."""
-        ...
-
-    def restore_stock(self, updates: Mapping[str, bool]) -> None:
-        """Records stock changes for items that have none yet.
-
-        A restart restores what the log kept, never over a newer change another worker recorded.
+        So a restart may restore what the log kept without undoing a newer change another worker
+        recorded meanwhile, and two workers' changes may arrive in any order.
         """
+        ...
+
+    def stock(self) -> Mapping[str, StockChange]:
+        """The newest stock change of each item recorded so far."""
         ...
 
 
@@ -94,7 +112,7 @@ class InProcessState:
         self._lock = threading.Lock()
         self._users: dict[str, _User] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._stock: dict[str, bool] = {}
+        self._stock: dict[str, StockChange] = {}
 
     def unseen(self, event_ids: list[str]) -> list[bool]:  # noqa: D102
         with self._lock:
@@ -126,20 +144,20 @@ class InProcessState:
                 frozenset(user.bought) if bought else frozenset(),
             )
 
-    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, bool]]:  # noqa: D102
+    def activity_and_stock(  # noqa: D102
+        self, user_id: str
+    ) -> tuple[UserActivity, Mapping[str, StockChange]]:
         return self.activity(user_id), self._stock
 
-    def update_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
+    def update_stock(self, changes: Mapping[str, StockChange]) -> None:  # noqa: D102
         with self._lock:
-            self._stock.update(updates)
+            for item, change in changes.items():
+                current = self._stock.get(item)
+                if current is None or current.updated_at_us <= change.updated_at_us:
+                    self._stock[item] = change
 
-    def stock(self) -> Mapping[str, bool]:  # noqa: D102
+    def stock(self) -> Mapping[str, StockChange]:  # noqa: D102
         return self._stock
-
-    def restore_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
-        with self._lock:
-            for item, in_stock in updates.items():
-                self._stock.setdefault(item, in_stock)
 
 
 def _apply(user: _User, event_type: str, item_id: str, now: float) -> None:
@@ -166,8 +184,9 @@ class RedisState:
     """Online state in Redis, shared by every worker and replica.
 
     Keys (prefix `shelfwise:`): `seen:<event_id>` (string with a TTL), `session:<user>` (list,
-    most recent first), `cart:<user>` and `bought:<user>` (sets), `stock` (hash item → 0/1) with
-    `stock:version` (a counter, so each worker re-reads the hash only when it changed).
+    most recent first), `cart:<user>` and `bought:<user>` (sets), `stock` (hash item →
+    `<0|1>|<updated_at_us>`, set by a script that keeps the newer change) with `stock:version` (a
+    counter, so each worker re-reads the hash only when it changed).
 
     Args:
         url: A Redis URL, e.g. `redis://127.0.0.1:6379/0`.
@@ -180,9 +199,10 @@ class RedisState:
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
         self._redis.ping()  # fail at start-up, not on the first request
         self._prefix = prefix
-        self._stock: dict[str, bool] = {}
+        self._stock: dict[str, StockChange] = {}
         self._stock_version: str | None = None
         self._lock = threading.Lock()
+        self._keep_newer = self._redis.register_script(_KEEP_NEWER_STOCK)
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -227,7 +247,9 @@ class RedisState:
         items, cart, bought = pipe.execute()
         return UserActivity(tuple(items), frozenset(cart), frozenset(bought))
 
-    def activity_and_stock(self, user_id: str) -> tuple[UserActivity, Mapping[str, bool]]:  # noqa: D102
+    def activity_and_stock(  # noqa: D102
+        self, user_id: str
+    ) -> tuple[UserActivity, Mapping[str, StockChange]]:
         # One round trip: the stock's version travels with the activity; the hash itself is
         # read again only when another worker changed it.
         pipe = self._redis.pipeline(transaction=False)
@@ -242,34 +264,50 @@ class RedisState:
         pipe.smembers(self._key("cart", user_id))
         pipe.smembers(self._key("bought", user_id))
 
-    def update_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
-        if not updates:
+    def update_stock(self, changes: Mapping[str, StockChange]) -> None:  # noqa: D102
+        if not changes:
             return
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self._key("stock"), mapping={k: int(v) for k, v in updates.items()})
-        pipe.incr(self._key("stock", "version"))
-        pipe.execute()
+        args = [
+            part
+            for item, change in changes.items()
+            for part in (item, int(change.in_stock), change.updated_at_us)
+        ]
+        self._keep_newer(keys=[self._key("stock"), self._key("stock", "version")], args=args)
 
-    def stock(self) -> Mapping[str, bool]:  # noqa: D102
+    def stock(self) -> Mapping[str, StockChange]:  # noqa: D102
         return self._stock_at(self._redis.get(self._key("stock", "version")))
 
-    def _stock_at(self, version: str | None) -> Mapping[str, bool]:
+    def _stock_at(self, version: str | None) -> Mapping[str, StockChange]:
         """The stock hash as of `version`, re-read only when it is not the cached one."""
         if version != self._stock_version:
             with self._lock:
                 raw = self._redis.hgetall(self._key("stock"))
-                self._stock = {item: value == "1" for item, value in raw.items()}
+                self._stock = {item: _parse_stock(value) for item, value in raw.items()}
                 self._stock_version = version
         return self._stock
 
-    def restore_stock(self, updates: Mapping[str, bool]) -> None:  # noqa: D102
-        if not updates:
-            return
-        pipe = self._redis.pipeline(transaction=True)
-        for item, in_stock in updates.items():
-            pipe.hsetnx(self._key("stock"), item, int(in_stock))
-        pipe.incr(self._key("stock", "version"))
-        pipe.execute()
+
+# KEYS: the stock hash, its version counter. ARGV: item, 0|1, updated_at_us, repeated. Sets each
+# item whose stored change is not newer (a value without a time, "0" or "1", counts as oldest)
+# and bumps the version when anything changed; atomic, as Redis runs a script whole.
+_KEEP_NEWER_STOCK = """
+local changed = 0
+for i = 1, #ARGV, 3 do
+    local stored = redis.call('HGET', KEYS[1], ARGV[i])
+    local stored_at = stored and tonumber(string.match(stored, '|(%d+)$')) or -1
+    if stored_at <= tonumber(ARGV[i + 2]) then
+        redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|' .. ARGV[i + 2])
+        changed = 1
+    end
+end
+if changed == 1 then redis.call('INCR', KEYS[2]) end
+return changed
+"""
+
+
+def _parse_stock(value: str) -> StockChange:
+    in_stock, _, updated_at_us = value.partition("|")
+    return StockChange(in_stock == "1", int(updated_at_us or 0))
 
 
 def open_state(redis_url: str | None) -> OnlineState:

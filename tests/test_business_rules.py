@@ -1,4 +1,5 @@
-from models.business_rules import BusinessRules, ItemFacts, RequestFilters
+from models.business_rules import BusinessRules, ItemFacts, OnlineFacts, RequestFilters
+from shelfwise.online_state import StockChange
 
 ITEMS = {
     "shoe": ItemFacts("shoes", 80.0, True, False),
@@ -50,3 +51,21 @@ def test_items_without_facts_pass_the_attribute_rules():
     rules = BusinessRules()
     assert chosen(rules, RequestFilters(price_max=1.0)) == ["shoe", "sock", "boot", "sandal", "hat"]
     assert chosen(rules, RequestFilters(category_ids=frozenset({"shoes"}))) == []
+
+
+def test_an_online_stock_update_applies_only_when_newer_than_the_catalogs_stock():
+    catalog_at = 1_000_000
+    items = {
+        "shoe": ItemFacts("shoes", 80.0, True, False, stock_updated_at_us=catalog_at),
+        "boot": ItemFacts("shoes", 120.0, False, False),  # no stock time: any update is newer
+    }
+    rules = BusinessRules(items)
+    sold_out_later = {"shoe": StockChange(False, catalog_at + 1)}
+    assert rules.facts("shoe", OnlineFacts(stock=sold_out_later)).is_in_stock is False
+    # Sold out before a catalog delivery that restocked it: the catalog is the newer word.
+    sold_out_before = {"shoe": StockChange(False, catalog_at - 1), "boot": StockChange(True, 0)}
+    assert rules.facts("shoe", OnlineFacts(stock=sold_out_before)).is_in_stock is True
+    assert rules.facts("boot", OnlineFacts(stock=sold_out_before)).is_in_stock is True
+    # An item the snapshot does not know is judged by the update alone.
+    unknown = OnlineFacts(stock={"new": StockChange(False, 0)})
+    assert rules.facts("new", unknown).is_in_stock is False

@@ -28,7 +28,7 @@ from shelfwise.feedback import (
     read_segment,
 )
 from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
-from shelfwise.online_state import open_state
+from shelfwise.online_state import StockChange, open_state
 from shelfwise.settings import Settings
 from tests.support import PROJECT_ROOT
 
@@ -459,7 +459,8 @@ def test_stock_updates_are_logged_compacted_and_the_latest_per_item_restored(tmp
         "date=2026-11-01",
         "date=2026-11-02",
     ]
-    assert latest_stock_updates(lake) == {"i1": False, "i2": True}
+    assert in_stock(latest_stock_updates(lake)) == {"i1": False, "i2": True}
+    assert latest_stock_updates(lake)["i2"] == StockChange.at(True, DAY + timedelta(days=1))
 
 
 def test_stock_updates_still_in_the_log_are_restored_too(tmp_path):
@@ -467,7 +468,7 @@ def test_stock_updates_still_in_the_log_are_restored_too(tmp_path):
     with FeedbackLog(wal) as log:
         log.append(STOCK_UPDATES, [{"item_id": "i1", "is_in_stock": False, "updated_at": DAY}])
     compact_feedback(wal, lake)
-    assert latest_stock_updates(lake, wal) == {"i1": False}
+    assert in_stock(latest_stock_updates(lake, wal)) == {"i1": False}
 
     # Not compacted: one sealed segment, and one still open by a live writer. The newest update
     # of an item wins across the lake and the log.
@@ -486,19 +487,23 @@ def test_stock_updates_still_in_the_log_are_restored_too(tmp_path):
             ".open",
             ".sealed",
         ]
-        assert latest_stock_updates(lake) == {"i1": False}
-        assert latest_stock_updates(lake, wal) == {"i1": True, "i2": False}
+        assert in_stock(latest_stock_updates(lake)) == {"i1": False}
+        assert in_stock(latest_stock_updates(lake, wal)) == {"i1": True, "i2": False}
     assert latest_stock_updates(Lake(str(tmp_path / "empty")), tmp_path / "no-log") == {}
 
 
 @pytest.mark.parametrize("backend", ["in_process", "redis"])
-def test_restored_stock_never_overrides_a_newer_change(backend, request):
+def test_the_newest_stock_change_wins_in_any_arrival_order(backend, request):
     state = open_state(request.getfixturevalue("redis_url") if backend == "redis" else None)
-    item = f"item-{backend}-{time.monotonic_ns()}"
-    state.update_stock({item: True})
-    state.restore_stock({item: False, f"{item}-other": False})
-    assert state.stock()[item] is True
-    assert state.stock()[f"{item}-other"] is False
+    item, other = f"item-{backend}-{time.monotonic_ns()}", f"other-{time.monotonic_ns()}"
+    newer, older = StockChange.at(True, DAY + timedelta(hours=1)), StockChange.at(False, DAY)
+    state.update_stock({item: newer})
+    # A restart restoring the log, or another worker's late request: older, so it loses.
+    state.update_stock({item: older, other: older})
+    assert state.stock()[item] == newer and state.stock()[other] == older
+    later = StockChange.at(False, DAY + timedelta(hours=2))
+    state.update_stock({item: later})
+    assert state.stock()[item] == later
 
 
 def test_activity_and_stock_in_one_read_see_another_workers_stock_change(redis_url):
@@ -506,5 +511,21 @@ def test_activity_and_stock_in_one_read_see_another_workers_stock_change(redis_u
     item = f"item-{time.monotonic_ns()}"
     activity, stock = worker.activity_and_stock("nobody")
     assert activity.item_ids == () and item not in stock
-    other.update_stock({item: False})
-    assert worker.activity_and_stock("nobody")[1][item] is False
+    other.update_stock({item: StockChange.at(False, DAY)})
+    assert worker.activity_and_stock("nobody")[1][item] == StockChange.at(False, DAY)
+
+
+def test_a_stock_value_of_an_earlier_version_in_redis_counts_as_oldest(redis_url):
+    import redis
+
+    state, item = open_state(redis_url), f"item-{time.monotonic_ns()}"
+    client = redis.Redis.from_url(redis_url)
+    client.hset("shelfwise:stock", item, "1")  # written without a time, before stock times
+    client.incr("shelfwise:stock:version")
+    assert state.stock()[item] == StockChange(True, 0)
+    state.update_stock({item: StockChange.at(False, DAY)})
+    assert state.stock()[item] == StockChange.at(False, DAY)
+
+
+def in_stock(changes: dict[str, StockChange]) -> dict[str, bool]:
+    return {item: change.in_stock for item, change in changes.items()}

@@ -1,3 +1,4 @@
+import os
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
@@ -274,29 +275,60 @@ def test_settings_default_to_data_and_prepare_home_turns_dagster_telemetry_off(t
     assert custom.lake_url == "s3://b/p"
 
 
-def test_stock_updates_sent_to_the_service_override_the_catalog(tmp_path):
+def test_the_newest_word_on_stock_wins_between_catalog_deliveries_and_service_updates(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     catalog = pa.table(
         {"item_id": ["i1", "i2", "i3"], "category_id": ["c"] * 3, "is_in_stock": [True] * 3}
     )
-    lake.write_parquet(catalog, "landing/items/catalog.parquet")
+
+    def deliver(name: str, at: datetime) -> None:
+        # A delivery without stock times is as of when it landed (the file's modification time).
+        lake.write_parquet(catalog, f"landing/items/{name}.parquet")
+        os.utime(tmp_path / "lake" / "landing" / "items" / f"{name}.parquet", (at.timestamp(),) * 2)
+
+    def stock() -> dict[str, tuple[bool, datetime]]:
+        rows = lake.read_frame("catalog/items").select("item_id", "is_in_stock", "stock_updated_at")
+        return {item: (in_stock, at) for item, in_stock, at in rows.rows()}
+
+    deliver("monday", NOW - timedelta(days=1))
     assert ingest_landing(lake, now=NOW).stock_overrides == 0
+    assert stock()["i1"] == (True, NOW - timedelta(days=1))
     updates = [
         {"item_id": "i1", "is_in_stock": False, "updated_at": NOW - timedelta(hours=2)},
         {"item_id": "i1", "is_in_stock": True, "updated_at": NOW - timedelta(hours=3)},
         {"item_id": "i2", "is_in_stock": True, "updated_at": NOW - timedelta(hours=1)},
+        {"item_id": "i3", "is_in_stock": False, "updated_at": NOW - timedelta(days=2)},
         {"item_id": "unknown", "is_in_stock": False, "updated_at": NOW},
     ]
     lake.write_parquet(
         pa.Table.from_pylist(updates, schema=STOCK_UPDATES_SCHEMA),
         "stock_updates/date=2026-05-10/wal-a.parquet",
     )
-    # i1's latest update sells it out; i2's changes nothing; an unknown item is no catalog row.
+    # i1's latest update sells it out; i2's keeps it in stock (a newer time, the same answer);
+    # i3's is older than the delivery; an unknown item is no catalog row. Applied once only.
     assert ingest_landing(lake, now=NOW).stock_overrides == 1
-    stock = dict(lake.read_frame("catalog/items").select("item_id", "is_in_stock").rows())
-    assert stock == {"i1": False, "i2": True, "i3": True}
-    # A later catalog delivery does not undo the service's update; nothing changes twice.
-    lake.write_parquet(catalog, "landing/items/again.parquet")
-    assert ingest_landing(lake, now=NOW).stock_overrides == 1
+    assert stock() == {
+        "i1": (False, NOW - timedelta(hours=2)),
+        "i2": (True, NOW - timedelta(hours=1)),
+        "i3": (True, NOW - timedelta(days=1)),
+    }
     assert ingest_landing(lake, now=NOW).stock_overrides == 0
-    assert not dict(lake.read_frame("catalog/items").select("item_id", "is_in_stock").rows())["i1"]
+
+    # A catalog delivered late, older than the updates, does not undo them; one delivered after
+    # them wins (restocked).
+    deliver("tuesday-late", NOW - timedelta(hours=4))
+    assert ingest_landing(lake, now=NOW).stock_overrides == 1  # i1 sold out again
+    assert stock()["i1"] == (False, NOW - timedelta(hours=2))
+    deliver("tuesday", NOW)
+    assert ingest_landing(lake, now=NOW).stock_overrides == 0
+    assert stock()["i1"] == (True, NOW)
+
+
+def test_a_catalog_published_before_stock_times_gets_the_column(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    old = pa.table({"item_id": ["i1"], "category_id": ["c"], "is_in_stock": [True]})
+    lake.write_parquet(old, "catalog/items/catalog.parquet")
+    ingest_landing(lake, now=NOW)
+    catalog = lake.read_table("catalog/items/catalog.parquet")
+    assert "stock_updated_at" in catalog.schema.names
+    assert catalog.num_rows == 1

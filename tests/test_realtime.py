@@ -120,6 +120,9 @@ def test_a_stock_update_hides_the_item_for_everyone(realtime, shop):
     url, _ = realtime
     [user] = users(shop, 1)
     first = item_ids(recommend(url, user))[0]
+    # The snapshot's stock is as of its catalog delivery; the update is newer, so it wins.
+    [catalog_at] = shop["items"].filter(pl.col("item_id") == first)["stock_updated_at"]
+    assert catalog_at < datetime.now(UTC)
     response = post(url, "/events", {"stock": [{"item_id": first, "is_in_stock": False}]})
     assert response.status_code == 200 and response.json()["stock_updates"] == 1
     assert first not in item_ids(recommend(url, user))

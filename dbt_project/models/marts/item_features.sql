@@ -47,6 +47,7 @@ joined as (
         items.brand,
         items.price,
         items.is_in_stock,
+        items.stock_updated_at,
         {{ days_between('items.created_at', 'cutoffs.as_of') }} as age_days,
         coalesce(item_activity.views_1d, 0) as views_1d,
         coalesce(item_activity.views_7d, 0) as views_7d,

@@ -15,6 +15,7 @@ final as (
         cast(brand as varchar) as brand,
         cast(price as double) as price,
         cast(is_in_stock as boolean) as is_in_stock,
+        cast(stock_updated_at as timestamptz) as stock_updated_at,
         cast(created_at as timestamptz) as created_at
     from source
 
