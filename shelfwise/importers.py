@@ -49,7 +49,9 @@ Decisions:
   `landing/users/<prefix>-users.parquet`. Attributes the source has (REES46 category, brand,
   price; RetailRocket `categoryid`/`available` properties; generic mapped `title`,
   `category_id`, `category_path`, `brand`, `is_in_stock`, `country`, `device`) take their latest
-  value by time. Every item and user seen in the events gets a row so downstream joins work:
+  value by time; the time of the stock value becomes the item's `stock_updated_at` (empty when
+  the source says nothing of stock: ingestion then dates it by the delivery). Every item and
+  user seen in the events gets a row so downstream joins work:
   without catalog attributes an item is a placeholder with `category_id` "unknown", in stock
   (nothing says otherwise, and serving only recommends in-stock items), and the latest event
   price if any; a user is a placeholder with only `user_id`. Placeholders are written only for
@@ -84,6 +86,7 @@ from shelfwise.contracts import (
     EVENT_TYPES,
     EVENTS_SCHEMA,
     ITEMS_SCHEMA,
+    STOCK_UPDATED_AT,
     USERS_SCHEMA,
     ContractError,
     conform,
@@ -1219,8 +1222,13 @@ class _Unit:
             wide = wide.with_columns(pl.col("category_path").fill_null(from_tree))
         rich = wide.filter(pl.any_horizontal(pl.col(a).is_not_null() for a in _ITEM_ATTRIBUTES))
         placeholders = self._placeholders(self.items, rich, "item_id", paths.ITEMS, items_path)
+        # The stock is as of the source row that said it (an `available` property, an event).
+        stock_times = self.items.latest.filter(pl.col("attribute") == "is_in_stock").select(
+            "key", pl.from_epoch("at", time_unit="us").dt.replace_time_zone("UTC").alias("_at")
+        )
         items = (
             pl.concat([rich, placeholders.join(wide, on="key", how="left")], how="diagonal")
+            .join(stock_times, on="key", how="left")
             .select(
                 pl.col("key").alias("item_id"),
                 pl.col("title"),
@@ -1229,6 +1237,7 @@ class _Unit:
                 pl.col("brand"),
                 pl.col("price").cast(pl.Float64, strict=False),
                 (pl.col("is_in_stock") != "false").fill_null(True).alias("is_in_stock"),
+                pl.col("_at").alias(STOCK_UPDATED_AT),
             )
             .sort("item_id")
         )

@@ -203,6 +203,9 @@ def test_retailrocket_derives_sessions_and_reads_item_properties(tmp_path):
     assert (items["13"]["category_id"], items["13"]["is_in_stock"]) == ("unknown", True)
     assert items["99"]["category_path"] == "213 > 1016"
     assert items["14"]["category_id"] == "unknown" and items["14"]["is_in_stock"]
+    # The stock is as of its `available` row (1433826000000 ms); without one, ingestion dates it.
+    assert items["12"]["stock_updated_at"] == datetime(2015, 6, 9, 5, tzinfo=UTC)
+    assert items["14"]["stock_updated_at"] is None
     assert report.users_written == 7
 
 
