@@ -20,10 +20,11 @@ Usage:
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
+
+from harness import machine, versions
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
 TARGET_SECONDS = 180.0
@@ -140,24 +141,14 @@ def main() -> None:
     print("slowest models:", sorted(model_seconds.items(), key=lambda kv: -kv[1])[:5])
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    import dbt.version
-    import duckdb
 
     RESULTS.write_text(
         json.dumps(
             {
                 "benchmark": "features",
                 "measured_at": datetime.now(UTC).isoformat(),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
-                "versions": {
-                    "dagster": dg.__version__,
-                    "dbt": str(dbt.version.installed),
-                    "duckdb": duckdb.__version__,
-                },
+                "machine": machine(),
+                "versions": versions("dagster", "dbt-core", "dbt-duckdb", "duckdb"),
                 "config": {
                     "events": events,
                     "cutoffs": 5,

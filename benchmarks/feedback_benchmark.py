@@ -20,7 +20,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -30,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import polars as pl
-import pyarrow as pa
-from harness import format_table
+from harness import format_table, machine, versions
 
 from shelfwise.feedback import FeedbackLog, compact_feedback
 from shelfwise.lake import EVENTS, Lake
@@ -251,13 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "feedback",
         "run_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "polars": pl.__version__,
-            "pyarrow": pa.__version__,
-        },
+        "machine": machine(),
+        "versions": versions("polars", "pyarrow"),
         "config": {
             "batch": BATCH,
             "seconds": args.seconds,

@@ -65,7 +65,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -84,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import format_table, process_tree, state_env, wrk_json
+from harness import format_table, machine, process_tree, state_env, versions, wrk_json
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/feedback_loop_benchmark.py` from anywhere
@@ -968,38 +967,14 @@ def part_profile(home: Path, scratch: Path, args: argparse.Namespace) -> dict[st
 # --- report ------------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
-    import bentoml
-    import dagster
-    import lightgbm
-    import polars
-    import pyarrow
-
-    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()
-    return {
-        "bentoml": bentoml.__version__,
-        "dagster": dagster.__version__,
-        "lightgbm": lightgbm.__version__,
-        "polars": polars.__version__,
-        "pyarrow": pyarrow.__version__,
-        "httpx": httpx.__version__,
-        "wrk": wrk[1] if len(wrk) > 1 else "unknown",
-    }
-
-
 def _machine(wal_dir: Path) -> dict[str, Any]:
-    memory = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
     filesystem = subprocess.run(
         ["df", "--output=fstype,source", str(wal_dir)], capture_output=True, text=True
     ).stdout.split()
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(int(memory) / 2**20, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "log_filesystem": " ".join(filesystem[2:]) if len(filesystem) > 2 else "unknown",
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    return machine(
+        log_filesystem=" ".join(filesystem[2:]) if len(filesystem) > 2 else "unknown",
+        load_average_at_start=[round(x, 2) for x in os.getloadavg()],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1074,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; WARNING: its data ends {gap} day(s) before today (--rebuild)" if gap else ""),
         flush=True,
     )
-    machine = _machine(home)
+    machine_facts = _machine(home)
     began = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="feedback-loop-benchmark-"))
     figures: dict[str, Any] = {}
@@ -1224,8 +1199,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "feedback_loop",
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine,
-        "versions": _versions(),
+        "machine": machine_facts,
+        "versions": versions(
+            "bentoml", "dagster", "lightgbm", "polars", "pyarrow", "httpx", wrk=True
+        ),
         "config": {
             "state": str(home),
             "build": build,

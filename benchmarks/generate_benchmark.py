@@ -15,8 +15,6 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -25,10 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import polars as pl
-import pyarrow as pa
 import pyarrow.compute as pc
+from harness import machine, versions
 
 from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
@@ -135,14 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "generate",
         "run_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "polars": pl.__version__,
-            "pyarrow": pa.__version__,
-        },
+        "machine": machine(),
+        "versions": versions("numpy", "polars", "pyarrow"),
         "config": {**asdict(config), "end_date": config.end_date and config.end_date.isoformat()},
         "targets": {"seconds": args.max_seconds, "peak_mib": args.max_peak_mib, "events": 0.10},
         "figures": {**figures, "events_per_second": figures["events"] / seconds},

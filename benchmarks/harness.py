@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the Makefile's environment for a state folder, the process
-tree of a server, wrk runs, and the printed tables.
+tree of a server, wrk runs, the printed tables, and the machine and versions a result records.
 
 The scripts run as `.venv/bin/python benchmarks/<name>.py`, so this module is imported by name
 from their folder.
@@ -7,13 +7,36 @@ from their folder.
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """The machine a result was measured on: cores, memory, Python, platform (and `extra`)."""
+    memory_kib = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(int(memory_kib) / 2**20, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **extra,
+    }
+
+
+def versions(*distributions: str, wrk: bool = False) -> dict[str, str]:
+    """The installed versions of `distributions` (and of `wrk`, when the benchmark uses it)."""
+    found = {name: metadata.version(name) for name in distributions}
+    if wrk:
+        words = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()
+        found["wrk"] = words[1] if len(words) > 1 else "unknown"
+    return found
 
 
 def state_env(

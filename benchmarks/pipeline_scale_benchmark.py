@@ -39,7 +39,6 @@ Prints a table and writes JSON (machine, versions, config, figures) to
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import state_env
+from harness import machine, state_env, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -404,27 +403,14 @@ def main() -> None:
     print("promotion gate:", json.dumps(run["gate"]))
     print("serving process:", json.dumps(serving))
 
-    import dagster as dg
-    import lightgbm
-    import polars
-
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
             {
                 "benchmark": "pipeline_scale",
                 "measured_at": datetime.now(UTC).isoformat(),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE_BYTES / 1024**3, 1),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
-                "versions": {
-                    "dagster": dg.__version__,
-                    "polars": polars.__version__,
-                    "lightgbm": lightgbm.__version__,
-                },
+                "machine": machine(),
+                "versions": versions("dagster", "polars", "lightgbm"),
                 "config": {
                     "home": str(home),
                     "users": args.users,

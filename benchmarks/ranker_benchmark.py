@@ -13,16 +13,14 @@ Usage:
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import polars as pl
+from harness import machine, versions
 
 from models.features import FEATURE_COLUMNS
 from models.ranker import RankerParams, train_ranker
@@ -101,12 +99,8 @@ def main() -> None:
             {
                 "benchmark": "ranker",
                 "measured_at": datetime.now(UTC).isoformat(),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
-                "versions": {"lightgbm": lgb.__version__, "polars": pl.__version__},
+                "machine": machine(),
+                "versions": versions("lightgbm", "polars"),
                 "config": {
                     "rows": train.height,
                     "features": len(FEATURE_COLUMNS),

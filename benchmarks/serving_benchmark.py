@@ -64,7 +64,6 @@ Usage:
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -82,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import format_table, process_tree, state_env, wrk_json
+from harness import format_table, machine, process_tree, state_env, versions, wrk_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -779,34 +778,8 @@ def profile_endpoint(user_ids: list[str]) -> dict[str, Any]:
 # --- the benchmarks ---------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
-    import bentoml
-    import lightgbm
-    import numpy
-    import polars
-
-    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split()
-    return {
-        "bentoml": bentoml.__version__,
-        "lightgbm": lightgbm.__version__,
-        "numpy": numpy.__version__,
-        "polars": polars.__version__,
-        "wrk": wrk[1] if len(wrk) > 1 else "unknown",
-    }
-
-
 def _load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
-
-
-def _machine() -> dict[str, Any]:
-    memory = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
-    return {
-        "cpus": os.cpu_count(),
-        "memory_gib": round(int(memory) / 2**20, 1),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def _profile(
@@ -1000,8 +973,8 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
             {
                 "benchmark": "serving",
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": _machine(),
-                "versions": _versions(),
+                "machine": machine(),
+                "versions": versions("bentoml", "lightgbm", "numpy", "polars", wrk=True),
                 "config": {
                     "state": str(home),
                     "build": build,
@@ -1087,8 +1060,8 @@ def run_noop_variants(args: argparse.Namespace) -> int:
             {
                 "benchmark": "serving-noop-variants",
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": _machine(),
-                "versions": _versions(),
+                "machine": machine(),
+                "versions": versions("bentoml", "lightgbm", "numpy", "polars", wrk=True),
                 "config": {
                     "service": NOOP_SERVICE,
                     "client": "wrk -t1 (keep-alive), same machine",
