@@ -3,7 +3,8 @@
 `POST /noop` takes a body shaped like `/recommend`'s (`{"user_id": "u1", "k": 10}`) and returns a
 tiny pydantic model, in a service set up exactly like `bentos/service.py`: `SERVICE_CONFIG` in the
 decorator, the timer-cancelling shim installed at import, `settle_heap()` at the end of
-`__init__`.
+`__init__`, and an `async` endpoint that answers on the event loop (as `/recommend` does with the
+online state in process).
 
 `SHELFWISE_NOOP_VARIANT` (read at import, so in every worker) builds the variants the no-op
 benchmark compares, each adding one change to the previous:
@@ -12,7 +13,9 @@ benchmark compares, each adding one change to the previous:
 - `shim`: + the timer-cancelling shim and a 10 s timeout;
 - `shim_gc`: + `settle_heap()` at the end of `__init__`;
 - `shim_gc_tracing`: + tracing off for the hot routes (the whole `SERVICE_CONFIG`);
-- `full` (the default): + a pydantic model returned instead of a `dict`: the real set-up;
+- `full_sync`: + a pydantic model returned instead of a `dict` (a sync endpoint, run in
+  BentoML's thread pool: the set-up until `/recommend` became `async`);
+- `full` (the default): + an `async` endpoint: the real set-up;
 - `full_noshim`: `full` without the shim, to see what the shim alone buys.
 
 Serve from the project root: `bentoml serve benchmarks/noop_service.py:NoopService`.
@@ -26,14 +29,21 @@ from pydantic import BaseModel, Field
 
 from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
 
-VARIANTS = ("default", "shim", "shim_gc", "shim_gc_tracing", "full", "full_noshim")
+VARIANTS = (
+    "default",
+    "shim",
+    "shim_gc",
+    "shim_gc_tracing",
+    "full_sync",
+    "full",
+    "full_noshim",
+)
 VARIANT = os.environ.get("SHELFWISE_NOOP_VARIANT", "full")
 if VARIANT not in VARIANTS:
     raise ValueError(f"SHELFWISE_NOOP_VARIANT={VARIANT!r}: expected one of {VARIANTS}")
 
-_SHIM = VARIANT != "default" and VARIANT != "full_noshim"
+_SHIM = VARIANT not in ("default", "full_noshim")
 _SETTLE = VARIANT not in ("default", "shim")
-_PYDANTIC = VARIANT.startswith("full")
 if VARIANT == "default":
     _CONFIG: dict[str, Any] = {}
 elif VARIANT in ("shim", "shim_gc"):
@@ -50,33 +60,32 @@ class NoopResponse(BaseModel):
     k: int = Field(description="The k of the request.")
 
 
-if _PYDANTIC:
+# BentoML reads the endpoint's signature (its return annotation, sync or async) to build the
+# route, so each kind of endpoint is written out.
+UserId = Annotated[str, Field(min_length=1)]
+K = Annotated[int, Field(ge=1, le=100)]
 
-    @bentoml.service(name="noop", **_CONFIG)
-    class NoopService:
-        def __init__(self) -> None:
+
+@bentoml.service(name="noop", **_CONFIG)
+class NoopService:
+    def __init__(self) -> None:
+        if _SETTLE:
             settle_heap()
 
+    if VARIANT in ("full", "full_noshim"):
+
         @bentoml.api(route="/noop")
-        def noop(
-            self,
-            user_id: Annotated[str, Field(min_length=1)],
-            k: Annotated[int, Field(ge=1, le=100)] = 10,
-        ) -> NoopResponse:
+        async def noop(self, user_id: UserId, k: K = 10) -> NoopResponse:
             return NoopResponse(ok=True, k=k)
 
-else:
-
-    @bentoml.service(name="noop", **_CONFIG)
-    class NoopService:  # type: ignore[no-redef]
-        def __init__(self) -> None:
-            if _SETTLE:
-                settle_heap()
+    elif VARIANT == "full_sync":
 
         @bentoml.api(route="/noop")
-        def noop(
-            self,
-            user_id: Annotated[str, Field(min_length=1)],
-            k: Annotated[int, Field(ge=1, le=100)] = 10,
-        ) -> dict:
+        def noop(self, user_id: UserId, k: K = 10) -> NoopResponse:
+            return NoopResponse(ok=True, k=k)
+
+    else:
+
+        @bentoml.api(route="/noop")
+        def noop(self, user_id: UserId, k: K = 10) -> dict:
             return {"ok": True, "k": k}

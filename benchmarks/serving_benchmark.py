@@ -768,7 +768,7 @@ def profile_endpoint(user_ids: list[str]) -> dict[str, Any]:
 
     service = RecommendationService.inner()
     try:
-        return _time_and_profile(lambda user: service.recommend(user_id=user, k=10), user_ids)
+        return _time_and_profile(lambda user: service.recommend_now(user, k=10), user_ids)
     finally:
         close = getattr(service, "close", None)
         if close is not None:

@@ -9,16 +9,19 @@ copy of the promoted ranker; see `shelfwise.registry`), declared below so `bento
 into the bento; the serving snapshot comes from the lake.
 """
 
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio.to_thread
 import bentoml
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -192,8 +195,21 @@ class RecommendationService:
         self.impressions.close()
         self.feedback.close()
 
+    async def _run(self, work: Callable[[], Any]) -> Any:
+        """Runs a request's work on the event loop, or in the thread pool when it waits on Redis.
+
+        With the online state in process a request is about 0.3 ms of CPU under the GIL, and
+        handing it to BentoML's thread pool (what a sync API does) cost more than the work: GIL
+        hand-offs between the loop and the worker thread. Measured at c=8 on the 152,064-user
+        shop: 1,280 req/s inline against 980 through the pool, p99 11.6 against 13.8 ms. With
+        Redis the request waits on the network, and the pool lets those waits overlap.
+        """
+        if self.settings.redis_url:
+            return await anyio.to_thread.run_sync(work)
+        return work()
+
     @bentoml.api(route="/recommend")
-    def recommend(
+    async def recommend(
         self,
         user_id: Annotated[str, Field(min_length=1, description='The shopper, e.g. "u1".')],
         k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
@@ -203,6 +219,16 @@ class RecommendationService:
         """Top-k items for a user: their candidates updated with the live session and re-ranked
         by the ranker; session neighbours, trending or popular items when the user is new;
         filtered by the business rules (already bought, out of stock, the request's filters)."""
+        return await self._run(functools.partial(self.recommend_now, user_id, k, context, filters))
+
+    def recommend_now(
+        self,
+        user_id: str,
+        k: int = 10,
+        context: RecommendContext | None = None,
+        filters: RecommendFilters | None = None,
+    ) -> RecommendResponse:
+        """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
         activity, stock = self.state.activity_and_stock(user_id)
         context = context or RecommendContext()
         session = Session(
@@ -221,7 +247,7 @@ class RecommendationService:
         return self._respond("recommend", user_id, answer, serving, RecommendResponse)
 
     @bentoml.api(route="/similar")
-    def similar(
+    async def similar(
         self,
         item_id: Annotated[str, Field(min_length=1, description='The item, e.g. "i42".')],
         k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
@@ -232,11 +258,16 @@ class RecommendationService:
     ) -> SimilarResponse:
         """Items viewed or bought together with an item ("customers who viewed this also
         viewed"); content-based neighbours (same category, price, brand) for new items."""
-        serving = self.serving
-        answer = serving.recommender.similar(
-            item_id, k, (filters or RecommendFilters()).to_rules(exclude=item_id)
-        )
-        return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
+
+        def work() -> SimilarResponse:
+            serving = self.serving
+            answer = serving.recommender.similar(
+                item_id, k, (filters or RecommendFilters()).to_rules(exclude=item_id)
+            )
+            return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
+
+        # No online state is read; still one rule for both endpoints.
+        return await self._run(work)
 
     @bentoml.api(route="/events")
     def events(
