@@ -258,16 +258,12 @@ class RecommendationService:
     ) -> SimilarResponse:
         """Items viewed or bought together with an item ("customers who viewed this also
         viewed"); content-based neighbours (same category, price, brand) for new items."""
-
-        def work() -> SimilarResponse:
-            serving = self.serving
-            answer = serving.recommender.similar(
-                item_id, k, (filters or RecommendFilters()).to_rules(exclude=item_id)
-            )
-            return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
-
-        # No online state is read; still one rule for both endpoints.
-        return await self._run(work)
+        # Reads no online state, so it never waits on the network: always on the event loop.
+        serving = self.serving
+        answer = serving.recommender.similar(
+            item_id, k, (filters or RecommendFilters()).to_rules(exclude=item_id)
+        )
+        return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
 
     @bentoml.api(route="/events")
     def events(
