@@ -10,7 +10,6 @@ into the bento; the serving snapshot comes from the lake.
 """
 
 import functools
-import json
 import logging
 import threading
 import time
@@ -48,11 +47,10 @@ from shelfwise.lake import STOCK_UPDATES, Lake
 from shelfwise.online_state import StockChange, open_state
 from shelfwise.registry import (
     PRODUCTION_MODEL_NAME,
-    RANKER_FILE,
-    RANKER_INFO_FILE,
     SOURCE_TAG,
     production,
     production_path,
+    read_ranker,
 )
 from shelfwise.settings import Settings
 
@@ -386,8 +384,8 @@ def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:
     """The LightGBM booster and its feature list from a model store folder."""
     import lightgbm as lgb
 
-    booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
-    return booster, json.loads((model_dir / RANKER_INFO_FILE).read_text())["features"]
+    text, info = read_ranker(model_dir)
+    return lgb.Booster(model_str=text), info["features"]
 
 
 def event_row(event: EventIn, now: datetime) -> dict[str, Any]:

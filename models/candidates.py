@@ -310,9 +310,8 @@ def generate_candidates(
         descending=[False, False, *[True] * len(SCORE_COLUMNS), False],
     ).with_columns((pl.int_range(pl.len()).over(KEY) + 1).cast(pl.Int32).alias("candidate_rank"))
     # Already in (as_of, user_id, candidate_rank) order: the sort above put it there.
-    return (
-        ranked.filter(pl.col("candidate_rank") <= config.max_candidates)
-        .select(*ROW, *SCORE_COLUMNS, *extra, pl.col("sources").cast(pl.Int32), "candidate_rank")
+    return ranked.filter(pl.col("candidate_rank") <= config.max_candidates).select(
+        *ROW, *SCORE_COLUMNS, *extra, pl.col("sources").cast(pl.Int32), "candidate_rank"
     )
 
 

@@ -452,9 +452,20 @@ def production_ranker(bentoml_home: Path) -> tuple[str, dict[str, Any]] | None:
     current = production(bentoml_home)
     if current is None:
         return None
-    model = _model_store(bentoml_home).get(current.tag)
-    info = json.loads(Path(model.path, RANKER_INFO_FILE).read_text())
-    return Path(model.path, RANKER_FILE).read_text(), info
+    return read_ranker(Path(_model_store(bentoml_home).get(current.tag).path))
+
+
+def read_ranker(model_dir: Path) -> tuple[str, dict[str, Any]]:
+    """A model folder's booster text and info (feature list, cutoffs).
+
+    Args:
+        model_dir: A ranker's folder in the model store (registered or production).
+
+    Returns:
+        `(model_text, info)`.
+    """
+    info = json.loads(Path(model_dir, RANKER_INFO_FILE).read_text())
+    return Path(model_dir, RANKER_FILE).read_text(), info
 
 
 def production_path(bentoml_home: Path) -> Path:
