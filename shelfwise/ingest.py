@@ -210,7 +210,7 @@ def _apply_stock_updates(lake: Lake) -> int:
         return 0
     updates = latest_stock_updates(lake)
     stored = lake.read_table(current_path)
-    catalog = _read_catalog(lake, current_path, ITEMS_SCHEMA)
+    catalog = pl.from_arrow(conform(stored, ITEMS_SCHEMA, source=lake.uri(current_path)))
     changes = pl.DataFrame(
         {
             ITEMS_KEY: list(updates),
