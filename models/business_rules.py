@@ -236,10 +236,9 @@ def serving_facts(
 
     Returns:
         `(items, purchases)`: item_id, category_id, price, is_in_stock, stock_updated_at,
-        is_repeatable, brand,
-        popularity, trending (decayed popularity times trend) and the item's part of the ranker's
-        feature vector (`ITEM_FEATURES`, for candidates found in real time); and the (user_id,
-        item_id) pairs the users bought.
+        is_repeatable, brand, popularity, trending (decayed popularity times trend) and the item's
+        part of the ranker's feature vector (`ITEM_FEATURES`, for candidates found in real time);
+        and the (user_id, item_id) pairs the users bought.
     """
     items = item_features.join(
         repurchase_rates.select("as_of", "category_id", "repeat_rate"),
