@@ -140,12 +140,7 @@ class EventIn(BaseModel):
     @field_validator("occurred_at")
     @classmethod
     def _not_in_the_future(cls, value: datetime | None) -> datetime | None:
-        if value is None:
-            return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        if value > datetime.now(UTC) + CLOCK_SKEW:
-            raise ValueError("is in the future")
-        return value
+        return utc_not_in_the_future(value)
 
 
 class StockUpdate(BaseModel):
@@ -153,6 +148,26 @@ class StockUpdate(BaseModel):
 
     item_id: str = Field(min_length=1, max_length=200)
     is_in_stock: bool
+    updated_at: datetime | None = Field(
+        None,
+        description="When the stock changed (UTC when no offset is given; now when omitted). "
+        "Of an item's stock the newest word wins, so a late or re-sent update changes nothing.",
+    )
+
+    @field_validator("updated_at")
+    @classmethod
+    def _not_in_the_future(cls, value: datetime | None) -> datetime | None:
+        return utc_not_in_the_future(value)
+
+
+def utc_not_in_the_future(value: datetime | None) -> datetime | None:
+    """A client's time in UTC (naive means UTC); refused when past now plus `CLOCK_SKEW`."""
+    if value is None:
+        return None
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value > datetime.now(UTC) + CLOCK_SKEW:
+        raise ValueError("is in the future")
+    return value
 
 
 class RejectedEvent(BaseModel):

@@ -300,17 +300,20 @@ class RecommendationService:
             self.feedback.append("events", fresh)  # durable (fsync'ed) before anything else
             self.state.record(sorted(fresh, key=lambda row: row["occurred_at"]))
         if stock:
-            # The request's last word on an item wins, in the log as in the online state.
-            latest = {update.item_id: update.is_in_stock for update in stock}
-            self.feedback.append(
-                STOCK_UPDATES,
-                [
-                    {"item_id": item, "is_in_stock": in_stock, "updated_at": now}
-                    for item, in_stock in latest.items()
-                ],
-            )
+            # Per item the newest update of the request (the later one on a tie), in the log as in
+            # the online state, which keeps it only if newer than what it holds.
+            latest: dict[str, StockUpdate] = {}
+            for update in stock:
+                dated = update.model_copy(update={"updated_at": update.updated_at or now})
+                kept = latest.get(update.item_id)
+                if kept is None or kept.updated_at <= dated.updated_at:
+                    latest[update.item_id] = dated
+            self.feedback.append(STOCK_UPDATES, [update.model_dump() for update in latest.values()])
             self.state.update_stock(
-                {item: StockChange.at(in_stock, now) for item, in_stock in latest.items()}
+                {
+                    item: StockChange.at(update.is_in_stock, update.updated_at)
+                    for item, update in latest.items()
+                }
             )
         EVENTS.labels(outcome="accepted").inc(len(fresh))
         EVENTS.labels(outcome="duplicate").inc(len(valid) - len(fresh))

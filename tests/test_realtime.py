@@ -131,6 +131,31 @@ def test_a_stock_update_hides_the_item_for_everyone(realtime, shop):
     assert first in item_ids(with_sold_out)
 
 
+def test_of_dated_stock_updates_the_newest_wins(realtime, shop):
+    url, _ = realtime
+    [user] = users(shop, 1)
+    item = item_ids(recommend(url, user))[0]
+    [catalog_at] = shop["items"].filter(pl.col("item_id") == item)["stock_updated_at"]
+
+    def update(in_stock: bool, at: datetime) -> None:
+        body = {"stock": [{"item_id": item, "is_in_stock": in_stock, "updated_at": at.isoformat()}]}
+        response = post(url, "/events", body)
+        assert response.status_code == 200 and response.json()["stock_updates"] == 1
+
+    # Older than the catalog's stock: the catalog is the newer word, the item stays.
+    update(False, catalog_at - timedelta(days=1))
+    assert item in item_ids(recommend(url, user))
+    # A sell-out after it hides the item; a late restock dated before the sell-out does not undo it.
+    now = datetime.now(UTC)
+    update(False, now - timedelta(seconds=1))
+    update(True, now - timedelta(seconds=2))
+    assert item not in item_ids(recommend(url, user))
+    # A time in the future is refused, naming the field.
+    future = {"item_id": item, "is_in_stock": True, "updated_at": "2999-01-01T00:00:00Z"}
+    response = post(url, "/events", {"stock": [future]})
+    assert response.status_code == 400 and "updated_at" in response.text
+
+
 def test_the_cold_start_ladder(realtime, shop):
     url, _ = realtime
     [known] = users(shop, 1)
