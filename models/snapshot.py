@@ -12,6 +12,7 @@ user's rows to be contiguous and in candidate order, which `serving_features` gu
 that is not (written by an older pipeline) is loaded whole and sorted instead.
 """
 
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -206,15 +207,11 @@ def load_snapshot(
     if missing:
         raise SnapshotFeaturesError(f"serving snapshot lacks the ranker's features: {missing}")
     try:
-        return CandidateSnapshot.from_batches(_chain(first, batches), lake.parquet_rows(relpath))
+        rows = lake.parquet_rows(relpath)
+        return CandidateSnapshot.from_batches(itertools.chain([first], batches), rows)
     except SnapshotOrderError as error:
         logger.warning("serving snapshot %s: %s; loading it whole", lake.uri(relpath), error)
         return CandidateSnapshot.from_frame(lake.read_frame(relpath))
-
-
-def _chain(first: pl.DataFrame, rest: Iterable[pl.DataFrame]) -> Iterable[pl.DataFrame]:
-    yield first
-    yield from rest
 
 
 def _check_order(batch: pl.DataFrame, last_user: str | None, last_rank: int) -> None:

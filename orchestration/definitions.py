@@ -52,8 +52,8 @@ def bound_to(shelfwise: ShelfwiseResource) -> dg.Definitions:
     benchmarks run several side by side)."""
     return dg.Definitions(
         assets=defs.assets,
-        jobs=[retraining],
-        schedules=[daily_retraining],
-        sensors=[feedback_volume],
+        jobs=defs.jobs,
+        schedules=defs.schedules,
+        sensors=defs.sensors,
         resources={**defs.resources, "shelfwise": shelfwise},
     )

@@ -41,8 +41,8 @@ IMPRESSIONS_SCHEMA = pa.schema(
     ]
 )
 
-# Stock changes the shop sends to the service's /events: they override the catalog's
-# `is_in_stock` for their item (the latest one wins) in serving.
+# Stock changes the shop sends to the service's /events: per item the newest one overrides the
+# catalog's `is_in_stock` where it is newer than the row's `stock_updated_at`.
 STOCK_UPDATES_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
