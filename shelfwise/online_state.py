@@ -91,10 +91,6 @@ class OnlineState(Protocol):
         """
         ...
 
-    def stock(self) -> Mapping[str, StockChange]:
-        """The newest stock change of each item recorded so far."""
-        ...
-
 
 @dataclass
 class _User:
@@ -155,9 +151,6 @@ class InProcessState:
                 current = self._stock.get(item)
                 if current is None or current.updated_at_us <= change.updated_at_us:
                     self._stock[item] = change
-
-    def stock(self) -> Mapping[str, StockChange]:  # noqa: D102
-        return self._stock
 
 
 def _apply(user: _User, event_type: str, item_id: str, now: float) -> None:
@@ -273,9 +266,6 @@ class RedisState:
             for part in (item, int(change.in_stock), change.updated_at_us)
         ]
         self._keep_newer(keys=[self._key("stock"), self._key("stock", "version")], args=args)
-
-    def stock(self) -> Mapping[str, StockChange]:  # noqa: D102
-        return self._stock_at(self._redis.get(self._key("stock", "version")))
 
     def _stock_at(self, version: str | None) -> Mapping[str, StockChange]:
         """The stock hash as of `version`, re-read only when it is not the cached one."""
