@@ -184,7 +184,7 @@ def _upsert_catalog(
             report.catalog_rows_quarantined += missing_key.height
         arrivals.append(rows.filter(pl.col(key).is_not_null()))
     current_path = f"{target}/{CATALOG_FILE}"
-    current = [_read_catalog(lake, current_path, schema)] if lake.exists(current_path) else []
+    current = [_read_catalog(lake, current_path, schema)[0]] if lake.exists(current_path) else []
     # Later deliveries win: the newest row of each key is the catalog's truth.
     merged = pl.concat([*current, *arrivals]).unique(subset=key, keep="last", maintain_order=True)
     lake.write_parquet(merged.sort(key).to_arrow().cast(schema), current_path)
@@ -193,9 +193,14 @@ def _upsert_catalog(
     return sum(frame.height for frame in arrivals)
 
 
-def _read_catalog(lake: Lake, relpath: str, schema: pa.Schema) -> pl.DataFrame:
-    """The published catalog in its contract (one written before a column was added gets it)."""
-    return pl.from_arrow(conform(lake.read_table(relpath), schema, source=lake.uri(relpath)))
+def _read_catalog(lake: Lake, relpath: str, schema: pa.Schema) -> tuple[pl.DataFrame, bool]:
+    """The published catalog in its contract, and whether the file already was in it.
+
+    A catalog written before a column was added gets the column (null).
+    """
+    stored = lake.read_table(relpath)
+    conformed = pl.from_arrow(conform(stored, schema, source=lake.uri(relpath)))
+    return conformed, stored.schema == schema
 
 
 def _apply_stock_updates(lake: Lake) -> int:
@@ -209,8 +214,7 @@ def _apply_stock_updates(lake: Lake) -> int:
     if not lake.exists(current_path):
         return 0
     updates = latest_stock_updates(lake)
-    stored = lake.read_table(current_path)
-    catalog = pl.from_arrow(conform(stored, ITEMS_SCHEMA, source=lake.uri(current_path)))
+    catalog, in_contract = _read_catalog(lake, current_path, ITEMS_SCHEMA)
     changes = pl.DataFrame(
         {
             ITEMS_KEY: list(updates),
@@ -224,7 +228,7 @@ def _apply_stock_updates(lake: Lake) -> int:
         pl.col(STOCK_UPDATED_AT).is_null() | (pl.col("_updated_at") > pl.col(STOCK_UPDATED_AT))
     )
     applied = joined.filter(newer)
-    if applied.height or stored.schema != ITEMS_SCHEMA:
+    if applied.height or not in_contract:
         updated = joined.with_columns(
             pl.when(newer).then("_in_stock").otherwise("is_in_stock").alias("is_in_stock"),
             pl.when(newer).then("_updated_at").otherwise(STOCK_UPDATED_AT).alias(STOCK_UPDATED_AT),
