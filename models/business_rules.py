@@ -2,8 +2,10 @@
 
 Each rule is a named predicate over (user, item, request filters); `BusinessRules.select` walks a
 ranked list, drops what any rule forbids, caps items per category for diversity, and stops at k.
-The facts come from the serving snapshot: the catalog as of the serving cutoff (category, price,
-stock, whether the category is bought again often enough to repeat) and what each user bought;
+One rule is always on, whatever the request: an item the catalog marks as not recommendable (fees,
+postage, gift cards) is never shown, in any list. The facts come from the serving snapshot: the
+catalog as of the serving cutoff (category, price, stock, whether the item may be recommended,
+whether the category is bought again often enough to repeat) and what each user bought;
 `OnlineFacts` adds what happened since (purchases and stock updates posted to `/events`). Of an
 item's stock the newest word wins: an online update older than the catalog's stock (a catalog
 delivered after the update) no longer applies.
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import polars as pl
 
+from models.candidates import IS_RECOMMENDABLE
 from models.features import ITEM_FEATURES
 from shelfwise.lake import Lake
 from shelfwise.online_state import StockChange
@@ -45,7 +48,8 @@ class ItemFacts:
     """What the rules need to know about an item.
 
     `stock_updated_at_us` is when the catalog's `is_in_stock` was set (microseconds since the
-    epoch; None: unknown, and then any online update is newer).
+    epoch; None: unknown, and then any online update is newer). `is_recommendable` is false for
+    items that may be bought but are never shown (fees, postage, gift cards).
     """
 
     category_id: str | None
@@ -56,6 +60,7 @@ class ItemFacts:
     popularity: float = 0.0
     trending: float = 0.0
     stock_updated_at_us: int | None = None
+    is_recommendable: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class BusinessRules:
         # Declarative: (name, rule); an item is shown only if every rule allows it. An item without
         # facts (no catalog snapshot) cannot be judged on its attributes and passes those rules.
         self.rules: list[tuple[str, Rule]] = [
+            # Always on: no request can ask for an item the shop never wants recommended.
+            ("not_recommendable", lambda b, i, f, r: f is None or f.is_recommendable),
             ("excluded_by_request", lambda b, i, f, r: i not in r.exclude_item_ids),
             ("out_of_stock", lambda b, i, f, r: f is None or not r.in_stock_only or f.is_in_stock),
             (
@@ -136,6 +143,8 @@ class BusinessRules:
                     float(row.get("popularity") or 0.0),
                     float(row.get("trending") or 0.0),
                     row.get("stock_updated_at"),
+                    # Snapshots before the flag have none; null means the catalog said nothing.
+                    row.get("is_recommendable") is not False,
                 )
         if lake.exists(SERVING_PURCHASES):
             frame = lake.read_frame(SERVING_PURCHASES)
@@ -236,10 +245,16 @@ def serving_facts(
 
     Returns:
         `(items, purchases)`: item_id, category_id, price, is_in_stock, stock_updated_at,
-        is_repeatable, brand, popularity, trending (decayed popularity times trend) and the item's
+        is_repeatable, brand, popularity, trending (decayed popularity times trend),
+        is_recommendable (true when the mart predates the flag) and the item's
         part of the ranker's feature vector (`ITEM_FEATURES`, for candidates found in real time);
         and the (user_id, item_id) pairs the users bought.
     """
+    flag = (
+        pl.col(IS_RECOMMENDABLE).fill_null(True)
+        if IS_RECOMMENDABLE in item_features.columns
+        else pl.lit(True).alias(IS_RECOMMENDABLE)
+    )
     items = item_features.join(
         repurchase_rates.select("as_of", "category_id", "repeat_rate"),
         on=["as_of", "category_id"],
@@ -254,6 +269,7 @@ def serving_facts(
         "brand",
         pl.col("popularity").cast(pl.Float64),
         (pl.col("popularity") * pl.col("trend")).cast(pl.Float64).alias("trending"),
+        flag,
         *[pl.col(k).cast(pl.Float32).alias(v) for k, v in ITEM_FEATURES.items()],
     )
     purchases = user_items.filter(pl.col("purchases") > 0).select("user_id", "item_id")

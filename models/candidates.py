@@ -13,6 +13,11 @@ Each generator is a plain function returning `(as_of, user_id, item_id, <generat
 - `trending`: items rising fastest overall (decayed popularity times trend);
 - `popular`: the most popular items overall (all a user without history gets, with `trending`).
 
+Items the catalog marks as not recommendable (`is_recommendable` false: fees, postage, gift cards)
+are never proposed. They stay in every feature (they are real purchases), but each generator drops
+them before its own top-n cut, so its list keeps its length; nor are they among the user's recent
+items that seed the neighbour generators (serving rebuilds those from the snapshot's candidates).
+
 `generate_candidates` merges them into up to `max_candidates` per user. Every generator's score
 stays a feature of the candidate (0 when that generator did not propose it), and
 `candidate_rank` is the order the generators alone would show. `generate_candidates_in_chunks`
@@ -41,6 +46,8 @@ GENERATORS = (
     "popular",
 )
 SCORE_COLUMNS = [f"{name}_score" for name in GENERATORS]
+# The `item_features` column that is false for items never to propose (fees, postage, gift cards).
+IS_RECOMMENDABLE = "is_recommendable"
 
 
 @dataclass(frozen=True)
@@ -106,18 +113,47 @@ class CandidateSources:
         )
 
 
-def popular_items(item_features: pl.DataFrame, n: int) -> pl.DataFrame:
-    """The `n` most popular items per cutoff.
+def recommendable(item_features: pl.DataFrame) -> pl.DataFrame:
+    """The rows of items that may be recommended.
 
     Args:
-        item_features: The `item_features` mart (columns as_of, item_id, popularity_rank).
+        item_features: Rows with as_of and item_id; `is_recommendable` when known (a frame
+            without it, from marts built before the flag, counts every item as recommendable;
+            a null flag is recommendable too).
+
+    Returns:
+        The rows whose `is_recommendable` is not false, in their order.
+    """
+    if IS_RECOMMENDABLE not in item_features.columns:
+        return item_features
+    return item_features.filter(pl.col(IS_RECOMMENDABLE).fill_null(True))
+
+
+def not_recommendable(item_features: pl.DataFrame) -> pl.DataFrame:
+    """The (as_of, item_id) pairs of items that must never be proposed (empty when none)."""
+    if IS_RECOMMENDABLE not in item_features.columns:
+        return pl.DataFrame(schema={"as_of": item_features.schema["as_of"], "item_id": pl.String})
+    return item_features.filter(~pl.col(IS_RECOMMENDABLE).fill_null(True)).select(
+        "as_of", "item_id"
+    )
+
+
+def popular_items(item_features: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The `n` most popular recommendable items per cutoff.
+
+    Items that are not recommendable are left out before the cut, so each cutoff still gets `n`.
+
+    Args:
+        item_features: The `item_features` mart (columns as_of, item_id, popularity_rank and
+            optionally is_recommendable).
         n: Items per cutoff.
 
     Returns:
         Columns as_of, item_id, popularity_rank (1 = most popular), sorted.
     """
     return (
-        item_features.filter(pl.col("popularity_rank") <= n)
+        recommendable(item_features)
+        .filter(pl.col("popularity_rank").rank(method="ordinal").over("as_of") <= n)
         .select("as_of", "item_id", "popularity_rank")
         .sort("as_of", "popularity_rank")
     )
@@ -270,35 +306,34 @@ def generate_candidates(
         generators proposed it) and `candidate_rank` (1 = first in the generators' own order).
     """
     queries = users.select(KEY).unique()
-    recent = _recent(queries, sources.user_items, config.recent_items)
+    # Items never to propose leave the generators' inputs before any top-n cut (the user's own
+    # items, the catalog's); the neighbour marts have no cut here and are filtered afterwards.
+    blocked = not_recommendable(sources.item_features)
+    user_items = sources.user_items
+    if blocked.height:
+        user_items = user_items.join(blocked, on=["as_of", "item_id"], how="anti")
+    items = recommendable(sources.item_features)
+    recent = _recent(queries, user_items, config.recent_items)
     carted = recent.filter((pl.col("carts") > 0) | (pl.col("purchases") > 0))
     favourites = _favourite_categories(queries, sources.user_categories, config.top_categories)
     generated = [
-        history(queries, sources.user_items, config.recent_items),
-        buy_again(
-            queries,
-            sources.user_items,
-            sources.item_features,
-            sources.repurchase_rates,
-            config.min_repeat_rate,
-        ),
+        history(queries, user_items, config.recent_items),
+        buy_again(queries, user_items, items, sources.repurchase_rates, config.min_repeat_rate),
         neighbours(recent, sources.covisitation, "covisit_score"),
         neighbours(carted, sources.bought_together, "bought_together_score"),
-        category_popular(favourites, sources.item_features, config.per_category),
+        category_popular(favourites, items, config.per_category),
         content(
-            favourites,
-            sources.item_features,
-            sources.user_features,
-            config.per_category,
-            config.new_item_days,
+            favourites, items, sources.user_features, config.per_category, config.new_item_days
         ),
-        trending(queries, sources.item_features, config.trending_items),
-        popular(queries, sources.item_features, config.popular_items),
+        trending(queries, items, config.trending_items),
+        popular(queries, items, config.popular_items),
     ]
+    proposed = pl.concat(generated, how="diagonal_relaxed")
+    if blocked.height:  # marts built before the flag may still hold them as neighbours
+        proposed = proposed.join(blocked, on=["as_of", "item_id"], how="anti")
     extra = ["covisit_hits", "bought_together_hits"]
     merged = (
-        pl.concat(generated, how="diagonal_relaxed")
-        .group_by(ROW)
+        proposed.group_by(ROW)
         .agg(*[pl.col(name).max() for name in [*SCORE_COLUMNS, *extra]])
         .with_columns([pl.col(name).fill_null(0.0) for name in [*SCORE_COLUMNS, *extra]])
         .with_columns(pl.sum_horizontal([pl.col(s) > 0 for s in SCORE_COLUMNS]).alias("sources"))

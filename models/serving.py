@@ -13,7 +13,10 @@ neighbours, the catalog facts and the popular items. A request walks the cold-st
 
 Every list is topped up with popular items when the rules leave fewer than k.
 
-The business rules filter every list. The BentoML service is a thin shell around `Recommender`.
+The business rules filter every list; items the catalog marks as not recommendable (fees,
+postage, gift cards) never reach any rung's answer nor `similar`'s, and they seed no session
+neighbours (as in training, where they are not among the recent items). The BentoML service is a
+thin shell around `Recommender`.
 """
 
 import logging
@@ -26,7 +29,7 @@ import numpy as np
 import polars as pl
 
 from models.business_rules import SERVING_ITEMS, BusinessRules, OnlineFacts, RequestFilters
-from models.candidates import GENERATORS, SCORE_COLUMNS, CandidateConfig
+from models.candidates import GENERATORS, SCORE_COLUMNS, CandidateConfig, recommendable
 from models.features import (
     FEATURE_COLUMNS,
     ITEM_FEATURES,
@@ -85,6 +88,26 @@ def serving_snapshot(candidates: pl.DataFrame, tables: FeatureTables) -> pl.Data
         assemble_features(candidates, tables)
         .select(*SNAPSHOT_KEY, *FEATURE_COLUMNS)
         .sort(SNAPSHOT_ORDER)
+    )
+
+
+def serving_popular(item_features: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The popular list the service tops every answer up with.
+
+    Args:
+        item_features: `item_features` at the serving cutoff.
+        n: How many items.
+
+    Returns:
+        item_id, popularity of the `n` most popular items in stock that may be recommended,
+        most popular first.
+    """
+    return (
+        recommendable(item_features)
+        .filter(pl.col("is_in_stock"))
+        .sort("popularity_rank")
+        .head(n)
+        .select("item_id", "popularity")
     )
 
 
@@ -155,8 +178,13 @@ class Recommender:
         ranker_columns = [self._column[name] for name in features]
         self._ranker_columns = None if features == FEATURE_COLUMNS else ranker_columns
         self._score_columns = np.array([self._column[c] for c in SCORE_COLUMNS])
-        self._popular_ids = popular.get_column("item_id").to_list()
-        self._popular_scores = popular.get_column("popularity").cast(pl.Float64).to_list()
+        # The rules would skip items never to recommend on every request: leave them out once.
+        self._popular_ids, self._popular_scores = [], []
+        popularity = popular.get_column("popularity").cast(pl.Float64).to_list()
+        for item_id, score in zip(popular.get_column("item_id").to_list(), popularity, strict=True):
+            if self._proposable(item_id):
+                self._popular_ids.append(item_id)
+                self._popular_scores.append(score)
         self._booster = booster
         self._budget = ranker_budget_s
         self._recent_items = recent_items
@@ -395,7 +423,7 @@ class Recommender:
             matrix[:, col["user_item_purchases"]]
         )
         signals = recency_signals(
-            session,
+            self._seeds(session),
             [str(item_ids[n]) for n in recent_rows],
             {str(item_ids[n]) for n in recent_rows if carts[n] > 0},
             self.neighbours,
@@ -462,7 +490,9 @@ class Recommender:
         """Neighbours of the session's items for a user the snapshot does not know."""
         if not session.item_ids:
             return []
-        signals = recency_signals(session, [], set(), self.neighbours, self._recent_items)
+        signals = recency_signals(
+            self._seeds(session), [], set(), self.neighbours, self._recent_items
+        )
         seen = set(session.item_ids)
         scored = {
             item: (score, COVISIT)
@@ -496,6 +526,22 @@ class Recommender:
         already = [item.item_id for item in chosen]
         picked = self.rules.select(user_id, ranked, filters, k - len(chosen), already, online)
         return [RankedItem(item_id, float(score), source) for item_id, score in picked]
+
+    def _proposable(self, item_id: str) -> bool:
+        """Whether the item may be recommended (an item without facts may)."""
+        facts = self.rules.items.get(item_id)
+        return facts is None or facts.is_recommendable
+
+    def _seeds(self, session: Session) -> Session:
+        """The session without the items never to recommend.
+
+        As in training, they are not among the recent items that are candidates and seed the
+        neighbours.
+        """
+        kept = tuple(item for item in session.item_ids if self._proposable(item))
+        if len(kept) == len(session.item_ids):
+            return session
+        return Session(kept, session.carted_ids, session.purchased_ids)
 
     def _proposing_generators(self, matrix: np.ndarray) -> np.ndarray:
         """Per row, the index in `GENERATORS` of the first generator that proposed the item."""

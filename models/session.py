@@ -170,7 +170,8 @@ class ContentIndex:
         self.items = items
         by_category: dict[str, list[str]] = defaultdict(list)
         for item_id, facts in items.items():
-            if facts.category_id is not None:
+            # Items never recommended are no one's content neighbour (they would take a place).
+            if facts.category_id is not None and facts.is_recommendable:
                 by_category[facts.category_id].append(item_id)
         self.by_category = {
             category: sorted(ids, key=lambda i: (-items[i].trending, -items[i].popularity, i))[

@@ -13,7 +13,7 @@ from models.candidates import CandidateConfig
 from models.features import TABLE_NAMES, FeatureTables, tables_for_queries
 from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
 from models.queries import QUERY
-from models.serving import serving_snapshot
+from models.serving import serving_popular, serving_snapshot
 from models.session import BOUGHT_TOGETHER, COVISIT
 from orchestration.assets.evaluation import PRODUCTION
 from orchestration.assets.shared import (
@@ -72,8 +72,9 @@ def serving_features(
 ) -> dg.MaterializeResult:
     """The serving snapshot as of the end of the data: every known user's candidates with feature
     vectors assembled exactly as for training, the item neighbours (co-visitation, bought
-    together) that sessions and `/similar` use, the popular in-stock items for everyone else, and
-    the facts the business rules read (catalog stock, price, repeatable categories, purchases).
+    together) that sessions and `/similar` use, the popular in-stock items for everyone else (never
+    an item the catalog marks as not recommendable), and the facts the business rules read
+    (catalog stock, price, whether an item may be recommended, repeatable categories, purchases).
     The snapshot is assembled chunk by chunk of users and streamed into one file."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
@@ -87,12 +88,7 @@ def serving_features(
             yield serving_snapshot(chunk, tables_for_queries(tables, chunk)).to_arrow()
 
     rows = lake.write_parquet_tables(snapshot_chunks(), SERVING_CANDIDATES)
-    popular = (
-        tables.items.filter(pl.col("is_in_stock"))
-        .sort("popularity_rank")
-        .head(SERVING_POPULAR_ITEMS)
-        .select("item_id", "popularity")
-    )
+    popular = serving_popular(tables.items, SERVING_POPULAR_ITEMS)
     lake.write_parquet(popular.to_arrow(), SERVING_POPULAR)
     rates = at_cutoffs(
         lake.read_frame(f"{FEATURES}/category_repurchase_rates.parquet"), plan.serving

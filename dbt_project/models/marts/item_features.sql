@@ -1,5 +1,7 @@
 -- Item features as of each cutoff: catalog attributes plus popularity, trend and funnel rates
--- from the events before the cutoff. Items created after a cutoff do not exist as of it.
+-- from the events before the cutoff. Items created after a cutoff do not exist as of it. Items
+-- that are not recommendable are here with all their activity (they are real purchases); the
+-- generators and serving never propose them.
 with
 
 items as (
@@ -48,6 +50,7 @@ joined as (
         items.price,
         items.is_in_stock,
         items.stock_updated_at,
+        items.is_recommendable,
         {{ days_between('items.created_at', 'cutoffs.as_of') }} as age_days,
         coalesce(item_activity.views_1d, 0) as views_1d,
         coalesce(item_activity.views_7d, 0) as views_7d,
@@ -75,7 +78,11 @@ final as (
         -- Funnel rates with additive smoothing so that rare items are not 0 or 1.
         (carts_30d + 1.0) / (views_30d + 20.0) as view_to_cart_rate,
         (purchases_30d + 1.0) / (carts_30d + 3.0) as cart_to_purchase_rate,
-        row_number() over (partition by as_of order by popularity desc, item_id) as popularity_rank
+        -- Items that are never recommended (fees, postage) rank after every item that may be, so
+        -- `popularity_rank <= n` is the n most popular items a shopper may be shown.
+        row_number() over (
+            partition by as_of order by is_recommendable desc, popularity desc, item_id
+        ) as popularity_rank
     from joined
 
 )
