@@ -1,3 +1,4 @@
+import dataclasses
 from datetime import UTC, datetime
 
 import polars as pl
@@ -120,3 +121,24 @@ def test_generator_recall_counts_positives_each_generator_proposed():
     assert recall["bought_together"] == pytest.approx(1 / 3)
     assert recall["covisit"] == pytest.approx(1 / 3)
     assert recall["history"] == 0.0
+
+
+def test_items_not_recommendable_are_never_proposed_and_lists_keep_their_length():
+    # b (bought by u1), c (a's co-visitation neighbour), p1 (most popular) and new: fees, say.
+    flagged = {"b", "c", "p1", "new"}
+    items = ITEM_FEATURES.with_columns(
+        (~pl.col("item_id").is_in(list(flagged))).alias("is_recommendable")
+    )
+    sources = dataclasses.replace(SOURCES, item_features=items)
+    users = make([("u1",), ("stranger",)], ["user_id"])
+    result = generate_candidates(users, sources, CONFIG)
+    rows = rows_of(result.filter(pl.col("user_id") == "u1"))
+    assert set(rows) == {"a", "d", "e"}
+    # b is no longer a recent item: it neither seeds bought-together nor counts as history.
+    assert rows["a"]["history_score"] == 1.0 and result["bought_together_score"].sum() == 0
+    # Each generator's next items take the freed places: c1's two most popular are now a and e,
+    # its newest e, the top trending a, the two most popular a and e.
+    assert rows["e"]["category_popular_score"] > 0 and rows["e"]["content_score"] > 0
+    assert rows["a"]["trending_score"] == 10.0
+    stranger = result.filter(pl.col("user_id") == "stranger")
+    assert set(stranger["item_id"]) == {"a", "e"} and (stranger["popular_score"] > 0).all()
