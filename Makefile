@@ -45,8 +45,19 @@ init: setup
 data: init  ## Generate the demo shop, unless the lake already holds events.
 	$(BIN)/shelfwise generate --if-empty
 
+# Run configuration from make variables, each only when given (the assets hold the defaults):
+#   make pipeline MAX_INVALID_SHARE=0.3    ingest landing batches with up to 30% invalid rows
+#   make pipeline LABEL_WINDOW_DAYS=28     evaluate and train on 28-day label windows
+comma := ,
+empty :=
+space := $(empty) $(empty)
+RUN_OPS := $(strip \
+  $(if $(MAX_INVALID_SHARE),"raw_events":{"config":{"max_invalid_share":$(MAX_INVALID_SHARE)}}) \
+  $(if $(LABEL_WINDOW_DAYS),"dbt_feature_tables":{"config":{"label_window_days":$(LABEL_WINDOW_DAYS)}}))
+RUN_CONFIG := $(if $(RUN_OPS),--config-json '{"ops":{$(subst $(space),$(comma),$(RUN_OPS))}}')
+
 pipeline: data  ## Materialize every asset (ingest → dbt → candidates → ranker → evaluation → bento).
-	$(BIN)/dagster asset materialize -m orchestration.definitions --select '*'
+	$(BIN)/dagster asset materialize -m orchestration.definitions --select '*' $(RUN_CONFIG)
 
 serve: init  ## Serve the latest bento on 127.0.0.1:3000.
 	$(BIN)/bentoml serve shelfwise:latest --host $(HOST) --port $(SERVE_PORT)

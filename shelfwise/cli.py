@@ -8,6 +8,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
+from shelfwise.contracts import EVENT_TYPES
 from shelfwise.home import prepare_home
 from shelfwise.importers import (
     DEFAULT_BATCH_ROWS,
@@ -67,8 +68,11 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             args.format,
             mapping=dict(args.map) or None,
             event_types=dict(args.map_event) or None,
+            event_type=args.event_type,
             timestamp_unit=args.timestamp_unit,
+            timestamp_format=args.timestamp_format,
             timezone=args.timezone,
+            not_recommendable=_id_list(args.not_recommendable),
             batch_rows=args.batch_rows,
         )
     except (ValueError, OSError) as error:  # ContractError is a ValueError
@@ -76,6 +80,33 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     _describe_import(report, lake)
     return 0
+
+
+def _id_list(values: list[str]) -> list[str]:
+    """`ID[,ID…]` or `@FILE` (one id per line, `#` comments) arguments as one list of ids."""
+    ids: list[str] = []
+    for value in values:
+        if value.startswith("@"):
+            lines = Path(value[1:]).read_text(encoding="utf-8").splitlines()
+            ids += [line.split("#", 1)[0] for line in lines]
+        else:
+            ids += value.split(",")
+    return [item.strip() for item in ids if item.strip()]
+
+
+def _describe_checks(report: ImportReport) -> None:
+    """Per file: rows read, rows that will land, rows set aside and rejected by reason."""
+    for check in report.checks:
+        _say(
+            f"{check.source}: {check.rows:,} event rows; {check.rows_to_land:,} will land, "
+            f"{sum(check.set_aside.values()):,} set aside, {check.rows_rejected:,} invalid."
+        )
+        for title, counts in (("set aside", check.set_aside), ("invalid", check.rejected)):
+            for reason, rows in sorted(counts.items(), key=lambda pair: (-pair[1], pair[0])):
+                _say(f"  {title}: {reason}: {rows:,}")
+        for hold in check.holds:
+            _say("Ingestion will hold this batch with the default threshold:")
+            _say(hold.message())
 
 
 def _describe_import(report: ImportReport, lake: Lake, listed: int = 20) -> None:
@@ -101,6 +132,7 @@ def _describe_import(report: ImportReport, lake: Lake, listed: int = 20) -> None
     if report.unreadable_values:
         found = ", ".join(f"{k} ×{v:,}" for k, v in sorted(report.unreadable_values.items()))
         _say(f"Unreadable values landed as nulls: {found}")
+    _describe_checks(report)
     _say("Run the pipeline (or `make pipeline`) to ingest them.")
 
 
@@ -323,10 +355,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="generic: map a raw event type, e.g. click=view",
     )
     imports.add_argument(
+        "--event-type",
+        choices=EVENT_TYPES,
+        default=None,
+        help="generic: the event type of every row of a file without an event column "
+        "(e.g. purchase for order lines)",
+    )
+    imports.add_argument(
         "--timestamp-unit", choices=TIMESTAMP_UNITS, default=None, help="generic; default iso"
     )
     imports.add_argument(
-        "--timezone", default=None, help="generic: zone of naive ISO times; default UTC"
+        "--timestamp-format",
+        default=None,
+        metavar="PATTERN",
+        help="generic: strftime pattern of the timestamps, e.g. '%%m/%%d/%%Y %%H:%%M'",
+    )
+    imports.add_argument(
+        "--timezone", default=None, help="generic: zone of naive times; default UTC"
+    )
+    imports.add_argument(
+        "--not-recommendable",
+        action="append",
+        default=[],
+        metavar="ID[,ID…]|@FILE",
+        help="items never to recommend (fees, postage, gift cards), still counted as history; "
+        "@FILE reads one id per line",
     )
     imports.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
     imports.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS)

@@ -10,6 +10,9 @@ import pyarrow.compute as pc
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 STOCK_UPDATED_AT = "stock_updated_at"
+IS_RECOMMENDABLE = "is_recommendable"
+# The category of an item nothing has described yet (an importer's placeholder row).
+UNKNOWN_CATEGORY = "unknown"
 
 EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
 
@@ -64,6 +67,10 @@ ITEMS_SCHEMA = pa.schema(
         # When `is_in_stock` was last set; ingestion fills an empty one with the delivery's time,
         # so that the newest word on an item's stock wins (catalog or `/events` stock update).
         pa.field(STOCK_UPDATED_AT, TIMESTAMP, nullable=True),
+        # False for items that may be bought and counted as history but are never recommended
+        # (fees, postage, gift cards). Null: the delivery says nothing, and the catalog keeps what
+        # an earlier delivery said (recommendable when nothing ever did).
+        pa.field(IS_RECOMMENDABLE, pa.bool_(), nullable=True),
     ]
 )
 

@@ -72,7 +72,7 @@ import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -85,20 +85,28 @@ from shelfwise import lake as paths
 from shelfwise.contracts import (
     EVENT_TYPES,
     EVENTS_SCHEMA,
+    IS_RECOMMENDABLE,
     ITEMS_SCHEMA,
     STOCK_UPDATED_AT,
+    UNKNOWN_CATEGORY,
     USERS_SCHEMA,
     ContractError,
     conform,
 )
-from shelfwise.ingest import CATALOG_FILE
+from shelfwise.ingest import (
+    CATALOG_FILE,
+    DEFAULT_MAX_INVALID_SHARE,
+    HeldBatch,
+    held_batch,
+    reason_counts,
+)
 from shelfwise.lake import Lake
+from shelfwise.validation import validate_events
 
 FORMATS = ("generic", "retailrocket", "rees46", "yoochoose")
 TIMESTAMP_UNITS = ("s", "ms", "iso")
 DEFAULT_BATCH_ROWS = 1_000_000
 SESSION_GAP = timedelta(minutes=30)
-UNKNOWN_CATEGORY = "unknown"
 
 # Raw event type (lower case) -> contract event type, for the generic format; `event_types`
 # entries override these.
@@ -127,7 +135,15 @@ REES46_EVENT_TYPES = {
 
 # Canonical names a generic mapping may target.
 _EVENT_COLUMNS = tuple(f.name for f in EVENTS_SCHEMA)
-_ITEM_ATTRIBUTES = ("title", "category_id", "category_path", "brand", "is_in_stock")
+_ITEM_ATTRIBUTES = (
+    "title",
+    "category_id",
+    "category_path",
+    "brand",
+    "is_in_stock",
+    IS_RECOMMENDABLE,
+)
+_BOOLEAN_ATTRIBUTES = ("is_in_stock", IS_RECOMMENDABLE)
 _USER_ATTRIBUTES = ("country", "device")
 GENERIC_TARGETS = (*_EVENT_COLUMNS, *_ITEM_ATTRIBUTES, *_USER_ATTRIBUTES)
 _GENERIC_REQUIRED = ("occurred_at", "user_id", "item_id")
@@ -179,9 +195,11 @@ class ImportReport:
     unknown_event_types: dict[str, int] = field(default_factory=dict)
     unreadable_values: dict[str, int] = field(default_factory=dict)
     sessions_derived: bool = False
+    checks: list["SourceCheck"] = field(default_factory=list)
 
     def merge(self, other: "ImportReport") -> None:
         """Adds another report's counts and files to this one."""
+        self.checks += other.checks
         self.sources += other.sources
         self.rows_read += other.rows_read
         self.rows_malformed += other.rows_malformed
@@ -200,6 +218,36 @@ class ImportReport:
         self.sessions_derived = self.sessions_derived or other.sessions_derived
 
 
+@dataclass
+class SourceCheck:
+    """What ingestion will do with one source file's events: a dry run of its validation.
+
+    The same rules as ingestion (`shelfwise.validation.validate_events`), applied per landing
+    batch at import time, so `shelfwise import` can say what will land before the pipeline runs.
+
+    Attributes:
+        source: The source file.
+        rows: Event rows written to landing.
+        rows_to_land: Rows that pass validation.
+        set_aside: Guest checkouts and returns by reason (quarantined, never counted invalid).
+        rejected: Invalid rows by reason (a row may have several reasons).
+        holds: Batches whose invalid share is above the default threshold: ingestion will hold
+            them (and their delivery's catalog rows) unless the threshold is raised.
+    """
+
+    source: str
+    rows: int = 0
+    rows_to_land: int = 0
+    set_aside: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    holds: list[HeldBatch] = field(default_factory=list)
+
+    @property
+    def rows_rejected(self) -> int:
+        """Rows ingestion will reject."""
+        return self.rows - self.rows_to_land - sum(self.set_aside.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 
@@ -211,8 +259,11 @@ def import_file(
     *,
     mapping: Mapping[str, str] | None = None,
     event_types: Mapping[str, str] | None = None,
+    event_type: str | None = None,
     timestamp_unit: str | None = None,
+    timestamp_format: str | None = None,
     timezone: str | None = None,
+    not_recommendable: Sequence[str] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ImportReport:
     """Imports one file into the lake's landing area.
@@ -224,8 +275,14 @@ def import_file(
         mapping: `generic` only: canonical column -> source column.
         event_types: `generic` only: raw event type -> contract event type (overrides
             `GENERIC_EVENT_TYPES`).
+        event_type: `generic` only: the event type of every row of a file without an event
+            type column (e.g. "purchase" for order lines).
         timestamp_unit: `generic` only: "s", "ms" or "iso" (default "iso").
-        timezone: `generic` only: the time zone of naive ISO times (default "UTC").
+        timestamp_format: `generic` only: a strftime pattern of the timestamps, e.g.
+            "%m/%d/%Y %H:%M" (naive times are read in `timezone`).
+        timezone: `generic` only: the time zone of naive times (default "UTC").
+        not_recommendable: Item ids that may be bought and counted as history but are never
+            recommended (fees, postage): their catalog rows get `is_recommendable` false.
         batch_rows: Rows per landing file.
 
     Returns:
@@ -243,8 +300,11 @@ def import_file(
         fmt,
         mapping=mapping,
         event_types=event_types,
+        event_type=event_type,
         timestamp_unit=timestamp_unit,
+        timestamp_format=timestamp_format,
         timezone=timezone,
+        not_recommendable=not_recommendable,
         batch_rows=batch_rows,
     )
 
@@ -256,8 +316,11 @@ def import_files(
     *,
     mapping: Mapping[str, str] | None = None,
     event_types: Mapping[str, str] | None = None,
+    event_type: str | None = None,
     timestamp_unit: str | None = None,
+    timestamp_format: str | None = None,
     timezone: str | None = None,
+    not_recommendable: Sequence[str] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ImportReport:
     """Imports several files of one format (RetailRocket: events plus its catalog files).
@@ -272,8 +335,11 @@ def import_files(
         fmt: One of `FORMATS`.
         mapping: See `import_file`.
         event_types: See `import_file`.
+        event_type: See `import_file`.
         timestamp_unit: See `import_file`.
+        timestamp_format: See `import_file`.
         timezone: See `import_file`.
+        not_recommendable: See `import_file`.
         batch_rows: Rows per landing file.
 
     Returns:
@@ -290,15 +356,18 @@ def import_files(
     generic_options = {
         "mapping": mapping,
         "event_types": event_types,
+        "event_type": event_type,
         "timestamp_unit": timestamp_unit,
+        "timestamp_format": timestamp_format,
         "timezone": timezone,
     }
     if fmt != "generic":
         given = [name for name, value in generic_options.items() if value]
         if given:
             raise ValueError(f"{', '.join(given)} apply to the generic format only, not to {fmt}")
+    hidden = normalize_ids(not_recommendable)
     if fmt == "retailrocket":
-        return _import_retailrocket_files(lake, list(paths_), batch_rows)
+        return _import_retailrocket_files(lake, list(paths_), batch_rows, hidden)
     report = ImportReport(format=fmt)
     for path in paths_:
         if fmt == "generic":
@@ -307,14 +376,17 @@ def import_files(
                 path,
                 mapping=mapping,
                 event_types=event_types,
+                event_type=event_type,
                 timestamp_unit=timestamp_unit or "iso",
+                timestamp_format=timestamp_format,
                 timezone=timezone or "UTC",
+                not_recommendable=hidden,
                 batch_rows=batch_rows,
             )
         elif fmt == "rees46":
-            part = import_rees46(lake, path, batch_rows=batch_rows)
+            part = import_rees46(lake, path, not_recommendable=hidden, batch_rows=batch_rows)
         else:
-            part = import_yoochoose(lake, path, batch_rows=batch_rows)
+            part = import_yoochoose(lake, path, not_recommendable=hidden, batch_rows=batch_rows)
         report.merge(part)
     return report
 
@@ -325,18 +397,22 @@ def import_generic(
     *,
     mapping: Mapping[str, str] | None = None,
     event_types: Mapping[str, str] | None = None,
+    event_type: str | None = None,
     timestamp_unit: str = "iso",
+    timestamp_format: str | None = None,
     timezone: str = "UTC",
     delimiter: str | None = None,
+    not_recommendable: Sequence[str] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ImportReport:
     """Imports a CSV or Parquet file whose columns are described by a mapping.
 
-    Required canonical columns: `occurred_at`, `user_id`, `item_id`. Defaults for the others:
-    `event_id` derived (see the module docstring), `session_id` derived by a 30-minute gap,
-    `event_type` "view", `quantity` 1, `price` and `rec_id` null, `source` "import:generic".
-    Mapped `title`, `category_id`, `category_path`, `brand`, `is_in_stock` describe items and
-    `country`, `device` users.
+    Required canonical columns: `occurred_at`, `user_id`, `item_id`, and an event type: a
+    mapped (or same-named) `event_type` column or one `event_type` for every row; there is no
+    silent default. Defaults for the others: `event_id` derived (see the module docstring),
+    `session_id` derived by a 30-minute gap, `quantity` 1, `price` and `rec_id` null, `source`
+    "import:generic". Mapped `title`, `category_id`, `category_path`, `brand`, `is_in_stock`,
+    `is_recommendable` describe items and `country`, `device` users.
 
     Args:
         lake: The lake to write to.
@@ -344,23 +420,35 @@ def import_generic(
         mapping: Canonical column -> source column, e.g. `{"user_id": "visitor"}`.
         event_types: Raw event type -> contract event type, e.g. `{"click": "view"}`; matched
             case-insensitively, on top of `GENERIC_EVENT_TYPES`.
+        event_type: The contract event type of every row, for files without an event column.
         timestamp_unit: "s" or "ms" (epoch, fractions allowed) or "iso" (ISO 8601 text).
-        timezone: IANA time zone of naive ISO times (and of naive Parquet timestamps).
+        timestamp_format: A strftime pattern (e.g. "%m/%d/%Y %H:%M") instead of ISO text;
+            times without `%z` are read in `timezone`.
+        timezone: IANA time zone of naive times (ISO text, patterns, naive Parquet timestamps).
         delimiter: The CSV delimiter; sniffed from the header when omitted.
+        not_recommendable: Item ids never to recommend (`is_recommendable` false).
         batch_rows: Rows per landing file.
 
     Returns:
         What was read and written.
 
     Raises:
-        ContractError: The file cannot be parsed, lacks a mapped or required column, or none of
-            the first timestamps can be read in `timestamp_unit`.
-        ValueError: An unknown canonical column, event type, unit or time zone.
+        ContractError: The file cannot be parsed, lacks a mapped or required column, has no
+            event type, or none of the first timestamps can be read.
+        ValueError: An unknown canonical column, event type, unit or time zone, or options
+            that contradict each other.
         FileNotFoundError: The file does not exist.
     """
     _check_batch_rows(batch_rows)
     if timestamp_unit not in TIMESTAMP_UNITS:
         raise ValueError(f"timestamp_unit must be one of {TIMESTAMP_UNITS}, not {timestamp_unit!r}")
+    if timestamp_format and timestamp_unit != "iso":
+        raise ValueError(
+            "timestamp_format reads text; it does not go with timestamp_unit "
+            f"{timestamp_unit!r} (epoch numbers)"
+        )
+    if event_type is not None and event_type not in EVENT_TYPES:
+        raise ValueError(f"event_type {event_type!r} is not one of {EVENT_TYPES}")
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError) as error:
@@ -398,15 +486,29 @@ def import_generic(
                 f"{path}: required column '{canonical}' is missing and not mapped "
                 f"(--map {canonical}=<column>); the file has {', '.join(source.columns)}"
             )
+    if event_type is not None and "event_type" in resolved:
+        raise ValueError(
+            f"{path}: give the event type either as a column (--map event_type=<column>, here "
+            f"'{resolved['event_type']}') or for every row (--event-type {event_type}), not both"
+        )
+    if event_type is None and "event_type" not in resolved:
+        raise ContractError(
+            f"{path}: no event type: the file has no 'event_type' column and none is mapped. "
+            "Map the column that holds it (--map event_type=<column>), or give every row one "
+            "(--event-type purchase for order lines, --event-type view for page views); the "
+            f"file has {', '.join(source.columns)}"
+        )
 
     checked = {"timestamps": False}
 
     def normalize(raw: pl.DataFrame) -> pl.DataFrame:
         stamps = raw.get_column(resolved["occurred_at"])
-        occurred = _timestamps(stamps, timestamp_unit, timezone)
+        occurred = _timestamps(stamps, timestamp_unit, timezone, timestamp_format)
         if not checked["timestamps"]:
             checked["timestamps"] = True
-            _check_timestamps(path, resolved["occurred_at"], stamps, occurred, timestamp_unit)
+            _check_timestamps(
+                path, resolved["occurred_at"], stamps, occurred, timestamp_unit, timestamp_format
+            )
         columns: dict[str, pl.Series] = {"occurred_at": occurred}
         for name in ("user_id", "item_id", "session_id", "rec_id", "event_id", "category_id"):
             if name in resolved:
@@ -414,7 +516,7 @@ def import_generic(
         if "event_type" in resolved:
             columns["event_type"] = _texts(raw.get_column(resolved["event_type"]))
         else:
-            columns["event_type"] = pl.repeat("view", raw.height, eager=True, dtype=pl.String)
+            columns["event_type"] = pl.repeat(event_type, raw.height, eager=True, dtype=pl.String)
         quantity = raw.get_column(resolved["quantity"]) if "quantity" in resolved else None
         columns["quantity"] = _quantities(quantity, raw.height)
         if "price" in resolved:
@@ -428,8 +530,9 @@ def import_generic(
         for name in ("title", "category_path", "brand", "country", "device"):
             if name in resolved:
                 columns[name] = _texts(raw.get_column(resolved[name]))
-        if "is_in_stock" in resolved:
-            columns["is_in_stock"] = _booleans(raw.get_column(resolved["is_in_stock"]))
+        for name in _BOOLEAN_ATTRIBUTES:
+            if name in resolved:
+                columns[name] = _booleans(raw.get_column(resolved[name])).alias(name)
         frame = pl.DataFrame(columns).with_columns(raw.get_column(_ORDINAL))
         if "price" in frame.columns:  # the event keeps its price; the catalog gets a copy
             frame = frame.with_columns(pl.col("price").alias("item:price"))
@@ -461,7 +564,7 @@ def import_generic(
         unreadable={k: v for k, v in resolved.items() if k in _EVENT_COLUMNS and k != "event_type"},
     )
     report = ImportReport(format="generic", sources=[path])
-    unit = _Unit(lake, "generic", path, report)
+    unit = _Unit(lake, "generic", path, report, not_recommendable)
     _import_events(unit, source, plan, batch_rows)
     unit.write_catalog()
     return report
@@ -473,6 +576,7 @@ def import_retailrocket(
     *,
     item_properties: Sequence[str] = (),
     category_tree: str | None = None,
+    not_recommendable: Sequence[str] = (),
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ImportReport:
     """Imports the RetailRocket dataset: events and, optionally, its catalog files.
@@ -489,6 +593,7 @@ def import_retailrocket(
         events_path: The events file, or None to import catalog files only.
         item_properties: Item properties files.
         category_tree: The category tree file.
+        not_recommendable: Item ids never to recommend (`is_recommendable` false).
         batch_rows: Rows per landing file.
 
     Returns:
@@ -503,7 +608,7 @@ def import_retailrocket(
     if not sources:
         raise ValueError("no RetailRocket file given")
     report = ImportReport(format="retailrocket", sources=sources)
-    unit = _Unit(lake, "retailrocket", events_path or sources[0], report)
+    unit = _Unit(lake, "retailrocket", events_path or sources[0], report, not_recommendable)
     tree = _read_category_tree(category_tree, report) if category_tree else {}
     for path in item_properties:
         _read_item_properties(path, unit, batch_rows)
@@ -539,7 +644,13 @@ def import_retailrocket(
     return report
 
 
-def import_rees46(lake: Lake, path: str, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> ImportReport:
+def import_rees46(
+    lake: Lake,
+    path: str,
+    *,
+    not_recommendable: Sequence[str] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> ImportReport:
     """Imports a REES46 multi-category store file (e.g. `2019-Oct.csv`).
 
     event_time ("2019-10-01 00:00:00 UTC") -> occurred_at; event_type view/cart/
@@ -551,6 +662,7 @@ def import_rees46(lake: Lake, path: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
     Args:
         lake: The lake to write to.
         path: The CSV file (optionally `.gz`/`.bz2`).
+        not_recommendable: Item ids never to recommend (`is_recommendable` false).
         batch_rows: Rows per landing file.
 
     Returns:
@@ -613,14 +725,18 @@ def import_rees46(lake: Lake, path: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
         },
     )
     report = ImportReport(format="rees46", sources=[path])
-    unit = _Unit(lake, "rees46", path, report)
+    unit = _Unit(lake, "rees46", path, report, not_recommendable)
     _import_events(unit, source, plan, batch_rows)
     unit.write_catalog()
     return report
 
 
 def import_yoochoose(
-    lake: Lake, path: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
+    lake: Lake,
+    path: str,
+    *,
+    not_recommendable: Sequence[str] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ImportReport:
     """Imports a YooChoose (RecSys Challenge 2015) prepared click file.
 
@@ -631,6 +747,7 @@ def import_yoochoose(
     Args:
         lake: The lake to write to.
         path: The file (e.g. `yoochoose-clicks-100k_test.txt`).
+        not_recommendable: Item ids never to recommend (`is_recommendable` false).
         batch_rows: Rows per landing file.
 
     Returns:
@@ -671,7 +788,7 @@ def import_yoochoose(
         unreadable={"occurred_at": "Time", "user_id": "SessionId", "item_id": "ItemId"},
     )
     report = ImportReport(format="yoochoose", sources=[path])
-    unit = _Unit(lake, "yoochoose", path, report)
+    unit = _Unit(lake, "yoochoose", path, report, not_recommendable)
     _import_events(unit, source, plan, batch_rows)
     unit.write_catalog()
     return report
@@ -828,13 +945,38 @@ def _texts(values: pl.Series) -> pl.Series:
     return text.to_frame("t").select(pl.when(pl.col("t") != "").then(pl.col("t"))).to_series()
 
 
+_FLOAT_WRITTEN_ID = r"^([+-]?\d+)\.0*$"
+
+
 def _ids(values: pl.Series) -> pl.Series:
-    """Identifiers as strings; integral floats (a Parquet artefact of missing values) lose `.0`."""
+    """Identifiers as trimmed text; a whole number written as a float (`17850.0`) loses `.0`.
+
+    Spreadsheets and pandas exports write numeric ids with missing values as floats, as text
+    (CSV) or typed (Parquet); the shop's own systems know them as `17850`. Each value is
+    normalised on its own, so one non-integral value does not change the others.
+    """
     if values.dtype.is_float():
-        finite = values.drop_nulls()
-        if finite.len() == 0 or bool((finite == finite.round(0)).all()):
-            values = values.cast(pl.Int64, strict=False)
-    return _texts(values)
+        frame = values.to_frame("v")
+        whole = pl.col("v").is_finite() & (pl.col("v") == pl.col("v").round(0))
+        values = frame.select(
+            pl.when(whole)
+            .then(pl.col("v").cast(pl.Int64, strict=False).cast(pl.String))
+            .otherwise(pl.col("v").cast(pl.String))
+        ).to_series()
+    return _texts(values).str.replace(_FLOAT_WRITTEN_ID, "${1}")
+
+
+def normalize_ids(ids: Iterable[str]) -> list[str]:
+    """Identifiers normalised as every importer does (trimmed, `17850.0` -> `17850`), unique.
+
+    Args:
+        ids: Identifiers as given (a command line list, a file's lines).
+
+    Returns:
+        The non-empty ones, normalised, in first-seen order.
+    """
+    normalized = _ids(pl.Series("id", list(ids), dtype=pl.String)).drop_nulls()
+    return list(dict.fromkeys(normalized.to_list()))
 
 
 def _floats(values: pl.Series) -> pl.Series:
@@ -866,15 +1008,20 @@ def _booleans(values: pl.Series) -> pl.Series:
 
 
 _UTC_US = pl.Datetime("us", "UTC")
+_LAST_WORD = 2**62  # an attribute time later than any event's
 
 
-def _timestamps(values: pl.Series, unit: str, timezone: str) -> pl.Series:
+def _timestamps(
+    values: pl.Series, unit: str, timezone: str, pattern: str | None = None
+) -> pl.Series:
     """Source timestamps as UTC microseconds; what cannot be read becomes null.
 
     Args:
-        values: Epoch numbers, ISO text, or (Parquet) temporal values.
+        values: Epoch numbers, ISO text, text in `pattern`, or (Parquet) temporal values.
         unit: "s", "ms" or "iso"; temporal values ignore it.
-        timezone: The zone of naive ISO text and naive temporal values.
+        timezone: The zone of naive text and naive temporal values.
+        pattern: A strftime pattern of the text (instead of ISO 8601); with `%z` the text
+            carries its offset, otherwise it is read in `timezone`.
     """
     if values.dtype == pl.Date:
         values = values.cast(pl.Datetime("us"))
@@ -894,6 +1041,15 @@ def _timestamps(values: pl.Series, unit: str, timezone: str) -> pl.Series:
             fractional = (text.cast(pl.Float64, strict=False) * factor).round(0).cast(pl.Int64)
             micros = fractional if whole is None else (whole * factor).fill_null(fractional)
         return micros.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if pattern:
+        text = _texts(values.cast(pl.String))
+        if "%z" in pattern or "%:z" in pattern:
+            aware = text.str.to_datetime(pattern, strict=False, time_unit="us")
+            return aware.cast(_UTC_US).alias(values.name)
+        local = text.str.to_datetime(pattern, strict=False, time_unit="us").dt.replace_time_zone(
+            timezone, ambiguous="earliest", non_existent="null"
+        )
+        return local.dt.convert_time_zone("UTC").cast(_UTC_US).alias(values.name)
     text = (
         _texts(values.cast(pl.String))
         .str.replace(r"^(\d{4}-\d{2}-\d{2})[T ]", "${1} ")
@@ -919,18 +1075,30 @@ def _timestamps(values: pl.Series, unit: str, timezone: str) -> pl.Series:
     return frame.select(parsed.cast(_UTC_US).alias(values.name)).to_series()
 
 
-def _check_timestamps(path: str, column: str, raw: pl.Series, parsed: pl.Series, unit: str) -> None:
-    """Fails when none of the first timestamps can be read: the unit is most likely wrong."""
+def _check_timestamps(
+    path: str,
+    column: str,
+    raw: pl.Series,
+    parsed: pl.Series,
+    unit: str,
+    pattern: str | None = None,
+) -> None:
+    """Fails when none of the first timestamps can be read: the unit or pattern is wrong."""
     head_raw, head = raw.head(_TIMESTAMP_CHECK_ROWS), parsed.head(_TIMESTAMP_CHECK_ROWS)
     present = head_raw.is_not_null()
     if unit == "iso" and not head_raw.dtype.is_temporal():
         present = present & (head_raw.cast(pl.String).str.strip_chars() != "")
     if int(present.sum()) and not int((present & head.is_not_null()).sum()):
         example = head_raw.filter(present)[0]
+        if pattern:
+            raise ContractError(
+                f"{path}: column '{column}' cannot be read with --timestamp-format {pattern!r} "
+                f"(e.g. {example!r}); check the pattern (strftime codes, e.g. '%m/%d/%Y %H:%M')"
+            )
         hint = {"iso": "ISO 8601 text", "s": "epoch seconds", "ms": "epoch milliseconds"}[unit]
         raise ContractError(
             f"{path}: column '{column}' cannot be read as {hint} (e.g. {example!r}); "
-            "check timestamp_unit (--timestamp-unit s|ms|iso)"
+            "check timestamp_unit (--timestamp-unit s|ms|iso) or give a --timestamp-format"
         )
 
 
@@ -962,18 +1130,51 @@ def _import_events(unit: "_Unit", source: _Source, plan: _Plan, batch_rows: int)
     report = unit.report
     report.sessions_derived = report.sessions_derived or plan.derive_sessions
     sink = _EventSink(unit.lake, unit.prefix, batch_rows, plan.derive_sessions)
+    check = SourceCheck(source=source.path)
+    now = datetime.now(UTC)
     try:
-        for raw in source.batches((*plan.required, *plan.optional), batch_rows, report):
+        batches = source.batches((*plan.required, *plan.optional), batch_rows, report)
+        for index, raw in enumerate(batches):
             frame = plan.normalize(raw)
             _count_unreadable(raw, frame, plan.unreadable, report)
             frame = _finish_events(raw, frame, plan, report)
-            unit.observe(frame)
+            # The sink cuts the same batches, so this is the landing file ingestion will judge.
+            landing = f"{paths.LANDING_EVENTS}/{unit.prefix}-b{index:05d}.parquet"
+            valid = _dry_validation(frame, landing, plan.derive_sessions, now, check)
+            unit.observe(frame.filter(valid))  # a rejected row never sets an attribute
             sink.add(frame)
         written = sink.close()
     finally:
         sink.cleanup()
     report.events_written += sum(rows for _, rows in written)
     report.files_written += [relpath for relpath, _ in written]
+    report.checks.append(check)
+
+
+def _dry_validation(
+    frame: pl.DataFrame, landing: str, sessions_pending: bool, now: datetime, check: SourceCheck
+) -> pl.Series:
+    """Validates a batch as ingestion will, counts the verdict, returns which rows will land.
+
+    Derived sessions are computed only when the whole file is read; every row with a user and
+    a time gets one, so such rows count here as having a session.
+    """
+    events = frame
+    if sessions_pending:
+        placeholder = pl.when(pl.col("user_id").is_not_null() & pl.col("occurred_at").is_not_null())
+        events = frame.with_columns(placeholder.then(pl.lit("pending")).alias("session_id"))
+    table = _landing_table(events, EVENTS_SCHEMA, landing)
+    verdict = validate_events(pl.from_arrow(table), now)
+    will_land = frame.get_column("event_id").is_in(verdict.valid.get_column("event_id").implode())
+    check.rows += frame.height
+    check.rows_to_land += int(will_land.sum())
+    for target, rows in ((check.set_aside, verdict.set_aside), (check.rejected, verdict.rejected)):
+        for reason in reason_counts(rows):
+            target[reason.reason] = target.get(reason.reason, 0) + reason.rows
+    hold = held_batch(landing, verdict, DEFAULT_MAX_INVALID_SHARE)
+    if hold is not None:
+        check.holds.append(hold)
+    return will_land
 
 
 def _count_unreadable(
@@ -1145,9 +1346,20 @@ def _landing_table(frame: pl.DataFrame, schema: pa.Schema, source: str) -> pa.Ta
 class _Latest:
     """The latest value of each attribute per key, and every key seen; memory grows with keys."""
 
-    def __init__(self) -> None:
+    def __init__(self, most_frequent: Sequence[str] = ()) -> None:
         self.latest = pl.DataFrame(
             schema={"key": pl.String, "attribute": pl.String, "value": pl.String, "at": pl.Int64}
+        )
+        # Attributes that take their most frequent value (ties: the latest), counted per value.
+        self.most_frequent = tuple(most_frequent)
+        self.frequent = pl.DataFrame(
+            schema={
+                "key": pl.String,
+                "attribute": pl.String,
+                "value": pl.String,
+                "count": pl.Int64,
+                "at": pl.Int64,
+            }
         )
         self.seen = pl.DataFrame(schema={"key": pl.String})
 
@@ -1163,13 +1375,35 @@ class _Latest:
             pl.col("value").cast(pl.String),
             pl.col("at").cast(pl.Int64),
         ).drop_nulls(["key", "value"])
+        counted = long.filter(pl.col("attribute").is_in(self.most_frequent))
+        if counted.height:
+            counts = counted.group_by("key", "attribute", "value").agg(
+                pl.len().cast(pl.Int64).alias("count"), pl.col("at").max()
+            )
+            self.frequent = (
+                pl.concat([self.frequent, counts])
+                .group_by("key", "attribute", "value")
+                .agg(pl.col("count").sum(), pl.col("at").max())
+            )
+            long = long.filter(~pl.col("attribute").is_in(self.most_frequent))
         merged = pl.concat([self.latest, long]).sort("at", nulls_last=False, maintain_order=True)
         self.latest = merged.unique(["key", "attribute"], keep="last", maintain_order=False)
 
     def wide(self, attributes: Sequence[str]) -> pl.DataFrame:
         """One row per key with attributes, a column per attribute (null when never seen)."""
-        if self.latest.height:
-            wide = self.latest.pivot(on="attribute", index="key", values="value")
+        latest = self.latest
+        if self.frequent.height:  # most frequent values replace the latest ones
+            mode = (
+                self.frequent.sort(
+                    ["key", "attribute", "count", "at", "value"],
+                    descending=[False, False, True, True, False],
+                )
+                .unique(["key", "attribute"], keep="first")
+                .select("key", "attribute", "value", "at")
+            )
+            latest = pl.concat([latest.join(mode, on=["key", "attribute"], how="anti"), mode])
+        if latest.height:
+            wide = latest.pivot(on="attribute", index="key", values="value")
         else:
             wide = pl.DataFrame(schema={"key": pl.String})
         return wide.with_columns(
@@ -1182,15 +1416,33 @@ class _Latest:
 class _Unit:
     """One import's items and users, written once at the end under the events file's name."""
 
-    def __init__(self, lake: Lake, fmt: str, path: str, report: ImportReport) -> None:
+    def __init__(
+        self,
+        lake: Lake,
+        fmt: str,
+        path: str,
+        report: ImportReport,
+        not_recommendable: Sequence[str] = (),
+    ) -> None:
         self.lake = lake
         self.report = report
         self.prefix = _landing_prefix(fmt, path)
-        self.items = _Latest()
+        # An item's title is its most frequent one: order lines carry the title typed at each
+        # sale, and a single odd line ("damaged", "check") must not rename the item.
+        self.items = _Latest(most_frequent=("title",))
         self.users = _Latest()
+        self.not_recommendable = normalize_ids(not_recommendable)
 
     def observe(self, frame: pl.DataFrame) -> None:
-        """Remembers the batch's items and users and their latest attributes."""
+        """Remembers the valid rows' items and users and their attributes.
+
+        A price is an item attribute only when positive: a zero on an order line is a
+        giveaway or a correction, not the item's price.
+        """
+        if "item:price" in frame.columns:
+            frame = frame.with_columns(
+                pl.when(pl.col("item:price") > 0).then(pl.col("item:price")).alias("item:price")
+            )
         at = frame.get_column("occurred_at").dt.epoch("us")
         for target, key, tag in (
             (self.items, "item_id", "item:"),
@@ -1214,6 +1466,17 @@ class _Unit:
     def write_catalog(self, category_paths: Mapping[str, str] | None = None) -> None:
         """Writes the items and users files (rows described in the module docstring)."""
         items_path = f"{paths.LANDING_ITEMS}/{self.prefix}-items.parquet"
+        if self.not_recommendable:  # the command line's word is the last one
+            self.items.update(
+                pl.DataFrame(
+                    {
+                        "key": self.not_recommendable,
+                        "attribute": IS_RECOMMENDABLE,
+                        "value": "false",
+                        "at": _LAST_WORD,
+                    }
+                )
+            )
         wide = self.items.wide([*_ITEM_ATTRIBUTES, "price"])
         if category_paths:
             from_tree = wide.get_column("category_id").replace_strict(
@@ -1238,6 +1501,7 @@ class _Unit:
                 pl.col("price").cast(pl.Float64, strict=False),
                 (pl.col("is_in_stock") != "false").fill_null(True).alias("is_in_stock"),
                 pl.col("_at").alias(STOCK_UPDATED_AT),
+                (pl.col(IS_RECOMMENDABLE) != "false").alias(IS_RECOMMENDABLE),
             )
             .sort("item_id")
         )
@@ -1284,7 +1548,9 @@ class _Unit:
 # RetailRocket catalog files
 
 
-def _import_retailrocket_files(lake: Lake, paths_: list[str], batch_rows: int) -> ImportReport:
+def _import_retailrocket_files(
+    lake: Lake, paths_: list[str], batch_rows: int, not_recommendable: Sequence[str]
+) -> ImportReport:
     events: list[str] = []
     properties: list[str] = []
     trees: list[str] = []
@@ -1306,6 +1572,7 @@ def _import_retailrocket_files(lake: Lake, paths_: list[str], batch_rows: int) -
         events[0] if events else None,
         item_properties=properties,
         category_tree=trees[0] if trees else None,
+        not_recommendable=not_recommendable,
         batch_rows=batch_rows,
     )
 

@@ -5,15 +5,23 @@ conforms each file to its contract, validates its rows with Great Expectations
 (`shelfwise.validation`), publishes the valid rows (events partitioned by date, catalog rows
 upserted by key) and writes rejected rows with a reason per row to `quarantine/`.
 
-A batch whose invalid share exceeds `max_invalid_share` is held: its rejected rows still go to
-quarantine for inspection, but nothing of it is published and the file stays in landing, so a
-broken delivery never feeds features, also not in a later run. Fix the source and import again (the
-same landing name is overwritten), or raise the threshold to accept it.
+Rows every real export holds (guest checkouts, returns) are set aside to quarantine with their
+reason and do not count as invalid (`shelfwise.validation.set_aside_rows`). A batch whose share of
+invalid rows exceeds `max_invalid_share` is held: its rejected rows still go to quarantine for
+inspection, but nothing of it is published and the file stays in landing, so a broken delivery
+never feeds features, also not in a later run. A delivery is all or nothing: the catalog files of
+a delivery whose events are held stay in landing too. `HeldBatch.message` says why and how to go
+on: fix the source and import again (the same landing name is overwritten), or raise the
+threshold to accept it (`make pipeline MAX_INVALID_SHARE=…`).
+
+A delivery is the landing files that share a name up to `-b<batch>`, `-<YYYY-MM-DD>`, `-items` or
+`-users` (what `shelfwise import` and `shelfwise generate` write for one source).
 
 A landing file is removed only after everything it held is published, and output names derive from
 the landing file's name, so an interrupted ingestion can simply run again.
 """
 
+import math
 import posixpath
 import re
 from collections.abc import Mapping
@@ -30,6 +38,7 @@ from shelfwise.contracts import (
     ITEMS_KEY,
     ITEMS_SCHEMA,
     STOCK_UPDATED_AT,
+    UNKNOWN_CATEGORY,
     USERS_KEY,
     USERS_SCHEMA,
     conform,
@@ -37,7 +46,7 @@ from shelfwise.contracts import (
 from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX
 from shelfwise.feedback import latest_stock_updates
 from shelfwise.lake import Lake
-from shelfwise.validation import validate_events
+from shelfwise.validation import ROW_REASON, EventValidation, validate_events
 
 CATALOG_FILE = "catalog.parquet"
 # A zero-row file keeps the impressions dataset readable before the service logged anything; its
@@ -46,13 +55,158 @@ EMPTY_IMPRESSIONS = f"{paths.IMPRESSIONS}/date=1970-01-01/empty.parquet"
 DEFAULT_MAX_INVALID_SHARE = 0.01
 
 
+_DELIVERY_SUFFIX = re.compile(r"-(b\d+|\d{4}-\d{2}-\d{2}|items|users)$")
+_EXAMPLE_CHARS = 80  # per value of an example row
+
+
+@dataclass(frozen=True)
+class ReasonCount:
+    """How many rows of a batch failed for one reason, with the first such row as an example."""
+
+    reason: str
+    rows: int
+    example: dict[str, str]
+
+
 @dataclass(frozen=True)
 class HeldBatch:
-    """A landing file not published because too many of its rows are invalid."""
+    """A landing file not published because too many of its rows are invalid.
+
+    Attributes:
+        path: The landing file (lake-relative).
+        invalid_share: Rejected rows among the rows judged (set-aside rows are not judged).
+        reasons: Every reason that rejected rows, or the failed whole-column expectations.
+        rows_judged: Rows the suite judged.
+        max_invalid_share: The threshold it exceeded.
+        top_reasons: The most frequent row reasons, most frequent first, each with an example.
+        batch_errors: Failed whole-column expectations (no threshold lets such a batch in).
+    """
 
     path: str
     invalid_share: float
     reasons: list[str]
+    rows_judged: int = 0
+    max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE
+    top_reasons: list[ReasonCount] = field(default_factory=list)
+    batch_errors: list[str] = field(default_factory=list)
+
+    @property
+    def accepting_share(self) -> float:
+        """The smallest threshold (whole percent) that would let this batch in."""
+        share = math.ceil(self.invalid_share * 100 - 1e-9) / 100
+        return share if share >= self.invalid_share else share + 0.01
+
+    @property
+    def command(self) -> str | None:
+        """The command that ingests the batch anyway (None when a threshold cannot)."""
+        if self.batch_errors:
+            return None
+        return f"make pipeline MAX_INVALID_SHARE={self.accepting_share:g}"
+
+    def message(self) -> str:
+        """What was held, why (top reasons with counts and an example row), and how to go on."""
+        lines = [
+            f"{self.path}: held, {self.invalid_share:.1%} of {self.rows_judged:,} rows invalid "
+            f"(max_invalid_share {self.max_invalid_share:.1%}); nothing of its delivery "
+            "(events, items, users) was published."
+        ]
+        lines += [f"  whole-column check failed: {error}" for error in self.batch_errors]
+        for reason in self.top_reasons:
+            example = ", ".join(f"{k}={v}" for k, v in reason.example.items())
+            lines.append(f"  {reason.reason}: {reason.rows:,} rows, e.g. {example}")
+        lines.append(
+            "  Rejected rows are in quarantine/events/. Fix the source and import it again (the "
+            "same landing files are overwritten)"
+            + (
+                f", or ingest it anyway, quarantining the invalid rows: {self.command}"
+                if self.command
+                else "."
+            )
+        )
+        return "\n".join(lines)
+
+    def to_metadata(self) -> dict[str, object]:
+        """The batch as plain JSON values (Dagster metadata)."""
+        return {
+            "invalid_share": round(float(self.invalid_share), 6),
+            "rows_judged": int(self.rows_judged),
+            "top_reasons": [
+                {"reason": r.reason, "rows": int(r.rows), "example": r.example}
+                for r in self.top_reasons
+            ],
+            "batch_errors": list(self.batch_errors),
+            "ingest_anyway": self.command,
+        }
+
+
+def delivery_of(relpath: str) -> str:
+    """The delivery of a landing file: its name up to `-b<n>`, a date, `-items` or `-users`."""
+    stem = posixpath.splitext(posixpath.basename(relpath))[0]
+    return _DELIVERY_SUFFIX.sub("", stem)
+
+
+def reason_counts(rows: pl.DataFrame, top: int | None = None) -> list[ReasonCount]:
+    """Counts rows per reason (a row may have several, `; `-separated), most frequent first.
+
+    Args:
+        rows: Rows with a `reason` column.
+        top: Keep only this many reasons.
+
+    Returns:
+        One entry per reason, with the first row of that reason as an example (text values).
+    """
+    if not rows.height:
+        return []
+    exploded = (
+        rows.with_row_index("_row")
+        .with_columns(pl.col(ROW_REASON).str.split("; "))
+        .explode(ROW_REASON)
+    )
+    counted = (
+        exploded.group_by(ROW_REASON)
+        .agg(pl.len().alias("_rows"), pl.col("_row").min().alias("_first"))
+        .sort(["_rows", ROW_REASON], descending=[True, False])
+    )
+    if top is not None:
+        counted = counted.head(top)
+    shown = [c for c in rows.columns if c != ROW_REASON]
+    return [
+        ReasonCount(
+            reason=reason,
+            rows=int(count),
+            example={
+                name: ("" if value is None else str(value))[:_EXAMPLE_CHARS]
+                for name, value in rows.row(int(first), named=True).items()
+                if name in shown
+            },
+        )
+        for reason, count, first in counted.iter_rows()
+    ]
+
+
+def held_batch(
+    relpath: str, verdict: EventValidation, max_invalid_share: float, top: int = 5
+) -> HeldBatch | None:
+    """The batch's hold, or None when it may be published.
+
+    Args:
+        relpath: The landing file.
+        verdict: Its validation.
+        max_invalid_share: The largest share of invalid rows a batch may hold.
+        top: How many reasons the hold lists.
+    """
+    if not verdict.batch_errors and verdict.invalid_share <= max_invalid_share:
+        return None
+    counts = reason_counts(verdict.rejected)
+    return HeldBatch(
+        path=relpath,
+        invalid_share=verdict.invalid_share,
+        reasons=verdict.batch_errors or [c.reason for c in counts],
+        rows_judged=verdict.valid.height + verdict.rejected.height,
+        max_invalid_share=max_invalid_share,
+        top_reasons=counts[:top],
+        batch_errors=list(verdict.batch_errors),
+    )
 
 
 @dataclass
@@ -63,6 +217,9 @@ class IngestReport:
     events_checked: int = 0
     events_landed: int = 0
     events_quarantined: int = 0
+    events_set_aside: int = 0
+    set_aside_by_reason: dict[str, int] = field(default_factory=dict)
+    catalog_files_held: int = 0
     duplicates_collapsed: int = 0
     items_upserted: int = 0
     stock_overrides: int = 0
@@ -106,11 +263,16 @@ def ingest_landing(
     report = IngestReport()
     for relpath in lake.list_files(paths.LANDING_EVENTS):
         _ingest_events_file(lake, relpath, now, max_invalid_share, report)
+    # A delivery is all or nothing: a held delivery's catalog rows wait with its events, and
+    # events of it still waiting from an earlier run hold them too.
+    held = {delivery_of(relpath) for relpath in lake.list_files(paths.LANDING_EVENTS)}
     for landing, target, schema, key in (
         (paths.LANDING_ITEMS, paths.ITEMS, ITEMS_SCHEMA, ITEMS_KEY),
         (paths.LANDING_USERS, paths.USERS, USERS_SCHEMA, USERS_KEY),
     ):
-        files = lake.list_files(landing)
+        waiting = lake.list_files(landing)
+        files = [relpath for relpath in waiting if delivery_of(relpath) not in held]
+        report.catalog_files_held += len(waiting) - len(files)
         if files:
             delivered_at = lake.list_modified(landing) if target == paths.ITEMS else {}
             upserted = _upsert_catalog(lake, files, target, schema, key, report, delivered_at)
@@ -136,13 +298,19 @@ def _ingest_events_file(
         merged = report.expectations.setdefault(name, {"success": True, "rejected_rows": 0})
         merged["success"] = bool(merged["success"] and outcome["success"])
         merged["rejected_rows"] = int(merged["rejected_rows"]) + int(outcome["rejected_rows"])
-    if verdict.rejected.height:
-        lake.write_parquet(verdict.rejected.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
+    quarantined = verdict.quarantined
+    if quarantined.height:
+        lake.write_parquet(quarantined.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
     report.events_quarantined += verdict.rejected.height
     report.events_checked += verdict.valid.height + verdict.rejected.height
-    if verdict.batch_errors or verdict.invalid_share > max_invalid_share:
-        reasons = verdict.batch_errors or sorted(set(verdict.rejected.get_column("reason")))
-        report.held.append(HeldBatch(relpath, verdict.invalid_share, reasons))
+    for reason in reason_counts(verdict.set_aside):
+        report.set_aside_by_reason[reason.reason] = (
+            report.set_aside_by_reason.get(reason.reason, 0) + reason.rows
+        )
+        report.events_set_aside += reason.rows
+    hold = held_batch(relpath, verdict, max_invalid_share)
+    if hold is not None:
+        report.held.append(hold)
         return
     dated = verdict.valid.with_columns(
         pl.col("occurred_at").dt.date().cast(pl.String).alias("_date")
@@ -185,8 +353,21 @@ def _upsert_catalog(
         arrivals.append(rows.filter(pl.col(key).is_not_null()))
     current_path = f"{target}/{CATALOG_FILE}"
     current = [_read_catalog(lake, current_path, schema)[0]] if lake.exists(current_path) else []
-    # Later deliveries win: the newest row of each key is the catalog's truth.
-    merged = pl.concat([*current, *arrivals]).unique(subset=key, keep="last", maintain_order=True)
+    # Later deliveries win: the newest row of each key is the catalog's truth, attribute by
+    # attribute. What a delivery leaves empty (null, or an importer's placeholder category) it
+    # says nothing about, so the catalog keeps the earlier value: an events-only import or a
+    # `--not-recommendable` list never erases a title, a category or a flag.
+    stacked = pl.concat([*current, *arrivals])
+    said = [f.name for f in schema if f.nullable]
+    if "category_id" in stacked.columns:
+        stacked = stacked.with_columns(
+            pl.col("category_id").replace(UNKNOWN_CATEGORY, None).alias("category_id")
+        )
+        said.append("category_id")
+    stacked = stacked.with_columns(pl.col(name).forward_fill().over(key) for name in said)
+    if "category_id" in stacked.columns:
+        stacked = stacked.with_columns(pl.col("category_id").fill_null(UNKNOWN_CATEGORY))
+    merged = stacked.unique(subset=key, keep="last", maintain_order=True)
     lake.write_parquet(merged.sort(key).to_arrow().cast(schema), current_path)
     lake.remove(files)
     report.files += len(files)

@@ -4,6 +4,11 @@ Each landing batch is checked against one expectation suite. Expectations that j
 (nulls, the `event_type` domain, signs, timestamps in the future, unique `event_id`) return the
 failing rows' positions, which become a reason per rejected row; expectations about whole columns
 (types) reject the whole batch. Great Expectations validates pandas, so the batch is converted.
+
+Before the suite, rows that every real shop export holds are set aside (`set_aside_rows`): guest
+checkouts without a user and returns (a purchase with a negative quantity). They go to quarantine
+with their reason like rejected rows, but they are not corruption, so they do not count toward a
+batch's invalid share; only what the suite rejects does.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +20,11 @@ import polars as pl
 from shelfwise.contracts import EVENT_TYPES, EVENTS_SCHEMA
 
 ROW_REASON = "reason"
+GUEST_REASON = "guest checkout: user_id is null"
+RETURN_REASON = "return: purchase with a negative quantity"
+# Rows every real export holds, by reason, in the order they are tested (a guest's return is a
+# guest row).
+SET_ASIDE_REASONS = (GUEST_REASON, RETURN_REASON)
 
 
 @dataclass
@@ -24,6 +34,8 @@ class EventValidation:
     Attributes:
         valid: Rows that passed every row expectation.
         rejected: Rows that failed, with the event columns plus `reason`.
+        set_aside: Guest checkouts and returns, with the event columns plus `reason`; not
+            judged, so not counted in `invalid_share`.
         duplicates_collapsed: Exact repeats of a row in the batch (at-least-once delivery),
             kept once; they lose no information and are not counted as invalid.
         batch_errors: Failed expectations about whole columns; the batch must not be published.
@@ -35,12 +47,41 @@ class EventValidation:
     duplicates_collapsed: int = 0
     batch_errors: list[str] = field(default_factory=list)
     expectations: dict[str, dict[str, object]] = field(default_factory=dict)
+    set_aside: pl.DataFrame = field(default_factory=pl.DataFrame)
 
     @property
     def invalid_share(self) -> float:
-        """Share of rejected rows among the rows judged."""
+        """Share of rejected rows among the rows judged (set-aside rows are not judged)."""
         total = self.valid.height + self.rejected.height
         return self.rejected.height / total if total else 0.0
+
+    @property
+    def quarantined(self) -> pl.DataFrame:
+        """The set-aside and the rejected rows, each with its `reason`."""
+        if not self.set_aside.height:
+            return self.rejected
+        return pl.concat([self.set_aside, self.rejected], how="vertical_relaxed")
+
+
+def set_aside_rows(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Splits off the rows that real exports always hold: guest checkouts and returns.
+
+    Args:
+        events: Events conformed to `EVENTS_SCHEMA`.
+
+    Returns:
+        `(kept, set_aside)`: the rows to validate, and the others with a `reason` column
+        (`GUEST_REASON` or `RETURN_REASON`).
+    """
+    reason = (
+        pl.when(pl.col("user_id").is_null())
+        .then(pl.lit(GUEST_REASON))
+        .when((pl.col("event_type") == "purchase") & (pl.col("quantity") < 0))
+        .then(pl.lit(RETURN_REASON))
+    )
+    marked = events.with_columns(reason.alias(ROW_REASON))
+    kept = marked.filter(pl.col(ROW_REASON).is_null()).drop(ROW_REASON)
+    return kept, marked.filter(pl.col(ROW_REASON).is_not_null())
 
 
 def _expectations(now: datetime) -> list[object]:
@@ -101,12 +142,17 @@ def validate_events(events: pl.DataFrame, now: datetime) -> EventValidation:
         now: The ingestion time; events after it are rejected.
 
     Returns:
-        The valid rows, the rejected rows with a reason each, and the suite's results.
+        The valid rows, the set-aside and the rejected rows with a reason each, and the suite's
+        results.
     """
     import great_expectations as gx
 
-    batch_rows = events.unique(maintain_order=True)
-    collapsed = events.height - batch_rows.height
+    unique_rows = events.unique(maintain_order=True)
+    collapsed = events.height - unique_rows.height
+    batch_rows, set_aside = set_aside_rows(unique_rows)
+    if not batch_rows.height:  # nothing left to judge
+        empty = batch_rows.with_columns(pl.lit(None, dtype=pl.String).alias(ROW_REASON))
+        return EventValidation(batch_rows, empty, collapsed, set_aside=set_aside)
     frame = batch_rows.to_pandas()
     batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
     suite = gx.ExpectationSuite(name="landing_events", expectations=_expectations(now))
@@ -141,4 +187,4 @@ def validate_events(events: pl.DataFrame, now: datetime) -> EventValidation:
         how="inner",
     ).drop("position")
     valid = indexed.filter(~pl.col("position").is_in(positions.implode())).drop("position")
-    return EventValidation(valid, rejected, collapsed, batch_errors, summary)
+    return EventValidation(valid, rejected, collapsed, batch_errors, summary, set_aside)

@@ -11,9 +11,10 @@ import pytest
 from shelfwise import cli
 from shelfwise import lake as paths
 from shelfwise.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, ContractError, conform
-from shelfwise.importers import import_file, import_files
+from shelfwise.importers import import_file, import_files, normalize_ids
 from shelfwise.ingest import ingest_landing
 from shelfwise.lake import Lake
+from shelfwise.validation import GUEST_REASON, RETURN_REASON
 
 FIXTURES = Path(__file__).parent / "fixtures" / "importers"
 RETAILROCKET = [
@@ -128,7 +129,12 @@ def test_generic_reads_epoch_seconds_and_milliseconds(tmp_path, name, unit):
     lake = Lake(str(tmp_path))
     mapping = {"user_id": "user", "item_id": "item", "occurred_at": "t"}
     import_file(
-        lake, str(FIXTURES / "generic" / name), "generic", mapping=mapping, timestamp_unit=unit
+        lake,
+        str(FIXTURES / "generic" / name),
+        "generic",
+        mapping=mapping,
+        event_type="view",
+        timestamp_unit=unit,
     )
     times = landing(lake).get_column("occurred_at").to_list()
     assert times[:2] == [utc(2024, 6, 1, 12), utc(2024, 6, 1, 12, 0, 0, 250_000)]
@@ -206,7 +212,8 @@ def test_retailrocket_derives_sessions_and_reads_item_properties(tmp_path):
     # The stock is as of its `available` row (1433826000000 ms); without one, ingestion dates it.
     assert items["12"]["stock_updated_at"] == datetime(2015, 6, 9, 5, tzinfo=UTC)
     assert items["14"]["stock_updated_at"] is None
-    assert report.users_written == 7
+    # Visitor 600's only event will be quarantined (its time is unreadable): no catalog row.
+    assert report.users_written == 6
 
 
 def test_rees46_events_and_items(tmp_path):
@@ -231,7 +238,8 @@ def test_rees46_events_and_items(tmp_path):
     items = {
         row["item_id"]: row for row in landing(lake, paths.LANDING_ITEMS).iter_rows(named=True)
     }
-    assert len(items) == report.items_written == 19
+    # 31500053 appears only in the `wishlist` row, which ingestion will reject: no catalog row.
+    assert len(items) == report.items_written == 18 and "31500053" not in items
     heater = items["3900821"]
     assert heater["category_id"] == "2053013552326770905"
     assert heater["category_path"] == "appliances > environment > water_heater"
@@ -406,3 +414,157 @@ def test_cli_import_prints_what_it_wrote(tmp_path, capsys):
 
     assert cli.main(["import", "--format", "rees46", GENERIC, "--lake", lake_dir]) == 2
     assert "required column 'event_time' is missing" in capsys.readouterr().err
+
+
+ORDER_LINES = """InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID
+536365,85123A,WHITE HANGING HEART, 6,3/29/2026 0:30,2.55, 17850.0
+536365,POST,POSTAGE,1,3/29/2026 0:30,18.00,17850.0
+536366,85123A,white hanging heart,2,3/30/2026 9:05,2.65,13047.0
+536366,71053,WHITE METAL LANTERN,6,3/30/2026 9:05,0.00,13047.0
+536367,85123A,WHITE HANGING HEART,1,3/31/2026 10:00,2.75,17850
+536368,71053,WHITE METAL LANTERN,2,4/1/2026 11:00,3.39,17850.0
+536369,71053,damaged,-12,4/2/2026 12:00,0.00,
+C536370,71053,WHITE METAL LANTERN,-1,4/2/2026 13:00,3.39,17850.0
+536371,71053,WHITE METAL LANTERN,1,4/40/2026 13:00,3.39,13047.0
+"""
+
+
+def write_order_lines(tmp_path: Path) -> str:
+    path = tmp_path / "orders.csv"
+    path.write_text(ORDER_LINES)
+    return str(path)
+
+
+ORDER_LINES_MAPPING = {
+    "occurred_at": "InvoiceDate",
+    "user_id": "CustomerID",
+    "item_id": "StockCode",
+    "session_id": "InvoiceNo",
+    "quantity": "Quantity",
+    "price": "UnitPrice",
+    "title": "Description",
+}
+
+
+def test_order_lines_import_with_one_event_type_a_time_pattern_and_fee_items(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    report = import_file(
+        lake,
+        write_order_lines(tmp_path),
+        "generic",
+        mapping=ORDER_LINES_MAPPING,
+        event_type="purchase",
+        timestamp_format="%m/%d/%Y %H:%M",
+        timezone="Europe/London",
+        not_recommendable=[" POST", "M"],
+    )
+    events = landing(lake)
+    assert set(events.get_column("event_type")) == {"purchase"}
+    # Float-written and padded ids are the shop's ids; London time before and after DST.
+    assert (
+        events.get_column("user_id").to_list()[:6]
+        == ["17850", "17850", "13047", "13047"] + ["17850"] * 2
+    )
+    assert events.get_column("occurred_at").to_list()[:3] == [
+        utc(2026, 3, 29, 0, 30),
+        utc(2026, 3, 29, 0, 30),
+        utc(2026, 3, 30, 8, 5),
+    ]
+    assert events.get_column("occurred_at")[8] is None  # April 40th: quarantined at ingestion
+    # The dry run of ingestion's rules, per file.
+    [check] = report.checks
+    assert (check.rows, check.rows_to_land, check.rows_rejected) == (9, 6, 1)
+    assert check.set_aside == {GUEST_REASON: 1, RETURN_REASON: 1}
+    assert check.rejected == {"occurred_at is null": 1}
+    assert len(check.holds) == 1  # 1 of 7 judged rows is far above the default 1%
+    assert "make pipeline MAX_INVALID_SHARE=0.15" in check.holds[0].message()
+    # The catalog comes from valid rows: the most frequent title, the latest positive price;
+    # the guest's "damaged" adjustment, the return and the unreadable row set nothing.
+    items = {
+        row["item_id"]: row for row in landing(lake, paths.LANDING_ITEMS).iter_rows(named=True)
+    }
+    assert set(items) == {"85123A", "POST", "71053", "M"}
+    assert (items["85123A"]["title"], items["85123A"]["price"]) == ("WHITE HANGING HEART", 2.75)
+    assert (items["71053"]["title"], items["71053"]["price"]) == ("WHITE METAL LANTERN", 3.39)
+    assert [items[i]["is_recommendable"] for i in ("POST", "M", "85123A")] == [False, False, None]
+    users = landing(lake, paths.LANDING_USERS).get_column("user_id").to_list()
+    assert users == ["13047", "17850"]
+
+    ingested = ingest_landing(lake, now=NOW, max_invalid_share=0.2)
+    assert (ingested.events_landed, ingested.events_set_aside, ingested.events_quarantined) == (
+        6,
+        2,
+        1,
+    )
+    catalog = lake.read_frame(paths.ITEMS)
+    assert dict(catalog.select("item_id", "is_recommendable").iter_rows()) == {
+        "71053": None,
+        "85123A": None,
+        "M": False,
+        "POST": False,
+    }
+
+
+def test_a_file_without_an_event_type_is_refused_with_the_way_forward(tmp_path):
+    lake = Lake(str(tmp_path))
+    source = str(FIXTURES / "generic" / "epoch_seconds.csv")
+    mapping = {"user_id": "user", "item_id": "item", "occurred_at": "t"}
+    with pytest.raises(ContractError, match="no event type") as refused:
+        import_file(lake, source, "generic", mapping=mapping, timestamp_unit="s")
+    assert "--event-type" in str(refused.value) and "--map event_type=" in str(refused.value)
+    assert lake.list_files("landing") == []
+    with pytest.raises(ValueError, match="not both"):
+        import_file(lake, GENERIC, "generic", mapping=GENERIC_MAPPING, event_type="view")
+    with pytest.raises(ValueError, match="not one of"):
+        import_file(lake, source, "generic", mapping=mapping, event_type="buy")
+    with pytest.raises(ContractError, match="--timestamp-format '%d.%m.%Y'"):
+        import_file(
+            lake,
+            write_order_lines(tmp_path),
+            "generic",
+            mapping=ORDER_LINES_MAPPING,
+            event_type="purchase",
+            timestamp_format="%d.%m.%Y",
+        )
+
+
+def test_ids_written_as_floats_are_the_shops_ids_in_parquet_too(tmp_path):
+    source = tmp_path / "export.parquet"
+    pl.DataFrame(
+        {
+            "user_id": [" 17850.0", "12346.00", "A-7", "17850"],
+            "item_id": [85123.0, None, 22.5, 7.0],  # typed floats: whole ones lose their `.0`
+            "occurred_at": [datetime(2026, 1, 5, 10)] * 4,
+            "event_type": ["purchase"] * 4,
+        }
+    ).write_parquet(source)
+    lake = Lake(str(tmp_path / "lake"))
+    import_file(lake, str(source), "generic")
+    events = landing(lake)
+    assert events.get_column("user_id").to_list() == ["17850", "12346", "A-7", "17850"]
+    assert events.get_column("item_id").to_list() == ["85123", None, "22.5", "7"]
+    assert normalize_ids([" 17850.0", "17850", "", "POST "]) == ["17850", "POST"]
+
+
+def test_cli_import_reads_a_not_recommendable_file_and_says_what_will_land(tmp_path, capsys):
+    lake_dir = str(tmp_path / "lake")
+    fees = tmp_path / "fees.txt"
+    fees.write_text("POST  # postage\n\nM\n")
+    argv = ["import", "--format", "generic", write_order_lines(tmp_path), "--lake", lake_dir]
+    argv += [f"--map={k}={v}" for k, v in ORDER_LINES_MAPPING.items()]
+    argv += ["--event-type", "purchase", "--timestamp-format", "%m/%d/%Y %H:%M"]
+    argv += ["--not-recommendable", f"@{fees}", "--not-recommendable", "DOT"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "9 event rows; 6 will land, 2 set aside, 1 invalid." in out
+    assert f"set aside: {GUEST_REASON}: 1" in out and "invalid: occurred_at is null: 1" in out
+    assert "Ingestion will hold this batch with the default threshold" in out
+    assert "make pipeline MAX_INVALID_SHARE=0.15" in out
+    items = landing(Lake(lake_dir), paths.LANDING_ITEMS)
+    hidden = items.filter(
+        pl.col("is_recommendable").not_(), pl.col("is_recommendable").is_not_null()
+    )
+    assert sorted(hidden.get_column("item_id")) == ["DOT", "M", "POST"]
+    argv[-1] = "@missing.txt"
+    assert cli.main(argv) == 2
+    assert "missing.txt" in capsys.readouterr().err

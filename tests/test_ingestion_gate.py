@@ -74,7 +74,15 @@ def test_thirty_percent_broken_delivery_stops_the_pipeline_before_features(tmp_p
     assert not evaluation.passed
     held = evaluation.metadata["held_batches"].value
     assert list(held) == ["landing/events/delivery.parquet"]
-    assert "30.0% invalid" in held["landing/events/delivery.parquet"]
+    batch = held["landing/events/delivery.parquet"]
+    assert (batch["invalid_share"], batch["rows_judged"]) == (0.3, 200)
+    [reason] = batch["top_reasons"]
+    assert reason["rows"] == 60 and reason["reason"].startswith("event_type not in")
+    assert reason["example"]["event_type"] == "teleport"
+    # What to do next, where the user looks: the check's description (the console) says it too.
+    assert batch["ingest_anyway"] == "make pipeline MAX_INVALID_SHARE=0.3"
+    assert "30.0% of 200 rows invalid" in evaluation.description
+    assert "make pipeline MAX_INVALID_SHARE=0.3" in evaluation.description
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "raw_events" in materialized
     assert "item_features" not in materialized and "stg_lake__events" not in materialized

@@ -5,19 +5,28 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from shelfwise.contracts import EVENTS_SCHEMA, STOCK_UPDATES_SCHEMA, ContractError, conform
+from shelfwise.contracts import (
+    EVENT_TYPES,
+    EVENTS_SCHEMA,
+    STOCK_UPDATES_SCHEMA,
+    ContractError,
+    conform,
+)
 from shelfwise.home import prepare_home
 from shelfwise.ingest import ingest_landing, ingested_dates, lake_has_events
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
+from shelfwise.validation import GUEST_REASON, RETURN_REASON
 
 NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
 
 
 def events_table(rows):
+    """Rows in the events contract; required columns relaxed where a row leaves them empty."""
     columns = [field.name for field in EVENTS_SCHEMA]
     data = {name: [row.get(name) for row in rows] for name in columns}
-    return pa.table(data, schema=EVENTS_SCHEMA.with_metadata(None)) if rows else None
+    schema = pa.schema([f.with_nullable(f.nullable or None in data[f.name]) for f in EVENTS_SCHEMA])
+    return pa.table(data, schema=schema) if rows else None
 
 
 def event(event_id, when, **overrides):
@@ -137,6 +146,84 @@ def test_a_batch_above_the_threshold_is_held_in_landing_and_publishes_nothing(tm
     # The default threshold (1%) holds even the 5% batch.
     lake.write_parquet(broken_batch(100, 5), "landing/events/five-percent.parquet")
     assert len(ingest_landing(lake, now=NOW).held) == 2
+
+
+def test_guest_checkouts_and_returns_are_set_aside_and_never_count_as_invalid(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    hour_ago = NOW - timedelta(hours=1)
+    rows = [event(f"e{i}", hour_ago, event_type="purchase") for i in range(60)]
+    rows += [event(f"guest{i}", hour_ago, user_id=None, session_id=None) for i in range(30)]
+    rows += [event(f"return{i}", hour_ago, event_type="purchase", quantity=-2) for i in range(9)]
+    rows += [event("bad", hour_ago, event_type="teleport")]  # corruption: 2 of 62 judged rows
+    rows += [event("minus", hour_ago, quantity=-1)]  # a negative view is no return: corruption
+    lake.write_parquet(events_table(rows), "landing/events/orders.parquet")
+    report = ingest_landing(lake, now=NOW, max_invalid_share=0.04)
+    assert report.held == []
+    assert (report.events_landed, report.events_quarantined, report.events_set_aside) == (60, 2, 39)
+    assert report.set_aside_by_reason == {GUEST_REASON: 30, RETURN_REASON: 9}
+    reasons = lake.read_frame("quarantine/events/orders.parquet").get_column("reason")
+    assert sorted(reasons.value_counts().rows()) == sorted(
+        [
+            (GUEST_REASON, 30),
+            (RETURN_REASON, 9),
+            (f"event_type not in {list(EVENT_TYPES)}", 1),
+            ("quantity is negative", 1),
+        ]
+    )
+
+
+def test_a_held_delivery_says_why_and_how_to_go_on_and_holds_its_catalog(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    hour_ago = NOW - timedelta(hours=1)
+    rows = [event(f"e{i}", hour_ago) for i in range(95)]
+    rows += [event(f"late{i}", NOW + timedelta(days=2)) for i in range(4)]
+    rows += [event("mistyped", hour_ago, event_type="teleport")]
+    prefix = "import-generic-orders-0a1b2c3d"
+    lake.write_parquet(events_table(rows), f"landing/events/{prefix}-b00000.parquet")
+    item = {"item_id": "i1", "category_id": "c1", "is_in_stock": True, "title": "Mug"}
+    lake.write_parquet(pa.Table.from_pylist([item]), f"landing/items/{prefix}-items.parquet")
+    lake.write_parquet(
+        pa.Table.from_pylist([{"user_id": "u1"}]), f"landing/users/{prefix}-users.parquet"
+    )
+
+    report = ingest_landing(lake, now=NOW)
+    [held] = report.held
+    assert held.invalid_share == pytest.approx(0.05) and held.rows_judged == 100
+    assert [(r.reason, r.rows) for r in held.top_reasons] == [
+        ("occurred_at is in the future", 4),
+        (f"event_type not in {list(EVENT_TYPES)}", 1),
+    ]
+    assert held.top_reasons[0].example["event_id"] == "late0"
+    assert held.command == "make pipeline MAX_INVALID_SHARE=0.05"
+    message = held.message()
+    assert f"landing/events/{prefix}-b00000.parquet: held, 5.0% of 100 rows invalid" in message
+    assert "occurred_at is in the future: 4 rows, e.g. event_id=late0" in message
+    assert message.rstrip().endswith("make pipeline MAX_INVALID_SHARE=0.05")
+    # All or nothing: the delivery's catalog rows wait with its events.
+    assert report.catalog_files_held == 2 and report.items_upserted == 0
+    assert not lake.exists("catalog/items/catalog.parquet")
+    assert len(lake.list_files("landing")) == 3
+
+    report = ingest_landing(lake, now=NOW, max_invalid_share=held.accepting_share)
+    assert (report.held, report.events_landed, report.items_upserted) == ([], 95, 1)
+    assert lake.list_files("landing") == []
+
+
+def test_a_delivery_that_leaves_an_attribute_empty_keeps_the_catalogs_value(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    first = {"item_id": "i1", "title": "Mug", "category_id": "c1", "price": 3.5}
+    lake.write_parquet(
+        pa.Table.from_pylist([{**first, "is_in_stock": True, "is_recommendable": False}]),
+        "landing/items/shop.parquet",
+    )
+    ingest_landing(lake, now=NOW)
+    # An events-only import describes the item with a placeholder category and nothing else.
+    placeholder = {"item_id": "i1", "category_id": "unknown", "is_in_stock": True, "price": 4.0}
+    lake.write_parquet(pa.Table.from_pylist([placeholder]), "landing/items/events-only.parquet")
+    ingest_landing(lake, now=NOW)
+    [row] = lake.read_frame("catalog/items").rows(named=True)
+    assert (row["title"], row["category_id"], row["price"]) == ("Mug", "c1", 4.0)
+    assert row["is_recommendable"] is False
 
 
 def test_ingesting_the_same_delivery_twice_adds_nothing(tmp_path):

@@ -43,7 +43,9 @@ class IngestionConfig(dg.Config):
     ],
     group_name="lake",
 )
-def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
+def raw_events(
+    context: dg.AssetExecutionContext, shelfwise: ShelfwiseResource, config: IngestionConfig
+):
     """Ingests what `shelfwise generate` or `shelfwise import` left in the lake's landing area,
     and the feedback (events and impressions) in the service's write-ahead log."""
     lake = shelfwise.lake()
@@ -61,6 +63,9 @@ def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
             "landed_rows": report.events_landed,
             "quarantined_rows": report.events_quarantined,
             "quarantined_share": float(report.quarantined_share),
+            # Guest checkouts and returns: quarantined with their reason, never counted invalid.
+            "set_aside_rows": report.events_set_aside,
+            "set_aside_by_reason": dg.MetadataValue.json(report.set_aside_by_reason),
             "duplicates_collapsed": report.duplicates_collapsed,
             "feedback_rows": feedback.events,
             "dates_written": len(report.rows_by_date),
@@ -101,27 +106,30 @@ def raw_events(shelfwise: ShelfwiseResource, config: IngestionConfig):
         asset_key="catalog_users",
         metadata={"upserted_rows": report.users_upserted, "lake": lake.uri("catalog/users")},
     )
-    held = {
-        batch.path: f"{batch.invalid_share:.1%} invalid: {'; '.join(batch.reasons)}"
-        for batch in report.held
-    }
+    messages = [batch.message() for batch in report.held]
+    for message in messages:
+        context.log.error(message)
     yield dg.AssetCheckResult(
         asset_key="raw_events",
         check_name=VALID_BATCHES_CHECK,
-        passed=not held,
+        passed=not report.held,
         severity=dg.AssetCheckSeverity.ERROR,
         description=(
-            f"{len(held)} landing batch(es) above {config.max_invalid_share:.1%} invalid rows "
-            "held back"
-            if held
+            f"{len(report.held)} landing batch(es) above {config.max_invalid_share:.1%} invalid "
+            "rows held back with their delivery's catalog files:\n" + "\n".join(messages)
+            if report.held
             else "every landing batch within the threshold"
         ),
         metadata={
             "checked_rows": report.events_checked,
             "quarantined_rows": report.events_quarantined,
             "quarantined_share": float(report.quarantined_share),
+            "set_aside_rows": report.events_set_aside,
             "max_invalid_share": float(config.max_invalid_share),
-            "held_batches": dg.MetadataValue.json(held),
+            "held_batches": dg.MetadataValue.json(
+                {batch.path: batch.to_metadata() for batch in report.held}
+            ),
+            "catalog_files_held": report.catalog_files_held,
             "expectations": dg.MetadataValue.json(report.expectations),
         },
     )
