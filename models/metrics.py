@@ -80,8 +80,9 @@ def per_user_metrics(
                 *QUERY,
                 (pl.col("dcg") / pl.col("idcg")).alias(f"ndcg@{k}"),
                 (pl.col("hits") / pl.col("n_positives")).alias(f"recall@{k}"),
-                (pl.col("precision_sum") / pl.min_horizontal(pl.col("n_positives"), pl.lit(k)))
-                .alias(f"map@{k}"),
+                (
+                    pl.col("precision_sum") / pl.min_horizontal(pl.col("n_positives"), pl.lit(k))
+                ).alias(f"map@{k}"),
                 (pl.col("hits") > 0).alias(f"hit_rate@{k}"),
                 pl.col("reciprocal_rank").alias(f"mrr@{k}"),
             )
