@@ -362,9 +362,8 @@ def promote_if_gate_failed(home: Path) -> None:
     """Promotes the newest ranker with `shelfwise models promote` when the pipeline did not
     (its promotion gate failed), so that the service serves a ranker; records the gate's verdict,
     recomputed with `models.gate.gate_decision` from the evaluation report (own process)."""
+    from models.evaluation import NOT_BASELINES, PRODUCTION
     from models.gate import gate_decision
-    from orchestration.assets.evaluation import PRODUCTION
-    from orchestration.assets.serving import NOT_BASELINES
     from shelfwise.lake import EVALUATION, Lake
     from shelfwise.registry import list_rankers, production
     from shelfwise.settings import Settings
@@ -374,9 +373,12 @@ def promote_if_gate_failed(home: Path) -> None:
     tags = list_rankers(settings.bentoml_home)
     if not tags:
         raise SystemExit("no ranker was registered: see the build log")
-    metrics = Lake(settings.lake_url).read_json(f"{EVALUATION}/metrics.json")["metrics"]
+    report = Lake(settings.lake_url).read_json(f"{EVALUATION}/metrics.json")
+    metrics = report["metrics"]
     baselines = {name: values for name, values in metrics.items() if name not in NOT_BASELINES}
-    decision = gate_decision(metrics["ranker"], baselines, metrics.get(PRODUCTION))
+    decision = gate_decision(
+        metrics["ranker"], baselines, metrics.get(PRODUCTION), report.get("paired", {})
+    )
     current = production(settings.bentoml_home)
     if current is None or current.source_tag != tags[0]:
         subprocess.run([str(BIN / "shelfwise"), "models", "promote", tags[0]], env=env, check=True)

@@ -13,7 +13,29 @@ Approaches (`evaluate`):
 * `buy_again`: the user's own past items by purchases, then interactions, then recency;
 * `popularity`: the most popular items as of the cutoff, the same for everyone;
 * `trending`: items by `trend x views in the last 7 days`, the same for everyone;
-* `oracle` (only with the generator's ground truth): the candidates by their true preference.
+* `oracle` (only with the generator's ground truth): the candidates by their true preference;
+* `production` (when given): the model in production today, scored on the same candidates.
+
+How sure the numbers are: every per-user metric (`ndcg`, `recall`, `map`, `hit_rate`, `mrr` at
+each k) gets a 95% percentile-bootstrap interval over the evaluated users (`models.confidence`:
+1,000 seeded resamples), and the ranker gets a *paired* difference against every other
+approach: the same resampled users for both, so what the two share cancels. Coverage and
+novelty describe all the lists together (a share of the catalog, a mean over recommended
+slots), not a mean over users, so they get no interval. The per-user values come from
+`models.metrics.per_user_metrics`, the code behind every mean.
+
+A baseline the data cannot define is not scored 0 but listed as not applicable, with the
+reason (`not_applicable_baselines`): it is absent from the metrics and cannot be the "best
+baseline" the ranker must beat.
+
+Baselines never recommend an item whose `is_recommendable` is false (fees, postage); an
+absent column or a null counts as recommendable. (The candidates exclude them upstream.)
+
+The label window (`label_window_days` of the `feature_cutoffs` config, 7 by default) is what
+"held out" means: the evaluated users are those with a positive in it. Choose it by the shop's
+buying rhythm: 7 to 14 days for a weekly grocer, 28 or more for a fashion shop or a wholesaler
+whose customers order monthly; the window must hold enough purchases per evaluated user to rank
+against, and stay short relative to the data's length (the training cutoffs need room before it).
 """
 
 import math
@@ -26,10 +48,33 @@ import numpy as np
 import polars as pl
 
 from models.candidates import popular_items
+from models.confidence import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    bootstrap_means,
+    percentile_interval,
+)
 from models.features import feature_matrix
-from models.metrics import QUERY, evaluation_metrics, item_interactions, top_k
+from models.metrics import (
+    QUERY,
+    evaluation_metrics,
+    item_interactions,
+    list_metrics,
+    mean_metrics,
+    per_user_metrics,
+    top_k,
+)
 
 SEGMENTS = ("new", "light", "heavy")
+RANKER = "ranker"
+PRODUCTION = "production"
+ORACLE = "oracle"
+# Approaches that are not baselines: the candidate itself, the model in production and the oracle
+# (an upper bound, not something to beat).
+NOT_BASELINES = (RANKER, PRODUCTION, ORACLE)
+# Suffixes of the interval and paired keys in `EvaluationReport.to_dict` (a 95% interval).
+CI_SUFFIX = "_ci95"
+DIFF_SUFFIX = "_diff"
 # The generator's constants (shelfwise/generate.py): share of sessions whose leaf comes from
 # the global leaf popularity, width of the price fit, and the view weight of an out-of-stock
 # item.
@@ -70,18 +115,54 @@ def _same_for_everyone(users: pl.DataFrame, ranked: pl.DataFrame) -> pl.DataFram
     )
 
 
+def recommendable_items(item_features: pl.DataFrame) -> pl.DataFrame:
+    """The rows of items that may be recommended: `is_recommendable` not false.
+
+    Fees and postage are countable as history but never recommended. Marts written before the
+    column existed lack it, and a null means the shop did not say: both count as recommendable.
+
+    Args:
+        item_features: The `item_features` mart (as_of, item_id, optionally is_recommendable).
+
+    Returns:
+        The rows whose item may be recommended.
+    """
+    if "is_recommendable" not in item_features.columns:
+        return item_features
+    return item_features.filter(pl.col("is_recommendable").fill_null(True))
+
+
+def _not_recommendable(item_features: pl.DataFrame) -> pl.DataFrame:
+    if "is_recommendable" not in item_features.columns:
+        return item_features.select("as_of", "item_id").clear()
+    return item_features.filter(~pl.col("is_recommendable").fill_null(True)).select(
+        "as_of", "item_id"
+    )
+
+
 def popularity_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int) -> pl.DataFrame:
-    """The `k` most popular items as of the cutoff (decayed weighted events), for every user.
+    """The `k` most popular recommendable items as of the cutoff (decayed weighted events).
+
+    The same list for every user; items that are not recommendable are skipped (the next most
+    popular take their places).
 
     Args:
         users: Columns as_of, user_id.
-        item_features: The `item_features` mart (as_of, item_id, popularity_rank).
+        item_features: The `item_features` mart (as_of, item_id, popularity_rank, optionally
+            is_recommendable).
         k: List length.
 
     Returns:
         Columns as_of, user_id, item_id, rank.
     """
-    ranked = popular_items(item_features, k).rename({"popularity_rank": "rank"})
+    # Ranked again among the recommendable items, so that a skipped fee leaves no gap.
+    eligible = (
+        recommendable_items(item_features)
+        .filter(pl.col("popularity_rank").is_not_null())
+        .sort("as_of", "popularity_rank", "item_id")
+        .with_columns((pl.int_range(pl.len()).over("as_of") + 1).alias("popularity_rank"))
+    )
+    ranked = popular_items(eligible, k).rename({"popularity_rank": "rank"})
     return _same_for_everyone(users, ranked)
 
 
@@ -91,20 +172,26 @@ def trending_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int) 
     An item's score is `trend * views_7d`: the ratio of its daily views over 7 days to those
     over 30 days (`trend`, above 1 = rising) times its views in the last 7 days, so a rising item
     needs volume too (a niche item going from 0 to 2 views does not win). Items without a view
-    in the last 7 days are left out; ties break by item_id.
+    in the last 7 days are left out, and so are items that are not recommendable; ties break by
+    item_id.
 
     Args:
         users: Columns as_of, user_id.
-        item_features: The `item_features` mart (as_of, item_id, trend, views_7d).
+        item_features: The `item_features` mart (as_of, item_id, trend, views_7d, optionally
+            is_recommendable).
         k: List length.
 
     Returns:
         Columns as_of, user_id, item_id, rank.
     """
-    scored = item_features.filter(pl.col("views_7d").fill_null(0) > 0).select(
-        "as_of",
-        "item_id",
-        (pl.col("trend").fill_null(1.0) * pl.col("views_7d")).cast(pl.Float64).alias("score"),
+    scored = (
+        recommendable_items(item_features)
+        .filter(pl.col("views_7d").fill_null(0) > 0)
+        .select(
+            "as_of",
+            "item_id",
+            (pl.col("trend").fill_null(1.0) * pl.col("views_7d")).cast(pl.Float64).alias("score"),
+        )
     )
     ranked = (
         scored.sort(["as_of", "score", "item_id"], descending=[False, True, False])
@@ -146,21 +233,33 @@ def covisitation_baseline(candidates: pl.DataFrame, k: int) -> pl.DataFrame:
     return top_k(scored, "score", k)
 
 
-def buy_again_baseline(users: pl.DataFrame, user_items: pl.DataFrame, k: int) -> pl.DataFrame:
+def buy_again_baseline(
+    users: pl.DataFrame,
+    user_items: pl.DataFrame,
+    k: int,
+    item_features: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Personal top frequency: the user's own past items.
 
     Ranked by purchases, then interactions (views + carts + purchases), then recency (fewest
-    days since the last event), then item_id.
+    days since the last event), then item_id. Items that are not recommendable (fees, postage:
+    bought in every order, so they would top every list) are left out.
 
     Args:
         users: Columns as_of, user_id.
         user_items: The `user_item_features` mart (as_of, user_id, item_id, views, carts,
             purchases, days_since_last) as of the cutoff.
         k: List length.
+        item_features: The `item_features` mart (as_of, item_id, is_recommendable), to leave out
+            items that are not recommendable; None (or no such column) leaves out nothing.
 
     Returns:
         Columns as_of, user_id, item_id, rank.
     """
+    if item_features is not None:
+        user_items = user_items.join(
+            _not_recommendable(item_features), on=["as_of", "item_id"], how="anti"
+        )
     history = user_items.join(users.select(QUERY).unique(), on=QUERY, how="semi").with_columns(
         pl.col("purchases").fill_null(0).alias("_purchases"),
         pl.sum_horizontal(
@@ -362,6 +461,52 @@ def user_segments(
     )
 
 
+def not_applicable_baselines(
+    assembled: pl.DataFrame, item_features: pl.DataFrame, user_items: pl.DataFrame
+) -> dict[str, str]:
+    """The baselines the data cannot define, each with the reason.
+
+    Such a baseline would score 0 for a reason that says nothing about ranking (a shop without
+    views has no "trending"), and a 0 would make the ranker look good against it; it is listed
+    instead, and is never the best baseline. The rules, decided on the data before the cutoff
+    (never on the labels), are:
+
+    * `trending`: no recommendable item was viewed in the 7 days before the cutoff, e.g. order
+      lines without views: every trending list would be empty;
+    * `buy_again`: nobody bought any recommendable item twice before the cutoff (no user x item
+      with two or more purchase events): the data shows no repeat purchases to rely on. (Fees
+      and postage, bought in every order, do not count.);
+    * `covisitation`: no candidate of an evaluated user has a co-visitation score: every
+      co-visitation list would be empty.
+
+    Args:
+        assembled: The evaluated users' candidates (as_of, user_id, item_id, covisit_score).
+        item_features: The `item_features` mart at the evaluation cutoff (views_7d,
+            optionally is_recommendable).
+        user_items: The `user_item_features` mart at the evaluation cutoff (purchases).
+
+    Returns:
+        Approach name → reason; empty when every baseline is defined.
+    """
+    reasons: dict[str, str] = {}
+    viewed = recommendable_items(item_features).filter(pl.col("views_7d").fill_null(0) > 0)
+    if viewed.height == 0:
+        reasons["trending"] = (
+            "no recommendable item was viewed in the 7 days before the cutoff (no view events, "
+            "e.g. purchase-only order lines)"
+        )
+    repeats = user_items.join(
+        _not_recommendable(item_features), on=["as_of", "item_id"], how="anti"
+    ).filter(pl.col("purchases").fill_null(0) >= 2)
+    if repeats.height == 0:
+        reasons["buy_again"] = (
+            "no user bought any recommendable item twice before the cutoff (no repeat purchases)"
+        )
+    if assembled.filter(pl.col("covisit_score").fill_null(0) > 0).height == 0:
+        reasons["covisitation"] = "no candidate has a co-visitation score"
+    return reasons
+
+
 @dataclass
 class EvaluationReport:
     """Metrics per approach, overall and per user segment, on the same users and labels.
@@ -374,6 +519,15 @@ class EvaluationReport:
         k: Longest list evaluated.
         heavy_threshold: Events above which a user is `heavy`.
         evaluation_cutoffs: The cutoffs evaluated (ISO 8601).
+        intervals: Approach → per-user metric → 95% bootstrap interval (lower, upper).
+        paired: Approach other than the ranker → per-user metric → the ranker's mean minus the
+            approach's, on the same users.
+        paired_intervals: Approach → per-user metric → 95% paired bootstrap interval of that
+            difference (the same resampled users for both).
+        not_applicable: Baselines the data cannot define → reason (see
+            `not_applicable_baselines`); they are absent from every other field.
+        resamples: Bootstrap resamples behind the intervals.
+        seed: Seed of the bootstrap.
     """
 
     metrics: dict[str, dict[str, float]]
@@ -382,6 +536,12 @@ class EvaluationReport:
     k: int
     heavy_threshold: int
     evaluation_cutoffs: list[str] = field(default_factory=list)
+    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    paired: dict[str, dict[str, float]] = field(default_factory=dict)
+    paired_intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    resamples: int = DEFAULT_RESAMPLES
+    seed: int = DEFAULT_SEED
 
     @property
     def approaches(self) -> list[str]:
@@ -389,7 +549,12 @@ class EvaluationReport:
         return list(self.metrics)
 
     def to_dict(self) -> dict[str, object]:
-        """The report as plain dicts, lists, str, int and float (JSON-ready)."""
+        """The report as plain dicts, lists, str, int and float (JSON-ready).
+
+        Each approach's metrics hold `<metric>_ci95: [lower, upper]` after every per-user
+        metric; `paired.<approach>` holds `<metric>_diff` and `<metric>_diff_ci95` (the ranker
+        minus that approach); `not_applicable` maps a baseline the data cannot define to why.
+        """
 
         def plain(metrics: dict[str, float]) -> dict[str, float | int]:
             return {
@@ -397,11 +562,41 @@ class EvaluationReport:
                 for name, value in metrics.items()
             }
 
+        def with_intervals(name: str) -> dict[str, float | int | list[float]]:
+            values: dict[str, float | int | list[float]] = {}
+            intervals = self.intervals.get(name, {})
+            for metric, value in plain(self.metrics[name]).items():
+                values[metric] = value
+                if metric in intervals:
+                    values[metric + CI_SUFFIX] = _pair(intervals[metric])
+            return values
+
         return {
             "evaluation_cutoffs": [str(cutoff) for cutoff in self.evaluation_cutoffs],
             "k": int(self.k),
             "heavy_threshold": int(self.heavy_threshold),
-            "metrics": {name: plain(values) for name, values in self.metrics.items()},
+            "metrics": {name: with_intervals(name) for name in self.metrics},
+            "paired": {
+                name: {
+                    key: value
+                    for metric, difference in differences.items()
+                    for key, value in (
+                        (metric + DIFF_SUFFIX, _finite(difference)),
+                        (
+                            metric + DIFF_SUFFIX + CI_SUFFIX,
+                            _pair(self.paired_intervals[name][metric]),
+                        ),
+                    )
+                }
+                for name, differences in self.paired.items()
+            },
+            "not_applicable": {name: str(reason) for name, reason in self.not_applicable.items()},
+            "confidence": {
+                "method": "percentile bootstrap over the evaluated users, paired across approaches",
+                "level": 0.95,
+                "resamples": int(self.resamples),
+                "seed": int(self.seed),
+            },
             "segments": {
                 segment: {name: plain(values) for name, values in approaches.items()}
                 for segment, approaches in self.segments.items()
@@ -413,6 +608,10 @@ class EvaluationReport:
 def _finite(value: float) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0
+
+
+def _pair(bounds: tuple[float, float]) -> list[float]:
+    return [_finite(bounds[0]), _finite(bounds[1])]
 
 
 def _ranker_frame(
@@ -429,6 +628,52 @@ def _ranker_frame(
     return assembled.with_columns(pl.Series("score", values, dtype=pl.Float64))
 
 
+def _intervals(
+    per_user: dict[str, pl.DataFrame], resamples: int, seed: int
+) -> tuple[
+    dict[str, dict[str, tuple[float, float]]],
+    dict[str, dict[str, float]],
+    dict[str, dict[str, tuple[float, float]]],
+]:
+    # One set of resamples for every approach: each difference of two means is paired.
+    names = list(per_user)
+    frames = list(per_user.values())
+    metrics = [column for column in frames[0].columns if column not in QUERY]
+    users = frames[0].select(QUERY)
+    for frame in frames[1:]:
+        # Every approach is scored on the same users: the rows must line up for pairing.
+        if not frame.select(QUERY).equals(users):
+            raise ValueError("the approaches were not scored on the same users")
+    # Columns: approach-major, metric-minor.
+    values = np.column_stack([frame.select(metrics).to_numpy() for frame in frames])
+    means = bootstrap_means(values, resamples, seed).reshape(resamples, len(names), len(metrics))
+    lower, upper = percentile_interval(means.reshape(resamples, -1))
+    lower = lower.reshape(len(names), len(metrics))
+    upper = upper.reshape(len(names), len(metrics))
+    intervals = {
+        name: {metric: (float(lower[a, m]), float(upper[a, m])) for m, metric in enumerate(metrics)}
+        for a, name in enumerate(names)
+    }
+    paired: dict[str, dict[str, float]] = {}
+    paired_intervals: dict[str, dict[str, tuple[float, float]]] = {}
+    if RANKER not in per_user:
+        return intervals, paired, paired_intervals
+    ranker = names.index(RANKER)
+    point = values.mean(axis=0).reshape(len(names), len(metrics)) if len(users) else None
+    for a, name in enumerate(names):
+        if a == ranker:
+            continue
+        low, high = percentile_interval(means[:, ranker, :] - means[:, a, :])
+        paired[name] = {
+            metric: float(point[ranker, m] - point[a, m]) if point is not None else 0.0
+            for m, metric in enumerate(metrics)
+        }
+        paired_intervals[name] = {
+            metric: (float(low[m]), float(high[m])) for m, metric in enumerate(metrics)
+        }
+    return intervals, paired, paired_intervals
+
+
 def evaluate(
     assembled: pl.DataFrame,
     scores: np.ndarray | pl.Series | lgb.Booster,
@@ -441,6 +686,9 @@ def evaluate(
     heavy_threshold: int = 20,
     trend_pivot: datetime | None = None,
     queries: pl.DataFrame | None = None,
+    production: np.ndarray | pl.Series | lgb.Booster | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
 ) -> EvaluationReport:
     """Evaluates the ranker and every baseline on the same users and held-out labels.
 
@@ -450,6 +698,11 @@ def evaluate(
     scored on exactly the same users. Metrics are `ranking_metrics` at 10 and `k`, and coverage
     and novelty of the top 10 (`evaluation_metrics`). Novelty uses the interactions before the
     cutoff (`user_items`) of all users, sampled or not: it is a property of the items.
+
+    Every per-user metric gets a 95% bootstrap interval over the evaluated users, and the
+    ranker a paired difference (with its interval) against every other approach; baselines the
+    data cannot define are left out and listed (`not_applicable_baselines`). Segments get
+    means only.
 
     Args:
         assembled: Candidates of the evaluation users at the evaluation cutoff (as_of, user_id,
@@ -466,32 +719,48 @@ def evaluate(
         trend_pivot: The middle of the generated window, for the oracle's trends (optional).
         queries: The sampled queries (as_of, user_id) to evaluate; None evaluates every user
             with a positive label.
+        production: The production model's score per row of `assembled`, or its booster; it is
+            then scored as the approach `production` on the same candidates and users.
+        resamples: Bootstrap resamples of the users.
+        seed: Seed of the bootstrap (the report is deterministic).
 
     Returns:
         The report; approaches in the order ranker, candidate_order, covisitation, buy_again,
-        popularity, trending, oracle (when ground truth is given).
+        popularity, trending, oracle (when ground truth is given), production (when given),
+        without those not applicable.
     """
     scored = _ranker_frame(assembled, scores)
+    production_scored = _ranker_frame(assembled, production) if production is not None else None
     if queries is not None:
         sample = queries.select(QUERY).unique()
         labels = labels.join(sample, on=QUERY, how="semi")
         scored = scored.join(sample, on=QUERY, how="semi", maintain_order="left")
+        if production_scored is not None:
+            production_scored = production_scored.join(
+                sample, on=QUERY, how="semi", maintain_order="left"
+            )
     assembled = scored.drop("score")
     users = evaluated_users(labels)
     k_values = tuple(sorted({min(10, k), k}))
     list_k = min(10, k)
+    not_applicable = not_applicable_baselines(
+        assembled.join(users, on=QUERY, how="semi"), item_features, user_items
+    )
     approaches: dict[str, pl.DataFrame] = {
-        "ranker": top_k(scored, "score", k),
+        RANKER: top_k(scored, "score", k),
         "candidate_order": candidate_order_baseline(assembled, k),
         "covisitation": covisitation_baseline(assembled, k),
-        "buy_again": buy_again_baseline(users, user_items, k),
+        "buy_again": buy_again_baseline(users, user_items, k, item_features),
         "popularity": popularity_baseline(users, item_features, k),
         "trending": trending_baseline(users, item_features, k),
     }
     if ground_truth is not None:
-        approaches["oracle"] = oracle_baseline(
+        approaches[ORACLE] = oracle_baseline(
             assembled, ground_truth, k, item_features=item_features, trend_pivot=trend_pivot
         )
+    if production_scored is not None:
+        approaches[PRODUCTION] = top_k(production_scored, "score", k)
+    approaches = {name: ranked for name, ranked in approaches.items() if name not in not_applicable}
     catalog = item_features.select("as_of", "item_id")
     interactions = item_interactions(user_items)
 
@@ -511,12 +780,31 @@ def evaluate(
         segment_users[segment] = members.height
         if members.height:
             per_segment[segment] = score_all(labels.join(members, on=QUERY, how="semi"))
+    # Overall: the per-user values once per approach, for the means and for the intervals.
+    per_user = {
+        name: per_user_metrics(recommendations, labels, k_values)
+        for name, recommendations in approaches.items()
+    }
+    metrics = {
+        name: {
+            **mean_metrics(per_user[name]),
+            **list_metrics(recommendations, labels, catalog, interactions, list_k),
+        }
+        for name, recommendations in approaches.items()
+    }
+    intervals, paired, paired_intervals = _intervals(per_user, resamples, seed)
     cutoffs = sorted(users.get_column("as_of").unique().to_list())
     return EvaluationReport(
-        metrics=score_all(labels),
+        metrics=metrics,
         segments=per_segment,
         segment_users=segment_users,
         k=k,
         heavy_threshold=heavy_threshold,
         evaluation_cutoffs=[cutoff.isoformat() for cutoff in cutoffs],
+        intervals=intervals,
+        paired=paired,
+        paired_intervals=paired_intervals,
+        not_applicable=not_applicable,
+        resamples=resamples,
+        seed=seed,
     )

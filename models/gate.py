@@ -1,28 +1,44 @@
 """The promotion gate: may a newly trained ranker replace production?
 
-Pure logic over metric dictionaries (no Dagster, no BentoML), so the pipeline, the CLI and tests
-share one rule. A candidate passes when, on one metric (NDCG@10 by default), both hold:
+Pure logic over the evaluation's numbers (no Dagster, no BentoML), so the pipeline, the CLI and
+tests share one rule. A candidate passes when, on one per-user metric (NDCG@10 by default), both
+hold:
 
-1. It beats the best baseline (popularity, candidate order, …) by a relative margin: its value is at
-   least `best * (1 + min_lift)`. Default `min_lift` 5%: a ranker that is not clearly better than
-   what needs no model is not worth its serving cost.
+1. It is better than the best baseline with 95% confidence: the LOWER bound of the paired
+   bootstrap interval of `candidate - best baseline` (the same resampled users for both; see
+   `models.confidence`) is above `min_paired_lower_bound` (default 0, in the metric's own
+   units: 0.01 demands at least 0.01 NDCG more). The best baseline is the one with the highest
+   point value among those given: the caller passes the applicable baselines only (not the
+   candidate, production or the oracle; a baseline the data cannot define is not in the
+   metrics at all). A ranker that merely matches buy-again has an interval around 0 and is
+   refused, however its point value happens to fall. This replaces the former relative rule
+   (point value at least 5% above the best baseline): a point lift says nothing about noise,
+   with 300 users a 5% lift can be chance and with 50,000 a 2% lift can be certain. The point
+   lift is still reported (`lift_over_baseline`), never decisive.
 2. It is not worse than production beyond a relative tolerance: its value is at least
    `production * (1 - tolerance)`. Default `tolerance` 2%: evaluation windows move from week to
    week, so a fresh ranker trained on newer data may score slightly lower on its own window and
-   still be the better choice; a larger drop blocks it.
+   still be the better choice; a larger drop blocks it. (This rule is deliberately lenient and
+   stays on point values; the paired difference against production is reported by the
+   evaluation.)
 
-Margins are relative to the magnitude of the reference (`abs`), so they also behave for a zero or
-negative reference. Without a production model (a new installation) only the first rule applies;
+Without baselines rule 1 is skipped; without a production model (a new installation) rule 2 is;
 a production model that does not report the metric is not compared (and the message says so).
-Values within 1e-12 of a threshold count as meeting it (floating-point noise).
+`decided_by` names the rule(s) that decided: on a pass `paired_lower_bound` (or
+`production_tolerance` / `no_comparison` when there was no baseline), on a failure every rule
+that failed.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_METRIC = "ndcg@10"
-DEFAULT_MIN_LIFT = 0.05
+DEFAULT_MIN_PAIRED_LOWER_BOUND = 0.0
 DEFAULT_TOLERANCE = 0.02
+PAIRED_LOWER_BOUND = "paired_lower_bound"
+PRODUCTION_TOLERANCE = "production_tolerance"
+NO_COMPARISON = "no_comparison"
 _EPSILON = 1e-12
 
 
@@ -35,9 +51,16 @@ class GateDecision:
         message: Every comparison made, and for a failure which one failed and by how much.
         metric: The metric compared.
         candidate: The candidate's value.
+        decided_by: The rule(s) that decided (`paired_lower_bound`, `production_tolerance`,
+            comma-separated when both failed; `no_comparison` when nothing was compared).
         best_baseline: Name of the best baseline, if any baseline was given.
         baseline_value: The best baseline's value, if any.
-        lift_over_baseline: Relative lift over the best baseline (0.05 = 5%), if defined.
+        paired_difference: The candidate's value minus the best baseline's, on the same users.
+        paired_lower_bound: Lower bound of the paired difference's 95% interval.
+        paired_upper_bound: Upper bound of that interval.
+        min_paired_lower_bound: The margin the lower bound had to be above.
+        lift_over_baseline: Relative point lift over the best baseline (0.05 = 5%), if defined;
+            reported only.
         production_value: Production's value, if compared.
         change_vs_production: Relative change against production (-0.03 = 3% below), if defined.
     """
@@ -46,11 +69,34 @@ class GateDecision:
     message: str
     metric: str
     candidate: float
+    decided_by: str
     best_baseline: str | None = None
     baseline_value: float | None = None
+    paired_difference: float | None = None
+    paired_lower_bound: float | None = None
+    paired_upper_bound: float | None = None
+    min_paired_lower_bound: float = DEFAULT_MIN_PAIRED_LOWER_BOUND
     lift_over_baseline: float | None = None
     production_value: float | None = None
     change_vs_production: float | None = None
+
+    def metadata(self) -> dict[str, float | str | bool | None]:
+        """The decision's numbers as plain values (for asset-check metadata)."""
+        return {
+            "passed": self.passed,
+            "decided_by": self.decided_by,
+            "metric": self.metric,
+            "candidate": self.candidate,
+            "best_baseline": self.best_baseline,
+            "baseline_value": self.baseline_value,
+            "paired_difference": self.paired_difference,
+            "paired_lower_bound": self.paired_lower_bound,
+            "paired_upper_bound": self.paired_upper_bound,
+            "min_paired_lower_bound": self.min_paired_lower_bound,
+            "lift_over_baseline": self.lift_over_baseline,
+            "production_value": self.production_value,
+            "change_vs_production": self.change_vs_production,
+        }
 
 
 def _percent(fraction: float) -> str:
@@ -61,33 +107,55 @@ def _relative(value: float, reference: float) -> float | None:
     return None if reference == 0 else (value - reference) / abs(reference)
 
 
+def _interval(paired: Mapping[str, Any], metric: str, baseline: str) -> tuple[float, float, float]:
+    difference = paired.get(f"{metric}_diff")
+    bounds = paired.get(f"{metric}_diff_ci95")
+    if difference is None or not isinstance(bounds, Sequence) or len(bounds) != 2:
+        raise ValueError(
+            f"no paired {metric} difference with a 95% interval against the best baseline "
+            f"{baseline} (the evaluation writes paired.<baseline>.{metric}_diff and _diff_ci95 "
+            "for per-user metrics)"
+        )
+    return float(difference), float(bounds[0]), float(bounds[1])
+
+
 def gate_decision(
-    candidate: Mapping[str, float],
-    baselines: Mapping[str, Mapping[str, float]],
-    production: Mapping[str, float] | None,
+    candidate: Mapping[str, Any],
+    baselines: Mapping[str, Mapping[str, Any]],
+    production: Mapping[str, Any] | None,
+    paired: Mapping[str, Mapping[str, Any]],
     metric: str = DEFAULT_METRIC,
-    min_lift: float = DEFAULT_MIN_LIFT,
+    min_paired_lower_bound: float = DEFAULT_MIN_PAIRED_LOWER_BOUND,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> GateDecision:
     """Decides whether a candidate ranker may be promoted to production.
 
     Args:
         candidate: The candidate's metrics, e.g. `{"ndcg@10": 0.175, "recall@20": 0.239}`.
-        baselines: Each baseline's metrics by name, e.g. `{"popularity": {"ndcg@10": 0.033}}`.
-            Empty: the baseline rule is skipped.
+        baselines: Each applicable baseline's metrics by name, e.g.
+            `{"buy_again": {"ndcg@10": 0.127}}`. Empty: the baseline rule is skipped.
         production: The production ranker's metrics; None when there is no production model.
-        metric: The metric compared (higher is better).
-        min_lift: Required relative lift over the best baseline (0.05 = 5%).
+        paired: Per approach, the candidate's paired difference against it, as the
+            evaluation writes it (`evaluation/metrics.json` `paired`): `{"buy_again":
+            {"ndcg@10_diff": 0.056, "ndcg@10_diff_ci95": [0.041, 0.071]}}`. Only the best
+            baseline's entry is read.
+        metric: The metric compared (higher is better; a per-user metric, which has a paired
+            interval).
+        min_paired_lower_bound: The paired interval's lower bound must be above this (>= 0).
         tolerance: Allowed relative drop below production (0.02 = 2%).
 
     Returns:
         The decision, with a message naming the comparisons and, on failure, the gap.
 
     Raises:
-        ValueError: The candidate or a baseline lacks the metric, or a margin is negative.
+        ValueError: The candidate or a baseline lacks the metric, the best baseline has no
+            paired interval, or a margin is negative.
     """
-    if min_lift < 0 or tolerance < 0:
-        raise ValueError(f"min_lift and tolerance must be >= 0, got {min_lift} and {tolerance}")
+    if min_paired_lower_bound < 0 or tolerance < 0:
+        raise ValueError(
+            "min_paired_lower_bound and tolerance must be >= 0, got "
+            f"{min_paired_lower_bound} and {tolerance}"
+        )
     if metric not in candidate:
         raise ValueError(f"the candidate has no {metric} (it has {sorted(candidate)})")
     missing = sorted(name for name, values in baselines.items() if metric not in values)
@@ -95,26 +163,29 @@ def gate_decision(
         raise ValueError(f"baseline(s) {', '.join(missing)} have no {metric}")
 
     value = float(candidate[metric])
+    failed: list[str] = []
     failures: list[str] = []
     notes: list[str] = []
-    best_name = best_value = lift = None
+    best_name = best_value = lift = difference = lower = upper = None
     if baselines:
         best_name = max(baselines, key=lambda name: float(baselines[name][metric]))
         best_value = float(baselines[best_name][metric])
         lift = _relative(value, best_value)
-        required = best_value + min_lift * abs(best_value)
-        shown_lift = "undefined" if lift is None else f"{lift * 100:.1f}%"
-        # Against a zero baseline a relative margin means nothing: then "beat" means exceed it.
-        beaten = value + _EPSILON >= required and not (best_value == 0 < min_lift and value <= 0)
-        if not beaten:
-            failures.append(
-                f"{metric} {value:.3f} does not beat the best baseline {best_name} "
-                f"{best_value:.3f} by the required {_percent(min_lift)} (lift {shown_lift})"
+        difference, lower, upper = _interval(paired.get(best_name, {}), metric, best_name)
+        shown = (
+            f"paired {metric} difference over the best baseline {best_name} {difference:+.4f} "
+            f"[{lower:+.4f}, {upper:+.4f}] (95%; {metric} {value:.3f} vs {best_value:.3f})"
+        )
+        # Strictly above the margin: a lower bound of exactly 0 (the same lists) is no evidence.
+        if lower > min_paired_lower_bound + _EPSILON:
+            notes.append(
+                f"{shown}: its lower bound {lower:.4f} is above {min_paired_lower_bound:g}"
             )
         else:
-            notes.append(
-                f"{metric} {value:.3f} beats the best baseline {best_name} {best_value:.3f} "
-                f"by {shown_lift} (required {_percent(min_lift)})"
+            failed.append(PAIRED_LOWER_BOUND)
+            failures.append(
+                f"{metric} is not shown better than the best baseline {best_name}: {shown}; its "
+                f"lower bound {lower:.4f} is not above {min_paired_lower_bound:g}"
             )
     else:
         notes.append("no baselines to compare with")
@@ -130,6 +201,7 @@ def gate_decision(
         floor = production_value - tolerance * abs(production_value)
         if value + _EPSILON < floor:
             below = -change if change is not None else 0.0
+            failed.append(PRODUCTION_TOLERANCE)
             failures.append(
                 f"{metric} {value:.3f} is {below * 100:.1f}% below production "
                 f"{production_value:.3f}, beyond the {_percent(tolerance)} tolerance"
@@ -142,14 +214,27 @@ def gate_decision(
             )
 
     passed = not failures
+    if failed:
+        decided_by = ",".join(failed)
+    elif best_name is not None:
+        decided_by = PAIRED_LOWER_BOUND
+    elif production_value is not None:
+        decided_by = PRODUCTION_TOLERANCE
+    else:
+        decided_by = NO_COMPARISON
     message = "; ".join(failures) if failures else "; ".join(notes)
     return GateDecision(
         passed=passed,
         message=("passed: " if passed else "failed: ") + message,
         metric=metric,
         candidate=value,
+        decided_by=decided_by,
         best_baseline=best_name,
         baseline_value=best_value,
+        paired_difference=difference,
+        paired_lower_bound=lower,
+        paired_upper_bound=upper,
+        min_paired_lower_bound=float(min_paired_lower_bound),
         lift_over_baseline=lift,
         production_value=production_value,
         change_vs_production=change,

@@ -9,10 +9,13 @@ import polars as pl
 QUERY = ["as_of", "user_id"]
 
 
-def ranking_metrics(
+RANKING_METRICS = ("ndcg", "recall", "map", "hit_rate", "mrr")
+
+
+def per_user_metrics(
     recommendations: pl.DataFrame, labels: pl.DataFrame, k_values: tuple[int, ...] = (10, 20)
-) -> dict[str, float]:
-    """Per-user ranking metrics at each k, averaged over users with at least one positive.
+) -> pl.DataFrame:
+    """Each evaluated user's ranking metrics at each k (what `ranking_metrics` averages).
 
     NDCG@k uses graded gains `2^label - 1`; the other metrics treat `label > 0` as relevant:
 
@@ -30,18 +33,12 @@ def ranking_metrics(
         k_values: The cut-offs to report.
 
     Returns:
-        `ndcg@k`, `recall@k`, `map@k`, `hit_rate@k` and `mrr@k` for each k, plus `users` (how
-        many users were averaged). Users with positives but no recommendations count as 0.
+        One row per user with at least one positive, sorted by as_of, user_id: the query
+        columns and a Float64 column `<metric>@<k>` per metric and k. Users with positives but
+        no recommendations score 0; users without a positive are absent.
     """
     positives = labels.filter(pl.col("label") > 0)
-    users = positives.select(QUERY).unique()
-    metrics: dict[str, float] = {"users": float(users.height)}
-    names = ("ndcg", "recall", "map", "hit_rate", "mrr")
-    if users.height == 0:
-        for k in k_values:
-            for name in names:
-                metrics[f"{name}@{k}"] = 0.0
-        return metrics
+    users = positives.select(QUERY).unique().sort(QUERY)
     gain = (pl.lit(2.0).pow(pl.col("label")) - 1.0).alias("gain")
     hits = (
         recommendations.join(
@@ -56,6 +53,7 @@ def ranking_metrics(
         pl.col("gain").rank(method="ordinal", descending=True).over(QUERY).alias("rank")
     )
     n_positives = positives.group_by(QUERY).agg(pl.len().alias("n_positives"))
+    result = users
     for k in k_values:
         discount = 1.0 / (pl.col("rank") + 1).log(base=2)
         dcg = (
@@ -78,19 +76,55 @@ def ranking_metrics(
             .join(dcg, on=QUERY, how="left")
             .join(n_positives, on=QUERY, how="left")
             .with_columns(pl.col("dcg", "hits", "precision_sum", "reciprocal_rank").fill_null(0))
+            .select(
+                *QUERY,
+                (pl.col("dcg") / pl.col("idcg")).alias(f"ndcg@{k}"),
+                (pl.col("hits") / pl.col("n_positives")).alias(f"recall@{k}"),
+                (
+                    pl.col("precision_sum") / pl.min_horizontal(pl.col("n_positives"), pl.lit(k))
+                ).alias(f"map@{k}"),
+                (pl.col("hits") > 0).alias(f"hit_rate@{k}"),
+                pl.col("reciprocal_rank").alias(f"mrr@{k}"),
+            )
         )
-        means = per_user.select(
-            (pl.col("dcg") / pl.col("idcg")).mean().alias("ndcg"),
-            (pl.col("hits") / pl.col("n_positives")).mean().alias("recall"),
-            (pl.col("precision_sum") / pl.min_horizontal(pl.col("n_positives"), pl.lit(k)))
-            .mean()
-            .alias("map"),
-            (pl.col("hits") > 0).cast(pl.Float64).mean().alias("hit_rate"),
-            pl.col("reciprocal_rank").mean().alias("mrr"),
-        ).row(0, named=True)
-        for name in names:
-            metrics[f"{name}@{k}"] = float(means[name])
+        result = result.join(per_user, on=QUERY, how="left")
+    return result.with_columns(pl.exclude(QUERY).cast(pl.Float64)).sort(QUERY)
+
+
+def mean_metrics(per_user: pl.DataFrame) -> dict[str, float]:
+    """Averages `per_user_metrics` over its users.
+
+    Args:
+        per_user: The frame `per_user_metrics` returns.
+
+    Returns:
+        Each metric's mean (0.0 when there are no users) and `users`, how many were averaged.
+    """
+    names = [name for name in per_user.columns if name not in QUERY]
+    metrics: dict[str, float] = {"users": float(per_user.height)}
+    means = per_user.select(pl.col(names).mean()).row(0, named=True) if per_user.height else {}
+    for name in names:
+        metrics[name] = float(means.get(name) or 0.0)
     return metrics
+
+
+def ranking_metrics(
+    recommendations: pl.DataFrame, labels: pl.DataFrame, k_values: tuple[int, ...] = (10, 20)
+) -> dict[str, float]:
+    """Per-user ranking metrics at each k, averaged over users with at least one positive.
+
+    The metrics are those of `per_user_metrics`, averaged by `mean_metrics`.
+
+    Args:
+        recommendations: Columns as_of, user_id, item_id, rank (1 = shown first).
+        labels: Columns as_of, user_id, item_id, label (> 0 is a positive).
+        k_values: The cut-offs to report.
+
+    Returns:
+        `ndcg@k`, `recall@k`, `map@k`, `hit_rate@k` and `mrr@k` for each k, plus `users` (how
+        many users were averaged). Users with positives but no recommendations count as 0.
+    """
+    return mean_metrics(per_user_metrics(recommendations, labels, k_values))
 
 
 def item_interactions(user_items: pl.DataFrame) -> pl.DataFrame:
@@ -213,12 +247,40 @@ def evaluation_metrics(
         The metrics by name (see `ranking_metrics`), with `coverage@list_k` and
         `novelty@list_k`.
     """
-    metrics = ranking_metrics(recommendations, labels, k_values)
+    return {
+        **ranking_metrics(recommendations, labels, k_values),
+        **list_metrics(recommendations, labels, catalog, interactions, list_k),
+    }
+
+
+def list_metrics(
+    recommendations: pl.DataFrame,
+    labels: pl.DataFrame,
+    catalog: pl.DataFrame,
+    interactions: pl.DataFrame,
+    list_k: int = 10,
+) -> dict[str, float]:
+    """`coverage@list_k` and `novelty@list_k` of the lists of users with at least one positive.
+
+    Both are properties of all the lists together, not means of a value per user, so they
+    have no per-user variant (and the evaluation gives them no bootstrap interval).
+
+    Args:
+        recommendations: Columns as_of, user_id, item_id, rank.
+        labels: Columns as_of, user_id, item_id, label.
+        catalog: Columns as_of, item_id (see `catalog_coverage`).
+        interactions: Columns as_of, item_id, interactions (see `item_interactions`).
+        list_k: List length.
+
+    Returns:
+        `coverage@list_k` and `novelty@list_k`.
+    """
     users = labels.filter(pl.col("label") > 0).select(QUERY).unique()
     evaluated = recommendations.join(users, on=QUERY, how="semi")
-    metrics[f"coverage@{list_k}"] = catalog_coverage(evaluated, catalog, list_k)
-    metrics[f"novelty@{list_k}"] = novelty(evaluated, interactions, catalog, list_k)
-    return metrics
+    return {
+        f"coverage@{list_k}": catalog_coverage(evaluated, catalog, list_k),
+        f"novelty@{list_k}": novelty(evaluated, interactions, catalog, list_k),
+    }
 
 
 def top_k(scored: pl.DataFrame, score_column: str, k: int) -> pl.DataFrame:

@@ -2,7 +2,7 @@
 
 import io
 
-from models.evaluation import EvaluationReport
+from models.evaluation import NOT_BASELINES, ORACLE, RANKER, EvaluationReport
 
 # Columns of the approaches × metrics table, in order; metrics a report lacks are skipped.
 MARKDOWN_METRICS = (
@@ -16,13 +16,17 @@ MARKDOWN_METRICS = (
     "novelty@10",
 )
 CHART_METRICS = ("ndcg@10", "recall@20")
-RANKER = "ranker"
-ORACLE = "oracle"
 HEADLINE = "ndcg@10"
 
 
-def _format(value: float) -> str:
-    return f"{value:.3f}"
+def _format(value: float, interval: tuple[float, float] | None = None) -> str:
+    if interval is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _signed(value: float, interval: tuple[float, float]) -> str:
+    return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -39,6 +43,9 @@ def _columns(report: EvaluationReport) -> list[str]:
 def headline_ratios(report: EvaluationReport) -> dict[str, float | str | None]:
     """The ranker's NDCG@10 relative to the best baseline and to the oracle.
 
+    The best baseline is the applicable baseline with the highest NDCG@10: neither the ranker,
+    production nor the oracle, and never one the data cannot define (those have no metrics).
+
     Args:
         report: An evaluation report with a `ranker` approach.
 
@@ -50,7 +57,7 @@ def headline_ratios(report: EvaluationReport) -> dict[str, float | str | None]:
     baselines = {
         name: metrics.get(HEADLINE, 0.0)
         for name, metrics in report.metrics.items()
-        if name not in (RANKER, ORACLE)
+        if name not in NOT_BASELINES
     }
     best = max(baselines, key=lambda name: baselines[name]) if baselines else None
     best_value = baselines.get(best, 0.0) if best else 0.0
@@ -65,9 +72,12 @@ def headline_ratios(report: EvaluationReport) -> dict[str, float | str | None]:
 def render_markdown(report: EvaluationReport) -> str:
     """Renders the report as Markdown.
 
-    Three parts: a table of approaches × metrics, a table of NDCG@10 per approach and user
-    segment (with the number of users in each segment), and the ranker's NDCG@10 relative to
-    the best baseline and to the oracle (when present).
+    Five parts: a table of approaches × metrics, each per-user metric with its 95% bootstrap
+    interval (`0.183 [0.176, 0.190]`); the ranker's paired differences against every other
+    approach on the same users, with their intervals; the baselines the data cannot define and
+    why; a table of NDCG@10 per approach and user segment (with the number of users in each
+    segment); and the ranker's NDCG@10 relative to the best baseline and to the oracle (when
+    present).
 
     Args:
         report: The evaluation report.
@@ -82,10 +92,42 @@ def render_markdown(report: EvaluationReport) -> str:
     lines += _table(
         ["approach", *columns],
         [
-            [name, *(_format(metrics.get(column, 0.0)) for column in columns)]
+            [
+                name,
+                *(
+                    _format(metrics.get(column, 0.0), report.intervals.get(name, {}).get(column))
+                    for column in columns
+                ),
+            ]
             for name, metrics in report.metrics.items()
         ],
     )
+    lines += ["", "Intervals: 95% bootstrap over the evaluated users (coverage and novelty, which"]
+    lines += ["describe all the lists together, have none)."]
+    paired_columns = [
+        column
+        for column in columns
+        if any(column in differences for differences in report.paired.values())
+    ]
+    if report.paired and paired_columns:
+        lines += ["", "### Ranker minus each approach, on the same users (paired, 95% interval)"]
+        lines += [""]
+        lines += _table(
+            ["ranker minus", *paired_columns],
+            [
+                [
+                    name,
+                    *(
+                        _signed(differences[column], report.paired_intervals[name][column])
+                        for column in paired_columns
+                    ),
+                ]
+                for name, differences in report.paired.items()
+            ],
+        )
+    if report.not_applicable:
+        lines += ["", "### Not applicable (the data cannot define them; not scored)", ""]
+        lines += [f"- {name}: {reason}" for name, reason in report.not_applicable.items()]
     segments = list(report.segments)
     lines += ["", f"### NDCG@10 by user segment (heavy: more than {report.heavy_threshold} events)"]
     lines += [""]
@@ -127,8 +169,8 @@ def render_markdown(report: EvaluationReport) -> str:
 def render_png(report: EvaluationReport, dpi: int = 100) -> bytes:
     """Renders NDCG@10 and Recall@20 per approach as a grouped bar chart.
 
-    matplotlib is imported here (with the non-interactive Agg backend), so importing this module
-    stays cheap.
+    The 95% intervals are the error bars. matplotlib is imported here (with the
+    non-interactive Agg backend), so importing this module stays cheap.
 
     Args:
         report: The evaluation report.
@@ -148,8 +190,16 @@ def render_png(report: EvaluationReport, dpi: int = 100) -> bytes:
     width = 0.8 / len(CHART_METRICS)
     for index, metric in enumerate(CHART_METRICS):
         values = [report.metrics[name].get(metric, 0.0) for name in names]
+        bounds = [
+            report.intervals.get(name, {}).get(metric, (v, v))
+            for name, v in zip(names, values, strict=True)
+        ]
+        errors = [
+            [max(v - low, 0.0) for v, (low, _) in zip(values, bounds, strict=True)],
+            [max(high - v, 0.0) for v, (_, high) in zip(values, bounds, strict=True)],
+        ]
         positions = [i + (index - (len(CHART_METRICS) - 1) / 2) * width for i in range(len(names))]
-        bars = axes.bar(positions, values, width=width, label=metric)
+        bars = axes.bar(positions, values, width=width, label=metric, yerr=errors, capsize=2)
         axes.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     axes.set_xticks(range(len(names)), names, rotation=20, ha="right")
     axes.set_ylabel("mean over users with a positive")

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from models.evaluation import (
+    NOT_BASELINES,
     EvaluationReport,
     buy_again_baseline,
     candidate_order_baseline,
@@ -20,6 +21,7 @@ from models.evaluation import (
     user_segments,
 )
 from models.features import FEATURE_COLUMNS
+from models.gate import gate_decision
 from models.report import headline_ratios, render_markdown, render_png
 
 AS_OF = datetime(2026, 1, 8, tzinfo=UTC)
@@ -340,3 +342,251 @@ def test_png_report_is_a_png():
     data = render_png(run_evaluate())
     assert data.startswith(PNG_SIGNATURE)
     assert len(data) > 1000
+
+
+PER_USER_METRICS = ("ndcg", "recall", "map", "hit_rate", "mrr")
+
+
+def test_every_per_user_metric_has_a_95_interval_and_list_metrics_have_none():
+    exported = run_evaluate().to_dict()
+    for approach, metrics in exported["metrics"].items():
+        for k in (10, 20):
+            for name in PER_USER_METRICS:
+                value, (lower, upper) = metrics[f"{name}@{k}"], metrics[f"{name}@{k}_ci95"]
+                assert type(lower) is float and type(upper) is float
+                assert lower <= value + 1e-12 and value <= upper + 1e-12, (approach, name, k)
+        assert "coverage@10_ci95" not in metrics and "novelty@10_ci95" not in metrics
+    assert exported["confidence"]["resamples"] == 1000
+    assert exported["confidence"]["level"] == 0.95
+
+
+def test_paired_differences_are_the_ranker_minus_each_approach_on_the_same_users():
+    report = run_evaluate()
+    exported = report.to_dict()
+    assert set(exported["paired"]) == set(report.approaches) - {"ranker"}
+    for approach, paired in exported["paired"].items():
+        for k in (10, 20):
+            for name in PER_USER_METRICS:
+                metric = f"{name}@{k}"
+                expected = report.metrics["ranker"][metric] - report.metrics[approach][metric]
+                assert paired[f"{metric}_diff"] == pytest.approx(expected)
+                lower, upper = paired[f"{metric}_diff_ci95"]
+                assert lower - 1e-12 <= paired[f"{metric}_diff"] <= upper + 1e-12
+    # The perfect ranker's paired difference to itself would be 0; to buy-again (which misses
+    # u2's and u3's positives) it is positive on every resample.
+    assert exported["paired"]["buy_again"]["ndcg@10_diff_ci95"][0] > 0
+
+
+def test_the_intervals_are_deterministic():
+    assert run_evaluate().to_dict() == run_evaluate().to_dict()
+
+
+def test_production_is_scored_and_paired_in_the_same_evaluation():
+    assembled = candidates()
+    report = evaluate(
+        assembled,
+        perfect_scores(assembled),
+        labels(),
+        items(),
+        user_features(),
+        user_items(),
+        production=-perfect_scores(assembled),
+    )
+    assert report.approaches[-1] == "production"
+    assert report.metrics["production"]["users"] == 3
+    assert report.paired["production"]["ndcg@10"] > 0
+    # Production is no baseline: not the best one, even when it scores highest.
+    assert headline_ratios(report)["best_baseline"] != "production"
+
+
+def without_views(features):
+    return features.with_columns(pl.lit(0).alias("views_7d"))
+
+
+def without_repeats(history):
+    return history.with_columns(pl.col("purchases").clip(upper_bound=1))
+
+
+def test_baselines_the_data_cannot_define_are_not_applicable_instead_of_zero():
+    assembled = candidates().with_columns(pl.lit(None, dtype=pl.Float64).alias("covisit_score"))
+    report = evaluate(
+        assembled,
+        perfect_scores(assembled),
+        labels(),
+        without_views(items()),
+        user_features(),
+        without_repeats(user_items()),
+    )
+    assert set(report.not_applicable) == {"trending", "buy_again", "covisitation"}
+    assert "viewed" in report.not_applicable["trending"]
+    assert "twice" in report.not_applicable["buy_again"]
+    assert "co-visitation" in report.not_applicable["covisitation"]
+    assert report.approaches == ["ranker", "candidate_order", "popularity"]
+    exported = report.to_dict()
+    assert set(exported["not_applicable"]) == {"trending", "buy_again", "covisitation"}
+    assert set(exported["paired"]) == {"candidate_order", "popularity"}
+    assert "### Not applicable" in render_markdown(report)
+    # Defined baselines stay, whatever they score.
+    assert run_evaluate().not_applicable == {}
+
+
+def test_a_not_applicable_baseline_is_never_the_best_one():
+    # Without views trending is undefined: absent from the metrics and the paired differences,
+    # so neither the headline nor the gate can pick it (or its 0) as the best baseline.
+    report = evaluate(
+        candidates(),
+        perfect_scores(candidates()),
+        labels(),
+        without_views(items()),
+        user_features(),
+        user_items(),
+    )
+    assert "trending" not in report.metrics and "trending" not in report.paired
+    assert "trending" not in report.segments["heavy"]
+    applicable = {"candidate_order", "covisitation", "buy_again", "popularity"}
+    assert headline_ratios(report)["best_baseline"] in applicable
+    assert gate_on(report).best_baseline in applicable
+
+
+def test_buy_again_counts_only_repeat_purchases_of_recommendable_items():
+    # u1 bought postage p twice, nothing else twice: no repeat purchase of a real item.
+    history = frame(
+        [("u1", "p", 0, 0, 2, 1.0), ("u1", "a", 1, 0, 1, 2.0)],
+        ["user_id", "item_id", "views", "carts", "purchases", "days_since_last"],
+    )
+    catalog = frame(
+        [("p", 1, 1.0, 3, 1.0, False), ("a", 2, 1.0, 3, 1.0, True)],
+        ["item_id", "popularity_rank", "trend", "views_7d", "price", "is_recommendable"],
+    )
+    report = evaluate(
+        candidates(), perfect_scores(candidates()), labels(), catalog, user_features(), history
+    )
+    assert "buy_again" in report.not_applicable
+    recommendable = catalog.with_columns(pl.lit(True).alias("is_recommendable"))
+    assert (
+        "buy_again"
+        not in evaluate(
+            candidates(),
+            perfect_scores(candidates()),
+            labels(),
+            recommendable,
+            user_features(),
+            history,
+        ).not_applicable
+    )
+
+
+def catalog_with_fees(flags):
+    """items() with an is_recommendable column: b is a fee, f unknown (null)."""
+    return items().with_columns(pl.Series("is_recommendable", flags, dtype=pl.Boolean))
+
+
+FEES = [True, False, True, True, True, None]  # a, b (fee), c, d, e, f (null: recommendable)
+
+
+def test_popularity_and_trending_skip_items_that_are_not_recommendable():
+    catalog = catalog_with_fees(FEES)
+    assert lists(popularity_baseline(users_frame("u1"), catalog, 3)) == {"u1": ["a", "c", "d"]}
+    assert lists(trending_baseline(users_frame("u1"), catalog, 10)) == {"u1": ["e", "a", "c", "f"]}
+    # Without the column (older marts) nothing is dropped.
+    assert lists(popularity_baseline(users_frame("u1"), items(), 3)) == {"u1": ["a", "b", "c"]}
+
+
+def test_buy_again_skips_items_that_are_not_recommendable():
+    # c (u1's most bought) is a fee now; d and e follow a.
+    flags = [True, True, False, True, True, None]
+    result = buy_again_baseline(users_frame("u1", "u2"), user_items(), 10, catalog_with_fees(flags))
+    assert lists(result) == {"u1": ["a", "d", "e"], "u2": ["b"]}
+    # Absent column, or no item_features: every item is kept.
+    assert lists(buy_again_baseline(users_frame("u1"), user_items(), 10, items())) == {
+        "u1": ["c", "a", "d", "e"]
+    }
+
+
+def test_the_report_shows_intervals_and_paired_differences():
+    report = run_evaluate()
+    text = render_markdown(report)
+    ndcg = report.metrics["ranker"]["ndcg@10"]
+    lower, upper = report.intervals["popularity"]["ndcg@10"]
+    popularity = report.metrics["popularity"]["ndcg@10"]
+    assert f"| ranker | {ndcg:.3f} [" in text
+    assert f"{popularity:.3f} [{lower:.3f}, {upper:.3f}]" in text
+    assert "### Ranker minus each approach, on the same users (paired, 95% interval)" in text
+    diff = report.paired["buy_again"]["ndcg@10"]
+    low, high = report.paired_intervals["buy_again"]["ndcg@10"]
+    assert f"| buy_again | {diff:+.3f} [{low:+.3f}, {high:+.3f}] |" in text
+
+
+def repeat_shop(users=300, seed=5):
+    """A shop where buy-again is strong: each user's held-out purchase is mostly the item they
+    bought most before. The candidates are the user's own past items, in a random order."""
+    rng = np.random.default_rng(seed)
+    history, candidate_rows, label_rows, feature_rows = [], [], [], []
+    for index in range(users):
+        user = f"u{index:03d}"
+        own = rng.choice(40, size=5, replace=False)
+        purchases = rng.permutation([4, 3, 2, 1, 0])
+        for item, bought in zip(own, purchases, strict=True):
+            history.append((user, f"i{item:02d}", 2, 1, int(bought), float(rng.integers(1, 30))))
+        for rank, item in enumerate(rng.permutation(own), start=1):
+            candidate_rows.append((user, f"i{item:02d}", rank, None))
+        favourite = own[int(np.argmax(purchases))]
+        wanted = favourite if rng.random() < 0.6 else rng.choice(own)
+        label_rows.append((user, f"i{wanted:02d}", 3))
+        feature_rows.append((user, 12))
+    catalog = frame(
+        [(f"i{item:02d}", item + 1, 1.0, 40 - item, 10.0) for item in range(40)],
+        ["item_id", "popularity_rank", "trend", "views_7d", "price"],
+    )
+    return (
+        frame(candidate_rows, ["user_id", "item_id", "candidate_rank", "covisit_score"]),
+        frame(label_rows, ["user_id", "item_id", "label"]),
+        catalog,
+        frame(feature_rows, ["user_id", "events"]),
+        frame(history, ["user_id", "item_id", "views", "carts", "purchases", "days_since_last"]),
+    )
+
+
+def gate_on(report):
+    exported = report.to_dict()
+    metrics = exported["metrics"]
+    return gate_decision(
+        metrics["ranker"],
+        {name: values for name, values in metrics.items() if name not in NOT_BASELINES},
+        metrics.get("production"),
+        exported["paired"],
+    )
+
+
+def test_a_ranker_that_reproduces_buy_again_is_refused_by_the_gate():
+    assembled, held_out, catalog, features, history = repeat_shop()
+    # The ranker's scores are buy-again's order: its lists are buy-again's lists.
+    again = buy_again_baseline(evaluated_users(held_out), history, 20)
+    order = {(user, item): rank for _, user, item, rank in again.rows()}
+    scores = np.array(
+        [-order[(u, i)] for u, i in assembled.select("user_id", "item_id").rows()], dtype=float
+    )
+    report = evaluate(assembled, scores, held_out, catalog, features, history)
+    assert report.metrics["ranker"]["ndcg@10"] == pytest.approx(
+        report.metrics["buy_again"]["ndcg@10"]
+    )
+    assert headline_ratios(report)["best_baseline"] == "buy_again"
+    assert report.paired["buy_again"]["ndcg@10"] == pytest.approx(0.0, abs=1e-12)
+    decision = gate_on(report)
+    assert not decision.passed
+    assert decision.decided_by == "paired_lower_bound"
+    assert decision.best_baseline == "buy_again"
+    assert "not shown better than the best baseline buy_again" in decision.message
+
+
+def test_a_ranker_clearly_better_than_buy_again_passes_the_gate():
+    assembled, held_out, catalog, features, history = repeat_shop()
+    wanted = set(held_out.select("user_id", "item_id").rows())
+    scores = np.array(
+        [float((u, i) in wanted) for u, i in assembled.select("user_id", "item_id").rows()]
+    )
+    report = evaluate(assembled, scores, held_out, catalog, features, history)
+    decision = gate_on(report)
+    assert decision.passed, decision.message
+    assert decision.best_baseline == "buy_again"
+    assert decision.paired_lower_bound > 0

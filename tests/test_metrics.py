@@ -8,7 +8,9 @@ from models.metrics import (
     catalog_coverage,
     evaluation_metrics,
     item_interactions,
+    mean_metrics,
     novelty,
+    per_user_metrics,
     ranking_metrics,
     top_k,
 )
@@ -174,3 +176,39 @@ def test_evaluation_metrics_adds_list_metrics_over_users_with_a_positive():
     assert metrics["coverage@10"] == pytest.approx(0.5)
     assert metrics["novelty@10"] == pytest.approx(1.0)  # share (1+1)/(2+2)
     assert metrics["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_per_user_metrics_are_what_ranking_metrics_averages():
+    labels = frame(
+        [("u1", "a", 3), ("u1", "b", 1), ("u2", "c", 1), ("u3", "z", 0)],
+        ["user_id", "item_id", "label"],
+    )
+    recs = frame(
+        [("u1", "b", 1), ("u1", "a", 2), ("u2", "x", 1), ("u2", "c", 2), ("u3", "z", 1)],
+        ["user_id", "item_id", "rank"],
+    )
+    per_user = per_user_metrics(recs, labels, k_values=(1, 2))
+    # u3 has no positive: absent. Sorted by query.
+    assert per_user.get_column("user_id").to_list() == ["u1", "u2"]
+    rows = {row["user_id"]: row for row in per_user.iter_rows(named=True)}
+    idcg2 = 7 + 1 / math.log2(3)
+    assert rows["u1"]["ndcg@2"] == pytest.approx((1 + 7 / math.log2(3)) / idcg2)
+    assert rows["u1"]["ndcg@1"] == pytest.approx(1 / 7)
+    assert rows["u2"]["mrr@2"] == pytest.approx(0.5)
+    assert rows["u2"]["hit_rate@1"] == 0.0 and rows["u2"]["hit_rate@2"] == 1.0
+    assert rows["u1"]["recall@1"] == pytest.approx(0.5)
+    averaged = ranking_metrics(recs, labels, k_values=(1, 2))
+    assert averaged == mean_metrics(per_user)
+    assert averaged["users"] == 2
+    for name in per_user.columns[2:]:
+        assert averaged[name] == pytest.approx(per_user.get_column(name).mean())
+
+
+def test_mean_metrics_of_no_users_are_zero():
+    empty = per_user_metrics(
+        frame([("u1", "a", 1)], ["user_id", "item_id", "rank"]),
+        frame([("u1", "a", 0)], ["user_id", "item_id", "label"]),
+        k_values=(10,),
+    )
+    assert empty.height == 0
+    assert mean_metrics(empty) == {"users": 0.0, **dict.fromkeys(empty.columns[2:], 0.0)}

@@ -5,8 +5,10 @@ import subprocess
 from datetime import datetime
 
 import polars as pl
+import pytest
 
 from models.features import FEATURE_COLUMNS
+from orchestration.assets.serving import GATE_CHECK
 from shelfwise.home import prepare_home
 from shelfwise.lake import FEATURES
 from shelfwise.registry import list_rankers, production
@@ -116,6 +118,33 @@ def test_ranker_beats_popularity_on_the_held_out_window(pipeline_run):
     assert metrics["ranker"]["recall@20"] > metrics["popularity"]["recall@20"]
     evaluation = metadata_of(pipeline_run.result, "evaluation")
     assert evaluation["ranker_ndcg@10"] == metrics["ranker"]["ndcg@10"]
+
+
+def test_evaluation_reports_intervals_and_the_gate_reads_the_paired_lower_bound(pipeline_run):
+    report = pipeline_run.lake.read_json("evaluation/metrics.json")
+    ranker = report["metrics"]["ranker"]
+    lower, upper = ranker["ndcg@10_ci95"]
+    assert lower < ranker["ndcg@10"] < upper
+    baselines = {
+        name: values["ndcg@10"]
+        for name, values in report["metrics"].items()
+        if name not in ("ranker", "production", "oracle")
+    }
+    best = max(baselines, key=baselines.get)
+    paired = report["paired"][best]
+    assert paired["ndcg@10_diff"] == pytest.approx(ranker["ndcg@10"] - baselines[best])
+    [gate] = [
+        c for c in pipeline_run.result.get_asset_check_evaluations() if c.check_name == GATE_CHECK
+    ]
+    assert gate.passed
+    metadata = {name: getattr(value, "value", value) for name, value in gate.metadata.items()}
+    assert metadata["decided_by"] == "paired_lower_bound"
+    assert metadata["best_baseline"] == best
+    assert metadata["paired_lower_bound"] == pytest.approx(paired["ndcg@10_diff_ci95"][0])
+    assert metadata["paired_lower_bound"] > 0
+    evaluation = metadata_of(pipeline_run.result, "evaluation")
+    assert evaluation[f"paired_{best}_ndcg@10_diff_lower"] == metadata["paired_lower_bound"]
+    assert "[" in evaluation["report"] and "paired, 95% interval" in evaluation["report"]
 
 
 def test_registered_model_carries_metrics_features_and_training_window(pipeline_run):

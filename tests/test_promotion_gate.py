@@ -64,6 +64,9 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
     assert not gate.passed
     message = gate.metadata["decision"].value
     assert "best baseline" in message and "ndcg@10" in message
+    # Refused on the confidence rule: the paired interval's lower bound is not above 0.
+    assert "paired_lower_bound" in gate.metadata["decided_by"].value
+    assert gate.metadata["paired_lower_bound"].value <= 0
     # Registered for the record, never promoted, no bento built.
     assert len(list_rankers(settings.bentoml_home)) == 2
     assert production(settings.bentoml_home).tag == before.tag
@@ -73,6 +76,9 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
     # The evaluation compared it with the model in production on the same candidates.
     metrics = lake.read_json("evaluation/metrics.json")["metrics"]
     assert metrics["production"]["ndcg@10"] > metrics["ranker"]["ndcg@10"]
+    # ... paired on the same users: the crippled ranker is worse with 95% confidence.
+    paired = lake.read_json("evaluation/metrics.json")["paired"]["production"]
+    assert paired["ndcg@10_diff_ci95"][1] < 0
 
     # Materialized on its own, outside the run that evaluated the gate, production_model still
     # refuses the ranker that failed it.

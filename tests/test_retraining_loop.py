@@ -147,7 +147,7 @@ def test_feedback_triggers_a_retraining_that_the_service_picks_up(shop_today):
 def test_a_ranker_that_fails_the_gate_leaves_production_serving(shop_today):
     url, settings, definitions, instance = shop_today
     before = production(settings.bentoml_home).source_tag
-    impossible = {"ops": {"registered_model": {"config": {"min_lift_over_best_baseline": 10.0}}}}
+    impossible = {"ops": {"registered_model": {"config": {"min_paired_lower_bound": 10.0}}}}
     run = definitions.resolve_job_def("retraining").execute_in_process(
         instance=instance, run_config=impossible, raise_on_error=False
     )

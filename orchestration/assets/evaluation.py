@@ -11,6 +11,7 @@ from models.features import (
     assemble_features,
     tables_for_queries,
 )
+from models.gate import DEFAULT_METRIC as GATE_METRIC
 from models.report import headline_ratios, render_markdown, render_png
 from models.training_set import label_queries
 from orchestration.assets.shared import (
@@ -26,8 +27,6 @@ from shelfwise.ingest import ingested_dates
 from shelfwise.lake import EVALUATION, FEATURES, GROUND_TRUTH, Lake
 from shelfwise.registry import production_ranker
 
-# The approach name under which the current production model's metrics are reported.
-PRODUCTION = "production"
 GROUND_TRUTH_TABLES = (
     "user_category_tastes",
     "user_brand_affinities",
@@ -60,15 +59,25 @@ def _window_middle(lake: Lake) -> datetime | None:
 
 @dg.asset(deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
 def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
-    """Offline quality on the held-out week after the evaluation cutoff (a time split), computed
-    by our own metric code over users with at least one positive: NDCG@10, Recall@10/20, MAP@10,
+    """Offline quality on the held-out label window after the evaluation cutoff (a time split;
+    `label_window_days` of the `dbt_feature_tables` config, 7 by default), computed by our own
+    metric code over users with at least one positive: NDCG@10, Recall@10/20, MAP@10,
     HitRate@10, MRR, catalog coverage and novelty of the ranker against popularity, trending,
     co-visitation alone, buy-again, the candidate order without the ranker and, on generated
     data, the oracle ranking from the ground-truth tastes; sliced by new / light / heavy users.
+    Every per-user metric has a 95% bootstrap interval over the users, and the ranker a paired
+    difference (same resampled users) against every other approach: the promotion gate reads
+    the one against the best baseline. A baseline the data cannot define (trending without
+    views, buy-again without repeat purchases, co-visitation without co-visited candidates) is
+    listed as not applicable rather than scored 0.
     The model currently in production is scored on the same candidates when its features match.
     In a large shop all of them are scored on the same seeded sample of users (`candidates`
     config `max_evaluation_queries`; sizes in the metadata and in metrics.json). The report (a
-    table and a chart) is in the metadata and in the lake under evaluation/."""
+    table and a chart) is in the metadata and in the lake under evaluation/.
+
+    Choosing the label window: it should match the shop's buying rhythm (7 to 14 days for a
+    weekly grocer, 28 or more for a fashion shop or a wholesaler with monthly orders), hold
+    enough purchases per evaluated user, and stay short relative to the data's length."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     labels = at_cutoffs(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), plan.evaluation)
@@ -90,6 +99,14 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         ]
     )
     ground_truth = _ground_truth(lake)
+    # The model in production, scored on the same candidates and users (paired with the ranker)
+    # for the gate's second comparison, when its features match.
+    current = production_ranker(shelfwise.settings().bentoml_home)
+    production = None
+    if current is not None and current[1].get("features") == FEATURE_COLUMNS:
+        import lightgbm as lgb
+
+        production = lgb.Booster(model_str=current[0])
     report = evaluate(
         assembled,
         load_ranker(lake),
@@ -100,23 +117,9 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         ground_truth=ground_truth,
         trend_pivot=_window_middle(lake) if ground_truth else None,
         queries=queries,
+        production=production,
     )
     results = report.to_dict()
-    # The model in production, scored on the same candidates, for the gate's second comparison.
-    current = production_ranker(shelfwise.settings().bentoml_home)
-    if current is not None and current[1].get("features") == FEATURE_COLUMNS:
-        import lightgbm as lgb
-
-        production_report = evaluate(
-            assembled,
-            lgb.Booster(model_str=current[0]),
-            labels,
-            tables.items,
-            tables.users,
-            tables.user_items,
-            queries=queries,
-        )
-        results["metrics"][PRODUCTION] = production_report.to_dict()["metrics"]["ranker"]
     lake.write_json(
         {"evaluation_cutoff": plan.evaluation.isoformat(), "sample": sample, **results},
         f"{EVALUATION}/metrics.json",
@@ -126,7 +129,7 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     png = render_png(report)
     lake.fs.pipe_file(lake.path(f"{EVALUATION}/report.png"), png)
     ratios = headline_ratios(report)
-    metrics = results["metrics"]
+    metrics = report.metrics
     return dg.MaterializeResult(
         metadata={
             "evaluated_users": int(metrics["ranker"]["users"]),
@@ -138,6 +141,18 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
                 for metric, value in values.items()
                 if metric != "users"
             },
+            # The gate's numbers: the ranker minus each approach on NDCG@10, with the interval.
+            **{
+                f"paired_{approach}_{GATE_METRIC}_{key}": float(value)
+                for approach, differences in report.paired.items()
+                for key, value in zip(
+                    ("diff", "diff_lower", "diff_upper"),
+                    (differences[GATE_METRIC], *report.paired_intervals[approach][GATE_METRIC]),
+                    strict=True,
+                )
+                if GATE_METRIC in differences
+            },
+            "not_applicable": dg.MetadataValue.json(dict(report.not_applicable)),
             **{
                 f"ranker_ndcg@10_{name}": float(value)
                 for name, value in ratios.items()

@@ -10,12 +10,17 @@ import pyarrow as pa
 
 from models.business_rules import SERVING_ITEMS, SERVING_PURCHASES, serving_facts
 from models.candidates import CandidateConfig
+from models.evaluation import NOT_BASELINES, PRODUCTION
 from models.features import TABLE_NAMES, FeatureTables, tables_for_queries
-from models.gate import DEFAULT_METRIC, DEFAULT_MIN_LIFT, DEFAULT_TOLERANCE, gate_decision
+from models.gate import (
+    DEFAULT_METRIC,
+    DEFAULT_MIN_PAIRED_LOWER_BOUND,
+    DEFAULT_TOLERANCE,
+    gate_decision,
+)
 from models.queries import QUERY
 from models.serving import serving_popular, serving_snapshot
 from models.session import BOUGHT_TOGETHER, COVISIT
-from orchestration.assets.evaluation import PRODUCTION
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
     RANKER_FILE,
@@ -124,16 +129,18 @@ def serving_features(
 
 
 GATE_CHECK = "promotion_gate"
-# Approaches that are not baselines for the gate: the candidate itself, the model in production
-# and the oracle (an upper bound, not something to beat).
-NOT_BASELINES = ("ranker", PRODUCTION, "oracle")
 
 
 class PromotionGateConfig(dg.Config):
-    """How much better than the baselines, and how close to production, a new ranker must be."""
+    """How much better than the best baseline, and how close to production, a new ranker must be
+    (see models/gate.py)."""
 
+    # A per-user metric: the evaluation gives it a paired interval against every baseline.
     metric: str = DEFAULT_METRIC
-    min_lift_over_best_baseline: float = DEFAULT_MIN_LIFT
+    # The lower bound of the 95% paired interval of (ranker - best baseline) on `metric` must be
+    # above this, in the metric's units (0: better with 95% confidence; 0.01: by at least 0.01).
+    min_paired_lower_bound: float = DEFAULT_MIN_PAIRED_LOWER_BOUND
+    # Allowed relative drop of `metric` below the production model on the same users.
     tolerance_below_production: float = DEFAULT_TOLERANCE
 
 
@@ -145,8 +152,9 @@ class PromotionGateConfig(dg.Config):
             GATE_CHECK,
             asset="registered_model",
             blocking=True,
-            description="The new ranker beats the best baseline by the configured margin and is "
-            "not worse than the production model beyond the tolerance; otherwise it is not "
+            description="The new ranker beats the best baseline with 95% confidence (the lower "
+            "bound of the paired bootstrap interval of the difference is above the margin) and "
+            "is not worse than the production model beyond the tolerance; otherwise it is not "
             "promoted and no bento is built.",
         )
     ],
@@ -166,7 +174,12 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
     if data_read_at is None:  # features built by a version without the marker
         data_read_at = lake.list_modified(FEATURES)[f"{FEATURES}/feature_cutoffs.parquet"]
     metadata = {
-        **{name: float(value) for name, value in metrics["ranker"].items()},
+        # Point values only (the intervals are in evaluation/metrics.json).
+        **{
+            name: float(value)
+            for name, value in metrics["ranker"].items()
+            if isinstance(value, int | float)
+        },
         "popularity_ndcg@10": metrics["popularity"]["ndcg@10"],
         "evaluation_cutoff": report["evaluation_cutoff"],
         "training_cutoffs": info["training_cutoffs"],
@@ -190,8 +203,9 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
         metrics["ranker"],
         {name: values for name, values in metrics.items() if name not in NOT_BASELINES},
         metrics.get(PRODUCTION),
+        report.get("paired", {}),
         metric=config.metric,
-        min_lift=config.min_lift_over_best_baseline,
+        min_paired_lower_bound=config.min_paired_lower_bound,
         tolerance=config.tolerance_below_production,
     )
     yield dg.AssetCheckResult(
@@ -200,7 +214,16 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
         passed=decision.passed,
         severity=dg.AssetCheckSeverity.ERROR,
         description=decision.message,
-        metadata={"tag": tag, "decision": decision.message},
+        metadata={
+            "tag": tag,
+            "decision": decision.message,
+            **{
+                name: value
+                for name, value in decision.metadata().items()
+                if value is not None and name != "passed"
+            },
+            "not_applicable": dg.MetadataValue.json(report.get("not_applicable", {})),
+        },
     )
 
 
