@@ -5,8 +5,10 @@ holds to `landing/`, where ingestion (`shelfwise.ingest.ingest_landing`) validat
 
 - `generic`: a CSV (delimiter sniffed from the header: `,`, tab, `;` or `|`) or Parquet file with a
   column mapping `canonical=source`; unmapped canonical columns fall back to a source column of
-  the same name. Timestamps are epoch seconds, epoch milliseconds or ISO text (`timestamp_unit`);
-  naive ISO times are read in `timezone` (default UTC; an explicit offset, `Z` or ` UTC` wins).
+  the same name. Timestamps are epoch seconds, epoch milliseconds or ISO text (`timestamp_unit`),
+  or text in a strftime pattern (`timestamp_format`); naive times are read in `timezone`
+  (default UTC; an explicit offset, `Z` or ` UTC` wins). The event type comes from a column or
+  is given for every row (`event_type`, e.g. "purchase" for order lines).
 - `retailrocket`: the Kaggle RetailRocket `events.csv`, optionally with its
   `item_properties_part*.csv` and `category_tree.csv` (recognised by their header).
 - `rees46`: the REES46 multi-category store CSVs (`2019-Oct.csv`, …).
@@ -36,22 +38,35 @@ Decisions:
   needs each user's events in time order across the whole file, which a stream cannot promise,
   so the batches are staged as Parquet in a temporary folder and DuckDB (a project dependency)
   computes the sessions with a window function, spilling to disk when the data exceeds memory.
+- **Identifiers** are trimmed text; a whole number written as a float (`17850.0`, what a
+  spreadsheet or pandas writes for an integer column with gaps, as text or as a Parquet float)
+  becomes `17850`, in every format, so the shop's own ids reach the service unchanged.
 - **Bad input.** A file that cannot be read as CSV/Parquet, or that lacks a required source
-  column, raises `ContractError` naming the file and the column. Rows with the wrong number of
-  fields cannot be mapped to any column: they are skipped and reported (count and first texts).
-  Every other row lands: values that cannot be read become nulls (counted per column in the
-  report), unknown event types keep their raw value, and ingestion quarantines those rows with a
-  reason (and holds a whole batch whose invalid share exceeds its threshold). A generic
-  timestamp column none of whose first batch's values can be read raises `ContractError` (most
-  likely a wrong `timestamp_unit`).
+  column, raises `ContractError` naming the file and the column; so does a generic file with no
+  event type (neither a mapped column nor `event_type` for every row: there is no silent
+  default). Rows with the wrong number of fields cannot be mapped to any column: they are
+  skipped and reported (count and first texts). Every other row lands: values that cannot be
+  read become nulls (counted per column in the report), unknown event types keep their raw
+  value, and ingestion quarantines those rows with a reason (and holds a whole batch whose
+  invalid share exceeds its threshold). A generic timestamp column none of whose first batch's
+  values can be read raises `ContractError` (most likely a wrong `timestamp_unit` or
+  `timestamp_format`).
+- **A dry run of ingestion.** Each landing batch is validated at import time with ingestion's own
+  rules (`shelfwise.validation.validate_events`), so the report says per file what will land,
+  what will be set aside (guests, returns) and what is invalid, by reason, and which batches the
+  default threshold will hold (`SourceCheck`).
 - **Catalog.** Items and users are kept per key (bounded by the number of items/users, not of
   rows) and written once per imported file: `landing/items/<prefix>-items.parquet` and
-  `landing/users/<prefix>-users.parquet`. Attributes the source has (REES46 category, brand,
-  price; RetailRocket `categoryid`/`available` properties; generic mapped `title`,
-  `category_id`, `category_path`, `brand`, `is_in_stock`, `country`, `device`) take their latest
-  value by time; the time of the stock value becomes the item's `stock_updated_at` (empty when
-  the source says nothing of stock: ingestion then dates it by the delivery). Every item and
-  user seen in the events gets a row so downstream joins work:
+  `landing/users/<prefix>-users.parquet`. Only rows that will land describe them: a rejected or
+  set-aside row (a guest's stock adjustment titled "damaged") never sets an attribute. Attributes
+  the source has (REES46 category, brand, price; RetailRocket `categoryid`/`available`
+  properties; generic mapped `title`, `category_id`, `category_path`, `brand`, `is_in_stock`,
+  `is_recommendable`, `country`, `device`) take their latest value by time, but a title its most
+  frequent value (ties: the latest) and a price its latest positive one; the time of the stock
+  value becomes the item's `stock_updated_at` (empty when the source says nothing of stock:
+  ingestion then dates it by the delivery). Items named in `not_recommendable` get
+  `is_recommendable` false. Every item and user seen in the events gets a row so downstream
+  joins work:
   without catalog attributes an item is a placeholder with `category_id` "unknown", in stock
   (nothing says otherwise, and serving only recommends in-stock items), and the latest event
   price if any; a user is a placeholder with only `user_id`. Placeholders are written only for
@@ -181,6 +196,7 @@ class ImportReport:
         unreadable_values: Per canonical column, how many non-empty source values could not be
             read (they land as nulls; ingestion quarantines rows missing a required value).
         sessions_derived: Whether session ids were derived by the inactivity gap.
+        checks: Per source file, a dry run of ingestion's validation of its events.
     """
 
     format: str

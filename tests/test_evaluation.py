@@ -223,7 +223,7 @@ def perfect_scores(assembled):
     )
 
 
-def run_evaluate(with_truth=True):
+def run_evaluate(with_truth=True, **options):
     assembled = candidates()
     return evaluate(
         assembled,
@@ -234,6 +234,7 @@ def run_evaluate(with_truth=True):
         user_items(),
         ground_truth=ground_truth() if with_truth else None,
         k=20,
+        **options,
     )
 
 
@@ -382,16 +383,7 @@ def test_the_intervals_are_deterministic():
 
 
 def test_production_is_scored_and_paired_in_the_same_evaluation():
-    assembled = candidates()
-    report = evaluate(
-        assembled,
-        perfect_scores(assembled),
-        labels(),
-        items(),
-        user_features(),
-        user_items(),
-        production=-perfect_scores(assembled),
-    )
+    report = run_evaluate(with_truth=False, production=-perfect_scores(candidates()))
     assert report.approaches[-1] == "production"
     assert report.metrics["production"]["users"] == 3
     assert report.paired["production"]["ndcg@10"] > 0
