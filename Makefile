@@ -56,8 +56,11 @@ RUN_OPS := $(strip \
   $(if $(LABEL_WINDOW_DAYS),"dbt_feature_tables":{"config":{"label_window_days":$(LABEL_WINDOW_DAYS)}}))
 RUN_CONFIG := $(if $(RUN_OPS),--config-json '{"ops":{$(subst $(space),$(comma),$(RUN_OPS))}}')
 
+# On a failure, the failed blocking checks (a held batch, a refused ranker) and what to do next are
+# printed last, where the eye lands, instead of Dagster's stack trace.
 pipeline: data  ## Materialize every asset (ingest → dbt → candidates → ranker → evaluation → bento).
-	$(BIN)/dagster asset materialize -m orchestration.definitions --select '*' $(RUN_CONFIG)
+	$(BIN)/dagster asset materialize -m orchestration.definitions --select '*' $(RUN_CONFIG) \
+	  || { $(BIN)/python -m orchestration.failed_checks; exit 1; }
 
 serve: init  ## Serve the latest bento on 127.0.0.1:3000.
 	$(BIN)/bentoml serve shelfwise:latest --host $(HOST) --port $(SERVE_PORT)

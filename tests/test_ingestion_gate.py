@@ -8,6 +8,7 @@ import pyarrow as pa
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import VALID_BATCHES_CHECK, raw_events
 from orchestration.definitions import defs
+from orchestration.failed_checks import failed_checks
 from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import EVENTS_SCHEMA
 from shelfwise.generate import ShopConfig, generate_shop, write_shop
@@ -39,7 +40,9 @@ def broken_delivery(rows: int, broken_share: float) -> pa.Table:
     )
 
 
-def run_ingestion_and_features(tmp_path, broken_share: float, max_invalid_share: float):
+def run_ingestion_and_features(
+    tmp_path, broken_share: float, max_invalid_share: float, instance=None
+):
     settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path)})
     prepare_home(settings)
     lake = Lake(settings.lake_url)
@@ -56,6 +59,7 @@ def run_ingestion_and_features(tmp_path, broken_share: float, max_invalid_share:
         resources=resources,
         run_config=config,
         raise_on_error=False,
+        instance=instance,
     )
     return result, lake
 
@@ -68,7 +72,10 @@ def check_of(result):
 
 
 def test_thirty_percent_broken_delivery_stops_the_pipeline_before_features(tmp_path):
-    result, lake = run_ingestion_and_features(tmp_path, broken_share=0.30, max_invalid_share=0.10)
+    instance = dg.DagsterInstance.ephemeral()
+    result, lake = run_ingestion_and_features(
+        tmp_path, broken_share=0.30, max_invalid_share=0.10, instance=instance
+    )
     assert not result.success
     evaluation = check_of(result)
     assert not evaluation.passed
@@ -88,11 +95,18 @@ def test_thirty_percent_broken_delivery_stops_the_pipeline_before_features(tmp_p
     assert "item_features" not in materialized and "stg_lake__events" not in materialized
     assert not lake.exists("features/item_features.parquet")
     assert lake.list_files("landing/events") == ["landing/events/delivery.parquet"]
+    # What `make pipeline` prints last when the run fails.
+    [(name, description)] = failed_checks(instance)
+    assert name == "raw_events:valid_batches" and description == evaluation.description
 
 
 def test_five_percent_broken_delivery_lands_and_features_are_built(tmp_path):
-    result, lake = run_ingestion_and_features(tmp_path, broken_share=0.05, max_invalid_share=0.10)
+    instance = dg.DagsterInstance.ephemeral()
+    result, lake = run_ingestion_and_features(
+        tmp_path, broken_share=0.05, max_invalid_share=0.10, instance=instance
+    )
     assert result.success
+    assert failed_checks(instance) == []
     assert check_of(result).passed
     assert lake.read_frame("quarantine/events/delivery.parquet").height == 10
     assert lake.exists("features/item_features.parquet")
