@@ -5,6 +5,8 @@ importers, the ingestion and the service all conform their data with `conform`, 
 is missing or cannot be cast fails with its name in the message.
 """
 
+from datetime import UTC, datetime
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -15,6 +17,13 @@ IS_RECOMMENDABLE = "is_recommendable"
 UNKNOWN_CATEGORY = "unknown"
 
 EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
+
+# Plausibility bounds of an event, in the API and in landing validation alike. An event before
+# the earliest time is a default date (year 1, the epoch) or a typo, never a shop's history;
+# configurable where the service and ingestion are configured. A price is finite, not negative
+# and below MAX_PRICE (a billion in any currency: above it, a price is a mistyped code or 1e308).
+DEFAULT_EARLIEST_EVENT_AT = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_PRICE = 1e9
 
 EVENTS_SCHEMA = pa.schema(
     [
