@@ -1,19 +1,44 @@
 """The service's request and response models (pydantic), with examples for the OpenAPI page.
 
+Every request model forbids unknown keys (a typo such as `filter` for `filters` is a 400, not a
+silently ignored option), bounds every identifier to 200 characters and every list, and takes
+integers and booleans strictly (`k: true` is not 1). `bentos.contract.RequestContract` validates a
+request with the same model BentoML then uses, so the OpenAPI document and the checks are one.
 BentoML's OpenAPI 3.0 schema takes the singular `example` in `json_schema_extra`.
+
+Times: a client's time without an offset is UTC; one further in the future than `CLOCK_SKEW`, or
+before the earliest plausible time (`SHELFWISE_EARLIEST_EVENT_AT`, passed as the validation
+context `earliest`), or outside what a UTC time can hold, is refused with the field named.
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from models.business_rules import RequestFilters
-from shelfwise.contracts import EVENT_TYPES
+from shelfwise.contracts import EVENT_TYPES, MAX_PRICE
 
 # Clocks differ: an event up to this far in the future is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
 MAX_SESSION_ITEMS = 50
+MAX_ID_LENGTH = 200
+MAX_FILTER_IDS = 1000
+MAX_K = 100
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_STOCK_UPDATES_PER_REQUEST = 10_000
+
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+Price = Annotated[StrictFloat, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)]
 
 
 class RecommendedItem(BaseModel):
@@ -28,10 +53,14 @@ class RecommendedItem(BaseModel):
 class RecommendFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    category_ids: list[str] | None = Field(None, description="Only items of these categories.")
-    exclude_item_ids: list[str] = Field(default_factory=list, description="Never these items.")
-    price_max: float | None = Field(None, ge=0, description="Only items at most this expensive.")
-    in_stock_only: bool = Field(True, description="Only items in stock.")
+    category_ids: list[Identifier] | None = Field(
+        None, max_length=MAX_FILTER_IDS, description="Only items of these categories."
+    )
+    exclude_item_ids: list[Identifier] = Field(
+        default_factory=list, max_length=MAX_FILTER_IDS, description="Never these items."
+    )
+    price_max: Price | None = Field(None, description="Only items at most this expensive.")
+    in_stock_only: StrictBool = Field(True, description="Only items in stock.")
 
     def to_rules(self, exclude: str | None = None) -> RequestFilters:
         excluded = {*self.exclude_item_ids, *([exclude] if exclude else [])}
@@ -46,12 +75,39 @@ class RecommendFilters(BaseModel):
 class RecommendContext(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"item_id": "i42"}})
 
-    item_id: str | None = Field(None, min_length=1, description="The item on the current page.")
-    session_item_ids: list[str] = Field(
+    item_id: Identifier | None = Field(None, description="The item on the current page.")
+    session_item_ids: list[Identifier] = Field(
         default_factory=list,
         max_length=MAX_SESSION_ITEMS,
         description="Items of the current session the client knows of, most recent first.",
     )
+
+
+class RecommendRequest(BaseModel):
+    """The body of `POST /recommend`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"user_id": "u1", "k": 10, "context": {"item_id": "i42"}}},
+    )
+
+    user_id: Identifier = Field(description='The shopper, e.g. "u1".')
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="How many items.")
+    context: RecommendContext | None = None
+    filters: RecommendFilters | None = None
+
+
+class SimilarRequest(BaseModel):
+    """The body of `POST /similar`."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"item_id": "i42", "k": 10}}
+    )
+
+    item_id: Identifier = Field(description='The item, e.g. "i42".')
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="How many items.")
+    user_id: Identifier | None = Field(None, description="The shopper, when known (for logging).")
+    filters: RecommendFilters | None = None
 
 
 class RecommendResponse(BaseModel):
@@ -116,38 +172,36 @@ class EventIn(BaseModel):
         },
     )
 
-    event_id: str | None = Field(
+    event_id: Identifier | None = Field(
         None,
-        min_length=1,
-        max_length=200,
         description="The idempotency key; without one the service assigns a random id, and a "
         "re-sent event can no longer be recognised.",
     )
     occurred_at: datetime | None = Field(
-        None, description="When it happened (UTC when no offset is given; now when omitted)."
+        None,
+        description="When it happened (UTC when no offset is given; now when omitted); not "
+        "before SHELFWISE_EARLIEST_EVENT_AT (default 2000-01-01) nor in the future.",
     )
-    user_id: str = Field(min_length=1, max_length=200)
-    session_id: str | None = Field(None, min_length=1, max_length=200)
-    item_id: str = Field(min_length=1, max_length=200)
+    user_id: Identifier
+    session_id: Identifier | None = None
+    item_id: Identifier
     event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
-    quantity: int = Field(1, ge=0, le=1_000_000)
-    price: float | None = Field(None, ge=0)
-    rec_id: str | None = Field(
-        None, max_length=200, description="The recommendation this came from."
-    )
+    quantity: StrictInt = Field(1, ge=0, le=1_000_000)
+    price: Price | None = None
+    rec_id: Identifier | None = Field(None, description="The recommendation this came from.")
     source: str = Field("api", min_length=1, max_length=100)
 
     @field_validator("occurred_at")
     @classmethod
-    def _not_in_the_future(cls, value: datetime | None) -> datetime | None:
-        return utc_not_in_the_future(value)
+    def _plausible_time(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        return plausible_utc(value, info)
 
 
 class StockUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    item_id: str = Field(min_length=1, max_length=200)
-    is_in_stock: bool
+    item_id: Identifier
+    is_in_stock: StrictBool
     updated_at: datetime | None = Field(
         None,
         description="When the stock changed (UTC when no offset is given; now when omitted). "
@@ -156,18 +210,69 @@ class StockUpdate(BaseModel):
 
     @field_validator("updated_at")
     @classmethod
-    def _not_in_the_future(cls, value: datetime | None) -> datetime | None:
-        return utc_not_in_the_future(value)
+    def _plausible_time(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        return plausible_utc(value, info)
 
 
-def utc_not_in_the_future(value: datetime | None) -> datetime | None:
-    """A client's time in UTC (naive means UTC); refused when past now plus `CLOCK_SKEW`."""
+class EventsRequest(BaseModel):
+    """The body of `POST /events`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"events": []}})
+
+    # Objects here, so that one invalid event does not refuse the others (the service validates
+    # each with EventIn); the OpenAPI document shows them as EventIn (bentos/contract.py).
+    events: list[dict] = Field(
+        default_factory=list,
+        max_length=MAX_EVENTS_PER_REQUEST,
+        description="Events in the lake contract (EventIn); each is validated on its own: "
+        "valid ones are kept, invalid ones are listed in `rejected`.",
+    )
+    stock: list[StockUpdate] = Field(
+        default_factory=list, max_length=MAX_STOCK_UPDATES_PER_REQUEST, description="Stock changes."
+    )
+
+
+class ReloadRequest(BaseModel):
+    """The body of `POST /admin/reload`: an empty object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def plausible_utc(value: datetime | None, info: ValidationInfo | None = None) -> datetime | None:
+    """A client's time in UTC (naive means UTC), refused when implausible.
+
+    Refused (a `ValueError`, so a 400 naming the field): a time UTC cannot hold (year 1 at
+    +05:00), one past now plus `CLOCK_SKEW`, and one before the validation context's `earliest`
+    (the service passes `SHELFWISE_EARLIEST_EVENT_AT`; without a context that bound is not
+    applied).
+    """
     if value is None:
         return None
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError as error:  # e.g. 0001-01-01T00:00+05:00, 9999-12-31T23:59-05:00
+        raise ValueError("is out of the range of UTC times") from error
     if value > datetime.now(UTC) + CLOCK_SKEW:
         raise ValueError("is in the future")
+    earliest = (info.context or {}).get("earliest") if info is not None else None
+    if earliest is not None and value < earliest:
+        raise ValueError(f"is before the earliest accepted time {earliest.isoformat()}")
     return value
+
+
+class ErrorResponse(BaseModel):
+    """Every client error the service answers itself (4xx, and 429/503 under overload)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"error": "String should have at most 200 characters", "field": "user_id"}
+        }
+    )
+
+    error: str = Field(description="What is wrong, or what to do.")
+    field: str | None = Field(
+        None, description="The field, header or part of the request it is about (dotted path)."
+    )
 
 
 class RejectedEvent(BaseModel):

@@ -2,14 +2,15 @@
 
 BentoML serves without authentication and accepts bodies of any size (ARCHITECTURE.md §7). When
 `SHELFWISE_API_TOKEN` is set, write and admin routes (`/events`, `/admin/…`) require
-`Authorization: Bearer <token>`; read routes stay open, as shop front-ends call them. Every request
+`Authorization: Bearer <token>` (the scheme in any case, the token compared as UTF-8 bytes in
+constant time); read routes stay open, as shop front-ends call them. Every request
 body must declare its length and stay under `SHELFWISE_MAX_BODY_BYTES` (default 1 MiB), so an
 oversized body is refused before it is read.
 """
 
 import hmac
-import json
 
+from bentos.contract import refuse
 from shelfwise.settings import Settings
 
 PROTECTED_PREFIXES = ("/events", "/admin")
@@ -30,41 +31,31 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = {key.decode("latin-1").lower(): value for key, value in scope["headers"]}
         if self.token and scope["path"].startswith(PROTECTED_PREFIXES):
-            offered = headers.get("authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(offered.encode(), f"Bearer {self.token}".encode()):
-                return await _refuse(
+            if not self._authorized(headers.get("authorization", b"")):
+                return await refuse(
                     send,
                     401,
                     "Authorization",
                     "this route needs 'Authorization: Bearer <SHELFWISE_API_TOKEN>'",
+                    scope["path"],
                     extra=[(b"www-authenticate", b"Bearer")],
                 )
         if scope["method"] in ("POST", "PUT", "PATCH"):
             length = headers.get("content-length")
             if length is None:
-                return await _refuse(send, 411, "Content-Length", "the body must declare its size")
+                message = "the body must declare its size"
+                return await refuse(send, 411, "Content-Length", message, scope["path"])
             try:
                 size = int(length)
             except ValueError:
-                return await _refuse(send, 400, "Content-Length", "not a number")
+                return await refuse(send, 400, "Content-Length", "not a number", scope["path"])
             if size > self.max_body_bytes:
-                return await _refuse(
-                    send, 413, "body", f"{size} bytes is over the limit of {self.max_body_bytes}"
-                )
+                message = f"{size} bytes is over the limit of {self.max_body_bytes}"
+                return await refuse(send, 413, "body", message, scope["path"])
         return await self.app(scope, receive, send)
 
-
-async def _refuse(send, status: int, field: str, message: str, extra=()) -> None:
-    body = json.dumps({"error": message, "field": field}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *extra,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    def _authorized(self, header: bytes) -> bool:
+        """`Bearer <token>`: the scheme in any case (RFC 7235), the token as its UTF-8 bytes."""
+        scheme, _, offered = header.strip().partition(b" ")
+        expected = self.token.encode("utf-8")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(offered.strip(), expected)

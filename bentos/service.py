@@ -18,26 +18,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import anyio.to_thread
 import bentoml
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from bentos.api_models import (
     EventIn,
+    EventsRequest,
     EventsResponse,
     RecommendContext,
     RecommendedItem,
     RecommendFilters,
+    RecommendRequest,
     RecommendResponse,
     RejectedEvent,
+    ReloadRequest,
     ReloadResponse,
+    SimilarRequest,
     SimilarResponse,
     StockUpdate,
 )
 from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
-from bentos.guard import RequestGuard
+from bentos.contract import RequestContract, first_error
+from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
 from models.serving import Recommendation, Recommender
 from models.session import Session
@@ -59,9 +64,6 @@ logger = logging.getLogger("bentoml.shelfwise")
 # BentoML's per-request timer leak (ARCHITECTURE.md §7): patched once per process, at import,
 # before the worker builds its app; refuses to patch a BentoML it does not know.
 install_timeout_timer_fix()
-
-MAX_EVENTS_PER_REQUEST = 1000
-MAX_STOCK_UPDATES_PER_REQUEST = 10_000
 
 RESPONSES = bentoml.metrics.Counter(
     name="shelfwise_responses",
@@ -206,11 +208,13 @@ class RecommendationService:
             return await anyio.to_thread.run_sync(work)
         return work()
 
-    @bentoml.api(route="/recommend")
+    # Requests are validated by their `input_spec` model (bentos/api_models.py), first by
+    # `RequestContract` (one error shape, no traceback), then by BentoML with the same model.
+    @bentoml.api(route="/recommend", input_spec=RecommendRequest)
     async def recommend(
         self,
-        user_id: Annotated[str, Field(min_length=1, description='The shopper, e.g. "u1".')],
-        k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
+        user_id: str,
+        k: int = 10,
         context: RecommendContext | None = None,
         filters: RecommendFilters | None = None,
     ) -> RecommendResponse:
@@ -244,14 +248,12 @@ class RecommendationService:
         )
         return self._respond("recommend", user_id, answer, serving, RecommendResponse)
 
-    @bentoml.api(route="/similar")
+    @bentoml.api(route="/similar", input_spec=SimilarRequest)
     async def similar(
         self,
-        item_id: Annotated[str, Field(min_length=1, description='The item, e.g. "i42".')],
-        k: Annotated[int, Field(ge=1, le=100, description="How many items.")] = 10,
-        user_id: Annotated[
-            str | None, Field(min_length=1, description="The shopper, when known (for logging).")
-        ] = None,
+        item_id: str,
+        k: int = 10,
+        user_id: str | None = None,
         filters: RecommendFilters | None = None,
     ) -> SimilarResponse:
         """Items viewed or bought together with an item ("customers who viewed this also
@@ -263,22 +265,12 @@ class RecommendationService:
         )
         return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
 
-    @bentoml.api(route="/events")
+    @bentoml.api(route="/events", input_spec=EventsRequest)
     def events(
         self,
         ctx: bentoml.Context,
-        events: Annotated[
-            list[dict[str, Any]],
-            Field(
-                max_length=MAX_EVENTS_PER_REQUEST,
-                description="Events in the lake contract (see EventIn); each is validated on its "
-                "own: valid ones are kept, invalid ones are listed in `rejected`.",
-            ),
-        ] = [],  # noqa: B006 (pydantic copies defaults)
-        stock: Annotated[
-            list[StockUpdate],
-            Field(max_length=MAX_STOCK_UPDATES_PER_REQUEST, description="Stock changes."),
-        ] = [],  # noqa: B006
+        events: list[dict[str, Any]],
+        stock: list[StockUpdate],
     ) -> EventsResponse:
         """Feedback from the shop: views, carts, purchases (and stock changes). Acknowledged only
         once durable in the write-ahead log (stock changes too: a restart restores them); a
@@ -286,13 +278,14 @@ class RecommendationService:
         once."""
         now = datetime.now(UTC)
         valid, rejected = [], []
+        plausible = {"earliest": self.settings.earliest_event_at}
         for index, raw in enumerate(events):
             try:
-                valid.append(event_row(EVENT_VALIDATOR.validate_python(raw), now))
+                event = EVENT_VALIDATOR.validate_python(raw, context=plausible)
+                valid.append(event_row(event, now))
             except ValidationError as error:
-                first = error.errors()[0]
-                field = ".".join(str(part) for part in first["loc"]) or "event"
-                rejected.append(RejectedEvent(index=index, field=field, message=first["msg"]))
+                field, message = first_error(error)
+                rejected.append(RejectedEvent(index=index, field=field, message=message))
         fresh = list({row["event_id"]: row for row in valid}.values())
         unseen = self.state.unseen([row["event_id"] for row in fresh])
         fresh = [row for row, new in zip(fresh, unseen, strict=True) if new]
@@ -327,7 +320,7 @@ class RecommendationService:
             stock_updates=len(stock),
         )
 
-    @bentoml.api(route="/admin/reload")
+    @bentoml.api(route="/admin/reload", input_spec=ReloadRequest)
     def admin_reload(self) -> ReloadResponse:
         """Loads the newly promoted model now instead of at the next poll (needs the token when
         SHELFWISE_API_TOKEN is set)."""
@@ -371,7 +364,19 @@ class RecommendationService:
         )
 
 
+# The guard (token, body size) first, then the contract (media type, validation, OpenAPI).
 RecommendationService.add_asgi_middleware(RequestGuard)
+RecommendationService.add_asgi_middleware(
+    RequestContract,
+    routes={
+        "/recommend": (RecommendRequest, RecommendResponse),
+        "/similar": (SimilarRequest, SimilarResponse),
+        "/events": (EventsRequest, EventsResponse),
+        "/admin/reload": (ReloadRequest, ReloadResponse),
+    },
+    protected=PROTECTED_PREFIXES,
+    openapi=lambda: RecommendationService.openapi_spec.asdict(),
+)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+
+from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT
 
 
 @dataclass(frozen=True)
@@ -13,7 +16,8 @@ class Settings:
     Attributes:
         home: Local state folder (`SHELFWISE_HOME`, default `./data`), always absolute.
         lake_url: Lake root (`SHELFWISE_LAKE`): a local path or `s3://bucket/prefix`.
-        api_token: When set, write and admin endpoints require this bearer token.
+        api_token: When set, write and admin endpoints require this bearer token (never shown
+            in the settings' repr).
         max_per_category: At most this many items of one category per recommendation list
             (`SHELFWISE_MAX_PER_CATEGORY`; 0, the default, means no cap).
         redis_url: When set (`SHELFWISE_REDIS_URL`), the service keeps its online state (sessions,
@@ -29,11 +33,13 @@ class Settings:
             (`SHELFWISE_MODEL_POLL_S`, default 10; 0: only `POST /admin/reload`).
         compact_every_s: How often the service compacts its feedback log into the lake, in
             seconds (`SHELFWISE_COMPACT_EVERY_S`, default 30; 0: never, leave it to the pipeline).
+        earliest_event_at: Events and stock updates dated before this are refused by the API
+            (`SHELFWISE_EARLIEST_EVENT_AT`, ISO 8601, UTC when naive; default 2000-01-01).
     """
 
     home: Path
     lake_url: str
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
     max_per_category: int = 0
     redis_url: str | None = None
     ranker_budget_ms: float = 50.0
@@ -41,6 +47,7 @@ class Settings:
     retrain_after_events: int = 10_000
     model_poll_s: float = 10.0
     compact_every_s: float = 30.0
+    earliest_event_at: datetime = DEFAULT_EARLIEST_EVENT_AT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -66,6 +73,8 @@ class Settings:
             retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
             model_poll_s=float(env.get("SHELFWISE_MODEL_POLL_S") or 10.0),
             compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
+            earliest_event_at=_utc(env.get("SHELFWISE_EARLIEST_EVENT_AT"))
+            or DEFAULT_EARLIEST_EVENT_AT,
         )
 
     @property
@@ -87,3 +96,11 @@ class Settings:
     def warehouse_path(self) -> Path:
         """The DuckDB file that only dbt writes."""
         return self.home / "warehouse" / "shelfwise.duckdb"
+
+
+def _utc(text: str | None) -> datetime | None:
+    """An ISO 8601 date or time as UTC (naive means UTC); None for an empty value."""
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
