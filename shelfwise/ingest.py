@@ -43,8 +43,8 @@ from shelfwise.contracts import (
     USERS_SCHEMA,
     conform,
 )
-from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX
-from shelfwise.feedback import latest_stock_updates
+from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX  # noqa: F401 (re-exported)
+from shelfwise.feedback import feedback_event_files, latest_stock_updates
 from shelfwise.lake import Lake
 from shelfwise.validation import ROW_REASON, EventValidation, validate_events
 
@@ -452,9 +452,7 @@ def feedback_files(
         Lake-relative path → rows, for the feedback files published after `since`.
     """
     known = known or {}
-    counts = {}
-    for relpath, published_at in lake.list_modified(paths.EVENTS).items():
-        name = posixpath.basename(relpath)
-        if name.startswith(FEEDBACK_FILE_PREFIX) and published_at > since:
-            counts[relpath] = known[relpath] if relpath in known else lake.parquet_rows(relpath)
-    return counts
+    return {
+        relpath: known[relpath] if relpath in known else lake.parquet_rows(relpath)
+        for relpath in feedback_event_files(lake, since)
+    }
