@@ -56,6 +56,12 @@ Design:
   different runs can reach the lake twice; `stg_lake__events` dedupes by `event_id` downstream.
   A segment that no longer fits the contract (written by another version) is moved, untouched,
   to `failed/` in the log folder and reported, instead of blocking every later segment.
+- **Implausible rows are quarantined, not published.** Rows dated before the earliest plausible
+  time (`DEFAULT_EARLIEST_EVENT_AT`, 2000-01-01, or the caller's `earliest`), and events whose
+  price is not finite, negative or above `MAX_PRICE`, go to
+  `quarantine/<stream>/wal-<segment name>.parquet` with a `reason` (the landing validation's
+  reasons), never to an absurd partition such as `events/date=0001-01-01/`. The API refuses such
+  input; this is the backstop for a log written by an older or laxer service.
 """
 
 import contextlib
@@ -80,15 +86,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shelfwise.contracts import (
+    DEFAULT_EARLIEST_EVENT_AT,
     EVENT_TYPES,
     EVENTS_SCHEMA,
     IMPRESSIONS_SCHEMA,
+    MAX_PRICE,
     STOCK_UPDATES_SCHEMA,
     ContractError,
     conform,
 )
-from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
+from shelfwise.lake import EVENTS, IMPRESSIONS, QUARANTINE, STOCK_UPDATES, Lake
 from shelfwise.online_state import SEEN_TTL_S, OnlineState, StockChange
+from shelfwise.validation import NEGATIVE_PRICE_REASON, PRICE_REASON, ROW_REASON, earliest_reason
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +471,8 @@ class CompactionResult:
     Attributes:
         rows: Rows published per stream (`events`, `impressions`, `stock_updates`).
         duplicates: Rows dropped per stream as duplicates of a row compacted before them.
+        quarantined: Rows per stream written to `quarantine/<stream>/` instead: dated before
+            the earliest plausible time, or an event's price not finite, negative or too large.
         files: Lake-relative paths of the Parquet files written.
         segments: Log segments compacted and removed.
         orphaned: Of those, open segments of writers that died.
@@ -475,6 +486,7 @@ class CompactionResult:
 
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
     duplicates: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
+    quarantined: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
     files: list[str] = field(default_factory=list)
     segments: int = 0
     orphaned: int = 0
@@ -550,7 +562,9 @@ def read_segment(data: bytes) -> SegmentContents:
     return SegmentContents(batches, offset, len(data) - offset)
 
 
-def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
+def compact_feedback(
+    directory: Path, lake: Lake, earliest: datetime = DEFAULT_EARLIEST_EVENT_AT
+) -> CompactionResult:
     """Publishes every sealed segment (and every orphaned one of a dead writer) and removes it.
 
     Safe to run while writers are live (their open segments are left alone) and to run again
@@ -560,6 +574,7 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
     Args:
         directory: The log folder (`Settings.wal_dir`).
         lake: The lake to publish to (local or `s3://`).
+        earliest: Rows dated before it are quarantined, not published (time-zone aware).
 
     Returns:
         Counts per stream and the files written.
@@ -585,7 +600,7 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
             else:
                 continue
             try:
-                _compact_segment(path, fd, lake, seen, result)
+                _compact_segment(path, fd, lake, seen, result, earliest)
             finally:
                 os.close(fd)
     return result
@@ -793,6 +808,7 @@ def _compact_segment(
     lake: Lake,
     seen: dict[str, list[pl.DataFrame]],
     result: CompactionResult,
+    earliest: datetime,
 ) -> None:
     with os.fdopen(os.dup(fd), "rb") as handle:
         contents = read_segment(handle.read())
@@ -820,6 +836,14 @@ def _compact_segment(
     written: list[str] = []
     for name, table in tables.items():
         stream = _STREAMS[name]
+        table, implausible = _split_implausible(table, stream, earliest)
+        if implausible.num_rows:
+            relpath = f"{QUARANTINE}/{name}/{OUTPUT_PREFIX}{path.stem}.parquet"
+            written.append(lake.write_parquet(implausible, relpath))
+            result.quarantined[name] += implausible.num_rows
+            logger.warning(
+                "%s: %d implausible %s quarantined", path.name, implausible.num_rows, name
+            )
         unique = _first_copies(table, stream, seen[name])
         result.duplicates[name] += table.num_rows - unique.num_rows
         result.rows[name] += unique.num_rows
@@ -830,6 +854,35 @@ def _compact_segment(
     result.files += written
     result.segments += 1
     result.torn_bytes += contents.torn_bytes
+
+
+def _split_implausible(
+    table: pa.Table, stream: _Stream, earliest: datetime
+) -> tuple[pa.Table, pa.Table]:
+    """`(plausible rows, implausible rows with a reason)`: see the module docstring."""
+    at = pl.col(stream.time_column)
+    reason = pl.when(at < earliest).then(pl.lit(earliest_reason(stream.time_column, earliest)))
+    columns = [stream.time_column]
+    if stream.name == EVENTS:
+        price = pl.col("price")
+        columns.append("price")
+        reason = (
+            reason.when(price.is_nan() | price.is_infinite() | (price > MAX_PRICE))
+            .then(pl.lit(PRICE_REASON))
+            .when(price < 0)
+            .then(pl.lit(NEGATIVE_PRICE_REASON))
+        )
+    frame = pl.from_arrow(table.select(columns))
+    assert isinstance(frame, pl.DataFrame)
+    reasons = frame.select(reason.alias(ROW_REASON)).to_series()
+    if reasons.null_count() == len(reasons):
+        return table, table.schema.empty_table()
+    plausible = reasons.is_null().to_arrow()
+    implausible = table.filter(pc.invert(plausible))
+    quarantined = implausible.append_column(
+        ROW_REASON, reasons.drop_nulls().to_arrow().cast(pa.string())
+    )
+    return table.filter(plausible), quarantined
 
 
 def _first_copies(table: pa.Table, stream: _Stream, seen: list[pl.DataFrame]) -> pa.Table:
