@@ -47,7 +47,12 @@ from bentos.impressions import ImpressionLog
 from models.serving import Recommendation, Recommender
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
-from shelfwise.feedback import FeedbackLog, compact_feedback, latest_stock_updates
+from shelfwise.feedback import (
+    FeedbackLog,
+    compact_feedback,
+    latest_stock_updates,
+    restore_seen_events,
+)
 from shelfwise.lake import STOCK_UPDATES, Lake
 from shelfwise.online_state import StockChange, open_state
 from shelfwise.registry import (
@@ -108,6 +113,7 @@ class RecommendationService:
         )
         self.impressions = ImpressionLog(self.feedback)
         self._restore_stock()
+        self._restore_seen()
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
@@ -131,6 +137,15 @@ class RecommendationService:
             self.state.update_stock(latest_stock_updates(lake, self.settings.wal_dir))
         except Exception:  # serve without them rather than not at all; the log keeps them
             logger.exception("Could not restore the stock updates from %s", lake.url)
+
+    def _restore_seen(self) -> None:
+        """Idempotency outlives the process: the event ids of the window in the log and the lake
+        (after `_restore_stock` compacted a killed predecessor's log) are seen again."""
+        lake = Lake(self.settings.lake_url)
+        try:
+            restore_seen_events(self.state, lake, self.settings.wal_dir)
+        except Exception:  # serve without them rather than not at all; dbt dedupes downstream
+            logger.exception("Could not restore the seen event ids from %s", lake.url)
 
     def _serving(self, booster, features, version: str | None, tag: str | None) -> "Serving":
         """The recommender for a ranker and the lake's current serving snapshot."""

@@ -32,6 +32,12 @@ Design:
   A reader stops at the first record that is incomplete or fails its CRC: that can only be the
   torn tail of a write that was never acknowledged (each acknowledged record was fsync'ed whole
   before the call returned, and a segment is never appended to after its writer died or failed).
+- **Record size.** `append` refuses a record whose payload exceeds `max_record_bytes` (default
+  `DEFAULT_MAX_RECORD_BYTES`, 64 MiB) with a `RecordTooLargeError` before writing a byte, so no
+  oversized record is ever half-written, fsync'ed or later discarded by a reader as torn (readers
+  give up on payloads over 1 GiB, `_MAX_PAYLOAD`). 64 MiB is the segment size too, and is far
+  above what a caller sends: an `/events` request is at most 1 MiB of JSON (a few MiB of Arrow),
+  and the impressions writer cuts its batches (`bentos/impressions.py`).
 - **Group commit.** `append` is thread-safe. A thread writes its record under a lock, then waits
   until some fsync covers it; if no fsync is running it runs one itself, covering every record
   written so far, so concurrent threads share fsyncs. A failed write or fsync fails the calls it
@@ -50,20 +56,28 @@ Design:
   different runs can reach the lake twice; `stg_lake__events` dedupes by `event_id` downstream.
   A segment that no longer fits the contract (written by another version) is moved, untouched,
   to `failed/` in the log folder and reported, instead of blocking every later segment.
+- **Implausible rows are quarantined, not published.** Rows dated before the earliest plausible
+  time (`DEFAULT_EARLIEST_EVENT_AT`, 2000-01-01, or the caller's `earliest`), and events whose
+  price is not finite, negative or above `MAX_PRICE`, go to
+  `quarantine/<stream>/wal-<segment name>.parquet` with a `reason` (the landing validation's
+  reasons), never to an absurd partition such as `events/date=0001-01-01/`. The API refuses such
+  input; this is the backstop for a log written by an older or laxer service.
 """
 
 import contextlib
 import fcntl
 import logging
 import os
+import posixpath
 import secrets
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +86,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shelfwise.contracts import (
+    DEFAULT_EARLIEST_EVENT_AT,
     EVENT_TYPES,
     EVENTS_SCHEMA,
     IMPRESSIONS_SCHEMA,
+    MAX_PRICE,
     STOCK_UPDATES_SCHEMA,
     ContractError,
     conform,
 )
-from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
-from shelfwise.online_state import StockChange
+from shelfwise.lake import EVENTS, IMPRESSIONS, QUARANTINE, STOCK_UPDATES, Lake
+from shelfwise.online_state import SEEN_TTL_S, OnlineState, StockChange
+from shelfwise.validation import NEGATIVE_PRICE_REASON, PRICE_REASON, ROW_REASON, earliest_reason
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +110,9 @@ FAILED_FOLDER = "failed"
 OUTPUT_PREFIX = "wal-"
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SEGMENT_SECONDS = 60.0
+# The largest record payload `append` writes: far below the 1 GiB a reader accepts (_MAX_PAYLOAD),
+# so a record the writer accepted is always readable, and equal to the segment size.
+DEFAULT_MAX_RECORD_BYTES = 64 * 1024 * 1024
 # A `.new` segment older than this belongs to a writer that died while creating it.
 STALE_NEW_SECONDS = 60.0
 
@@ -100,6 +120,28 @@ _HEADER = struct.Struct("<BBII")  # kind, stream, payload length, CRC-32
 _KIND_SCHEMA = 1
 _KIND_BATCH = 2
 _MAX_PAYLOAD = 1 << 30
+# Restoring seen ids: parallel reads of the window's small feedback files, and how far before the
+# last restore's start files are read again (the lake's clock, S3's, may differ from ours).
+_READ_THREADS = 8
+_RESTORE_MARGIN = timedelta(minutes=10)
+assert DEFAULT_MAX_RECORD_BYTES < _MAX_PAYLOAD
+
+
+class RecordTooLargeError(ValueError):
+    """Rows whose record would exceed the log's record limit; nothing was written.
+
+    Attributes:
+        size: The record's payload size in bytes.
+        limit: The log's `max_record_bytes`.
+    """
+
+    def __init__(self, stream: str, rows: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"{stream}: a record of {rows:,} rows is {size:,} bytes, over the log's limit of "
+            f"{limit:,} bytes; append fewer rows at a time"
+        )
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -194,6 +236,8 @@ class FeedbackLog:
         directory: The log folder (`Settings.wal_dir`); created when missing.
         max_segment_bytes: A segment is sealed (and becomes compactable) once it reaches this size.
         max_segment_seconds: ... or once it is this old; a background thread seals idle segments.
+        max_record_bytes: `append` refuses rows whose record payload would be larger (at most
+            the 1 GiB a reader accepts).
     """
 
     def __init__(
@@ -201,13 +245,17 @@ class FeedbackLog:
         directory: Path,
         max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
         max_segment_seconds: float = DEFAULT_MAX_SEGMENT_SECONDS,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     ) -> None:
+        if not 0 < max_record_bytes <= _MAX_PAYLOAD:
+            raise ValueError(f"max_record_bytes must be in (0, {_MAX_PAYLOAD}]")
         self.directory = Path(directory)
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.directory.parent)  # the folder itself survives a power cut
         self.max_segment_bytes = max_segment_bytes
         self.max_segment_seconds = max_segment_seconds
+        self.max_record_bytes = max_record_bytes
         self._writer = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._sequence = 0
         self._cond = threading.Condition(threading.Lock())
@@ -241,6 +289,8 @@ class FeedbackLog:
         Raises:
             ContractError: A row does not fit the contract (the message names the field); nothing
                 was written.
+            RecordTooLargeError: The rows' record is larger than `max_record_bytes`; nothing was
+                written (split the rows).
             ValueError: An unknown stream.
             RuntimeError: The log is closed.
             OSError: Writing or syncing failed; the rows are not acknowledged.
@@ -251,7 +301,14 @@ class FeedbackLog:
             raise ValueError(f"unknown feedback stream {stream!r}; expected {expected}")
         if not rows:
             return
-        payload = _encode_rows(spec, rows).serialize().to_pybytes()
+        batch = _encode_rows(spec, rows)
+        # The IPC payload holds every buffer (padded): a batch already over the limit is refused
+        # before serializing copies it.
+        if batch.nbytes > self.max_record_bytes:
+            raise RecordTooLargeError(stream, len(rows), batch.nbytes, self.max_record_bytes)
+        payload = batch.serialize().to_pybytes()
+        if len(payload) > self.max_record_bytes:  # refused before a byte reaches the segment
+            raise RecordTooLargeError(stream, len(rows), len(payload), self.max_record_bytes)
         record = _record(_KIND_BATCH, spec, payload)
         with self._cond:
             segment = self._writable_segment(len(record))
@@ -414,6 +471,8 @@ class CompactionResult:
     Attributes:
         rows: Rows published per stream (`events`, `impressions`, `stock_updates`).
         duplicates: Rows dropped per stream as duplicates of a row compacted before them.
+        quarantined: Rows per stream written to `quarantine/<stream>/` instead: dated before
+            the earliest plausible time, or an event's price not finite, negative or too large.
         files: Lake-relative paths of the Parquet files written.
         segments: Log segments compacted and removed.
         orphaned: Of those, open segments of writers that died.
@@ -427,6 +486,7 @@ class CompactionResult:
 
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
     duplicates: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
+    quarantined: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
     files: list[str] = field(default_factory=list)
     segments: int = 0
     orphaned: int = 0
@@ -502,7 +562,9 @@ def read_segment(data: bytes) -> SegmentContents:
     return SegmentContents(batches, offset, len(data) - offset)
 
 
-def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
+def compact_feedback(
+    directory: Path, lake: Lake, earliest: datetime = DEFAULT_EARLIEST_EVENT_AT
+) -> CompactionResult:
     """Publishes every sealed segment (and every orphaned one of a dead writer) and removes it.
 
     Safe to run while writers are live (their open segments are left alone) and to run again
@@ -512,6 +574,7 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
     Args:
         directory: The log folder (`Settings.wal_dir`).
         lake: The lake to publish to (local or `s3://`).
+        earliest: Rows dated before it are quarantined, not published (time-zone aware).
 
     Returns:
         Counts per stream and the files written.
@@ -537,7 +600,7 @@ def compact_feedback(directory: Path, lake: Lake) -> CompactionResult:
             else:
                 continue
             try:
-                _compact_segment(path, fd, lake, seen, result)
+                _compact_segment(path, fd, lake, seen, result, earliest)
             finally:
                 os.close(fd)
     return result
@@ -558,7 +621,7 @@ def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, S
         item_id → the item's newest update (`updated_at`); empty when none arrived.
     """
     columns = ["item_id", "is_in_stock", "updated_at"]
-    frames = [_logged_stock_updates(Path(log_dir)).select(columns)] if log_dir else []
+    frames = [_logged(Path(log_dir), STOCK_UPDATES).select(columns)] if log_dir else []
     if lake.list_files(STOCK_UPDATES):
         frames.append(lake.read_frame(STOCK_UPDATES, columns=columns))
     updates = pl.concat(frames) if frames else pl.DataFrame()
@@ -571,9 +634,96 @@ def latest_stock_updates(lake: Lake, log_dir: Path | None = None) -> dict[str, S
     return {item: StockChange(in_stock, at) for item, in_stock, at in changes.iter_rows()}
 
 
-def _logged_stock_updates(directory: Path) -> pl.DataFrame:
-    """The stock updates in every sealed or open segment of the log (torn tails skipped)."""
-    schema = _STREAMS[STOCK_UPDATES].schema
+def feedback_event_files(lake: Lake, since: datetime) -> dict[str, datetime]:
+    """The event files compacted from the log (`wal-…`) and published to the lake after `since`.
+
+    One listing with modification times; no file is read.
+
+    Args:
+        lake: The lake.
+        since: Only files published after this time.
+
+    Returns:
+        Lake-relative path → when it was published, oldest first.
+    """
+    published = {
+        relpath: at
+        for relpath, at in lake.list_modified(EVENTS).items()
+        if posixpath.basename(relpath).startswith(OUTPUT_PREFIX) and at > since
+    }
+    return dict(sorted(published.items(), key=lambda item: item[1]))
+
+
+def recent_event_ids(lake: Lake, log_dir: Path | None, since: datetime) -> pl.DataFrame:
+    """The ids of the events the service received since about `since`: in the lake and the log.
+
+    The lake part reads the `event_id` column of the feedback files published after `since`
+    (`feedback_event_files`; a file is published after its events arrived, so no event received
+    after `since` is missed); the log part reads every sealed and open segment, a killed
+    writer's too, as `latest_stock_updates` does.
+
+    Args:
+        lake: The lake the log is compacted into.
+        log_dir: The log folder (`Settings.wal_dir`); None reads the lake only.
+        since: The start of the window.
+
+    Returns:
+        Columns `event_id` and `seen_at` (when its file was published; now for the log, whose
+        events are the newest), each id once with its first time, oldest first.
+    """
+    now = datetime.now(UTC)
+    files = feedback_event_files(lake, since)
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:  # many small files; S3 latency
+        tables = pool.map(lambda relpath: lake.read_table(relpath, columns=["event_id"]), files)
+        frames = [
+            pl.from_arrow(table).with_columns(pl.lit(at).alias("seen_at"))
+            for table, at in zip(tables, files.values(), strict=True)
+        ]
+    if log_dir:
+        logged = _logged(Path(log_dir), EVENTS).select("event_id")
+        frames.append(logged.with_columns(pl.lit(now).alias("seen_at")))
+    empty = pl.DataFrame(schema={"event_id": pl.String, "seen_at": pl.Datetime("us", "UTC")})
+    recent = pl.concat([empty, *(frame.cast(empty.schema) for frame in frames)], how="vertical")
+    return recent.sort("seen_at").unique("event_id", keep="first", maintain_order=True)
+
+
+def restore_seen_events(
+    state: OnlineState, lake: Lake, log_dir: Path | None, now: datetime | None = None
+) -> int:
+    """Gives the online state the event ids of its idempotency window, at start-up.
+
+    So an acknowledged event re-sent after a restart (also after a `kill -9`) is a duplicate:
+    its id is in the log (not yet compacted) or in a feedback file of the lake. The window is
+    `SEEN_TTL_S` back from now. A state that kept ids across the restart (Redis) and says up to
+    when (`seen_restored_through`) gets only the files published since then (less a margin for
+    clock skew): ids it recorded itself are there already, and the ones it cannot hold are those
+    of events logged by a process killed before recording them, published after that.
+
+    Args:
+        state: The online state (before it serves).
+        lake: The lake the log is compacted into.
+        log_dir: The log folder (`Settings.wal_dir`).
+        now: The time of the restore (default: now).
+
+    Returns:
+        How many ids were new to the state.
+    """
+    started = now or datetime.now(UTC)
+    since = started - timedelta(seconds=SEEN_TTL_S)
+    through = state.seen_restored_through()
+    if through is not None:
+        since = max(since, datetime.fromtimestamp(through, UTC) - _RESTORE_MARGIN)
+    recent = recent_event_ids(lake, log_dir, since)
+    seen_at = pl.col("seen_at").dt.epoch("us") / 1e6
+    added = state.remember_seen(recent.select("event_id", seen_at).iter_rows())
+    state.mark_seen_restored(started.timestamp())
+    logger.info("restored %d of %d recent event ids since %s", added, recent.height, since)
+    return added
+
+
+def _logged(directory: Path, stream_name: str) -> pl.DataFrame:
+    """A stream's rows in every sealed or open segment of the log (torn tails skipped)."""
+    schema = _STREAMS[stream_name].schema
     tables = [schema.empty_table()]
     names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     for name in names:
@@ -585,13 +735,13 @@ def _logged_stock_updates(directory: Path) -> pl.DataFrame:
         data = _read_if_present(directory / name)
         if data is None and suffix == OPEN_SUFFIX:
             data = _read_if_present(directory / f"{stem}{SEALED_SUFFIX}")
-        batches = read_segment(data).batches[STOCK_UPDATES] if data else []
+        batches = read_segment(data).batches[stream_name] if data else []
         if not batches:
             continue
         try:
             tables.append(conform(pa.Table.from_batches(batches), schema, source=name))
         except (ContractError, pa.ArrowException) as error:  # compaction moves it to failed/
-            logger.warning("%s: stock updates not restored: %s", name, error)
+            logger.warning("%s: %s not restored: %s", name, stream_name, error)
     return pl.from_arrow(pa.concat_tables(tables))
 
 
@@ -658,6 +808,7 @@ def _compact_segment(
     lake: Lake,
     seen: dict[str, list[pl.DataFrame]],
     result: CompactionResult,
+    earliest: datetime,
 ) -> None:
     with os.fdopen(os.dup(fd), "rb") as handle:
         contents = read_segment(handle.read())
@@ -685,6 +836,14 @@ def _compact_segment(
     written: list[str] = []
     for name, table in tables.items():
         stream = _STREAMS[name]
+        table, implausible = _split_implausible(table, stream, earliest)
+        if implausible.num_rows:
+            relpath = f"{QUARANTINE}/{name}/{OUTPUT_PREFIX}{path.stem}.parquet"
+            written.append(lake.write_parquet(implausible, relpath))
+            result.quarantined[name] += implausible.num_rows
+            logger.warning(
+                "%s: %d implausible %s quarantined", path.name, implausible.num_rows, name
+            )
         unique = _first_copies(table, stream, seen[name])
         result.duplicates[name] += table.num_rows - unique.num_rows
         result.rows[name] += unique.num_rows
@@ -695,6 +854,35 @@ def _compact_segment(
     result.files += written
     result.segments += 1
     result.torn_bytes += contents.torn_bytes
+
+
+def _split_implausible(
+    table: pa.Table, stream: _Stream, earliest: datetime
+) -> tuple[pa.Table, pa.Table]:
+    """`(plausible rows, implausible rows with a reason)`: see the module docstring."""
+    at = pl.col(stream.time_column)
+    reason = pl.when(at < earliest).then(pl.lit(earliest_reason(stream.time_column, earliest)))
+    columns = [stream.time_column]
+    if stream.name == EVENTS:
+        price = pl.col("price")
+        columns.append("price")
+        reason = (
+            reason.when(price.is_nan() | price.is_infinite() | (price > MAX_PRICE))
+            .then(pl.lit(PRICE_REASON))
+            .when(price < 0)
+            .then(pl.lit(NEGATIVE_PRICE_REASON))
+        )
+    frame = pl.from_arrow(table.select(columns))
+    assert isinstance(frame, pl.DataFrame)
+    reasons = frame.select(reason.alias(ROW_REASON)).to_series()
+    if reasons.null_count() == len(reasons):
+        return table, table.schema.empty_table()
+    plausible = reasons.is_null().to_arrow()
+    implausible = table.filter(pc.invert(plausible))
+    quarantined = implausible.append_column(
+        ROW_REASON, reasons.drop_nulls().to_arrow().cast(pa.string())
+    )
+    return table.filter(plausible), quarantined
 
 
 def _first_copies(table: pa.Table, stream: _Stream, seen: list[pl.DataFrame]) -> pa.Table:

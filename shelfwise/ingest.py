@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from shelfwise import lake as paths
 from shelfwise.contracts import (
+    DEFAULT_EARLIEST_EVENT_AT,
     EVENTS_SCHEMA,
     IMPRESSIONS_SCHEMA,
     ITEMS_KEY,
@@ -43,8 +44,8 @@ from shelfwise.contracts import (
     USERS_SCHEMA,
     conform,
 )
-from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX
-from shelfwise.feedback import latest_stock_updates
+from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX  # noqa: F401 (re-exported)
+from shelfwise.feedback import feedback_event_files, latest_stock_updates
 from shelfwise.lake import Lake
 from shelfwise.validation import ROW_REASON, EventValidation, validate_events
 
@@ -236,7 +237,10 @@ class IngestReport:
 
 
 def ingest_landing(
-    lake: Lake, now: datetime, max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE
+    lake: Lake,
+    now: datetime,
+    max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE,
+    earliest: datetime = DEFAULT_EARLIEST_EVENT_AT,
 ) -> IngestReport:
     """Validates and publishes every file in the landing area.
 
@@ -252,6 +256,7 @@ def ingest_landing(
         lake: The lake to ingest into.
         now: Ingestion time; events after it are quarantined.
         max_invalid_share: A file with a larger share of invalid rows is held (not published).
+        earliest: Events before it are rejected (quarantined with their reason).
 
     Returns:
         Counts of what was landed and quarantined.
@@ -262,7 +267,7 @@ def ingest_landing(
     """
     report = IngestReport()
     for relpath in lake.list_files(paths.LANDING_EVENTS):
-        _ingest_events_file(lake, relpath, now, max_invalid_share, report)
+        _ingest_events_file(lake, relpath, now, max_invalid_share, earliest, report)
     # A delivery is all or nothing: a held delivery's catalog rows wait with its events, and
     # events of it still waiting from an earlier run hold them too.
     held = {delivery_of(relpath) for relpath in lake.list_files(paths.LANDING_EVENTS)}
@@ -288,11 +293,16 @@ def ingest_landing(
 
 
 def _ingest_events_file(
-    lake: Lake, relpath: str, now: datetime, max_invalid_share: float, report: IngestReport
+    lake: Lake,
+    relpath: str,
+    now: datetime,
+    max_invalid_share: float,
+    earliest: datetime,
+    report: IngestReport,
 ) -> None:
     stem = posixpath.splitext(posixpath.basename(relpath))[0]
     events = conform(lake.read_table(relpath), EVENTS_SCHEMA, source=lake.uri(relpath))
-    verdict = validate_events(pl.from_arrow(events), now)
+    verdict = validate_events(pl.from_arrow(events), now, earliest)
     report.duplicates_collapsed += verdict.duplicates_collapsed
     for name, outcome in verdict.expectations.items():
         merged = report.expectations.setdefault(name, {"success": True, "rejected_rows": 0})
@@ -452,9 +462,7 @@ def feedback_files(
         Lake-relative path → rows, for the feedback files published after `since`.
     """
     known = known or {}
-    counts = {}
-    for relpath, published_at in lake.list_modified(paths.EVENTS).items():
-        name = posixpath.basename(relpath)
-        if name.startswith(FEEDBACK_FILE_PREFIX) and published_at > since:
-            counts[relpath] = known[relpath] if relpath in known else lake.parquet_rows(relpath)
-    return counts
+    return {
+        relpath: known[relpath] if relpath in known else lake.parquet_rows(relpath)
+        for relpath in feedback_event_files(lake, since)
+    }

@@ -12,7 +12,10 @@ Per user: the session (viewed or carted items, most recent first, distinct, at m
 bought since the snapshot (kept `PURCHASES_TTL_S`, longer than a retraining cycle). Shop-wide:
 stock changes, each with its time: the newest change of an item wins, whatever order they arrive
 in (two workers, a restart restoring the log). Event ids seen recently (`SEEN_TTL_S`) make a
-re-sent event harmless.
+re-sent event harmless, also across restarts: at start-up the service gives the state the ids of
+the window that the log and the lake hold (`shelfwise.feedback.restore_seen_events`,
+`remember_seen`). Cost per million 32-character ids: about 160 MB in process (the strings and the
+ordered dictionary), about 150 MB in Redis (a key with a TTL each); both measured.
 """
 
 import threading
@@ -27,7 +30,7 @@ SESSION_ITEMS = 20
 SESSION_TTL_S = 2 * 3600
 PURCHASES_TTL_S = 14 * 24 * 3600
 SEEN_TTL_S = 7 * 24 * 3600
-# The in-process state remembers at most this many event ids (oldest forgotten first).
+# The in-process state remembers at most this many event ids (oldest forgotten first; ~320 MB).
 SEEN_CAPACITY = 2_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -71,6 +74,30 @@ class OnlineState(Protocol):
         """Per event id, whether it was not recorded before (read-only)."""
         ...
 
+    def remember_seen(self, seen: Iterable[tuple[str, float]]) -> int:
+        """Records event ids as seen without applying their events (a restart's restore).
+
+        Args:
+            seen: `(event_id, seen_at)` pairs, oldest first; `seen_at` in seconds since the epoch
+                (when the id was first seen, or an upper bound): it is forgotten `SEEN_TTL_S`
+                after that. Ids older than that are skipped.
+
+        Returns:
+            How many ids were new to the state.
+        """
+        ...
+
+    def seen_restored_through(self) -> float | None:
+        """When the last completed restore the state still holds began (epoch seconds), or None.
+
+        Every feedback file published before that time is in the state already.
+        """
+        ...
+
+    def mark_seen_restored(self, started_at: float) -> None:
+        """Notes a completed restore that began at `started_at` (epoch seconds)."""
+        ...
+
     def record(self, events: Iterable[Mapping[str, Any]]) -> None:
         """Applies events (event_id, user_id, item_id, event_type), oldest first."""
         ...
@@ -107,24 +134,57 @@ class InProcessState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users: dict[str, _User] = {}
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        # event_id -> when first seen (epoch seconds; one float object shared per batch), in the
+        # order seen: the oldest are forgotten first, after SEEN_TTL_S or beyond SEEN_CAPACITY.
+        self._seen: OrderedDict[str, float] = OrderedDict()
         self._stock: dict[str, StockChange] = {}
 
     def unseen(self, event_ids: list[str]) -> list[bool]:  # noqa: D102
         with self._lock:
+            self._forget_expired(time.time())
             return [event_id not in self._seen for event_id in event_ids]
 
     def record(self, events: Iterable[Mapping[str, Any]]) -> None:  # noqa: D102
         now = time.monotonic()
+        seen_at = time.time()
         with self._lock:
+            self._forget_expired(seen_at)
             for event in events:
                 if event["event_id"] in self._seen:
                     continue
-                self._seen[event["event_id"]] = None
-                if len(self._seen) > SEEN_CAPACITY:
-                    self._seen.popitem(last=False)
+                self._remember(event["event_id"], seen_at)
                 user = self._users.setdefault(event["user_id"], _User())
                 _apply(user, event["event_type"], event["item_id"], now)
+
+    def remember_seen(self, seen: Iterable[tuple[str, float]]) -> int:  # noqa: D102
+        oldest = time.time() - SEEN_TTL_S
+        added = 0
+        with self._lock:
+            for event_id, seen_at in seen:
+                if seen_at > oldest and event_id not in self._seen:
+                    self._remember(event_id, seen_at)
+                    added += 1
+        return added
+
+    def seen_restored_through(self) -> float | None:  # noqa: D102
+        return None  # a new process remembers nothing: restore the whole window
+
+    def mark_seen_restored(self, started_at: float) -> None:  # noqa: D102
+        pass
+
+    def _remember(self, event_id: str, seen_at: float) -> None:
+        self._seen[event_id] = seen_at
+        if len(self._seen) > SEEN_CAPACITY:
+            self._seen.popitem(last=False)
+
+    def _forget_expired(self, now: float) -> None:
+        oldest = now - SEEN_TTL_S
+        seen = self._seen
+        while seen:
+            event_id, seen_at = next(iter(seen.items()))
+            if seen_at > oldest:
+                return
+            del seen[event_id]
 
     def activity(self, user_id: str) -> UserActivity:  # noqa: D102
         now = time.monotonic()
@@ -176,7 +236,8 @@ def _apply(user: _User, event_type: str, item_id: str, now: float) -> None:
 class RedisState:
     """Online state in Redis, shared by every worker and replica.
 
-    Keys (prefix `shelfwise:`): `seen:<event_id>` (string with a TTL), `session:<user>` (list,
+    Keys (prefix `shelfwise:`): `seen:<event_id>` (string with a TTL), `seen-restored` (the start
+    of the last completed restore of seen ids, see `seen_restored_through`), `session:<user>` (list,
     most recent first), `cart:<user>` and `bought:<user>` (sets), `stock` (hash item →
     `<0|1>|<updated_at_us>`, set by a script that keeps the newer change) with `stock:version` (a
     counter, so each worker re-reads the hash only when it changed).
@@ -205,6 +266,37 @@ class RedisState:
         for event_id in event_ids:
             pipe.exists(self._key("seen", event_id))
         return [not found for found in pipe.execute()]
+
+    def remember_seen(self, seen: Iterable[tuple[str, float]]) -> int:  # noqa: D102
+        # SET NX keeps an id's TTL from its first sighting; pipelined in chunks (one round trip
+        # per chunk, bounded client memory).
+        now = time.time()
+        added = 0
+        chunk: list[tuple[str, int]] = []
+        for event_id, seen_at in seen:
+            left = int(SEEN_TTL_S - (now - seen_at))
+            if left > 0:
+                chunk.append((event_id, left))
+            if len(chunk) == _RESTORE_CHUNK:
+                added += self._set_seen(chunk)
+                chunk = []
+        return added + (self._set_seen(chunk) if chunk else 0)
+
+    def _set_seen(self, chunk: list[tuple[str, int]]) -> int:
+        pipe = self._redis.pipeline(transaction=False)
+        for event_id, ttl in chunk:
+            pipe.set(self._key("seen", event_id), 1, nx=True, ex=ttl)
+        return sum(1 for done in pipe.execute() if done)
+
+    def seen_restored_through(self) -> float | None:  # noqa: D102
+        value = self._redis.get(self._key("seen-restored"))
+        return float(value) if value else None
+
+    def mark_seen_restored(self, started_at: float) -> None:  # noqa: D102
+        # Any completed restore may set it, in any order: each covers every file published before
+        # its own start. Gone with the ids when Redis restarts empty (then the next start restores
+        # the whole window); a snapshot restores it with ids at least as new.
+        self._redis.set(self._key("seen-restored"), repr(started_at), ex=SEEN_TTL_S)
 
     def record(self, events: Iterable[Mapping[str, Any]]) -> None:  # noqa: D102
         events = list(events)
@@ -276,6 +368,8 @@ class RedisState:
                 self._stock_version = version
         return self._stock
 
+
+_RESTORE_CHUNK = 10_000
 
 # KEYS: the stock hash, its version counter. ARGV: item, 0|1, updated_at_us, repeated. Sets each
 # item whose stored change is not newer (a value without a time, "0" or "1", counts as oldest)

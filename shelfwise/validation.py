@@ -1,7 +1,8 @@
 """Row-level validation of event batches with Great Expectations.
 
 Each landing batch is checked against one expectation suite. Expectations that judge single rows
-(nulls, the `event_type` domain, signs, timestamps in the future, unique `event_id`) return the
+(nulls, the `event_type` domain, signs, timestamps in the future or before the earliest plausible
+time, prices that are not finite or above `MAX_PRICE`, unique `event_id`) return the
 failing rows' positions, which become a reason per rejected row; expectations about whole columns
 (types) reject the whole batch. Great Expectations validates pandas, so the batch is converted.
 
@@ -12,16 +13,18 @@ batch's invalid share; only what the suite rejects does.
 """
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 
 import polars as pl
 
-from shelfwise.contracts import EVENT_TYPES, EVENTS_SCHEMA
+from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, EVENT_TYPES, EVENTS_SCHEMA, MAX_PRICE
 
 ROW_REASON = "reason"
 GUEST_REASON = "guest checkout: user_id is null"
 RETURN_REASON = "return: purchase with a negative quantity"
+NEGATIVE_PRICE_REASON = "price is negative"
+PRICE_REASON = f"price is not a finite number at most {MAX_PRICE:,.0f}"
 # Rows every real export holds, by reason, in the order they are tested (a guest's return is a
 # guest row).
 SET_ASIDE_REASONS = (GUEST_REASON, RETURN_REASON)
@@ -84,7 +87,28 @@ def set_aside_rows(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return kept, marked.filter(pl.col(ROW_REASON).is_not_null())
 
 
-def _expectations(now: datetime) -> list[object]:
+def earliest_reason(column: str, earliest: datetime) -> str:
+    """The reason of a row whose `column` is before the earliest plausible time."""
+    return f"{column} is before {earliest.isoformat()}"
+
+
+def parse_earliest(text: str) -> datetime:
+    """An earliest event time from configuration: an ISO date or date-time, UTC when naive.
+
+    Args:
+        text: E.g. `2000-01-01` or `2015-06-01T00:00:00+02:00`.
+
+    Returns:
+        A time-zone aware datetime.
+
+    Raises:
+        ValueError: The text is not an ISO date or date-time.
+    """
+    earliest = datetime.fromisoformat(text.strip())
+    return earliest if earliest.tzinfo else earliest.replace(tzinfo=UTC)
+
+
+def _expectations(now: datetime, earliest: datetime) -> list[object]:
     import great_expectations as gx
     import pandas as pd
 
@@ -111,12 +135,22 @@ def _expectations(now: datetime) -> list[object]:
             column="quantity", min_value=0, meta={ROW_REASON: "quantity is negative"}
         ),
         expect.ExpectColumnValuesToBeBetween(
-            column="price", min_value=0, meta={ROW_REASON: "price is negative"}
+            column="price", min_value=0, meta={ROW_REASON: NEGATIVE_PRICE_REASON}
+        ),
+        # NaN and ±inf prices reach Great Expectations as +inf (`validate_events`): pandas would
+        # take a NaN for a missing value, which every expectation skips.
+        expect.ExpectColumnValuesToBeBetween(
+            column="price", max_value=MAX_PRICE, meta={ROW_REASON: PRICE_REASON}
         ),
         expect.ExpectColumnValuesToBeBetween(
             column="occurred_at",
             max_value=pd.Timestamp(now),
             meta={ROW_REASON: "occurred_at is in the future"},
+        ),
+        expect.ExpectColumnValuesToBeBetween(
+            column="occurred_at",
+            min_value=pd.Timestamp(earliest),
+            meta={ROW_REASON: earliest_reason("occurred_at", earliest)},
         ),
         expect.ExpectColumnValuesToBeUnique(
             column="event_id", meta={ROW_REASON: "event_id shared by different rows in the batch"}
@@ -134,12 +168,16 @@ def _batch_definition():  # noqa: ANN202 - Great Expectations' own type
     return source.add_dataframe_asset("events").add_batch_definition_whole_dataframe("batch")
 
 
-def validate_events(events: pl.DataFrame, now: datetime) -> EventValidation:
+def validate_events(
+    events: pl.DataFrame, now: datetime, earliest: datetime = DEFAULT_EARLIEST_EVENT_AT
+) -> EventValidation:
     """Validates a batch of contract-typed events with Great Expectations.
 
     Args:
         events: Events conformed to `EVENTS_SCHEMA`.
         now: The ingestion time; events after it are rejected.
+        earliest: Events before it are rejected (a default date such as year 1 or the epoch, or
+            a typo; time-zone aware).
 
     Returns:
         The valid rows, the set-aside and the rejected rows with a reason each, and the suite's
@@ -153,9 +191,13 @@ def validate_events(events: pl.DataFrame, now: datetime) -> EventValidation:
     if not batch_rows.height:  # nothing left to judge
         empty = batch_rows.with_columns(pl.lit(None, dtype=pl.String).alias(ROW_REASON))
         return EventValidation(batch_rows, empty, collapsed, set_aside=set_aside)
-    frame = batch_rows.to_pandas()
+    price = pl.col("price")
+    judged = batch_rows.with_columns(  # only for the suite: the published rows keep their values
+        pl.when(price.is_finite() | price.is_null()).then(price).otherwise(float("inf"))
+    )
+    frame = judged.to_pandas()
     batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame})
-    suite = gx.ExpectationSuite(name="landing_events", expectations=_expectations(now))
+    suite = gx.ExpectationSuite(name="landing_events", expectations=_expectations(now, earliest))
     outcome = batch.validate(suite, result_format={"result_format": "COMPLETE"})
 
     reasons: dict[int, list[str]] = {}
@@ -165,7 +207,10 @@ def validate_events(events: pl.DataFrame, now: datetime) -> EventValidation:
         config = result.expectation_config
         reason = config.meta[ROW_REASON]
         failed_rows = result.result.get("unexpected_index_list") or []
-        summary[f"{config.type}({config.kwargs.get('column')})"] = {
+        name = f"{config.type}({config.kwargs.get('column')})"
+        if name in summary:  # a second expectation of the type on the column: named by reason
+            name = f"{name}: {reason}"
+        summary[name] = {
             "success": bool(result.success),
             "rejected_rows": len(failed_rows),
         }

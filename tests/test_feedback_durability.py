@@ -1,5 +1,6 @@
 """`kill -9` of the whole server: after a restart every acknowledged event is in the lake exactly
-once, and every acknowledged stock update is in force again."""
+once, re-sending it is answered as a duplicate (the seen ids are restored from the log and the
+lake), and every acknowledged stock update is in force again."""
 
 import os
 import signal
@@ -11,12 +12,14 @@ import httpx
 import polars as pl
 import pytest
 
-from shelfwise.feedback import OUTPUT_PREFIX
+from shelfwise.feedback import OUTPUT_PREFIX, compact_feedback
 from shelfwise.lake import EVENTS, SERVING_CANDIDATES, Lake
 from tests.support import copy_state, processes_serving, served_from_source
 
 
-def test_no_acknowledged_event_is_lost_or_doubled_by_a_kill_9(pipeline_run, tmp_path):
+def test_no_acknowledged_event_is_lost_or_doubled_by_a_kill_9_nor_by_resending_it(
+    pipeline_run, tmp_path
+):
     assert pipeline_run.result.success, pipeline_run.failures
     settings = copy_state(pipeline_run.settings, tmp_path)
     env = {"SHELFWISE_COMPACT_EVERY_S": "1"}  # compaction runs during the load, too
@@ -59,20 +62,37 @@ def test_no_acknowledged_event_is_lost_or_doubled_by_a_kill_9(pipeline_run, tmp_
 
     # A restart compacts what the killed workers left in the log.
     (tmp_path / "restart").mkdir()
-    with served_from_source(settings, tmp_path / "restart", env):
-        lake = Lake(settings.lake_url)
+    lake = Lake(settings.lake_url)
 
-        def published() -> list[str]:
-            files = [
-                f for f in lake.list_files(EVENTS) if f.rsplit("/", 1)[1].startswith(OUTPUT_PREFIX)
-            ]
-            return [i for f in files for i in lake.read_frame(f).get_column("event_id").to_list()]
+    def published() -> list[str]:
+        files = [
+            f for f in lake.list_files(EVENTS) if f.rsplit("/", 1)[1].startswith(OUTPUT_PREFIX)
+        ]
+        return [i for f in files for i in lake.read_frame(f).get_column("event_id").to_list()]
 
+    with served_from_source(settings, tmp_path / "restart", env) as url:
         deadline = time.monotonic() + 60
         while len(set(published())) < len(acknowledged) and time.monotonic() < deadline:
             time.sleep(0.5)
-        event_ids = published()
+        assert set(acknowledged) <= set(published())
 
+        # The client never heard back for some batches and re-sends everything: each event it
+        # was told about is a duplicate (its id restored from the lake and the killed log).
+        answers = []
+        with httpx.Client(timeout=30) as client:
+            for start in range(0, len(acknowledged), 1000):
+                batch = [
+                    {"event_id": event_id, "user_id": "u1", "item_id": "i1", "event_type": "view"}
+                    for event_id in acknowledged[start : start + 1000]
+                ]
+                response = client.post(f"{url}/events", json={"events": batch})
+                assert response.status_code == 200
+                answers.append(response.json())
+        assert sum(answer["accepted"] for answer in answers) == 0
+        assert sum(answer["duplicates"] for answer in answers) == len(acknowledged)
+
+    compact_feedback(settings.wal_dir, lake)  # whatever the stopped server still logged
+    event_ids = published()
     assert set(acknowledged) <= set(event_ids)
     assert pl.Series(event_ids).is_duplicated().sum() == 0
 

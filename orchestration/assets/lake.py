@@ -3,17 +3,24 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from orchestration.resources import ShelfwiseResource
+from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT
 from shelfwise.feedback import compact_feedback
 from shelfwise.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
 from shelfwise.lake import IMPRESSIONS
+from shelfwise.validation import parse_earliest
 
 VALID_BATCHES_CHECK = "valid_batches"
 
 
 class IngestionConfig(dg.Config):
-    """How much invalid input a landing batch may hold before it is held back."""
+    """How much invalid input a landing batch may hold before it is held back, and from when on
+    an event is plausible."""
 
     max_invalid_share: float = DEFAULT_MAX_INVALID_SHARE
+    # ISO date or date-time, UTC when naive: events before it are rejected in landing batches
+    # and quarantined from the service's log (default dates such as year 1 or the epoch). The
+    # importers' dry run and the service use the same default (shelfwise.contracts).
+    earliest_event_at: str = DEFAULT_EARLIEST_EVENT_AT.date().isoformat()
 
 
 @dg.multi_asset(
@@ -49,8 +56,14 @@ def raw_events(
     """Ingests what `shelfwise generate` or `shelfwise import` left in the lake's landing area,
     and the feedback (events and impressions) in the service's write-ahead log."""
     lake = shelfwise.lake()
-    feedback = compact_feedback(shelfwise.settings().wal_dir, lake)
-    report = ingest_landing(lake, now=datetime.now(UTC), max_invalid_share=config.max_invalid_share)
+    earliest = parse_earliest(config.earliest_event_at)
+    feedback = compact_feedback(shelfwise.settings().wal_dir, lake, earliest)
+    report = ingest_landing(
+        lake,
+        now=datetime.now(UTC),
+        max_invalid_share=config.max_invalid_share,
+        earliest=earliest,
+    )
     events = lake.list_files("events")
     if not events and not report.held:
         raise dg.Failure(
@@ -68,6 +81,8 @@ def raw_events(
             "set_aside_by_reason": dg.MetadataValue.json(report.set_aside_by_reason),
             "duplicates_collapsed": report.duplicates_collapsed,
             "feedback_rows": feedback.events,
+            # Implausible rows of the log (before earliest_event_at, absurd prices), quarantined.
+            "feedback_quarantined_rows": sum(feedback.quarantined.values()),
             "dates_written": len(report.rows_by_date),
             # What this run added per day of the lake: the per-day view of incremental ingestion.
             "landed_rows_by_date": dg.MetadataValue.table(

@@ -1,0 +1,103 @@
+"""The impressions path is bounded: a full queue drops (and counts) instead of blocking or
+growing, batches are cut, and the log refuses an oversized record before writing it."""
+
+import threading
+
+import pytest
+from prometheus_client import REGISTRY
+
+from bentos.impressions import ImpressionLog
+from shelfwise.feedback import (
+    OPEN_SUFFIX,
+    SEALED_SUFFIX,
+    FeedbackLog,
+    RecordTooLargeError,
+    compact_feedback,
+    read_segment,
+)
+from shelfwise.lake import IMPRESSIONS, Lake
+from tests.test_feedback_log import lake_rows, make_events, make_impressions
+
+
+def dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("shelfwise_impressions_dropped_total", {"reason": reason}) or 0
+
+
+class StalledLog:
+    """A feedback log whose appends wait until released (a disk that stopped answering)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.appended: list[list[dict]] = []
+
+    def append(self, stream: str, rows: list[dict]) -> None:
+        self.entered.set()
+        self.release.wait()
+        self.appended.append(list(rows))
+
+
+def test_a_full_queue_drops_a_responses_impressions_and_counts_them_without_blocking():
+    log = StalledLog()
+    impressions = ImpressionLog(log, max_queued_rows=40, max_batch_rows=15)
+    before = dropped("queue_full")
+    try:
+        assert impressions.add(make_impressions("r0", 10))
+        assert log.entered.wait(10)  # the writer took r0 and hangs in its append
+        outcomes: list[bool] = []
+
+        def flood() -> None:
+            outcomes.extend(impressions.add(make_impressions(f"r{n}", 10)) for n in range(1, 8))
+
+        adder = threading.Thread(target=flood)
+        adder.start()
+        adder.join(10)
+        assert not adder.is_alive(), "add blocked behind a stalled log"
+        # r0 (being written) and r1-r3 fill the 40 rows; r4-r7 are dropped whole.
+        assert outcomes == [True, True, True, False, False, False, False]
+        assert impressions.dropped == 40
+        assert dropped("queue_full") - before == 40
+    finally:
+        log.release.set()
+        impressions.close()
+    written = [row["rec_id"] for batch in log.appended for row in batch]
+    assert written == [f"r{n}" for n in range(4) for _ in range(10)]
+    assert max(len(batch) for batch in log.appended) <= 15
+    # Once the writer caught up, the queue takes responses again.
+    assert ImpressionLog(StalledLog(), max_queued_rows=40).add(make_impressions("r8", 10))
+
+
+def test_a_record_over_the_limit_is_refused_at_write_time_leaving_nothing_torn(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    with FeedbackLog(wal, max_record_bytes=4096) as log:
+        with pytest.raises(RecordTooLargeError, match="over the log's limit of 4,096 bytes"):
+            log.append("events", make_events("big-", 200))
+        huge = make_events("huge-", 1)
+        huge[0]["user_id"] = "u" * 100_000  # one row alone over the limit
+        with pytest.raises(RecordTooLargeError):
+            log.append("events", huge)
+        assert not [p for p in wal.iterdir() if p.suffix in (OPEN_SUFFIX, SEALED_SUFFIX)]
+        log.append("events", make_events("small-", 3))
+    (segment,) = [p for p in wal.iterdir() if p.suffix == SEALED_SUFFIX]
+    contents = read_segment(segment.read_bytes())
+    assert contents.torn_bytes == 0
+    assert sum(batch.num_rows for batch in contents.batches["events"]) == 3
+    result = compact_feedback(wal, lake)
+    assert result.events == 3 and result.torn_bytes == 0
+    with pytest.raises(ValueError, match="max_record_bytes"):
+        FeedbackLog(wal, max_record_bytes=2 << 30)
+
+
+def test_impressions_are_cut_to_fit_the_record_limit_and_an_oversized_row_is_dropped(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    before = dropped("too_large")
+    rows = make_impressions("r1", 60)
+    rows[17]["user_id"] = "u" * 20_000  # over the limit on its own
+    with FeedbackLog(wal, max_record_bytes=8192) as log:
+        impressions = ImpressionLog(log, max_batch_rows=1000)
+        assert impressions.add(rows)
+        impressions.close()
+    compact_feedback(wal, lake)
+    logged = lake_rows(lake, IMPRESSIONS, "position")
+    assert sorted(row["position"] for row in logged) == [p for p in range(60) if p != 17]
+    assert impressions.dropped == 1 and dropped("too_large") - before == 1
