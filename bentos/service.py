@@ -133,7 +133,7 @@ class RecommendationService:
         lake = Lake(self.settings.lake_url)
         try:
             if self.settings.compact_every_s:
-                compact_feedback(self.settings.wal_dir, lake)
+                compact_feedback(self.settings.wal_dir, lake, self.settings.earliest_event_at)
             self.state.update_stock(latest_stock_updates(lake, self.settings.wal_dir))
         except Exception:  # serve without them rather than not at all; the log keeps them
             logger.exception("Could not restore the stock updates from %s", lake.url)
@@ -200,7 +200,11 @@ class RecommendationService:
             if compact and now >= next_compaction:
                 next_compaction = now + compact
                 try:
-                    compact_feedback(self.settings.wal_dir, Lake(self.settings.lake_url))
+                    compact_feedback(
+                        self.settings.wal_dir,
+                        Lake(self.settings.lake_url),
+                        self.settings.earliest_event_at,
+                    )
                 except Exception:  # the log keeps everything; the next round retries
                     logger.exception("Feedback compaction failed")
 
