@@ -29,6 +29,11 @@ class Settings:
             (`SHELFWISE_MODEL_POLL_S`, default 10; 0: only `POST /admin/reload`).
         compact_every_s: How often the service compacts its feedback log into the lake, in
             seconds (`SHELFWISE_COMPACT_EVERY_S`, default 30; 0: never, leave it to the pipeline).
+        max_concurrency: Requests in progress per service worker above which the service answers
+            429 with `Retry-After` at once (`SHELFWISE_MAX_CONCURRENCY`, default 32; 0: no limit).
+        header_timeout_s: Seconds a client has to send a request's headers, from the connection's
+            opening or the request's first byte, before the server closes the connection
+            (`SHELFWISE_HEADER_TIMEOUT_S`, default 10; 0: no limit).
     """
 
     home: Path
@@ -41,6 +46,8 @@ class Settings:
     retrain_after_events: int = 10_000
     model_poll_s: float = 10.0
     compact_every_s: float = 30.0
+    max_concurrency: int = 32
+    header_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -66,6 +73,8 @@ class Settings:
             retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
             model_poll_s=float(env.get("SHELFWISE_MODEL_POLL_S") or 10.0),
             compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
+            max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 32),
+            header_timeout_s=float(env.get("SHELFWISE_HEADER_TIMEOUT_S") or 10.0),
         )
 
     @property

@@ -1,0 +1,173 @@
+"""Hostile and careless clients over real HTTP (issue 14, items 3 and 7): overload is answered
+with 429 and `Retry-After` while health stays up, and half-sent request headers are timed out.
+
+One server (`bentoml serve` from source on a copy of the pipeline's state) with a limit of 2
+requests in progress and a 1 s header timeout. The assertions are about behaviour: bursts are
+repeated until one overloads the worker (a bounded number of times), and a connection must be
+closed within a generous bound, far above the configured timeout.
+"""
+
+import http.client
+import inspect
+import json
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import uvicorn
+from uvicorn.protocols.http import auto as uvicorn_auto
+
+from bentos import compat
+from bentos.overload import NEVER_SHED
+from tests.support import served_copy
+
+LIMIT = 2
+HEADER_TIMEOUT_S = 1
+BURST = 48  # concurrent /recommend requests per burst
+MAX_BURSTS = 25
+CLOSE_BOUND_S = 20  # a closed connection must be seen by then (the timeout is 1 s)
+
+
+@pytest.fixture(scope="module")
+def hardened(pipeline_run, tmp_path_factory) -> Iterator[str]:
+    assert pipeline_run.result.success, pipeline_run.failures
+    env = {
+        "SHELFWISE_MAX_CONCURRENCY": str(LIMIT),
+        "SHELFWISE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+    }
+    with served_copy(pipeline_run.settings, tmp_path_factory.mktemp("hardened"), env) as served:
+        yield served[0]
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def _request(method: str, path: str, body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+def _answer(sock: socket.socket) -> tuple[int, str | None, bytes]:
+    """Status, `Retry-After` and body of the next response on a connection."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, response.getheader("Retry-After"), response.read()
+
+
+def _burst(url: str) -> tuple[list[tuple[int, str | None, bytes]], list[int]]:
+    """`BURST` /recommend requests written at once on as many connections, with /livez and
+    /readyz requests behind them; returns the /recommend answers and the probes' statuses."""
+    address = _address(url)
+    work = [socket.create_connection(address, timeout=30) for _ in range(BURST)]
+    probes = [socket.create_connection(address, timeout=30) for _ in range(4)]
+    try:
+        body = json.dumps({"user_id": "u1", "k": 10}).encode()
+        request = _request("POST", "/recommend", body)
+        for sock in work:
+            sock.sendall(request)
+        for sock, path in zip(probes, ("/livez", "/readyz", "/metrics", "/readyz"), strict=True):
+            sock.sendall(_request("GET", path))
+        return [_answer(sock) for sock in work], [_answer(sock)[0] for sock in probes]
+    finally:
+        for sock in work + probes:
+            sock.close()
+
+
+def test_overload_is_answered_with_429_and_retry_after_while_health_answers(hardened):
+    shed, admitted, probe_statuses = [], 0, []
+    for _ in range(MAX_BURSTS):
+        answers, probes = _burst(hardened)
+        probe_statuses += probes
+        shed += [answer for answer in answers if answer[0] == 429]
+        admitted += sum(answer[0] == 200 for answer in answers)
+        assert {answer[0] for answer in answers} <= {200, 429}, answers
+        if shed and admitted:
+            break
+    assert shed, f"no request was refused in {MAX_BURSTS} bursts of {BURST} at a limit of {LIMIT}"
+    assert admitted
+    for _, retry_after, body in shed:
+        assert retry_after is not None and int(retry_after) >= 1
+        assert json.loads(body)["reason"] == "overloaded"
+    # Probes sent during the bursts are never refused.
+    assert probe_statuses and set(probe_statuses) == {200}
+    # The worker serves again once the burst is over.
+    response = httpx.post(f"{hardened}/recommend", json={"user_id": "u1"}, timeout=10)
+    assert response.status_code == 200
+
+
+def _closed_within_bound(sock: socket.socket) -> bytes:
+    """Everything the server sent until it closed the connection; fails if it stays open."""
+    sock.settimeout(CLOSE_BOUND_S)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open for {CLOSE_BOUND_S} s")
+    return received
+
+
+def test_half_sent_headers_are_timed_out(hardened):
+    with socket.create_connection(_address(hardened)) as sock:
+        sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+        assert _closed_within_bound(sock).startswith(b"HTTP/1.1 408")
+
+
+def test_a_connection_that_sends_nothing_is_closed(hardened):
+    with socket.create_connection(_address(hardened)) as sock:
+        _closed_within_bound(sock)
+
+
+def test_a_half_sent_second_request_on_a_kept_alive_connection_is_timed_out(hardened):
+    with socket.create_connection(_address(hardened), timeout=30) as sock:
+        sock.sendall(_request("GET", "/livez"))
+        status, _, _ = _answer(sock)
+        assert status == 200
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHo")
+        assert _closed_within_bound(sock).startswith(b"HTTP/1.1 408")
+
+
+def test_normal_requests_still_work(hardened):
+    with httpx.Client(timeout=10) as client:  # keep-alive: several requests on one connection
+        for _ in range(3):
+            assert client.post(f"{hardened}/recommend", json={"user_id": "u1"}).status_code == 200
+
+
+def test_health_routes_are_never_shed():
+    assert {"/livez", "/readyz", "/metrics"} <= NEVER_SHED
+
+
+def test_the_header_timeout_shim_refuses_unknown_uvicorn_and_h11():
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    compat.check_uvicorn(uvicorn.__version__, HttpToolsProtocol)  # what is installed: accepted
+    with pytest.raises(compat.BentoMLCompatError, match="not a version"):
+        compat.check_uvicorn("99.0.0", HttpToolsProtocol)
+    with pytest.raises(compat.BentoMLCompatError, match="httptools"):
+        compat.check_uvicorn(uvicorn.__version__, H11Protocol)
+
+
+def test_uvicorn_still_has_no_header_timeout_of_its_own():
+    """When uvicorn gains one, pass it through and delete `install_header_timeout()`."""
+    timeouts = {name for name in inspect.signature(uvicorn.Config).parameters if "timeout" in name}
+    assert timeouts == {
+        "timeout_keep_alive",  # armed after a response only, cancelled by any byte
+        "timeout_notify",
+        "timeout_graceful_shutdown",
+        "timeout_worker_healthcheck",
+        "ws_ping_timeout",
+    }
+
+
+def test_installing_the_header_timeout_is_idempotent(monkeypatch):
+    monkeypatch.setattr(uvicorn_auto, "AutoHTTPProtocol", uvicorn_auto.AutoHTTPProtocol)
+    compat.install_header_timeout()
+    compat.install_header_timeout()
+    assert uvicorn_auto.AutoHTTPProtocol is compat.HeaderTimeoutProtocol
