@@ -17,16 +17,13 @@ every full garbage collection walks it, freezing the event loop for 60–1,000 m
 - `settle_heap()`, at the end of the service's `__init__`, freezes what start-up allocated (the
   serving snapshot, the model) so later full collections skip it.
 
-Slow clients (issue 14, item 7). uvicorn (0.54.0, what BentoML 1.4.40 serves with) has no timeout
-for reading a request's headers: its only timer, `timeout_keep_alive`, is armed after a response
-and cancelled by any byte received, so a client that opens a connection and sends nothing, or half
-its headers, holds it for ever (one stayed open over 90 s). BentoML passes no other uvicorn option
-through its configuration. `install_header_timeout()` (called by the service module at import, as
-the worker imports it before building the uvicorn server) makes uvicorn's `auto` HTTP protocol a
-subclass of its httptools protocol that closes the connection (with a 408) when a request's headers
-are not complete `SHELFWISE_HEADER_TIMEOUT_S` after the connection opened (first request) or after
-the request's first byte (later requests; the idle time between requests is the keep-alive
-timeout's). It refuses an uvicorn version it was not written for, or the h11 protocol.
+Hostile and careless clients (issue 14, items 3 and 7). `install_http_protocol()` (called by the
+service module at import: the worker imports it before it builds the uvicorn server) makes
+uvicorn's `auto` HTTP protocol `bentos.protocol.ShelfwiseProtocol`: uvicorn's httptools protocol
+plus load shedding (`SHELFWISE_MAX_CONCURRENCY`) and a header-read timeout
+(`SHELFWISE_HEADER_TIMEOUT_S`), neither of which uvicorn 0.54.0 or BentoML's configuration offers
+in a form that works (see that module). It refuses an uvicorn version it was not written for, and
+the h11 protocol (uvicorn's choice when httptools is not installed).
 """
 
 import asyncio
@@ -42,7 +39,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http import auto as uvicorn_auto
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from shelfwise.settings import Settings
+from bentos.protocol import ShelfwiseProtocol
 
 # Routes served on the hot path: no tracing spans for them (regexes searched in the request URL,
 # which OpenTelemetry builds as scheme://host/path, without the query string).
@@ -151,71 +148,11 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-# uvicorn versions whose httptools protocol `HeaderTimeoutProtocol` was written against (it relies
-# on the parser callbacks `on_message_begin` / `on_headers_complete`, `self.loop`, `self.transport`
-# and `self.cycle`). A version that adds a header timeout of its own makes the shim moot.
+# uvicorn versions whose httptools protocol `ShelfwiseProtocol` was written against: it relies on
+# the parser callbacks `on_message_begin` / `on_headers_complete`, on `_start_asgi_task`, on the
+# request cycle's `response_started` / `response_complete` / `keep_alive` and on `self.tasks`.
+# A version that offers a header timeout or a task-only concurrency limit may make it moot.
 KNOWN_UVICORN = frozenset({"0.54.0"})
-_TIMEOUT_BODY = b"request headers not sent in time"
-REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
-)
-
-
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline for each request's headers.
-
-    The deadline runs from the connection's opening until the first request's headers are
-    complete, and from each later request's first byte until its headers are complete. When it
-    passes, the client gets a 408 (unless a response is being written on the connection) and the
-    connection is closed.
-    """
-
-    # Seconds; read from the environment at the first connection (at start-up, not at import).
-    header_timeout_s: float | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_timer()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._header_timer is None:  # the first request's deadline runs from the connection
-            self._arm_header_timer()
-
-    def on_headers_complete(self) -> None:
-        self._cancel_header_timer()
-        super().on_headers_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        super().connection_lost(exc)
-
-    def _arm_header_timer(self) -> None:
-        cls = type(self)
-        if cls.header_timeout_s is None:
-            cls.header_timeout_s = Settings.from_env().header_timeout_s
-        if cls.header_timeout_s:
-            self._header_timer = self.loop.call_later(
-                cls.header_timeout_s, self._header_timeout_handler
-            )
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_timeout_handler(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is None or self.cycle.response_complete:  # no response is being written
-            self.transport.write(REQUEST_TIMEOUT_RESPONSE)
-        self.transport.close()
 
 
 def check_uvicorn(version: str, protocol: type) -> None:
@@ -230,26 +167,27 @@ def check_uvicorn(version: str, protocol: type) -> None:
     """
     if version not in KNOWN_UVICORN:
         raise BentoMLCompatError(
-            f"bentos/compat.py: uvicorn {version} is not a version the header-timeout shim was "
-            f"written for ({', '.join(sorted(KNOWN_UVICORN))}). If it times out reading request "
-            "headers itself, delete install_header_timeout() and pass its option; otherwise check "
-            "HeaderTimeoutProtocol against its httptools protocol and add the version."
+            f"bentos/compat.py: uvicorn {version} is not a version bentos.protocol."
+            f"ShelfwiseProtocol was written for ({', '.join(sorted(KNOWN_UVICORN))}). Check it "
+            "against the new httptools protocol (or use the new version's own header timeout and "
+            "concurrency limit, if it has them) and add the version to KNOWN_UVICORN."
         )
     if protocol is not HttpToolsProtocol:
         raise BentoMLCompatError(
             f"bentos/compat.py: uvicorn serves with {protocol.__name__}, not its httptools "
-            "protocol: install httptools (pinned in constraints.txt) for the header timeout."
+            "protocol: install httptools (pinned in constraints.txt) for load shedding and the "
+            "header timeout."
         )
 
 
-def install_header_timeout() -> None:
-    """Makes uvicorn's `auto` HTTP protocol time out slow request headers (idempotent).
+def install_http_protocol() -> None:
+    """Makes uvicorn's `auto` HTTP protocol `ShelfwiseProtocol` (idempotent).
 
     Raises:
         BentoMLCompatError: The installed uvicorn is not a known version, or serves with h11.
     """
-    if uvicorn_auto.AutoHTTPProtocol is HeaderTimeoutProtocol:
+    if uvicorn_auto.AutoHTTPProtocol is ShelfwiseProtocol:
         return
     check_uvicorn(uvicorn.__version__, uvicorn_auto.AutoHTTPProtocol)
-    # uvicorn.Config.load() resolves http="auto" (BentoML's) through this module attribute.
-    uvicorn_auto.AutoHTTPProtocol = HeaderTimeoutProtocol
+    # uvicorn.Config.load() resolves http="auto" (what BentoML passes) through this attribute.
+    uvicorn_auto.AutoHTTPProtocol = ShelfwiseProtocol

@@ -38,13 +38,12 @@ from bentos.api_models import (
 )
 from bentos.compat import (
     SERVICE_CONFIG,
-    install_header_timeout,
+    install_http_protocol,
     install_timeout_timer_fix,
     settle_heap,
 )
 from bentos.guard import RequestGuard
 from bentos.impressions import ImpressionLog
-from bentos.overload import ConcurrencyLimit
 from models.serving import Recommendation, Recommender
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
@@ -65,8 +64,8 @@ logger = logging.getLogger("bentoml.shelfwise")
 # BentoML's per-request timer leak (ARCHITECTURE.md §7): patched once per process, at import,
 # before the worker builds its app; refuses to patch a BentoML it does not know.
 install_timeout_timer_fix()
-# uvicorn never times out half-sent request headers: closes such connections (bentos/compat.py).
-install_header_timeout()
+# Load shedding and a header-read timeout in uvicorn's protocol (bentos/protocol.py).
+install_http_protocol()
 
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_STOCK_UPDATES_PER_REQUEST = 10_000
@@ -379,8 +378,6 @@ class RecommendationService:
         )
 
 
-# Load shedding first (outermost of ours): a refusal under overload costs the least.
-RecommendationService.add_asgi_middleware(ConcurrencyLimit)
 RecommendationService.add_asgi_middleware(RequestGuard)
 
 

@@ -2,9 +2,9 @@
 with 429 and `Retry-After` while health stays up, and half-sent request headers are timed out.
 
 One server (`bentoml serve` from source on a copy of the pipeline's state) with a limit of 2
-requests in progress and a 1 s header timeout. The assertions are about behaviour: bursts are
-repeated until one overloads the worker (a bounded number of times), and a connection must be
-closed within a generous bound, far above the configured timeout.
+requests in progress and a 1 s header timeout (`bentos/protocol.py`). The assertions are about
+behaviour: bursts are repeated until one overloads the worker (a bounded number of times), and a
+connection must be closed within a generous bound, far above the configured timeout.
 """
 
 import http.client
@@ -20,7 +20,7 @@ import uvicorn
 from uvicorn.protocols.http import auto as uvicorn_auto
 
 from bentos import compat
-from bentos.overload import NEVER_SHED
+from bentos.protocol import NEVER_SHED, ShelfwiseProtocol
 from tests.support import served_copy
 
 LIMIT = 2
@@ -60,29 +60,42 @@ def _answer(sock: socket.socket) -> tuple[int, str | None, bytes]:
     return response.status, response.getheader("Retry-After"), response.read()
 
 
-def _burst(url: str) -> tuple[list[tuple[int, str | None, bytes]], list[int]]:
-    """`BURST` /recommend requests written at once on as many connections, with /livez and
-    /readyz requests behind them; returns the /recommend answers and the probes' statuses."""
+def _burst(url: str) -> tuple[list[tuple[int, str | None, bytes]], list[int], int | None]:
+    """`BURST` /recommend requests written at once on as many open connections, with /livez,
+    /readyz and /metrics requests behind them. Returns the /recommend answers, the probes'
+    statuses and the status of a second request on the first refused connection (kept alive).
+
+    The connections are opened and used once (`/livez`) first: the server accepts one new
+    connection per event-loop round, and requests on accepted connections arrive together."""
     address = _address(url)
     work = [socket.create_connection(address, timeout=30) for _ in range(BURST)]
     probes = [socket.create_connection(address, timeout=30) for _ in range(4)]
     try:
+        for sock in work + probes:
+            sock.sendall(_request("GET", "/livez"))
+            assert _answer(sock)[0] == 200
         body = json.dumps({"user_id": "u1", "k": 10}).encode()
         request = _request("POST", "/recommend", body)
         for sock in work:
             sock.sendall(request)
         for sock, path in zip(probes, ("/livez", "/readyz", "/metrics", "/readyz"), strict=True):
             sock.sendall(_request("GET", path))
-        return [_answer(sock) for sock in work], [_answer(sock)[0] for sock in probes]
+        answers = [_answer(sock) for sock in work]
+        refused = [sock for sock, answer in zip(work, answers, strict=True) if answer[0] == 429]
+        again = None
+        if refused:  # nothing else is in flight now
+            refused[0].sendall(request)
+            again = _answer(refused[0])[0]
+        return answers, [_answer(sock)[0] for sock in probes], again
     finally:
         for sock in work + probes:
             sock.close()
 
 
 def test_overload_is_answered_with_429_and_retry_after_while_health_answers(hardened):
-    shed, admitted, probe_statuses = [], 0, []
+    shed, admitted, probe_statuses, again = [], 0, [], None
     for _ in range(MAX_BURSTS):
-        answers, probes = _burst(hardened)
+        answers, probes, again = _burst(hardened)
         probe_statuses += probes
         shed += [answer for answer in answers if answer[0] == 429]
         admitted += sum(answer[0] == 200 for answer in answers)
@@ -96,9 +109,13 @@ def test_overload_is_answered_with_429_and_retry_after_while_health_answers(hard
         assert json.loads(body)["reason"] == "overloaded"
     # Probes sent during the bursts are never refused.
     assert probe_statuses and set(probe_statuses) == {200}
-    # The worker serves again once the burst is over.
+    # A refused connection stays usable, and the worker serves again once the burst is over.
+    assert again == 200
     response = httpx.post(f"{hardened}/recommend", json={"user_id": "u1"}, timeout=10)
     assert response.status_code == 200
+    metrics = httpx.get(f"{hardened}/metrics", timeout=10).text
+    counted = [line for line in metrics.splitlines() if line.startswith("shelfwise_shed_requests")]
+    assert counted and float(counted[0].split()[-1]) >= len(shed)
 
 
 def _closed_within_bound(sock: socket.socket) -> bytes:
@@ -143,7 +160,7 @@ def test_health_routes_are_never_shed():
     assert {"/livez", "/readyz", "/metrics"} <= NEVER_SHED
 
 
-def test_the_header_timeout_shim_refuses_unknown_uvicorn_and_h11():
+def test_the_protocol_shim_refuses_unknown_uvicorn_and_h11():
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -155,7 +172,7 @@ def test_the_header_timeout_shim_refuses_unknown_uvicorn_and_h11():
 
 
 def test_uvicorn_still_has_no_header_timeout_of_its_own():
-    """When uvicorn gains one, pass it through and delete `install_header_timeout()`."""
+    """When uvicorn gains one, consider passing it through instead of `ShelfwiseProtocol`'s."""
     timeouts = {name for name in inspect.signature(uvicorn.Config).parameters if "timeout" in name}
     assert timeouts == {
         "timeout_keep_alive",  # armed after a response only, cancelled by any byte
@@ -166,8 +183,8 @@ def test_uvicorn_still_has_no_header_timeout_of_its_own():
     }
 
 
-def test_installing_the_header_timeout_is_idempotent(monkeypatch):
+def test_installing_the_protocol_is_idempotent(monkeypatch):
     monkeypatch.setattr(uvicorn_auto, "AutoHTTPProtocol", uvicorn_auto.AutoHTTPProtocol)
-    compat.install_header_timeout()
-    compat.install_header_timeout()
-    assert uvicorn_auto.AutoHTTPProtocol is compat.HeaderTimeoutProtocol
+    compat.install_http_protocol()
+    compat.install_http_protocol()
+    assert uvicorn_auto.AutoHTTPProtocol is ShelfwiseProtocol
