@@ -30,7 +30,7 @@ class Settings:
         compact_every_s: How often the service compacts its feedback log into the lake, in
             seconds (`SHELFWISE_COMPACT_EVERY_S`, default 30; 0: never, leave it to the pipeline).
         max_concurrency: Requests in progress per service worker above which the service answers
-            429 with `Retry-After` at once (`SHELFWISE_MAX_CONCURRENCY`, default 32; 0: no limit).
+            429 with `Retry-After` at once (`SHELFWISE_MAX_CONCURRENCY`, default 8; 0: no limit).
         header_timeout_s: Seconds a client has to send a request's headers, from the connection's
             opening or the request's first byte, before the server closes the connection
             (`SHELFWISE_HEADER_TIMEOUT_S`, default 10; 0: no limit).
@@ -46,7 +46,7 @@ class Settings:
     retrain_after_events: int = 10_000
     model_poll_s: float = 10.0
     compact_every_s: float = 30.0
-    max_concurrency: int = 32
+    max_concurrency: int = 8
     header_timeout_s: float = 10.0
 
     @classmethod
@@ -73,7 +73,7 @@ class Settings:
             retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
             model_poll_s=float(env.get("SHELFWISE_MODEL_POLL_S") or 10.0),
             compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
-            max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 32),
+            max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 8),
             header_timeout_s=float(env.get("SHELFWISE_HEADER_TIMEOUT_S") or 10.0),
         )
 

@@ -7,6 +7,7 @@ behaviour: bursts are repeated until one overloads the worker (a bounded number 
 connection must be closed within a generous bound, far above the configured timeout.
 """
 
+import asyncio
 import http.client
 import inspect
 import json
@@ -18,9 +19,10 @@ import httpx
 import pytest
 import uvicorn
 from uvicorn.protocols.http import auto as uvicorn_auto
+from uvicorn.server import ServerState
 
 from bentos import compat
-from bentos.protocol import NEVER_SHED, ShelfwiseProtocol
+from bentos.protocol import NEVER_SHED, Limits, ShelfwiseProtocol
 from tests.support import served_copy
 
 LIMIT = 2
@@ -188,3 +190,106 @@ def test_installing_the_protocol_is_idempotent(monkeypatch):
     compat.install_http_protocol()
     compat.install_http_protocol()
     assert uvicorn_auto.AutoHTTPProtocol is ShelfwiseProtocol
+
+
+# --- the protocol in process, on a fake transport (what the server tests cannot reach) ---------
+
+
+class FakeTransport(asyncio.Transport):
+    """Collects what the protocol writes; closing is recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 40000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _ok(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _connections(count: int) -> list[tuple[ShelfwiseProtocol, FakeTransport]]:
+    config = uvicorn.Config(app=_ok, log_config=None, lifespan="off")
+    config.load()
+    state = ServerState()
+    opened = []
+    for _ in range(count):
+        protocol = ShelfwiseProtocol(config=config, server_state=state, app_state={})
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        opened.append((protocol, transport))
+    return opened
+
+
+RECOMMEND = _request("POST", "/recommend", b'{"user_id": "u1"}')
+
+
+@pytest.fixture
+def limit_of_one(monkeypatch):
+    monkeypatch.setattr(ShelfwiseProtocol, "limits", Limits(max_concurrency=1, header_timeout_s=0))
+    monkeypatch.setattr(ShelfwiseProtocol, "in_progress", 0)
+
+
+def test_requests_count_until_answered_and_probes_are_never_shed(limit_of_one):
+    async def scenario() -> None:
+        (first, first_out), (second, second_out), (probe, probe_out) = _connections(3)
+        first.data_received(RECOMMEND)  # admitted: its task has not run yet
+        assert ShelfwiseProtocol.in_progress == 1
+        second.data_received(RECOMMEND)  # refused at once, the connection kept
+        assert second_out.written.startswith(b"HTTP/1.1 429 ")
+        assert b"retry-after: 1\r\n" in second_out.written and not second_out.closed
+        assert json.loads(second_out.written.split(b"\r\n\r\n", 1)[1])["reason"] == "overloaded"
+        probe.data_received(_request("GET", "/readyz"))  # never refused, never counted
+        assert ShelfwiseProtocol.in_progress == 1
+        while not (first_out.written and probe_out.written):
+            await asyncio.sleep(0)
+        assert first_out.written.startswith(b"HTTP/1.1 200 ")
+        assert probe_out.written.startswith(b"HTTP/1.1 200 ")
+        assert ShelfwiseProtocol.in_progress == 0
+        second.data_received(RECOMMEND)  # the worker has room again
+        assert ShelfwiseProtocol.in_progress == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_client_left_no_longer_counts(limit_of_one):
+    async def scenario() -> None:
+        [(protocol, _)] = _connections(1)
+        protocol.data_received(RECOMMEND)
+        assert ShelfwiseProtocol.in_progress == 1
+        protocol.connection_lost(None)
+        assert ShelfwiseProtocol.in_progress == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_request_that_asked_to_close_gets_its_connection_closed(limit_of_one):
+    async def scenario() -> None:
+        (busy, _), (closing, out) = _connections(2)
+        busy.data_received(RECOMMEND)
+        closing.data_received(RECOMMEND.replace(b"Host:", b"Connection: close\r\nHost:"))
+        assert out.written.startswith(b"HTTP/1.1 429 ")
+        assert b"connection: close\r\n" in out.written and out.closed
+
+    asyncio.run(scenario())
