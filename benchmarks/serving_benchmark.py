@@ -820,7 +820,8 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
         build = build_state(home, args)
     print(f"state: {home} (built in {build['total_seconds'] / 60:.1f} min)", flush=True)
     lake, served_users = served_lake(home, args.serve_users, args.seed)
-    env = state_env(home, lake)
+    # The service's own speed: no load shedding at c=32 (overload_benchmark.py measures that).
+    env = state_env(home, lake, extra={"SHELFWISE_MAX_CONCURRENCY": "0"})
     user_ids = benchmark_user_ids(lake, args.user_ids, args.unknown_share, args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="serving-benchmark-"))
     script = scratch / "bodies.lua"

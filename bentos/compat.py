@@ -16,6 +16,14 @@ every full garbage collection walks it, freezing the event loop for 60–1,000 m
   exporter is configured, so their spans cost time and memory for nothing).
 - `settle_heap()`, at the end of the service's `__init__`, freezes what start-up allocated (the
   serving snapshot, the model) so later full collections skip it.
+
+Hostile and careless clients (issue 14, items 3 and 7). `install_http_protocol()` (called by the
+service module at import: the worker imports it before it builds the uvicorn server) makes
+uvicorn's `auto` HTTP protocol `bentos.protocol.ShelfwiseProtocol`: uvicorn's httptools protocol
+plus load shedding (`SHELFWISE_MAX_CONCURRENCY`) and a header-read timeout
+(`SHELFWISE_HEADER_TIMEOUT_S`), neither of which uvicorn 0.54.0 or BentoML's configuration offers
+in a form that works (see that module). It refuses an uvicorn version it was not written for, and
+the h11 protocol (uvicorn's choice when httptools is not installed).
 """
 
 import asyncio
@@ -25,8 +33,13 @@ import inspect
 from typing import Any
 
 import bentoml
+import uvicorn
 from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
+from uvicorn.protocols.http import auto as uvicorn_auto
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bentos.protocol import ShelfwiseProtocol
 
 # Routes served on the hot path: no tracing spans for them (regexes searched in the request URL,
 # which OpenTelemetry builds as scheme://host/path, without the query string).
@@ -133,3 +146,48 @@ def settle_heap() -> None:
     """Collects once and freezes what start-up allocated, so later collections skip it."""
     gc.collect()
     gc.freeze()
+
+
+# uvicorn versions whose httptools protocol `ShelfwiseProtocol` was written against: it relies on
+# the parser callbacks `on_message_begin` / `on_headers_complete`, on `_start_asgi_task`, on the
+# request cycle's `response_started` / `response_complete` / `keep_alive` and on `self.tasks`.
+# A version that offers a header timeout or a task-only concurrency limit may make it moot.
+KNOWN_UVICORN = frozenset({"0.54.0"})
+
+
+def check_uvicorn(version: str, protocol: type) -> None:
+    """Raises unless uvicorn is a known version serving with its httptools protocol.
+
+    Args:
+        version: The installed uvicorn version.
+        protocol: The class uvicorn's `auto` HTTP protocol resolves to.
+
+    Raises:
+        BentoMLCompatError: An unknown version, or another protocol (h11 without httptools).
+    """
+    if version not in KNOWN_UVICORN:
+        raise BentoMLCompatError(
+            f"bentos/compat.py: uvicorn {version} is not a version bentos.protocol."
+            f"ShelfwiseProtocol was written for ({', '.join(sorted(KNOWN_UVICORN))}). Check it "
+            "against the new httptools protocol (or use the new version's own header timeout and "
+            "concurrency limit, if it has them) and add the version to KNOWN_UVICORN."
+        )
+    if protocol is not HttpToolsProtocol:
+        raise BentoMLCompatError(
+            f"bentos/compat.py: uvicorn serves with {protocol.__name__}, not its httptools "
+            "protocol: install httptools (pinned in constraints.txt) for load shedding and the "
+            "header timeout."
+        )
+
+
+def install_http_protocol() -> None:
+    """Makes uvicorn's `auto` HTTP protocol `ShelfwiseProtocol` (idempotent).
+
+    Raises:
+        BentoMLCompatError: The installed uvicorn is not a known version, or serves with h11.
+    """
+    if uvicorn_auto.AutoHTTPProtocol is ShelfwiseProtocol:
+        return
+    check_uvicorn(uvicorn.__version__, uvicorn_auto.AutoHTTPProtocol)
+    # uvicorn.Config.load() resolves http="auto" (what BentoML passes) through this attribute.
+    uvicorn_auto.AutoHTTPProtocol = ShelfwiseProtocol

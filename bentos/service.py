@@ -40,7 +40,12 @@ from bentos.api_models import (
     SimilarResponse,
     StockUpdate,
 )
-from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
+from bentos.compat import (
+    SERVICE_CONFIG,
+    install_http_protocol,
+    install_timeout_timer_fix,
+    settle_heap,
+)
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
@@ -69,6 +74,8 @@ logger = logging.getLogger("bentoml.shelfwise")
 # BentoML's per-request timer leak (ARCHITECTURE.md §7): patched once per process, at import,
 # before the worker builds its app; refuses to patch a BentoML it does not know.
 install_timeout_timer_fix()
+# Load shedding and a header-read timeout in uvicorn's protocol (bentos/protocol.py).
+install_http_protocol()
 
 RESPONSES = bentoml.metrics.Counter(
     name="shelfwise_responses",

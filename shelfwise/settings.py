@@ -35,6 +35,11 @@ class Settings:
             seconds (`SHELFWISE_COMPACT_EVERY_S`, default 30; 0: never, leave it to the pipeline).
         earliest_event_at: Events and stock updates dated before this are refused by the API
             (`SHELFWISE_EARLIEST_EVENT_AT`, ISO 8601, UTC when naive; default 2000-01-01).
+        max_concurrency: Requests in progress per service worker above which the service answers
+            429 with `Retry-After` at once (`SHELFWISE_MAX_CONCURRENCY`, default 8; 0: no limit).
+        header_timeout_s: Seconds a client has to send a request's headers, from the connection's
+            opening or the request's first byte, before the server closes the connection
+            (`SHELFWISE_HEADER_TIMEOUT_S`, default 10; 0: no limit).
     """
 
     home: Path
@@ -48,6 +53,8 @@ class Settings:
     model_poll_s: float = 10.0
     compact_every_s: float = 30.0
     earliest_event_at: datetime = DEFAULT_EARLIEST_EVENT_AT
+    max_concurrency: int = 8
+    header_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -75,6 +82,8 @@ class Settings:
             compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
             earliest_event_at=_utc(env.get("SHELFWISE_EARLIEST_EVENT_AT"))
             or DEFAULT_EARLIEST_EVENT_AT,
+            max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 8),
+            header_timeout_s=float(env.get("SHELFWISE_HEADER_TIMEOUT_S") or 10.0),
         )
 
     @property
