@@ -61,7 +61,7 @@ SHED_BODY = json.dumps(
     {
         "error": "the service is at its limit of requests in progress; retry after "
         f"{RETRY_AFTER_S} s",
-        "reason": "overloaded",
+        "field": None,  # the shape of every client error (bentos.api_models.ErrorResponse)
     }
 ).encode()
 SHED_RESPONSE = (
