@@ -642,9 +642,7 @@ def test_a_products_file_is_the_catalog_with_a_category_path_of_several_columns(
     assert len(lake.list_files(paths.LANDING_ITEMS)) == 1
 
 
-def test_cli_imports_a_csv_catalog_beside_the_events_and_names_a_missing_column(
-    tmp_path, capsys
-):
+def test_cli_imports_a_csv_catalog_beside_the_events_and_names_a_missing_column(tmp_path, capsys):
     lake_dir = str(tmp_path / "lake")
     products = tmp_path / "products.csv"
     products.write_text("sku;dept;cat;brand\n85123A;HOME;CANDLES;Acme\n71053;HOME;;\n")
