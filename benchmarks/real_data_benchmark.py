@@ -276,13 +276,13 @@ def main() -> None:
     )
     parser.add_argument("--home-root", type=Path, default=Path("/tmp/shelfwise-realdata"))
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results.setdefault("datasets", {})
     for dataset in args.dataset or DATASETS:
         figures = run_dataset(dataset, args.home_root, args.households)
         print_table(dataset, figures)
         figures["measured_at"] = datetime.now(UTC).isoformat()
-        results["datasets"][dataset] = figures
+        # Read just before writing: another run may have written another dataset meanwhile.
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        results.setdefault("datasets", {})[dataset] = figures
         results.update(
             benchmark="real_data",
             machine=machine(),
