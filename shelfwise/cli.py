@@ -73,6 +73,8 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             timestamp_format=args.timestamp_format,
             timezone=args.timezone,
             not_recommendable=_id_list(args.not_recommendable),
+            catalog=args.catalog,
+            catalog_mapping=dict(args.catalog_map) or None,
             batch_rows=args.batch_rows,
         )
     except (ValueError, OSError) as error:  # ContractError is a ValueError
@@ -334,9 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
     imports = commands.add_parser(
         "import",
         help="import a shop's own event files into the lake's landing area",
-        description="Import event files (and RetailRocket catalog files) into landing/.",
+        description="Import event files, a products file as the catalog (--catalog), and "
+        "RetailRocket catalog files into landing/.",
     )
-    imports.add_argument("paths", nargs="+", metavar="PATH")
+    imports.add_argument("paths", nargs="*", metavar="PATH", help="event files")
+    imports.add_argument(
+        "--catalog",
+        default=None,
+        metavar="FILE",
+        help="a products file (CSV or Parquet, one row per item) to import as the catalog",
+    )
+    imports.add_argument(
+        "--catalog-map",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="CANONICAL=SOURCE[,SOURCE…]",
+        help="the catalog file's columns, e.g. item_id=product_id, brand=brand; "
+        "category_path=department,product_category joins levels as 'a > b'",
+    )
     imports.add_argument("--format", required=True, choices=FORMATS)
     imports.add_argument(
         "--map",

@@ -14,6 +14,13 @@ holds to `landing/`, where ingestion (`shelfwise.ingest.ingest_landing`) validat
 - `rees46`: the REES46 multi-category store CSVs (`2019-Oct.csv`, …).
 - `yoochoose`: the tab-separated `SessionId ItemId Time` files of the RecSys 2015 sample.
 
+Beside the events of any format, `import_catalog` (`shelfwise import --catalog FILE`) reads a
+products file (CSV or Parquet, one row per item) as the catalog, with its own mapping
+`canonical=source` (`item_id`, `title`, `category_id`, `category_path`, `brand`, `price`,
+`is_in_stock`, `is_recommendable`); `category_path` may name several columns
+(`department,product_category,product_type`), joined from the broadest as "a > b > c" with empty
+levels left out.
+
 Decisions:
 
 - **Event ids.** A source id is used when the generic mapping names one. Otherwise an event id is
@@ -65,7 +72,13 @@ Decisions:
   frequent value (ties: the latest) and a price its latest positive one; the time of the stock
   value becomes the item's `stock_updated_at` (empty when the source says nothing of stock:
   ingestion then dates it by the delivery). Items named in `not_recommendable` get
-  `is_recommendable` false. Every item and user seen in the events gets a row so downstream
+  `is_recommendable` false. A catalog file (`import_catalog`) is its own delivery,
+  `landing/items/import-catalog-<stem>-<tag>-items.parquet`, dated at the import (an
+  `is_in_stock` column dates `stock_updated_at` then); it is read before the events of the same
+  command, so its items get no placeholders. Where the event rows carry an item attribute too (a
+  mapped title or price), ingestion merges the two deliveries as it merges any (attribute by
+  attribute, later delivery first, a null never erases): map each attribute from one file.
+  Every item and user seen in the events gets a row so downstream
   joins work:
   without catalog attributes an item is a placeholder with `category_id` "unknown", in stock
   (nothing says otherwise, and serving only recommends in-stock items), and the latest event
@@ -337,13 +350,16 @@ def import_files(
     timestamp_format: str | None = None,
     timezone: str | None = None,
     not_recommendable: Sequence[str] = (),
+    catalog: str | None = None,
+    catalog_mapping: Mapping[str, str | Sequence[str]] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
 ) -> ImportReport:
     """Imports several files of one format (RetailRocket: events plus its catalog files).
 
     For `retailrocket` the files are told apart by their header: at most one events file, any
     number of item properties files and at most one category tree. Other formats import each
-    file in turn, as `import_file` would.
+    file in turn, as `import_file` would. A `catalog` file (any format) is imported first, by
+    `import_catalog`; `paths_` may then be empty.
 
     Args:
         lake: The lake to write to.
@@ -356,6 +372,8 @@ def import_files(
         timestamp_format: See `import_file`.
         timezone: See `import_file`.
         not_recommendable: See `import_file`.
+        catalog: A products file to import as the catalog (see `import_catalog`).
+        catalog_mapping: The catalog file's mapping (see `import_catalog`).
         batch_rows: Rows per landing file.
 
     Returns:
@@ -382,9 +400,27 @@ def import_files(
         if given:
             raise ValueError(f"{', '.join(given)} apply to the generic format only, not to {fmt}")
     hidden = normalize_ids(not_recommendable)
-    if fmt == "retailrocket":
-        return _import_retailrocket_files(lake, list(paths_), batch_rows, hidden)
+    if catalog_mapping and not catalog:
+        raise ValueError("a catalog mapping needs a catalog file (--catalog FILE)")
+    if not paths_ and not catalog:
+        raise ValueError("nothing to import: give event files, a catalog file or both")
     report = ImportReport(format=fmt)
+    if catalog:  # first: the events' import then knows its items and writes no placeholders
+        report.merge(
+            import_catalog(
+                lake,
+                catalog,
+                mapping=catalog_mapping,
+                # With events, their import says it (one delivery, not the same row twice).
+                not_recommendable=() if paths_ else hidden,
+                batch_rows=batch_rows,
+            )
+        )
+    if not paths_:
+        return report
+    if fmt == "retailrocket":
+        report.merge(_import_retailrocket_files(lake, list(paths_), batch_rows, hidden))
+        return report
     for path in paths_:
         if fmt == "generic":
             part = import_generic(
@@ -582,6 +618,127 @@ def import_generic(
     report = ImportReport(format="generic", sources=[path])
     unit = _Unit(lake, "generic", path, report, not_recommendable)
     _import_events(unit, source, plan, batch_rows)
+    unit.write_catalog()
+    return report
+
+
+CATALOG_TARGETS = ("item_id", *_ITEM_ATTRIBUTES, "price")
+
+
+def import_catalog(
+    lake: Lake,
+    path: str,
+    *,
+    mapping: Mapping[str, str | Sequence[str]] | None = None,
+    delimiter: str | None = None,
+    not_recommendable: Sequence[str] = (),
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> ImportReport:
+    """Imports a products file (one row per item) as the catalog.
+
+    Writes `landing/items/import-catalog-<file stem>-<path tag>-items.parquet`, which ingestion
+    merges into `catalog/items` like any importer's items. Unmapped canonical columns fall back
+    to a source column of the same name; `item_id` is required. Ids are normalised as in the
+    events (`17850.0` -> `17850`), so the catalog joins the events of any format. Attributes are
+    dated at the import time (the shop's current word); a row without an item id is skipped and
+    counted in `unreadable_values["item_id"]`; when an item has several rows, the last one's
+    non-empty values win (a title: its most frequent).
+
+    Args:
+        lake: The lake to write to.
+        path: A `.parquet`/`.pq` file, or a CSV file (optionally `.gz`/`.bz2`).
+        mapping: Canonical column -> source column, e.g. `{"item_id": "product_id"}`;
+            `category_path` may map to several columns (a list, or one text with commas),
+            joined from the broadest as "department > category > type".
+        delimiter: The CSV delimiter; sniffed from the header when omitted.
+        not_recommendable: Item ids never to recommend (`is_recommendable` false).
+        batch_rows: Rows read at a time.
+
+    Returns:
+        What was read and written (`items_written`; no events, no users).
+
+    Raises:
+        ContractError: The file cannot be parsed or lacks a mapped or required column.
+        ValueError: An unknown canonical column in the mapping.
+        FileNotFoundError: The file does not exist.
+    """
+    _check_batch_rows(batch_rows)
+    columns: dict[str, list[str]] = {}
+    for canonical, source_columns in (mapping or {}).items():
+        names = source_columns.split(",") if isinstance(source_columns, str) else source_columns
+        columns[canonical] = [name.strip() for name in names if name.strip()]
+    unknown = sorted(set(columns) - set(CATALOG_TARGETS))
+    if unknown:
+        raise ValueError(
+            f"unknown catalog column(s) {', '.join(unknown)} in the catalog mapping; "
+            f"expected some of {', '.join(CATALOG_TARGETS)}"
+        )
+    several = sorted(k for k, v in columns.items() if len(v) > 1 and k != "category_path")
+    if several:
+        raise ValueError(f"only category_path may join several columns, not {', '.join(several)}")
+    source = _open_source(path, delimiter)
+    resolved: dict[str, list[str]] = {}
+    for canonical in CATALOG_TARGETS:
+        names = columns.get(canonical) or ([canonical] if canonical in source.columns else [])
+        for name in names:
+            if name not in source.columns:
+                raise ContractError(
+                    f"{path}: catalog column '{name}' (mapped to {canonical}) is missing; "
+                    f"the file has {', '.join(source.columns)}"
+                )
+        if names:
+            resolved[canonical] = names
+    if "item_id" not in resolved:
+        raise ContractError(
+            f"{path}: required catalog column 'item_id' is missing and not mapped "
+            f"(--catalog-map item_id=<column>); the file has {', '.join(source.columns)}"
+        )
+    report = ImportReport(format="catalog", sources=[path])
+    unit = _Unit(lake, "catalog", path, report, not_recommendable)
+    at = int(datetime.now(UTC).timestamp() * 1_000_000)
+    wanted = [name for names in resolved.values() for name in names]
+    for raw in source.batches(wanted, batch_rows, report):
+        values: dict[str, pl.Series] = {"key": _ids(raw.get_column(resolved["item_id"][0]))}
+        for canonical, names in resolved.items():
+            if canonical == "item_id":
+                continue
+            if canonical == "category_path":
+                levels = pl.DataFrame(
+                    [_texts(raw.get_column(name)).alias(f"l{n}") for n, name in enumerate(names)]
+                )
+                values[canonical] = levels.select(
+                    pl.concat_list(pl.all()).list.drop_nulls().list.join(" > ")
+                ).to_series()
+                values[canonical] = _texts(values[canonical])
+            elif canonical == "category_id":
+                values[canonical] = _ids(raw.get_column(names[0]))
+            elif canonical == "price":  # a price is an attribute only when positive
+                price = _floats(raw.get_column(names[0]))
+                values[canonical] = (
+                    price.to_frame("p")
+                    .select(pl.when(pl.col("p") > 0).then(pl.col("p")).cast(pl.String))
+                    .to_series()
+                )
+            elif canonical in _BOOLEAN_ATTRIBUTES:
+                flags = _booleans(raw.get_column(names[0]))
+                values[canonical] = flags.cast(pl.String).str.to_lowercase()
+            else:
+                values[canonical] = _texts(raw.get_column(names[0]))
+        frame = pl.DataFrame(values)
+        missing = int(frame.get_column("key").is_null().sum())
+        if missing:
+            report.unreadable_values["item_id"] = (
+                report.unreadable_values.get("item_id", 0) + missing
+            )
+        frame = frame.filter(pl.col("key").is_not_null())
+        unit.items.see(frame.get_column("key"))
+        attributes = [name for name in frame.columns if name != "key"]
+        if attributes:
+            unit.items.update(
+                frame.with_columns(pl.lit(at, dtype=pl.Int64).alias("at"))
+                .unpivot(index=["key", "at"], variable_name="attribute", value_name="value")
+                .drop_nulls(["key", "value"])
+            )
     unit.write_catalog()
     return report
 
@@ -1659,12 +1816,14 @@ def _check_batch_rows(batch_rows: int) -> None:
 
 
 __all__ = [
+    "CATALOG_TARGETS",
     "DEFAULT_BATCH_ROWS",
     "FORMATS",
     "GENERIC_EVENT_TYPES",
     "ImportReport",
     "SESSION_GAP",
     "import_file",
+    "import_catalog",
     "import_files",
     "import_generic",
     "import_rees46",

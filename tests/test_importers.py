@@ -568,3 +568,118 @@ def test_cli_import_reads_a_not_recommendable_file_and_says_what_will_land(tmp_p
     argv[-1] = "@missing.txt"
     assert cli.main(argv) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def write_products(tmp_path: Path) -> str:
+    """A small products file (the Complete Journey's columns) as typed Parquet."""
+    path = tmp_path / "products.parquet"
+    pl.DataFrame(
+        {
+            "product_id": [71053.0, 85123.0, 99.0, None],
+            "department": ["GROCERY", "DRUG GM", " ", "GROCERY"],
+            "product_category": ["BREAD", None, "FUEL", "MILK"],
+            "product_type": ["BREAD: ITALIAN", "CANDLES", None, "WHOLE"],
+            "brand": ["Private", "National", None, "National"],
+            "price": [3.5, 0.0, None, 1.0],
+        }
+    ).write_parquet(path)
+    return str(path)
+
+
+PRODUCTS_MAPPING = {
+    "item_id": "product_id",
+    "category_id": "product_category",
+    "category_path": "department,product_category,product_type",
+}
+
+
+def test_a_products_file_is_the_catalog_with_a_category_path_of_several_columns(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    orders = tmp_path / "orders.csv"
+    orders.write_text(ORDER_LINES.replace("85123A", "85123"))
+    mapping = {k: v for k, v in ORDER_LINES_MAPPING.items() if k not in ("title", "price")}
+    report = import_files(
+        lake,
+        [str(orders)],
+        "generic",
+        mapping=mapping,
+        event_type="purchase",
+        timestamp_format="%m/%d/%Y %H:%M",
+        timezone="Europe/London",
+        catalog=write_products(tmp_path),
+        catalog_mapping=PRODUCTS_MAPPING,
+        not_recommendable=["POST"],
+    )
+    # The product without an id is counted, not landed (as is the order line of April 40th);
+    # the events' import wrote placeholders only for the items the catalog does not describe.
+    assert report.unreadable_values == {"item_id": 1, "occurred_at": 1}
+    assert report.items_written == 3 + 1 and report.events_written == 9
+    items = {
+        row["item_id"]: row for row in landing(lake, paths.LANDING_ITEMS).iter_rows(named=True)
+    }
+    assert set(items) == {"71053", "85123", "99", "POST"}
+    # Levels joined from the broadest; empty levels left out; a float-written id is the id.
+    assert items["71053"]["category_path"] == "GROCERY > BREAD > BREAD: ITALIAN"
+    assert items["85123"]["category_path"] == "DRUG GM > CANDLES"
+    assert items["99"]["category_path"] == "FUEL"
+    assert (items["71053"]["category_id"], items["85123"]["category_id"]) == ("BREAD", "unknown")
+    assert (items["71053"]["brand"], items["99"]["brand"]) == ("Private", None)
+    assert (items["71053"]["price"], items["85123"]["price"]) == (3.5, None)  # 0 is no price
+    assert items["POST"]["is_recommendable"] is False
+
+    ingested = ingest_landing(lake, now=NOW, max_invalid_share=0.2)
+    assert ingested.events_landed == 6
+    catalog = {row["item_id"]: row for row in lake.read_frame(paths.ITEMS).iter_rows(named=True)}
+    assert set(catalog) == {"71053", "85123", "99", "POST"}
+    assert catalog["71053"]["category_path"] == "GROCERY > BREAD > BREAD: ITALIAN"
+    assert catalog["POST"]["category_id"] == "unknown"
+
+    # Re-importing the same catalog overwrites its own landing file: no new rows.
+    again = import_files(
+        lake, [], "generic", catalog=write_products(tmp_path), catalog_mapping=PRODUCTS_MAPPING
+    )
+    assert again.items_written == 3 and again.events_written == 0
+    assert len(lake.list_files(paths.LANDING_ITEMS)) == 1
+
+
+def test_cli_imports_a_csv_catalog_beside_the_events_and_names_a_missing_column(tmp_path, capsys):
+    lake_dir = str(tmp_path / "lake")
+    products = tmp_path / "products.csv"
+    products.write_text("sku;dept;cat;brand\n85123A;HOME;CANDLES;Acme\n71053;HOME;;\n")
+    argv = ["import", "--format", "generic", write_order_lines(tmp_path), "--lake", lake_dir]
+    argv += [f"--map={k}={v}" for k, v in ORDER_LINES_MAPPING.items() if k != "title"]
+    argv += ["--event-type", "purchase", "--timestamp-format", "%m/%d/%Y %H:%M"]
+    argv += ["--catalog", str(products), "--catalog-map", "item_id=sku"]
+    argv += ["--catalog-map", "category_path=dept,cat", "--catalog-map", "category_id=cat"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "wrote landing/items/import-catalog-products-" in out
+    items = {
+        row["item_id"]: row
+        for row in landing(Lake(lake_dir), paths.LANDING_ITEMS).iter_rows(named=True)
+    }
+    assert (items["85123A"]["category_path"], items["85123A"]["brand"]) == (
+        "HOME > CANDLES",
+        "Acme",
+    )
+    assert items["71053"]["category_path"] == "HOME"
+    # The events' import carries prices; the catalog's items got no placeholders from it.
+    assert set(items) == {"85123A", "71053", "POST"}
+
+    # A catalog-only import; a wrong column is named with the file's columns.
+    only = ["import", "--format", "generic", "--lake", lake_dir, "--catalog", str(products)]
+    assert cli.main([*only, "--catalog-map", "item_id=sku"]) == 0
+    assert cli.main([*only, "--catalog-map", "item_id=product_id"]) == 2
+    err = capsys.readouterr().err
+    assert "catalog column 'product_id' (mapped to item_id) is missing" in err
+    assert "sku, dept, cat, brand" in err
+    assert cli.main(["import", "--format", "generic", "--lake", lake_dir]) == 2
+    assert "nothing to import" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="only category_path may join several columns"):
+        import_files(
+            Lake(lake_dir),
+            [],
+            "generic",
+            catalog=str(products),
+            catalog_mapping={"item_id": "sku", "brand": "dept,cat"},
+        )
