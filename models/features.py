@@ -32,6 +32,9 @@ ITEM_FEATURES = {
     "cart_to_purchase_rate": "item_cart_to_purchase_rate",
     "price": "item_price",
     "age_days": "item_age_days",
+    "buyers": "item_buyers",
+    "rebuyer_share": "item_rebuyer_share",
+    "repurchase_interval_days": "item_repurchase_interval_days",
 }
 
 USER_FEATURES = {
@@ -45,6 +48,7 @@ USER_FEATURES = {
     "sessions": "user_sessions",
     "session_conversion_rate": "user_session_conversion_rate",
     "days_since_last_event": "user_days_since_last_event",
+    "repeat_purchase_share": "user_repeat_purchase_share",
 }
 
 USER_ITEM_FEATURES = {
@@ -53,6 +57,14 @@ USER_ITEM_FEATURES = {
     "purchases": "user_item_purchases",
     "days_since_last": "user_item_days_since_last",
     "interest": "user_item_interest",
+    # Repeat-purchase signals (dbt user_item_features).
+    "purchases_decayed_7d": "user_item_purchases_decayed_7d",
+    "purchases_decayed_30d": "user_item_purchases_decayed_30d",
+    "purchases_decayed_90d": "user_item_purchases_decayed_90d",
+    "days_since_last_purchase": "user_item_days_since_last_purchase",
+    "purchase_occasions": "user_item_purchase_occasions",
+    "own_repurchase_interval_days": "user_item_own_repurchase_interval_days",
+    "repurchase_due_ratio": "user_item_repurchase_due_ratio",
 }
 
 USER_CATEGORY_FEATURES = {

@@ -2,6 +2,8 @@
 
 import io
 
+import polars as pl
+
 from models.evaluation import NOT_BASELINES, ORACLE, RANKER, EvaluationReport
 
 # Columns of the approaches × metrics table, in order; metrics a report lacks are skipped.
@@ -210,3 +212,61 @@ def render_png(report: EvaluationReport, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def rebuy_shares(
+    ranked: pl.DataFrame, labels: pl.DataFrame, user_items: pl.DataFrame, k: int = 10
+) -> dict[str, float | None]:
+    """The share of re-buy items in the ranker's top k beside the share in the truth.
+
+    A re-buy item is one the user bought before the cutoff (`user_items.purchases > 0`). The
+    shares are over slots: of all the top-k slots of the evaluated users, of all their purchased
+    (label 3) and of all their positive (label > 0) items in the label window.
+
+    Args:
+        ranked: The ranker's lists of the evaluated users (as_of, user_id, item_id, rank).
+        labels: Their labels (as_of, user_id, item_id, label).
+        user_items: `user_item_features` at the cutoff.
+        k: The list length.
+
+    Returns:
+        `ranker_top{k}`, `truth_purchases` and `truth_positives`; None where there is no row.
+    """
+    bought = (
+        user_items.filter(pl.col("purchases") > 0)
+        .select("as_of", "user_id", "item_id")
+        .with_columns(pl.lit(True).alias("_bought"))
+    )
+
+    def share(rows: pl.DataFrame) -> float | None:
+        if rows.height == 0:
+            return None
+        joined = rows.select("as_of", "user_id", "item_id").join(
+            bought, on=["as_of", "user_id", "item_id"], how="left"
+        )
+        return float(joined.get_column("_bought").is_not_null().mean())
+
+    return {
+        f"ranker_top{k}": share(ranked.filter(pl.col("rank") <= k)),
+        "truth_purchases": share(labels.filter(pl.col("label") == 3)),
+        "truth_positives": share(labels.filter(pl.col("label") > 0)),
+    }
+
+
+def render_rebuy_markdown(shares: dict[str, float | None]) -> str:
+    """The re-buy shares of `rebuy_shares` as a Markdown section."""
+
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    top = next(name for name in shares if name.startswith("ranker_top"))
+    lines = ["", "### Re-buy items (bought by the user before the cutoff)", ""]
+    lines += _table(
+        ["of", "re-buy share"],
+        [
+            [f"ranker top {top.removeprefix('ranker_top')} slots", percent(shares[top])],
+            ["truth: purchases in the label window", percent(shares["truth_purchases"])],
+            ["truth: any positive in the label window", percent(shares["truth_positives"])],
+        ],
+    )
+    return "\n".join(lines) + "\n"

@@ -71,6 +71,15 @@ FALLBACK_NONE = 0  # as intended: the ranker for known users, popular items for 
 FALLBACK_CANDIDATE_ORDER = 1  # the ranker is missing or failed: the generators' own order
 FALLBACK_POPULAR = 2  # the candidates are missing: popular items for everyone
 
+# The (user, item) purchase counts a purchase in the session adds one to (`_apply_signals`).
+REPEAT_COUNTS = (
+    "user_item_purchases",
+    "user_item_purchases_decayed_7d",
+    "user_item_purchases_decayed_30d",
+    "user_item_purchases_decayed_90d",
+    "user_item_purchase_occasions",
+)
+
 
 def serving_snapshot(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:
     """The rows the service ranks: candidates with their feature vectors, as for training.
@@ -574,8 +583,41 @@ def _apply_signals(
     in_session = np.isin(item_ids, np.array(session.item_ids, dtype=object))
     rows[in_session, col["user_item_days_since_last"]] = 0.0
     rows[:, col["user_days_since_last_event"]] = 0.0
+    _apply_session_purchases(rows, item_ids, session, col)
     scores = rows[:, [col[c] for c in SCORE_COLUMNS]]
     rows[:, col["sources"]] = (scores > 0).sum(axis=1)
+
+
+def _apply_session_purchases(
+    rows: np.ndarray, item_ids: np.ndarray, session: Session, col: dict[str, int]
+) -> None:
+    """Updates the repeat-purchase features of the items bought since the snapshot (in place).
+
+    A purchase in the session is one more purchase occasion at age 0, as dbt would count it at a
+    cutoff just after it: the counts and decayed counts (a weight of 1 at age 0) grow by one, the
+    days since the last purchase become 0, the user's own interval takes in the gap that just
+    closed, and the due ratio is 0 wherever an interval is known. So an item the shopper has just
+    bought never looks due. The user's own totals (`user_purchases`, the repeat share) and every
+    other age stay as of the snapshot, as they do for views.
+    """
+    if not session.purchased_ids:
+        return
+    bought = np.flatnonzero(np.isin(item_ids, np.array(list(session.purchased_ids), dtype=object)))
+    if not bought.size:
+        return
+    for name in REPEAT_COUNTS:
+        rows[bought, col[name]] = np.nan_to_num(rows[bought, col[name]]) + 1.0
+    occasions = rows[bought, col["user_item_purchase_occasions"]] - 1.0  # before this one
+    last = rows[bought, col["user_item_days_since_last_purchase"]]
+    own = rows[bought, col["user_item_own_repurchase_interval_days"]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        updated = (np.nan_to_num(own) * (occasions - 1.0) + last) / occasions
+    own = np.where((occasions >= 1.0) & np.isfinite(last), updated, own)
+    rows[bought, col["user_item_own_repurchase_interval_days"]] = own
+    known = np.isfinite(own) | np.isfinite(rows[bought, col["item_repurchase_interval_days"]])
+    rows[bought, col["user_item_repurchase_due_ratio"]] = np.where(known, 0.0, np.nan)
+    rows[bought, col["user_item_days_since_last_purchase"]] = 0.0
+    rows[bought, col["user_item_days_since_last"]] = 0.0
 
 
 def _generators_order(matrix: np.ndarray, col: dict[str, int]) -> np.ndarray:

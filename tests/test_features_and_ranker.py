@@ -37,6 +37,9 @@ def tables():
             "cart_to_purchase_rate": [0.5, 0.25],
             "price": [10.0, 40.0],
             "age_days": [30.0, 2.0],
+            "buyers": [3, 0],
+            "rebuyer_share": [1 / 3, None],
+            "repurchase_interval_days": [14.0, None],
         }
     )
     users = pl.DataFrame(
@@ -54,6 +57,7 @@ def tables():
             "sessions": [2],
             "session_conversion_rate": [0.0],
             "days_since_last_event": [1.5],
+            "repeat_purchase_share": [None],
         }
     )
     user_items = pl.DataFrame(
@@ -66,6 +70,13 @@ def tables():
             "purchases": [0],
             "days_since_last": [1.5],
             "interest": [2.5],
+            "purchases_decayed_7d": [0.0],
+            "purchases_decayed_30d": [0.0],
+            "purchases_decayed_90d": [0.0],
+            "days_since_last_purchase": [None],
+            "purchase_occasions": [0],
+            "own_repurchase_interval_days": [None],
+            "repurchase_due_ratio": [None],
         }
     )
     user_categories = pl.DataFrame(

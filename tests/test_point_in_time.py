@@ -29,6 +29,22 @@ FEATURE_MARTS = (
     "item_bought_together",
 )
 
+# The repeat-purchase signals (compared with the rest of their marts, and checked not vacuous).
+REPEAT_COLUMNS = {
+    "user_item_features": [
+        "purchases_decayed_7d",
+        "purchases_decayed_30d",
+        "purchases_decayed_90d",
+        "days_since_last_purchase",
+        "purchase_occasions",
+        "own_repurchase_interval_days",
+        "item_repurchase_interval_days",
+        "repurchase_due_ratio",
+    ],
+    "item_features": ["buyers", "rebuyer_share", "repurchase_interval_days"],
+    "user_features": ["repeat_purchase_share"],
+}
+
 
 def assert_same(left: pl.DataFrame, right: pl.DataFrame) -> None:
     # Exactly: float sums are order-independent (`exact_sum`), so ties in the ranked marts cannot
@@ -63,6 +79,9 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
     before = marts_as_of(lake, CUTOFF)
     later_before = marts_as_of(lake, LATER)
     assert all(frame.height for frame in before.values())
+    for mart, columns in REPEAT_COLUMNS.items():
+        for column in columns:
+            assert before[mart].get_column(column).drop_nulls().ne(0).any(), (mart, column)
 
     events = lake.read_frame("events")
     # 1. Late-arriving edits: every event at or after the cutoff is rewritten in place.
@@ -100,6 +119,11 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
     # The same build did see the changes: features as of the later cutoff moved.
     later_after = marts_as_of(lake, LATER)
     assert not later_after["user_features"].equals(later_before["user_features"])
+    # Including the repeat-purchase signals: the purchases after the cutoff count at the later one.
+    for mart, columns in REPEAT_COLUMNS.items():
+        for column in columns:
+            moved = later_after[mart].get_column(column).sort(nulls_last=True)
+            assert not moved.equals(later_before[mart].get_column(column).sort(nulls_last=True))
 
 
 def test_features_for_a_cutoff_do_not_depend_on_the_other_cutoffs_built(shop_lake, tmp_path):

@@ -6,10 +6,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import numpy as np
 import polars as pl
 import pytest
 
 from models.business_rules import SERVING_ITEMS
+from models.features import FEATURE_COLUMNS
+from models.serving import _apply_session_purchases
+from models.session import Session
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, Lake
 from tests.support import served_copy
 
@@ -298,3 +302,41 @@ def test_the_page_item_is_not_recommended_on_its_own_page(realtime, shop):
     on_its_page = recommend(url, user, context={"item_id": top})
     assert on_its_page["strategy"] == "personalized"
     assert top not in item_ids(on_its_page) and len(on_its_page["items"]) == 10
+
+
+def test_a_purchase_in_the_session_updates_the_pairs_repeat_features():
+    """A purchase since the snapshot is one more occasion at age 0: the item no longer looks due."""
+    col = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
+    rows = np.full((3, len(FEATURE_COLUMNS)), np.nan, dtype=np.float32)
+    # "again": bought on 2 occasions 20 days apart, last 30 days ago (due ratio 1.5).
+    # "first": never bought, the item's median gap is 10 days. "other": not bought in the session.
+    for n, (purchases, occasions, last, own, item_gap) in enumerate(
+        [(3, 2, 30.0, 20.0, 12.0), (np.nan, 0, np.nan, np.nan, 10.0), (1, 1, 8.0, np.nan, np.nan)]
+    ):
+        rows[n, col["user_item_purchases"]] = purchases
+        rows[n, col["user_item_purchases_decayed_30d"]] = 0.5 if n == 0 else np.nan
+        rows[n, col["user_item_purchase_occasions"]] = occasions
+        rows[n, col["user_item_days_since_last_purchase"]] = last
+        rows[n, col["user_item_own_repurchase_interval_days"]] = own
+        rows[n, col["item_repurchase_interval_days"]] = item_gap
+        rows[n, col["user_item_repurchase_due_ratio"]] = last / own if own == own else np.nan
+    before = rows.copy()
+    session = Session(("first",), frozenset(), frozenset({"again", "first"}))
+    _apply_session_purchases(
+        rows, np.array(["again", "first", "other"], dtype=object), session, col
+    )
+
+    again, first, other = rows
+    assert (
+        again[col["user_item_purchases"]] == 4 and again[col["user_item_purchase_occasions"]] == 3
+    )
+    assert again[col["user_item_purchases_decayed_30d"]] == pytest.approx(1.5)
+    assert again[col["user_item_own_repurchase_interval_days"]] == pytest.approx(25.0)
+    assert again[col["user_item_days_since_last_purchase"]] == 0.0
+    assert again[col["user_item_repurchase_due_ratio"]] == 0.0
+    assert (
+        first[col["user_item_purchases"]] == 1 and first[col["user_item_purchase_occasions"]] == 1
+    )
+    assert np.isnan(first[col["user_item_own_repurchase_interval_days"]])
+    assert first[col["user_item_repurchase_due_ratio"]] == 0.0  # the item's own gap is known
+    np.testing.assert_array_equal(other, before[2])

@@ -8,9 +8,9 @@
     end
 {%- endmacro %}
 
-{# Exponential time decay with the half-life of var `decay_half_life_days`. #}
-{% macro time_decay(age_days_column) -%}
-    exp(-ln(2) * {{ age_days_column }} / {{ var('decay_half_life_days') }})
+{# Exponential time decay with the half-life of var `decay_half_life_days`, or of `half_life_days`. #}
+{% macro time_decay(age_days_column, half_life_days=none) -%}
+    exp(-ln(2) * {{ age_days_column }} / {{ half_life_days or var('decay_half_life_days') }})
 {%- endmacro %}
 
 {# Days between two timestamps as a double. #}

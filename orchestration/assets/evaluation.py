@@ -3,7 +3,7 @@ from datetime import UTC, datetime, time, timedelta
 import dagster as dg
 import polars as pl
 
-from models.evaluation import evaluate
+from models.evaluation import evaluate, evaluated_users, score_with_ranker
 from models.features import (
     FEATURE_COLUMNS,
     TABLE_NAMES,
@@ -12,7 +12,14 @@ from models.features import (
     tables_for_queries,
 )
 from models.gate import DEFAULT_METRIC as GATE_METRIC
-from models.report import headline_ratios, render_markdown, render_png
+from models.metrics import top_k
+from models.report import (
+    headline_ratios,
+    rebuy_shares,
+    render_markdown,
+    render_png,
+    render_rebuy_markdown,
+)
 from models.training_set import label_queries
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
@@ -55,6 +62,23 @@ def _window_middle(lake: Lake) -> datetime | None:
     return (
         first + (datetime.combine(dates[-1], time(), tzinfo=UTC) - first) / 2 + timedelta(hours=12)
     )
+
+
+def _rebuy_shares(
+    scored: pl.DataFrame,
+    labels: pl.DataFrame,
+    queries: pl.DataFrame | None,
+    user_items: pl.DataFrame,
+) -> dict[str, float | None]:
+    """The share of re-buy items in the ranker's top 10 and in the truth, over the evaluated
+    users (those of the sample with a positive label), as `evaluate` scores them."""
+    if queries is not None:
+        labels = labels.join(
+            queries.select("as_of", "user_id").unique(), on=["as_of", "user_id"], how="semi"
+        )
+    users = evaluated_users(labels)
+    ranked = top_k(scored.join(users, on=["as_of", "user_id"], how="semi"), "score", 10)
+    return rebuy_shares(ranked, labels.join(users, on=["as_of", "user_id"], how="semi"), user_items)
 
 
 @dg.asset(deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
@@ -107,9 +131,11 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         import lightgbm as lgb
 
         production = lgb.Booster(model_str=current[0])
+    # Scored once here: the report's re-buy shares need the ranker's lists too.
+    scored = score_with_ranker(assembled, load_ranker(lake))
     report = evaluate(
         assembled,
-        load_ranker(lake),
+        scored.get_column("score"),
         labels,
         tables.items,
         tables.users,
@@ -120,11 +146,17 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         production=production,
     )
     results = report.to_dict()
+    shares = _rebuy_shares(scored, labels, queries, tables.user_items)
     lake.write_json(
-        {"evaluation_cutoff": plan.evaluation.isoformat(), "sample": sample, **results},
+        {
+            "evaluation_cutoff": plan.evaluation.isoformat(),
+            "sample": sample,
+            **results,
+            "rebuy_shares": shares,
+        },
         f"{EVALUATION}/metrics.json",
     )
-    markdown = render_markdown(report)
+    markdown = render_markdown(report) + render_rebuy_markdown(shares)
     lake.write_text(markdown, f"{EVALUATION}/report.md")
     png = render_png(report)
     lake.fs.pipe_file(lake.path(f"{EVALUATION}/report.png"), png)
@@ -159,6 +191,7 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
                 if isinstance(value, float)
             },
             "best_baseline": str(ratios.get("best_baseline")),
+            **{f"rebuy_share_{name}": float(v) for name, v in shares.items() if v is not None},
             "report": dg.MetadataValue.md(markdown),
             "chart": dg.MetadataValue.path(lake.uri(f"{EVALUATION}/report.png")),
         }

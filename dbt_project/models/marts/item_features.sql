@@ -1,5 +1,5 @@
 -- Item features as of each cutoff: catalog attributes plus popularity, trend and funnel rates
--- from the events before the cutoff. Items created after a cutoff do not exist as of it. Items
+-- from the events before the cutoff, and how often and how soon its buyers re-buy it. Items created after a cutoff do not exist as of it. Items
 -- that are not recommendable are here with all their activity (they are real purchases); the
 -- generators and serving never propose them.
 with
@@ -19,6 +19,12 @@ cutoffs as (
 events as (
 
     select * from {{ ref('int_events_before_cutoffs') }}
+
+),
+
+repurchases as (
+
+    select * from {{ ref('int_item_repurchases') }}
 
 ),
 
@@ -59,12 +65,19 @@ joined as (
         coalesce(item_activity.purchases_7d, 0) as purchases_7d,
         coalesce(item_activity.purchases_30d, 0) as purchases_30d,
         coalesce(item_activity.users_30d, 0) as users_30d,
-        coalesce(item_activity.popularity, 0.0) as popularity
+        coalesce(item_activity.popularity, 0.0) as popularity,
+        coalesce(repurchases.buyers, 0) as buyers,
+        -- The share of the item's buyers who bought it again on a later occasion.
+        repurchases.rebuyers / nullif(repurchases.buyers, 0) as rebuyer_share,
+        repurchases.repurchase_interval_days
     from cutoffs
     cross join items
     left join item_activity
         on item_activity.as_of = cutoffs.as_of
         and item_activity.item_id = items.item_id
+    left join repurchases
+        on repurchases.as_of = cutoffs.as_of
+        and repurchases.item_id = items.item_id
     where items.created_at is null or items.created_at < cutoffs.as_of
 
 ),

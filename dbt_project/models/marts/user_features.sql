@@ -9,7 +9,25 @@ events as (
 
 ),
 
-final as (
+occasions as (
+
+    select * from {{ ref('int_purchase_occasions') }}
+
+),
+
+repeats as (
+
+    -- The share of the user's purchase occasions that re-bought an item they had bought before.
+    select
+        as_of,
+        user_id,
+        count(*) filter (where nth_occasion > 1) / count(*) as repeat_purchase_share
+    from occasions
+    group by as_of, user_id
+
+),
+
+activity as (
 
     select
         as_of,
@@ -31,6 +49,18 @@ final as (
             / nullif(count(price) filter (where {{ shopping }}), 0) as mean_price
     from events
     group by as_of, user_id
+
+),
+
+final as (
+
+    select
+        activity.*,
+        repeats.repeat_purchase_share
+    from activity
+    left join repeats
+        on repeats.as_of = activity.as_of
+        and repeats.user_id = activity.user_id
 
 )
 
