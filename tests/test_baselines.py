@@ -221,3 +221,18 @@ def test_strong_baselines_join_the_evaluation_and_the_best_baseline():
     assert bl.BASKET in report.not_applicable
     assert headline_ratios(report)["best_baseline"] in (bl.ITEM_KNN, bl.EASE, bl.BLEND)
     assert "blend" in render_markdown(report)
+
+
+def test_the_asset_reads_only_the_events_before_the_cutoff(tmp_path):
+    from orchestration.assets.evaluation import _history_before
+    from shelfwise.lake import Lake
+
+    lake = Lake(str(tmp_path))
+    rows = events(
+        [("u1", "a", "purchase", 2), ("u1", "b", "view", 0.25), ("u1", "c", "view", -0.25)]
+    )
+    for day, part in rows.with_columns(day=pl.col("occurred_at").dt.date()).group_by("day"):
+        lake.write_parquet(part.drop("day").to_arrow(), f"events/date={day[0]}/part.parquet")
+    history = _history_before(lake, AS_OF)
+    assert sorted(history.get_column("item_id").to_list()) == ["a", "b"]
+    assert history.columns == bl.HISTORY_COLUMNS
