@@ -41,6 +41,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+from scipy.linalg import lapack
 
 from models.metrics import QUERY, mean_metrics, per_user_metrics, top_k
 
@@ -273,9 +274,17 @@ def _knn_similarity(matrix: sp.csr_matrix, neighbours: int) -> sp.csr_matrix:
 
 
 def _ease_weights(matrix: sp.csr_matrix, regularisation: float) -> np.ndarray:
-    gram = (matrix.T @ matrix).toarray().astype(np.float64)
+    # X'X + lambda I is symmetric positive definite: invert it through its Cholesky factor
+    # (LAPACK potrf + potri, float32), about four times faster than a float64 LU inverse.
+    gram = (matrix.T @ matrix).toarray().astype(np.float32)
     gram[np.diag_indices_from(gram)] += regularisation
-    precision = np.linalg.inv(gram)
+    factor, info = lapack.spotrf(gram, lower=False, overwrite_a=True, clean=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE: the Gram matrix is not positive definite ({info})")
+    upper, info = lapack.spotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"EASE: the Gram matrix could not be inverted ({info})")
+    precision = np.triu(upper) + np.triu(upper, 1).T
     weights = -precision / np.diag(precision)[None, :]
     weights[np.diag_indices_from(weights)] = 0.0
     return weights.astype(np.float32)
