@@ -108,8 +108,11 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     `label_window_days` of the `dbt_feature_tables` config, 7 by default), computed by our own
     metric code over users with at least one positive: NDCG@10, Recall@10/20, MAP@10,
     HitRate@10, MRR, catalog coverage and novelty of the ranker against popularity, trending,
-    co-visitation alone, buy-again, the candidate order without the ranker and, on generated
-    data, the oracle ranking from the ground-truth tastes; sliced by new / light / heavy users.
+    co-visitation alone, buy-again, the candidate order without the ranker, the strong baselines
+    of `models.baselines` (buy-again with recency decay, basket co-occurrence, item-kNN, EASE and
+    a blend of buy-again with one of them chosen on the last training cutoff; read from the
+    lake's events before the cutoff) and, on generated data, the oracle ranking from the
+    ground-truth tastes; sliced by new / light / heavy users.
     Every per-user metric has a 95% bootstrap interval over the users, and the ranker a paired
     difference (same resampled users) against every other approach: the promotion gate reads
     the one against the best baseline. A baseline the data cannot define (trending without
