@@ -15,6 +15,10 @@ Approaches (`evaluate`):
 * `trending`: items by `trend x views in the last 7 days`, the same for everyone;
 * `oracle` (only with the generator's ground truth): the candidates by their true preference;
 * `production` (when given): the model in production today, scored on the same candidates.
+* the strong baselines of `models.baselines` (when the interaction history is given):
+  `buy_again_recency`, `basket_cooccurrence`, `item_knn`, `ease` and `blend` (buy-again mixed
+  with one of the others, chosen on a validation cutoff). They are baselines like the others:
+  the best baseline of the report and of the gate is the best of all of them.
 
 How sure the numbers are: every per-user metric (`ndcg`, `recall`, `map`, `hit_rate`, `mrr` at
 each k) gets a 95% percentile-bootstrap interval over the evaluated users (`models.confidence`:
@@ -47,6 +51,7 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
+from models.baselines import Validation, strong_baselines
 from models.candidates import popular_items
 from models.confidence import (
     DEFAULT_RESAMPLES,
@@ -526,6 +531,7 @@ class EvaluationReport:
             difference (the same resampled users for both).
         not_applicable: Baselines the data cannot define → reason (see
             `not_applicable_baselines`); they are absent from every other field.
+        notes: Approach → how it was defined on this data (e.g. the blend used).
         resamples: Bootstrap resamples behind the intervals.
         seed: Seed of the bootstrap.
     """
@@ -540,6 +546,7 @@ class EvaluationReport:
     paired: dict[str, dict[str, float]] = field(default_factory=dict)
     paired_intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     not_applicable: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
     resamples: int = DEFAULT_RESAMPLES
     seed: int = DEFAULT_SEED
 
@@ -591,6 +598,7 @@ class EvaluationReport:
                 for name, differences in self.paired.items()
             },
             "not_applicable": {name: str(reason) for name, reason in self.not_applicable.items()},
+            "notes": {name: str(note) for name, note in self.notes.items()},
             "confidence": {
                 "method": "percentile bootstrap over the evaluated users, paired across approaches",
                 "level": 0.95,
@@ -689,6 +697,9 @@ def evaluate(
     production: np.ndarray | pl.Series | lgb.Booster | None = None,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
+    history: pl.DataFrame | None = None,
+    bought_together: pl.DataFrame | None = None,
+    validation: Validation | None = None,
 ) -> EvaluationReport:
     """Evaluates the ranker and every baseline on the same users and held-out labels.
 
@@ -723,11 +734,17 @@ def evaluate(
             then scored as the approach `production` on the same candidates and users.
         resamples: Bootstrap resamples of the users.
         seed: Seed of the bootstrap (the report is deterministic).
+        history: The interaction history (user_id, item_id, event_type, occurred_at; events
+            at or after the cutoff are ignored) for the strong baselines of `models.baselines`;
+            None leaves them out.
+        bought_together: The `item_bought_together` mart at the evaluation cutoff, for
+            `basket_cooccurrence`.
+        validation: The validation cutoff on which the blend is chosen (else a fixed blend).
 
     Returns:
         The report; approaches in the order ranker, candidate_order, covisitation, buy_again,
-        popularity, trending, oracle (when ground truth is given), production (when given),
-        without those not applicable.
+        popularity, trending, the strong baselines (when `history` is given), oracle (when
+        ground truth is given), production (when given), without those not applicable.
     """
     scored = _ranker_frame(assembled, scores)
     production_scored = _ranker_frame(assembled, production) if production is not None else None
@@ -754,6 +771,14 @@ def evaluate(
         "popularity": popularity_baseline(users, item_features, k),
         "trending": trending_baseline(users, item_features, k),
     }
+    notes: dict[str, str] = {}
+    if history is not None:
+        strong = strong_baselines(
+            users, history, item_features, k, bought_together=bought_together, validation=validation
+        )
+        approaches.update(strong.ranked)
+        not_applicable.update(strong.not_applicable)
+        notes.update(strong.notes)
     if ground_truth is not None:
         approaches[ORACLE] = oracle_baseline(
             assembled, ground_truth, k, item_features=item_features, trend_pivot=trend_pivot
@@ -805,6 +830,7 @@ def evaluate(
         paired=paired,
         paired_intervals=paired_intervals,
         not_applicable=not_applicable,
+        notes=notes,
         resamples=resamples,
         seed=seed,
     )

@@ -127,6 +127,9 @@ def render_markdown(report: EvaluationReport) -> str:
                 for name, differences in report.paired.items()
             ],
         )
+    if report.notes:
+        lines += ["", "### How the baselines were defined on this data", ""]
+        lines += [f"- {name}: {note}" for name, note in report.notes.items()]
     if report.not_applicable:
         lines += ["", "### Not applicable (the data cannot define them; not scored)", ""]
         lines += [f"- {name}: {reason}" for name, reason in report.not_applicable.items()]

@@ -1,8 +1,10 @@
+import time as time_module
 from datetime import UTC, datetime, time, timedelta
 
 import dagster as dg
 import polars as pl
 
+from models.baselines import HISTORY_COLUMNS, Validation
 from models.evaluation import evaluate, evaluated_users, score_with_ranker
 from models.features import (
     FEATURE_COLUMNS,
@@ -31,9 +33,11 @@ from orchestration.assets.shared import (
 )
 from orchestration.resources import ShelfwiseResource
 from shelfwise.ingest import ingested_dates
-from shelfwise.lake import EVALUATION, FEATURES, GROUND_TRUTH, Lake
+from shelfwise.lake import EVALUATION, EVENTS, FEATURES, GROUND_TRUTH, Lake
 from shelfwise.registry import production_ranker
 
+# Validation users on which the blend of the strong baselines is chosen (a seeded sample).
+VALIDATION_USERS = 5_000
 GROUND_TRUTH_TABLES = (
     "user_category_tastes",
     "user_brand_affinities",
@@ -51,6 +55,47 @@ def _ground_truth(lake: Lake) -> dict | None:
         if lake.exists(f"{GROUND_TRUTH}/{name}.parquet")
     }
     return tables if "user_category_tastes" in tables and "item_profiles" in tables else None
+
+
+def _history_before(lake: Lake, cutoff: datetime) -> pl.DataFrame | None:
+    """The lake's events before `cutoff` (the days up to its date; the baselines cut at the
+    instant), with the columns the strong baselines read; None without events."""
+    files = [
+        file
+        for file in lake.list_files(EVENTS)
+        if (day := _partition_day(file)) is None or day <= cutoff.date().isoformat()
+    ]
+    if not files:
+        return None
+    frames = [lake.read_frame(file, columns=HISTORY_COLUMNS) for file in files]
+    history = pl.concat([frame.select(HISTORY_COLUMNS) for frame in frames], how="vertical_relaxed")
+    return history.filter(pl.col("occurred_at") < cutoff)
+
+
+def _partition_day(file: str) -> str | None:
+    for part in file.split("/"):
+        if part.startswith("date="):
+            return part.removeprefix("date=")
+    return None
+
+
+def _validation(
+    lake: Lake, labels: pl.DataFrame, bought_together: pl.DataFrame | None, cutoff: datetime
+) -> Validation | None:
+    """The last training cutoff's labelled users (a seeded sample), for the blend's choice."""
+    labels = at_cutoffs(labels, cutoff)
+    users = evaluated_users(labels)
+    if users.height == 0:
+        return None
+    if users.height > VALIDATION_USERS:
+        users = users.sample(VALIDATION_USERS, seed=0).sort("as_of", "user_id")
+    return Validation(
+        users=users,
+        labels=labels.join(users, on=["as_of", "user_id"], how="semi"),
+        bought_together=at_cutoffs(bought_together, cutoff)
+        if bought_together is not None
+        else pl.DataFrame(),
+    )
 
 
 def _window_middle(lake: Lake) -> datetime | None:
@@ -87,8 +132,11 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     `label_window_days` of the `dbt_feature_tables` config, 7 by default), computed by our own
     metric code over users with at least one positive: NDCG@10, Recall@10/20, MAP@10,
     HitRate@10, MRR, catalog coverage and novelty of the ranker against popularity, trending,
-    co-visitation alone, buy-again, the candidate order without the ranker and, on generated
-    data, the oracle ranking from the ground-truth tastes; sliced by new / light / heavy users.
+    co-visitation alone, buy-again, the candidate order without the ranker, the strong baselines
+    of `models.baselines` (buy-again with recency decay, basket co-occurrence, item-kNN, EASE and
+    a blend of buy-again with one of them chosen on the last training cutoff; read from the
+    lake's events before the cutoff) and, on generated data, the oracle ranking from the
+    ground-truth tastes; sliced by new / light / heavy users.
     Every per-user metric has a 95% bootstrap interval over the users, and the ranker a paired
     difference (same resampled users) against every other approach: the promotion gate reads
     the one against the best baseline. A baseline the data cannot define (trending without
@@ -104,7 +152,8 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     enough purchases per evaluated user, and stay short relative to the data's length."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
-    labels = at_cutoffs(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), plan.evaluation)
+    all_labels = lake.read_frame(f"{FEATURES}/interaction_labels.parquet")
+    labels = at_cutoffs(all_labels, plan.evaluation)
     # The users the `candidates` asset drew (all labelled users of a small shop): every approach
     # is scored on these, never the baselines on all users and the ranker on the sample.
     queries = sampled_queries(lake, "evaluation")
@@ -133,6 +182,14 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         production = lgb.Booster(model_str=current[0])
     # Scored once here: the report's re-buy shares need the ranker's lists too.
     scored = score_with_ranker(assembled, load_ranker(lake))
+    # The strong baselines (models.baselines) read the raw history before the cutoff.
+    started = time_module.monotonic()
+    history = _history_before(lake, plan.evaluation)
+    together_path = f"{FEATURES}/item_bought_together.parquet"
+    together = lake.read_frame(together_path) if lake.exists(together_path) else None
+    validation = (
+        _validation(lake, all_labels, together, plan.training[-1]) if plan.training else None
+    )
     report = evaluate(
         assembled,
         scored.get_column("score"),
@@ -144,7 +201,11 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         trend_pivot=_window_middle(lake) if ground_truth else None,
         queries=queries,
         production=production,
+        history=history,
+        bought_together=at_cutoffs(together, plan.evaluation) if together is not None else None,
+        validation=validation,
     )
+    seconds = time_module.monotonic() - started
     results = report.to_dict()
     shares = _rebuy_shares(scored, labels, queries, tables.user_items)
     lake.write_json(
@@ -185,6 +246,8 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
                 if GATE_METRIC in differences
             },
             "not_applicable": dg.MetadataValue.json(dict(report.not_applicable)),
+            "baseline_notes": dg.MetadataValue.json(dict(report.notes)),
+            "evaluate_seconds": float(seconds),
             **{
                 f"ranker_ndcg@10_{name}": float(value)
                 for name, value in ratios.items()
