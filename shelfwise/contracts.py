@@ -25,6 +25,23 @@ EVENT_TYPES = ("view", "add_to_cart", "remove_from_cart", "purchase")
 DEFAULT_EARLIEST_EVENT_AT = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_PRICE = 1e9
 
+
+def parse_earliest(text: str) -> datetime:
+    """An earliest event time from configuration: an ISO date or date-time, UTC when naive.
+
+    Args:
+        text: E.g. `2000-01-01` or `2015-06-01T00:00:00+02:00`.
+
+    Returns:
+        A time-zone aware datetime.
+
+    Raises:
+        ValueError: The text is not an ISO date or date-time.
+    """
+    earliest = datetime.fromisoformat(text.strip())
+    return earliest if earliest.tzinfo else earliest.replace(tzinfo=UTC)
+
+
 EVENTS_SCHEMA = pa.schema(
     [
         pa.field("event_id", pa.string(), nullable=False),

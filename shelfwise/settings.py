@@ -3,10 +3,10 @@
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT
+from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, parse_earliest
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class Settings:
         env = os.environ if environ is None else environ
         home = Path(env.get("SHELFWISE_HOME") or "data").expanduser().resolve()
         lake_url = env.get("SHELFWISE_LAKE") or str(home / "lake")
+        earliest = env.get("SHELFWISE_EARLIEST_EVENT_AT")
         return cls(
             home=home,
             lake_url=lake_url,
@@ -80,8 +81,7 @@ class Settings:
             retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
             model_poll_s=float(env.get("SHELFWISE_MODEL_POLL_S") or 10.0),
             compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
-            earliest_event_at=_utc(env.get("SHELFWISE_EARLIEST_EVENT_AT"))
-            or DEFAULT_EARLIEST_EVENT_AT,
+            earliest_event_at=parse_earliest(earliest) if earliest else DEFAULT_EARLIEST_EVENT_AT,
             max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 8),
             header_timeout_s=float(env.get("SHELFWISE_HEADER_TIMEOUT_S") or 10.0),
         )
@@ -105,11 +105,3 @@ class Settings:
     def warehouse_path(self) -> Path:
         """The DuckDB file that only dbt writes."""
         return self.home / "warehouse" / "shelfwise.duckdb"
-
-
-def _utc(text: str | None) -> datetime | None:
-    """An ISO 8601 date or time as UTC (naive means UTC); None for an empty value."""
-    if not text:
-        return None
-    moment = datetime.fromisoformat(text)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

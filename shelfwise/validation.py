@@ -13,7 +13,7 @@ batch's invalid share; only what the suite rejects does.
 """
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cache
 
 import polars as pl
@@ -90,22 +90,6 @@ def set_aside_rows(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 def earliest_reason(column: str, earliest: datetime) -> str:
     """The reason of a row whose `column` is before the earliest plausible time."""
     return f"{column} is before {earliest.isoformat()}"
-
-
-def parse_earliest(text: str) -> datetime:
-    """An earliest event time from configuration: an ISO date or date-time, UTC when naive.
-
-    Args:
-        text: E.g. `2000-01-01` or `2015-06-01T00:00:00+02:00`.
-
-    Returns:
-        A time-zone aware datetime.
-
-    Raises:
-        ValueError: The text is not an ISO date or date-time.
-    """
-    earliest = datetime.fromisoformat(text.strip())
-    return earliest if earliest.tzinfo else earliest.replace(tzinfo=UTC)
 
 
 def _expectations(now: datetime, earliest: datetime) -> list[object]:
