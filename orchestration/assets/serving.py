@@ -20,9 +20,10 @@ from models.gate import (
 )
 from models.queries import QUERY
 from models.serving import serving_popular, serving_snapshot
-from models.session import BOUGHT_TOGETHER, COVISIT
+from models.session import BOUGHT_TOGETHER, COLLABORATIVE, COVISIT
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
+    ITEM_COLLABORATIVE,
     RANKER_FILE,
     RANKER_INFO,
     at_cutoffs,
@@ -105,15 +106,16 @@ def serving_features(
     lake.write_parquet(purchases.to_arrow(), SERVING_PURCHASES)
     neighbours = pl.concat(
         [
-            at_cutoffs(lake.read_frame(f"{FEATURES}/{mart}.parquet"), plan.serving).select(
+            at_cutoffs(lake.read_frame(path), plan.serving).select(
                 pl.lit(kind).alias("kind"),
                 "item_id",
                 "neighbour_item_id",
                 pl.col("score").cast(pl.Float64),
             )
-            for kind, mart in (
-                (COVISIT, "item_covisitation"),
-                (BOUGHT_TOGETHER, "item_bought_together"),
+            for kind, path in (
+                (COVISIT, f"{FEATURES}/item_covisitation.parquet"),
+                (BOUGHT_TOGETHER, f"{FEATURES}/item_bought_together.parquet"),
+                (COLLABORATIVE, ITEM_COLLABORATIVE),
             )
         ]
     )
