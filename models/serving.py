@@ -6,7 +6,7 @@ neighbours, the catalog facts and the popular items. A request walks the cold-st
 
 1. a known user: their candidates, updated with the session (`models.session`), re-ranked;
 2. an unknown user with a session or a context item: the session items' neighbours
-   (co-visitation, bought together);
+   (co-visitation, bought together, collaborative);
 3. a new item without neighbours yet: what trends in its category (the context item's, else the
    latest session item's);
 4. nothing known: the shop's popular items.
@@ -151,7 +151,7 @@ class Recommender:
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
         rules: The business rules (already bought, stock, request filters, category cap).
-        neighbours: Item neighbours (co-visitation, bought together) as of the snapshot.
+        neighbours: Item neighbours (co-visitation, bought together, collaborative) as of the snapshot.
         item_vectors: item_id and the `ITEM_FEATURES` columns, for items a session adds.
         ranker_budget_s: Seconds the ranker may take per request before the candidate order is
             served instead (None: no limit).

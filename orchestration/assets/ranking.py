@@ -206,12 +206,14 @@ class RankerConfig(dg.Config):
     early_stopping_rounds: int = 30
     num_threads: int = 2
     seed: int = 7
+    refit_with_validation: bool = True
 
 
 @dg.asset(deps=["training_set"], group_name="ranking")
 def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.MaterializeResult:
-    """LightGBM LambdaRank ranker, trained on all training cutoffs but the last, which is the
-    validation window for early stopping (later in time than what it trains on)."""
+    """LightGBM LambdaRank ranker. The last training cutoff is the validation window for early
+    stopping (later in time than what it trains on); with the rounds chosen there, the ranker is
+    trained again on every training cutoff, the last included (`refit_with_validation`)."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     rows = lake.read_frame(f"{TRAINING}/training_set.parquet")
@@ -227,13 +229,16 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     booster = train_ranker(train, validation, params)
     seconds = time.perf_counter() - started
     importances = feature_importance(booster)
+    refitted = validation is not None and params.refit_with_validation
+    learned_from = rows if refitted else train
     info = {
         "features": FEATURE_COLUMNS,
         "params": params.lightgbm_params(),
         "best_iteration": booster.best_iteration,
-        "training_cutoffs": [c.isoformat() for c in trained_on],
+        "training_cutoffs": [c.isoformat() for c in (plan.training if refitted else trained_on)],
         "validation_cutoff": validation_cutoff.isoformat() if validation_cutoff else None,
-        "training_rows": train.height,
+        "refit_with_validation": refitted,
+        "training_rows": learned_from.height,
     }
     lake.write_text(
         booster.model_to_string(num_iteration=booster.best_iteration or None), RANKER_FILE
@@ -241,8 +246,10 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     lake.write_json(info, RANKER_INFO)
     return dg.MaterializeResult(
         metadata={
-            "training_rows": train.height,
+            "training_rows": learned_from.height,
+            "training_queries": learned_from.select(QUERY).n_unique(),
             "validation_rows": validation.height if validation is not None else 0,
+            "refit_with_validation": refitted,
             "best_iteration": int(booster.best_iteration or booster.current_iteration()),
             "training_seconds": round(seconds, 2),
             "feature_importance_gain": dg.MetadataValue.json(
