@@ -151,7 +151,8 @@ class Recommender:
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
         rules: The business rules (already bought, stock, request filters, category cap).
-        neighbours: Item neighbours (co-visitation, bought together, collaborative) as of the snapshot.
+        neighbours: Item neighbours (co-visitation, bought together, collaborative) as of the
+            snapshot.
         item_vectors: item_id and the `ITEM_FEATURES` columns, for items a session adds.
         ranker_budget_s: Seconds the ranker may take per request before the candidate order is
             served instead (None: no limit).

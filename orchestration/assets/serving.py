@@ -78,8 +78,9 @@ def serving_features(
 ) -> dg.MaterializeResult:
     """The serving snapshot as of the end of the data: every known user's candidates with feature
     vectors assembled exactly as for training, the item neighbours (co-visitation, bought
-    together, collaborative) that sessions and `/similar` use, the popular in-stock items for everyone else (never
-    an item the catalog marks as not recommendable), and the facts the business rules read
+    together, collaborative) that sessions and `/similar` use, the popular in-stock items for
+    everyone else (never an item the catalog marks as not recommendable), and the facts the
+    business rules read
     (catalog stock, price, whether an item may be recommended, repeatable categories, purchases).
     The snapshot is assembled chunk by chunk of users and streamed into one file."""
     lake = shelfwise.lake()
