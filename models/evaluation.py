@@ -28,6 +28,20 @@ novelty describe all the lists together (a share of the catalog, a mean over rec
 slots), not a mean over users, so they get no interval. The per-user values come from
 `models.metrics.per_user_metrics`, the code behind every mean.
 
+Two more views of the same approaches and users:
+
+* `new_items_only` (`NewItemsView`): what is new to each customer. A past item is any item the
+  user interacted with before the cutoff (`past_items`: a view, cart or purchase); past items
+  leave each approach's ranking *before* it is cut to k (`without_past_items`; the ranker and
+  the candidate-based approaches rank all their candidates, popularity and trending their whole
+  list, the strong baselines their top `DEPTH`; an approach with only k items keeps what
+  remains) and leave the truth; users left without a positive drop out. Intervals and paired
+  differences as above.
+* each segment against its fallback (`segment_vs_fallback`): the ranker minus `popularity` on
+  the segment's users, paired, and the segment policy of `models.segments` (chosen on the
+  validation cutoff) saying who serves it; `EvaluationReport.segments_as_served` is what the
+  promotion gate reads.
+
 A baseline the data cannot define is not scored 0 but listed as not applicable, with the
 reason (`not_applicable_baselines`): it is absent from the metrics and cannot be the "best
 baseline" the ranker must beat.

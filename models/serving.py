@@ -13,6 +13,10 @@ neighbours, the catalog facts and the popular items. A request walks the cold-st
 
 Every list is topped up with popular items when the rules leave fewer than k.
 
+A known user whose segment the model's segment policy (`models.segments`, chosen on validation)
+serves its fallback starts at rung 2, as an unknown user would, and the response says so
+(`fallback_level` `FALLBACK_SEGMENT`).
+
 The business rules filter every list; items the catalog marks as not recommendable (fees,
 postage, gift cards) never reach any rung's answer nor `similar`'s, and they seed no session
 neighbours (as in training, where they are not among the recent items). The BentoML service is a
