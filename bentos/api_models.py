@@ -46,7 +46,7 @@ class RecommendedItem(BaseModel):
     score: float = Field(description="Higher is better; comparable only within one response.")
     source: str = Field(
         description="What proposed the item: a candidate generator (history, buy_again, covisit, "
-        "bought_together, category_popular, content, trending, popular)."
+        "bought_together, collaborative, category_popular, content, trending, popular)."
     )
 
 

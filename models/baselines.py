@@ -41,16 +41,22 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-from scipy.linalg import lapack
 
+from models.collaborative import (
+    DEFAULT_MAX_ITEMS,
+    DEFAULT_REGULARISATION,
+    InteractionMatrix,
+    ease_weights,
+    interaction_matrix,
+)
 from models.metrics import QUERY, mean_metrics, per_user_metrics, top_k
 
 HALF_LIFE_DAYS = 30.0
 EVENT_WEIGHTS = {"purchase": 1.0, "add_to_cart": 0.3, "view": 0.1}
 NEIGHBOURS = 100
 KNN_MAX_ITEMS = 20_000
-EASE_MAX_ITEMS = 5_000
-EASE_LAMBDA = 500.0
+EASE_MAX_ITEMS = DEFAULT_MAX_ITEMS
+EASE_LAMBDA = DEFAULT_REGULARISATION
 # Each scored list keeps this many items per user (the blend mixes two such lists).
 DEPTH = 100
 BLEND_WEIGHTS = (0.25, 0.5, 0.75)
@@ -208,37 +214,6 @@ def _depth(scored: pl.DataFrame, depth: int = DEPTH) -> pl.DataFrame:
     )
 
 
-@dataclass
-class _Matrix:
-    matrix: sp.csr_matrix  # users x items, binary float32
-    users: list[str]
-    items: np.ndarray
-
-
-def _binary_matrix(history: pl.DataFrame, max_items: int) -> _Matrix:
-    pairs = history.select("user_id", "item_id").unique()
-    items = (
-        pairs.group_by("item_id")
-        .agg(pl.len().alias("users"))
-        .sort(["users", "item_id"], descending=[True, False])
-        .head(max_items)
-        .with_row_index("column")
-    )
-    pairs = pairs.join(items.select("item_id", "column"), on="item_id", how="inner")
-    user_ids = pairs.get_column("user_id").unique().sort()
-    rows = pl.DataFrame({"user_id": user_ids}).with_row_index("row")
-    pairs = pairs.join(rows, on="user_id", how="inner")
-    matrix = sp.csr_matrix(
-        (
-            np.ones(pairs.height, dtype=np.float32),
-            (pairs.get_column("row").to_numpy(), pairs.get_column("column").to_numpy()),
-        ),
-        shape=(rows.height, items.height),
-        dtype=np.float32,
-    )
-    return _Matrix(matrix, user_ids.to_list(), items.get_column("item_id").to_numpy())
-
-
 def _knn_similarity(matrix: sp.csr_matrix, neighbours: int) -> sp.csr_matrix:
     """Top-`neighbours` cosine similarities per item (rows: item, columns: its neighbours)."""
     columns = matrix.tocsc()
@@ -273,25 +248,8 @@ def _knn_similarity(matrix: sp.csr_matrix, neighbours: int) -> sp.csr_matrix:
     )
 
 
-def _ease_weights(matrix: sp.csr_matrix, regularisation: float) -> np.ndarray:
-    # X'X + lambda I is symmetric positive definite: invert it through its Cholesky factor
-    # (LAPACK potrf + potri, float32), about four times faster than a float64 LU inverse.
-    gram = (matrix.T @ matrix).toarray().astype(np.float32)
-    gram[np.diag_indices_from(gram)] += regularisation
-    factor, info = lapack.spotrf(gram, lower=False, overwrite_a=True, clean=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE: the Gram matrix is not positive definite ({info})")
-    upper, info = lapack.spotri(factor, lower=False, overwrite_c=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"EASE: the Gram matrix could not be inverted ({info})")
-    precision = np.triu(upper) + np.triu(upper, 1).T
-    weights = -precision / np.diag(precision)[None, :]
-    weights[np.diag_indices_from(weights)] = 0.0
-    return weights.astype(np.float32)
-
-
 def _score_users(
-    built: _Matrix,
+    built: InteractionMatrix,
     model: sp.csr_matrix | np.ndarray,
     users: pl.DataFrame,
     cutoff: datetime,
@@ -340,7 +298,7 @@ def _collaborative(
 ) -> pl.DataFrame:
     frames = []
     for cutoff in _cutoffs(users):
-        built = _binary_matrix(history_before(events, cutoff), max_items)
+        built = interaction_matrix(history_before(events, cutoff), max_items)
         if built.matrix.shape[1] == 0:
             continue
         model = fit(built.matrix)
@@ -392,7 +350,7 @@ def ease_scores(
         Columns as_of, user_id, item_id, score (the user's top `DEPTH`).
     """
     return _collaborative(
-        users, events, blocked, max_items, lambda matrix: _ease_weights(matrix, regularisation)
+        users, events, blocked, max_items, lambda matrix: ease_weights(matrix, regularisation)
     )
 
 

@@ -7,6 +7,8 @@ Each generator is a plain function returning `(as_of, user_id, item_id, <generat
   `category_repurchase_rates`) makes buying again plausible, scored by that rate;
 - `covisit`: co-visitation neighbours of the recent items, weighted by the seed's recency;
 - `bought_together`: items carted or bought with what the user carted or bought;
+- `collaborative`: items the user never touched that users with a similar history took: EASE
+  learned from the whole user x item matrix of the cutoff (`models.collaborative`);
 - `category_popular`: the most popular items of the user's favourite categories;
 - `content`: new items (no or little history) in the user's favourite categories, closest to the
   user's usual price first — so new items reach users before anyone interacted with them;
@@ -24,11 +26,19 @@ stays a feature of the candidate (0 when that generator did not propose it), and
 does the same chunk by chunk of queries, for shops whose candidates do not fit in memory at once.
 """
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import polars as pl
 
+from models.collaborative import (
+    DEFAULT_MAX_ITEMS,
+    DEFAULT_REGULARISATION,
+    ItemItemModel,
+    collaborative_scores,
+    fit_item_models,
+)
 from models.queries import at_cutoffs_of, query_chunks, restrict_to_queries
 from shelfwise.lake import FEATURES, Lake
 
@@ -40,6 +50,7 @@ GENERATORS = (
     "buy_again",
     "covisit",
     "bought_together",
+    "collaborative",
     "category_popular",
     "content",
     "trending",
@@ -64,6 +75,10 @@ class CandidateConfig:
         trending_items: Items from the trending generator.
         popular_items: Items from the popular generator.
         max_candidates: Candidates kept per user after merging.
+        collaborative_items: Items per user from the collaborative generator.
+        collaborative_max_items: Items in the collaborative model (those with the most users;
+            its weights are a dense square of this size).
+        collaborative_regularisation: The collaborative model's lambda (EASE).
     """
 
     recent_items: int = 20
@@ -74,11 +89,18 @@ class CandidateConfig:
     trending_items: int = 30
     popular_items: int = 50
     max_candidates: int = 200
+    collaborative_items: int = 50
+    collaborative_max_items: int = DEFAULT_MAX_ITEMS
+    collaborative_regularisation: float = DEFAULT_REGULARISATION
 
 
 @dataclass(frozen=True)
 class CandidateSources:
-    """The feature marts the generators read (any cutoffs; generators join on `as_of`)."""
+    """The feature marts the generators read (any cutoffs; generators join on `as_of`).
+
+    `item_models` holds the collaborative model of each cutoff, fitted from `user_items`
+    (as_of → model; without one the collaborative generator proposes nothing at that cutoff).
+    """
 
     user_items: pl.DataFrame
     item_features: pl.DataFrame
@@ -87,29 +109,36 @@ class CandidateSources:
     user_categories: pl.DataFrame
     user_features: pl.DataFrame
     repurchase_rates: pl.DataFrame
+    item_models: Mapping[datetime, ItemItemModel] = field(default_factory=dict)
 
     @classmethod
-    def from_lake(cls, lake: Lake) -> "CandidateSources":
-        """Reads the marts the generators need from `<lake>/features/`.
+    def from_lake(cls, lake: Lake, config: CandidateConfig | None = None) -> "CandidateSources":
+        """Reads the marts the generators need and fits each cutoff's collaborative model.
 
         Args:
             lake: The lake dbt exported to.
+            config: The collaborative model's sizes (defaults when None).
 
         Returns:
             The sources, every cutoff included.
         """
+        config = config or CandidateConfig()
 
         def mart(name: str) -> pl.DataFrame:
             return lake.read_frame(f"{FEATURES}/{name}.parquet")
 
+        user_items = mart("user_item_features")
         return cls(
-            user_items=mart("user_item_features"),
+            user_items=user_items,
             item_features=mart("item_features"),
             covisitation=mart("item_covisitation"),
             bought_together=mart("item_bought_together"),
             user_categories=mart("user_category_features"),
             user_features=mart("user_features"),
             repurchase_rates=mart("category_repurchase_rates"),
+            item_models=fit_item_models(
+                user_items, config.collaborative_max_items, config.collaborative_regularisation
+            ),
         )
 
 
@@ -321,6 +350,9 @@ def generate_candidates(
         buy_again(queries, user_items, items, sources.repurchase_rates, config.min_repeat_rate),
         neighbours(recent, sources.covisitation, "covisit_score"),
         neighbours(carted, sources.bought_together, "bought_together_score"),
+        collaborative_scores(
+            queries, user_items, sources.item_models, config.collaborative_items, blocked
+        ),
         category_popular(favourites, items, config.per_category),
         content(
             favourites, items, sources.user_features, config.per_category, config.new_item_days
@@ -372,6 +404,7 @@ def restrict_sources(sources: CandidateSources, queries: pl.DataFrame) -> Candid
         user_categories=restrict_to_queries(sources.user_categories, queries),
         user_features=restrict_to_queries(sources.user_features, queries),
         repurchase_rates=at_cutoffs_of(sources.repurchase_rates, queries),
+        item_models=sources.item_models,
     )
 
 

@@ -26,11 +26,16 @@ class RankerParams:
     early_stopping_rounds: int = 30
     num_threads: int = 2
     seed: int = 7
+    # After early stopping has chosen the number of rounds on the validation window, train
+    # again on training and validation rows together with that many rounds: the validation
+    # window is the most recent one, the closest to what the model will serve, and a model
+    # that never saw it learns from stale data (see `train_ranker`).
+    refit_with_validation: bool = True
 
     def lightgbm_params(self) -> dict[str, object]:
         """The parameters in LightGBM's own vocabulary."""
         params = asdict(self)
-        for key in ("num_boost_round", "early_stopping_rounds"):
+        for key in ("num_boost_round", "early_stopping_rounds", "refit_with_validation"):
             params.pop(key)
         return {
             **params,
@@ -71,6 +76,11 @@ def train_ranker(
 ) -> lgb.Booster:
     """Trains a LambdaRank booster, early-stopping on the validation queries when given.
 
+    With validation rows and `params.refit_with_validation`, the rounds early stopping chose
+    are then trained again on the training and validation rows together (the usual
+    "choose the rounds, then refit on everything" of time-based validation): the final model
+    has seen the latest window too.
+
     Args:
         train: Assembled rows (see `models.features.assemble_features`) with a graded `label`.
         validation: Later-in-time rows for early stopping, or None to train all rounds.
@@ -85,13 +95,18 @@ def train_ranker(
     if validation is not None and validation.height:
         valid_sets = [_dataset(validation, reference=train_set)]
         callbacks.append(lgb.early_stopping(params.early_stopping_rounds, verbose=False))
-    return lgb.train(
+    booster = lgb.train(
         params.lightgbm_params(),
         train_set,
         num_boost_round=params.num_boost_round,
         valid_sets=valid_sets,
         callbacks=callbacks,
     )
+    if not valid_sets or not params.refit_with_validation:
+        return booster
+    rounds = booster.best_iteration or booster.current_iteration()
+    everything = _dataset(pl.concat([train, validation], how="vertical_relaxed"))
+    return lgb.train(params.lightgbm_params(), everything, num_boost_round=rounds)
 
 
 def feature_importance(booster: lgb.Booster) -> dict[str, float]:

@@ -6,7 +6,7 @@ neighbours, the catalog facts and the popular items. A request walks the cold-st
 
 1. a known user: their candidates, updated with the session (`models.session`), re-ranked;
 2. an unknown user with a session or a context item: the session items' neighbours
-   (co-visitation, bought together);
+   (co-visitation, bought together, collaborative);
 3. a new item without neighbours yet: what trends in its category (the context item's, else the
    latest session item's);
 4. nothing known: the shop's popular items.
@@ -46,11 +46,14 @@ from models.features import (
 from models.segments import SegmentPolicy
 from models.session import (
     BOUGHT_TOGETHER,
+    COLLABORATIVE,
     COVISIT,
+    NEIGHBOUR_KINDS,
     ContentIndex,
     NeighbourIndex,
     RecencySignals,
     Session,
+    neighbour_scores,
     recency_signals,
 )
 from models.snapshot import (
@@ -160,7 +163,8 @@ class Recommender:
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
         rules: The business rules (already bought, stock, request filters, category cap).
-        neighbours: Item neighbours (co-visitation, bought together) as of the snapshot.
+        neighbours: Item neighbours (co-visitation, bought together, collaborative) as of the
+            snapshot.
         item_vectors: item_id and the `ITEM_FEATURES` columns, for items a session adds.
         ranker_budget_s: Seconds the ranker may take per request before the candidate order is
             served instead (None: no limit).
@@ -363,24 +367,11 @@ class Recommender:
             filters.price_max,
             filters.in_stock_only,
         )
-        merged: dict[str, list] = {}
-        for kind in (COVISIT, BOUGHT_TOGETHER):
-            neighbours = self.neighbours.of(kind, item_id)
-            top = neighbours[0][1] if neighbours else 1.0
-            for neighbour, score in neighbours:
-                entry = merged.setdefault(neighbour, [0.0, kind, 0.0])
-                share = score / top if top else 0.0
-                entry[0] += share
-                if share > entry[2]:
-                    entry[1], entry[2] = kind, share
+        merged = _merged_neighbours(
+            {kind: dict(self.neighbours.of(kind, item_id)) for kind in NEIGHBOUR_KINDS}
+        )
         online = OnlineFacts()
-        items: list[RankedItem] = []
-        for kind in (COVISIT, BOUGHT_TOGETHER):
-            ranked = sorted(
-                ((n, e[0]) for n, e in merged.items() if e[1] == kind), key=lambda p: -p[1]
-            )
-            items += self._select("", ranked, kind, filters, online, k, items)
-        items.sort(key=lambda item: -item.score)
+        items = self._select_merged("", merged, filters, online, k)
         strategy = "neighbours" if items else "content"
         if len(items) < k:
             content = self.content.similar(item_id, k * 3)
@@ -527,25 +518,40 @@ class Recommender:
         """Neighbours of the session's items for a user the snapshot does not know."""
         if not session.item_ids:
             return []
-        signals = recency_signals(
-            self._seeds(session), [], set(), self.neighbours, self._recent_items
-        )
+        seeds = self._seeds(session)
+        signals = recency_signals(seeds, [], set(), self.neighbours, self._recent_items)
+        ranked = [
+            (item, rank) for rank, item in enumerate(seeds.item_ids[: self._recent_items], start=1)
+        ]
+        collaborative = neighbour_scores(ranked, self.neighbours.tables[COLLABORATIVE])
         seen = set(session.item_ids)
-        scored = {
-            item: (score, COVISIT)
-            for item, (score, _) in signals.covisit.items()
-            if item not in seen
-        }
-        for item, (score, _) in signals.bought_together.items():
-            if item not in seen and score > scored.get(item, (0.0, ""))[0]:
-                scored[item] = (scored.get(item, (0.0, ""))[0] + score, BOUGHT_TOGETHER)
-        ranked = sorted(scored.items(), key=lambda pair: -pair[1][0])
-        items: list[RankedItem] = []
-        for kind in (COVISIT, BOUGHT_TOGETHER):
-            pairs = ((item, score) for item, (score, source) in ranked if source == kind)
-            items += self._select(user_id, pairs, kind, filters, online, k, items)
-        items.sort(key=lambda item: -item.score)
-        return items
+        merged = _merged_neighbours(
+            {
+                kind: {item: score for item, (score, _) in scores.items() if item not in seen}
+                for kind, scores in (
+                    (COVISIT, signals.covisit),
+                    (BOUGHT_TOGETHER, signals.bought_together),
+                    (COLLABORATIVE, collaborative),
+                )
+            }
+        )
+        return self._select_merged(user_id, merged, filters, online, k)
+
+    def _select_merged(
+        self,
+        user_id: str,
+        merged: dict[str, tuple[float, str]],
+        filters: RequestFilters,
+        online: OnlineFacts,
+        k: int,
+    ) -> list[RankedItem]:
+        """Up to k of the merged neighbours the rules allow, strongest first.
+
+        Each item's source is its strongest kind.
+        """
+        ranked = sorted(((item, score) for item, (score, _) in merged.items()), key=lambda p: -p[1])
+        picked = self.rules.select(user_id, ranked, filters, k, [], online)
+        return [RankedItem(item, float(score), merged[item][1]) for item, score in picked]
 
     def _select(
         self,
@@ -584,6 +590,33 @@ class Recommender:
         """Per row, the index in `GENERATORS` of the first generator that proposed the item."""
         # A missing score (NaN) compares False, as a zero would.
         return np.argmax(matrix[:, self._score_columns] > 0, axis=1)
+
+
+def _merged_neighbours(by_kind: dict[str, dict[str, float]]) -> dict[str, tuple[float, str]]:
+    """Neighbour scores of several kinds on one scale.
+
+    Each kind's scores are divided by that kind's largest (co-visitation counts and EASE
+    weights have nothing in common but their order), then summed per item: an item several
+    kinds agree on comes first. Its source is the kind with the largest share.
+
+    Args:
+        by_kind: kind → item_id → score (> 0).
+
+    Returns:
+        item_id → (summed share, strongest kind).
+    """
+    merged: dict[str, list] = {}
+    for kind, scores in by_kind.items():
+        top = max(scores.values(), default=0.0)
+        if top <= 0:
+            continue
+        for item, score in scores.items():
+            share = score / top
+            entry = merged.setdefault(item, [0.0, kind, 0.0])
+            entry[0] += share
+            if share > entry[2]:
+                entry[1], entry[2] = kind, share
+    return {item: (total, kind) for item, (total, kind, _) in merged.items()}
 
 
 def _signal_strength(signals: RecencySignals, item: str) -> float:

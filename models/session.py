@@ -21,6 +21,9 @@ from models.business_rules import ItemFacts
 # Neighbour tables exported with the serving snapshot (`serving/neighbours.parquet`, column kind).
 COVISIT = "covisit"
 BOUGHT_TOGETHER = "bought_together"
+# The collaborative model's strongest item-item weights (`models.collaborative`).
+COLLABORATIVE = "collaborative"
+NEIGHBOUR_KINDS = (COVISIT, BOUGHT_TOGETHER, COLLABORATIVE)
 CONTENT = "content"
 
 
@@ -56,11 +59,12 @@ class NeighbourIndex:
     """Item-to-item neighbours as of the serving cutoff, strongest first.
 
     Args:
-        frame: kind (covisit or bought_together), item_id, neighbour_item_id, score.
+        frame: kind (covisit, bought_together or collaborative), item_id, neighbour_item_id,
+            score. A snapshot without a kind has no neighbours of that kind.
     """
 
     def __init__(self, frame: pl.DataFrame) -> None:
-        self.tables: dict[str, Neighbours] = {COVISIT: {}, BOUGHT_TOGETHER: {}}
+        self.tables: dict[str, Neighbours] = {COVISIT: {}, BOUGHT_TOGETHER: {}, COLLABORATIVE: {}}
         ordered = frame.sort("kind", "item_id", "score", descending=[False, False, True])
         for kind, item_id, neighbour, score in ordered.iter_rows():
             self.tables.setdefault(kind, {}).setdefault(item_id, []).append((neighbour, score))

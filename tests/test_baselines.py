@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from models import baselines as bl
+from models.collaborative import interaction_matrix
 from models.evaluation import evaluate
 from models.report import headline_ratios, render_markdown
 
@@ -97,7 +98,7 @@ def test_item_knn_is_cosine_on_the_binary_matrix():
 def test_ease_matches_the_closed_form():
     history = events(SHOP)
     scores = as_dict(bl.ease_scores(users("u1"), history, set(), regularisation=2.0))
-    built = bl._binary_matrix(bl.history_before(history, AS_OF), 100)
+    built = interaction_matrix(bl.history_before(history, AS_OF), 100)
     dense = built.matrix.toarray().astype(np.float64)
     precision = np.linalg.inv(dense.T @ dense + 2.0 * np.eye(dense.shape[1]))
     weights = np.eye(dense.shape[1]) - precision / np.diag(precision)

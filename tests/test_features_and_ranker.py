@@ -1,3 +1,4 @@
+import dataclasses
 from datetime import UTC, datetime
 
 import numpy as np
@@ -169,3 +170,18 @@ def test_training_is_deterministic_for_a_seed_and_thread_count():
     first = train_ranker(rows, None, params).predict(feature_matrix(rows))
     second = train_ranker(rows, None, params).predict(feature_matrix(rows))
     np.testing.assert_array_equal(first, second)
+
+
+def test_the_ranker_is_refit_on_the_validation_window_with_the_rounds_early_stopping_chose():
+    train, valid = synthetic_ranking_rows(5, queries=150), synthetic_ranking_rows(6, queries=150)
+    params = RankerParams(num_boost_round=80, min_data_in_leaf=20, early_stopping_rounds=5)
+    stopped = train_ranker(train, valid, dataclasses.replace(params, refit_with_validation=False))
+    refit = train_ranker(train, valid, params)
+    rounds = stopped.best_iteration
+    assert 0 < rounds and refit.current_iteration() == rounds
+    # The refit model is the one trained on both windows with those rounds, not the stopped one.
+    both = pl.concat([train, valid])
+    same = train_ranker(both, None, dataclasses.replace(params, num_boost_round=rounds))
+    matrix = feature_matrix(valid)
+    np.testing.assert_array_equal(refit.predict(matrix), same.predict(matrix))
+    assert not np.allclose(refit.predict(matrix), stopped.predict(matrix, num_iteration=rounds))

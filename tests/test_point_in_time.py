@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from models.collaborative import collaborative_scores, fit_item_models
 from shelfwise.contracts import EVENTS_SCHEMA
 from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
@@ -60,6 +61,18 @@ def marts_as_of(lake: Lake, cutoff: datetime) -> dict[str, pl.DataFrame]:
     return frames
 
 
+def collaborative_as_of(lake: Lake) -> dict[datetime, pl.DataFrame]:
+    """Each cutoff's collaborative candidates for every user, from the lake's marts."""
+    user_items = lake.read_frame("features/user_item_features.parquet")
+    models = fit_item_models(user_items)
+    frames = {}
+    for cutoff in (CUTOFF, LATER):
+        queries = user_items.filter(pl.col("as_of") == cutoff).select("as_of", "user_id").unique()
+        scores = collaborative_scores(queries, user_items, models, per_user=20)
+        frames[cutoff] = scores.sort(scores.columns)
+    return frames
+
+
 @pytest.fixture(scope="module")
 def shop_lake(tmp_path_factory):
     settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path_factory.mktemp("pit"))})
@@ -77,6 +90,7 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
     settings, lake = shop_lake
     dbt(settings, ["build", "--exclude", "resource_type:test"], [CUTOFF, LATER], tmp_path / "t1")
     before = marts_as_of(lake, CUTOFF)
+    collaborative_before = collaborative_as_of(lake)
     later_before = marts_as_of(lake, LATER)
     assert all(frame.height for frame in before.values())
     for mart, columns in REPEAT_COLUMNS.items():
@@ -116,6 +130,11 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
     after = marts_as_of(lake, CUTOFF)
     for mart in FEATURE_MARTS:
         assert_same(after[mart], before[mart])
+    # The collaborative generator, fitted from every cutoff's rows at once, as the pipeline does.
+    collaborative_after = collaborative_as_of(lake)
+    assert collaborative_before[CUTOFF].height
+    assert_same(collaborative_after[CUTOFF], collaborative_before[CUTOFF])
+    assert not collaborative_after[LATER].equals(collaborative_before[LATER])
     # The same build did see the changes: features as of the later cutoff moved.
     later_after = marts_as_of(lake, LATER)
     assert not later_after["user_features"].equals(later_before["user_features"])

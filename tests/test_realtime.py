@@ -76,6 +76,12 @@ def covisit_neighbours(shop, item_id: str) -> set[str]:
     return set(frame.get_column("neighbour_item_id"))
 
 
+def neighbours_of(shop, item_id: str) -> set[str]:
+    """The item's neighbours of every kind (co-visitation, bought together, collaborative)."""
+    frame = shop["neighbours"].filter(pl.col("item_id") == item_id)
+    return set(frame.get_column("neighbour_item_id"))
+
+
 def in_stock_items_with_neighbours(shop, minimum: int = 5) -> list[str]:
     counts = (
         shop["neighbours"]
@@ -175,7 +181,7 @@ def test_the_cold_start_ladder(realtime, shop):
     session = recommend(url, f"new-{uuid.uuid4().hex}", context={"item_id": page_item})
     assert session["strategy"] == "session"
     assert page_item not in item_ids(session)
-    assert item_ids(session)[0] in covisit_neighbours(shop, page_item)
+    assert item_ids(session)[0] in neighbours_of(shop, page_item)
 
     # Unknown user whose only activity came through /events: the same rung.
     visitor = f"new-{uuid.uuid4().hex}"
@@ -203,11 +209,13 @@ def test_similar_items_come_from_neighbours_then_content(realtime, shop):
     body = response.json()
     assert body["strategy"] == "neighbours" and len(body["items"]) == 5
     assert item not in item_ids(body)
-    neighbours = set(
-        shop["neighbours"].filter(pl.col("item_id") == item).get_column("neighbour_item_id")
-    )
-    assert item_ids(body)[0] in neighbours
-    assert {i["source"] for i in body["items"]} <= {"covisit", "bought_together", "content"}
+    assert item_ids(body)[0] in neighbours_of(shop, item)
+    assert {i["source"] for i in body["items"]} <= {
+        "covisit",
+        "bought_together",
+        "collaborative",
+        "content",
+    }
 
     with_neighbours = set(shop["neighbours"].get_column("item_id"))
     new_item, category = (

@@ -13,12 +13,15 @@ from models.candidates import (
     generator_recall_per_user,
     mean_recall,
 )
+from models.collaborative import DEFAULT_MAX_ITEMS, DEFAULT_REGULARISATION, item_neighbours
 from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, tables_for_queries
 from models.queries import QUERY, restrict_to_queries, sample_queries
 from models.ranker import RankerParams, feature_importance, train_ranker
 from models.training_set import build_training_set, label_queries
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
+    COLLABORATIVE_NEIGHBOURS,
+    ITEM_COLLABORATIVE,
     RANKER_FILE,
     RANKER_INFO,
     SAMPLED_QUERIES,
@@ -42,6 +45,9 @@ class CandidatesConfig(dg.Config):
     trending_items: int = 30
     popular_items: int = 50
     max_candidates: int = 200
+    collaborative_items: int = 50
+    collaborative_max_items: int = DEFAULT_MAX_ITEMS
+    collaborative_regularisation: float = DEFAULT_REGULARISATION
     # Queries (as_of, user) generated at a time: memory is one chunk's candidates and generator
     # intermediates, not the role's (the rows are the same; see models/queries.py).
     chunk_queries: int = 20_000
@@ -69,8 +75,9 @@ ROLES = ("training", "evaluation", "serving")
 
 @dg.asset(deps=CANDIDATE_MARTS, group_name="ranking")
 def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.MaterializeResult:
-    """Candidate items per user and cutoff from eight generators (history, buy-again,
-    co-visitation, bought-together, category-popular, new items by content, trending, popular),
+    """Candidate items per user and cutoff from nine generators (history, buy-again,
+    co-visitation, bought-together, collaborative, category-popular, new items by content,
+    trending, popular),
     each generator's score kept as a feature. Training and evaluation cutoffs cover the users with
     something to learn from in the window after (a seeded sample of them per cutoff in a large
     shop, saved in candidates/queries.parquet); the serving cutoff covers every user with
@@ -80,11 +87,19 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     plan = load_plan(lake)
     started = time.perf_counter()
 
-    sources = CandidateSources.from_lake(lake)
-    labels = lake.read_frame(f"{FEATURES}/interaction_labels.parquet")
     generator = CandidateConfig(
         **{field.name: getattr(config, field.name) for field in fields(CandidateConfig)}
     )
+    sources = CandidateSources.from_lake(lake, generator)
+    fitted = time.perf_counter() - started
+    # The collaborative model's strongest weights per item, for /similar and sessions.
+    lake.write_parquet(
+        item_neighbours(
+            sources.item_models, COLLABORATIVE_NEIGHBOURS, sources.user_items.schema["as_of"]
+        ).to_arrow(),
+        ITEM_COLLABORATIVE,
+    )
+    labels = lake.read_frame(f"{FEATURES}/interaction_labels.parquet")
     labelled = label_queries(labels)
     all_queries = {
         "training": at_cutoffs(labelled, *plan.training),
@@ -132,6 +147,10 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
             **{f"{role}_labelled_queries": all_queries[role].height for role in SAMPLED_ROLES},
             **{f"{role}_seconds": value for role, value in seconds.items()},
             **{f"recall_{name}": value for name, value in recall.items()},
+            "collaborative_items_in_model": {
+                as_of.isoformat(): len(model.items) for as_of, model in sources.item_models.items()
+            },
+            "read_and_fit_seconds": round(fitted, 2),
             "chunk_queries": config.chunk_queries,
             "sample_seed": config.sample_seed,
             "seconds": round(time.perf_counter() - started, 2),
@@ -187,12 +206,14 @@ class RankerConfig(dg.Config):
     early_stopping_rounds: int = 30
     num_threads: int = 2
     seed: int = 7
+    refit_with_validation: bool = True
 
 
 @dg.asset(deps=["training_set"], group_name="ranking")
 def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.MaterializeResult:
-    """LightGBM LambdaRank ranker, trained on all training cutoffs but the last, which is the
-    validation window for early stopping (later in time than what it trains on)."""
+    """LightGBM LambdaRank ranker. The last training cutoff is the validation window for early
+    stopping (later in time than what it trains on); with the rounds chosen there, the ranker is
+    trained again on every training cutoff, the last included (`refit_with_validation`)."""
     lake = shelfwise.lake()
     plan = load_plan(lake)
     rows = lake.read_frame(f"{TRAINING}/training_set.parquet")
@@ -208,13 +229,16 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     booster = train_ranker(train, validation, params)
     seconds = time.perf_counter() - started
     importances = feature_importance(booster)
+    refitted = validation is not None and params.refit_with_validation
+    learned_from = rows if refitted else train
     info = {
         "features": FEATURE_COLUMNS,
         "params": params.lightgbm_params(),
         "best_iteration": booster.best_iteration,
-        "training_cutoffs": [c.isoformat() for c in trained_on],
+        "training_cutoffs": [c.isoformat() for c in (plan.training if refitted else trained_on)],
         "validation_cutoff": validation_cutoff.isoformat() if validation_cutoff else None,
-        "training_rows": train.height,
+        "refit_with_validation": refitted,
+        "training_rows": learned_from.height,
     }
     lake.write_text(
         booster.model_to_string(num_iteration=booster.best_iteration or None), RANKER_FILE
@@ -222,8 +246,10 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     lake.write_json(info, RANKER_INFO)
     return dg.MaterializeResult(
         metadata={
-            "training_rows": train.height,
+            "training_rows": learned_from.height,
+            "training_queries": learned_from.select(QUERY).n_unique(),
             "validation_rows": validation.height if validation is not None else 0,
+            "refit_with_validation": refitted,
             "best_iteration": int(booster.best_iteration or booster.current_iteration()),
             "training_seconds": round(seconds, 2),
             "feature_importance_gain": dg.MetadataValue.json(

@@ -21,9 +21,10 @@ from models.gate import (
 )
 from models.queries import QUERY
 from models.serving import serving_popular, serving_snapshot
-from models.session import BOUGHT_TOGETHER, COVISIT
+from models.session import BOUGHT_TOGETHER, COLLABORATIVE, COVISIT
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
+    ITEM_COLLABORATIVE,
     RANKER_FILE,
     RANKER_INFO,
     at_cutoffs,
@@ -78,8 +79,9 @@ def serving_features(
 ) -> dg.MaterializeResult:
     """The serving snapshot as of the end of the data: every known user's candidates with feature
     vectors assembled exactly as for training, the item neighbours (co-visitation, bought
-    together) that sessions and `/similar` use, the popular in-stock items for everyone else (never
-    an item the catalog marks as not recommendable), and the facts the business rules read
+    together, collaborative) that sessions and `/similar` use, the popular in-stock items for
+    everyone else (never an item the catalog marks as not recommendable), and the facts the
+    business rules read
     (catalog stock, price, whether an item may be recommended, repeatable categories, purchases).
     The snapshot is assembled chunk by chunk of users and streamed into one file."""
     lake = shelfwise.lake()
@@ -106,15 +108,16 @@ def serving_features(
     lake.write_parquet(purchases.to_arrow(), SERVING_PURCHASES)
     neighbours = pl.concat(
         [
-            at_cutoffs(lake.read_frame(f"{FEATURES}/{mart}.parquet"), plan.serving).select(
+            at_cutoffs(lake.read_frame(path), plan.serving).select(
                 pl.lit(kind).alias("kind"),
                 "item_id",
                 "neighbour_item_id",
                 pl.col("score").cast(pl.Float64),
             )
-            for kind, mart in (
-                (COVISIT, "item_covisitation"),
-                (BOUGHT_TOGETHER, "item_bought_together"),
+            for kind, path in (
+                (COVISIT, f"{FEATURES}/item_covisitation.parquet"),
+                (BOUGHT_TOGETHER, f"{FEATURES}/item_bought_together.parquet"),
+                (COLLABORATIVE, ITEM_COLLABORATIVE),
             )
         ]
     )

@@ -15,6 +15,11 @@ RANKER_INFO = f"{MODELS}/ranker/model.json"
 # evaluation scores the ranker and every baseline on exactly these users.
 SAMPLED_QUERIES = f"{CANDIDATES}/queries.parquet"
 SAMPLED_ROLES = ("training", "evaluation")
+# Each cutoff's collaborative model as a neighbour table (as_of, item_id, neighbour_item_id,
+# score): its strongest weights per item, which the serving snapshot exports for /similar and
+# sessions.
+ITEM_COLLABORATIVE = f"{CANDIDATES}/item_collaborative.parquet"
+COLLABORATIVE_NEIGHBOURS = 50
 # Candidate rows assembled into feature vectors at a time (training set, evaluation, serving
 # snapshot): the joins' Float64 intermediates of 60 million rows would not fit in memory.
 ASSEMBLY_CHUNK_ROWS = 2_000_000
