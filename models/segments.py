@@ -20,8 +20,11 @@ The policy (`choose_segment_policy`), decided for every shop by one rule:
   *as served* on the evaluation cutoff with its paired interval (`models.gate`). A tie, and a
   segment without validation users (no evidence), keep the ranker. The validation users are
   those with a positive label and with ranker scores (the sampled training queries at that
-  cutoff); the ranker's early stopping also watched that cutoff, so the ranker's validation
-  value is slightly optimistic, which the gate's check on the evaluation cutoff corrects.
+  cutoff). The scores come from a ranker that never learned from that window: when the ranker
+  is refit on it (`refit_with_validation`), the early-stopped model it was refit from (same
+  features, parameters and rounds, one window less), else the ranker itself. Early stopping
+  watched that window, so the ranker's validation value is slightly optimistic; the gate's
+  check of each segment on the evaluation cutoff is the guard.
 
 The policy travels with the model (the ranker's `model.json` info in the registry, under
 `segment_policy`), and the service obeys it: a known user whose segment gets the fallback is

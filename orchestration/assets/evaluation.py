@@ -26,6 +26,7 @@ from models.training_set import label_queries
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
     RANKER_INFO,
+    VALIDATION_RANKER_FILE,
     at_cutoffs,
     candidate_chunks,
     load_plan,
@@ -120,6 +121,23 @@ def _validation(
     validation.item_features = tables.items
     validation.user_features = tables.users
     return validation
+
+
+def _validation_ranker(lake: Lake, plan, booster):
+    """The ranker that chooses the segment policy on the validation cutoff: one that never
+    learned from it. The early-stopped model when the ranker was refit on that window
+    (`refit_with_validation`), the ranker itself when it was not; None (the default policy)
+    when there was no validation cutoff (a single training cutoff)."""
+    import lightgbm as lgb
+
+    info = lake.read_json(RANKER_INFO)
+    if not plan.training or info.get("validation_cutoff") != plan.training[-1].isoformat():
+        return None
+    if not info.get("refit_with_validation"):
+        return booster
+    if not lake.exists(VALIDATION_RANKER_FILE):
+        return None
+    return lgb.Booster(model_str=lake.read_text(VALIDATION_RANKER_FILE))
 
 
 def _window_middle(lake: Lake) -> datetime | None:
@@ -252,16 +270,9 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     history = _history_before(lake, plan.evaluation)
     together_path = f"{FEATURES}/item_bought_together.parquet"
     together = lake.read_frame(together_path) if lake.exists(together_path) else None
-    # The segment policy is chosen on the ranker's own validation cutoff (early stopping's,
-    # never trained on); a ranker trained on every training cutoff has none: default policy.
-    ranker_validation = lake.read_json(RANKER_INFO).get("validation_cutoff")
     validation = (
         _validation(
-            lake,
-            all_labels,
-            together,
-            plan.training[-1],
-            booster if ranker_validation == plan.training[-1].isoformat() else None,
+            lake, all_labels, together, plan.training[-1], _validation_ranker(lake, plan, booster)
         )
         if plan.training
         else None
