@@ -63,6 +63,7 @@ USER_ITEM_FEATURES = {
     "purchases_decayed_90d": "user_item_purchases_decayed_90d",
     "days_since_last_purchase": "user_item_days_since_last_purchase",
     "purchase_occasions": "user_item_purchase_occasions",
+    "purchase_basket_share": "user_item_purchase_basket_share",
     "own_repurchase_interval_days": "user_item_own_repurchase_interval_days",
     "repurchase_due_ratio": "user_item_repurchase_due_ratio",
 }

@@ -657,8 +657,9 @@ def _apply_session_purchases(
     A purchase in the session is one more purchase occasion at age 0, as dbt would count it at a
     cutoff just after it: the counts and decayed counts (a weight of 1 at age 0) grow by one, the
     days since the last purchase become 0, the user's own interval takes in the gap that just
-    closed, and the due ratio is 0 wherever an interval is known. So an item the shopper has just
-    bought never looks due. The user's own totals (`user_purchases`, the repeat share) and every
+    closed, the due ratio is 0 wherever an interval is known, and the basket share counts one more
+    basket holding the item (1 for a first purchase). So an item the shopper has just bought
+    never looks due. The user's own totals (`user_purchases`, the repeat share) and every
     other age stay as of the snapshot, as they do for views.
     """
     if not session.purchased_ids:
@@ -675,6 +676,14 @@ def _apply_session_purchases(
         updated = (np.nan_to_num(own) * (occasions - 1.0) + last) / occasions
     own = np.where((occasions >= 1.0) & np.isfinite(last), updated, own)
     rows[bought, col["user_item_own_repurchase_interval_days"]] = own
+    # One more basket holding the item, and one more basket since its first purchase.
+    share = rows[bought, col["user_item_purchase_basket_share"]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        since_first = occasions / share
+        updated_share = (occasions + 1.0) / (since_first + 1.0)
+    rows[bought, col["user_item_purchase_basket_share"]] = np.where(
+        (occasions >= 1.0) & np.isfinite(since_first), updated_share, 1.0
+    )
     known = np.isfinite(own) | np.isfinite(rows[bought, col["item_repurchase_interval_days"]])
     rows[bought, col["user_item_repurchase_due_ratio"]] = np.where(known, 0.0, np.nan)
     rows[bought, col["user_item_days_since_last_purchase"]] = 0.0

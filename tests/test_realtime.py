@@ -328,6 +328,8 @@ def test_a_purchase_in_the_session_updates_the_pairs_repeat_features():
         rows[n, col["user_item_own_repurchase_interval_days"]] = own
         rows[n, col["item_repurchase_interval_days"]] = item_gap
         rows[n, col["user_item_repurchase_due_ratio"]] = last / own if own == own else np.nan
+        # "again": in 2 of the 4 baskets since its first purchase.
+        rows[n, col["user_item_purchase_basket_share"]] = 0.5 if n == 0 else np.nan
     before = rows.copy()
     session = Session(("first",), frozenset(), frozenset({"again", "first"}))
     _apply_session_purchases(
@@ -342,6 +344,8 @@ def test_a_purchase_in_the_session_updates_the_pairs_repeat_features():
     assert again[col["user_item_own_repurchase_interval_days"]] == pytest.approx(25.0)
     assert again[col["user_item_days_since_last_purchase"]] == 0.0
     assert again[col["user_item_repurchase_due_ratio"]] == 0.0
+    assert again[col["user_item_purchase_basket_share"]] == pytest.approx(3 / 5)
+    assert first[col["user_item_purchase_basket_share"]] == 1.0
     assert (
         first[col["user_item_purchases"]] == 1 and first[col["user_item_purchase_occasions"]] == 1
     )

@@ -99,6 +99,15 @@ def reference(lake: Lake) -> dict[str, pl.DataFrame]:
             pl.int_range(1, pl.len() + 1).over("user_id", "item_id").alias("nth"),
         )
     )
+    # Each user's baskets in time order; an item's share of those since its first purchase.
+    baskets = (
+        purchases.group_by("user_id", "session_id")
+        .agg(pl.col("occurred_at").min())
+        .sort("user_id", "occurred_at", "session_id")
+        .with_columns(pl.int_range(1, pl.len() + 1).over("user_id").alias("basket_number"))
+        .select("user_id", "session_id", "basket_number")
+    )
+    occasions = occasions.join(baskets, on=["user_id", "session_id"])
     items = occasions.group_by("item_id").agg(
         pl.col("user_id").n_unique().alias("buyers"),
         pl.col("user_id").filter(pl.col("nth") == 2).n_unique().alias("rebuyers"),
@@ -118,9 +127,20 @@ def reference(lake: Lake) -> dict[str, pl.DataFrame]:
             occasions.group_by("user_id", "item_id").agg(
                 pl.len().alias("purchase_occasions"),
                 pl.col("gap").mean().alias("own_repurchase_interval_days"),
+                pl.col("basket_number").min().alias("first_basket"),
             ),
             on=["user_id", "item_id"],
         )
+        .join(
+            baskets.group_by("user_id").agg(pl.col("basket_number").max().alias("baskets")),
+            on="user_id",
+        )
+        .with_columns(
+            (pl.col("purchase_occasions") / (pl.col("baskets") - pl.col("first_basket") + 1)).alias(
+                "purchase_basket_share"
+            )
+        )
+        .drop("first_basket", "baskets")
         .join(
             items.select("item_id", pl.col("repurchase_interval_days").alias("item_interval")),
             on="item_id",
@@ -162,9 +182,11 @@ def test_the_marts_agree_with_the_definitions(marts):
         (pl.col("purchase_occasions") == 0).all(),
         pl.col("days_since_last_purchase").is_null().all(),
         pl.col("repurchase_due_ratio").is_null().all(),
-    ).row(0) == (True, True, True, True)
+        pl.col("purchase_basket_share").is_null().all(),
+    ).row(0) == (True, True, True, True, True)
     # Somebody re-bought something: the signals are not vacuous.
     assert pairs.get_column("own_repurchase_interval_days").drop_nulls().len() > 0
+    assert (pairs.get_column("purchase_basket_share") < 0.5).any()
 
     items = at_cutoff["item_features"].join(expected["items"], on="item_id", how="left")
     bought = items.filter(pl.col("buyers_right").is_not_null())
@@ -199,6 +221,8 @@ def test_a_hand_worked_shopper(marts):
     # 10 and 20 days, a mean of 15; the last purchase 5 days before the cutoff.
     assert row["purchases"] == 4 and row["purchase_occasions"] == 3
     assert row["own_repurchase_interval_days"] == pytest.approx(15.0)
+    # In each of the shopper's three baskets since its first purchase (the fourth is later).
+    assert row["purchase_basket_share"] == pytest.approx(1.0)
     assert row["days_since_last_purchase"] == pytest.approx(5.0)
     assert row["repurchase_due_ratio"] == pytest.approx(5.0 / 15.0)
     assert row["purchases_decayed_7d"] == pytest.approx(

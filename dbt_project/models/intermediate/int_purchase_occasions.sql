@@ -24,10 +24,27 @@ occasions as (
 
 ),
 
+-- The user's baskets (occasions of any item) numbered in time order: how many baskets the
+-- user has filled since they first bought an item is the denominator of its basket share.
+baskets as (
+
+    select
+        as_of,
+        user_id,
+        occasion_id,
+        row_number() over (
+            partition by as_of, user_id order by min(occurred_at), occasion_id
+        ) as basket_number
+    from occasions
+    group by as_of, user_id, occasion_id
+
+),
+
 final as (
 
     select
-        *,
+        occasions.*,
+        baskets.basket_number,
         row_number() over (
             partition by as_of, user_id, item_id order by occurred_at, occasion_id
         ) as nth_occasion,
@@ -37,6 +54,7 @@ final as (
             'occurred_at'
         ) }} as gap_days
     from occasions
+    inner join baskets using (as_of, user_id, occasion_id)
 
 )
 

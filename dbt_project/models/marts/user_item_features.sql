@@ -52,11 +52,20 @@ user_rhythm as (
         user_id,
         item_id,
         count(*) as purchase_occasions,
+        min(basket_number) as first_basket_number,
         -- The mean gap between consecutive occasions: (last - first) / (occasions - 1).
         {{ days_between('min(occurred_at)', 'max(occurred_at)') }}
             / nullif(count(*) - 1, 0) as own_repurchase_interval_days
     from occasions
     group by as_of, user_id, item_id
+
+),
+
+user_baskets as (
+
+    select as_of, user_id, max(basket_number) as baskets
+    from occasions
+    group by as_of, user_id
 
 ),
 
@@ -66,12 +75,20 @@ joined as (
         activity.*,
         coalesce(user_rhythm.purchase_occasions, 0) as purchase_occasions,
         user_rhythm.own_repurchase_interval_days,
+        -- Of the baskets the user filled since first buying the item, the share holding it:
+        -- 1 for a staple bought every time, small for a one-off. Null without a purchase.
+        user_rhythm.purchase_occasions
+            / (user_baskets.baskets - user_rhythm.first_basket_number + 1)
+            as purchase_basket_share,
         item_repurchases.repurchase_interval_days as item_repurchase_interval_days
     from activity
     left join user_rhythm
         on user_rhythm.as_of = activity.as_of
         and user_rhythm.user_id = activity.user_id
         and user_rhythm.item_id = activity.item_id
+    left join user_baskets
+        on user_baskets.as_of = activity.as_of
+        and user_baskets.user_id = activity.user_id
     left join item_repurchases
         on item_repurchases.as_of = activity.as_of
         and item_repurchases.item_id = activity.item_id
