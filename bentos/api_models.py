@@ -131,7 +131,9 @@ class RecommendResponse(BaseModel):
     )
     fallback_level: int = Field(
         description="0 as intended; 1 the ranker was unavailable, failed or late (candidate "
-        "order); 2 the candidates were unavailable (popular items)."
+        "order); 2 the candidates were unavailable (popular items); 3 the model serves this "
+        "user's segment its fallback, as for an unknown user (chosen on validation because the "
+        "ranker did not beat popularity there)."
     )
     model_version: str | None = Field(description="The ranker's tag; null when none is loaded.")
 

@@ -49,6 +49,7 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from models.segments import SegmentPolicy
 from models.serving import Recommendation, Recommender
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
@@ -103,16 +104,17 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
-        booster, features, version, tag = None, None, None, None
+        booster, features, version, tag, policy = None, None, None, None, None
         try:
             model = self.production_model
             booster, features = load_ranker(Path(model.path))
+            policy = load_segment_policy(Path(model.path))
             # The promoted ranker's tag, not the production copy's: what training knows.
             version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
             tag = str(model.tag)
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
-        self.serving = self._serving(booster, features, version, tag)
+        self.serving = self._serving(booster, features, version, tag, policy)
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
@@ -154,13 +156,21 @@ class RecommendationService:
         except Exception:  # serve without them rather than not at all; dbt dedupes downstream
             logger.exception("Could not restore the seen event ids from %s", lake.url)
 
-    def _serving(self, booster, features, version: str | None, tag: str | None) -> "Serving":
-        """The recommender for a ranker and the lake's current serving snapshot."""
+    def _serving(
+        self,
+        booster,
+        features,
+        version: str | None,
+        tag: str | None,
+        policy: SegmentPolicy | None = None,
+    ) -> "Serving":
+        """The recommender for a ranker (and its segment policy) and the lake's current
+        serving snapshot."""
         lake = Lake(self.settings.lake_url)
         budget = self.settings.ranker_budget_ms / 1000 or None
         cap = self.settings.max_per_category
         try:
-            recommender = Recommender.from_lake(lake, booster, features, cap, budget)
+            recommender = Recommender.from_lake(lake, booster, features, cap, budget, policy)
         except SnapshotFeaturesError:  # the snapshot was built for another ranker's features
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             recommender, version = Recommender.from_lake(lake, None, None, cap, budget), None
@@ -180,8 +190,10 @@ class RecommendationService:
             current = production(self.settings.bentoml_home)
             if current is None or current.tag == self.serving.tag:
                 return False
-            booster, features = load_ranker(production_path(self.settings.bentoml_home))
-            serving = self._serving(booster, features, current.source_tag, current.tag)
+            model_dir = production_path(self.settings.bentoml_home)
+            booster, features = load_ranker(model_dir)
+            policy = load_segment_policy(model_dir)
+            serving = self._serving(booster, features, current.source_tag, current.tag, policy)
             if serving.model_version is None:  # the snapshot does not fit: keep what works
                 return False
             previous, self.serving = self.serving, serving
@@ -420,6 +432,19 @@ def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:
 
     text, info = read_ranker(model_dir)
     return lgb.Booster(model_str=text), info["features"]
+
+
+def load_segment_policy(model_dir: Path) -> SegmentPolicy | None:
+    """The segment policy shipped with a model (its info's `segment_policy`), if any.
+
+    A model registered before segment policies existed has none: the ranker serves every
+    known user. An unreadable policy is logged and ignored the same way.
+    """
+    try:
+        return SegmentPolicy.from_dict(read_ranker(model_dir)[1].get("segment_policy"))
+    except Exception:  # a bad policy must not take the ranker down with it
+        logger.exception("Unreadable segment policy in %s: the ranker serves everyone", model_dir)
+        return None
 
 
 def event_row(event: EventIn, now: datetime) -> dict[str, Any]:

@@ -35,7 +35,7 @@ Decisions, fixed for every shop (never tuned on one dataset):
 import math
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -420,11 +420,18 @@ class Validation:
         users: The validation queries (as_of, user_id) with a positive label.
         labels: Their labels (as_of, user_id, item_id, label).
         bought_together: `item_bought_together` at the validation cutoff.
+        ranker_scores: The ranker's scores of the validation users' candidates (as_of, user_id,
+            item_id, score), for the segment policy (`models.segments`); None: not chosen.
+        item_features: `item_features` at the validation cutoff (the fallback's popularity).
+        user_features: `user_features` at the validation cutoff (the users' segments).
     """
 
     users: pl.DataFrame
     labels: pl.DataFrame
     bought_together: pl.DataFrame
+    ranker_scores: pl.DataFrame | None = None
+    item_features: pl.DataFrame | None = None
+    user_features: pl.DataFrame | None = None
 
 
 def _all_scores(
@@ -449,11 +456,14 @@ class StrongBaselines:
         ranked: Name → top-k frame (as_of, user_id, item_id, rank).
         not_applicable: Name → why the data cannot define it.
         notes: Name → a line for the report (the blend used and how it was chosen).
+        scored: Name → the scored rows behind `ranked`, up to `DEPTH` per user (as_of,
+            user_id, item_id, score): deeper than k, for views that drop items from the lists.
     """
 
     ranked: dict[str, pl.DataFrame]
     not_applicable: dict[str, str]
     notes: dict[str, str]
+    scored: dict[str, pl.DataFrame] = field(default_factory=dict)
 
 
 def strong_baselines(
@@ -517,4 +527,5 @@ def strong_baselines(
         ranked=ranked,
         not_applicable=not_applicable,
         notes=notes,
+        scored={name: frame for name, frame in scores.items() if name not in not_applicable},
     )

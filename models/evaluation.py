@@ -28,6 +28,20 @@ novelty describe all the lists together (a share of the catalog, a mean over rec
 slots), not a mean over users, so they get no interval. The per-user values come from
 `models.metrics.per_user_metrics`, the code behind every mean.
 
+Two more views of the same approaches and users:
+
+* `new_items_only` (`NewItemsView`): what is new to each customer. A past item is any item the
+  user interacted with before the cutoff (`past_items`: a view, cart or purchase); past items
+  leave each approach's ranking *before* it is cut to k (`without_past_items`; the ranker and
+  the candidate-based approaches rank all their candidates, popularity and trending their whole
+  list, the strong baselines their top `DEPTH`; an approach with only k items keeps what
+  remains) and leave the truth; users left without a positive drop out. Intervals and paired
+  differences as above.
+* each segment against its fallback (`segment_vs_fallback`): the ranker minus `popularity` on
+  the segment's users, paired, and the segment policy of `models.segments` (chosen on the
+  validation cutoff) saying who serves it; `EvaluationReport.segments_as_served` is what the
+  promotion gate reads.
+
 A baseline the data cannot define is not scored 0 but listed as not applicable, with the
 reason (`not_applicable_baselines`): it is absent from the metrics and cannot be the "best
 baseline" the ranker must beat.
@@ -69,8 +83,16 @@ from models.metrics import (
     per_user_metrics,
     top_k,
 )
+from models.segments import (
+    FALLBACK,
+    FALLBACK_APPROACH,
+    SEGMENTS,
+    SegmentPolicy,
+    choose_segment_policy,
+    default_policy,
+)
+from models.segments import RANKER as SEGMENT_RANKER
 
-SEGMENTS = ("new", "light", "heavy")
 RANKER = "ranker"
 PRODUCTION = "production"
 ORACLE = "oracle"
@@ -160,6 +182,11 @@ def popularity_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int
     Returns:
         Columns as_of, user_id, item_id, rank.
     """
+    return _same_for_everyone(users, _popularity_list(item_features, k))
+
+
+def _popularity_list(item_features: pl.DataFrame, k: int) -> pl.DataFrame:
+    """The popularity baseline's one list per cutoff (as_of, item_id, rank)."""
     # Ranked again among the recommendable items, so that a skipped fee leaves no gap.
     eligible = (
         recommendable_items(item_features)
@@ -167,8 +194,7 @@ def popularity_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int
         .sort("as_of", "popularity_rank", "item_id")
         .with_columns((pl.int_range(pl.len()).over("as_of") + 1).alias("popularity_rank"))
     )
-    ranked = popular_items(eligible, k).rename({"popularity_rank": "rank"})
-    return _same_for_everyone(users, ranked)
+    return popular_items(eligible, k).rename({"popularity_rank": "rank"})
 
 
 def trending_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int) -> pl.DataFrame:
@@ -189,6 +215,11 @@ def trending_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int) 
     Returns:
         Columns as_of, user_id, item_id, rank.
     """
+    return _same_for_everyone(users, _trending_list(item_features, k))
+
+
+def _trending_list(item_features: pl.DataFrame, k: int) -> pl.DataFrame:
+    """The trending baseline's one list per cutoff (as_of, item_id, rank)."""
     scored = (
         recommendable_items(item_features)
         .filter(pl.col("views_7d").fill_null(0) > 0)
@@ -198,12 +229,12 @@ def trending_baseline(users: pl.DataFrame, item_features: pl.DataFrame, k: int) 
             (pl.col("trend").fill_null(1.0) * pl.col("views_7d")).cast(pl.Float64).alias("score"),
         )
     )
-    ranked = (
+    return (
         scored.sort(["as_of", "score", "item_id"], descending=[False, True, False])
         .with_columns((pl.int_range(pl.len()).over("as_of") + 1).alias("rank"))
         .filter(pl.col("rank") <= k)
+        .select("as_of", "item_id", "rank")
     )
-    return _same_for_everyone(users, ranked)
 
 
 def candidate_order_baseline(candidates: pl.DataFrame, k: int) -> pl.DataFrame:
@@ -435,6 +466,96 @@ def oracle_baseline(
     return top_k(oracle_scores(candidates, ground_truth, item_features, trend_pivot), "score", k)
 
 
+# What "new to the customer" means in the `new_items_only` view (see `past_items`).
+NEW_ITEMS_RULE = (
+    "the user's past items (any interaction before the cutoff: view, cart or purchase) "
+    "removed from every approach's ranking before it is cut to k, and from the truth; users "
+    "left without a positive drop out"
+)
+# Users whose same-for-everyone lists are cut at a time in the `new_items_only` view.
+_NEW_ITEMS_CHUNK_USERS = 5_000
+
+
+def past_items(user_items: pl.DataFrame) -> pl.DataFrame:
+    """The items each user interacted with before the cutoff: what is not new to them.
+
+    One rule for every shop: any interaction (a view, a cart or a purchase: a row of the
+    `user_item_features` mart, which holds the whole history before the cutoff). For a purchase
+    log that is "bought before"; for a click log, "seen before", which is what a customer would
+    not call a discovery either.
+
+    Args:
+        user_items: The `user_item_features` mart (as_of, user_id, item_id, ...).
+
+    Returns:
+        Unique as_of, user_id, item_id.
+    """
+    return user_items.select(*QUERY, "item_id").unique()
+
+
+def without_past_items(scored: pl.DataFrame, past: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Each user's top k of a scored ranking once their past items are removed.
+
+    The removal comes before the cut to k, so an approach whose ranking goes deeper than k
+    keeps k items; a ranking only k deep keeps what remains.
+
+    Args:
+        scored: Rows as_of, user_id, item_id, score (higher first; ties by item_id).
+        past: The items not new to each user (`past_items`).
+        k: List length.
+
+    Returns:
+        Columns as_of, user_id, item_id, rank.
+    """
+    fresh = scored.join(past, on=[*QUERY, "item_id"], how="anti")
+    return top_k(fresh, "score", k)
+
+
+def _same_for_everyone_without_past(
+    users: pl.DataFrame, ranked: pl.DataFrame, past: pl.DataFrame, k: int
+) -> pl.DataFrame:
+    """A same-for-everyone list (as_of, item_id, rank) per user, past items removed, top k.
+
+    Each user needs the list only as deep as k plus their past items on it: users are crossed
+    with that prefix chunk by chunk, so memory stays bounded by a chunk, not users x catalog.
+    """
+    on_list = past.join(ranked.select("as_of", "item_id"), on=["as_of", "item_id"], how="semi")
+    depth = (
+        users.select(QUERY)
+        .unique()
+        .join(on_list.group_by(QUERY).agg(pl.len().alias("_past")), on=QUERY, how="left")
+        .with_columns((pl.col("_past").fill_null(0) + k).alias("_depth"))
+        .sort(QUERY)
+    )
+    parts = []
+    for start in range(0, depth.height, _NEW_ITEMS_CHUNK_USERS):
+        chunk = depth.slice(start, _NEW_ITEMS_CHUNK_USERS)
+        deepest = int(chunk.get_column("_depth").max() or 0)
+        prefix = ranked.filter(pl.col("rank") <= deepest).select("as_of", "item_id", "rank")
+        crossed = chunk.join(prefix, on="as_of", how="inner").filter(
+            pl.col("rank") <= pl.col("_depth")
+        )
+        parts.append(
+            without_past_items(
+                crossed.select(
+                    *QUERY, "item_id", (-pl.col("rank")).cast(pl.Float64).alias("score")
+                ),
+                past,
+                k,
+            )
+        )
+    if not parts:
+        return pl.DataFrame(
+            schema={**users.select(QUERY).schema, "item_id": pl.String, "rank": pl.Int64}
+        )
+    return pl.concat(parts).with_columns(pl.col("rank").cast(pl.Int64))
+
+
+def _by_rank(ranked: pl.DataFrame) -> pl.DataFrame:
+    """A ranked list as scored rows (score = -rank)."""
+    return ranked.select(*QUERY, "item_id", (-pl.col("rank")).cast(pl.Float64).alias("score"))
+
+
 def user_segments(
     users: pl.DataFrame, user_features: pl.DataFrame, heavy_threshold: int = 20
 ) -> pl.DataFrame:
@@ -512,6 +633,75 @@ def not_applicable_baselines(
     return reasons
 
 
+def _with_intervals(
+    metrics: dict[str, float], intervals: dict[str, tuple[float, float]]
+) -> dict[str, float | int | list[float]]:
+    values: dict[str, float | int | list[float]] = {}
+    for metric, value in metrics.items():
+        values[metric] = int(value) if metric == "users" else _finite(value)
+        if metric in intervals:
+            values[metric + CI_SUFFIX] = _pair(intervals[metric])
+    return values
+
+
+def _paired_dict(
+    differences: dict[str, float], intervals: dict[str, tuple[float, float]]
+) -> dict[str, float | list[float]]:
+    values: dict[str, float | list[float]] = {}
+    for metric, difference in differences.items():
+        values[metric + DIFF_SUFFIX] = _finite(difference)
+        values[metric + DIFF_SUFFIX + CI_SUFFIX] = _pair(intervals[metric])
+    return values
+
+
+@dataclass
+class NewItemsView:
+    """The evaluation on what is new to each customer (`NEW_ITEMS_RULE`).
+
+    Attributes:
+        metrics: Approach → per-user metric → mean, and `users` (those left with a positive).
+        intervals: Approach → per-user metric → 95% bootstrap interval.
+        paired: Approach other than the ranker → per-user metric → the ranker's mean minus
+            the approach's, on the same users.
+        paired_intervals: Approach → per-user metric → 95% paired interval of that difference.
+        dropped_users: Evaluated users whose every positive was a past item (not in the view).
+        rule: What was removed, in words.
+    """
+
+    metrics: dict[str, dict[str, float]]
+    intervals: dict[str, dict[str, tuple[float, float]]]
+    paired: dict[str, dict[str, float]]
+    paired_intervals: dict[str, dict[str, tuple[float, float]]]
+    dropped_users: int
+    rule: str = NEW_ITEMS_RULE
+
+    @property
+    def users(self) -> int:
+        """Users in the view (with a positive among their new items)."""
+        return int(next(iter(self.metrics.values()), {}).get("users", 0))
+
+    def to_dict(self) -> dict[str, object]:
+        """The view as plain values (JSON-ready).
+
+        Returns:
+            `rule`, `users`, `dropped_users`, `metrics` (with `<metric>_ci95`) and `paired`
+            (`<metric>_diff` and `<metric>_diff_ci95`, the ranker minus that approach).
+        """
+        return {
+            "rule": self.rule,
+            "users": self.users,
+            "dropped_users": int(self.dropped_users),
+            "metrics": {
+                name: _with_intervals(values, self.intervals.get(name, {}))
+                for name, values in self.metrics.items()
+            },
+            "paired": {
+                name: _paired_dict(differences, self.paired_intervals[name])
+                for name, differences in self.paired.items()
+            },
+        }
+
+
 @dataclass
 class EvaluationReport:
     """Metrics per approach, overall and per user segment, on the same users and labels.
@@ -534,6 +724,12 @@ class EvaluationReport:
         notes: Approach → how it was defined on this data (e.g. the blend used).
         resamples: Bootstrap resamples behind the intervals.
         seed: Seed of the bootstrap.
+        new_items_only: The same approaches on what is new to each customer
+            (`NewItemsView`); None when not computed.
+        segment_vs_fallback: Segment → per-user metric → the ranker's mean minus the
+            fallback's (`popularity`) on that segment's users.
+        segment_vs_fallback_intervals: Segment → per-user metric → 95% paired interval of it.
+        segment_policy: Who serves each segment (`models.segments`), chosen on validation.
     """
 
     metrics: dict[str, dict[str, float]]
@@ -549,6 +745,12 @@ class EvaluationReport:
     notes: dict[str, str] = field(default_factory=dict)
     resamples: int = DEFAULT_RESAMPLES
     seed: int = DEFAULT_SEED
+    new_items_only: NewItemsView | None = None
+    segment_vs_fallback: dict[str, dict[str, float]] = field(default_factory=dict)
+    segment_vs_fallback_intervals: dict[str, dict[str, tuple[float, float]]] = field(
+        default_factory=dict
+    )
+    segment_policy: SegmentPolicy | None = None
 
     @property
     def approaches(self) -> list[str]:
@@ -610,7 +812,51 @@ class EvaluationReport:
                 for segment, approaches in self.segments.items()
             },
             "segment_users": {name: int(count) for name, count in self.segment_users.items()},
+            **(
+                {"new_items_only": self.new_items_only.to_dict()}
+                if self.new_items_only is not None
+                else {}
+            ),
+            "segments_vs_fallback": self.segments_as_served(),
+            **(
+                {"segment_policy": self.segment_policy.to_dict()}
+                if self.segment_policy is not None
+                else {}
+            ),
         }
+
+    def segments_as_served(self) -> dict[str, object]:
+        """Each segment against its fallback (popularity), as the ranker would and as served.
+
+        Returns:
+            `fallback` (the approach), and per segment with evaluated users: `users`,
+            `served_by` (`ranker` or `fallback`, from the segment policy; the ranker without
+            one), `ranker_minus_fallback` (`<metric>_diff` and `<metric>_diff_ci95` for every
+            per-user metric) and `served_minus_fallback`: the same when the ranker serves the
+            segment, exactly 0 with the interval [0, 0] when the fallback does (the served
+            lists are then the fallback's). The promotion gate reads `served_minus_fallback`.
+        """
+        segments: dict[str, object] = {}
+        for segment, differences in self.segment_vs_fallback.items():
+            intervals = self.segment_vs_fallback_intervals[segment]
+            fallback = self.segment_policy is not None and self.segment_policy.serves_fallback(
+                segment
+            )
+            ranker = _paired_dict(differences, intervals)
+            served = (
+                _paired_dict(
+                    dict.fromkeys(differences, 0.0), dict.fromkeys(differences, (0.0, 0.0))
+                )
+                if fallback
+                else ranker
+            )
+            segments[segment] = {
+                "users": int(self.segment_users.get(segment, 0)),
+                "served_by": FALLBACK if fallback else SEGMENT_RANKER,
+                "ranker_minus_fallback": ranker,
+                "served_minus_fallback": served,
+            }
+        return {"fallback": FALLBACK_APPROACH, "segments": segments}
 
 
 def _finite(value: float) -> float:
@@ -700,6 +946,7 @@ def evaluate(
     history: pl.DataFrame | None = None,
     bought_together: pl.DataFrame | None = None,
     validation: Validation | None = None,
+    segment_metric: str = "ndcg@10",
 ) -> EvaluationReport:
     """Evaluates the ranker and every baseline on the same users and held-out labels.
 
@@ -739,7 +986,10 @@ def evaluate(
             None leaves them out.
         bought_together: The `item_bought_together` mart at the evaluation cutoff, for
             `basket_cooccurrence`.
-        validation: The validation cutoff on which the blend is chosen (else a fixed blend).
+        validation: The validation cutoff on which the blend is chosen (else a fixed blend)
+            and, when it holds the ranker's scores and the marts, the segment policy
+            (`models.segments`; else the ranker serves every known segment).
+        segment_metric: The per-user metric the segment policy compares on validation.
 
     Returns:
         The report; approaches in the order ranker, candidate_order, covisitation, buy_again,
@@ -771,6 +1021,23 @@ def evaluate(
         "popularity": popularity_baseline(users, item_features, k),
         "trending": trending_baseline(users, item_features, k),
     }
+    # Each approach's ranking deeper than k where it has one, for the `new_items_only` view
+    # (its past items removed before the cut to k). Buy-again's lists are the user's past
+    # items only, so its view is empty whatever the depth.
+    deep: dict[str, pl.DataFrame] = {
+        RANKER: scored.select(*QUERY, "item_id", "score"),
+        "candidate_order": assembled.select(
+            *QUERY, "item_id", (-pl.col("candidate_rank")).cast(pl.Float64).alias("score")
+        ),
+        "covisitation": assembled.filter(pl.col("covisit_score").fill_null(0) > 0).select(
+            *QUERY, "item_id", pl.col("covisit_score").cast(pl.Float64).alias("score")
+        ),
+        "buy_again": _by_rank(approaches["buy_again"]),
+    }
+    same_for_everyone = {
+        "popularity": _popularity_list(item_features, item_features.height),
+        "trending": _trending_list(item_features, item_features.height),
+    }
     notes: dict[str, str] = {}
     if history is not None:
         strong = strong_baselines(
@@ -779,11 +1046,12 @@ def evaluate(
         approaches.update(strong.ranked)
         not_applicable.update(strong.not_applicable)
         notes.update(strong.notes)
+        deep.update(strong.scored)
     if ground_truth is not None:
-        approaches[ORACLE] = oracle_baseline(
-            assembled, ground_truth, k, item_features=item_features, trend_pivot=trend_pivot
-        )
+        deep[ORACLE] = oracle_scores(assembled, ground_truth, item_features, trend_pivot)
+        approaches[ORACLE] = top_k(deep[ORACLE], "score", k)
     if production_scored is not None:
+        deep[PRODUCTION] = production_scored.select(*QUERY, "item_id", "score")
         approaches[PRODUCTION] = top_k(production_scored, "score", k)
     approaches = {name: ranked for name, ranked in approaches.items() if name not in not_applicable}
     catalog = item_features.select("as_of", "item_id")
@@ -818,6 +1086,24 @@ def evaluate(
         for name, recommendations in approaches.items()
     }
     intervals, paired, paired_intervals = _intervals(per_user, resamples, seed)
+    # Each segment: the ranker against its fallback (popularity), paired on its users.
+    segment_vs_fallback: dict[str, dict[str, float]] = {}
+    segment_vs_fallback_intervals: dict[str, dict[str, tuple[float, float]]] = {}
+    for segment in per_segment:
+        members = segments.filter(pl.col("segment") == segment).select(QUERY)
+        _, differences, bounds = _intervals(
+            {
+                name: per_user[name].join(members, on=QUERY, how="semi")
+                for name in (RANKER, FALLBACK_APPROACH)
+            },
+            resamples,
+            seed,
+        )
+        segment_vs_fallback[segment] = differences[FALLBACK_APPROACH]
+        segment_vs_fallback_intervals[segment] = bounds[FALLBACK_APPROACH]
+    new_items = _new_items_view(
+        users, labels, approaches, deep, same_for_everyone, user_items, k, k_values, resamples, seed
+    )
     cutoffs = sorted(users.get_column("as_of").unique().to_list())
     return EvaluationReport(
         metrics=metrics,
@@ -833,4 +1119,73 @@ def evaluate(
         notes=notes,
         resamples=resamples,
         seed=seed,
+        new_items_only=new_items,
+        segment_vs_fallback=segment_vs_fallback,
+        segment_vs_fallback_intervals=segment_vs_fallback_intervals,
+        segment_policy=_segment_policy(validation, heavy_threshold, segment_metric),
+    )
+
+
+def _segment_policy(
+    validation: Validation | None, heavy_threshold: int, metric: str
+) -> SegmentPolicy:
+    """The segment policy chosen on the validation cutoff, or the default without one."""
+    if (
+        validation is None
+        or validation.ranker_scores is None
+        or validation.item_features is None
+        or validation.user_features is None
+        or validation.users.height == 0
+    ):
+        return default_policy(heavy_threshold)
+    k = int(metric.rsplit("@", 1)[1])
+    return choose_segment_policy(
+        validation.ranker_scores,
+        popularity_baseline(validation.users, validation.item_features, k),
+        validation.labels,
+        user_segments(validation.users, validation.user_features, heavy_threshold),
+        metric=metric,
+        heavy_threshold=heavy_threshold,
+    )
+
+
+def _new_items_view(
+    users: pl.DataFrame,
+    labels: pl.DataFrame,
+    approaches: dict[str, pl.DataFrame],
+    deep: dict[str, pl.DataFrame],
+    same_for_everyone: dict[str, pl.DataFrame],
+    user_items: pl.DataFrame,
+    k: int,
+    k_values: tuple[int, ...],
+    resamples: int,
+    seed: int,
+) -> NewItemsView:
+    """Every approach on the items new to each user (`NEW_ITEMS_RULE`), paired like the rest.
+
+    An approach's deeper ranking (`deep`, or its same-for-everyone list) loses the user's past
+    items before the cut to k; an approach with neither keeps what remains of its k items.
+    """
+    past = past_items(user_items.join(users, on=QUERY, how="semi"))
+    fresh_labels = labels.join(users, on=QUERY, how="semi").join(
+        past, on=[*QUERY, "item_id"], how="anti"
+    )
+    fresh_users = evaluated_users(fresh_labels)
+    fresh_labels = fresh_labels.join(fresh_users, on=QUERY, how="semi")
+    per_user: dict[str, pl.DataFrame] = {}
+    for name, ranked in approaches.items():
+        if name in same_for_everyone:
+            lists = _same_for_everyone_without_past(fresh_users, same_for_everyone[name], past, k)
+        else:
+            source = deep.get(name)
+            scored = source if source is not None else _by_rank(ranked)
+            lists = without_past_items(scored.join(fresh_users, on=QUERY, how="semi"), past, k)
+        per_user[name] = per_user_metrics(lists, fresh_labels, k_values)
+    intervals, paired, paired_intervals = _intervals(per_user, resamples, seed)
+    return NewItemsView(
+        metrics={name: mean_metrics(frame) for name, frame in per_user.items()},
+        intervals=intervals,
+        paired=paired,
+        paired_intervals=paired_intervals,
+        dropped_users=users.height - fresh_users.height,
     )

@@ -22,15 +22,33 @@ hold:
    stays on point values; the paired difference against production is reported by the
    evaluation.)
 
+3. No user segment is served worse than its fallback (when the evaluation's segments are given:
+   `evaluation/metrics.json` `segments_vs_fallback.segments`). Each segment (`new`, `light`,
+   `heavy` by events before the cutoff) is judged *as served*: the segment policy, chosen on
+   the validation cutoff and shipped with the model (`models.segments`), serves it either the
+   ranker or its fallback (popularity, what the service serves a user it does not know). A
+   segment served the fallback gets exactly the fallback's lists (difference 0) and cannot fail.
+   A segment served the ranker fails when the ranker is *significantly worse* than popularity
+   there: its point difference is below 0 AND the upper bound of the paired 95% interval of
+   `ranker - popularity` on the segment's users is below `-segment_tolerance` (default 0).
+   Not the lower bound: a small segment (a few hundred light users) has a wide interval, so
+   "lower bound below 0" would block nearly every ranker on noise; the validation choice
+   already sent any segment the ranker did not win to the fallback, and this rule catches a
+   segment where that choice was wrong beyond doubt on the evaluation cutoff. The fix for such
+   a failure is a policy that serves that segment its fallback (retrain, or a validation window
+   that shows it), never a silently worse segment. A segment without evaluated users is not
+   judged. Every segment's numbers are in the decision (`segments`, and flattened in
+   `metadata()`), and a segment whose lower bound is below 0 is named as "not shown better".
+
 Without baselines rule 1 is skipped; without a production model (a new installation) rule 2 is;
-a production model that does not report the metric is not compared (and the message says so).
-`decided_by` names the rule(s) that decided: on a pass `paired_lower_bound` (or
-`production_tolerance` / `no_comparison` when there was no baseline), on a failure every rule
-that failed.
+a production model that does not report the metric is not compared (and the message says so);
+without segments rule 3 is skipped. `decided_by` names the rule(s) that decided: on a pass
+`paired_lower_bound` (or `production_tolerance` / `no_comparison` when there was no baseline),
+on a failure every rule that failed (`segment_vs_fallback` for rule 3).
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_METRIC = "ndcg@10"
@@ -39,6 +57,8 @@ DEFAULT_TOLERANCE = 0.02
 PAIRED_LOWER_BOUND = "paired_lower_bound"
 PRODUCTION_TOLERANCE = "production_tolerance"
 NO_COMPARISON = "no_comparison"
+SEGMENT_VS_FALLBACK = "segment_vs_fallback"
+DEFAULT_SEGMENT_TOLERANCE = 0.0
 _EPSILON = 1e-12
 
 
@@ -63,6 +83,9 @@ class GateDecision:
             reported only.
         production_value: Production's value, if compared.
         change_vs_production: Relative change against production (-0.03 = 3% below), if defined.
+        segment_tolerance: How far below 0 a served segment's paired upper bound must be to fail.
+        segments: Segment → `users`, `served_by`, `diff`, `lower`, `upper` (served minus its
+            fallback on `metric`, 95% paired interval) and `worse` (1.0 when it failed rule 3).
     """
 
     passed: bool
@@ -79,9 +102,14 @@ class GateDecision:
     lift_over_baseline: float | None = None
     production_value: float | None = None
     change_vs_production: float | None = None
+    segment_tolerance: float = DEFAULT_SEGMENT_TOLERANCE
+    segments: dict[str, dict[str, float | str]] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, float | str | bool | None]:
-        """The decision's numbers as plain values (for asset-check metadata)."""
+        """The decision's numbers as plain values (for asset-check metadata).
+
+        Segments are flattened as `segment_<name>_<key>` (e.g. `segment_light_upper`).
+        """
         return {
             "passed": self.passed,
             "decided_by": self.decided_by,
@@ -96,6 +124,12 @@ class GateDecision:
             "lift_over_baseline": self.lift_over_baseline,
             "production_value": self.production_value,
             "change_vs_production": self.change_vs_production,
+            **({"segment_tolerance": self.segment_tolerance} if self.segments else {}),
+            **{
+                f"segment_{segment}_{key}": value
+                for segment, values in self.segments.items()
+                for key, value in values.items()
+            },
         }
 
 
@@ -127,6 +161,8 @@ def gate_decision(
     metric: str = DEFAULT_METRIC,
     min_paired_lower_bound: float = DEFAULT_MIN_PAIRED_LOWER_BOUND,
     tolerance: float = DEFAULT_TOLERANCE,
+    segments: Mapping[str, Mapping[str, Any]] | None = None,
+    segment_tolerance: float = DEFAULT_SEGMENT_TOLERANCE,
 ) -> GateDecision:
     """Decides whether a candidate ranker may be promoted to production.
 
@@ -143,6 +179,12 @@ def gate_decision(
             interval).
         min_paired_lower_bound: The paired interval's lower bound must be above this (>= 0).
         tolerance: Allowed relative drop below production (0.02 = 2%).
+        segments: Per segment, as the evaluation writes it (`evaluation/metrics.json`
+            `segments_vs_fallback.segments`): `{"light": {"users": 812, "served_by": "ranker",
+            "served_minus_fallback": {"ndcg@10_diff": 0.021, "ndcg@10_diff_ci95": [0.004,
+            0.038]}}}`. None skips rule 3.
+        segment_tolerance: A served segment fails when its paired upper bound is below minus
+            this (>= 0), and its point difference below 0.
 
     Returns:
         The decision, with a message naming the comparisons and, on failure, the gap.
@@ -151,10 +193,10 @@ def gate_decision(
         ValueError: The candidate or a baseline lacks the metric, the best baseline has no
             paired interval, or a margin is negative.
     """
-    if min_paired_lower_bound < 0 or tolerance < 0:
+    if min_paired_lower_bound < 0 or tolerance < 0 or segment_tolerance < 0:
         raise ValueError(
-            "min_paired_lower_bound and tolerance must be >= 0, got "
-            f"{min_paired_lower_bound} and {tolerance}"
+            "min_paired_lower_bound, tolerance and segment_tolerance must be >= 0, got "
+            f"{min_paired_lower_bound}, {tolerance} and {segment_tolerance}"
         )
     if metric not in candidate:
         raise ValueError(f"the candidate has no {metric} (it has {sorted(candidate)})")
@@ -213,6 +255,18 @@ def gate_decision(
                 f"{production_value:.3f} (tolerance {_percent(tolerance)})"
             )
 
+    judged = _judge_segments(segments or {}, metric, segment_tolerance)
+    worse = [name for name, values in judged.items() if values["worse"]]
+    if worse:
+        failed.append(SEGMENT_VS_FALLBACK)
+        failures.append(
+            f"segment(s) {', '.join(worse)} served by the ranker are worse than their fallback "
+            f"(popularity) beyond doubt: {_segments_text(judged, worse, metric)}; the upper "
+            f"bound must not be below {-segment_tolerance:g}"
+        )
+    elif judged:
+        notes.append(_segments_note(judged, metric))
+
     passed = not failures
     if failed:
         decided_by = ",".join(failed)
@@ -238,4 +292,68 @@ def gate_decision(
         lift_over_baseline=lift,
         production_value=production_value,
         change_vs_production=change,
+        segment_tolerance=float(segment_tolerance),
+        segments=judged,
     )
+
+
+def _judge_segments(
+    segments: Mapping[str, Mapping[str, Any]], metric: str, segment_tolerance: float
+) -> dict[str, dict[str, float | str]]:
+    judged: dict[str, dict[str, float | str]] = {}
+    for name, values in segments.items():
+        users = int(values.get("users", 0))
+        if users == 0:
+            continue
+        served_by = str(values.get("served_by", "ranker"))
+        served = values.get("served_minus_fallback", {})
+        bounds = served.get(f"{metric}_diff_ci95")
+        if f"{metric}_diff" not in served or not isinstance(bounds, Sequence) or len(bounds) != 2:
+            raise ValueError(
+                f"segment {name} has no paired {metric} difference against its fallback with a "
+                "95% interval (the evaluation writes segments_vs_fallback.segments.<segment>."
+                f"served_minus_fallback.{metric}_diff and _diff_ci95)"
+            )
+        difference, lower, upper = (
+            float(served[f"{metric}_diff"]),
+            float(bounds[0]),
+            float(bounds[1]),
+        )
+        worse = difference < 0 and upper < -segment_tolerance - _EPSILON
+        judged[name] = {
+            "users": float(users),
+            "served_by": served_by,
+            "diff": difference,
+            "lower": lower,
+            "upper": upper,
+            "worse": 1.0 if worse else 0.0,
+        }
+    return judged
+
+
+def _segment_text(name: str, values: Mapping[str, float | str]) -> str:
+    return (
+        f"{name} ({int(values['users'])} users, served by {values['served_by']}) "
+        f"{float(values['diff']):+.4f} [{float(values['lower']):+.4f}, "
+        f"{float(values['upper']):+.4f}]"
+    )
+
+
+def _segments_text(
+    judged: Mapping[str, Mapping[str, float | str]], names: Sequence[str], metric: str
+) -> str:
+    shown = "; ".join(_segment_text(name, judged[name]) for name in names)
+    return f"paired {metric} difference served minus popularity: {shown}"
+
+
+def _segments_note(judged: Mapping[str, Mapping[str, float | str]], metric: str) -> str:
+    unsure = [
+        name
+        for name, values in judged.items()
+        if values["served_by"] == "ranker" and float(values["lower"]) <= 0.0
+    ]
+    shown = _segments_text(judged, list(judged), metric)
+    note = f"no segment is served worse than popularity: {shown}"
+    if unsure:
+        note += f" ({', '.join(unsure)} not shown better than popularity, nor worse)"
+    return note

@@ -76,6 +76,24 @@ def train_ranker(
 ) -> lgb.Booster:
     """Trains a LambdaRank booster, early-stopping on the validation queries when given.
 
+    The final booster of `train_ranker_with_validation_model`; see there.
+
+    Args:
+        train: Assembled rows (see `models.features.assemble_features`) with a graded `label`.
+        validation: Later-in-time rows for early stopping, or None to train all rounds.
+        params: Hyper-parameters.
+
+    Returns:
+        The trained booster (best iteration when early stopping was used).
+    """
+    return train_ranker_with_validation_model(train, validation, params)[0]
+
+
+def train_ranker_with_validation_model(
+    train: pl.DataFrame, validation: pl.DataFrame | None, params: RankerParams
+) -> tuple[lgb.Booster, lgb.Booster | None]:
+    """Trains a LambdaRank booster, early-stopping on the validation queries when given.
+
     With validation rows and `params.refit_with_validation`, the rounds early stopping chose
     are then trained again on the training and validation rows together (the usual
     "choose the rounds, then refit on everything" of time-based validation): the final model
@@ -87,7 +105,11 @@ def train_ranker(
         params: Hyper-parameters.
 
     Returns:
-        The trained booster (best iteration when early stopping was used).
+        The final booster (best iteration when early stopping was used), and the early-stopped
+        booster that never saw the validation rows when the final one was refit on them (None
+        otherwise: the final booster is then that one, or there was no validation). Decisions
+        taken on the validation window (the segment policy, `models.segments`) need a model
+        that did not learn from it.
     """
     train_set = _dataset(train)
     callbacks = []
@@ -103,10 +125,10 @@ def train_ranker(
         callbacks=callbacks,
     )
     if not valid_sets or not params.refit_with_validation:
-        return booster
+        return booster, None
     rounds = booster.best_iteration or booster.current_iteration()
     everything = _dataset(pl.concat([train, validation], how="vertical_relaxed"))
-    return lgb.train(params.lightgbm_params(), everything, num_boost_round=rounds)
+    return lgb.train(params.lightgbm_params(), everything, num_boost_round=rounds), booster
 
 
 def feature_importance(booster: lgb.Booster) -> dict[str, float]:

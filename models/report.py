@@ -74,12 +74,14 @@ def headline_ratios(report: EvaluationReport) -> dict[str, float | str | None]:
 def render_markdown(report: EvaluationReport) -> str:
     """Renders the report as Markdown.
 
-    Five parts: a table of approaches × metrics, each per-user metric with its 95% bootstrap
+    Seven parts: a table of approaches × metrics, each per-user metric with its 95% bootstrap
     interval (`0.183 [0.176, 0.190]`); the ranker's paired differences against every other
     approach on the same users, with their intervals; the baselines the data cannot define and
     why; a table of NDCG@10 per approach and user segment (with the number of users in each
-    segment); and the ranker's NDCG@10 relative to the best baseline and to the oracle (when
-    present).
+    segment); each segment's ranker minus popularity (its fallback) with who serves it and why;
+    the same approaches on new items only (the user's past items removed) with the ranker's
+    paired differences; and the ranker's NDCG@10 relative to the best baseline and to the
+    oracle (when present).
 
     Args:
         report: The evaluation report.
@@ -153,6 +155,8 @@ def render_markdown(report: EvaluationReport) -> str:
             for name in report.metrics
         ],
     )
+    lines += _segments_vs_fallback(report)
+    lines += _new_items_only(report, columns)
     ratios = headline_ratios(report)
     lines += ["", "### Ranker NDCG@10", ""]
     if ratios["ratio_to_best_baseline"] is not None:
@@ -169,6 +173,85 @@ def render_markdown(report: EvaluationReport) -> str:
     else:
         lines.append("- no oracle (no ground truth)")
     return "\n".join(lines) + "\n"
+
+
+def _segments_vs_fallback(report: EvaluationReport) -> list[str]:
+    """Each segment: the ranker minus popularity (its fallback), who serves it and why."""
+    if not report.segment_vs_fallback:
+        return []
+    policy = report.segment_policy
+    lines = ["", f"### Each segment against its fallback (popularity), {HEADLINE}", ""]
+    rows = []
+    for segment, differences in report.segment_vs_fallback.items():
+        if HEADLINE not in differences:
+            continue
+        interval = report.segment_vs_fallback_intervals[segment][HEADLINE]
+        fallback = policy is not None and policy.serves_fallback(segment)
+        ranker = _signed(differences[HEADLINE], interval)
+        rows.append(
+            [
+                segment,
+                f"{report.segment_users.get(segment, 0):,}",
+                "popularity" if fallback else "ranker",
+                ranker,
+                _signed(0.0, (0.0, 0.0)) if fallback else ranker,
+                policy.reasons.get(segment, "") if policy is not None else "",
+            ]
+        )
+    lines += _table(
+        [
+            "segment",
+            "users",
+            "served by",
+            "ranker minus popularity",
+            "served minus popularity",
+            "why (validation cutoff)",
+        ],
+        rows,
+    )
+    lines += ["", "Paired 95% intervals on the segment's users. The segment policy is chosen on"]
+    lines += ["the validation cutoff; the gate blocks a segment served worse beyond doubt."]
+    return lines
+
+
+def _new_items_only(report: EvaluationReport, columns: list[str]) -> list[str]:
+    """Every approach on what is new to each customer, and the ranker minus each."""
+    view = report.new_items_only
+    if view is None:
+        return []
+    present = {name for metrics in view.metrics.values() for name in metrics}
+    shown = [column for column in columns if column in present]
+    lines = ["", f"### New items only ({view.users:,} users; {view.dropped_users:,} dropped out)"]
+    lines += ["", f"Rule: {view.rule}.", ""]
+    lines += _table(
+        ["approach", *shown],
+        [
+            [
+                name,
+                *(
+                    _format(metrics.get(column, 0.0), view.intervals.get(name, {}).get(column))
+                    for column in shown
+                ),
+            ]
+            for name, metrics in view.metrics.items()
+        ],
+    )
+    if view.paired:
+        lines += ["", "Ranker minus each approach, new items only (paired, 95% interval):", ""]
+        lines += _table(
+            ["ranker minus", *shown],
+            [
+                [
+                    name,
+                    *(
+                        _signed(differences[column], view.paired_intervals[name][column])
+                        for column in shown
+                    ),
+                ]
+                for name, differences in view.paired.items()
+            ],
+        )
+    return lines
 
 
 def render_png(report: EvaluationReport, dpi: int = 100) -> bytes:

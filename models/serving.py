@@ -13,6 +13,10 @@ neighbours, the catalog facts and the popular items. A request walks the cold-st
 
 Every list is topped up with popular items when the rules leave fewer than k.
 
+A known user whose segment the model's segment policy (`models.segments`, chosen on validation)
+serves its fallback starts at rung 2, as an unknown user would, and the response says so
+(`fallback_level` `FALLBACK_SEGMENT`).
+
 The business rules filter every list; items the catalog marks as not recommendable (fees,
 postage, gift cards) never reach any rung's answer nor `similar`'s, and they seed no session
 neighbours (as in training, where they are not among the recent items). The BentoML service is a
@@ -39,6 +43,7 @@ from models.features import (
     FeatureTables,
     assemble_features,
 )
+from models.segments import SegmentPolicy
 from models.session import (
     BOUGHT_TOGETHER,
     COLLABORATIVE,
@@ -54,6 +59,7 @@ from models.session import (
 from models.snapshot import (
     SNAPSHOT_KEY,
     SNAPSHOT_ORDER,
+    USER_COLUMNS,
     CandidateSnapshot,
     SnapshotFeaturesError,
     load_snapshot,
@@ -73,6 +79,12 @@ STRATEGY_POPULAR = "popular"
 FALLBACK_NONE = 0  # as intended: the ranker for known users, popular items for unknown ones
 FALLBACK_CANDIDATE_ORDER = 1  # the ranker is missing or failed: the generators' own order
 FALLBACK_POPULAR = 2  # the candidates are missing: popular items for everyone
+# A known user whose segment the model's segment policy serves its fallback (`models.segments`):
+# answered like an unknown user (session neighbours, else popular items), on purpose.
+FALLBACK_SEGMENT = 3
+
+# Where a snapshot user's event count (their segment) is in `CandidateSnapshot.user_part`.
+_USER_EVENTS = USER_COLUMNS.index(USER_FEATURES["events"])
 
 # The (user, item) purchase counts a purchase in the session adds one to (`_apply_signals`).
 REPEAT_COUNTS = (
@@ -157,6 +169,9 @@ class Recommender:
         ranker_budget_s: Seconds the ranker may take per request before the candidate order is
             served instead (None: no limit).
         recent_items: Recent items that seed the neighbour generators (as in training).
+        segment_policy: The model's segment policy (`models.segments`): a known user whose
+            segment (by `user_events` in the snapshot) it serves the fallback is answered like
+            an unknown user, with `FALLBACK_SEGMENT`; None serves every known user the ranker.
     """
 
     # Candidates a session may add to a known user's list (its strongest neighbours).
@@ -173,8 +188,10 @@ class Recommender:
         item_vectors: pl.DataFrame | None = None,
         ranker_budget_s: float | None = None,
         recent_items: int = CandidateConfig().recent_items,
+        segment_policy: SegmentPolicy | None = None,
     ) -> None:
         self.rules = rules or BusinessRules()
+        self._segment_policy = segment_policy
         self.neighbours = neighbours or NeighbourIndex.empty()
         self.content = ContentIndex(self.rules.items)
         features = feature_names or FEATURE_COLUMNS
@@ -223,6 +240,7 @@ class Recommender:
         feature_names: list[str] | None = None,
         max_per_category: int = 0,
         ranker_budget_s: float | None = None,
+        segment_policy: SegmentPolicy | None = None,
     ) -> "Recommender":
         """Loads the serving snapshot the pipeline exported to the lake.
 
@@ -275,6 +293,7 @@ class Recommender:
             NeighbourIndex(frames[SERVING_NEIGHBOURS]),
             frames[SERVING_ITEMS],
             ranker_budget_s,
+            segment_policy=segment_policy,
         )
 
     @property
@@ -308,11 +327,13 @@ class Recommender:
         session = session or Session()
         online = OnlineFacts(session.purchased_ids, stock or {})
         span = self._snapshot.spans.get(user_id)
-        if span is not None:
+        segment_fallback = span is not None and self._segment_fallback(span)
+        if span is not None and not segment_fallback:
             items, level = self._personalized(user_id, span, session, filters, online, k)
             strategy = STRATEGY_PERSONALIZED
         else:
             level = FALLBACK_POPULAR if not self._snapshot.spans else FALLBACK_NONE
+            level = FALLBACK_SEGMENT if segment_fallback else level
             items = self._session_based(user_id, session, filters, online, k)
             strategy = STRATEGY_SESSION if items else STRATEGY_POPULAR
             if not items:  # a new item without neighbours yet: what trends in its category
@@ -385,6 +406,13 @@ class Recommender:
         ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
         chosen = self.rules.select(user_id, ranked, filters, k, online=online)
         return [RankedItem(item, score, source) for item, (score, source) in chosen], level
+
+    def _segment_fallback(self, span: tuple[int, int, int]) -> bool:
+        """Whether the segment policy serves this known user's segment its fallback."""
+        if self._segment_policy is None:
+            return False
+        events = self._snapshot.user_part[span[2], _USER_EVENTS]
+        return self._segment_policy.fallback_for(float(events))
 
     def _rank(self, user_id: str, matrix: np.ndarray) -> np.ndarray | None:
         """The ranker's scores, or None when it is missing, fails or overruns its budget."""

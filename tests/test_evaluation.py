@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from models.baselines import Validation
 from models.evaluation import (
     NOT_BASELINES,
     EvaluationReport,
@@ -16,9 +17,11 @@ from models.evaluation import (
     evaluated_users,
     oracle_baseline,
     oracle_scores,
+    past_items,
     popularity_baseline,
     trending_baseline,
     user_segments,
+    without_past_items,
 )
 from models.features import FEATURE_COLUMNS
 from models.gate import gate_decision
@@ -582,3 +585,110 @@ def test_a_ranker_clearly_better_than_buy_again_passes_the_gate():
     assert decision.passed, decision.message
     assert decision.best_baseline == "buy_again"
     assert decision.paired_lower_bound > 0
+
+
+def test_new_items_only_removes_past_items_from_the_lists_before_the_cut_and_from_the_truth():
+    # u1's past items are a, c, d, e (user_items); c is also one of u1's positives.
+    view = run_evaluate(with_truth=False).new_items_only
+    assert view is not None and view.users == 3 and view.dropped_users == 0
+    # Popularity's list is a, b, c, d, e, f for everyone. Without u1's past items it is b, f:
+    # u1's positive f is 2nd (were a, c, d, e left in, f would be 6th, and were c left in the
+    # truth, u1 could not reach 1.0 either). u2 (past b) gets a, c, ...: a is 1st. u3 (no
+    # past) gets a, b: b is 2nd.
+    second = 1 / math.log2(3)
+    assert view.metrics["popularity"]["ndcg@10"] == pytest.approx((second + 1 + second) / 3)
+    # The ranker's perfect lists stay perfect on new items: f first for u1.
+    assert view.metrics["ranker"]["ndcg@10"] == pytest.approx(1.0)
+    # Buy-again recommends only past items: nothing is left of it.
+    assert view.metrics["buy_again"]["ndcg@10"] == 0.0
+    assert view.paired["buy_again"]["ndcg@10"] == pytest.approx(1.0)
+    exported = run_evaluate(with_truth=False).to_dict()["new_items_only"]
+    assert exported["metrics"]["popularity"]["ndcg@10_ci95"][0] <= (2 * second + 1) / 3
+    assert set(exported["paired"]) == {
+        "candidate_order",
+        "covisitation",
+        "buy_again",
+        "popularity",
+        "trending",
+    }
+    assert "ndcg@10_diff_ci95" in exported["paired"]["popularity"]
+
+
+def test_users_whose_positives_are_all_past_items_drop_out_of_the_new_items_view():
+    # u2's only positive is b, which u2 viewed before the cutoff.
+    only_past = labels().with_columns(
+        pl.when(pl.col("user_id") == "u2")
+        .then(pl.lit("b"))
+        .otherwise(pl.col("item_id"))
+        .alias("item_id")
+    )
+    assembled = candidates()
+    report = evaluate(
+        assembled, perfect_scores(assembled), only_past, items(), user_features(), user_items()
+    )
+    assert report.metrics["ranker"]["users"] == 3
+    assert report.new_items_only.users == 2
+    assert report.new_items_only.dropped_users == 1
+
+
+def test_without_past_items_cuts_after_removing_them():
+    scored = frame(
+        [("u1", "a", 4.0), ("u1", "b", 3.0), ("u1", "c", 2.0), ("u1", "d", 1.0)],
+        ["user_id", "item_id", "score"],
+    )
+    past = frame([("u1", "a"), ("u1", "c")], ["user_id", "item_id"])
+    assert lists(without_past_items(scored, past, 2)) == {"u1": ["b", "d"]}
+    assert lists(without_past_items(scored.head(2), past, 2)) == {"u1": ["b"]}
+    assert past_items(user_items()).height == 5
+
+
+def test_the_segment_policy_is_chosen_on_validation_and_each_segment_is_paired_with_popularity():
+    assembled = candidates()
+    # On validation the ranker puts u2's (light) positive a behind e; popularity has a first.
+    bad_for_light = assembled.select(
+        "as_of",
+        "user_id",
+        "item_id",
+        pl.Series("score", perfect_scores(assembled)),
+    ).with_columns(
+        pl.when((pl.col("user_id") == "u2") & (pl.col("item_id") == "e"))
+        .then(5.0)
+        .otherwise(pl.col("score"))
+        .alias("score")
+    )
+    validation = Validation(
+        users=evaluated_users(labels()),
+        labels=labels(),
+        bought_together=pl.DataFrame(),
+        ranker_scores=bad_for_light,
+        item_features=items(),
+        user_features=user_features(),
+    )
+    report = run_evaluate(with_truth=False, validation=validation)
+    policy = report.segment_policy
+    assert policy.serves == {"new": "fallback", "light": "fallback", "heavy": "ranker"}
+    assert policy.chosen_on == AS_OF.isoformat()
+    served = report.to_dict()["segments_vs_fallback"]
+    assert served["fallback"] == "popularity"
+    light = served["segments"]["light"]
+    assert light["served_by"] == "fallback"
+    assert light["served_minus_fallback"]["ndcg@10_diff"] == 0.0
+    assert light["served_minus_fallback"]["ndcg@10_diff_ci95"] == [0.0, 0.0]
+    heavy = served["segments"]["heavy"]
+    # u1 (heavy): the ranker's f first (1.0) vs popularity's f 6th, c 3rd.
+    assert heavy["served_by"] == "ranker"
+    assert heavy["ranker_minus_fallback"]["ndcg@10_diff"] == pytest.approx(
+        report.segments["heavy"]["ranker"]["ndcg@10"]
+        - report.segments["heavy"]["popularity"]["ndcg@10"]
+    )
+    assert heavy["served_minus_fallback"] == heavy["ranker_minus_fallback"]
+    assert report.to_dict()["segment_policy"]["serves"]["light"] == "fallback"
+    text = render_markdown(report)
+    assert "### Each segment against its fallback (popularity), ndcg@10" in text
+    assert "### New items only (3 users; 0 dropped out)" in text
+    # Without validation data the ranker serves every segment the service knows.
+    assert run_evaluate().segment_policy.serves == {
+        "new": "fallback",
+        "light": "ranker",
+        "heavy": "ranker",
+    }

@@ -13,7 +13,7 @@ from models.features import (
     feature_matrix,
 )
 from models.metrics import ranking_metrics, top_k
-from models.ranker import RankerParams, train_ranker
+from models.ranker import RankerParams, train_ranker, train_ranker_with_validation_model
 
 AS_OF = datetime(2026, 1, 8, tzinfo=UTC)
 
@@ -185,3 +185,22 @@ def test_the_ranker_is_refit_on_the_validation_window_with_the_rounds_early_stop
     matrix = feature_matrix(valid)
     np.testing.assert_array_equal(refit.predict(matrix), same.predict(matrix))
     assert not np.allclose(refit.predict(matrix), stopped.predict(matrix, num_iteration=rounds))
+
+
+def test_the_early_stopped_model_that_never_saw_the_validation_window_is_kept_on_a_refit():
+    train, valid = synthetic_ranking_rows(5, queries=150), synthetic_ranking_rows(6, queries=150)
+    params = RankerParams(num_boost_round=80, min_data_in_leaf=20, early_stopping_rounds=5)
+    final, unseen = train_ranker_with_validation_model(train, valid, params)
+    stopped = train_ranker(train, valid, dataclasses.replace(params, refit_with_validation=False))
+    matrix = feature_matrix(valid)
+    rounds = stopped.best_iteration
+    np.testing.assert_array_equal(
+        unseen.predict(matrix, num_iteration=rounds), stopped.predict(matrix, num_iteration=rounds)
+    )
+    np.testing.assert_array_equal(
+        final.predict(matrix), train_ranker(train, valid, params).predict(matrix)
+    )
+    # Without a refit (or without validation) there is no second model.
+    no_refit = dataclasses.replace(params, refit_with_validation=False)
+    assert train_ranker_with_validation_model(train, valid, no_refit)[1] is None
+    assert train_ranker_with_validation_model(train, None, params)[1] is None

@@ -154,3 +154,73 @@ def test_missing_metrics_intervals_and_negative_margins_are_errors():
         gate_decision({"ndcg@10": 0.2}, BASELINES, None, paired(0.1, 0.05, 0.15, "popularity"))
     with pytest.raises(ValueError, match=">= 0"):
         gate_decision({"ndcg@10": 0.2}, BASELINES, None, CLEARLY_BETTER, min_paired_lower_bound=-1)
+
+
+def segment(diff, lower, upper, served_by="ranker", users=400, metric="ndcg@10"):
+    return {
+        "users": users,
+        "served_by": served_by,
+        "served_minus_fallback": {f"{metric}_diff": diff, f"{metric}_diff_ci95": [lower, upper]},
+    }
+
+
+def test_a_segment_served_significantly_worse_than_its_fallback_blocks_promotion():
+    segments = {
+        "new": segment(0.0, 0.0, 0.0, served_by="fallback", users=120),
+        "light": segment(-0.030, -0.052, -0.009, users=300),
+        "heavy": segment(0.080, 0.060, 0.100, users=2_000),
+    }
+    decision = gate_decision({"ndcg@10": 0.175}, BASELINES, None, CLEARLY_BETTER, segments=segments)
+    assert not decision.passed
+    # Overall the ranker beats the best baseline: only the segment rule failed.
+    assert decision.decided_by == "segment_vs_fallback"
+    assert "segment(s) light served by the ranker are worse than their fallback" in (
+        decision.message
+    )
+    assert "light (300 users, served by ranker) -0.0300 [-0.0520, -0.0090]" in decision.message
+    assert decision.segments["light"]["worse"] == 1.0
+    assert decision.segments["heavy"]["worse"] == 0.0
+    metadata = decision.metadata()
+    assert metadata["segment_light_upper"] == pytest.approx(-0.009)
+    assert metadata["segment_new_served_by"] == "fallback"
+    assert metadata["segment_tolerance"] == 0.0
+
+
+def test_a_small_segment_with_a_wide_interval_around_zero_does_not_block():
+    # 40 light users: the interval is wide, the ranker is not shown worse (nor better).
+    segments = {"light": segment(-0.010, -0.120, 0.090, users=40)}
+    decision = gate_decision({"ndcg@10": 0.175}, BASELINES, None, CLEARLY_BETTER, segments=segments)
+    assert decision.passed, decision.message
+    assert decision.decided_by == "paired_lower_bound"
+    assert "light not shown better than popularity, nor worse" in decision.message
+
+
+def test_a_segment_served_its_fallback_cannot_fail_and_the_tolerance_is_honoured():
+    fallback = {"light": segment(0.0, 0.0, 0.0, served_by="fallback")}
+    assert gate_decision(
+        {"ndcg@10": 0.175}, BASELINES, None, CLEARLY_BETTER, segments=fallback
+    ).passed
+    slightly_worse = {"light": segment(-0.004, -0.007, -0.001)}
+    assert not gate_decision(
+        {"ndcg@10": 0.175}, BASELINES, None, CLEARLY_BETTER, segments=slightly_worse
+    ).passed
+    decision = gate_decision(
+        {"ndcg@10": 0.175},
+        BASELINES,
+        None,
+        CLEARLY_BETTER,
+        segments=slightly_worse,
+        segment_tolerance=0.005,
+    )
+    assert decision.passed, decision.message
+    # A segment without users is not judged; one without its interval is an error.
+    assert (
+        gate_decision(
+            {"ndcg@10": 0.175}, BASELINES, None, CLEARLY_BETTER, segments={"new": {"users": 0}}
+        ).segments
+        == {}
+    )
+    with pytest.raises(ValueError, match="segment light has no paired ndcg@10"):
+        gate_decision(
+            {"ndcg@10": 0.175}, BASELINES, None, CLEARLY_BETTER, segments={"light": {"users": 3}}
+        )

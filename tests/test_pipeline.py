@@ -160,7 +160,12 @@ def test_registered_model_carries_metrics_features_and_training_window(pipeline_
     metadata = json.loads(shown.stdout)["metadata"]
     assert metadata["features"] == FEATURE_COLUMNS
     assert metadata["ndcg@10"] > metadata["popularity_ndcg@10"]
-    assert len(metadata["training_cutoffs"]) == 2 and metadata["validation_cutoff"]
+    # Refit on the validation window (`refit_with_validation`, on by default): the registered
+    # window holds every training cutoff, the validation one last.
+    assert len(metadata["training_cutoffs"]) == 3
+    assert metadata["validation_cutoff"] == metadata["training_cutoffs"][-1]
+    # The segment policy ships with the model, chosen on that validation cutoff.
+    assert metadata["segment_new_served_by"] == "fallback"
     assert metadata_of(pipeline_run.result, "registered_model")["tag"] == tag
     # The sensor counts feedback published after the feature build started reading the events:
     # before dbt wrote any mart (on the lake's clock).

@@ -5,7 +5,7 @@ import dagster as dg
 import polars as pl
 
 from models.baselines import HISTORY_COLUMNS, Validation
-from models.evaluation import evaluate, evaluated_users, score_with_ranker
+from models.evaluation import EvaluationReport, evaluate, evaluated_users, score_with_ranker
 from models.features import (
     FEATURE_COLUMNS,
     TABLE_NAMES,
@@ -25,6 +25,8 @@ from models.report import (
 from models.training_set import label_queries
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
+    RANKER_INFO,
+    VALIDATION_RANKER_FILE,
     at_cutoffs,
     candidate_chunks,
     load_plan,
@@ -80,22 +82,62 @@ def _partition_day(file: str) -> str | None:
 
 
 def _validation(
-    lake: Lake, labels: pl.DataFrame, bought_together: pl.DataFrame | None, cutoff: datetime
+    lake: Lake,
+    labels: pl.DataFrame,
+    bought_together: pl.DataFrame | None,
+    cutoff: datetime,
+    booster=None,
 ) -> Validation | None:
-    """The last training cutoff's labelled users (a seeded sample), for the blend's choice."""
+    """The last training cutoff's labelled users (a seeded sample), for the blend's choice;
+    with the ranker's scores of their candidates and the marts at that cutoff (for the segment
+    policy) when the booster is given."""
     labels = at_cutoffs(labels, cutoff)
     users = evaluated_users(labels)
     if users.height == 0:
         return None
     if users.height > VALIDATION_USERS:
         users = users.sample(VALIDATION_USERS, seed=0).sort("as_of", "user_id")
-    return Validation(
+    validation = Validation(
         users=users,
         labels=labels.join(users, on=["as_of", "user_id"], how="semi"),
         bought_together=at_cutoffs(bought_together, cutoff)
         if bought_together is not None
         else pl.DataFrame(),
     )
+    if booster is None:
+        return validation
+    tables = FeatureTables.load(lake, [cutoff])
+    scores = []
+    for chunk in candidate_chunks(lake, "training", ASSEMBLY_CHUNK_ROWS):
+        chunk = at_cutoffs(chunk, cutoff).join(users, on=["as_of", "user_id"], how="semi")
+        if chunk.height:
+            assembled = assemble_features(chunk, tables_for_queries(tables, chunk))
+            scores.append(
+                score_with_ranker(assembled, booster).select("as_of", "user_id", "item_id", "score")
+            )
+    if not scores:
+        return validation
+    validation.ranker_scores = pl.concat(scores)
+    validation.item_features = tables.items
+    validation.user_features = tables.users
+    return validation
+
+
+def _validation_ranker(lake: Lake, plan, booster):
+    """The ranker that chooses the segment policy on the validation cutoff: one that never
+    learned from it. The early-stopped model when the ranker was refit on that window
+    (`refit_with_validation`), the ranker itself when it was not; None (the default policy)
+    when there was no validation cutoff (a single training cutoff)."""
+    import lightgbm as lgb
+
+    info = lake.read_json(RANKER_INFO)
+    if not plan.training or info.get("validation_cutoff") != plan.training[-1].isoformat():
+        return None
+    if not info.get("refit_with_validation"):
+        return booster
+    if not lake.exists(VALIDATION_RANKER_FILE):
+        return None
+    return lgb.Booster(model_str=lake.read_text(VALIDATION_RANKER_FILE))
 
 
 def _window_middle(lake: Lake) -> datetime | None:
@@ -124,6 +166,46 @@ def _rebuy_shares(
     users = evaluated_users(labels)
     ranked = top_k(scored.join(users, on=["as_of", "user_id"], how="semi"), "score", 10)
     return rebuy_shares(ranked, labels.join(users, on=["as_of", "user_id"], how="semi"), user_items)
+
+
+def _new_items_metadata(report: EvaluationReport) -> dict[str, float | int]:
+    """The `new_items_only` view's headline numbers as flat metadata."""
+    view = report.new_items_only
+    if view is None:
+        return {}
+    values: dict[str, float | int] = {
+        "new_items_users": view.users,
+        "new_items_dropped_users": int(view.dropped_users),
+    }
+    for approach, metrics in view.metrics.items():
+        for metric in (GATE_METRIC, "recall@20"):
+            if metric in metrics:
+                values[f"new_items_{approach}_{metric}"] = float(metrics[metric])
+    for approach, differences in view.paired.items():
+        if GATE_METRIC in differences:
+            low, high = view.paired_intervals[approach][GATE_METRIC]
+            values[f"new_items_paired_{approach}_{GATE_METRIC}_diff"] = float(
+                differences[GATE_METRIC]
+            )
+            values[f"new_items_paired_{approach}_{GATE_METRIC}_diff_lower"] = float(low)
+            values[f"new_items_paired_{approach}_{GATE_METRIC}_diff_upper"] = float(high)
+    return values
+
+
+def _segment_metadata(results: dict) -> dict[str, float | int | str]:
+    """Each segment's users, who serves it, and the ranker minus popularity on NDCG@10."""
+    values: dict[str, float | int | str] = {}
+    for segment, entry in results["segments_vs_fallback"]["segments"].items():
+        ranker = entry["ranker_minus_fallback"]
+        low, high = ranker[f"{GATE_METRIC}_diff_ci95"]
+        values[f"segment_{segment}_users"] = int(entry["users"])
+        values[f"segment_{segment}_served_by"] = str(entry["served_by"])
+        values[f"segment_{segment}_ranker_minus_popularity_{GATE_METRIC}"] = float(
+            ranker[f"{GATE_METRIC}_diff"]
+        )
+        values[f"segment_{segment}_ranker_minus_popularity_{GATE_METRIC}_lower"] = float(low)
+        values[f"segment_{segment}_ranker_minus_popularity_{GATE_METRIC}_upper"] = float(high)
+    return values
 
 
 @dg.asset(deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
@@ -181,14 +263,19 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
 
         production = lgb.Booster(model_str=current[0])
     # Scored once here: the report's re-buy shares need the ranker's lists too.
-    scored = score_with_ranker(assembled, load_ranker(lake))
+    booster = load_ranker(lake)
+    scored = score_with_ranker(assembled, booster)
     # The strong baselines (models.baselines) read the raw history before the cutoff.
     started = time_module.monotonic()
     history = _history_before(lake, plan.evaluation)
     together_path = f"{FEATURES}/item_bought_together.parquet"
     together = lake.read_frame(together_path) if lake.exists(together_path) else None
     validation = (
-        _validation(lake, all_labels, together, plan.training[-1]) if plan.training else None
+        _validation(
+            lake, all_labels, together, plan.training[-1], _validation_ranker(lake, plan, booster)
+        )
+        if plan.training
+        else None
     )
     report = evaluate(
         assembled,
@@ -245,6 +332,11 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
                 )
                 if GATE_METRIC in differences
             },
+            # What is new to each customer: every approach, and the ranker minus each.
+            **_new_items_metadata(report),
+            # Each segment against its fallback (popularity), and who serves it.
+            **_segment_metadata(results),
+            "segment_policy": dg.MetadataValue.json(results.get("segment_policy", {})),
             "not_applicable": dg.MetadataValue.json(dict(report.not_applicable)),
             "baseline_notes": dg.MetadataValue.json(dict(report.notes)),
             "evaluate_seconds": float(seconds),

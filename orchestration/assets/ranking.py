@@ -16,7 +16,7 @@ from models.candidates import (
 from models.collaborative import DEFAULT_MAX_ITEMS, DEFAULT_REGULARISATION, item_neighbours
 from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, tables_for_queries
 from models.queries import QUERY, restrict_to_queries, sample_queries
-from models.ranker import RankerParams, feature_importance, train_ranker
+from models.ranker import RankerParams, feature_importance, train_ranker_with_validation_model
 from models.training_set import build_training_set, label_queries
 from orchestration.assets.shared import (
     ASSEMBLY_CHUNK_ROWS,
@@ -26,6 +26,7 @@ from orchestration.assets.shared import (
     RANKER_INFO,
     SAMPLED_QUERIES,
     SAMPLED_ROLES,
+    VALIDATION_RANKER_FILE,
     at_cutoffs,
     candidate_chunks,
     load_plan,
@@ -226,7 +227,7 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
         trained_on, validation_cutoff = plan.training, None
         train, validation = rows, None
     started = time.perf_counter()
-    booster = train_ranker(train, validation, params)
+    booster, validation_model = train_ranker_with_validation_model(train, validation, params)
     seconds = time.perf_counter() - started
     importances = feature_importance(booster)
     refitted = validation is not None and params.refit_with_validation
@@ -243,6 +244,13 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     lake.write_text(
         booster.model_to_string(num_iteration=booster.best_iteration or None), RANKER_FILE
     )
+    if validation_model is not None:
+        # The early-stopped model, which never saw the validation window: the segment policy is
+        # chosen with it there (the refit model learned from that window).
+        lake.write_text(
+            validation_model.model_to_string(num_iteration=validation_model.best_iteration or None),
+            VALIDATION_RANKER_FILE,
+        )
     lake.write_json(info, RANKER_INFO)
     return dg.MaterializeResult(
         metadata={

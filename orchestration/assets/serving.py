@@ -15,6 +15,7 @@ from models.features import TABLE_NAMES, FeatureTables, tables_for_queries
 from models.gate import (
     DEFAULT_METRIC,
     DEFAULT_MIN_PAIRED_LOWER_BOUND,
+    DEFAULT_SEGMENT_TOLERANCE,
     DEFAULT_TOLERANCE,
     gate_decision,
 )
@@ -145,6 +146,9 @@ class PromotionGateConfig(dg.Config):
     min_paired_lower_bound: float = DEFAULT_MIN_PAIRED_LOWER_BOUND
     # Allowed relative drop of `metric` below the production model on the same users.
     tolerance_below_production: float = DEFAULT_TOLERANCE
+    # A user segment served by the ranker blocks promotion when it is significantly worse than
+    # its fallback (popularity): the upper bound of its paired 95% interval below minus this.
+    segment_tolerance: float = DEFAULT_SEGMENT_TOLERANCE
 
 
 @dg.asset(
@@ -156,8 +160,9 @@ class PromotionGateConfig(dg.Config):
             asset="registered_model",
             blocking=True,
             description="The new ranker beats the best baseline with 95% confidence (the lower "
-            "bound of the paired bootstrap interval of the difference is above the margin) and "
-            "is not worse than the production model beyond the tolerance; otherwise it is not "
+            "bound of the paired bootstrap interval of the difference is above the margin), is "
+            "not worse than the production model beyond the tolerance, and serves no user "
+            "segment significantly worse than its fallback (popularity); otherwise it is not "
             "promoted and no bento is built.",
         )
     ],
@@ -165,12 +170,18 @@ class PromotionGateConfig(dg.Config):
 def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
     """Every trained ranker in the BentoML model store (`shelfwise models list`), with its
     metrics, feature list, training window, data fingerprint and code version in the model's
-    metadata; then the promotion gate decides whether it may become production."""
+    metadata, and its segment policy (which user segments it serves, which get popularity;
+    chosen on the validation cutoff by the evaluation) in its info, which the service obeys;
+    then the promotion gate decides whether it may become production."""
     settings = shelfwise.settings()
     lake = shelfwise.lake()
     info = lake.read_json(RANKER_INFO)
     report = lake.read_json(f"{EVALUATION}/metrics.json")
     metrics = report["metrics"]
+    # The segment policy ships with the model: the service serves each segment as it says.
+    policy = report.get("segment_policy")
+    if policy:
+        info = {**info, "segment_policy": policy}
     # When the feature build started reading the events: feedback published later is new to
     # this ranker (what the feedback sensor counts).
     data_read_at = lake.list_modified(FEATURES, suffix=".json").get(FEATURE_BUILD_MARKER)
@@ -189,6 +200,14 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
         "validation_cutoff": info["validation_cutoff"],
         "features": info["features"],
         "best_iteration": info["best_iteration"],
+        **(
+            {
+                f"segment_{name}_served_by": str(served)
+                for name, served in policy.get("serves", {}).items()
+            }
+            if policy
+            else {}
+        ),
         "data_end": load_plan(lake).serving.isoformat(),
         DATA_READ_AT: data_read_at.isoformat(),
     }
@@ -210,6 +229,8 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
         metric=config.metric,
         min_paired_lower_bound=config.min_paired_lower_bound,
         tolerance=config.tolerance_below_production,
+        segments=report.get("segments_vs_fallback", {}).get("segments"),
+        segment_tolerance=config.segment_tolerance,
     )
     yield dg.AssetCheckResult(
         asset_key="registered_model",

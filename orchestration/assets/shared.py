@@ -11,6 +11,9 @@ from shelfwise.lake import CANDIDATES, FEATURES, MODELS, Lake
 
 RANKER_FILE = f"{MODELS}/ranker/model.txt"
 RANKER_INFO = f"{MODELS}/ranker/model.json"
+# The early-stopped ranker that never saw the validation window, kept when the ranker was refit
+# on it (`refit_with_validation`): the segment policy is chosen with it on that window.
+VALIDATION_RANKER_FILE = f"{MODELS}/ranker/validation_model.txt"
 # The training and evaluation queries the `candidates` asset drew (role, as_of, user_id): the
 # evaluation scores the ranker and every baseline on exactly these users.
 SAMPLED_QUERIES = f"{CANDIDATES}/queries.parquet"
