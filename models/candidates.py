@@ -4,8 +4,7 @@ Each generator is a plain function returning `(as_of, user_id, item_id, <generat
 
 - `history`: the user's most recent items ("continue shopping"), scored by recency;
 - `buy_again`: items the user bought, in categories whose repeat-purchase rate (learned from data,
-  `category_repurchase_rates`) makes buying again plausible, scored by that rate times the
-  user's purchases of the item decayed with a 90-day half-life;
+  `category_repurchase_rates`) makes buying again plausible, scored by that rate;
 - `covisit`: co-visitation neighbours of the recent items, weighted by the seed's recency;
 - `bought_together`: items carted or bought with what the user carted or bought;
 - `collaborative`: items the user never touched that users with a similar history took: EASE
@@ -212,13 +211,7 @@ def buy_again(
     repurchase_rates: pl.DataFrame,
     min_repeat_rate: float,
 ) -> pl.DataFrame:
-    """Items the user bought in categories people do buy again.
-
-    Scored by the category's repeat rate times the user's purchases of the item decayed with a
-    90-day half-life: a staple bought every week outranks a one-off bought once last spring in the
-    same category, so when a long history must be cut to `max_candidates` the cut keeps what the
-    user keeps buying.
-    """
+    """Items the user bought in categories people do buy again, scored by the repeat rate."""
     categories = item_features.select("as_of", "item_id", "category_id")
     return (
         user_items.join(queries, on=KEY, how="semi")
@@ -226,9 +219,7 @@ def buy_again(
         .join(categories, on=["as_of", "item_id"], how="inner")
         .join(repurchase_rates, on=["as_of", "category_id"], how="inner")
         .filter(pl.col("repeat_rate") >= min_repeat_rate)
-        .select(
-            *ROW, (pl.col("repeat_rate") * pl.col("purchases_decayed_90d")).alias("buy_again_score")
-        )
+        .select(*ROW, pl.col("repeat_rate").alias("buy_again_score"))
     )
 
 
