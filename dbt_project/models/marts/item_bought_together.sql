@@ -1,36 +1,29 @@
 -- "Bought together": items added to the cart or bought by the same user within a day of each
 -- other before each cutoff, decayed by time; top-N partners per item.
+-- The pairs of events are computed once (`int_bought_together_pairs`); a cutoff sees the pairs
+-- whose later event precedes it, each scored by the decay of its earlier event (the smaller of
+-- the two events' decays).
 with
 
-baskets as (
+cutoffs as (
 
-    select distinct
-        as_of,
-        user_id,
-        item_id,
-        occurred_at,
-        decay
-    from {{ ref('int_events_before_cutoffs') }}
-    where event_type in ('add_to_cart', 'purchase')
+    select as_of from {{ ref('int_cutoffs') }}
 
 ),
 
 pairs as (
 
     select
-        anchor.as_of,
-        anchor.item_id,
-        partner.item_id as neighbour_item_id,
-        {{ exact_sum('least(anchor.decay, partner.decay)') }} as score,
-        count(distinct anchor.user_id) as users
-    from baskets as anchor
-    inner join baskets as partner
-        on partner.as_of = anchor.as_of
-        and partner.user_id = anchor.user_id
-        and partner.item_id <> anchor.item_id
-        and partner.occurred_at between anchor.occurred_at - interval 1 day
-            and anchor.occurred_at + interval 1 day
-    group by anchor.as_of, anchor.item_id, partner.item_id
+        cutoffs.as_of,
+        event_pairs.item_id,
+        event_pairs.neighbour_item_id,
+        {{ exact_sum(time_decay(days_between('event_pairs.first_at', 'cutoffs.as_of'))) }}
+            as score,
+        count(*) filter (where event_pairs.is_users_first) as users
+    from {{ ref('int_bought_together_pairs') }} as event_pairs
+    inner join cutoffs
+        on event_pairs.last_at < cutoffs.as_of
+    group by cutoffs.as_of, event_pairs.item_id, event_pairs.neighbour_item_id
 
 ),
 
