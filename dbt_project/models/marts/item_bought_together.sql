@@ -11,22 +11,34 @@ cutoffs as (
 
 ),
 
-pairs as (
+-- Each pair of events is repeated for the cutoffs it precedes (a list filter, not a range join:
+-- no sort of the pairs).
+pairs_at_cutoffs as (
 
     select
-        cutoffs.as_of,
+        unnest(list_filter(cutoff_list.as_ofs, lambda cutoff: event_pairs.last_at < cutoff)) as as_of,
         event_pairs.item_id,
         event_pairs.neighbour_item_id,
-        {{ exact_sum(time_decay(days_between('event_pairs.first_at', 'cutoffs.as_of'))) }}
-            as score,
-        count(*) filter (where event_pairs.is_users_first) as users
+        event_pairs.first_at,
+        event_pairs.is_users_first
     from {{ ref('int_bought_together_pairs') }} as event_pairs
-    inner join cutoffs
-        on event_pairs.last_at < cutoffs.as_of
-    group by cutoffs.as_of, event_pairs.item_id, event_pairs.neighbour_item_id
+    cross join (select list(as_of) as as_ofs from cutoffs) as cutoff_list
 
 ),
 
-{{ top_neighbours('pairs') }}
+pairs as (
+
+    select
+        as_of,
+        item_id,
+        neighbour_item_id,
+        {{ exact_sum(time_decay(days_between('first_at', 'as_of'))) }} as score,
+        count(*) filter (where is_users_first) as users
+    from pairs_at_cutoffs
+    group by as_of, item_id, neighbour_item_id
+
+),
+
+{{ top_neighbours('pairs', prune=true) }}
 
 select * from final
