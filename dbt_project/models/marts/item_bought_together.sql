@@ -39,6 +39,6 @@ pairs as (
 
 ),
 
-{{ top_neighbours('pairs', prune=true) }}
+{{ top_neighbours('pairs') }}
 
 select * from final
