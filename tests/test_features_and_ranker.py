@@ -76,6 +76,7 @@ def tables():
             "purchases_decayed_90d": [0.0],
             "days_since_last_purchase": [None],
             "purchase_occasions": [0],
+            "purchase_basket_share": [None],
             "own_repurchase_interval_days": [None],
             "repurchase_due_ratio": [None],
         }
