@@ -76,6 +76,9 @@ class CandidateConfig:
         popular_items: Items from the popular generator.
         max_candidates: Candidates kept per user after merging.
         collaborative_items: Items per user from the collaborative generator.
+        discovery_slots: Of the `max_candidates` slots, how many are kept for items that are
+            not the user's own (neither history nor buy-again) when their own items would fill
+            them all.
         collaborative_max_items: Items in the collaborative model (those with the most users;
             its weights are a dense square of this size).
         collaborative_regularisation: The collaborative model's lambda (EASE).
@@ -90,6 +93,7 @@ class CandidateConfig:
     popular_items: int = 50
     max_candidates: int = 200
     collaborative_items: int = 50
+    discovery_slots: int = 50
     collaborative_max_items: int = DEFAULT_MAX_ITEMS
     collaborative_regularisation: float = DEFAULT_REGULARISATION
 
@@ -375,11 +379,21 @@ def generate_candidates(
     ranked = merged.sort(
         [*KEY, *SCORE_COLUMNS, "item_id"],
         descending=[False, False, *[True] * len(SCORE_COLUMNS), False],
-    ).with_columns((pl.int_range(pl.len()).over(KEY) + 1).cast(pl.Int32).alias("candidate_rank"))
-    # Already in (as_of, user_id, candidate_rank) order: the sort above put it there.
-    return ranked.filter(pl.col("candidate_rank") <= config.max_candidates).select(
-        *ROW, *SCORE_COLUMNS, *extra, pl.col("sources").cast(pl.Int32), "candidate_rank"
     )
+    # Discovery keeps its slots: a grocer's regular has bought more items than `max_candidates`,
+    # and in the generators' order their own items alone would fill every slot, leaving the
+    # ranker nothing new to show. The last `discovery_slots` slots go to the best items that are
+    # not the user's own (proposed by neither history nor buy-again), when there are enough.
+    own = (pl.col("history_score") > 0) | (pl.col("buy_again_score") > 0)
+    slots = max(0, min(config.discovery_slots, config.max_candidates))
+    reserved = pl.min_horizontal((~own).sum().over(KEY), pl.lit(slots))
+    head = pl.int_range(pl.len()).over(KEY) < config.max_candidates - reserved
+    beyond = ~own & ~head
+    kept = ranked.filter(head | (beyond & (beyond.cast(pl.Int32).cum_sum().over(KEY) <= reserved)))
+    # Still in (as_of, user_id, generators') order: filters keep the sort above.
+    return kept.with_columns(
+        (pl.int_range(pl.len()).over(KEY) + 1).cast(pl.Int32).alias("candidate_rank")
+    ).select(*ROW, *SCORE_COLUMNS, *extra, pl.col("sources").cast(pl.Int32), "candidate_rank")
 
 
 def restrict_sources(sources: CandidateSources, queries: pl.DataFrame) -> CandidateSources:

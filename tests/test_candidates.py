@@ -142,3 +142,18 @@ def test_items_not_recommendable_are_never_proposed_and_lists_keep_their_length(
     assert rows["a"]["trending_score"] == 10.0
     stranger = result.filter(pl.col("user_id") == "stranger")
     assert set(stranger["item_id"]) == {"a", "e"} and (stranger["popular_score"] > 0).all()
+
+
+def test_a_history_longer_than_the_cap_leaves_the_discovery_slots_to_new_items():
+    # u1's own items (a, b) and what the generators propose beyond them (c, d, e, new, p1).
+    everything = generate(["u1"]).sort("candidate_rank")
+    own = (pl.col("history_score") > 0) | (pl.col("buy_again_score") > 0)
+    assert everything.filter(own).get_column("item_id").to_list() == ["a", "b"]
+    # Three slots: the first one by the generators' order (a), two kept for discovery.
+    kept = generate(["u1"], dataclasses.replace(CONFIG, max_candidates=3, discovery_slots=2))
+    new_items = everything.filter(~own).get_column("item_id").to_list()
+    assert kept.get_column("item_id").to_list() == ["a", *new_items[:2]]
+    assert kept.get_column("candidate_rank").to_list() == [1, 2, 3]
+    # Without discovery slots the user's own items come first, whatever their number.
+    plain = generate(["u1"], dataclasses.replace(CONFIG, max_candidates=3, discovery_slots=0))
+    assert plain.get_column("item_id").to_list()[:2] == ["a", "b"]

@@ -47,6 +47,7 @@ class CandidatesConfig(dg.Config):
     popular_items: int = 50
     max_candidates: int = 200
     collaborative_items: int = 50
+    discovery_slots: int = 50
     collaborative_max_items: int = DEFAULT_MAX_ITEMS
     collaborative_regularisation: float = DEFAULT_REGULARISATION
     # Queries (as_of, user) generated at a time: memory is one chunk's candidates and generator
