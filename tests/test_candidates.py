@@ -106,8 +106,12 @@ def test_unknown_user_gets_trending_and_popular_items_only():
 
 
 def test_candidates_are_capped_per_user_and_unique():
-    result = generate(["u1", "u2"], CandidateConfig(max_candidates=3, popular_items=2))
+    config = CandidateConfig(max_candidates=3, popular_items=2, discovery_slots=0)
+    result = generate(["u1", "u2"], config)
     assert result.group_by("user_id").len().get_column("len").max() == 3
+    # Discovery slots add at most their number, of items new to the user.
+    wider = generate(["u1", "u2"], dataclasses.replace(config, discovery_slots=2))
+    assert wider.group_by("user_id").len().get_column("len").max() == 5
     assert result.select("as_of", "user_id", "item_id").is_unique().all()
 
 
@@ -144,16 +148,19 @@ def test_items_not_recommendable_are_never_proposed_and_lists_keep_their_length(
     assert set(stranger["item_id"]) == {"a", "e"} and (stranger["popular_score"] > 0).all()
 
 
-def test_a_history_longer_than_the_cap_leaves_the_discovery_slots_to_new_items():
+def test_a_list_cut_short_keeps_room_for_items_new_to_the_user():
     # u1's own items (a, b) and what the generators propose beyond them (c, d, e, new, p1).
     everything = generate(["u1"]).sort("candidate_rank")
     own = (pl.col("history_score") > 0) | (pl.col("buy_again_score") > 0)
     assert everything.filter(own).get_column("item_id").to_list() == ["a", "b"]
-    # Three slots: the first one by the generators' order (a), two kept for discovery.
-    kept = generate(["u1"], dataclasses.replace(CONFIG, max_candidates=3, discovery_slots=2))
     new_items = everything.filter(~own).get_column("item_id").to_list()
-    assert kept.get_column("item_id").to_list() == ["a", *new_items[:2]]
-    assert kept.get_column("candidate_rank").to_list() == [1, 2, 3]
-    # Without discovery slots the user's own items come first, whatever their number.
-    plain = generate(["u1"], dataclasses.replace(CONFIG, max_candidates=3, discovery_slots=0))
-    assert plain.get_column("item_id").to_list()[:2] == ["a", "b"]
+    # Cut at two: the user's own items fill it, and two of the cut new items come on top.
+    kept = generate(["u1"], dataclasses.replace(CONFIG, max_candidates=2, discovery_slots=2))
+    assert kept.get_column("item_id").to_list() == ["a", "b", *new_items[:2]]
+    assert kept.get_column("candidate_rank").to_list() == [1, 2, 3, 4]
+    # Without discovery slots the cut is the generators' order alone.
+    plain = generate(["u1"], dataclasses.replace(CONFIG, max_candidates=2, discovery_slots=0))
+    assert plain.get_column("item_id").to_list() == ["a", "b"]
+    # A list the cut does not reach is unchanged.
+    uncut = generate(["u1"], dataclasses.replace(CONFIG, discovery_slots=2))
+    assert uncut.equals(everything.sort("as_of", "user_id", "candidate_rank"))
