@@ -22,8 +22,8 @@ Datasets (`--dataset`, default all three, Complete Journey first):
   and the data ends at midnight New York time on 2018-01-01 (the 534 lines of that night are left
   out, as a sliver; 256 lines whose made-up seconds fall in the hour skipped by daylight saving on
   2017-03-12 cannot be read as New York time and are quarantined). By default the full year, all
-  2,469 households (654 s and a 12.0 GiB peak on a 2-core, 23 GB machine: 1.08x buy-again);
-  `--households N` samples N of them (seeded) for a quicker run.
+  2,469 households (579-654 s and a 12.0 GiB peak on a 2-core, 23 GB machine; README, "Real
+  data"); `--households N` samples N of them (seeded) for a quicker run.
 - `yoochoose`: the RecSys 2015 click sample, as the README documents it (one-day windows,
   data_end 2014-04-08).
 - `demo`: `shelfwise generate` with its defaults and the default run config.
