@@ -37,6 +37,34 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _metrics_table(metrics: dict, intervals: dict, columns: list[str]) -> list[str]:
+    """One row per approach: each metric with its 95% interval when known."""
+    return _table(
+        ["approach", *columns],
+        [
+            [
+                name,
+                *(
+                    _format(values.get(column, 0.0), intervals.get(name, {}).get(column))
+                    for column in columns
+                ),
+            ]
+            for name, values in metrics.items()
+        ],
+    )
+
+
+def _paired_table(paired: dict, intervals: dict, columns: list[str]) -> list[str]:
+    """One row per approach: the ranker's paired difference to it, with its 95% interval."""
+    return _table(
+        ["ranker minus", *columns],
+        [
+            [name, *(_signed(differences[column], intervals[name][column]) for column in columns)]
+            for name, differences in paired.items()
+        ],
+    )
+
+
 def _columns(report: EvaluationReport) -> list[str]:
     present = {name for metrics in report.metrics.values() for name in metrics}
     return [name for name in MARKDOWN_METRICS if name in present]
@@ -93,19 +121,7 @@ def render_markdown(report: EvaluationReport) -> str:
     cutoffs = ", ".join(report.evaluation_cutoffs) or "unknown cutoff"
     columns = _columns(report)
     lines = [f"## Offline evaluation ({users:,} users with a positive; cutoff {cutoffs})", ""]
-    lines += _table(
-        ["approach", *columns],
-        [
-            [
-                name,
-                *(
-                    _format(metrics.get(column, 0.0), report.intervals.get(name, {}).get(column))
-                    for column in columns
-                ),
-            ]
-            for name, metrics in report.metrics.items()
-        ],
-    )
+    lines += _metrics_table(report.metrics, report.intervals, columns)
     lines += ["", "Intervals: 95% bootstrap over the evaluated users (coverage and novelty, which"]
     lines += ["describe all the lists together, have none)."]
     paired_columns = [
@@ -116,19 +132,7 @@ def render_markdown(report: EvaluationReport) -> str:
     if report.paired and paired_columns:
         lines += ["", "### Ranker minus each approach, on the same users (paired, 95% interval)"]
         lines += [""]
-        lines += _table(
-            ["ranker minus", *paired_columns],
-            [
-                [
-                    name,
-                    *(
-                        _signed(differences[column], report.paired_intervals[name][column])
-                        for column in paired_columns
-                    ),
-                ]
-                for name, differences in report.paired.items()
-            ],
-        )
+        lines += _paired_table(report.paired, report.paired_intervals, paired_columns)
     if report.notes:
         lines += ["", "### How the baselines were defined on this data", ""]
         lines += [f"- {name}: {note}" for name, note in report.notes.items()]
@@ -223,34 +227,10 @@ def _new_items_only(report: EvaluationReport, columns: list[str]) -> list[str]:
     shown = [column for column in columns if column in present]
     lines = ["", f"### New items only ({view.users:,} users; {view.dropped_users:,} dropped out)"]
     lines += ["", f"Rule: {view.rule}.", ""]
-    lines += _table(
-        ["approach", *shown],
-        [
-            [
-                name,
-                *(
-                    _format(metrics.get(column, 0.0), view.intervals.get(name, {}).get(column))
-                    for column in shown
-                ),
-            ]
-            for name, metrics in view.metrics.items()
-        ],
-    )
+    lines += _metrics_table(view.metrics, view.intervals, shown)
     if view.paired:
         lines += ["", "Ranker minus each approach, new items only (paired, 95% interval):", ""]
-        lines += _table(
-            ["ranker minus", *shown],
-            [
-                [
-                    name,
-                    *(
-                        _signed(differences[column], view.paired_intervals[name][column])
-                        for column in shown
-                    ),
-                ]
-                for name, differences in view.paired.items()
-            ],
-        )
+        lines += _paired_table(view.paired, view.paired_intervals, shown)
     return lines
 
 
