@@ -67,9 +67,9 @@ def main() -> None:
     from orchestration.dbt_project import DBT_PROJECT_DIR
     from orchestration.definitions import defs
     from orchestration.resources import ShelfwiseResource
-    from shelfwise.generate import ShopConfig, generate_shop, write_shop
     from shelfwise.home import prepare_home
-    from shelfwise.ingest import ingest_landing, lake_has_events
+    from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
+    from shelfwise.intake.ingest import ingest_landing, lake_has_events
     from shelfwise.lake import Lake
     from shelfwise.settings import Settings
 

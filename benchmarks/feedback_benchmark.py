@@ -31,8 +31,8 @@ from typing import Any
 
 from harness import format_table, machine, versions
 
-from shelfwise.feedback import FeedbackLog, compact_feedback
 from shelfwise.lake import EVENTS, Lake
+from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feedback_benchmark.json"
 BATCH = 100

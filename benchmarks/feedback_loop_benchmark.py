@@ -2,7 +2,8 @@
 
 Three measurements (and a profile) against the real service (`bentoml serve
 bentos/service.py:RecommendationService` from the project root), whose `POST /events` appends every
-batch to the fsync'ed write-ahead log (`shelfwise.feedback.FeedbackLog`) before acknowledging it:
+batch to the fsync'ed write-ahead log (`shelfwise.runtime.feedback.FeedbackLog`) before
+acknowledging it:
 
 1. **Ingestion.** `wrk` (one thread, keep-alive) posts `{"events": [... 100 views ...]}` bodies
    built per request by a Lua `request()`: unique event ids (`<run>-<wrk thread>-<request>-<n>`),
@@ -236,7 +237,7 @@ def train_once(home: Path) -> None:
     """The first training of the state (`--train-only`, run as a child process)."""
     import dagster as dg
 
-    from shelfwise.registry import production
+    from shelfwise.runtime.registry import production
 
     definitions = loop_definitions(home, threshold=10_000)
     result = definitions.resolve_job_def("retraining").execute_in_process(
@@ -428,7 +429,7 @@ def count_feedback_events(home: Path) -> dict[str, int]:
     """Rows and distinct event ids in the lake's feedback files (compacted from the log)."""
     import polars as pl
 
-    from shelfwise.ingest import feedback_files
+    from shelfwise.intake.ingest import feedback_files
     from shelfwise.lake import Lake
 
     lake = Lake(settings_for(home).lake_url)
@@ -446,8 +447,8 @@ def count_feedback_events(home: Path) -> dict[str, int]:
 
 
 def part_ingestion(home: Path, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from shelfwise.feedback import compact_feedback
     from shelfwise.lake import SERVING_CANDIDATES, Lake
+    from shelfwise.runtime.feedback import compact_feedback
 
     frame = _read_serving(home, SERVING_CANDIDATES, ["user_id", "item_id"]).unique()
     rng = random.Random(args.seed)
@@ -725,7 +726,7 @@ def part_retraining(home: Path, scratch: Path, args: argparse.Namespace) -> dict
 
     from orchestration.automation import feedback_volume
     from shelfwise.lake import SERVING_CANDIDATES
-    from shelfwise.registry import production
+    from shelfwise.runtime.registry import production
 
     users = sorted(_read_serving(home, SERVING_CANDIDATES, ["user_id"]).unique().to_series())
     extra = {

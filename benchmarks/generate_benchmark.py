@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow.compute as pc
 from harness import machine, versions
 
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"

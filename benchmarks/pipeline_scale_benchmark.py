@@ -206,7 +206,7 @@ def probe_serving() -> None:
 
     import lightgbm as lgb
 
-    from models.serving import Recommender
+    from models.recommender import Recommender
     from orchestration.assets.shared import RANKER_FILE
     from shelfwise.lake import Lake
     from shelfwise.settings import Settings
@@ -334,7 +334,7 @@ def main() -> None:
     waited = wait_for_other_benchmarks(args.wait_minutes)
     subprocess.run([str(BIN / "shelfwise"), "init"], env=env, check=True, cwd=ROOT)
 
-    from shelfwise.ingest import lake_has_events
+    from shelfwise.intake.ingest import lake_has_events
     from shelfwise.lake import EVALUATION, Lake
     from shelfwise.settings import Settings
 

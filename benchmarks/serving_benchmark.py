@@ -46,7 +46,7 @@ because it is what built the measured state):
    `shelfwise models promote` (recorded) so that the service serves a ranker;
 4. Dagster materializes `serving_features` on the first chunk of users' candidates (everything
    but the candidates' feature vectors: popular items, item facts, purchases, neighbours); this
-   script then writes the vectors of every user with `models.serving.serving_snapshot`, chunk by
+   script then writes the vectors of every user with `models.recommender.serving_snapshot`, chunk by
    chunk (row-wise joins: the same rows). The bento is not built: the benchmark serves from
    source.
 
@@ -365,7 +365,7 @@ def promote_if_gate_failed(home: Path) -> None:
     from models.evaluation import NOT_BASELINES, PRODUCTION
     from models.gate import gate_decision
     from shelfwise.lake import EVALUATION, Lake
-    from shelfwise.registry import list_rankers, production
+    from shelfwise.runtime.registry import list_rankers, production
     from shelfwise.settings import Settings
 
     env = state_env(home)
@@ -397,12 +397,12 @@ def write_serving_features(home: Path) -> None:
     The asset itself runs (through Dagster) on the candidates of the first chunk of users only,
     writing everything but the candidates' feature vectors as the pipeline does; then those
     vectors are assembled for every user, chunk by chunk, with the asset's own
-    `models.serving.serving_snapshot` (row-wise joins, so the rows are the same).
+    `models.recommender.serving_snapshot` (row-wise joins, so the rows are the same).
     """
     import polars as pl
 
     from models.features import FeatureTables
-    from models.serving import serving_snapshot
+    from models.recommender import serving_snapshot
     from orchestration.assets.shared import load_plan
     from shelfwise.lake import CANDIDATES, SERVING_CANDIDATES, Lake
     from shelfwise.settings import Settings
@@ -661,9 +661,9 @@ def profile_recommender(env: dict[str, str], user_ids: list[str]) -> dict[str, A
     import bentoml
     import lightgbm as lgb
 
-    from models.serving import Recommender
+    from models.recommender import Recommender
     from shelfwise.lake import Lake
-    from shelfwise.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE
+    from shelfwise.runtime.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE
     from shelfwise.settings import Settings
 
     def rss_mib() -> float:

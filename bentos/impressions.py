@@ -11,8 +11,9 @@ Bounded, because impressions are worth less than serving: the queue holds at mos
 response's impressions are dropped whole instead of blocking the request or growing the worker,
 and counted in `shelfwise_impressions_dropped_total{reason="queue_full"}`. Each `append` carries
 at most `MAX_BATCH_ROWS` rows, and a batch the log refuses as too large
-(`shelfwise.feedback.RecordTooLargeError`) is halved until it fits; a single row too large on its
-own is dropped (`reason="too_large"`). Rows lost to a failed write count as `reason="write_failed"`.
+(`shelfwise.runtime.feedback.RecordTooLargeError`) is halved until it fits; a single row too
+large on its own is dropped (`reason="too_large"`). Rows lost to a failed write count as
+`reason="write_failed"`.
 """
 
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 
 import bentoml
 
-from shelfwise.feedback import FeedbackLog, RecordTooLargeError
+from shelfwise.runtime.feedback import FeedbackLog, RecordTooLargeError
 
 logger = logging.getLogger("bentoml.shelfwise")
 

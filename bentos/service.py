@@ -1,12 +1,12 @@
 """The Shelfwise recommendation service (BentoML).
 
-`POST /recommend` walks the cold-start ladder (`models.serving`): a known user's precomputed
+`POST /recommend` walks the cold-start ladder (`models.recommender`): a known user's precomputed
 candidates, updated with their live session and re-ranked by the packaged ranker; session
 neighbours for unknown users; trending or popular items when nothing is known. `POST /similar`
 gives an item's neighbours; `POST /events` takes feedback, durable before it is acknowledged.
 The ranker is the production model of the BentoML model store (`shelfwise_production:latest`, a
-copy of the promoted ranker; see `shelfwise.registry`), declared below so `bentoml build` packs it
-into the bento; the serving snapshot comes from the lake.
+copy of the promoted ranker; see `shelfwise.runtime.registry`), declared below so `bentoml build`
+packs it into the bento; the serving snapshot comes from the lake.
 """
 
 import functools
@@ -49,19 +49,19 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
-from models.serving import Recommendation, Recommender
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
-from shelfwise.feedback import (
+from shelfwise.lake import STOCK_UPDATES, Lake
+from shelfwise.runtime.feedback import (
     FeedbackLog,
     compact_feedback,
     latest_stock_updates,
     restore_seen_events,
 )
-from shelfwise.lake import STOCK_UPDATES, Lake
-from shelfwise.online_state import StockChange, open_state
-from shelfwise.registry import (
+from shelfwise.runtime.online_state import StockChange, open_state
+from shelfwise.runtime.registry import (
     PRODUCTION_MODEL_NAME,
     SOURCE_TAG,
     production,

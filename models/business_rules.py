@@ -19,11 +19,8 @@ import polars as pl
 
 from models.candidates import IS_RECOMMENDABLE
 from models.features import ITEM_FEATURES
-from shelfwise.lake import Lake
-from shelfwise.online_state import StockChange
-
-SERVING_ITEMS = "serving/items.parquet"
-SERVING_PURCHASES = "serving/purchases.parquet"
+from shelfwise.lake import SERVING_ITEMS, SERVING_PURCHASES, Lake
+from shelfwise.runtime.online_state import StockChange
 
 
 @dataclass(frozen=True)

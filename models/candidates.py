@@ -40,8 +40,8 @@ from models.collaborative import (
     collaborative_scores,
     fit_item_models,
 )
-from models.queries import at_cutoffs_of, query_chunks, restrict_to_queries
-from shelfwise.lake import FEATURES, Lake
+from models.queries import at_cutoffs, cutoffs_of, query_chunks, restrict_to_queries
+from shelfwise.lake import Lake, feature_table
 
 KEY = ["as_of", "user_id"]
 ROW = [*KEY, "item_id"]
@@ -130,7 +130,7 @@ class CandidateSources:
         config = config or CandidateConfig()
 
         def mart(name: str) -> pl.DataFrame:
-            return lake.read_frame(f"{FEATURES}/{name}.parquet")
+            return lake.read_frame(feature_table(name))
 
         user_items = mart("user_item_features")
         return cls(
@@ -415,12 +415,12 @@ def restrict_sources(sources: CandidateSources, queries: pl.DataFrame) -> Candid
     """
     return CandidateSources(
         user_items=restrict_to_queries(sources.user_items, queries),
-        item_features=at_cutoffs_of(sources.item_features, queries),
-        covisitation=at_cutoffs_of(sources.covisitation, queries),
-        bought_together=at_cutoffs_of(sources.bought_together, queries),
+        item_features=at_cutoffs(sources.item_features, *cutoffs_of(queries)),
+        covisitation=at_cutoffs(sources.covisitation, *cutoffs_of(queries)),
+        bought_together=at_cutoffs(sources.bought_together, *cutoffs_of(queries)),
         user_categories=restrict_to_queries(sources.user_categories, queries),
         user_features=restrict_to_queries(sources.user_features, queries),
-        repurchase_rates=at_cutoffs_of(sources.repurchase_rates, queries),
+        repurchase_rates=at_cutoffs(sources.repurchase_rates, *cutoffs_of(queries)),
         item_models=sources.item_models,
     )
 

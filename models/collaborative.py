@@ -34,6 +34,8 @@ from scipy.linalg import lapack
 
 DEFAULT_MAX_ITEMS = 5_000
 DEFAULT_REGULARISATION = 500.0
+# Neighbours kept per item when the model is exported for /similar and sessions.
+NEIGHBOURS_PER_ITEM = 50
 # Users scored at a time: the dense scores of one block are users x items float32.
 USER_BLOCK = 1_000
 

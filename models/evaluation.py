@@ -102,7 +102,7 @@ NOT_BASELINES = (RANKER, PRODUCTION, ORACLE)
 # Suffixes of the interval and paired keys in `EvaluationReport.to_dict` (a 95% interval).
 CI_SUFFIX = "_ci95"
 DIFF_SUFFIX = "_diff"
-# The generator's constants (shelfwise/generate.py): share of sessions whose leaf comes from
+# The generator's constants (shelfwise/intake/generate.py): share of sessions whose leaf comes from
 # the global leaf popularity, width of the price fit, and the view weight of an out-of-stock
 # item.
 _EXPLORE = 0.12
@@ -325,9 +325,9 @@ def oracle_scores(
 ) -> pl.DataFrame:
     """Scores candidates by the generator's true preference (an approximation of it).
 
-    The generator (`shelfwise/generate.py`) makes a view of item `i` by user `u` on day `d` by
-    picking a leaf category (from the user's tastes with probability 0.88, else from the global
-    leaf popularity) and then an item of that leaf with probability proportional to
+    The generator (`shelfwise/intake/generate.py`) makes a view of item `i` by user `u` on day
+    `d` by picking a leaf category (from the user's tastes with probability 0.88, else from the
+    global leaf popularity) and then an item of that leaf with probability proportional to
     `popularity_i(d) * brand_affinity(u, brand_i) * price_fit(u, i)`. The oracle scores
 
         `P(leaf_i | u) * popularity_i(d) * brand_affinity * price_fit / leaf_popularity(d)`

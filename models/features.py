@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 
 from models.candidates import SCORE_COLUMNS
-from models.queries import at_cutoffs_of, restrict_to_queries
-from shelfwise.lake import FEATURES, Lake
+from models.queries import at_cutoffs, cutoffs_of, restrict_to_queries
+from shelfwise.lake import Lake, feature_table
 
 # Candidate-generation signals, produced by `models.candidates.generate_candidates`.
 CANDIDATE_FEATURES = [*SCORE_COLUMNS, "covisit_hits", "bought_together_hits", "sources"]
@@ -92,6 +92,9 @@ FEATURE_COLUMNS: list[str] = [
     *DERIVED_FEATURES,
 ]
 
+# Candidate rows assembled into feature vectors at a time (training set, evaluation, serving
+# snapshot): the joins' Float64 intermediates of 60 million rows would not fit in memory.
+ASSEMBLY_CHUNK_ROWS = 2_000_000
 TABLE_NAMES = (
     "item_features",
     "user_features",
@@ -122,7 +125,7 @@ class FeatureTables:
         Returns:
             The tables.
         """
-        frames = [lake.read_frame(f"{FEATURES}/{name}.parquet") for name in TABLE_NAMES]
+        frames = [lake.read_frame(feature_table(name)) for name in TABLE_NAMES]
         if as_of is not None:
             wanted = pl.Series("as_of", as_of, dtype=pl.Datetime("us", "UTC"))
             frames = [frame.filter(pl.col("as_of").is_in(wanted.implode())) for frame in frames]
@@ -144,7 +147,7 @@ def tables_for_queries(tables: FeatureTables, queries: pl.DataFrame) -> FeatureT
         The restricted tables.
     """
     return FeatureTables(
-        items=at_cutoffs_of(tables.items, queries),
+        items=at_cutoffs(tables.items, *cutoffs_of(queries)),
         users=restrict_to_queries(tables.users, queries),
         user_items=restrict_to_queries(tables.user_items, queries),
         user_categories=restrict_to_queries(tables.user_categories, queries),

@@ -87,10 +87,15 @@ def restrict_to_queries(frame: pl.DataFrame, queries: pl.DataFrame) -> pl.DataFr
     return frame.join(queries.select(QUERY), on=QUERY, how="semi", maintain_order="left")
 
 
-def at_cutoffs_of(frame: pl.DataFrame, queries: pl.DataFrame) -> pl.DataFrame:
-    """The rows of a per-cutoff frame (as_of, ...) at the queries' cutoffs, in order."""
-    cutoffs = queries.get_column("as_of").unique()
-    return frame.filter(pl.col("as_of").is_in(cutoffs.implode()))
+def at_cutoffs(frame: pl.DataFrame, *cutoffs: datetime) -> pl.DataFrame:
+    """The rows of a per-cutoff frame (as_of, ...) at the given cutoffs, in order."""
+    wanted = pl.Series(list(cutoffs), dtype=pl.Datetime("us", "UTC"))
+    return frame.filter(pl.col("as_of").is_in(wanted.implode()))
+
+
+def cutoffs_of(queries: pl.DataFrame) -> list[datetime]:
+    """The distinct cutoffs (as_of) of some queries."""
+    return queries.get_column("as_of").unique().to_list()
 
 
 def whole_queries(

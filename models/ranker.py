@@ -13,7 +13,23 @@ QUERY = ["as_of", "user_id"]
 
 @dataclass(frozen=True)
 class RankerParams:
-    """LambdaRank hyper-parameters (defaults suit a few hundred thousand rows on 2 cores)."""
+    """LambdaRank hyper-parameters (defaults suit a few hundred thousand rows on 2 cores).
+
+    Attributes:
+        learning_rate: LightGBM's shrinkage per boosting round.
+        num_leaves: Leaves per tree.
+        min_data_in_leaf: Rows a leaf needs at least.
+        feature_fraction: Share of the features each tree sees.
+        bagging_fraction: Share of the rows each bagging round sees.
+        bagging_freq: Bagging every this many rounds.
+        lambdarank_truncation_level: Positions of a list the LambdaRank gradients look at.
+        num_boost_round: Boosting rounds at most.
+        early_stopping_rounds: Rounds without a better validation NDCG@10 before stopping.
+        num_threads: LightGBM's threads.
+        seed: LightGBM's seed (bagging, feature sampling).
+        refit_with_validation: After early stopping has chosen the number of rounds on the
+            validation window, train again on every training cutoff, that window included.
+    """
 
     learning_rate: float = 0.05
     num_leaves: int = 31
@@ -26,10 +42,8 @@ class RankerParams:
     early_stopping_rounds: int = 30
     num_threads: int = 2
     seed: int = 7
-    # After early stopping has chosen the number of rounds on the validation window, train
-    # again on training and validation rows together with that many rounds: the validation
-    # window is the most recent one, the closest to what the model will serve, and a model
-    # that never saw it learns from stale data (see `train_ranker`).
+    # The validation window is the most recent one, the closest to what the model will serve: a
+    # model that never saw it learns from stale data (see `train_ranker`).
     refit_with_validation: bool = True
 
     def lightgbm_params(self) -> dict[str, object]:
@@ -136,3 +150,22 @@ def feature_importance(booster: lgb.Booster) -> dict[str, float]:
     gains = booster.feature_importance(importance_type="gain")
     pairs = sorted(zip(booster.feature_name(), gains, strict=True), key=lambda p: -p[1])
     return {name: float(gain) for name, gain in pairs}
+
+
+def booster_from_text(model_text: str) -> lgb.Booster:
+    """A ranker from LightGBM's text format.
+
+    The one loader for the lake's file, the model store's and the service's.
+
+    Args:
+        model_text: What `lgb.Booster.model_to_string` wrote.
+
+    Returns:
+        The booster.
+    """
+    return lgb.Booster(model_str=model_text)
+
+
+def model_text(booster: lgb.Booster) -> str:
+    """A trained ranker in LightGBM's text format, cut at its best iteration."""
+    return booster.model_to_string(num_iteration=booster.best_iteration or None)

@@ -3,7 +3,7 @@
 Users fall into segments by their events before the cutoff (`models.evaluation.user_segments`,
 the `user_events` feature in the serving snapshot): `new` (none), `light` (1 to
 `heavy_threshold`), `heavy` (more). The *fallback* of every segment is popularity: what the
-service serves a user it does not know (the cold-start ladder of `models.serving`; without a
+service serves a user it does not know (the cold-start ladder of `models.recommender`; without a
 session or a context item, the shop's popular items, which the evaluation scores as
 `popularity`).
 

@@ -7,8 +7,8 @@ from datetime import datetime
 import dagster as dg
 
 from orchestration.resources import ShelfwiseResource
-from shelfwise.ingest import feedback_files
-from shelfwise.registry import DATA_READ_AT, production
+from shelfwise.intake.ingest import feedback_files
+from shelfwise.runtime.registry import DATA_READ_AT, production
 
 # Every asset, in lineage order: new feedback ingested → features → candidates → training →
 # evaluation → gate → registration → promotion → bento. The blocking gate check stops

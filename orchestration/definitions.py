@@ -7,16 +7,13 @@ from pathlib import Path
 import dagster as dg
 from dagster_dbt import DbtCliResource
 
+from orchestration.assets.bento import bento
 from orchestration.assets.evaluation import evaluation
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
+from orchestration.assets.promotion import production_model, registered_model
 from orchestration.assets.ranking import candidates, ranker, training_set
-from orchestration.assets.serving import (
-    bento,
-    production_model,
-    registered_model,
-    serving_features,
-)
+from orchestration.assets.snapshot import serving_features
 from orchestration.automation import daily_retraining, feedback_volume, retraining
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource

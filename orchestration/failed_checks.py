@@ -12,7 +12,7 @@ import sys
 import dagster as dg
 
 from orchestration.assets.lake import VALID_BATCHES_CHECK
-from orchestration.assets.serving import GATE_CHECK
+from orchestration.assets.promotion import GATE_CHECK
 
 BLOCKING_CHECKS = (
     dg.AssetCheckKey(dg.AssetKey("raw_events"), VALID_BATCHES_CHECK),

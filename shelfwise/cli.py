@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shelfwise.contracts import EVENT_TYPES
 from shelfwise.home import prepare_home
-from shelfwise.importers import (
+from shelfwise.intake.importers import (
     DEFAULT_BATCH_ROWS,
     FORMATS,
     TIMESTAMP_UNITS,
@@ -32,8 +32,8 @@ def _init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
-    from shelfwise.generate import ShopConfig, generate_shop, write_shop
-    from shelfwise.ingest import lake_has_events
+    from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
+    from shelfwise.intake.ingest import lake_has_events
 
     lake = Lake(args.lake or settings.lake_url)
     if args.if_empty and lake_has_events(lake):
@@ -139,7 +139,7 @@ def _describe_import(report: ImportReport, lake: Lake, listed: int = 20) -> None
 
 
 def _compact(args: argparse.Namespace, settings: Settings) -> int:
-    from shelfwise.feedback import compact_feedback
+    from shelfwise.runtime.feedback import compact_feedback
 
     lake = Lake(args.lake or settings.lake_url)
     result = compact_feedback(settings.wal_dir, lake)
@@ -188,7 +188,7 @@ def _retrain(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _models_list(args: argparse.Namespace, settings: Settings) -> int:
-    from shelfwise.registry import describe_rankers, production
+    from shelfwise.runtime.registry import describe_rankers, production
 
     home = settings.bentoml_home
     records = describe_rankers(home)
@@ -239,7 +239,7 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
-    from shelfwise.registry import RegistryError, production, promote
+    from shelfwise.runtime.registry import RegistryError, production, promote
 
     home = settings.bentoml_home
     before = production(home)
@@ -259,7 +259,7 @@ def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _models_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from shelfwise.registry import RegistryError, production, rollback
+    from shelfwise.runtime.registry import RegistryError, production, rollback
 
     home = settings.bentoml_home
     before = production(home)

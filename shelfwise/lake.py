@@ -18,6 +18,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+# Every path in the lake is named here, once; nothing else spells one. Typed readers and writers
+# of the pipeline's artifacts (the cutoff plan, candidates by role, the ranker, the evaluation
+# report, ...) are in `models.artifacts`, which uses these names.
+
 # Dataset folders, relative to the lake root.
 LANDING_EVENTS = "landing/events"
 LANDING_ITEMS = "landing/items"
@@ -29,18 +33,90 @@ ITEMS = "catalog/items"
 USERS = "catalog/users"
 QUARANTINE = "quarantine"
 FEATURES = "features"
-# Written just before dbt reads the events: its modification time (on the lake's clock) is when
-# the feature build read them.
-FEATURE_BUILD_MARKER = f"{FEATURES}/feature_build.json"
 CANDIDATES = "candidates"
 TRAINING = "training"
 EVALUATION = "evaluation"
 MODELS = "models"
 GROUND_TRUTH = "ground_truth"
 SERVING = "serving"
+
+# Written just before dbt reads the events: its modification time (on the lake's clock) is when
+# the feature build read them.
+FEATURE_BUILD_MARKER = f"{FEATURES}/feature_build.json"
+# The cutoffs of the last feature build (as_of, role); `models.artifacts.load_plan` reads them.
+FEATURE_CUTOFFS = f"{FEATURES}/feature_cutoffs.parquet"
+# The training and evaluation queries the `candidates` asset drew (role, as_of, user_id): the
+# evaluation scores the ranker and every baseline on exactly these users.
+SAMPLED_QUERIES = f"{CANDIDATES}/queries.parquet"
+# The generator sizes the candidates were made with: the serving snapshot's re-buy rule uses the
+# same repeat-rate threshold as the run's buy-again generator.
+CANDIDATE_CONFIG = f"{CANDIDATES}/config.json"
+# Each cutoff's collaborative model as a neighbour table (as_of, item_id, neighbour_item_id,
+# score): its strongest weights per item, which the serving snapshot exports.
+ITEM_COLLABORATIVE = f"{CANDIDATES}/item_collaborative.parquet"
+TRAINING_SET = f"{TRAINING}/training_set.parquet"
+RANKER_MODEL = f"{MODELS}/ranker/model.txt"
+RANKER_INFO = f"{MODELS}/ranker/model.json"
+# The early-stopped ranker that never saw the validation window, kept when the ranker was refit
+# on it (`refit_with_validation`): the segment policy is chosen with it on that window.
+VALIDATION_RANKER_MODEL = f"{MODELS}/ranker/validation_model.txt"
+EVALUATION_REPORT = f"{EVALUATION}/metrics.json"
+EVALUATION_MARKDOWN = f"{EVALUATION}/report.md"
+EVALUATION_CHART = f"{EVALUATION}/report.png"
+# The serving snapshot, as of the end of the data.
 SERVING_CANDIDATES = f"{SERVING}/candidate_features.parquet"
 SERVING_POPULAR = f"{SERVING}/popular_items.parquet"
 SERVING_NEIGHBOURS = f"{SERVING}/neighbours.parquet"
+SERVING_ITEMS = f"{SERVING}/items.parquet"
+SERVING_PURCHASES = f"{SERVING}/purchases.parquet"
+
+
+def feature_table(name: str) -> str:
+    """The file of a dbt mart (`features/<name>.parquet`)."""
+    return f"{FEATURES}/{name}.parquet"
+
+
+def candidates_file(role: str) -> str:
+    """The candidates of a role: training, evaluation or serving."""
+    return f"{CANDIDATES}/{role}.parquet"
+
+
+def ground_truth_table(name: str) -> str:
+    """A table of the demo generator's hidden ground truth (never present for real data)."""
+    return f"{GROUND_TRUTH}/{name}.parquet"
+
+
+def dataset_file(dataset: str, name: str) -> str:
+    """A file directly in a dataset folder (a landing batch, a catalog file)."""
+    return f"{dataset}/{name}.parquet"
+
+
+def catalog_file(dataset: str) -> str:
+    """The current catalog of a catalog dataset (`ITEMS` or `USERS`): one file, replaced whole."""
+    return dataset_file(dataset, "catalog")
+
+
+# A zero-row file keeps the impressions dataset readable before the service logged anything; its
+# date is far outside any real data.
+EMPTY_IMPRESSIONS = f"{IMPRESSIONS}/date=1970-01-01/empty.parquet"
+
+
+def partition_file(dataset: str, day: object, name: str) -> str:
+    """A file of a date-partitioned dataset (`<dataset>/date=<day>/<name>.parquet`)."""
+    return f"{dataset}/date={day}/{name}.parquet"
+
+
+def partition_day(relpath: str) -> str | None:
+    """The `date=` partition of a lake path, as written by `partition_file`; None outside one."""
+    for part in relpath.split("/"):
+        if part.startswith("date="):
+            return part.removeprefix("date=")
+    return None
+
+
+def quarantine_file(dataset: str, name: str) -> str:
+    """Rows set aside from a dataset (`quarantine/<dataset>/<name>.parquet`), with a reason each."""
+    return f"{QUARANTINE}/{dataset}/{name}.parquet"
 
 
 class Lake:

@@ -7,8 +7,8 @@ from datetime import date
 
 import pytest
 
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
 from tests.support import bentoml_server, free_port

@@ -13,7 +13,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from shelfwise.feedback import FeedbackLog
+from shelfwise.runtime.feedback import FeedbackLog
 
 DAY = datetime(2026, 11, 1, tzinfo=UTC)
 

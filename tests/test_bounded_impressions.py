@@ -7,7 +7,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from bentos.impressions import ImpressionLog
-from shelfwise.feedback import (
+from shelfwise.lake import IMPRESSIONS, Lake
+from shelfwise.runtime.feedback import (
     OPEN_SUFFIX,
     SEALED_SUFFIX,
     FeedbackLog,
@@ -15,7 +16,6 @@ from shelfwise.feedback import (
     compact_feedback,
     read_segment,
 )
-from shelfwise.lake import IMPRESSIONS, Lake
 from tests.test_feedback_log import lake_rows, make_events, make_impressions
 
 

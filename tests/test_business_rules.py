@@ -1,5 +1,5 @@
 from models.business_rules import BusinessRules, ItemFacts, OnlineFacts, RequestFilters
-from shelfwise.online_state import StockChange
+from shelfwise.runtime.online_state import StockChange
 
 ITEMS = {
     "shoe": ItemFacts("shoes", 80.0, True, False),

@@ -10,7 +10,7 @@ import pytest
 from models.candidates import CandidateConfig, generate_candidates
 from models.collaborative import collaborative_scores, fit_item_models, item_neighbours
 from models.features import FEATURE_COLUMNS
-from models.serving import Recommender
+from models.recommender import Recommender
 from models.session import NeighbourIndex, Session
 from tests.test_candidates import SOURCES
 

@@ -10,7 +10,7 @@ import pytest
 
 from models.candidates import GENERATORS
 from models.features import FEATURE_COLUMNS
-from models.serving import (
+from models.recommender import (
     FALLBACK_CANDIDATE_ORDER,
     FALLBACK_NONE,
     FALLBACK_POPULAR,

@@ -12,8 +12,8 @@ import httpx
 import polars as pl
 import pytest
 
-from shelfwise.feedback import OUTPUT_PREFIX, compact_feedback
 from shelfwise.lake import EVENTS, SERVING_CANDIDATES, Lake
+from shelfwise.runtime.feedback import OUTPUT_PREFIX, compact_feedback
 from tests.support import copy_state, processes_serving, served_from_source
 
 

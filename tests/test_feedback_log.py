@@ -18,7 +18,8 @@ import pytest
 
 from shelfwise.cli import main
 from shelfwise.contracts import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, ContractError
-from shelfwise.feedback import (
+from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
+from shelfwise.runtime.feedback import (
     NEW_SUFFIX,
     OPEN_SUFFIX,
     SEALED_SUFFIX,
@@ -27,8 +28,7 @@ from shelfwise.feedback import (
     latest_stock_updates,
     read_segment,
 )
-from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
-from shelfwise.online_state import StockChange, open_state
+from shelfwise.runtime.online_state import StockChange, open_state
 from shelfwise.settings import Settings
 from tests.support import PROJECT_ROOT
 
@@ -236,7 +236,7 @@ def test_open_segments_of_live_writers_wait_and_orphans_of_dead_ones_are_taken(t
     # A writer that exits without closing its log: its segment stays `.open`, unlocked.
     script = (
         "import sys; from pathlib import Path;"
-        "from shelfwise.feedback import FeedbackLog;"
+        "from shelfwise.runtime.feedback import FeedbackLog;"
         "from tests.test_feedback_log import make_events;"
         "log = FeedbackLog(Path(sys.argv[1])); log.append('events', make_events('dead', 4));"
         "import os; os._exit(0)"
@@ -285,7 +285,7 @@ def test_segments_rotate_by_size_and_age_while_threads_append(tmp_path):
 
 
 def test_a_segment_that_does_not_fit_the_contract_is_set_aside_not_blocking(tmp_path):
-    from shelfwise import feedback
+    from shelfwise.runtime import feedback
 
     wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
     # A segment of another version, whose events had no `source`.

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from shelfwise.contracts import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, conform
-from shelfwise.generate import Shop, ShopConfig, generate_shop, write_shop
+from shelfwise.intake.generate import Shop, ShopConfig, generate_shop, write_shop
 from shelfwise.lake import GROUND_TRUTH, LANDING_EVENTS, LANDING_ITEMS, LANDING_USERS, Lake
 
 END = datetime.date(2024, 3, 1)

@@ -8,7 +8,7 @@ import time
 import httpx
 
 from shelfwise.lake import SERVING_CANDIDATES, Lake
-from shelfwise.registry import (
+from shelfwise.runtime.registry import (
     describe_rankers,
     production,
     production_path,

@@ -11,8 +11,8 @@ import pytest
 from shelfwise import cli
 from shelfwise import lake as paths
 from shelfwise.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, ContractError, conform
-from shelfwise.importers import import_file, import_files, normalize_ids
-from shelfwise.ingest import ingest_landing
+from shelfwise.intake.importers import import_file, import_files, normalize_ids
+from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import Lake
 from shelfwise.validation import GUEST_REASON, RETURN_REASON
 

@@ -11,8 +11,8 @@ from orchestration.definitions import defs
 from orchestration.failed_checks import failed_checks
 from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import EVENTS_SCHEMA
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
 

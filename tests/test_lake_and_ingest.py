@@ -13,7 +13,7 @@ from shelfwise.contracts import (
     conform,
 )
 from shelfwise.home import prepare_home
-from shelfwise.ingest import ingest_landing, ingested_dates, lake_has_events
+from shelfwise.intake.ingest import ingest_landing, ingested_dates, lake_has_events
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
 from shelfwise.validation import GUEST_REASON, RETURN_REASON

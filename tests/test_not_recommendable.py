@@ -31,7 +31,7 @@ from models.candidates import (
     popular_items,
 )
 from models.features import FEATURE_COLUMNS, FeatureTables
-from models.serving import (
+from models.recommender import (
     FALLBACK_CANDIDATE_ORDER,
     FALLBACK_NONE,
     STRATEGY_CATEGORY_TRENDING,
@@ -43,11 +43,11 @@ from models.serving import (
     serving_snapshot,
 )
 from models.session import BOUGHT_TOGETHER, COVISIT, Session
-from shelfwise.generate import Shop, ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
-from shelfwise.ingest import ingest_landing
+from shelfwise.intake.generate import Shop, ShopConfig, generate_shop, write_shop
+from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import FEATURES, SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
-from shelfwise.online_state import StockChange
+from shelfwise.runtime.online_state import StockChange
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 

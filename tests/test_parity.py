@@ -8,7 +8,7 @@ from polars.testing import assert_frame_equal
 
 from models.cutoffs import CutoffPlan
 from models.features import FEATURE_COLUMNS, FeatureTables, feature_matrix
-from models.serving import Recommender, serving_snapshot
+from models.recommender import Recommender, serving_snapshot
 
 
 def test_service_vectors_and_scores_equal_the_training_rows(pipeline_run):

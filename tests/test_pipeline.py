@@ -8,10 +8,10 @@ import polars as pl
 import pytest
 
 from models.features import FEATURE_COLUMNS
-from orchestration.assets.serving import GATE_CHECK
+from orchestration.assets.promotion import GATE_CHECK
 from shelfwise.home import prepare_home
 from shelfwise.lake import FEATURES
-from shelfwise.registry import list_rankers, production
+from shelfwise.runtime.registry import list_rankers, production
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 from tests.support import PROJECT_ROOT, VENV_BIN, service_env

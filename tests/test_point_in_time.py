@@ -10,9 +10,9 @@ from polars.testing import assert_frame_equal
 
 from models.collaborative import collaborative_scores, fit_item_models
 from shelfwise.contracts import EVENTS_SCHEMA
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
-from shelfwise.ingest import ingest_landing
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
+from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt

@@ -10,13 +10,13 @@ import numpy as np
 import polars as pl
 
 from models.ranker import RankerParams, train_ranker
+from orchestration.assets.bento import bento
 from orchestration.assets.evaluation import evaluation
-from orchestration.assets.serving import GATE_CHECK, bento, production_model, registered_model
-from orchestration.assets.shared import RANKER_FILE
+from orchestration.assets.promotion import GATE_CHECK, production_model, registered_model
 from orchestration.definitions import defs
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import Lake
-from shelfwise.registry import list_rankers, production
+from shelfwise.lake import RANKER_MODEL, Lake
+from shelfwise.runtime.registry import list_rankers, production
 from shelfwise.settings import Settings
 from tests.support import VENV_BIN, service_env
 
@@ -46,7 +46,7 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
         pl.Series("label", np.random.default_rng(0).permutation(rows["label"].to_numpy()))
     )
     crippled = train_ranker(shuffled, None, RankerParams(num_boost_round=50))
-    lake.write_text(crippled.model_to_string(), RANKER_FILE)
+    lake.write_text(crippled.model_to_string(), RANKER_MODEL)
 
     resources = {
         **defs.resources,

@@ -12,7 +12,7 @@ import pytest
 
 from models.business_rules import SERVING_ITEMS
 from models.features import FEATURE_COLUMNS
-from models.serving import _apply_session_purchases
+from models.recommender import _apply_session_purchases
 from models.session import Session
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, Lake
 from tests.support import served_copy

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from shelfwise import registry
 from shelfwise.cli import main
 from shelfwise.lake import Lake
-from shelfwise.registry import (
+from shelfwise.runtime import registry
+from shelfwise.runtime.registry import (
     PRODUCTION_MODEL_NAME,
     RANKER_FILE,
     RANKER_INFO_FILE,

@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 
 from shelfwise.contracts import EVENTS_SCHEMA
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
-from shelfwise.ingest import ingest_landing
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
+from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt

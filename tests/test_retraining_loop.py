@@ -15,10 +15,10 @@ from models.attribution import attribution_totals
 from orchestration.automation import feedback_volume
 from orchestration.definitions import bound_to
 from orchestration.resources import ShelfwiseResource
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import FEATURES, SERVING_CANDIDATES, Lake
-from shelfwise.registry import production
+from shelfwise.runtime.registry import production
 from shelfwise.settings import Settings
 from tests.support import served_from_source
 

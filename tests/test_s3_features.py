@@ -4,9 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 from polars.testing import assert_frame_equal
 
-from shelfwise.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.home import prepare_home
-from shelfwise.ingest import ingest_landing
+from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
+from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt

@@ -3,7 +3,7 @@
 from datetime import UTC, datetime
 
 from shelfwise.cli import main
-from shelfwise.ingest import ingest_landing, ingested_dates
+from shelfwise.intake.ingest import ingest_landing, ingested_dates
 from shelfwise.lake import Lake
 
 

@@ -24,7 +24,7 @@ from models.cutoffs import CutoffPlan
 from models.evaluation import evaluate
 from models.features import FeatureTables, tables_for_queries
 from models.queries import query_chunks, sample_queries, whole_queries
-from models.serving import serving_snapshot
+from models.recommender import serving_snapshot
 from shelfwise.lake import SERVING_CANDIDATES, Lake
 from tests import test_candidates as hand_made
 from tests import test_evaluation as small_evaluation
@@ -253,7 +253,7 @@ def test_assets_in_small_chunks_write_the_same_files_and_sampling_is_consistent(
 ):
     from orchestration.assets.evaluation import evaluation
     from orchestration.assets.ranking import candidates, training_set
-    from orchestration.assets.serving import serving_features
+    from orchestration.assets.snapshot import serving_features
     from shelfwise.settings import Settings
 
     assert pipeline_run.result.success, pipeline_run.failures

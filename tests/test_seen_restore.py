@@ -1,5 +1,5 @@
 """Idempotency across restarts: the seen event ids of the window come back from the log and the
-lake (`shelfwise.feedback.restore_seen_events`), in process and in Redis."""
+lake (`shelfwise.runtime.feedback.restore_seen_events`), in process and in Redis."""
 
 import os
 import time
@@ -7,16 +7,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shelfwise import online_state
-from shelfwise.feedback import (
+from shelfwise.lake import Lake
+from shelfwise.runtime import online_state
+from shelfwise.runtime.feedback import (
     FeedbackLog,
     compact_feedback,
     feedback_event_files,
     recent_event_ids,
     restore_seen_events,
 )
-from shelfwise.lake import Lake
-from shelfwise.online_state import SEEN_TTL_S, InProcessState, RedisState
+from shelfwise.runtime.online_state import SEEN_TTL_S, InProcessState, RedisState
 from tests.test_feedback_log import make_events
 
 

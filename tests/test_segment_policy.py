@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from models.features import FEATURE_COLUMNS, USER_FEATURES
+from models.recommender import FALLBACK_NONE, FALLBACK_SEGMENT, Recommender
 from models.segments import (
     FALLBACK,
     RANKER,
@@ -17,8 +18,7 @@ from models.segments import (
     default_policy,
     segment_of,
 )
-from models.serving import FALLBACK_NONE, FALLBACK_SEGMENT, Recommender
-from shelfwise.registry import production_path, promote, register_ranker
+from shelfwise.runtime.registry import production_path, promote, register_ranker
 
 AS_OF = datetime(2026, 1, 8, tzinfo=UTC)
 LIGHT_ONLY = SegmentPolicy(serves={"new": FALLBACK, "light": FALLBACK, "heavy": RANKER})

@@ -6,7 +6,7 @@ import pytest
 
 from models.candidates import GENERATORS
 from shelfwise.lake import SERVING_CANDIDATES
-from shelfwise.registry import list_rankers
+from shelfwise.runtime.registry import list_rankers
 
 
 def recommend(server, body, **kwargs):

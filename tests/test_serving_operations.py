@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from models.business_rules import SERVING_ITEMS
-from models.serving import FALLBACK_CANDIDATE_ORDER, FALLBACK_POPULAR
+from models.recommender import FALLBACK_CANDIDATE_ORDER, FALLBACK_POPULAR
 from shelfwise.lake import SERVING_CANDIDATES, Lake
 from tests.support import copy_state, processes_serving, served_copy, served_from_source
 

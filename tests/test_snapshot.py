@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from models.features import FEATURE_COLUMNS
-from models.serving import Recommender
+from models.recommender import Recommender
 from models.snapshot import (
     SNAPSHOT_ORDER,
     CandidateSnapshot,

@@ -4,9 +4,11 @@ from datetime import UTC, datetime, time, timedelta
 import dagster as dg
 import polars as pl
 
+from models import artifacts
 from models.baselines import HISTORY_COLUMNS, Validation
 from models.evaluation import EvaluationReport, evaluate, evaluated_users, score_with_ranker
 from models.features import (
+    ASSEMBLY_CHUNK_ROWS,
     FEATURE_COLUMNS,
     TABLE_NAMES,
     FeatureTables,
@@ -15,6 +17,8 @@ from models.features import (
 )
 from models.gate import DEFAULT_METRIC as GATE_METRIC
 from models.metrics import top_k
+from models.queries import at_cutoffs
+from models.ranker import booster_from_text
 from models.report import (
     headline_ratios,
     rebuy_shares,
@@ -23,20 +27,10 @@ from models.report import (
     render_rebuy_markdown,
 )
 from models.training_set import label_queries
-from orchestration.assets.shared import (
-    ASSEMBLY_CHUNK_ROWS,
-    RANKER_INFO,
-    VALIDATION_RANKER_FILE,
-    at_cutoffs,
-    candidate_chunks,
-    load_plan,
-    load_ranker,
-    sampled_queries,
-)
 from orchestration.resources import ShelfwiseResource
-from shelfwise.ingest import ingested_dates
-from shelfwise.lake import EVALUATION, EVENTS, FEATURES, GROUND_TRUTH, Lake
-from shelfwise.registry import production_ranker
+from shelfwise.intake.ingest import ingested_dates
+from shelfwise.lake import EVALUATION_CHART, EVENTS, Lake, ground_truth_table, partition_day
+from shelfwise.runtime.registry import production_ranker
 
 # Validation users on which the blend of the strong baselines is chosen (a seeded sample).
 VALIDATION_USERS = 5_000
@@ -52,9 +46,9 @@ GROUND_TRUTH_TABLES = (
 def _ground_truth(lake: Lake) -> dict | None:
     """The generator's ground truth, when the lake holds a generated shop (never real data)."""
     tables = {
-        name: lake.read_frame(f"{GROUND_TRUTH}/{name}.parquet")
+        name: lake.read_frame(ground_truth_table(name))
         for name in GROUND_TRUTH_TABLES
-        if lake.exists(f"{GROUND_TRUTH}/{name}.parquet")
+        if lake.exists(ground_truth_table(name))
     }
     return tables if "user_category_tastes" in tables and "item_profiles" in tables else None
 
@@ -65,20 +59,13 @@ def _history_before(lake: Lake, cutoff: datetime) -> pl.DataFrame | None:
     files = [
         file
         for file in lake.list_files(EVENTS)
-        if (day := _partition_day(file)) is None or day <= cutoff.date().isoformat()
+        if (day := partition_day(file)) is None or day <= cutoff.date().isoformat()
     ]
     if not files:
         return None
     frames = [lake.read_frame(file, columns=HISTORY_COLUMNS) for file in files]
     history = pl.concat([frame.select(HISTORY_COLUMNS) for frame in frames], how="vertical_relaxed")
     return history.filter(pl.col("occurred_at") < cutoff)
-
-
-def _partition_day(file: str) -> str | None:
-    for part in file.split("/"):
-        if part.startswith("date="):
-            return part.removeprefix("date=")
-    return None
 
 
 def _validation(
@@ -108,7 +95,7 @@ def _validation(
         return validation
     tables = FeatureTables.load(lake, [cutoff])
     scores = []
-    for chunk in candidate_chunks(lake, "training", ASSEMBLY_CHUNK_ROWS):
+    for chunk in artifacts.candidate_chunks(lake, "training", ASSEMBLY_CHUNK_ROWS):
         chunk = at_cutoffs(chunk, cutoff).join(users, on=["as_of", "user_id"], how="semi")
         if chunk.height:
             assembled = assemble_features(chunk, tables_for_queries(tables, chunk))
@@ -128,16 +115,12 @@ def _validation_ranker(lake: Lake, plan, booster):
     learned from it. The early-stopped model when the ranker was refit on that window
     (`refit_with_validation`), the ranker itself when it was not; None (the default policy)
     when there was no validation cutoff (a single training cutoff)."""
-    import lightgbm as lgb
-
-    info = lake.read_json(RANKER_INFO)
+    info = artifacts.read_ranker_info(lake)
     if not plan.training or info.get("validation_cutoff") != plan.training[-1].isoformat():
         return None
     if not info.get("refit_with_validation"):
         return booster
-    if not lake.exists(VALIDATION_RANKER_FILE):
-        return None
-    return lgb.Booster(model_str=lake.read_text(VALIDATION_RANKER_FILE))
+    return artifacts.load_ranker(lake, validation=True)
 
 
 def _window_middle(lake: Lake) -> datetime | None:
@@ -233,12 +216,12 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     weekly grocer, 28 or more for a fashion shop or a wholesaler with monthly orders), hold
     enough purchases per evaluated user, and stay short relative to the data's length."""
     lake = shelfwise.lake()
-    plan = load_plan(lake)
-    all_labels = lake.read_frame(f"{FEATURES}/interaction_labels.parquet")
+    plan = artifacts.load_plan(lake)
+    all_labels = artifacts.read_labels(lake)
     labels = at_cutoffs(all_labels, plan.evaluation)
     # The users the `candidates` asset drew (all labelled users of a small shop): every approach
     # is scored on these, never the baselines on all users and the ranker on the sample.
-    queries = sampled_queries(lake, "evaluation")
+    queries = artifacts.sampled_queries(lake, "evaluation")
     labelled = label_queries(labels).height
     sample = {
         "evaluation_queries": queries.height if queries is not None else labelled,
@@ -250,7 +233,7 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     assembled = pl.concat(
         [
             assemble_features(chunk, tables_for_queries(tables, chunk))
-            for chunk in candidate_chunks(lake, "evaluation", ASSEMBLY_CHUNK_ROWS)
+            for chunk in artifacts.candidate_chunks(lake, "evaluation", ASSEMBLY_CHUNK_ROWS)
         ]
     )
     ground_truth = _ground_truth(lake)
@@ -259,17 +242,14 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     current = production_ranker(shelfwise.settings().bentoml_home)
     production = None
     if current is not None and current[1].get("features") == FEATURE_COLUMNS:
-        import lightgbm as lgb
-
-        production = lgb.Booster(model_str=current[0])
+        production = booster_from_text(current[0])
     # Scored once here: the report's re-buy shares need the ranker's lists too.
-    booster = load_ranker(lake)
+    booster = artifacts.load_ranker(lake)
     scored = score_with_ranker(assembled, booster)
     # The strong baselines (models.baselines) read the raw history before the cutoff.
     started = time_module.monotonic()
     history = _history_before(lake, plan.evaluation)
-    together_path = f"{FEATURES}/item_bought_together.parquet"
-    together = lake.read_frame(together_path) if lake.exists(together_path) else None
+    together = artifacts.read_mart_if_built(lake, "item_bought_together")
     validation = (
         _validation(
             lake, all_labels, together, plan.training[-1], _validation_ranker(lake, plan, booster)
@@ -295,19 +275,18 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     seconds = time_module.monotonic() - started
     results = report.to_dict()
     shares = _rebuy_shares(scored, labels, queries, tables.user_items)
-    lake.write_json(
+    markdown = render_markdown(report) + render_rebuy_markdown(shares)
+    artifacts.write_evaluation_report(
+        lake,
         {
             "evaluation_cutoff": plan.evaluation.isoformat(),
             "sample": sample,
             **results,
             "rebuy_shares": shares,
         },
-        f"{EVALUATION}/metrics.json",
+        markdown,
+        render_png(report),
     )
-    markdown = render_markdown(report) + render_rebuy_markdown(shares)
-    lake.write_text(markdown, f"{EVALUATION}/report.md")
-    png = render_png(report)
-    lake.fs.pipe_file(lake.path(f"{EVALUATION}/report.png"), png)
     ratios = headline_ratios(report)
     metrics = report.metrics
     return dg.MaterializeResult(
@@ -348,6 +327,6 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
             "best_baseline": str(ratios.get("best_baseline")),
             **{f"rebuy_share_{name}": float(v) for name, v in shares.items() if v is not None},
             "report": dg.MetadataValue.md(markdown),
-            "chart": dg.MetadataValue.path(lake.uri(f"{EVALUATION}/report.png")),
+            "chart": dg.MetadataValue.path(lake.uri(EVALUATION_CHART)),
         }
     )

@@ -11,8 +11,8 @@ from models.cutoffs import plan_cutoffs
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 from shelfwise.home import prepare_home
-from shelfwise.ingest import ingested_dates
-from shelfwise.lake import FEATURE_BUILD_MARKER, FEATURES, Lake
+from shelfwise.intake.ingest import ingested_dates
+from shelfwise.lake import FEATURE_BUILD_MARKER, Lake, feature_table
 
 ATTRIBUTION_MART = "feedback_attribution"
 
@@ -76,7 +76,7 @@ def _with_row_count(event: Any, lake: Lake) -> Any:
         return event
     unique_id = event.metadata.get("unique_id")
     model = str(getattr(unique_id, "value", unique_id) or "").rsplit(".", 1)[-1]
-    relpath = f"{FEATURES}/{model}.parquet"
+    relpath = feature_table(model)
     if not model or not lake.exists(relpath):
         return event
     rows = lake.parquet_rows(relpath)

@@ -4,9 +4,9 @@ import dagster as dg
 
 from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, parse_earliest
-from shelfwise.feedback import compact_feedback
-from shelfwise.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
+from shelfwise.intake.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
 from shelfwise.lake import IMPRESSIONS
+from shelfwise.runtime.feedback import compact_feedback
 
 VALID_BATCHES_CHECK = "valid_batches"
 

@@ -1,11 +1,11 @@
 import time
 from collections.abc import Iterator
-from dataclasses import fields
 
 import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from models import artifacts
 from models.candidates import (
     CandidateConfig,
     CandidateSources,
@@ -13,52 +13,52 @@ from models.candidates import (
     generator_recall_per_user,
     mean_recall,
 )
-from models.collaborative import DEFAULT_MAX_ITEMS, DEFAULT_REGULARISATION, item_neighbours
-from models.features import FEATURE_COLUMNS, TABLE_NAMES, FeatureTables, tables_for_queries
-from models.queries import QUERY, restrict_to_queries, sample_queries
-from models.ranker import RankerParams, feature_importance, train_ranker_with_validation_model
-from models.training_set import build_training_set, label_queries
-from orchestration.assets.shared import (
+from models.collaborative import NEIGHBOURS_PER_ITEM, item_neighbours
+from models.features import (
     ASSEMBLY_CHUNK_ROWS,
-    COLLABORATIVE_NEIGHBOURS,
-    ITEM_COLLABORATIVE,
-    RANKER_FILE,
-    RANKER_INFO,
-    SAMPLED_QUERIES,
-    SAMPLED_ROLES,
-    VALIDATION_RANKER_FILE,
-    at_cutoffs,
-    candidate_chunks,
-    load_plan,
+    FEATURE_COLUMNS,
+    TABLE_NAMES,
+    FeatureTables,
+    tables_for_queries,
 )
+from models.queries import QUERY, at_cutoffs, restrict_to_queries, sample_queries
+from models.ranker import (
+    RankerParams,
+    feature_importance,
+    model_text,
+    train_ranker_with_validation_model,
+)
+from models.training_set import build_training_set, label_queries
+from orchestration.configs import config_from, to_params
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import CANDIDATES, FEATURES, TRAINING
 
-
-class CandidatesConfig(dg.Config):
-    """Generator sizes (see models/candidates.py), chunking and the query samples."""
-
-    recent_items: int = 20
-    min_repeat_rate: float = 0.05
-    top_categories: int = 3
-    per_category: int = 15
-    new_item_days: float = 14.0
-    trending_items: int = 30
-    popular_items: int = 50
-    max_candidates: int = 200
-    collaborative_items: int = 50
-    discovery_slots: int = 50
-    collaborative_max_items: int = DEFAULT_MAX_ITEMS
-    collaborative_regularisation: float = DEFAULT_REGULARISATION
-    # Queries (as_of, user) generated at a time: memory is one chunk's candidates and generator
-    # intermediates, not the role's (the rows are the same; see models/queries.py).
-    chunk_queries: int = 20_000
-    # Seeded samples of the labelled queries (None: all). A cutoff with fewer queries is not
-    # sampled, so a shop of up to 25,000 users (the demo has 20,000) trains and evaluates on all
-    # of them; at 400,000 users the full sets would be 70+ million training rows.
-    max_training_queries_per_cutoff: int | None = 25_000
-    max_evaluation_queries: int | None = 50_000
-    sample_seed: int = 7
+CandidatesConfig = config_from(
+    CandidateConfig,
+    "CandidatesConfig",
+    "Generator sizes (models.candidates.CandidateConfig), chunking and the query samples.",
+    {
+        "chunk_queries": (
+            int,
+            20_000,
+            "Queries (as_of, user) generated at a time: memory is one chunk's candidates and "
+            "generator intermediates, not the role's (the rows are the same).",
+        ),
+        # A cutoff with fewer queries is not sampled, so a shop of up to 25,000 users (the demo
+        # has 20,000) trains and evaluates on all of them; at 400,000 users the full sets would
+        # be 70+ million training rows.
+        "max_training_queries_per_cutoff": (
+            int | None,
+            25_000,
+            "Seeded sample of the labelled training queries per cutoff (None: all).",
+        ),
+        "max_evaluation_queries": (
+            int | None,
+            50_000,
+            "Seeded sample of the labelled evaluation queries (None: all).",
+        ),
+        "sample_seed": (int, 7, "Seed of the query samples."),
+    },
+)
 
 
 CANDIDATE_MARTS = [
@@ -86,22 +86,22 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     history. Generated chunk by chunk of users and streamed into one file per role. The metadata
     reports each generator's recall on the held-out evaluation window."""
     lake = shelfwise.lake()
-    plan = load_plan(lake)
+    plan = artifacts.load_plan(lake)
     started = time.perf_counter()
 
-    generator = CandidateConfig(
-        **{field.name: getattr(config, field.name) for field in fields(CandidateConfig)}
-    )
+    generator = to_params(config, CandidateConfig)
+    # Later assets (the serving snapshot's re-buy rule) use the sizes this run generated with.
+    artifacts.write_candidate_config(lake, generator)
     sources = CandidateSources.from_lake(lake, generator)
     fitted = time.perf_counter() - started
     # The collaborative model's strongest weights per item, for /similar and sessions.
-    lake.write_parquet(
+    artifacts.write_item_collaborative(
+        lake,
         item_neighbours(
-            sources.item_models, COLLABORATIVE_NEIGHBOURS, sources.user_items.schema["as_of"]
-        ).to_arrow(),
-        ITEM_COLLABORATIVE,
+            sources.item_models, NEIGHBOURS_PER_ITEM, sources.user_items.schema["as_of"]
+        ),
     )
-    labels = lake.read_frame(f"{FEATURES}/interaction_labels.parquet")
+    labels = artifacts.read_labels(lake)
     labelled = label_queries(labels)
     all_queries = {
         "training": at_cutoffs(labelled, *plan.training),
@@ -116,12 +116,7 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     queries = {
         role: sample_queries(all_queries[role], limits[role], config.sample_seed) for role in ROLES
     }
-    lake.write_parquet(
-        pl.concat(
-            [queries[role].select(pl.lit(role).alias("role"), *QUERY) for role in SAMPLED_ROLES]
-        ).to_arrow(),
-        SAMPLED_QUERIES,
-    )
+    artifacts.write_sampled_queries(lake, queries)
     evaluation_labels = restrict_to_queries(
         at_cutoffs(labels, plan.evaluation), queries["evaluation"]
     )
@@ -139,14 +134,17 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     counts, seconds = {}, {}
     for role in ROLES:
         role_started = time.perf_counter()
-        counts[role] = lake.write_parquet_tables(chunks(role), f"{CANDIDATES}/{role}.parquet")
+        counts[role] = artifacts.write_candidates(lake, role, chunks(role))
         seconds[role] = round(time.perf_counter() - role_started, 2)
     recall = mean_recall(pl.concat(recall_parts)) if recall_parts else {}
     return dg.MaterializeResult(
         metadata={
             **{f"{role}_rows": rows for role, rows in counts.items()},
             **{f"{role}_users": queries[role].height for role in ROLES},
-            **{f"{role}_labelled_queries": all_queries[role].height for role in SAMPLED_ROLES},
+            **{
+                f"{role}_labelled_queries": all_queries[role].height
+                for role in artifacts.SAMPLED_ROLES
+            },
             **{f"{role}_seconds": value for role, value in seconds.items()},
             **{f"recall_{name}": value for name, value in recall.items()},
             "collaborative_items_in_model": {
@@ -175,13 +173,13 @@ def training_set(shelfwise: ShelfwiseResource, config: TrainingSetConfig) -> dg.
     graded labels (purchase 3 > cart 2 > view 1 > nothing 0) from the week after the cutoff.
     Assembled chunk by chunk of queries and streamed into one file."""
     lake = shelfwise.lake()
-    plan = load_plan(lake)
-    labels = at_cutoffs(lake.read_frame(f"{FEATURES}/interaction_labels.parquet"), *plan.training)
+    plan = artifacts.load_plan(lake)
+    labels = artifacts.read_labels(lake, *plan.training)
     tables = FeatureTables.load(lake, list(plan.training))
     totals = {"queries": 0, "positives": 0}
 
     def chunks() -> Iterator[pa.Table]:
-        for chunk in candidate_chunks(lake, "training", config.chunk_rows):
+        for chunk in artifacts.candidate_chunks(lake, "training", config.chunk_rows):
             rows = build_training_set(
                 chunk, restrict_to_queries(labels, chunk), tables_for_queries(tables, chunk)
             )
@@ -189,7 +187,7 @@ def training_set(shelfwise: ShelfwiseResource, config: TrainingSetConfig) -> dg.
             totals["positives"] += int((rows.get_column("label") > 0).sum())
             yield rows.to_arrow()
 
-    rows = lake.write_parquet_tables(chunks(), f"{TRAINING}/training_set.parquet")
+    rows = artifacts.write_training_set(lake, chunks())
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
@@ -200,15 +198,9 @@ def training_set(shelfwise: ShelfwiseResource, config: TrainingSetConfig) -> dg.
     )
 
 
-class RankerConfig(dg.Config):
-    learning_rate: float = 0.05
-    num_leaves: int = 31
-    min_data_in_leaf: int = 50
-    num_boost_round: int = 300
-    early_stopping_rounds: int = 30
-    num_threads: int = 2
-    seed: int = 7
-    refit_with_validation: bool = True
+RankerConfig = config_from(
+    RankerParams, "RankerConfig", "LambdaRank hyper-parameters (models.ranker.RankerParams)."
+)
 
 
 @dg.asset(deps=["training_set"], group_name="ranking")
@@ -217,9 +209,9 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
     stopping (later in time than what it trains on); with the rounds chosen there, the ranker is
     trained again on every training cutoff, the last included (`refit_with_validation`)."""
     lake = shelfwise.lake()
-    plan = load_plan(lake)
-    rows = lake.read_frame(f"{TRAINING}/training_set.parquet")
-    params = RankerParams(**config.model_dump())
+    plan = artifacts.load_plan(lake)
+    rows = artifacts.read_training_set(lake)
+    params = to_params(config, RankerParams)
     # The latest training cutoff validates (early stopping) when there is more than one.
     if len(plan.training) > 1:
         trained_on, validation_cutoff = plan.training[:-1], plan.training[-1]
@@ -242,17 +234,11 @@ def ranker(shelfwise: ShelfwiseResource, config: RankerConfig) -> dg.Materialize
         "refit_with_validation": refitted,
         "training_rows": learned_from.height,
     }
-    lake.write_text(
-        booster.model_to_string(num_iteration=booster.best_iteration or None), RANKER_FILE
-    )
+    artifacts.write_ranker(lake, model_text(booster), info)
     if validation_model is not None:
         # The early-stopped model, which never saw the validation window: the segment policy is
         # chosen with it there (the refit model learned from that window).
-        lake.write_text(
-            validation_model.model_to_string(num_iteration=validation_model.best_iteration or None),
-            VALIDATION_RANKER_FILE,
-        )
-    lake.write_json(info, RANKER_INFO)
+        artifacts.write_validation_ranker(lake, model_text(validation_model))
     return dg.MaterializeResult(
         metadata={
             "training_rows": learned_from.height,

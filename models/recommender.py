@@ -32,7 +32,7 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from models.business_rules import SERVING_ITEMS, BusinessRules, OnlineFacts, RequestFilters
+from models.business_rules import BusinessRules, OnlineFacts, RequestFilters
 from models.candidates import GENERATORS, SCORE_COLUMNS, CandidateConfig, recommendable
 from models.features import (
     FEATURE_COLUMNS,
@@ -64,8 +64,14 @@ from models.snapshot import (
     SnapshotFeaturesError,
     load_snapshot,
 )
-from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
-from shelfwise.online_state import StockChange
+from shelfwise.lake import (
+    SERVING_CANDIDATES,
+    SERVING_ITEMS,
+    SERVING_NEIGHBOURS,
+    SERVING_POPULAR,
+    Lake,
+)
+from shelfwise.runtime.online_state import StockChange
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ bought since the snapshot (kept `PURCHASES_TTL_S`, longer than a retraining cycl
 stock changes, each with its time: the newest change of an item wins, whatever order they arrive
 in (two workers, a restart restoring the log). Event ids seen recently (`SEEN_TTL_S`) make a
 re-sent event harmless, also across restarts: at start-up the service gives the state the ids of
-the window that the log and the lake hold (`shelfwise.feedback.restore_seen_events`,
+the window that the log and the lake hold (`shelfwise.runtime.feedback.restore_seen_events`,
 `remember_seen`). Cost per million 32-character ids: about 160 MB in process (the strings and the
 ordered dictionary), about 150 MB in Redis (a key with a TTL each); both measured.
 """

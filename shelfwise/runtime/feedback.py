@@ -95,8 +95,15 @@ from shelfwise.contracts import (
     ContractError,
     conform,
 )
-from shelfwise.lake import EVENTS, IMPRESSIONS, QUARANTINE, STOCK_UPDATES, Lake
-from shelfwise.online_state import SEEN_TTL_S, OnlineState, StockChange
+from shelfwise.lake import (
+    EVENTS,
+    IMPRESSIONS,
+    STOCK_UPDATES,
+    Lake,
+    partition_file,
+    quarantine_file,
+)
+from shelfwise.runtime.online_state import SEEN_TTL_S, OnlineState, StockChange
 from shelfwise.validation import NEGATIVE_PRICE_REASON, PRICE_REASON, ROW_REASON, earliest_reason
 
 logger = logging.getLogger(__name__)
@@ -838,7 +845,7 @@ def _compact_segment(
         stream = _STREAMS[name]
         table, implausible = _split_implausible(table, stream, earliest)
         if implausible.num_rows:
-            relpath = f"{QUARANTINE}/{name}/{OUTPUT_PREFIX}{path.stem}.parquet"
+            relpath = quarantine_file(name, f"{OUTPUT_PREFIX}{path.stem}")
             written.append(lake.write_parquet(implausible, relpath))
             result.quarantined[name] += implausible.num_rows
             logger.warning(
@@ -909,7 +916,7 @@ def _publish_by_date(table: pa.Table, stream: _Stream, stem: str, lake: Lake) ->
     for day in sorted(pc.unique(dates).to_pylist()):
         part = table.filter(pc.equal(dates, day))
         written.append(
-            lake.write_parquet(part, f"{stream.name}/date={day}/{OUTPUT_PREFIX}{stem}.parquet")
+            lake.write_parquet(part, partition_file(stream.name, day, f"{OUTPUT_PREFIX}{stem}"))
         )
     return written
 

@@ -1,7 +1,8 @@
 """Importers: turn a shop's own files into contract-valid Parquet files in the lake's landing area.
 
 `import_file` (or `import_files`) reads a source file in one of four formats and writes what it
-holds to `landing/`, where ingestion (`shelfwise.ingest.ingest_landing`) validates and publishes it:
+holds to `landing/`, where ingestion (`shelfwise.intake.ingest.ingest_landing`) validates and
+publishes it:
 
 - `generic`: a CSV (delimiter sniffed from the header: `,`, tab, `;` or `|`) or Parquet file with a
   column mapping `canonical=source`; unmapped canonical columns fall back to a source column of
@@ -121,8 +122,7 @@ from shelfwise.contracts import (
     ContractError,
     conform,
 )
-from shelfwise.ingest import (
-    CATALOG_FILE,
+from shelfwise.intake.ingest import (
     DEFAULT_MAX_INVALID_SHARE,
     HeldBatch,
     held_batch,
@@ -1312,7 +1312,7 @@ def _import_events(unit: "_Unit", source: _Source, plan: _Plan, batch_rows: int)
             _count_unreadable(raw, frame, plan.unreadable, report)
             frame = _finish_events(raw, frame, plan, report)
             # The sink cuts the same batches, so this is the landing file ingestion will judge.
-            landing = f"{paths.LANDING_EVENTS}/{unit.prefix}-b{index:05d}.parquet"
+            landing = paths.dataset_file(paths.LANDING_EVENTS, f"{unit.prefix}-b{index:05d}")
             valid = _dry_validation(frame, landing, plan.derive_sessions, now, check)
             unit.observe(frame.filter(valid))  # a rejected row never sets an attribute
             sink.add(frame)
@@ -1493,7 +1493,9 @@ class _EventSink:
             connection.close()
 
     def _write(self, frame: pl.DataFrame) -> None:
-        relpath = f"{paths.LANDING_EVENTS}/{self.prefix}-b{len(self.written):05d}.parquet"
+        relpath = paths.dataset_file(
+            paths.LANDING_EVENTS, f"{self.prefix}-b{len(self.written):05d}"
+        )
         table = _landing_table(frame, EVENTS_SCHEMA, relpath)
         self.lake.write_parquet(table, relpath)
         self.written.append((relpath, table.num_rows))
@@ -1638,7 +1640,7 @@ class _Unit:
 
     def write_catalog(self, category_paths: Mapping[str, str] | None = None) -> None:
         """Writes the items and users files (rows described in the module docstring)."""
-        items_path = f"{paths.LANDING_ITEMS}/{self.prefix}-items.parquet"
+        items_path = paths.dataset_file(paths.LANDING_ITEMS, f"{self.prefix}-items")
         if self.not_recommendable:  # the command line's word is the last one
             self.items.update(
                 pl.DataFrame(
@@ -1680,7 +1682,7 @@ class _Unit:
         )
         self.report.items_written += self._write(items, ITEMS_SCHEMA, items_path)
 
-        users_path = f"{paths.LANDING_USERS}/{self.prefix}-users.parquet"
+        users_path = paths.dataset_file(paths.LANDING_USERS, f"{self.prefix}-users")
         wide = self.users.wide(_USER_ATTRIBUTES)
         rich = wide.filter(pl.any_horizontal(pl.col(a).is_not_null() for a in _USER_ATTRIBUTES))
         placeholders = self._placeholders(self.users, rich, "user_id", paths.USERS, users_path)
@@ -1697,7 +1699,7 @@ class _Unit:
         """Keys seen without catalog attributes that the lake does not know yet."""
         landing = posixpath.dirname(own)
         known = [rich.select("key")]
-        current = f"{catalog}/{CATALOG_FILE}"
+        current = paths.catalog_file(catalog)
         sources = [current] if self.lake.exists(current) else []
         sources += [p for p in self.lake.list_files(landing) if p != own]
         for relpath in sources:

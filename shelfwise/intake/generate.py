@@ -71,7 +71,14 @@ from shelfwise.contracts import (
     USERS_SCHEMA,
     conform,
 )
-from shelfwise.lake import GROUND_TRUTH, LANDING_EVENTS, LANDING_ITEMS, LANDING_USERS, Lake
+from shelfwise.lake import (
+    LANDING_EVENTS,
+    LANDING_ITEMS,
+    LANDING_USERS,
+    Lake,
+    dataset_file,
+    ground_truth_table,
+)
 
 DAY = 86_400.0
 SOURCE = "generator"
@@ -1114,14 +1121,14 @@ def write_shop(shop: Shop, lake: Lake, seed: int) -> dict[str, int]:
             if begin == end:
                 continue
             date = datetime.date(1970, 1, 1) + datetime.timedelta(days=first + index)
-            name = f"generated-seed{seed}-{date.isoformat()}.parquet"
-            lake.write_parquet(events.slice(begin, end - begin), f"{LANDING_EVENTS}/{name}")
+            name = f"generated-seed{seed}-{date.isoformat()}"
+            lake.write_parquet(events.slice(begin, end - begin), dataset_file(LANDING_EVENTS, name))
             files += 1
-    lake.write_parquet(shop.items, f"{LANDING_ITEMS}/generated-seed{seed}.parquet")
-    lake.write_parquet(shop.users, f"{LANDING_USERS}/generated-seed{seed}.parquet")
+    lake.write_parquet(shop.items, dataset_file(LANDING_ITEMS, f"generated-seed{seed}"))
+    lake.write_parquet(shop.users, dataset_file(LANDING_USERS, f"generated-seed{seed}"))
     files += 2
     for name, table in shop.ground_truth.items():
-        lake.write_parquet(table, f"{GROUND_TRUTH}/{name}.parquet")
+        lake.write_parquet(table, ground_truth_table(name))
         files += 1
     return {
         "events": events.num_rows,

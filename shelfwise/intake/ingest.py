@@ -44,15 +44,11 @@ from shelfwise.contracts import (
     USERS_SCHEMA,
     conform,
 )
-from shelfwise.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX  # noqa: F401 (re-exported)
-from shelfwise.feedback import feedback_event_files, latest_stock_updates
 from shelfwise.lake import Lake
+from shelfwise.runtime.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX  # noqa: F401 (re-exported)
+from shelfwise.runtime.feedback import feedback_event_files, latest_stock_updates
 from shelfwise.validation import ROW_REASON, EventValidation, validate_events
 
-CATALOG_FILE = "catalog.parquet"
-# A zero-row file keeps the impressions dataset readable before the service logged anything; its
-# date is far outside any real data.
-EMPTY_IMPRESSIONS = f"{paths.IMPRESSIONS}/date=1970-01-01/empty.parquet"
 DEFAULT_MAX_INVALID_SHARE = 0.01
 
 
@@ -288,7 +284,7 @@ def ingest_landing(
     report.stock_overrides = _apply_stock_updates(lake)
     report.rows_by_date = dict(sorted(report.rows_by_date.items()))
     if not lake.list_files(paths.IMPRESSIONS):
-        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), EMPTY_IMPRESSIONS)
+        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), paths.EMPTY_IMPRESSIONS)
     return report
 
 
@@ -310,7 +306,7 @@ def _ingest_events_file(
         merged["rejected_rows"] = int(merged["rejected_rows"]) + int(outcome["rejected_rows"])
     quarantined = verdict.quarantined
     if quarantined.height:
-        lake.write_parquet(quarantined.to_arrow(), f"{paths.QUARANTINE}/events/{stem}.parquet")
+        lake.write_parquet(quarantined.to_arrow(), paths.quarantine_file(paths.EVENTS, stem))
     report.events_quarantined += verdict.rejected.height
     report.events_checked += verdict.valid.height + verdict.rejected.height
     for reason in reason_counts(verdict.set_aside):
@@ -327,7 +323,7 @@ def _ingest_events_file(
     )
     for (day,), rows in dated.partition_by("_date", as_dict=True, maintain_order=True).items():
         table = rows.drop("_date").to_arrow().cast(EVENTS_SCHEMA)
-        lake.write_parquet(table, f"{paths.EVENTS}/date={day}/{stem}.parquet")
+        lake.write_parquet(table, paths.partition_file(paths.EVENTS, day, stem))
         report.rows_by_date[str(day)] = report.rows_by_date.get(str(day), 0) + rows.height
     lake.remove([relpath])
     report.files += 1
@@ -356,12 +352,10 @@ def _upsert_catalog(
         if missing_key.height:
             stem = posixpath.splitext(posixpath.basename(relpath))[0]
             quarantined = missing_key.with_columns(pl.lit(f"{key} is null").alias("reason"))
-            lake.write_parquet(
-                quarantined.to_arrow(), f"{paths.QUARANTINE}/{target}/{stem}.parquet"
-            )
+            lake.write_parquet(quarantined.to_arrow(), paths.quarantine_file(target, stem))
             report.catalog_rows_quarantined += missing_key.height
         arrivals.append(rows.filter(pl.col(key).is_not_null()))
-    current_path = f"{target}/{CATALOG_FILE}"
+    current_path = paths.catalog_file(target)
     current = [_read_catalog(lake, current_path, schema)[0]] if lake.exists(current_path) else []
     # Later deliveries win: the newest row of each key is the catalog's truth, attribute by
     # attribute. What a delivery leaves empty (null, or an importer's placeholder category) it
@@ -401,7 +395,7 @@ def _apply_stock_updates(lake: Lake) -> int:
     unknown); the row then takes both. So a catalog delivered after an update wins over it, and
     an update is applied once. Returns how many items changed their `is_in_stock`.
     """
-    current_path = f"{paths.ITEMS}/{CATALOG_FILE}"
+    current_path = paths.catalog_file(paths.ITEMS)
     if not lake.exists(current_path):
         return 0
     updates = latest_stock_updates(lake)

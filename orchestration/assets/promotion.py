@@ -1,17 +1,10 @@
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
+"""Promotion: every trained ranker registered in the model store, the gate that decides whether
+it may serve, and the production alias the service and the bento use."""
 
 import dagster as dg
-import polars as pl
-import pyarrow as pa
 
-from models.business_rules import SERVING_ITEMS, SERVING_PURCHASES, serving_facts
-from models.candidates import CandidateConfig
+from models import artifacts
 from models.evaluation import NOT_BASELINES, PRODUCTION
-from models.features import TABLE_NAMES, FeatureTables, tables_for_queries
 from models.gate import (
     DEFAULT_METRIC,
     DEFAULT_MIN_PAIRED_LOWER_BOUND,
@@ -19,28 +12,9 @@ from models.gate import (
     DEFAULT_TOLERANCE,
     gate_decision,
 )
-from models.queries import QUERY
-from models.serving import serving_popular, serving_snapshot
-from models.session import BOUGHT_TOGETHER, COLLABORATIVE, COVISIT
-from orchestration.assets.shared import (
-    ASSEMBLY_CHUNK_ROWS,
-    ITEM_COLLABORATIVE,
-    RANKER_FILE,
-    RANKER_INFO,
-    at_cutoffs,
-    candidate_chunks,
-    load_plan,
-)
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import (
-    EVALUATION,
-    FEATURE_BUILD_MARKER,
-    FEATURES,
-    SERVING_CANDIDATES,
-    SERVING_NEIGHBOURS,
-    SERVING_POPULAR,
-)
-from shelfwise.registry import (
+from shelfwise.lake import FEATURE_BUILD_MARKER, FEATURE_CUTOFFS, FEATURES
+from shelfwise.runtime.registry import (
     DATA_READ_AT,
     lake_fingerprint,
     list_rankers,
@@ -48,89 +22,6 @@ from shelfwise.registry import (
     promote,
     register_ranker,
 )
-
-SERVING_POPULAR_ITEMS = 200
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-BENTOFILE = PROJECT_ROOT / "bentos" / "bentofile.yaml"
-# The bentoml of this virtual environment, also when it is not activated.
-BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
-
-
-class ServingFeaturesConfig(dg.Config):
-    """How much of the snapshot is assembled at a time."""
-
-    # Candidate rows read and assembled at a time (rounded to whole users): memory holds one
-    # chunk's feature vectors, not the snapshot's (60 million rows at 300,000 users).
-    chunk_rows: int = ASSEMBLY_CHUNK_ROWS
-
-
-@dg.asset(
-    deps=[
-        "candidates",
-        "category_repurchase_rates",
-        "item_covisitation",
-        "item_bought_together",
-        *TABLE_NAMES,
-    ],
-    group_name="serving",
-)
-def serving_features(
-    shelfwise: ShelfwiseResource, config: ServingFeaturesConfig
-) -> dg.MaterializeResult:
-    """The serving snapshot as of the end of the data: every known user's candidates with feature
-    vectors assembled exactly as for training, the item neighbours (co-visitation, bought
-    together, collaborative) that sessions and `/similar` use, the popular in-stock items for
-    everyone else (never an item the catalog marks as not recommendable), and the facts the
-    business rules read
-    (catalog stock, price, whether an item may be recommended, repeatable categories, purchases).
-    The snapshot is assembled chunk by chunk of users and streamed into one file."""
-    lake = shelfwise.lake()
-    plan = load_plan(lake)
-    tables = FeatureTables.load(lake, [plan.serving])
-    users = 0
-
-    def snapshot_chunks() -> Iterator[pa.Table]:
-        nonlocal users
-        for chunk in candidate_chunks(lake, "serving", config.chunk_rows):
-            users += chunk.select(QUERY).n_unique()
-            yield serving_snapshot(chunk, tables_for_queries(tables, chunk)).to_arrow()
-
-    rows = lake.write_parquet_tables(snapshot_chunks(), SERVING_CANDIDATES)
-    popular = serving_popular(tables.items, SERVING_POPULAR_ITEMS)
-    lake.write_parquet(popular.to_arrow(), SERVING_POPULAR)
-    rates = at_cutoffs(
-        lake.read_frame(f"{FEATURES}/category_repurchase_rates.parquet"), plan.serving
-    )
-    items, purchases = serving_facts(
-        tables.items, rates, tables.user_items, CandidateConfig().min_repeat_rate
-    )
-    lake.write_parquet(items.to_arrow(), SERVING_ITEMS)
-    lake.write_parquet(purchases.to_arrow(), SERVING_PURCHASES)
-    neighbours = pl.concat(
-        [
-            at_cutoffs(lake.read_frame(path), plan.serving).select(
-                pl.lit(kind).alias("kind"),
-                "item_id",
-                "neighbour_item_id",
-                pl.col("score").cast(pl.Float64),
-            )
-            for kind, path in (
-                (COVISIT, f"{FEATURES}/item_covisitation.parquet"),
-                (BOUGHT_TOGETHER, f"{FEATURES}/item_bought_together.parquet"),
-                (COLLABORATIVE, ITEM_COLLABORATIVE),
-            )
-        ]
-    )
-    lake.write_parquet(neighbours.to_arrow(), SERVING_NEIGHBOURS)
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": rows,
-            "users": users,
-            "popular_items": popular.height,
-            "as_of": plan.serving.isoformat(),
-        }
-    )
-
 
 GATE_CHECK = "promotion_gate"
 
@@ -175,8 +66,8 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
     then the promotion gate decides whether it may become production."""
     settings = shelfwise.settings()
     lake = shelfwise.lake()
-    info = lake.read_json(RANKER_INFO)
-    report = lake.read_json(f"{EVALUATION}/metrics.json")
+    info = artifacts.read_ranker_info(lake)
+    report = artifacts.read_evaluation_report(lake)
     metrics = report["metrics"]
     # The segment policy ships with the model: the service serves each segment as it says.
     policy = report.get("segment_policy")
@@ -186,7 +77,7 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
     # this ranker (what the feedback sensor counts).
     data_read_at = lake.list_modified(FEATURES, suffix=".json").get(FEATURE_BUILD_MARKER)
     if data_read_at is None:  # features built by a version without the marker
-        data_read_at = lake.list_modified(FEATURES)[f"{FEATURES}/feature_cutoffs.parquet"]
+        data_read_at = lake.list_modified(FEATURES)[FEATURE_CUTOFFS]
     metadata = {
         # Point values only (the intervals are in evaluation/metrics.json).
         **{
@@ -208,12 +99,12 @@ def registered_model(shelfwise: ShelfwiseResource, config: PromotionGateConfig):
             if policy
             else {}
         ),
-        "data_end": load_plan(lake).serving.isoformat(),
+        "data_end": artifacts.load_plan(lake).serving.isoformat(),
         DATA_READ_AT: data_read_at.isoformat(),
     }
     tag = register_ranker(
         settings.bentoml_home,
-        lake.read_text(RANKER_FILE),
+        artifacts.read_ranker_text(lake),
         info,
         metadata,
         data_fingerprint=lake_fingerprint(lake),
@@ -282,24 +173,3 @@ def production_model(
             "previous_source_tag": str(current.previous_source_tag),
         }
     )
-
-
-@dg.asset(deps=["production_model", "serving_features"], group_name="serving")
-def bento(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
-    """The deployable bento (`shelfwise:<version>`): the service code, the core and ML packages and
-    the production ranker, built offline from bentos/bentofile.yaml."""
-    settings = shelfwise.settings()
-    env = {**os.environ, "BENTOML_HOME": str(settings.bentoml_home), "BENTOML_DO_NOT_TRACK": "true"}
-    # A subprocess: BentoML binds its home when first used, and this run's home must win.
-    result = subprocess.run(
-        [BENTOML_EXECUTABLE, "build", "-f", str(BENTOFILE), "-o", "tag", str(PROJECT_ROOT)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise dg.Failure(f"bentoml build failed:\n{result.stderr[-4000:]}")
-    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    return dg.MaterializeResult(metadata={"tag": tag})
