@@ -302,10 +302,10 @@ def write_candidates(home: Path, train_users: int, seed: int) -> None:
     of a seeded sample of `train_users` users.
     """
     import polars as pl
+    from orchestration.assets.shared import at_cutoffs, load_plan
 
     from models.candidates import CandidateConfig, CandidateSources, generate_candidates
     from models.training_set import label_queries
-    from orchestration.assets.shared import at_cutoffs, load_plan
     from shelfwise.lake import CANDIDATES, FEATURES, Lake
     from shelfwise.settings import Settings
 
@@ -328,7 +328,7 @@ def write_candidates(home: Path, train_users: int, seed: int) -> None:
         "evaluation": at_cutoffs(labelled, plan.evaluation),
     }
     roles = {role: q.filter(pl.col("user_id").is_in(sample)) for role, q in roles.items()}
-    roles["serving"] = at_cutoffs(sources.user_features.select("as_of", "user_id"), plan.serving)
+    roles["serving"] = at_cutoffs(sources.users.select("as_of", "user_id"), plan.serving)
     record: dict[str, Any] = {"chunk_users": CHUNK_USERS}
     for role, queries in roles.items():
         started = time.perf_counter()
@@ -401,9 +401,9 @@ def write_serving_features(home: Path) -> None:
     """
     import polars as pl
 
-    from models.features import FeatureTables
+    from models.artifacts import load_plan
+    from models.marts import Marts
     from models.recommender import serving_snapshot
-    from orchestration.assets.shared import load_plan
     from shelfwise.lake import CANDIDATES, SERVING_CANDIDATES, Lake
     from shelfwise.settings import Settings
 
@@ -434,7 +434,7 @@ def write_serving_features(home: Path) -> None:
         lake.write_parquet(candidates.to_arrow(), full)
         lake.remove([chunk])
     plan = load_plan(lake)
-    tables = FeatureTables.load(lake, [plan.serving])
+    tables = Marts.load(lake, [plan.serving])
     parts = [
         serving_snapshot(
             candidates.filter(pl.col("user_id").is_in(users.slice(at, CHUNK_USERS).implode())),

@@ -40,8 +40,9 @@ from models.collaborative import (
     collaborative_scores,
     fit_item_models,
 )
-from models.queries import at_cutoffs, cutoffs_of, query_chunks, restrict_to_queries
-from shelfwise.lake import Lake, feature_table
+from models.marts import CANDIDATE_FIELDS, Marts
+from models.queries import query_chunks
+from shelfwise.lake import Lake
 
 KEY = ["as_of", "user_id"]
 ROW = [*KEY, "item_id"]
@@ -100,20 +101,16 @@ class CandidateConfig:
 
 
 @dataclass(frozen=True)
-class CandidateSources:
-    """The feature marts the generators read (any cutoffs; generators join on `as_of`).
+class CandidateSources(Marts):
+    """The marts the generators read and the collaborative model of each cutoff.
 
-    `item_models` holds the collaborative model of each cutoff, fitted from `user_items`
-    (as_of → model; without one the collaborative generator proposes nothing at that cutoff).
+    Any cutoffs: the generators join on `as_of`.
+
+    Attributes:
+        item_models: The collaborative model of each cutoff, fitted from `user_items` (as_of →
+            model; without one the collaborative generator proposes nothing at that cutoff).
     """
 
-    user_items: pl.DataFrame
-    item_features: pl.DataFrame
-    covisitation: pl.DataFrame
-    bought_together: pl.DataFrame
-    user_categories: pl.DataFrame
-    user_features: pl.DataFrame
-    repurchase_rates: pl.DataFrame
     item_models: Mapping[datetime, ItemItemModel] = field(default_factory=dict)
 
     @classmethod
@@ -128,23 +125,11 @@ class CandidateSources:
             The sources, every cutoff included.
         """
         config = config or CandidateConfig()
-
-        def mart(name: str) -> pl.DataFrame:
-            return lake.read_frame(feature_table(name))
-
-        user_items = mart("user_item_features")
-        return cls(
-            user_items=user_items,
-            item_features=mart("item_features"),
-            covisitation=mart("item_covisitation"),
-            bought_together=mart("item_bought_together"),
-            user_categories=mart("user_category_features"),
-            user_features=mart("user_features"),
-            repurchase_rates=mart("category_repurchase_rates"),
-            item_models=fit_item_models(
-                user_items, config.collaborative_max_items, config.collaborative_regularisation
-            ),
+        marts = Marts.load(lake, fields=CANDIDATE_FIELDS)
+        models = fit_item_models(
+            marts.user_items, config.collaborative_max_items, config.collaborative_regularisation
         )
+        return cls(**{name: getattr(marts, name) for name in CANDIDATE_FIELDS}, item_models=models)
 
 
 def recommendable(item_features: pl.DataFrame) -> pl.DataFrame:
@@ -342,11 +327,11 @@ def generate_candidates(
     queries = users.select(KEY).unique()
     # Items never to propose leave the generators' inputs before any top-n cut (the user's own
     # items, the catalog's); the neighbour marts have no cut here and are filtered afterwards.
-    blocked = not_recommendable(sources.item_features)
+    blocked = not_recommendable(sources.items)
     user_items = sources.user_items
     if blocked.height:
         user_items = user_items.join(blocked, on=["as_of", "item_id"], how="anti")
-    items = recommendable(sources.item_features)
+    items = recommendable(sources.items)
     recent = _recent(queries, user_items, config.recent_items)
     carted = recent.filter((pl.col("carts") > 0) | (pl.col("purchases") > 0))
     favourites = _favourite_categories(queries, sources.user_categories, config.top_categories)
@@ -359,9 +344,7 @@ def generate_candidates(
             queries, user_items, sources.item_models, config.collaborative_items, blocked
         ),
         category_popular(favourites, items, config.per_category),
-        content(
-            favourites, items, sources.user_features, config.per_category, config.new_item_days
-        ),
+        content(favourites, items, sources.users, config.per_category, config.new_item_days),
         trending(queries, items, config.trending_items),
         popular(queries, items, config.popular_items),
     ]
@@ -399,32 +382,6 @@ def generate_candidates(
     ).select(*ROW, *SCORE_COLUMNS, *extra, pl.col("sources").cast(pl.Int32), "candidate_rank")
 
 
-def restrict_sources(sources: CandidateSources, queries: pl.DataFrame) -> CandidateSources:
-    """The sources cut down to what the queries' candidates can read.
-
-    The per-user marts keep the queries' rows, the per-item ones the queries' cutoffs, each in
-    its original order: every generator joins on the query or on the cutoff, so candidates
-    generated from the restricted sources are exactly those from the whole sources.
-
-    Args:
-        sources: The feature marts.
-        queries: Columns as_of, user_id.
-
-    Returns:
-        The restricted sources.
-    """
-    return CandidateSources(
-        user_items=restrict_to_queries(sources.user_items, queries),
-        item_features=at_cutoffs(sources.item_features, *cutoffs_of(queries)),
-        covisitation=at_cutoffs(sources.covisitation, *cutoffs_of(queries)),
-        bought_together=at_cutoffs(sources.bought_together, *cutoffs_of(queries)),
-        user_categories=restrict_to_queries(sources.user_categories, queries),
-        user_features=restrict_to_queries(sources.user_features, queries),
-        repurchase_rates=at_cutoffs(sources.repurchase_rates, *cutoffs_of(queries)),
-        item_models=sources.item_models,
-    )
-
-
 def generate_candidates_in_chunks(
     users: pl.DataFrame, sources: CandidateSources, config: CandidateConfig, chunk_size: int
 ) -> Iterator[pl.DataFrame]:
@@ -447,9 +404,9 @@ def generate_candidates_in_chunks(
     """
     queries = users.select(KEY).unique()
     # Cut the marts down to these queries once, then per chunk from the smaller frames.
-    sources = restrict_sources(sources, queries)
+    sources = sources.for_queries(queries)
     for chunk in query_chunks(queries, chunk_size):
-        yield generate_candidates(chunk, restrict_sources(sources, chunk), config)
+        yield generate_candidates(chunk, sources.for_queries(chunk), config)
 
 
 def generator_recall_per_user(candidates: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:

@@ -5,15 +5,11 @@ same dbt feature tables, so the two cannot drift apart. Missing values stay miss
 LightGBM learns what "no history" means instead of us pretending it is zero.
 """
 
-from dataclasses import dataclass
-from datetime import datetime
-
 import numpy as np
 import polars as pl
 
 from models.candidates import SCORE_COLUMNS
-from models.queries import at_cutoffs, cutoffs_of, restrict_to_queries
-from shelfwise.lake import Lake, feature_table
+from models.marts import FEATURE_FIELDS, MART_OF_FIELD, Marts
 
 # Candidate-generation signals, produced by `models.candidates.generate_candidates`.
 CANDIDATE_FEATURES = [*SCORE_COLUMNS, "covisit_hits", "bought_together_hits", "sources"]
@@ -95,67 +91,11 @@ FEATURE_COLUMNS: list[str] = [
 # Candidate rows assembled into feature vectors at a time (training set, evaluation, serving
 # snapshot): the joins' Float64 intermediates of 60 million rows would not fit in memory.
 ASSEMBLY_CHUNK_ROWS = 2_000_000
-TABLE_NAMES = (
-    "item_features",
-    "user_features",
-    "user_item_features",
-    "user_category_features",
-    "user_brand_features",
-)
+# The marts of the feature vector (what the assets that assemble it depend on).
+TABLE_NAMES = tuple(MART_OF_FIELD[name] for name in FEATURE_FIELDS)
 
 
-@dataclass(frozen=True)
-class FeatureTables:
-    """The dbt feature marts, possibly restricted to some cutoffs."""
-
-    items: pl.DataFrame
-    users: pl.DataFrame
-    user_items: pl.DataFrame
-    user_categories: pl.DataFrame
-    user_brands: pl.DataFrame
-
-    @classmethod
-    def load(cls, lake: Lake, as_of: list[datetime] | None = None) -> "FeatureTables":
-        """Reads the feature marts from `<lake>/features/`.
-
-        Args:
-            lake: The lake dbt exported to.
-            as_of: Keep only these cutoffs; all when omitted.
-
-        Returns:
-            The tables.
-        """
-        frames = [lake.read_frame(feature_table(name)) for name in TABLE_NAMES]
-        if as_of is not None:
-            wanted = pl.Series("as_of", as_of, dtype=pl.Datetime("us", "UTC"))
-            frames = [frame.filter(pl.col("as_of").is_in(wanted.implode())) for frame in frames]
-        return cls(*frames)
-
-
-def tables_for_queries(tables: FeatureTables, queries: pl.DataFrame) -> FeatureTables:
-    """The feature tables cut down to the queries' users (and the item table to their cutoffs).
-
-    `assemble_features` joins each candidate with its own user's rows, so assembling a chunk of
-    queries against these tables gives the same rows as against the whole tables, without
-    joining every chunk against every user.
-
-    Args:
-        tables: The feature marts.
-        queries: Columns as_of, user_id (others are ignored; duplicates are fine).
-
-    Returns:
-        The restricted tables.
-    """
-    return FeatureTables(
-        items=at_cutoffs(tables.items, *cutoffs_of(queries)),
-        users=restrict_to_queries(tables.users, queries),
-        user_items=restrict_to_queries(tables.user_items, queries),
-        user_categories=restrict_to_queries(tables.user_categories, queries),
-        user_brands=restrict_to_queries(tables.user_brands, queries),
-    )
-
-
-def assemble_features(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:
+def assemble_features(candidates: pl.DataFrame, tables: Marts) -> pl.DataFrame:
     """Joins candidates with every feature table into the ranker's feature vector.
 
     Args:

@@ -40,9 +40,9 @@ from models.features import (
     USER_BRAND_FEATURES,
     USER_CATEGORY_FEATURES,
     USER_FEATURES,
-    FeatureTables,
     assemble_features,
 )
+from models.marts import Marts
 from models.segments import SegmentPolicy
 from models.session import (
     BOUGHT_TOGETHER,
@@ -102,7 +102,7 @@ REPEAT_COUNTS = (
 )
 
 
-def serving_snapshot(candidates: pl.DataFrame, tables: FeatureTables) -> pl.DataFrame:
+def serving_snapshot(candidates: pl.DataFrame, tables: Marts) -> pl.DataFrame:
     """The rows the service ranks: candidates with their feature vectors, as for training.
 
     Args:

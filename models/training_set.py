@@ -2,7 +2,8 @@
 
 import polars as pl
 
-from models.features import FeatureTables, assemble_features
+from models.features import assemble_features
+from models.marts import Marts
 from models.ranker import QUERY, keep_queries_with_positives
 
 ROW_KEY = [*QUERY, "item_id"]
@@ -21,7 +22,7 @@ def attach_labels(candidates: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFram
 
 
 def build_training_set(
-    candidates: pl.DataFrame, labels: pl.DataFrame, tables: FeatureTables
+    candidates: pl.DataFrame, labels: pl.DataFrame, tables: Marts
 ) -> pl.DataFrame:
     """Assembles labelled feature rows for ranking, one query per (cutoff, user).
 

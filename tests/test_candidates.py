@@ -47,13 +47,13 @@ USER_CATEGORIES = make(
 USER_FEATURES = make([("u1", 12.0), ("u2", 40.0)], ["user_id", "mean_price"])
 REPURCHASE = make([("c1", 0.3), ("c2", 0.0)], ["category_id", "repeat_rate"])
 SOURCES = CandidateSources(
-    USER_ITEMS,
-    ITEM_FEATURES,
-    COVISITATION,
-    BOUGHT_TOGETHER,
-    USER_CATEGORIES,
-    USER_FEATURES,
-    REPURCHASE,
+    user_items=USER_ITEMS,
+    items=ITEM_FEATURES,
+    covisitation=COVISITATION,
+    bought_together=BOUGHT_TOGETHER,
+    user_categories=USER_CATEGORIES,
+    users=USER_FEATURES,
+    repurchase_rates=REPURCHASE,
 )
 CONFIG = CandidateConfig(
     recent_items=10,
@@ -133,7 +133,7 @@ def test_items_not_recommendable_are_never_proposed_and_lists_keep_their_length(
     items = ITEM_FEATURES.with_columns(
         (~pl.col("item_id").is_in(list(flagged))).alias("is_recommendable")
     )
-    sources = dataclasses.replace(SOURCES, item_features=items)
+    sources = dataclasses.replace(SOURCES, items=items)
     users = make([("u1",), ("stranger",)], ["user_id"])
     result = generate_candidates(users, sources, CONFIG)
     rows = rows_of(result.filter(pl.col("user_id") == "u1"))

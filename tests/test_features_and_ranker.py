@@ -8,10 +8,10 @@ import pytest
 from models.features import (
     CANDIDATE_FEATURES,
     FEATURE_COLUMNS,
-    FeatureTables,
     assemble_features,
     feature_matrix,
 )
+from models.marts import Marts
 from models.metrics import ranking_metrics, top_k
 from models.ranker import RankerParams, train_ranker, train_ranker_with_validation_model
 
@@ -101,7 +101,7 @@ def tables():
             "days_since_last": [4.0],
         }
     )
-    return FeatureTables(items, users, user_items, user_categories, user_brands)
+    return Marts(items, users, user_items, user_categories, user_brands)
 
 
 def candidates(users, items):

@@ -30,7 +30,8 @@ from models.candidates import (
     generate_candidates,
     popular_items,
 )
-from models.features import FEATURE_COLUMNS, FeatureTables
+from models.features import FEATURE_COLUMNS
+from models.marts import Marts
 from models.recommender import (
     FALLBACK_CANDIDATE_ORDER,
     FALLBACK_NONE,
@@ -145,7 +146,7 @@ def test_candidates_never_contain_them_yet_they_count_in_history(flagged_lake):
     # Each generator drops them before its own cut: every user still gets all popular items.
     popular = candidates.filter(pl.col("popular_score") > 0).group_by("user_id").len()
     assert popular.get_column("len").unique().to_list() == [CONFIG.popular_items]
-    assert popular_items(sources.item_features, 5).height == 5
+    assert popular_items(sources.items, 5).height == 5
 
     # The users who bought them keep those purchases in their history features.
     user_items = mart(lake, "user_item_features")
@@ -158,9 +159,7 @@ def test_candidates_never_contain_them_yet_they_count_in_history(flagged_lake):
     assert candidates.filter(pl.col("user_id") == user).height > 0
 
     # The same marts without the flag (as before it existed) would have proposed them.
-    unflagged = dataclasses.replace(
-        sources, item_features=sources.item_features.drop("is_recommendable")
-    )
+    unflagged = dataclasses.replace(sources, items=sources.items.drop("is_recommendable"))
     assert set(generate_candidates(users, unflagged, CONFIG).get_column("item_id")) >= flagged
 
 
@@ -171,11 +170,11 @@ def write_serving_snapshot(lake: Lake, stale: bool) -> None:
     and the neighbours all hold the flagged items (the business rules alone keep them out).
     """
     sources = CandidateSources.from_lake(lake)
-    tables = FeatureTables.load(lake, [END])
+    tables = Marts.load(lake, [END])
     items = tables.items.drop("is_recommendable") if stale else tables.items
-    known = sources.user_features.select("as_of", "user_id")
+    known = sources.users.select("as_of", "user_id")
     candidates = generate_candidates(
-        known, dataclasses.replace(sources, item_features=items), CandidateConfig()
+        known, dataclasses.replace(sources, items=items), CandidateConfig()
     )
     lake.write_parquet(serving_snapshot(candidates, tables).to_arrow(), SERVING_CANDIDATES)
     lake.write_parquet(serving_popular(items, 200).to_arrow(), SERVING_POPULAR)

@@ -7,7 +7,8 @@ import polars as pl
 from polars.testing import assert_frame_equal
 
 from models.cutoffs import CutoffPlan
-from models.features import FEATURE_COLUMNS, FeatureTables, feature_matrix
+from models.features import FEATURE_COLUMNS, feature_matrix
+from models.marts import Marts
 from models.recommender import Recommender, serving_snapshot
 
 
@@ -21,7 +22,7 @@ def test_service_vectors_and_scores_equal_the_training_rows(pipeline_run):
     candidates = lake.read_frame("candidates/training.parquet").filter(pl.col("as_of") == cutoff)
 
     # The serving path, run as of a training cutoff.
-    snapshot = serving_snapshot(candidates, FeatureTables.load(lake, [cutoff]))
+    snapshot = serving_snapshot(candidates, Marts.load(lake, [cutoff]))
     key = ["user_id", "item_id"]
     served = snapshot.join(training.select(key), on=key, how="semi").sort(key)
     trained = training.select(*key, "candidate_rank", *FEATURE_COLUMNS).sort(key)

@@ -22,7 +22,7 @@ from models.candidates import (
 )
 from models.cutoffs import CutoffPlan
 from models.evaluation import evaluate
-from models.features import FeatureTables, tables_for_queries
+from models.marts import Marts
 from models.queries import query_chunks, sample_queries, whole_queries
 from models.recommender import serving_snapshot
 from shelfwise.lake import SERVING_CANDIDATES, Lake
@@ -137,7 +137,7 @@ def test_chunked_candidates_equal_one_pass_on_a_generated_shop(pipeline_run):
     lake = pipeline_run.lake
     sources = pipeline_sources(lake)
     # Every user at every cutoff: several cutoffs and chunks that cut across them.
-    users = sources.user_features.select("as_of", "user_id")
+    users = sources.users.select("as_of", "user_id")
     config = CandidateConfig()
     whole = generate_candidates(users, sources, config)
     chunked = pl.concat(list(generate_candidates_in_chunks(users, sources, config, 173)))
@@ -173,7 +173,7 @@ def test_recall_of_chunks_averages_to_the_recall_of_all_users(pipeline_run):
 def test_chunked_snapshot_equals_the_snapshot_of_all_users(pipeline_run, tmp_path):
     lake = pipeline_run.lake
     plan = pipeline_plan(lake)
-    tables = FeatureTables.load(lake, [plan.serving])
+    tables = Marts.load(lake, [plan.serving])
     candidates = lake.read_frame("candidates/serving.parquet")
     whole = serving_snapshot(candidates, tables)
     # What the asset wrote (streamed in chunks) is the snapshot of all users at once.
@@ -181,7 +181,7 @@ def test_chunked_snapshot_equals_the_snapshot_of_all_users(pipeline_run, tmp_pat
     # Small batches cut users in two; regrouped, each chunk is assembled against its users only.
     batches = lake.iter_parquet("candidates/serving.parquet", batch_rows=997)
     chunks = [
-        serving_snapshot(chunk, tables_for_queries(tables, chunk))
+        serving_snapshot(chunk, tables.for_queries(chunk))
         for chunk in whole_queries(pl.from_arrow(batch) for batch in batches)
     ]
     assert len(chunks) > 5

@@ -11,11 +11,10 @@ from models.features import (
     ASSEMBLY_CHUNK_ROWS,
     FEATURE_COLUMNS,
     TABLE_NAMES,
-    FeatureTables,
     assemble_features,
-    tables_for_queries,
 )
 from models.gate import DEFAULT_METRIC as GATE_METRIC
+from models.marts import Marts
 from models.metrics import top_k
 from models.queries import at_cutoffs
 from models.ranker import booster_from_text
@@ -93,12 +92,12 @@ def _validation(
     )
     if booster is None:
         return validation
-    tables = FeatureTables.load(lake, [cutoff])
+    tables = Marts.load(lake, [cutoff])
     scores = []
     for chunk in artifacts.candidate_chunks(lake, "training", ASSEMBLY_CHUNK_ROWS):
         chunk = at_cutoffs(chunk, cutoff).join(users, on=["as_of", "user_id"], how="semi")
         if chunk.height:
-            assembled = assemble_features(chunk, tables_for_queries(tables, chunk))
+            assembled = assemble_features(chunk, tables.for_queries(chunk))
             scores.append(
                 score_with_ranker(assembled, booster).select("as_of", "user_id", "item_id", "score")
             )
@@ -227,12 +226,12 @@ def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
         "evaluation_queries": queries.height if queries is not None else labelled,
         "labelled_queries": labelled,
     }
-    tables = FeatureTables.load(lake, [plan.evaluation])
+    tables = Marts.load(lake, [plan.evaluation])
     # Assembled chunk by chunk of users (the same rows): the joins' intermediates of all the
     # sampled users' candidates at once would be several times the result.
     assembled = pl.concat(
         [
-            assemble_features(chunk, tables_for_queries(tables, chunk))
+            assemble_features(chunk, tables.for_queries(chunk))
             for chunk in artifacts.candidate_chunks(lake, "evaluation", ASSEMBLY_CHUNK_ROWS)
         ]
     )

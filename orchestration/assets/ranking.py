@@ -18,9 +18,8 @@ from models.features import (
     ASSEMBLY_CHUNK_ROWS,
     FEATURE_COLUMNS,
     TABLE_NAMES,
-    FeatureTables,
-    tables_for_queries,
 )
+from models.marts import Marts
 from models.queries import QUERY, at_cutoffs, restrict_to_queries, sample_queries
 from models.ranker import (
     RankerParams,
@@ -106,7 +105,7 @@ def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.Mat
     all_queries = {
         "training": at_cutoffs(labelled, *plan.training),
         "evaluation": at_cutoffs(labelled, plan.evaluation),
-        "serving": at_cutoffs(sources.user_features.select("as_of", "user_id"), plan.serving),
+        "serving": at_cutoffs(sources.users.select("as_of", "user_id"), plan.serving),
     }
     limits = {
         "training": config.max_training_queries_per_cutoff,
@@ -175,13 +174,13 @@ def training_set(shelfwise: ShelfwiseResource, config: TrainingSetConfig) -> dg.
     lake = shelfwise.lake()
     plan = artifacts.load_plan(lake)
     labels = artifacts.read_labels(lake, *plan.training)
-    tables = FeatureTables.load(lake, list(plan.training))
+    tables = Marts.load(lake, list(plan.training))
     totals = {"queries": 0, "positives": 0}
 
     def chunks() -> Iterator[pa.Table]:
         for chunk in artifacts.candidate_chunks(lake, "training", config.chunk_rows):
             rows = build_training_set(
-                chunk, restrict_to_queries(labels, chunk), tables_for_queries(tables, chunk)
+                chunk, restrict_to_queries(labels, chunk), tables.for_queries(chunk)
             )
             totals["queries"] += rows.select(QUERY).n_unique()
             totals["positives"] += int((rows.get_column("label") > 0).sum())

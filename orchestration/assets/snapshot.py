@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from models import artifacts
 from models.business_rules import serving_facts
-from models.features import ASSEMBLY_CHUNK_ROWS, TABLE_NAMES, FeatureTables, tables_for_queries
+from models.features import ASSEMBLY_CHUNK_ROWS, TABLE_NAMES
+from models.marts import Marts
 from models.queries import QUERY
 from models.recommender import serving_popular, serving_snapshot
 from models.session import BOUGHT_TOGETHER, COLLABORATIVE, COVISIT
@@ -47,14 +48,14 @@ def serving_features(
     The snapshot is assembled chunk by chunk of users and streamed into one file."""
     lake = shelfwise.lake()
     plan = artifacts.load_plan(lake)
-    tables = FeatureTables.load(lake, [plan.serving])
+    tables = Marts.load(lake, [plan.serving])
     users = 0
 
     def snapshot_chunks() -> Iterator[pa.Table]:
         nonlocal users
         for chunk in artifacts.candidate_chunks(lake, "serving", config.chunk_rows):
             users += chunk.select(QUERY).n_unique()
-            yield serving_snapshot(chunk, tables_for_queries(tables, chunk)).to_arrow()
+            yield serving_snapshot(chunk, tables.for_queries(chunk)).to_arrow()
 
     popular = serving_popular(tables.items, SERVING_POPULAR_ITEMS)
     rates = artifacts.read_mart(lake, "category_repurchase_rates", plan.serving)
