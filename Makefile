@@ -23,7 +23,7 @@ DBT_MANIFEST := dbt_project/target/manifest.json
 DBT_SOURCES := $(shell find dbt_project -path dbt_project/target -prune -o -type f \( -name '*.sql' -o -name '*.yml' \) -print)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help setup init demo pipeline data serve ui test lint format lock clean
+.PHONY: help setup init demo pipeline data serve ui test docs lint format lock clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ demo: pipeline  ## Set up, run the whole pipeline on generated data, then serve 
 
 test: setup  ## Run the test suite.
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+docs: setup  ## Build the docs site (strict).
+	$(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(INSTALLED)  ## Check style with ruff.
 	$(BIN)/ruff check .
