@@ -5,7 +5,7 @@ import dagster as dg
 from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, parse_earliest
 from shelfwise.intake.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
-from shelfwise.lake import IMPRESSIONS
+from shelfwise.lake import IMPRESSIONS, ITEMS, USERS
 from shelfwise.runtime.feedback import compact_feedback
 
 VALID_BATCHES_CHECK = "valid_batches"
@@ -113,12 +113,12 @@ def raw_events(
         metadata={
             "upserted_rows": report.items_upserted,
             "stock_overrides_applied": report.stock_overrides,
-            "lake": lake.uri("catalog/items"),
+            "lake": lake.uri(ITEMS),
         },
     )
     yield dg.MaterializeResult(
         asset_key="catalog_users",
-        metadata={"upserted_rows": report.users_upserted, "lake": lake.uri("catalog/users")},
+        metadata={"upserted_rows": report.users_upserted, "lake": lake.uri(USERS)},
     )
     messages = [batch.message() for batch in report.held]
     for message in messages:
