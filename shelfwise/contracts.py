@@ -152,3 +152,20 @@ def conform(table: pa.Table, schema: pa.Schema, source: str) -> pa.Table:
                 f"{source}: column '{field.name}' cannot be read as {field.type}: {error}"
             ) from error
     return pa.Table.from_arrays(columns, schema=schema.with_metadata(None).remove_metadata())
+
+
+# Why a row is quarantined: the `reason` column of every quarantined row, whoever set it aside
+# (ingestion's suite, the feedback log's plausibility check).
+ROW_REASON = "reason"
+GUEST_REASON = "guest checkout: user_id is null"
+RETURN_REASON = "return: purchase with a negative quantity"
+NEGATIVE_PRICE_REASON = "price is negative"
+PRICE_REASON = f"price is not a finite number at most {MAX_PRICE:,.0f}"
+# Rows every real export holds, by reason, in the order they are tested (a guest's return is a
+# guest row).
+SET_ASIDE_REASONS = (GUEST_REASON, RETURN_REASON)
+
+
+def earliest_reason(column: str, earliest: datetime) -> str:
+    """The reason of a row whose `column` is before the earliest plausible time."""
+    return f"{column} is before {earliest.isoformat()}"

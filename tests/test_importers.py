@@ -10,11 +10,18 @@ import pytest
 
 from shelfwise import cli
 from shelfwise import lake as paths
-from shelfwise.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, ContractError, conform
+from shelfwise.contracts import (
+    EVENTS_SCHEMA,
+    GUEST_REASON,
+    ITEMS_SCHEMA,
+    RETURN_REASON,
+    USERS_SCHEMA,
+    ContractError,
+    conform,
+)
 from shelfwise.intake.importers import import_file, import_files, normalize_ids
 from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import Lake
-from shelfwise.validation import GUEST_REASON, RETURN_REASON
 
 FIXTURES = Path(__file__).parent / "fixtures" / "importers"
 RETAILROCKET = [

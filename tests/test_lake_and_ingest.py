@@ -8,6 +8,8 @@ import pytest
 from shelfwise.contracts import (
     EVENT_TYPES,
     EVENTS_SCHEMA,
+    GUEST_REASON,
+    RETURN_REASON,
     STOCK_UPDATES_SCHEMA,
     ContractError,
     conform,
@@ -16,7 +18,6 @@ from shelfwise.home import prepare_home
 from shelfwise.intake.ingest import ingest_landing, ingested_dates, lake_has_events
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from shelfwise.validation import GUEST_REASON, RETURN_REASON
 
 NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
 

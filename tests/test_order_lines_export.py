@@ -13,9 +13,9 @@ import httpx
 import polars as pl
 import pytest
 
+from shelfwise.contracts import GUEST_REASON, RETURN_REASON
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from shelfwise.validation import GUEST_REASON, RETURN_REASON
 from tests.order_lines import FEE_CODES, JUNK_TITLES, OrderLinesExport, write_order_lines
 from tests.support import PROJECT_ROOT, VENV_BIN, bentoml_server
 

@@ -10,13 +10,12 @@ import pytest
 
 from orchestration.assets.lake import raw_events
 from orchestration.resources import ShelfwiseResource
-from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, MAX_PRICE, parse_earliest
+from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, MAX_PRICE, PRICE_REASON, parse_earliest
 from shelfwise.home import prepare_home
 from shelfwise.intake.ingest import ingest_landing
 from shelfwise.lake import EVENTS, STOCK_UPDATES, Lake
 from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 from shelfwise.settings import Settings
-from shelfwise.validation import PRICE_REASON
 from tests.test_feedback_log import make_events
 from tests.test_lake_and_ingest import event, events_table
 

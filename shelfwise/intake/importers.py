@@ -60,7 +60,7 @@ Decisions:
   values can be read raises `ContractError` (most likely a wrong `timestamp_unit` or
   `timestamp_format`).
 - **A dry run of ingestion.** Each landing batch is validated at import time with ingestion's own
-  rules (`shelfwise.validation.validate_events`), so the report says per file what will land,
+  rules (`shelfwise.intake.validation.validate_events`), so the report says per file what will land,
   what will be set aside (guests, returns) and what is invalid, by reason, and which batches the
   default threshold will hold (`SourceCheck`).
 - **Catalog.** Items and users are kept per key (bounded by the number of items/users, not of
@@ -128,8 +128,8 @@ from shelfwise.intake.ingest import (
     held_batch,
     reason_counts,
 )
+from shelfwise.intake.validation import validate_events
 from shelfwise.lake import Lake
-from shelfwise.validation import validate_events
 
 FORMATS = ("generic", "retailrocket", "rees46", "yoochoose")
 TIMESTAMP_UNITS = ("s", "ms", "iso")
@@ -251,7 +251,7 @@ class ImportReport:
 class SourceCheck:
     """What ingestion will do with one source file's events: a dry run of its validation.
 
-    The same rules as ingestion (`shelfwise.validation.validate_events`), applied per landing
+    The same rules as ingestion (`shelfwise.intake.validation.validate_events`), applied per landing
     batch at import time, so `shelfwise import` can say what will land before the pipeline runs.
 
     Attributes:

@@ -2,13 +2,13 @@
 
 `shelfwise generate`, `shelfwise import` and the service all drop files into `landing/`. Ingestion
 conforms each file to its contract, validates its rows with Great Expectations
-(`shelfwise.validation`), publishes the valid rows (events partitioned by date, catalog rows
+(`shelfwise.intake.validation`), publishes the valid rows (events partitioned by date, catalog rows
 upserted by key) and writes rejected rows with a reason per row to `quarantine/`.
 
 Rows every real export holds (guest checkouts, returns) are set aside to quarantine with their
-reason and do not count as invalid (`shelfwise.validation.set_aside_rows`). A batch whose share of
-invalid rows exceeds `max_invalid_share` is held: its rejected rows still go to quarantine for
-inspection, but nothing of it is published and the file stays in landing, so a broken delivery
+reason and do not count as invalid (`shelfwise.intake.validation.set_aside_rows`). A batch whose
+share of invalid rows exceeds `max_invalid_share` is held: its rejected rows still go to quarantine
+for inspection, but nothing of it is published and the file stays in landing, so a broken delivery
 never feeds features, also not in a later run. A delivery is all or nothing: the catalog files of
 a delivery whose events are held stay in landing too. `HeldBatch.message` says why and how to go
 on: fix the source and import again (the same landing name is overwritten), or raise the
@@ -38,16 +38,17 @@ from shelfwise.contracts import (
     IMPRESSIONS_SCHEMA,
     ITEMS_KEY,
     ITEMS_SCHEMA,
+    ROW_REASON,
     STOCK_UPDATED_AT,
     UNKNOWN_CATEGORY,
     USERS_KEY,
     USERS_SCHEMA,
     conform,
 )
+from shelfwise.intake.validation import EventValidation, validate_events
 from shelfwise.lake import Lake
 from shelfwise.runtime.feedback import OUTPUT_PREFIX as FEEDBACK_FILE_PREFIX  # noqa: F401 (re-exported)
 from shelfwise.runtime.feedback import feedback_event_files, latest_stock_updates
-from shelfwise.validation import ROW_REASON, EventValidation, validate_events
 
 DEFAULT_MAX_INVALID_SHARE = 0.01
 

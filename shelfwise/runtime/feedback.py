@@ -91,9 +91,13 @@ from shelfwise.contracts import (
     EVENTS_SCHEMA,
     IMPRESSIONS_SCHEMA,
     MAX_PRICE,
+    NEGATIVE_PRICE_REASON,
+    PRICE_REASON,
+    ROW_REASON,
     STOCK_UPDATES_SCHEMA,
     ContractError,
     conform,
+    earliest_reason,
 )
 from shelfwise.lake import (
     EVENTS,
@@ -104,7 +108,6 @@ from shelfwise.lake import (
     quarantine_file,
 )
 from shelfwise.runtime.online_state import SEEN_TTL_S, OnlineState, StockChange
-from shelfwise.validation import NEGATIVE_PRICE_REASON, PRICE_REASON, ROW_REASON, earliest_reason
 
 logger = logging.getLogger(__name__)
 

@@ -18,16 +18,18 @@ from functools import cache
 
 import polars as pl
 
-from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, EVENT_TYPES, EVENTS_SCHEMA, MAX_PRICE
-
-ROW_REASON = "reason"
-GUEST_REASON = "guest checkout: user_id is null"
-RETURN_REASON = "return: purchase with a negative quantity"
-NEGATIVE_PRICE_REASON = "price is negative"
-PRICE_REASON = f"price is not a finite number at most {MAX_PRICE:,.0f}"
-# Rows every real export holds, by reason, in the order they are tested (a guest's return is a
-# guest row).
-SET_ASIDE_REASONS = (GUEST_REASON, RETURN_REASON)
+from shelfwise.contracts import (
+    DEFAULT_EARLIEST_EVENT_AT,
+    EVENT_TYPES,
+    EVENTS_SCHEMA,
+    GUEST_REASON,
+    MAX_PRICE,
+    NEGATIVE_PRICE_REASON,
+    PRICE_REASON,
+    RETURN_REASON,
+    ROW_REASON,
+    earliest_reason,
+)
 
 
 @dataclass
@@ -85,11 +87,6 @@ def set_aside_rows(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     marked = events.with_columns(reason.alias(ROW_REASON))
     kept = marked.filter(pl.col(ROW_REASON).is_null()).drop(ROW_REASON)
     return kept, marked.filter(pl.col(ROW_REASON).is_not_null())
-
-
-def earliest_reason(column: str, earliest: datetime) -> str:
-    """The reason of a row whose `column` is before the earliest plausible time."""
-    return f"{column} is before {earliest.isoformat()}"
 
 
 def _expectations(now: datetime, earliest: datetime) -> list[object]:
