@@ -2,10 +2,10 @@
 
 Walks every module of the four packages with `ast` (nothing is imported or run), keeps the imports
 from one package of the project into another, and prints a `flowchart` for docs/architecture.md
-(edges only, so the page does not go stale as modules move). With `--check` it also exits 1 when
-an import points upward (the layering rule of that page).
+(edges only, so the page does not go stale as modules move). The layering rule itself is checked
+by import-linter's contracts in pyproject.toml (tests/test_layers.py).
 
-    python docs/gen_import_graph.py [--check] [--root PATH]
+    python docs/gen_import_graph.py [--root PATH]
 """
 
 from __future__ import annotations
@@ -16,13 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# Each package and the project packages it may import (the rule: never upward).
-LAYERS: dict[str, set[str]] = {
-    "shelfwise": set(),
-    "models": {"shelfwise"},
-    "orchestration": {"shelfwise", "models"},
-    "bentos": {"shelfwise", "models"},
-}
+# The project's packages, lowest layer first.
+LAYERS = ("shelfwise", "models", "orchestration", "bentos")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -49,15 +44,6 @@ def import_graph(root: Path) -> dict[tuple[str, str], list[str]]:
     return dict(edges)
 
 
-def upward(edges: dict[tuple[str, str], list[str]]) -> list[str]:
-    """Describe every import that breaks the layering rule."""
-    return [
-        f"{source} imports {target} ({', '.join(modules)})"
-        for (source, target), modules in sorted(edges.items())
-        if target not in LAYERS[source]
-    ]
-
-
 def mermaid(edges: dict[tuple[str, str], list[str]]) -> str:
     """Render the graph as a mermaid flowchart: an arrow from each importer to what it imports."""
     lines = ["flowchart BT"]
@@ -67,17 +53,12 @@ def mermaid(edges: dict[tuple[str, str], list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the diagram; with --check, fail on an upward import."""
+    """Print the diagram."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent)
-    parser.add_argument("--check", action="store_true", help="exit 1 on an upward import")
     args = parser.parse_args(argv)
-    edges = import_graph(args.root)
-    sys.stdout.write(mermaid(edges) + "\n")
-    problems = upward(edges)
-    for problem in problems:
-        sys.stderr.write(f"upward import: {problem}\n")
-    return 1 if args.check and problems else 0
+    sys.stdout.write(mermaid(import_graph(args.root)) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
