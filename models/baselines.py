@@ -48,6 +48,7 @@ from models.collaborative import (
     InteractionMatrix,
     ease_weights,
     interaction_matrix,
+    top_items_per_user,
 )
 from models.metrics import QUERY, mean_metrics, per_user_metrics, top_k
 
@@ -69,7 +70,6 @@ BLEND = "blend"
 BLEND_PARTNERS = (BASKET, ITEM_KNN, EASE)
 STRONG_BASELINES = (BUY_AGAIN_RECENCY, BASKET, ITEM_KNN, EASE, BLEND)
 HISTORY_COLUMNS = ["user_id", "item_id", "event_type", "occurred_at"]
-_USER_CHUNK = 1_000
 _SCORE = pl.Float64
 
 
@@ -263,29 +263,13 @@ def _score_users(
     if not rows or n_items == 0:
         return _empty_scores()
     mask = np.isin(built.items, list(blocked)) if blocked else np.zeros(n_items, bool)
-    depth = min(DEPTH, n_items)
-    frames = []
-    for start in range(0, len(rows), _USER_CHUNK):
-        chunk = rows[start : start + _USER_CHUNK]
-        scores = built.matrix[chunk] @ model
-        scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)
-        scores[:, mask] = -np.inf
-        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-        values = np.take_along_axis(scores, top, axis=1)
-        frames.append(
-            pl.DataFrame(
-                {
-                    "user_id": np.repeat(np.asarray(built.users, dtype=object)[chunk], depth),
-                    "item_id": built.items[top.ravel()],
-                    "score": values.ravel().astype(np.float64),
-                },
-                schema={"user_id": pl.String, "item_id": pl.String, "score": _SCORE},
-            )
-        )
-    return (
-        pl.concat(frames)
-        .filter(pl.col("score") > 0)
-        .select(pl.lit(cutoff).cast(as_of_type).alias("as_of"), "user_id", "item_id", "score")
+    users = np.asarray(built.users, dtype=object)[rows]
+    top = top_items_per_user(built.matrix[rows], model, users, built.items, DEPTH, mask, False)
+    return top.select(
+        pl.lit(cutoff).cast(as_of_type).alias("as_of"),
+        "user_id",
+        "item_id",
+        pl.col("score").cast(_SCORE),
     )
 
 

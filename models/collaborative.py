@@ -228,32 +228,68 @@ def _top_unseen(
         shape=(index.height, len(model.items)),
     )
     matrix.sort_indices()
-    depth = min(per_user, len(model.items))
     users = np.asarray(user_ids.to_list(), dtype=object)
-    parts = []
-    for start in range(0, index.height, USER_BLOCK):
-        block = matrix[start : start + USER_BLOCK]
-        scores = np.asarray(block @ model.weights)
-        scores[block.nonzero()] = -np.inf  # the user's own items: not this generator's job
-        scores[:, mask] = -np.inf
+    # The user's own items are not this generator's job: the history generators propose them.
+    top = top_items_per_user(matrix, model.weights, users, model.items, per_user, mask, True)
+    return top.select(
+        pl.lit(as_of).cast(schema["as_of"]).alias("as_of"),
+        "user_id",
+        "item_id",
+        pl.col("score").alias("collaborative_score"),
+    )
+
+
+def top_items_per_user(
+    interactions: sp.csr_matrix,
+    weights: np.ndarray | sp.csr_matrix,
+    users: np.ndarray,
+    items: np.ndarray,
+    depth: int,
+    blocked: np.ndarray,
+    exclude_own: bool,
+) -> pl.DataFrame:
+    """Each user's best items by `interactions @ weights`, scored in blocks of users.
+
+    The one scorer of every item-item model (the collaborative generator, the EASE and item-kNN
+    baselines): a block's dense scores are users × items, so memory stays one block's.
+
+    Args:
+        interactions: Users × items (rows in the order of `users`).
+        weights: Items × items, dense or sparse.
+        users: The user id of each row.
+        items: The item id of each column.
+        depth: Items kept per user (at most the number of items).
+        blocked: A boolean mask of the items never to propose.
+        exclude_own: Whether a user's own items (non-zero in `interactions`) are left out.
+
+    Returns:
+        Columns user_id, item_id, score (> 0 only), up to `depth` rows per user.
+    """
+    schema = {"user_id": pl.String, "item_id": pl.String, "score": pl.Float64}
+    depth = min(depth, len(items))
+    parts = [pl.DataFrame(schema=schema)]
+    if depth <= 0:
+        return parts[0]
+    for start in range(0, interactions.shape[0], USER_BLOCK):
+        block = interactions[start : start + USER_BLOCK]
+        scores = block @ weights
+        scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)
+        if exclude_own:
+            scores[block.nonzero()] = -np.inf
+        scores[:, blocked] = -np.inf
         top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
         values = np.take_along_axis(scores, top, axis=1)
         parts.append(
             pl.DataFrame(
                 {
                     "user_id": np.repeat(users[start : start + block.shape[0]], depth),
-                    "item_id": model.items[top.ravel()].astype(str),
-                    "collaborative_score": values.ravel().astype(np.float64),
+                    "item_id": np.asarray(items)[top.ravel()].astype(str),
+                    "score": values.ravel().astype(np.float64),
                 },
-                schema={k: v for k, v in schema.items() if k != "as_of"},
+                schema=schema,
             )
         )
-    return (
-        pl.concat(parts)
-        .filter(pl.col("collaborative_score") > 0)
-        .select(pl.lit(as_of).cast(schema["as_of"]).alias("as_of"), pl.exclude("as_of"))
-        .select(list(schema))
-    )
+    return pl.concat(parts).filter(pl.col("score") > 0)
 
 
 def item_neighbours(
