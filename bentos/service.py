@@ -49,6 +49,7 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from models.ranker import booster_from_text
 from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
@@ -428,10 +429,8 @@ class Serving:
 
 def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:
     """The LightGBM booster and its feature list from a model store folder."""
-    import lightgbm as lgb
-
     text, info = read_ranker(model_dir)
-    return lgb.Booster(model_str=text), info["features"]
+    return booster_from_text(text), info["features"]
 
 
 def load_segment_policy(model_dir: Path) -> SegmentPolicy | None:
