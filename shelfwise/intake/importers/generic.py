@@ -70,7 +70,7 @@ def import_generic(
 
     Required canonical columns: `occurred_at`, `user_id`, `item_id`, and an event type: a
     mapped (or same-named) `event_type` column or one `event_type` for every row; there is no
-    silent default. Defaults for the others: `event_id` derived (see the module docstring),
+    silent default. Defaults for the others: `event_id` derived (see the package docstring),
     `session_id` derived by a 30-minute gap, `quantity` 1, `price` and `rec_id` null, `source`
     "import:generic". Mapped `title`, `category_id`, `category_path`, `brand`, `is_in_stock`,
     `is_recommendable` describe items and `country`, `device` users.

@@ -144,7 +144,7 @@ class _Unit:
             target.update(long)
 
     def write_catalog(self, category_paths: Mapping[str, str] | None = None) -> None:
-        """Writes the items and users files (rows described in the module docstring)."""
+        """Writes the items and users files (rows described in the package docstring)."""
         items_path = paths.dataset_file(paths.LANDING_ITEMS, f"{self.prefix}-items")
         if self.not_recommendable:  # the command line's word is the last one
             self.items.update(
