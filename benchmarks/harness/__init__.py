@@ -9,7 +9,8 @@
 - `report`: medians and percentiles, printed tables, the result JSON (machine, versions).
 
 The scripts run as `.venv/bin/python benchmarks/<name>.py`, so this package is imported by name
-from their folder.
+from their folder. It imports the standard library only (third-party modules inside the functions
+that need them), so that a script run in another interpreter can use it.
 """
 
 from .processes import (

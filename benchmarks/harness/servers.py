@@ -11,8 +11,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from .processes import TreeMemory, process_tree
 from .state import BIN, ROOT
 
@@ -56,6 +54,8 @@ def serve(
             shutdown).
         memory: Sample its process tree's RSS and PSS from the start (`Server.memory`).
     """
+    import httpx
+
     started = time.perf_counter()
     url = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
