@@ -72,7 +72,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import UTC, date, datetime
@@ -84,6 +83,7 @@ from harness import (
     LATENCIES_MS,
     RESULTS_DIR,
     ROOT,
+    Background,
     CpuMeter,
     TreeMemory,
     child_json,
@@ -99,6 +99,8 @@ from harness import (
     run_logged,
     serve,
     shelfwise,
+    shop_arguments,
+    shop_config,
     state_copy,
     state_env,
     state_record,
@@ -179,14 +181,7 @@ def loop_definitions(home: Path, threshold: int):
 
 def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     """`shelfwise init` and `generate` (up to today), then the `retraining` job once."""
-    config = {
-        "users": args.users,
-        "items": args.items,
-        "days": args.days,
-        "events": args.events,
-        "seed": args.seed,
-        "end_date": datetime.now(UTC).date().isoformat(),
-    }
+    config = {**shop_config(args), "end_date": datetime.now(UTC).date().isoformat()}
     home.mkdir(parents=True, exist_ok=True)
     env, log = state_env(home), home / "feedback_loop_build.log"
     steps = {}
@@ -539,17 +534,16 @@ def _step_times(instance, run_id: str) -> dict[str, tuple[float, float]]:
     return {key: (starts[key], ends[key]) for key in sorted(starts, key=starts.get) if key in ends}
 
 
-class VersionWatch:
+class VersionWatch(Background):
     """Polls `/recommend` in a thread; notes when the answer first carries another version."""
 
     def __init__(self, url: str, user: str, old: str, interval: float = 0.05) -> None:
+        super().__init__()
         self.url, self.user, self.old, self.interval = url, user, old, interval
         self.seen_at: float | None = None
         self.version: str | None = None
         self.polls = 0
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with httpx.Client(timeout=30) as client:
@@ -564,14 +558,6 @@ class VersionWatch:
                     self.seen_at, self.version = time.time(), version
                     return
                 self._stop.wait(self.interval)
-
-    def __enter__(self) -> "VersionWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def wait(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -831,11 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
     parser.add_argument("--rebuild", action="store_true", help="build even if the state exists")
-    parser.add_argument("--users", type=int, default=5_000)
-    parser.add_argument("--items", type=int, default=2_000)
-    parser.add_argument("--days", type=int, default=35)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--seed", type=int, default=7)
+    shop_arguments(parser, users=5_000, items=2_000, days=35, events=500_000)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of wrk warm-up")
@@ -882,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     build = state_record(home, BUILD_RECORD, args.rebuild)
     if build is not None:
-        wanted = {k: getattr(args, k) for k in ("users", "items", "days", "events", "seed")}
+        wanted = shop_config(args)
         if {k: build["config"][k] for k in wanted} != wanted:
             raise SystemExit(f"{home} was built with {build['config']}; use --rebuild")
     else:

@@ -63,6 +63,7 @@ from harness import (
     recommend_lua,
     report_head,
     serve,
+    shop_arguments,
     state_copy,
     state_env,
     state_record,
@@ -443,11 +444,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
-    parser.add_argument("--users", type=int, default=5_000)
-    parser.add_argument("--items", type=int, default=2_000)
-    parser.add_argument("--days", type=int, default=35)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--seed", type=int, default=7)
+    shop_arguments(parser, users=5_000, items=2_000, days=35, events=500_000)
     parser.add_argument("--limits", type=int, nargs="+", default=[0, 8, 16, 32])
     parser.add_argument("--bentoml-limit", type=int, default=16, help="0: leave it out")
     parser.add_argument("--connections", type=int, default=256)

@@ -56,6 +56,8 @@ from harness import (
     report_head,
     run_logged,
     shelfwise,
+    shop_arguments,
+    shop_config,
     state_env,
     write_json,
 )
@@ -217,11 +219,7 @@ def serving_probe(env: dict[str, str], lake: Any) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path("/tmp/sw10m"))
-    parser.add_argument("--users", type=int, default=400_000)
-    parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--events", type=int, default=10_000_000)
-    parser.add_argument("--seed", type=int, default=1)
+    shop_arguments(parser, users=400_000, items=50_000, days=60, events=10_000_000, seed=1)
     parser.add_argument("--end-date", default="2026-11-01")
     parser.add_argument("--fresh", action="store_true", help="start from an empty home")
     parser.add_argument("--wait-minutes", type=float, default=40.0)
@@ -267,7 +265,7 @@ def main() -> None:
     lake = Lake(Settings.from_env(env).lake_url)
     figures: dict[str, Any] = {}
     if not (lake_has_events(lake) or lake.list_files("landing/events")):
-        shop = generate(vars(args), f"--end-date={args.end_date}")
+        shop = generate(shop_config(args), f"--end-date={args.end_date}")
         measured = run_logged(shop, env, home / "generate.log", append=False)
         if measured.returncode:
             raise SystemExit(f"shelfwise generate failed: see {home / 'generate.log'}")
@@ -326,11 +324,7 @@ def main() -> None:
             **report_head("pipeline_scale", ("dagster", "polars", "lightgbm")),
             "config": {
                 "home": str(home),
-                "users": args.users,
-                "items": args.items,
-                "days": args.days,
-                "events": args.events,
-                "seed": args.seed,
+                **shop_config(args),
                 "end_date": args.end_date,
                 "command": " ".join(pipeline),
                 **waited,

@@ -96,6 +96,8 @@ from harness import (
     run_logged,
     serve,
     shelfwise,
+    shop_arguments,
+    shop_config,
     state_env,
     state_record,
     write_json,
@@ -154,14 +156,7 @@ def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     """
     home.mkdir(parents=True, exist_ok=True)
     env, log = state_env(home), home / "serving_benchmark_build.log"
-    config = {
-        "users": args.users,
-        "items": args.items,
-        "days": args.days,
-        "events": args.events,
-        "seed": args.seed,
-        "train_users": args.train_users,
-    }
+    config = {**shop_config(args), "train_users": args.train_users}
     path = home / BUILD_RECORD
     record = json.loads(path.read_text()) if path.exists() else {"config": config, "steps": {}}
     if record["config"] != config:
@@ -894,11 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
     parser.add_argument("--rebuild", action="store_true", help="build even if the state exists")
-    parser.add_argument("--users", type=int, default=200_000)
-    parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--days", type=int, default=42)
-    parser.add_argument("--events", type=int, default=5_000_000)
-    parser.add_argument("--seed", type=int, default=7)
+    shop_arguments(parser, users=200_000, items=50_000, days=42, events=5_000_000)
     parser.add_argument("--train-users", type=int, default=20_000)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3)

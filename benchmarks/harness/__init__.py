@@ -14,6 +14,7 @@ that need them), so that a script run in another interpreter can use it.
 """
 
 from .processes import (
+    Background,
     ChildFailed,
     CpuMeter,
     Measured,
@@ -46,6 +47,8 @@ from .state import (
     generate,
     materialize,
     shelfwise,
+    shop_arguments,
+    shop_config,
     state_copy,
     state_env,
     state_record,
@@ -60,6 +63,7 @@ from .wrk import (
 )
 
 __all__ = [
+    "Background",
     "BIN",
     "LATENCIES_MS",
     "RESULTS_DIR",
@@ -91,6 +95,8 @@ __all__ = [
     "run_logged",
     "serve",
     "shelfwise",
+    "shop_arguments",
+    "shop_config",
     "state_copy",
     "state_env",
     "state_record",

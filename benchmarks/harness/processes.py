@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .state import ROOT
 
@@ -67,7 +67,27 @@ def mib(kib: float) -> float:
     return round(kib / 1024, 1)
 
 
-class TreeMemory:
+class Background:
+    """Runs `_run` in a daemon thread from the start of a `with` block to its end, when `_stop`
+    is set."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class TreeMemory(Background):
     """Samples the memory of a process tree from /proc in a background thread.
 
     Keeps the peak RSS of the whole tree (and its PSS with `pss`), the most processes seen, and
@@ -76,11 +96,10 @@ class TreeMemory:
     """
 
     def __init__(self, root: int, interval: float = 0.5, pss: bool = False) -> None:
+        super().__init__()
         self.root, self.interval, self.pss = root, interval, pss
         self.peak_rss_kib = self.peak_pss_kib = self.processes = 0
         self.subtree_peak_kib: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _measure(self) -> tuple[int, int, int, dict[int, int]]:
         parents = _parents()
@@ -108,14 +127,6 @@ class TreeMemory:
             for pid, kib in subtree.items():
                 self.subtree_peak_kib[pid] = max(self.subtree_peak_kib.get(pid, 0), kib)
             self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class CpuMeter:
@@ -186,7 +197,7 @@ def wait_for_quiet(cores: float, timeout: float, window: float = 2.0) -> dict[st
 
 def load_average() -> float:
     """The 1-minute load average: how busy the machine was."""
-    return os.getloadavg()[0]
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Where a benchmark runs: the project's paths, the Makefile's environment for a state folder,
 the commands that fill one, and its reuse (build record, `--rebuild`, throw-away copies)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -48,6 +49,19 @@ def state_env(
     )
     env.update(extra or {})
     return env
+
+
+def shop_arguments(
+    parser: argparse.ArgumentParser, users: int, items: int, days: int, events: int, seed: int = 7
+) -> None:
+    """`--users --items --days --events --seed`: the shop a state is generated from."""
+    for name, default in zip(SHOP_OPTIONS, (users, items, days, events, seed), strict=True):
+        parser.add_argument(f"--{name}", type=int, default=default)
+
+
+def shop_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The shop options of parsed arguments (`shop_arguments`), for `generate` and the record."""
+    return {key: getattr(args, key) for key in SHOP_OPTIONS}
 
 
 def shelfwise(*args: str) -> list[str]:
