@@ -106,6 +106,7 @@ from harness import (
     state_record,
     wait_for_quiet,
     write_json,
+    wrk_command,
     wrk_json,
 )
 
@@ -258,7 +259,7 @@ def run_wrk(
 ) -> dict:
     """One wrk run (one thread, keep-alive); the figures of its `done()` and the CPU it took."""
     with CpuMeter(server_pid) as cpu:
-        raw = wrk_json(url, script, concurrency, seconds, script_args=[prefix])
+        raw = wrk_json(wrk_command(url, script, concurrency, seconds, script_args=[prefix]))
     return {
         "requests": raw["requests"],
         "accepted": raw["accepted"],

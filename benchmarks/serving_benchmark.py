@@ -101,6 +101,7 @@ from harness import (
     state_env,
     state_record,
     write_json,
+    wrk_command,
     wrk_json,
 )
 
@@ -365,7 +366,7 @@ def wrk_script(user_ids: list[str]) -> str:
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
     """One keep-alive wrk run (one client thread); latencies in ms, throughput in requests/s."""
-    raw = wrk_json(url, script, concurrency, seconds, latency=True)
+    raw = wrk_json(wrk_command(url, script, concurrency, seconds, latency=True))
     rps = raw["requests_per_second"]
     return {"requests": raw["requests"], "errors": raw["errors"], "rps": rps} | {
         key: raw[key] for key in LATENCIES_MS

@@ -78,17 +78,9 @@ def wrk_command(
     return command + (["--", *script_args] if script_args else [])
 
 
-def wrk_json(
-    url: str,
-    script: Path,
-    concurrency: int,
-    seconds: float,
-    script_args: list[str] | None = None,
-    latency: bool = False,
-) -> dict[str, Any]:
-    """One `wrk_command` run of a script ending in `report_lua()`: its JSON, plus `errors` (every
+def wrk_json(command: list[str]) -> dict[str, Any]:
+    """Runs a `wrk_command` whose script ends in `report_lua()`: its JSON, plus `errors` (every
     kind summed), `seconds`, `requests_per_second` and the latencies in ms (`LATENCIES_MS`)."""
-    command = wrk_command(url, script, concurrency, seconds, script_args, latency)
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     found = re.search(r"^WRK_JSON (.*)$", done.stdout, re.MULTILINE)
     if not found:
