@@ -18,11 +18,10 @@ Prints a table per lake and writes `benchmarks/results/collaborative_model.json`
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import polars as pl
+from harness import RESULTS_DIR, write_json
 from implicit.als import AlternatingLeastSquares
 from implicit.bpr import BayesianPersonalizedRanking
 
@@ -34,7 +33,7 @@ from models.collaborative import (
 )
 from models.metrics import per_user_metrics
 
-RESULTS = Path(__file__).resolve().parent / "results" / "collaborative_model.json"
+RESULTS = RESULTS_DIR / "collaborative_model.json"
 K = 10
 
 
@@ -124,8 +123,7 @@ def main() -> None:
                 f"{name:10s} {row['users']:6d} {row['ndcg@10']:8.4f} {row['minus_ease']:+11.4f}"
                 f"  [{low:+.4f}, {high:+.4f}]"
             )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(RESULTS, results)
 
 
 if __name__ == "__main__":

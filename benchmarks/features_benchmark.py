@@ -24,9 +24,9 @@ import time
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from harness import machine, versions
+from harness import RESULTS_DIR, format_pairs, report_head, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
+RESULTS = RESULTS_DIR / "features.json"
 TARGET_SECONDS = 180.0
 
 
@@ -136,32 +136,24 @@ def main() -> None:
         ("target (asset wall), s", f"< {TARGET_SECONDS:.0f}"),
         ("result", "PASS" if passed else "MISS"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print(format_pairs(rows))
     print("slowest models:", sorted(model_seconds.items(), key=lambda kv: -kv[1])[:5])
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "features",
-                "measured_at": datetime.now(UTC).isoformat(),
-                "machine": machine(),
-                "versions": versions("dagster", "dbt-core", "dbt-duckdb", "duckdb"),
-                "config": {
-                    "events": events,
-                    "cutoffs": 5,
-                    "dbt_threads": 2,
-                    "quarantined": report.events_quarantined,
-                },
-                "figures": {k: round(v, 2) for k, v in figures.items()},
-                "model_seconds": model_seconds,
-                "target_seconds": TARGET_SECONDS,
-                "passed": passed,
+    write_json(
+        RESULTS,
+        {
+            **report_head("features", ("dagster", "dbt-core", "dbt-duckdb", "duckdb")),
+            "config": {
+                "events": events,
+                "cutoffs": 5,
+                "dbt_threads": 2,
+                "quarantined": report.events_quarantined,
             },
-            indent=2,
-        )
+            "figures": {k: round(v, 2) for k, v in figures.items()},
+            "model_seconds": model_seconds,
+            "target_seconds": TARGET_SECONDS,
+            "passed": passed,
+        },
     )
 
 

@@ -17,7 +17,6 @@ Prints a table and writes JSON (machine, config, figures) to
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import shutil
@@ -29,12 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import format_table, machine, versions
+from harness import RESULTS_DIR, format_table, percentile_ms, report_head, write_json
 
 from shelfwise.lake import EVENTS, Lake
 from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 
-RESULTS = Path(__file__).resolve().parent / "results" / "feedback_benchmark.json"
+RESULTS = RESULTS_DIR / "feedback_benchmark.json"
 BATCH = 100
 TARGET_EVENTS_PER_SECOND = 20_000.0
 START = datetime.datetime(2026, 11, 1, tzinfo=datetime.UTC)
@@ -63,12 +62,7 @@ def _batches(prefix: str, count: int) -> list[list[dict[str, Any]]]:
 
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies)
-
-    def at(share: float) -> float:
-        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000
-
-    return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)}
+    return {f"p{p}_ms": percentile_ms(latencies, p / 100) for p in (50, 95, 99)}
 
 
 def _drive(log: FeedbackLog, batches: list[list[dict[str, Any]]], seconds: float) -> list[float]:
@@ -246,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'PASS' if passed else 'FAIL'}")  # fmt: skip
 
     report = {
-        "benchmark": "feedback",
-        "run_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions("polars", "pyarrow"),
+        **report_head("feedback", ("polars", "pyarrow"), stamp="run_at"),
         "config": {
             "batch": BATCH,
             "seconds": args.seconds,
@@ -261,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": {"append": figures, "raw_fsync": fsync, "compaction": compaction},
         "passed": passed,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     return 0 if passed else 1
 
 

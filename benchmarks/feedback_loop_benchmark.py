@@ -68,29 +68,52 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import format_table, machine, process_tree, state_env, versions, wrk_json
+from harness import (
+    LATENCIES_MS,
+    RESULTS_DIR,
+    ROOT,
+    Background,
+    CpuMeter,
+    TreeMemory,
+    child_json,
+    exit_on_sigterm,
+    format_table,
+    generate,
+    machine,
+    mib,
+    print_result,
+    process_tree,
+    report_head,
+    report_lua,
+    run_logged,
+    serve,
+    shelfwise,
+    shop_arguments,
+    shop_config,
+    state_copy,
+    state_env,
+    state_record,
+    wait_for_quiet,
+    write_json,
+    wrk_command,
+    wrk_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/feedback_loop_benchmark.py` from anywhere
     sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
-RESULTS = Path(__file__).resolve().parent / "results" / "feedback_loop_benchmark.json"
+RESULTS = RESULTS_DIR / "feedback_loop_benchmark.json"
 DEFAULT_STATE = Path(tempfile.gettempdir()) / "shelfwise-feedback-loop-benchmark"
 BUILD_RECORD = "feedback_loop_build.json"
 SERVICE = "bentos/service.py:RecommendationService"
@@ -106,17 +129,9 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local users = {%(users)s}
 local items = {%(items)s}
-local threads = {}
-local created = 0
 local prefix = "run"
 local counter = 0
-accepted, ok, bad = 0, 0, 0
-
-function setup(thread)
-  created = created + 1
-  thread:set("tid", created)
-  table.insert(threads, thread)
-end
+accepted, ok, non_200 = 0, 0, 0  -- summed over the threads by the reporter
 
 function init(args)
   prefix = args[1] or prefix
@@ -139,25 +154,8 @@ function response(status, headers, body)
     ok = ok + 1
     accepted = accepted + (tonumber(string.match(body, '"accepted":%%s*(%%d+)')) or 0)
   else
-    bad = bad + 1
+    non_200 = non_200 + 1
   end
-end
-
-function done(summary, latency, requests)
-  local acc, oks, bads = 0, 0, 0
-  for _, thread in ipairs(threads) do
-    acc = acc + thread:get("accepted")
-    oks = oks + thread:get("ok")
-    bads = bads + thread:get("bad")
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %%d, "duration_us": %%d, "accepted": %%d, "ok": %%d, "non_200": %%d, '
-    .. '"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d, '
-    .. '"p50_us": %%d, "p95_us": %%d, "p99_us": %%d, "max_us": %%d}\\n',
-    summary.requests, summary.duration, acc, oks, bads, e.connect, e.read, e.write, e.status,
-    e.timeout, latency:percentile(50), latency:percentile(95), latency:percentile(99),
-    latency.max))
 end
 """
 
@@ -183,46 +181,26 @@ def loop_definitions(home: Path, threshold: int):
     return bound_to(shelfwise)
 
 
-def _timed(command: list[str], env: dict[str, str], log: Path) -> float:
-    started = time.perf_counter()
-    with log.open("ab") as out:
-        out.write(f"\n$ {' '.join(command)}\n".encode())
-        out.flush()
-        code = subprocess.call(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command[:3])}… failed ({code}); see {log}")
-    return round(time.perf_counter() - started, 1)
-
-
 def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     """`shelfwise init` and `generate` (up to today), then the `retraining` job once."""
-    config = {
-        "users": args.users,
-        "items": args.items,
-        "days": args.days,
-        "events": args.events,
-        "seed": args.seed,
-        "end_date": datetime.now(UTC).date().isoformat(),
-    }
+    config = {**shop_config(args), "end_date": datetime.now(UTC).date().isoformat()}
     home.mkdir(parents=True, exist_ok=True)
     env, log = state_env(home), home / "feedback_loop_build.log"
     steps = {}
     print(f"building the state in {home} ({config}) …", flush=True)
-    steps["init"] = _timed([str(BIN / "shelfwise"), "init"], env, log)
-    steps["generate"] = _timed(
-        [
-            str(BIN / "shelfwise"),
-            "generate",
-            *(f"--{key}={config[key]}" for key in ("users", "items", "days", "events", "seed")),
-            f"--end-date={config['end_date']}",
+    commands = {
+        "init": shelfwise("init"),
+        "generate": generate(config, f"--end-date={config['end_date']}"),
+        # The pipeline in a child of this script (in-process executor, like the retraining test).
+        "retraining job (execute_in_process)": [
+            sys.executable,
+            __file__,
+            "--train-only",
+            f"--state={home}",
         ],
-        env,
-        log,
-    )
-    # The pipeline in a child of this script (in-process executor, like the retraining test).
-    steps["retraining job (execute_in_process)"] = _timed(
-        [sys.executable, __file__, "--train-only", f"--state={home}"], env, log
-    )
+    }
+    for name, command in commands.items():
+        steps[name] = round(run_logged(command, env, log, check=True).seconds, 1)
     record = {
         "config": config,
         "steps_seconds": steps,
@@ -245,66 +223,6 @@ def train_once(home: Path) -> None:
     )
     if not result.success or production(settings_for(home).bentoml_home) is None:
         raise SystemExit("the first retraining run failed or promoted no model")
-
-
-@contextmanager
-def state_copy(home: Path, scratch: Path, name: str) -> Iterator[Path]:
-    """A fresh copy of the state (without its log), removed afterwards."""
-    copy = scratch / name
-    shutil.copytree(home, copy, ignore=shutil.ignore_patterns("wal", "*.log"))
-    try:
-        yield copy
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
-
-
-def _tree_rss_mib(root: int) -> float:
-    total = 0
-    for pid in process_tree(root):
-        try:
-            text = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        found = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
-        total += int(found.group(1)) if found else 0
-    return round(total / 1024, 1)
-
-
-@contextmanager
-def serving(
-    home: Path, port: int, log: Path, extra_env: dict[str, str], timeout: float = 300
-) -> Iterator[tuple[str, subprocess.Popen, float]]:
-    """`bentoml serve` of the service on the state in `home` until `/readyz` answers 200."""
-    started = time.perf_counter()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [str(BIN / "bentoml"), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=state_env(home, extra=extra_env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"bentoml serve exited ({process.returncode}); see {log}")
-                if time.perf_counter() - started > timeout:
-                    raise RuntimeError(f"bentoml serve not ready in {timeout:.0f} s; see {log}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.25)
-            yield url, process, time.perf_counter() - started
-        finally:
-            process.terminate()  # graceful: the workers seal their log segments
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _percentiles(values_s: list[float]) -> dict[str, float]:
@@ -332,73 +250,9 @@ def wrk_script(pairs: list[tuple[str, str]]) -> str:
     """The Lua script: unique ids per request, the (user, item) pairs cycled."""
     users = ",".join(f'"{user}"' for user, _ in pairs)
     items = ",".join(f'"{item}"' for _, item in pairs)
-    return WRK_SCRIPT % {"batch": BATCH, "users": users, "items": items}
-
-
-class CpuMeter:
-    """CPU used during a measurement (in cores): by the server's process tree, by wrk (and other
-    children of this script), by this script, and by everything else on the machine, the noise of
-    a shared machine."""
-
-    TICK = os.sysconf("SC_CLK_TCK")
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-
-    @staticmethod
-    def _busy() -> int:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-
-    def _server(self) -> int:
-        total = 0
-        for pid in process_tree(self.server_pid):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total
-
-    def __enter__(self) -> "CpuMeter":
-        self._start = (
-            time.perf_counter(),
-            self._busy(),
-            self._server(),
-            resource.getrusage(resource.RUSAGE_CHILDREN),
-            resource.getrusage(resource.RUSAGE_SELF),
-        )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        started, busy, server, children, own = self._start
-        elapsed = time.perf_counter() - started
-        children_now = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own_now = resource.getrusage(resource.RUSAGE_SELF)
-        clients = (children_now.ru_utime + children_now.ru_stime) - (
-            children.ru_utime + children.ru_stime
-        )
-        mine = (own_now.ru_utime + own_now.ru_stime) - (own.ru_utime + own.ru_stime)
-        total = (self._busy() - busy) / self.TICK
-        serving = (self._server() - server) / self.TICK
-        self.cores = {
-            "server": round(serving / elapsed, 2),
-            "client": round((clients + mine) / elapsed, 2),
-            "other": round(max(0.0, total - serving - clients - mine) / elapsed, 2),
-        }
-
-
-def wait_for_quiet(cores: float, timeout: float, window: float = 2.0) -> dict[str, float]:
-    """Waits until the machine's busy CPU over `window` s is below `cores` (our server idles
-    meanwhile, so that is other people's work), at most `timeout` s; what was seen."""
-    started = time.perf_counter()
-    while True:
-        before, begun = CpuMeter._busy(), time.perf_counter()
-        time.sleep(window)
-        busy = (CpuMeter._busy() - before) / CpuMeter.TICK / (time.perf_counter() - begun)
-        waited = time.perf_counter() - started
-        if busy < cores or waited >= timeout:
-            return {"busy_cores_before": round(busy, 2), "waited_s": round(waited, 1)}
+    return WRK_SCRIPT % {"batch": BATCH, "users": users, "items": items} + report_lua(
+        "accepted", "ok", "non_200"
+    )
 
 
 def run_wrk(
@@ -406,21 +260,17 @@ def run_wrk(
 ) -> dict:
     """One wrk run (one thread, keep-alive); the figures of its `done()` and the CPU it took."""
     with CpuMeter(server_pid) as cpu:
-        raw = wrk_json(url, script, concurrency, seconds, script_args=[prefix])
-    seconds_run = raw["duration_us"] / 1e6
+        raw = wrk_json(wrk_command(url, script, concurrency, seconds, script_args=[prefix]))
     return {
         "requests": raw["requests"],
         "accepted": raw["accepted"],
         "responses_200": raw["ok"],
         "non_200": raw["non_200"],
         "errors": raw["errors"],
-        "seconds": round(seconds_run, 3),
-        "events_per_second": raw["accepted"] / seconds_run,
-        "requests_per_second": raw["requests"] / seconds_run,
-        "p50_ms": raw["p50_us"] / 1000,
-        "p95_ms": raw["p95_us"] / 1000,
-        "p99_ms": raw["p99_us"] / 1000,
-        "max_ms": raw["max_us"] / 1000,
+        "seconds": round(raw["seconds"], 3),
+        "events_per_second": raw["accepted"] / raw["seconds"],
+        "requests_per_second": raw["requests_per_second"],
+        **{key: raw[key] for key in LATENCIES_MS},
         "cpu_cores": cpu.cores,
     }
 
@@ -464,7 +314,8 @@ def part_ingestion(home: Path, scratch: Path, args: argparse.Namespace) -> dict[
         with state_copy(home, scratch, f"ingest-{workers}") as copy:
             log = scratch / f"ingest-{workers}.log"
             runs: dict[int, list[dict[str, Any]]] = {}
-            with serving(copy, args.port, log, extra) as (url, process, startup):
+            with serve(SERVICE, state_env(copy, extra=extra), args.port, log, grace=60) as server:
+                url, process = server.url, server.process
                 processes = len(process_tree(process.pid))
                 warmup = run_wrk(
                     f"{url}/events",
@@ -492,7 +343,7 @@ def part_ingestion(home: Path, scratch: Path, args: argparse.Namespace) -> dict[
                             f"other {run['cpu_cores']['other']:.2f}",
                             flush=True,
                         )
-                rss = _tree_rss_mib(process.pid)
+                rss = mib(TreeMemory(process.pid).sample()[0])
                 metrics = httpx.get(f"{url}/metrics", timeout=10).text
             # The server is stopped: its workers sealed their segments. Publish the rest.
             started = time.perf_counter()
@@ -524,7 +375,7 @@ def part_ingestion(home: Path, scratch: Path, args: argparse.Namespace) -> dict[
         results[name] = {
             "workers": workers,
             "serving_processes": processes,
-            "startup_seconds": round(startup, 1),
+            "startup_seconds": round(server.startup_seconds, 1),
             "rss_after_mib": rss,
             "concurrency": figures,
             "durability": {
@@ -594,9 +445,12 @@ def part_event_to_recommendation(
     }
     with (
         state_copy(home, scratch, "latency") as copy,
-        serving(copy, args.port, scratch / "latency.log", extra) as (url, process, _),
+        serve(
+            SERVICE, state_env(copy, extra=extra), args.port, scratch / "latency.log", grace=60
+        ) as server,
         httpx.Client(timeout=10) as client,
     ):
+        url, process = server.url, server.process
         for user in warm:
             _answer(client, url, user)
         quiet = wait_for_quiet(args.quiet_cores, args.quiet_timeout)
@@ -682,17 +536,16 @@ def _step_times(instance, run_id: str) -> dict[str, tuple[float, float]]:
     return {key: (starts[key], ends[key]) for key in sorted(starts, key=starts.get) if key in ends}
 
 
-class VersionWatch:
+class VersionWatch(Background):
     """Polls `/recommend` in a thread; notes when the answer first carries another version."""
 
     def __init__(self, url: str, user: str, old: str, interval: float = 0.05) -> None:
+        super().__init__()
         self.url, self.user, self.old, self.interval = url, user, old, interval
         self.seen_at: float | None = None
         self.version: str | None = None
         self.polls = 0
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         with httpx.Client(timeout=30) as client:
@@ -707,14 +560,6 @@ class VersionWatch:
                     self.seen_at, self.version = time.time(), version
                     return
                 self._stop.wait(self.interval)
-
-    def __enter__(self) -> "VersionWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def wait(self, timeout: float) -> bool:
         self._thread.join(timeout)
@@ -738,9 +583,16 @@ def part_retraining(home: Path, scratch: Path, args: argparse.Namespace) -> dict
     try:
         with (
             state_copy(home, scratch, "retraining") as copy,
-            serving(copy, args.port, scratch / "retraining.log", extra) as (url, process, _),
+            serve(
+                SERVICE,
+                state_env(copy, extra=extra),
+                args.port,
+                scratch / "retraining.log",
+                grace=60,
+            ) as server,
             httpx.Client(timeout=30) as client,
         ):
+            url, process = server.url, server.process
             os.environ.update(state_env(copy, extra=extra))  # for the bento asset's `bentoml build`
             quiet = wait_for_quiet(args.quiet_cores, args.quiet_timeout)
             with CpuMeter(process.pid) as meter:
@@ -945,24 +797,9 @@ def profile_handler(home: Path, requests: int, seed: int) -> dict[str, Any]:
 
 def part_profile(home: Path, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
     with state_copy(home, scratch, "profile") as copy:
-        done = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--profile-only",
-                f"--state={copy}",
-                f"--profile-requests={args.profile_requests}",
-                f"--seed={args.seed}",
-            ],
-            cwd=ROOT,
-            env=state_env(copy),
-            capture_output=True,
-            text=True,
-        )
-    found = re.search(r"^PROFILE_JSON (.*)$", done.stdout, re.MULTILINE)
-    if not found:
-        raise RuntimeError(f"the profile failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return json.loads(found.group(1))
+        child = [__file__, "--profile-only", f"--state={copy}"]
+        child += [f"--profile-requests={args.profile_requests}", f"--seed={args.seed}"]
+        return child_json(child, state_env(copy), "PROFILE_JSON")
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -982,11 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
     parser.add_argument("--rebuild", action="store_true", help="build even if the state exists")
-    parser.add_argument("--users", type=int, default=5_000)
-    parser.add_argument("--items", type=int, default=2_000)
-    parser.add_argument("--days", type=int, default=35)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--seed", type=int, default=7)
+    shop_arguments(parser, users=5_000, items=2_000, days=35, events=500_000)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of wrk warm-up")
@@ -1027,17 +860,13 @@ def main(argv: list[str] | None = None) -> int:
         train_once(home)
         return 0
     if args.profile_only:
-        print("PROFILE_JSON " + json.dumps(profile_handler(home, args.profile_requests, args.seed)))
+        print_result("PROFILE_JSON", profile_handler(home, args.profile_requests, args.seed))
         return 0
+    exit_on_sigterm()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    record_path = home / BUILD_RECORD
-    if args.rebuild and home.exists():
-        if any(home.iterdir()) and not record_path.exists():
-            raise SystemExit(f"--rebuild: {home} is not a state folder this script built")
-        shutil.rmtree(home)
-    if record_path.exists():
-        build = json.loads(record_path.read_text())
-        wanted = {k: getattr(args, k) for k in ("users", "items", "days", "events", "seed")}
+    build = state_record(home, BUILD_RECORD, args.rebuild)
+    if build is not None:
+        wanted = shop_config(args)
         if {k: build["config"][k] for k in wanted} != wanted:
             raise SystemExit(f"{home} was built with {build['config']}; use --rebuild")
     else:
@@ -1196,13 +1025,12 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - began
     print(f"benchmark took {elapsed / 60:.1f} min (state build excluded)")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "feedback_loop",
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_facts,
-        "versions": versions(
-            "bentoml", "dagster", "lightgbm", "polars", "pyarrow", "httpx", wrk=True
+        **report_head(
+            "feedback_loop",
+            ("bentoml", "dagster", "lightgbm", "polars", "pyarrow", "httpx"),
+            wrk=True,
+            machine_facts=machine_facts,
         ),
         "config": {
             "state": str(home),
@@ -1236,7 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
         "passed": passed,
     }
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     print(f"wrote {args.output}")
     for key, failure in failures.items():
         print(f"FAILED {key}: {failure.splitlines()[0] if failure else ''}")

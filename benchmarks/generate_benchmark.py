@@ -13,7 +13,6 @@ Prints a table and writes JSON (machine, config, figures) to `benchmarks/results
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import resource
 import sys
@@ -24,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-from harness import machine, versions
+from harness import RESULTS_DIR, format_pairs, report_head, write_json
 
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
+RESULTS = RESULTS_DIR / "generate.json"
 TARGET_SECONDS = 60.0
 TARGET_PEAK_MIB = 4096.0
 
@@ -77,11 +76,6 @@ def measure(config: ShopConfig, write: bool) -> dict[str, Any]:
     return figures
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns 0 when the targets are met, 1 otherwise."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -126,20 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("write seconds", f"{figures['write_seconds']:.1f} ({figures['files']} files)"))
         rows.append(("peak MiB with write", f"{figures['write_peak_mib']:,.0f}"))
     rows.append(("result", "PASS" if passed else "FAIL"))
-    print(_table(rows))
+    print(format_pairs(rows))
 
     report = {
-        "benchmark": "generate",
-        "run_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions("numpy", "polars", "pyarrow"),
+        **report_head("generate", ("numpy", "polars", "pyarrow"), stamp="run_at"),
         "config": {**asdict(config), "end_date": config.end_date and config.end_date.isoformat()},
         "targets": {"seconds": args.max_seconds, "peak_mib": args.max_peak_mib, "events": 0.10},
         "figures": {**figures, "events_per_second": figures["events"] / seconds},
         "passed": {"seconds": time_ok, "peak_mib": memory_ok, "events": events_ok},
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     return 0 if passed else 1
 
 

@@ -43,22 +43,35 @@ import argparse
 import asyncio
 import json
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import uvloop
-from feedback_loop_benchmark import BUILD_RECORD, build_state, serving, state_copy
-from harness import format_table, machine, versions
-from serving_benchmark import benchmark_user_ids
+from feedback_loop_benchmark import BUILD_RECORD, build_state
+from harness import (
+    RESULTS_DIR,
+    benchmark_user_ids,
+    exit_on_sigterm,
+    format_table,
+    median_figures,
+    percentile_ms,
+    recommend_lua,
+    report_head,
+    serve,
+    shop_arguments,
+    state_copy,
+    state_env,
+    state_record,
+    write_json,
+    wrk_command,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results" / "overload_benchmark.json"
+RESULTS = RESULTS_DIR / "overload_benchmark.json"
 DEFAULT_STATE = Path(tempfile.gettempdir()) / "shelfwise-overload-benchmark"
 SERVICE = "bentos/service.py:RecommendationService"
 TARGET_P99_MS = 100.0  # admitted requests, at 256 connections
@@ -73,18 +86,10 @@ ADMITTED_METRIC = re.compile(
 )
 SHED_METRIC = re.compile(r"^shelfwise_shed_requests_total (\S+)", re.MULTILINE)
 
-WRK_SCRIPT = """\
--- Posts /recommend bodies in turn; with HONOUR, the request after a 429 waits its Retry-After.
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local bodies = {%(bodies)s}
+# After `recommend_lua`'s bodies: with HONOUR, the request after a 429 waits its Retry-After.
+RETRY_AFTER_LUA = """\
 local honour = %(honour)s
-local n = 0
 local wait_ms = 0
-request = function()
-  n = n %% #bodies + 1
-  return wrk.format(nil, nil, nil, bodies[n])
-end
 response = function(status, headers, body)
   if honour and status == 429 then
     wait_ms = (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1) * 1000
@@ -324,14 +329,6 @@ async def measure(
 # --- figures -----------------------------------------------------------------------------------
 
 
-def _percentile(values: list[float], share: float) -> float:
-    """Nearest-rank percentile of seconds, in milliseconds (0 when there are none)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000
-
-
 def figures_of(tally: Tally) -> dict[str, float]:
     """Admitted throughput and latency, shed share and probe latency of one window."""
     (admitted_before, shed_before, read_before), (admitted_after, shed_after, read_after) = (
@@ -345,29 +342,23 @@ def figures_of(tally: Tally) -> dict[str, float]:
     return {
         "admitted_rps": admitted_count / seconds,
         "shed_share": shed_count / answered if answered else 0.0,
-        "p50_ms": _percentile(admitted, 0.50),
-        "p95_ms": _percentile(admitted, 0.95),
-        "p99_ms": _percentile(admitted, 0.99),
-        "max_ms": _percentile(admitted, 1.0),
+        "p50_ms": percentile_ms(admitted, 0.50),
+        "p95_ms": percentile_ms(admitted, 0.95),
+        "p99_ms": percentile_ms(admitted, 0.99),
+        "max_ms": percentile_ms(admitted, 1.0),
         "sampled_admitted": len(admitted),
         "sampled_shed": len(tally.latencies_s.get(429, [])),  # BentoML's own 429s too
         "sampled_other_statuses": sum(
             len(values) for status, values in tally.latencies_s.items() if status not in (200, 429)
         ),
-        "readyz_p50_ms": _percentile(readyz, 0.50),
-        "readyz_p99_ms": _percentile(readyz, 0.99),
-        "readyz_max_ms": _percentile(readyz, 1.0),
-        "livez_p50_ms": _percentile(livez, 0.50),
-        "livez_max_ms": _percentile(livez, 1.0),
+        "readyz_p50_ms": percentile_ms(readyz, 0.50),
+        "readyz_p99_ms": percentile_ms(readyz, 0.99),
+        "readyz_max_ms": percentile_ms(readyz, 1.0),
+        "livez_p50_ms": percentile_ms(livez, 0.50),
+        "livez_max_ms": percentile_ms(livez, 1.0),
         "probes": len(readyz) + len(livez),
         "probe_failures": tally.probe_failures,
     }
-
-
-def median_figures(runs: list[dict[str, float]]) -> dict[str, Any]:
-    figures: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    figures["p99_ms_runs"] = [round(run["p99_ms"], 1) for run in runs]
-    return figures
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -395,17 +386,16 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]
 
 def ensure_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The state's build record, building it first when it does not exist."""
-    record = home / BUILD_RECORD
-    if record.exists():
-        return json.loads(record.read_text())
+    record = state_record(home, BUILD_RECORD)
+    if record is not None:
+        return record
     if home.exists() and any(home.iterdir()):
         raise SystemExit(f"{home} exists but was not built by the feedback-loop benchmark's code")
     return build_state(home, args)
 
 
 def wrk_script(user_ids: list[str], honour: bool) -> str:
-    bodies = ", ".join(f"'{json.dumps({'user_id': user, 'k': 10})}'" for user in user_ids)
-    return WRK_SCRIPT % {"bodies": bodies, "honour": "true" if honour else "false"}
+    return recommend_lua(user_ids) + RETRY_AFTER_LUA % {"honour": "true" if honour else "false"}
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -454,11 +444,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
-    parser.add_argument("--users", type=int, default=5_000)
-    parser.add_argument("--items", type=int, default=2_000)
-    parser.add_argument("--days", type=int, default=35)
-    parser.add_argument("--events", type=int, default=500_000)
-    parser.add_argument("--seed", type=int, default=7)
+    shop_arguments(parser, users=5_000, items=2_000, days=35, events=500_000)
     parser.add_argument("--limits", type=int, nargs="+", default=[0, 8, 16, 32])
     parser.add_argument("--bentoml-limit", type=int, default=16, help="0: leave it out")
     parser.add_argument("--connections", type=int, default=256)
@@ -471,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3730)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    exit_on_sigterm()
 
     home = args.state.resolve()
     build = ensure_state(home, args)
@@ -486,14 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     for name, env in configurations(args):
         print(f"{name}: serving …", flush=True)
+        log = scratch / "bentoml.log"
         with (
             state_copy(home, scratch, "state") as copy,
-            serving(copy, args.port, scratch / "bentoml.log", env),
+            serve(SERVICE, state_env(copy, extra=env), args.port, log, grace=60) as server,
         ):
             for mode in CLIENT_MODES:
-                command = ["wrk", "-t1", f"-c{args.connections - MEASURING_CONNECTIONS}"]
-                command += [f"-d{run_seconds}s", "--timeout", "10s", "-s", str(scripts[mode])]
-                command += [f"http://127.0.0.1:{args.port}/recommend"]
+                load = args.connections - MEASURING_CONNECTIONS
+                url = f"{server.url}/recommend"
+                command = wrk_command(url, scripts[mode], load, run_seconds)
                 ramp_s, tallies, closed = uvloop.run(
                     measure(
                         args.port,
@@ -521,16 +509,15 @@ def main(argv: list[str] | None = None) -> int:
                     "ramp_up_seconds": round(ramp_s, 1),
                     "measuring_connections_closed_by_server": closed,
                     "runs": runs,
-                    "median": median_figures(runs),
+                    "median": median_figures(runs, digits=1),
                 }
     elapsed = time.perf_counter() - began
     print_table(results, args)
 
     report = {
-        "benchmark": "overload",
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions("bentoml", "uvicorn", "uvloop", "httptools", "lightgbm", wrk=True),
+        **report_head(
+            "overload", ("bentoml", "uvicorn", "uvloop", "httptools", "lightgbm"), wrk=True
+        ),
         "config": {
             "state": str(home),
             "build": build,
@@ -551,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"admitted_p99_ms": TARGET_P99_MS, "health_ms": TARGET_HEALTH_MS},
         "figures": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     print(f"\nwrote {args.output}")
     return 0
 

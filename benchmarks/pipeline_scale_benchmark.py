@@ -42,20 +42,28 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import machine, state_env, versions
+from harness import (
+    RESULTS_DIR,
+    ROOT,
+    TreeMemory,
+    generate,
+    materialize,
+    memory_kib,
+    report_head,
+    run_logged,
+    shelfwise,
+    shop_arguments,
+    shop_config,
+    state_env,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-RESULTS = ROOT / "benchmarks" / "results" / "pipeline_scale.json"
+RESULTS = RESULTS_DIR / "pipeline_scale.json"
 OTHER_BENCHMARKS = "serving_benchmark|feedback_loop_benchmark|wrk "
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-MIB = 1024 * 1024
 
 
 def wait_for_other_benchmarks(max_minutes: float) -> dict[str, Any]:
@@ -76,88 +84,13 @@ def wait_for_other_benchmarks(max_minutes: float) -> dict[str, Any]:
         time.sleep(60)
 
 
-class TreeSampler:
-    """Samples the resident set of a process tree from /proc every `interval` seconds.
+def dagster_run_figures(env: dict[str, str], subtree_peak_kib: dict[int, int]) -> dict[str, Any]:
+    """Per-step seconds and peak memory, the gate's verdict and metadata of the latest run.
 
-    Keeps, per pid, the largest resident set of that process and its descendants together, and
-    the largest resident set of the whole tree.
+    A step's peak memory is that of its process and its children together (dbt runs in a child
+    of its step), from `run_logged`'s samples: steps are matched to their processes by the pid
+    of Dagster's STEP_START events.
     """
-
-    def __init__(self, root: int, interval: float = 0.5) -> None:
-        self.root = root
-        self.interval = interval
-        self.subtree_peak: dict[int, int] = {}
-        self.tree_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def _processes() -> dict[int, tuple[int, int]]:
-        """pid → (parent pid, resident bytes) of every process."""
-        found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
-                with open(f"/proc/{entry}/statm") as handle:
-                    resident = int(handle.read().split()[1]) * PAGE_BYTES
-            except (OSError, IndexError, ValueError):
-                continue
-            # The command name may hold spaces and parentheses: the parent follows the last ')'.
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            found[int(entry)] = (parent, resident)
-        return found
-
-    def sample(self) -> None:
-        """One sample of the tree."""
-        processes = self._processes()
-        children: dict[int, list[int]] = {}
-        for pid, (parent, _) in processes.items():
-            children.setdefault(parent, []).append(pid)
-
-        def subtree(pid: int) -> int:
-            total = processes.get(pid, (0, 0))[1]
-            for child in children.get(pid, []):
-                total += subtree(child)
-            self.subtree_peak[pid] = max(self.subtree_peak.get(pid, 0), total)
-            return total
-
-        if self.root in processes:
-            self.tree_peak = max(self.tree_peak, subtree(self.root))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-
-def run_measured(command: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
-    """Runs a command with its output in `log`, sampling its process tree's memory."""
-    started = time.perf_counter()
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        with TreeSampler(process.pid) as sampler:
-            returncode = process.wait()
-    return {
-        "returncode": returncode,
-        "seconds": time.perf_counter() - started,
-        "tree_peak_mib": sampler.tree_peak / MIB,
-        "subtree_peak": sampler.subtree_peak,
-    }
-
-
-def dagster_run_figures(env: dict[str, str], subtree_peak: dict[int, int]) -> dict[str, Any]:
-    """Per-step seconds and peak memory, the gate's verdict and metadata of the latest run."""
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     import dagster as dg
 
@@ -171,7 +104,7 @@ def dagster_run_figures(env: dict[str, str], subtree_peak: dict[int, int]) -> di
         stat.step_key: {
             "status": stat.status.value if stat.status else None,
             "seconds": round((stat.end_time or 0) - (stat.start_time or 0), 1),
-            "peak_mib": round(subtree_peak.get(pids.get(stat.step_key, -1), 0) / MIB),
+            "peak_mib": round(subtree_peak_kib.get(pids.get(stat.step_key, -1), 0) / 1024),
         }
         for stat in instance.get_run_step_stats(run.run_id)
     }
@@ -218,17 +151,12 @@ def probe_serving() -> None:
     )
     recommender = Recommender.from_lake(lake, booster)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    resident = next(
-        int(line.split()[1]) * 1024
-        for line in Path("/proc/self/status").read_text().splitlines()
-        if line.startswith("VmRSS:")
-    )
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     figures = {
         "known_users": recommender.known_users,
         "load_seconds": round(seconds, 1),
-        "peak_rss_mib": round(peak / MIB),
-        "rss_mib_after_load": round(resident / MIB),
+        "peak_rss_mib": round(peak_kib / 1024),
+        "rss_mib_after_load": round(memory_kib(os.getpid())[0] / 1024),
     }
     print(json.dumps(figures))
 
@@ -267,9 +195,9 @@ def serving_probe(env: dict[str, str], lake: Any) -> dict[str, Any]:
         text=True,
     )
     stopped = False
-    with TreeSampler(process.pid, interval=0.2) as sampler:
+    with TreeMemory(process.pid, interval=0.2) as sampler:
         while process.poll() is None:
-            if sampler.tree_peak / MIB > limit:
+            if sampler.peak_rss_kib / 1024 > limit:
                 process.kill()
                 stopped = True
                 break
@@ -280,7 +208,7 @@ def serving_probe(env: dict[str, str], lake: Any) -> dict[str, Any]:
         return {
             **figures,
             "stopped": f"resident set passed {limit:.0f} MiB after {seconds:.0f} s",
-            "peak_rss_mib": round(sampler.tree_peak / MIB),
+            "peak_rss_mib": round(sampler.peak_rss_kib / 1024),
         }
     lines = stdout.strip().splitlines()
     if process.returncode == 0 and lines:
@@ -291,11 +219,7 @@ def serving_probe(env: dict[str, str], lake: Any) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=Path("/tmp/sw10m"))
-    parser.add_argument("--users", type=int, default=400_000)
-    parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--events", type=int, default=10_000_000)
-    parser.add_argument("--seed", type=int, default=1)
+    shop_arguments(parser, users=400_000, items=50_000, days=60, events=10_000_000, seed=1)
     parser.add_argument("--end-date", default="2026-11-01")
     parser.add_argument("--fresh", action="store_true", help="start from an empty home")
     parser.add_argument("--wait-minutes", type=float, default=40.0)
@@ -321,7 +245,7 @@ def main() -> None:
             results = json.loads(RESULTS.read_text())
             if results.get("config", {}).get("home") == str(args.home.resolve()):
                 results["serving_process"] = serving
-                RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+                write_json(RESULTS, results)
         return
 
     home = args.home.resolve()
@@ -332,7 +256,7 @@ def main() -> None:
     home.mkdir(parents=True, exist_ok=True)
     env = state_env(home)
     waited = wait_for_other_benchmarks(args.wait_minutes)
-    subprocess.run([str(BIN / "shelfwise"), "init"], env=env, check=True, cwd=ROOT)
+    subprocess.run(shelfwise("init"), env=env, check=True, cwd=ROOT)
 
     from shelfwise.intake.ingest import lake_has_events
     from shelfwise.lake import EVALUATION, Lake
@@ -341,31 +265,22 @@ def main() -> None:
     lake = Lake(Settings.from_env(env).lake_url)
     figures: dict[str, Any] = {}
     if not (lake_has_events(lake) or lake.list_files("landing/events")):
-        generate = [
-            str(BIN / "shelfwise"),
-            "generate",
-            *("--users", str(args.users), "--items", str(args.items)),
-            *("--days", str(args.days), "--events", str(args.events)),
-            *("--seed", str(args.seed), "--end-date", args.end_date),
-        ]
-        measured = run_measured(generate, env, home / "generate.log")
-        if measured["returncode"]:
+        shop = generate(shop_config(args), f"--end-date={args.end_date}")
+        measured = run_logged(shop, env, home / "generate.log", append=False)
+        if measured.returncode:
             raise SystemExit(f"shelfwise generate failed: see {home / 'generate.log'}")
         figures["generate"] = {
-            "seconds": round(measured["seconds"], 1),
-            "peak_mib": round(measured["tree_peak_mib"]),
+            "seconds": round(measured.seconds, 1),
+            "peak_mib": round(measured.peak_rss_kib / 1024),
         }
 
-    materialize = [
-        str(BIN / "dagster"),
-        *("asset", "materialize", "-m", "orchestration.definitions", "--select", "*"),
-    ]
-    measured = run_measured(materialize, env, home / "pipeline.log")
-    run = dagster_run_figures(env, measured["subtree_peak"])
+    pipeline = materialize("*")
+    measured = run_logged(pipeline, env, home / "pipeline.log", append=False)
+    run = dagster_run_figures(env, measured.subtree_peak_kib)
     figures["pipeline"] = {
-        "returncode": measured["returncode"],
-        "seconds": round(measured["seconds"], 1),
-        "tree_peak_mib": round(measured["tree_peak_mib"]),
+        "returncode": measured.returncode,
+        "seconds": round(measured.seconds, 1),
+        "tree_peak_mib": round(measured.peak_rss_kib / 1024),
     }
     evaluation: dict[str, Any] = {}
     if lake.exists(f"{EVALUATION}/metrics.json"):
@@ -391,7 +306,7 @@ def main() -> None:
             "sample": report.get("sample"),
         }
     serving: dict[str, Any] | None = None
-    if not args.no_serving_probe and measured["returncode"] == 0:
+    if not args.no_serving_probe and measured.returncode == 0:
         serving = serving_probe(env, lake)
 
     print(f"pipeline: {figures['pipeline']['seconds']:.0f} s, status {run['status']}")
@@ -403,36 +318,24 @@ def main() -> None:
     print("promotion gate:", json.dumps(run["gate"]))
     print("serving process:", json.dumps(serving))
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "pipeline_scale",
-                "measured_at": datetime.now(UTC).isoformat(),
-                "machine": machine(),
-                "versions": versions("dagster", "polars", "lightgbm"),
-                "config": {
-                    "home": str(home),
-                    "users": args.users,
-                    "items": args.items,
-                    "days": args.days,
-                    "events": args.events,
-                    "seed": args.seed,
-                    "end_date": args.end_date,
-                    "command": " ".join(materialize),
-                    **waited,
-                },
-                "figures": figures,
-                "steps": run["steps"],
-                "evaluation": evaluation,
-                "gate": run["gate"],
-                "serving_process": serving,
-                "metadata": run["metadata"],
+    write_json(
+        RESULTS,
+        {
+            **report_head("pipeline_scale", ("dagster", "polars", "lightgbm")),
+            "config": {
+                "home": str(home),
+                **shop_config(args),
+                "end_date": args.end_date,
+                "command": " ".join(pipeline),
+                **waited,
             },
-            indent=2,
-            default=str,
-        )
-        + "\n"
+            "figures": figures,
+            "steps": run["steps"],
+            "evaluation": evaluation,
+            "gate": run["gate"],
+            "serving_process": serving,
+            "metadata": run["metadata"],
+        },
     )
 
 

@@ -12,20 +12,17 @@ Usage:
 """
 
 import argparse
-import json
 import statistics
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import polars as pl
-from harness import machine, versions
+from harness import RESULTS_DIR, format_pairs, report_head, write_json
 
 from models.features import FEATURE_COLUMNS
 from models.ranker import RankerParams, train_ranker
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_SECONDS = 120.0
 
 
@@ -89,37 +86,30 @@ def main() -> None:
         ("target, s", f"< {TARGET_SECONDS:.0f}"),
         ("result", "PASS" if passed else "MISS"),
     ]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print(format_pairs(rows))
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     name = "ranker-full-rounds.json" if args.full_rounds else "ranker.json"
-    (RESULTS_DIR / name).write_text(
-        json.dumps(
-            {
-                "benchmark": "ranker",
-                "measured_at": datetime.now(UTC).isoformat(),
-                "machine": machine(),
-                "versions": versions("lightgbm", "polars"),
-                "config": {
-                    "rows": train.height,
-                    "features": len(FEATURE_COLUMNS),
-                    "per_query": args.per_query,
-                    "params": params.lightgbm_params(),
-                    "num_boost_round": params.num_boost_round,
-                    "early_stopping": not args.full_rounds,
-                    "early_stopping_rounds": params.early_stopping_rounds,
-                },
-                "figures": {
-                    "seconds": [round(s, 2) for s in seconds],
-                    "median_seconds": round(median, 2),
-                    "best_iterations": iterations,
-                },
-                "target_seconds": TARGET_SECONDS,
-                "passed": passed,
+    write_json(
+        RESULTS_DIR / name,
+        {
+            **report_head("ranker", ("lightgbm", "polars")),
+            "config": {
+                "rows": train.height,
+                "features": len(FEATURE_COLUMNS),
+                "per_query": args.per_query,
+                "params": params.lightgbm_params(),
+                "num_boost_round": params.num_boost_round,
+                "early_stopping": not args.full_rounds,
+                "early_stopping_rounds": params.early_stopping_rounds,
             },
-            indent=2,
-        )
+            "figures": {
+                "seconds": [round(s, 2) for s in seconds],
+                "median_seconds": round(median, 2),
+                "best_iterations": iterations,
+            },
+            "target_seconds": TARGET_SECONDS,
+            "passed": passed,
+        },
     )
 
 

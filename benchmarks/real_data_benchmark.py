@@ -48,15 +48,25 @@ import json
 import shutil
 import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness import BIN, format_table, machine, state_env, versions
-from pipeline_scale_benchmark import dagster_run_figures, run_measured
+from harness import (
+    RESULTS_DIR,
+    ROOT,
+    format_table,
+    machine,
+    materialize,
+    now,
+    run_logged,
+    shelfwise,
+    state_env,
+    versions,
+    write_json,
+)
+from pipeline_scale_benchmark import dagster_run_figures
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "real_data.json"
+RESULTS = RESULTS_DIR / "real_data.json"
 SHARED = ROOT.parent / "shared" / "datasets"
 COMPLETE_JOURNEY = SHARED / "completejourney"
 YOOCHOOSE = SHARED / "yoochoose_rsc15_sample"
@@ -81,26 +91,23 @@ RUN_CONFIG: dict[str, dict[str, Any]] = {
 
 def import_commands(dataset: str, home: Path, households: int | None) -> list[list[str]]:
     """The documented commands that put `dataset` into the lake's landing area."""
-    shelfwise = str(BIN / "shelfwise")
     if dataset == "demo":
-        return [[shelfwise, "generate"]]
+        return [shelfwise("generate")]
     if dataset == "yoochoose":
         return [
-            [
-                shelfwise,
+            shelfwise(
                 "import",
                 "--format",
                 "yoochoose",
                 str(YOOCHOOSE / "yoochoose-clicks-100k_train_full.txt"),
                 str(YOOCHOOSE / "yoochoose-clicks-100k_test.txt"),
-            ]
+            )
         ]
     transactions = COMPLETE_JOURNEY / "transactions.parquet"
     if households:
         transactions = sample_households(transactions, home / "sample", households)
     return [
-        [
-            shelfwise,
+        shelfwise(
             "import",
             "--format",
             "generic",
@@ -116,7 +123,7 @@ def import_commands(dataset: str, home: Path, households: int | None) -> list[li
             *("--catalog-map", "category_id=product_category"),
             *("--catalog-map", "category_path=department,product_category,product_type"),
             *("--catalog-map", "brand=brand"),
-        ]
+        )
     ]
 
 
@@ -219,7 +226,7 @@ def run_dataset(dataset: str, home_root: Path, households: int | None) -> dict[s
         shutil.rmtree(home)
     home.mkdir(parents=True)
     env = state_env(home)
-    subprocess.run([str(BIN / "shelfwise"), "init"], env=env, check=True, cwd=ROOT)
+    subprocess.run(shelfwise("init"), env=env, check=True, cwd=ROOT)
     started = time.perf_counter()
     commands = import_commands(dataset, home, households)
     with (home / "import.log").open("w") as log:
@@ -228,17 +235,14 @@ def run_dataset(dataset: str, home_root: Path, households: int | None) -> dict[s
     import_seconds = time.perf_counter() - started
 
     config = RUN_CONFIG[dataset]
-    materialize = [
-        str(BIN / "dagster"),
-        *("asset", "materialize", "-m", "orchestration.definitions", "--select", "*"),
-    ]
+    pipeline = materialize("*")
     if config:
-        materialize += [
+        pipeline += [
             "--config-json",
             json.dumps({"ops": {"dbt_feature_tables": {"config": config}}}),
         ]
-    measured = run_measured(materialize, env, home / "pipeline.log")
-    run = dagster_run_figures(env, measured["subtree_peak"])
+    measured = run_logged(pipeline, env, home / "pipeline.log", append=False)
+    run = dagster_run_figures(env, measured.subtree_peak_kib)
 
     from shelfwise.lake import EVALUATION, Lake
     from shelfwise.settings import Settings
@@ -250,13 +254,13 @@ def run_dataset(dataset: str, home_root: Path, households: int | None) -> dict[s
     return {
         "home": str(home),
         "households_sampled": (households or None) if dataset == "completejourney" else None,
-        "commands": [" ".join(command) for command in [*commands, materialize]],
+        "commands": [" ".join(command) for command in [*commands, pipeline]],
         "run_config": config,
         "import_seconds": round(import_seconds, 1),
         "pipeline": {
-            "returncode": measured["returncode"],
-            "seconds": round(measured["seconds"], 1),
-            "tree_peak_mib": round(measured["tree_peak_mib"]),
+            "returncode": measured.returncode,
+            "seconds": round(measured.seconds, 1),
+            "tree_peak_mib": round(measured.peak_rss_kib / 1024),
         },
         "run_status": run["status"],
         "steps_not_succeeded": failed,
@@ -282,7 +286,7 @@ def main() -> None:
     for dataset in args.dataset or DATASETS:
         figures = run_dataset(dataset, args.home_root, args.households)
         print_table(dataset, figures)
-        figures["measured_at"] = datetime.now(UTC).isoformat()
+        figures["measured_at"] = now()
         # Read just before writing: another run may have written another dataset meanwhile.
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         results.setdefault("datasets", {})[dataset] = figures
@@ -292,8 +296,7 @@ def main() -> None:
             versions=versions("dagster", "dbt-core", "polars", "lightgbm", "duckdb"),
             config={"home_root": str(args.home_root), "seed": SEED},
         )
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(RESULTS, results)
 
 
 if __name__ == "__main__":

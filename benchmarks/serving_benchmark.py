@@ -64,28 +64,47 @@ Usage:
 import argparse
 import json
 import os
-import random
-import re
-import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import format_table, machine, process_tree, state_env, versions, wrk_json
+from harness import (
+    LATENCIES_MS,
+    RESULTS_DIR,
+    ROOT,
+    ChildFailed,
+    benchmark_user_ids,
+    child_json,
+    exit_on_sigterm,
+    format_table,
+    generate,
+    load_average,
+    materialize,
+    median_figures,
+    memory_kib,
+    mib,
+    print_result,
+    recommend_lua,
+    report_head,
+    report_lua,
+    run_logged,
+    serve,
+    shelfwise,
+    shop_arguments,
+    shop_config,
+    state_env,
+    state_record,
+    write_json,
+    wrk_command,
+    wrk_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS = RESULTS_DIR / "serving_benchmark.json"
 NOOP_VARIANTS_RESULTS = RESULTS_DIR / "serving_noop_variants.json"
 DEFAULT_STATE = Path(tempfile.gettempdir()) / "shelfwise-serving-benchmark"
@@ -100,97 +119,10 @@ TARGET_CONCURRENCY = 8
 # worker was killed by the kernel at 22.5 GB while loading), so a seeded sample is served.
 SERVE_USERS = 0  # every user with candidates
 
-WRK_SCRIPT = """\
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local bodies = {%(bodies)s}
-local n = 0
-request = function()
-  n = n %% #bodies + 1
-  return wrk.format(nil, nil, nil, bodies[n])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, '
-    .. '"status": %%d, "timeout": %%d, "p50_us": %%d, "p95_us": %%d, "p99_us": %%d, '
-    .. '"max_us": %%d}\\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
-end
-"""
-
-
-# --- the environment and the serving process tree ---------------------------------------------
-
-
-def _memory_kib(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in KiB; zeros when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0, 0
-    fields = dict(re.findall(r"^(Rss|Pss):\s+(\d+) kB", text, re.MULTILINE))
-    return int(fields.get("Rss", 0)), int(fields.get("Pss", 0))
-
-
-class TreeMemory:
-    """Samples the RSS and PSS of a process tree from /proc in a background thread."""
-
-    def __init__(self, root: int, interval: float = 0.5) -> None:
-        self.root, self.interval = root, interval
-        self.peak_rss_kib = self.peak_pss_kib = self.processes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> tuple[int, int, int]:
-        """(RSS KiB, PSS KiB, processes) of the tree now."""
-        pids = process_tree(self.root)
-        sizes = [_memory_kib(pid) for pid in pids]
-        return sum(r for r, _ in sizes), sum(p for _, p in sizes), len(pids)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss, pss, processes = self.sample()
-            self.peak_rss_kib = max(self.peak_rss_kib, rss)
-            self.peak_pss_kib = max(self.peak_pss_kib, pss)
-            self.processes = max(self.processes, processes)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _mib(kib: int) -> float:
-    return round(kib / 1024, 1)
+DISTRIBUTIONS = ("bentoml", "lightgbm", "numpy", "polars")
 
 
 # --- building the state -----------------------------------------------------------------------
-
-
-def _run_step(
-    command: list[str], env: dict[str, str], log: Path, check: bool = True
-) -> dict[str, float]:
-    """Runs one build step; its wall time, exit code and the peak RSS of its process tree."""
-    started = time.perf_counter()
-    with log.open("ab") as out:
-        out.write(f"\n$ {' '.join(command)}\n".encode())
-        out.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        with TreeMemory(process.pid) as memory:
-            code = process.wait()
-    if code != 0 and check:
-        raise RuntimeError(f"{' '.join(command[:4])}… failed ({code}); see {log}")
-    return {
-        "seconds": round(time.perf_counter() - started, 1),
-        "peak_rss_mib": _mib(memory.peak_rss_kib),
-        "exit_code": code,
-    }
 
 
 SELECTION = """\
@@ -225,16 +157,7 @@ def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     """
     home.mkdir(parents=True, exist_ok=True)
     env, log = state_env(home), home / "serving_benchmark_build.log"
-    shelfwise, dagster = str(BIN / "shelfwise"), str(BIN / "dagster")
-    materialize = [dagster, "asset", "materialize", "-m", "orchestration.definitions", "--select"]
-    config = {
-        "users": args.users,
-        "items": args.items,
-        "days": args.days,
-        "events": args.events,
-        "seed": args.seed,
-        "train_users": args.train_users,
-    }
+    config = {**shop_config(args), "train_users": args.train_users}
     path = home / BUILD_RECORD
     record = json.loads(path.read_text()) if path.exists() else {"config": config, "steps": {}}
     if record["config"] != config:
@@ -242,16 +165,9 @@ def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
             f"{home} was built with {record['config']}; use --rebuild or another --state"
         )
     steps: list[tuple[str, Any]] = [
-        ("init", lambda: [shelfwise, "init"]),
-        (
-            "generate",
-            lambda: [
-                shelfwise,
-                "generate",
-                *(f"--{key}={config[key]}" for key in ("users", "items", "days", "events", "seed")),
-            ],
-        ),
-        ("ingest + dbt features (Dagster)", lambda: [*materialize, _selection("before", env)]),
+        ("init", lambda: shelfwise("init")),
+        ("generate", lambda: generate(config)),
+        ("ingest + dbt features (Dagster)", lambda: materialize(_selection("before", env))),
         (
             "candidates (chunked, this script)",
             lambda: [
@@ -265,7 +181,7 @@ def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
         ),
         # Its blocking promotion gate may fail (the evaluation only has candidates for the
         # sample): the ranker is registered either way, and promoted by hand below.
-        ("ranking + registry (Dagster)", lambda: [*materialize, RANKING_ASSETS]),
+        ("ranking + registry (Dagster)", lambda: materialize(RANKING_ASSETS)),
         (
             "promotion (gate, else shelfwise models promote)",
             lambda: [sys.executable, __file__, "--promote", f"--state={home}"],
@@ -280,7 +196,12 @@ def build_state(home: Path, args: argparse.Namespace) -> dict[str, Any]:
             continue
         print(f"  build step: {name} …", flush=True)
         check = name != "ranking + registry (Dagster)"
-        record["steps"][name] = _run_step(command(), env, log, check)
+        step = run_logged(command(), env, log, check)
+        record["steps"][name] = {
+            "seconds": round(step.seconds, 1),
+            "peak_rss_mib": mib(step.peak_rss_kib),
+            "exit_code": step.returncode,
+        }
         path.write_text(json.dumps(record, indent=2) + "\n")
     record["built_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     record["total_seconds"] = round(sum(step["seconds"] for step in record["steps"].values()), 1)
@@ -381,7 +302,7 @@ def promote_if_gate_failed(home: Path) -> None:
     )
     current = production(settings.bentoml_home)
     if current is None or current.source_tag != tags[0]:
-        subprocess.run([str(BIN / "shelfwise"), "models", "promote", tags[0]], env=env, check=True)
+        subprocess.run(shelfwise("models", "promote", tags[0]), env=env, check=True)
         how = "promoted by hand (shelfwise models promote): the promotion gate stopped it"
     elif decision.passed:
         how = "promoted by the pipeline: the promotion gate passed"
@@ -416,20 +337,7 @@ def write_serving_features(home: Path) -> None:
     first = users.slice(0, CHUNK_USERS).implode()
     lake.write_parquet(candidates.filter(pl.col("user_id").is_in(first)).to_arrow(), full)
     try:
-        subprocess.run(
-            [
-                str(BIN / "dagster"),
-                "asset",
-                "materialize",
-                "-m",
-                "orchestration.definitions",
-                "--select",
-                "serving_features",
-            ],
-            cwd=ROOT,
-            env=env,
-            check=True,
-        )
+        subprocess.run(materialize("serving_features"), cwd=ROOT, env=env, check=True)
     finally:
         lake.write_parquet(candidates.to_arrow(), full)
         lake.remove([chunk])
@@ -451,76 +359,23 @@ def write_serving_features(home: Path) -> None:
 # --- serving and measuring --------------------------------------------------------------------
 
 
-@contextmanager
-def serving(
-    target: str, env: dict[str, str], port: int, log: Path, timeout: float = 900
-) -> Iterator[tuple[TreeMemory, float]]:
-    """`bentoml serve TARGET` on 127.0.0.1:`port` from the project root, until `/readyz` is 200.
-
-    Yields:
-        The memory sampler of its process tree (running from the start) and the start-up time.
-    """
-    started = time.perf_counter()
-    with log.open("w") as out:
-        command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port"]
-        process = subprocess.Popen(
-            [*command, str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            with TreeMemory(process.pid) as memory:
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"{target} exited ({process.returncode}); see {log}")
-                    if time.perf_counter() - started > timeout:
-                        raise RuntimeError(f"{target} not ready in {timeout:.0f} s; see {log}")
-                    try:
-                        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                        if ready.status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.5)
-                yield memory, time.perf_counter() - started
-        finally:
-            tree = process_tree(process.pid)
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-            for pid in tree:  # a worker still loading ignores the shutdown
-                try:
-                    if b"bentoml" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                        os.kill(pid, signal.SIGKILL)
-                except (OSError, ProcessLookupError):
-                    pass
-            process.wait()
-
-
-def wrk_script(user_ids: list[str], k: int = 10) -> str:
-    """A wrk Lua script posting `{"user_id": …, "k": k}` bodies in turn; reports JSON at the end."""
-    bodies = ", ".join(f"'{json.dumps({'user_id': user, 'k': k})}'" for user in user_ids)
-    return WRK_SCRIPT % {"bodies": bodies}
+def wrk_script(user_ids: list[str]) -> str:
+    """wrk's Lua: `{"user_id": …, "k": 10}` bodies posted in turn, JSON reported at the end."""
+    return recommend_lua(user_ids) + report_lua()
 
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
     """One keep-alive wrk run (one client thread); latencies in ms, throughput in requests/s."""
-    raw = wrk_json(url, script, concurrency, seconds, latency=True)
-    return {
-        "requests": raw["requests"],
-        "errors": raw["errors"],
-        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
-        "p50_ms": raw["p50_us"] / 1000,
-        "p95_ms": raw["p95_us"] / 1000,
-        "p99_ms": raw["p99_us"] / 1000,
-        "max_ms": raw["max_us"] / 1000,
+    raw = wrk_json(wrk_command(url, script, concurrency, seconds, latency=True))
+    rps = raw["requests_per_second"]
+    return {"requests": raw["requests"], "errors": raw["errors"], "rps": rps} | {
+        key: raw[key] for key in LATENCIES_MS
     }
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
-    figures = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    figures = median_figures(runs, digits=2)
     figures["errors"] = sum(run["errors"] for run in runs)
-    figures["p99_ms_runs"] = [round(run["p99_ms"], 2) for run in runs]  # type: ignore[assignment]
     return figures
 
 
@@ -560,22 +415,6 @@ def served_lake(home: Path, users: int, seed: int) -> tuple[Path, int]:
         )
         partial.rename(target)
     return served, users
-
-
-def benchmark_user_ids(lake: Path, count: int, unknown_share: float, seed: int) -> list[str]:
-    """`count` user ids, shuffled: users the lake has candidates for and a share never seen."""
-    import polars as pl
-
-    from shelfwise.lake import SERVING_CANDIDATES
-
-    users = pl.scan_parquet(lake / SERVING_CANDIDATES).select(pl.col("user_id").unique())
-    known = sorted(users.collect().get_column("user_id").to_list())
-    rng = random.Random(seed)
-    unknown = round(count * unknown_share)
-    ids = rng.sample(known, min(len(known), count - unknown))
-    ids += [f"never-seen-{n}" for n in range(unknown)]
-    rng.shuffle(ids)
-    return ids
 
 
 def has_route(url: str, body: dict[str, Any]) -> bool:
@@ -666,10 +505,10 @@ def profile_recommender(env: dict[str, str], user_ids: list[str]) -> dict[str, A
     from shelfwise.runtime.registry import PRODUCTION_MODEL_NAME, RANKER_FILE, RANKER_INFO_FILE
     from shelfwise.settings import Settings
 
-    def rss_mib() -> float:
-        return _mib(_memory_kib(os.getpid())[0])
+    def rssmib() -> float:
+        return mib(memory_kib(os.getpid())[0])
 
-    before = rss_mib()
+    before = rssmib()
     settings = Settings.from_env(env)
     model_dir = Path(bentoml.models.get(f"{PRODUCTION_MODEL_NAME}:latest").path)
     booster = lgb.Booster(model_file=str(model_dir / RANKER_FILE))
@@ -677,7 +516,7 @@ def profile_recommender(env: dict[str, str], user_ids: list[str]) -> dict[str, A
     started = time.perf_counter()
     recommender = Recommender.from_lake(Lake(settings.lake_url), booster, features)
     load_seconds = time.perf_counter() - started
-    loaded = rss_mib()
+    loaded = rssmib()
     # How much of that is memory the allocators keep after loading (not held by the recommender).
     import gc
 
@@ -686,7 +525,7 @@ def profile_recommender(env: dict[str, str], user_ids: list[str]) -> dict[str, A
     gc.collect()
     pa.default_memory_pool().release_unused()
     time.sleep(15)  # jemalloc returns freed pages after a decay time
-    released = rss_mib()
+    released = rssmib()
     sizes: dict[str, int] = {}
     for name, value in vars(recommender).items():
         sizes[name] = _size_of(value)
@@ -704,7 +543,7 @@ def profile_recommender(env: dict[str, str], user_ids: list[str]) -> dict[str, A
         "rss_mib_after_load": loaded,
         "rss_mib_after_release": released,
         "arrow_pool": pa.default_memory_pool().backend_name,
-        "peak_rss_mib_while_loading": _mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
+        "peak_rss_mib_while_loading": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
         "largest_attributes_mib": {name: round(size / 2**20, 1) for name, size in largest},
         "predict_ms_by_trees": predict_ms_by_trees(len(features)),
         "recommend": _time_and_profile(lambda user: recommender.recommend(user, 10), user_ids),
@@ -780,41 +619,21 @@ def profile_endpoint(user_ids: list[str]) -> dict[str, Any]:
 # --- the benchmarks ---------------------------------------------------------------------------
 
 
-def _load_average() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
 def _profile(
     home: Path, serve_users: int, seed: int, env: dict[str, str], endpoint: bool = False
 ) -> dict[str, Any]:
-    done = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--profile-only",
-            f"--state={home}",
-            f"--serve-users={serve_users}",
-            f"--seed={seed}",
-            *(["--endpoint"] if endpoint else []),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    found = re.search(r"^PROFILE_JSON (.*)$", done.stdout, re.MULTILINE)
-    return json.loads(found.group(1)) if found else {"error": done.stderr[-2000:]}
+    args = [__file__, "--profile-only", f"--state={home}", f"--serve-users={serve_users}"]
+    args += [f"--seed={seed}", *(["--endpoint"] if endpoint else [])]
+    try:
+        return child_json(args, env, "PROFILE_JSON")
+    except ChildFailed as failed:
+        return {"error": failed.stderr[-2000:]}
 
 
 def run_serving_benchmark(args: argparse.Namespace) -> int:
     """The load benchmark of issue 6 (see the module docstring); 0 when the targets are met."""
     home = args.state.resolve()
-    record_path = home / BUILD_RECORD
-    if args.rebuild and home.exists():
-        if any(home.iterdir()) and not record_path.exists():
-            raise SystemExit(f"--rebuild: {home} is not a state folder this script built")
-        shutil.rmtree(home)
-    build = json.loads(record_path.read_text()) if record_path.exists() else {}
+    build = state_record(home, BUILD_RECORD, args.rebuild) or {}
     if not build.get("complete"):
         print(f"building the state in {home} …", flush=True)
         build = build_state(home, args)
@@ -828,17 +647,20 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
     script.write_text(wrk_script(user_ids))
     shim_in_service = "install_timeout_timer_fix" in (ROOT / "bentos/service.py").read_text()
     print(f"serving the candidates of {served_users:,} users from {lake}", flush=True)
-    load_before = _load_average()
+    load_before = load_average()
 
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
-    with serving(SERVICE, env, args.port, scratch / "service.log") as (memory, startup):
-        base = f"http://127.0.0.1:{args.port}"
+    service_log = scratch / "service.log"
+    with serve(SERVICE, env, args.port, service_log, timeout=900, memory=True) as server:
+        memory, startup, base = server.memory, server.startup_seconds, server.url
         ready_peak_rss, ready_peak_pss = memory.peak_rss_kib, memory.peak_pss_kib
         idle_rss, idle_pss, processes = memory.sample()
         own_noop = has_route(f"{base}/noop", {"user_id": "u1", "k": 10})
         noop_port = args.port if own_noop else args.port + 1
         with (
-            _nothing() if own_noop else serving(NOOP_SERVICE, env, noop_port, scratch / "noop.log")
+            nullcontext()
+            if own_noop
+            else serve(NOOP_SERVICE, env, noop_port, scratch / "noop.log", timeout=900)
         ):
             urls = {
                 "noop": f"http://127.0.0.1:{noop_port}/noop",
@@ -859,12 +681,12 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
         tree = {
             "processes": processes,
             "startup_seconds": round(startup, 1),
-            "peak_rss_mib_until_ready": _mib(ready_peak_rss),
-            "peak_pss_mib_until_ready": _mib(ready_peak_pss),
-            "idle_rss_mib": _mib(idle_rss),
-            "idle_pss_mib": _mib(idle_pss),
-            "peak_rss_mib": _mib(memory.peak_rss_kib),
-            "peak_pss_mib": _mib(memory.peak_pss_kib),
+            "peak_rss_mib_until_ready": mib(ready_peak_rss),
+            "peak_pss_mib_until_ready": mib(ready_peak_pss),
+            "idle_rss_mib": mib(idle_rss),
+            "idle_pss_mib": mib(idle_pss),
+            "peak_rss_mib": mib(memory.peak_rss_kib),
+            "peak_pss_mib": mib(memory.peak_pss_kib),
         }
     profiles = {}
     if not args.no_profile:
@@ -970,52 +792,40 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
         ]
     print(format_table(summary))
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "serving",
-                "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": machine(),
-                "versions": versions("bentoml", "lightgbm", "numpy", "polars", wrk=True),
-                "config": {
-                    "state": str(home),
-                    "build": build,
-                    "service": SERVICE,
-                    "served_lake": str(lake),
-                    "users_with_candidates_served": served_users,
-                    "noop": "the service's /noop" if own_noop else NOOP_SERVICE,
-                    "shim_installed_by_service": shim_in_service,
-                    "client": "wrk -t1 (keep-alive), same machine",
-                    "body": '{"user_id": <cycled>, "k": 10}',
-                    "user_ids": len(user_ids),
-                    "unknown_share": args.unknown_share,
-                    "duration_seconds": args.duration,
-                    "repeats": args.repeats,
-                    "concurrency": args.concurrency,
-                    # Other work on the machine (1-minute load averages before and after).
-                    "load_average": [load_before, _load_average()],
-                },
-                "figures": figures,
-                "memory": memory_figures,
-                "profiles": profiles,
-                "targets": {
-                    "p99_ms_at_concurrency_8": TARGET_P99_MS,
-                    "throughput_over_noop": TARGET_THROUGHPUT_RATIO,
-                },
-                "passed": {"p99": p99_ok, "throughput": rps_ok, "no_errors": errors == 0},
+    write_json(
+        RESULTS,
+        {
+            **report_head("serving", DISTRIBUTIONS, wrk=True),
+            "config": {
+                "state": str(home),
+                "build": build,
+                "service": SERVICE,
+                "served_lake": str(lake),
+                "users_with_candidates_served": served_users,
+                "noop": "the service's /noop" if own_noop else NOOP_SERVICE,
+                "shim_installed_by_service": shim_in_service,
+                "client": "wrk -t1 (keep-alive), same machine",
+                "body": '{"user_id": <cycled>, "k": 10}',
+                "user_ids": len(user_ids),
+                "unknown_share": args.unknown_share,
+                "duration_seconds": args.duration,
+                "repeats": args.repeats,
+                "concurrency": args.concurrency,
+                # Other work on the machine (1-minute load averages before and after).
+                "load_average": [load_before, load_average()],
             },
-            indent=2,
-        )
-        + "\n"
+            "figures": figures,
+            "memory": memory_figures,
+            "profiles": profiles,
+            "targets": {
+                "p99_ms_at_concurrency_8": TARGET_P99_MS,
+                "throughput_over_noop": TARGET_THROUGHPUT_RATIO,
+            },
+            "passed": {"p99": p99_ok, "throughput": rps_ok, "no_errors": errors == 0},
+        },
     )
     print(f"\nwrote {RESULTS.relative_to(ROOT)}")
     return 0 if p99_ok and rps_ok and errors == 0 else 1
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
 
 
 def run_noop_variants(args: argparse.Namespace) -> int:
@@ -1027,21 +837,21 @@ def run_noop_variants(args: argparse.Namespace) -> int:
     script = scratch / "bodies.lua"
     script.write_text(wrk_script([f"u{n}" for n in range(1, 2001)]))
     env = state_env(scratch)
-    load_before = _load_average()
+    load_before = load_average()
     results: dict[str, Any] = {}
     table = [["variant", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "peak RSS MiB"]]
     for variant in args.variants or VARIANTS:
         env["SHELFWISE_NOOP_VARIANT"] = variant
         log = scratch / f"{variant}.log"
-        with serving(NOOP_SERVICE, env, args.port, log) as (memory, _):
-            url = f"http://127.0.0.1:{args.port}/noop"
+        with serve(NOOP_SERVICE, env, args.port, log, timeout=900, memory=True) as server:
+            memory, url = server.memory, f"{server.url}/noop"
             run_wrk(url, script, args.noop_concurrency, 3)  # warm up
             runs = [
                 run_wrk(url, script, args.noop_concurrency, args.duration)
                 for _ in range(args.repeats)
             ]
         row = _median(runs)
-        row["peak_rss_mib"] = _mib(memory.peak_rss_kib)
+        row["peak_rss_mib"] = mib(memory.peak_rss_kib)
         results[variant] = row
         table.append(
             [
@@ -1057,27 +867,20 @@ def run_noop_variants(args: argparse.Namespace) -> int:
         print(f"  {variant:<16} {row['rps']:7.0f} req/s  p99 {row['p99_ms']:7.2f} ms", flush=True)
     print()
     print(format_table(table))
-    NOOP_VARIANTS_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    NOOP_VARIANTS_RESULTS.write_text(
-        json.dumps(
-            {
-                "benchmark": "serving-noop-variants",
-                "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": machine(),
-                "versions": versions("bentoml", "lightgbm", "numpy", "polars", wrk=True),
-                "config": {
-                    "service": NOOP_SERVICE,
-                    "client": "wrk -t1 (keep-alive), same machine",
-                    "concurrency": args.noop_concurrency,
-                    "duration_seconds": args.duration,
-                    "repeats": args.repeats,
-                    "load_average": [load_before, _load_average()],
-                },
-                "figures": results,
+    write_json(
+        NOOP_VARIANTS_RESULTS,
+        {
+            **report_head("serving-noop-variants", DISTRIBUTIONS, wrk=True),
+            "config": {
+                "service": NOOP_SERVICE,
+                "client": "wrk -t1 (keep-alive), same machine",
+                "concurrency": args.noop_concurrency,
+                "duration_seconds": args.duration,
+                "repeats": args.repeats,
+                "load_average": [load_before, load_average()],
             },
-            indent=2,
-        )
-        + "\n"
+            "figures": results,
+        },
     )
     print(f"\nwrote {NOOP_VARIANTS_RESULTS.relative_to(ROOT)}")
     return 0
@@ -1087,11 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
     parser.add_argument("--rebuild", action="store_true", help="build even if the state exists")
-    parser.add_argument("--users", type=int, default=200_000)
-    parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--days", type=int, default=42)
-    parser.add_argument("--events", type=int, default=5_000_000)
-    parser.add_argument("--seed", type=int, default=7)
+    shop_arguments(parser, users=200_000, items=50_000, days=42, events=5_000_000)
     parser.add_argument("--train-users", type=int, default=20_000)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -1115,8 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serving-features", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # Stopped with TERM (or INT, ignored by background jobs), still stop the servers it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
 
     if args.promote:
         promote_if_gate_failed(args.state.resolve())
@@ -1134,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(env)
         ids = benchmark_user_ids(lake, args.user_ids, args.unknown_share, args.seed)
         found = profile_endpoint(ids) if args.endpoint else profile_recommender(env, ids)
-        print("PROFILE_JSON " + json.dumps(found))
+        print_result("PROFILE_JSON", found)
         return 0
     if args.noop_variants:
         return run_noop_variants(args)
