@@ -137,18 +137,14 @@ def probe_serving() -> None:
     """In a fresh process: load the service's recommender from the lake; print JSON figures."""
     import resource
 
-    import lightgbm as lgb
-
+    from models.artifacts import load_ranker
     from models.recommender import Recommender
-    from orchestration.assets.shared import RANKER_FILE
-    from shelfwise.lake import Lake
+    from shelfwise.lake import RANKER_MODEL, Lake
     from shelfwise.settings import Settings
 
     lake = Lake(Settings.from_env().lake_url)
     started = time.perf_counter()
-    booster = (
-        lgb.Booster(model_str=lake.read_text(RANKER_FILE)) if lake.exists(RANKER_FILE) else None
-    )
+    booster = load_ranker(lake) if lake.exists(RANKER_MODEL) else None
     recommender = Recommender.from_lake(lake, booster)
     seconds = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -259,12 +255,12 @@ def main() -> None:
     subprocess.run(shelfwise("init"), env=env, check=True, cwd=ROOT)
 
     from shelfwise.intake.ingest import lake_has_events
-    from shelfwise.lake import EVALUATION, Lake
+    from shelfwise.lake import EVALUATION_REPORT, LANDING_EVENTS, Lake
     from shelfwise.settings import Settings
 
     lake = Lake(Settings.from_env(env).lake_url)
     figures: dict[str, Any] = {}
-    if not (lake_has_events(lake) or lake.list_files("landing/events")):
+    if not (lake_has_events(lake) or lake.list_files(LANDING_EVENTS)):
         shop = generate(shop_config(args), f"--end-date={args.end_date}")
         measured = run_logged(shop, env, home / "generate.log", append=False)
         if measured.returncode:
@@ -283,8 +279,8 @@ def main() -> None:
         "tree_peak_mib": round(measured.peak_rss_kib / 1024),
     }
     evaluation: dict[str, Any] = {}
-    if lake.exists(f"{EVALUATION}/metrics.json"):
-        report = lake.read_json(f"{EVALUATION}/metrics.json")
+    if lake.exists(EVALUATION_REPORT):
+        report = lake.read_json(EVALUATION_REPORT)
         metrics = report["metrics"]
         baselines = {
             name: values["ndcg@10"]

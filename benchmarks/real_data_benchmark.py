@@ -244,12 +244,13 @@ def run_dataset(dataset: str, home_root: Path, households: int | None) -> dict[s
     measured = run_logged(pipeline, env, home / "pipeline.log", append=False)
     run = dagster_run_figures(env, measured.subtree_peak_kib)
 
-    from shelfwise.lake import EVALUATION, Lake
+    from models.artifacts import read_evaluation_report
+    from shelfwise.lake import EVALUATION_REPORT, Lake
     from shelfwise.settings import Settings
 
     lake = Lake(Settings.from_env(env).lake_url)
-    metrics_path = f"{EVALUATION}/metrics.json"
-    evaluation = summarize(lake.read_json(metrics_path)) if lake.exists(metrics_path) else None
+    has_report = lake.exists(EVALUATION_REPORT)
+    evaluation = summarize(read_evaluation_report(lake)) if has_report else None
     failed = [step for step, values in run["steps"].items() if values["status"] != "SUCCESS"]
     return {
         "home": str(home),

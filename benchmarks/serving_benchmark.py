@@ -223,21 +223,29 @@ def write_candidates(home: Path, train_users: int, seed: int) -> None:
     of a seeded sample of `train_users` users.
     """
     import polars as pl
-    from orchestration.assets.shared import at_cutoffs, load_plan
 
+    from models import artifacts
     from models.candidates import CandidateConfig, CandidateSources, generate_candidates
+    from models.collaborative import NEIGHBOURS_PER_ITEM, item_neighbours
+    from models.queries import at_cutoffs
     from models.training_set import label_queries
-    from shelfwise.lake import CANDIDATES, FEATURES, Lake
+    from shelfwise.lake import Lake
     from shelfwise.settings import Settings
 
     lake = Lake(Settings.from_env(state_env(home)).lake_url)
-    plan = load_plan(lake)
-
-    def mart(name: str) -> pl.DataFrame:
-        return lake.read_frame(f"{FEATURES}/{name}.parquet")
-
-    sources = CandidateSources.from_lake(lake)
-    labelled = label_queries(mart("interaction_labels"))
+    plan = artifacts.load_plan(lake)
+    config = CandidateConfig()
+    sources = CandidateSources.from_lake(lake, config)
+    # What the `candidates` asset writes beside the candidates: the sizes it generated with and
+    # the collaborative model's neighbours (the serving snapshot reads both).
+    artifacts.write_candidate_config(lake, config)
+    artifacts.write_item_collaborative(
+        lake,
+        item_neighbours(
+            sources.item_models, NEIGHBOURS_PER_ITEM, sources.user_items.schema["as_of"]
+        ),
+    )
+    labelled = label_queries(artifacts.read_labels(lake))
     sample = (
         labelled.select(pl.col("user_id").unique().sort())
         .sample(n=min(train_users, labelled.get_column("user_id").n_unique()), seed=seed)
@@ -258,13 +266,13 @@ def write_candidates(home: Path, train_users: int, seed: int) -> None:
             generate_candidates(
                 queries.filter(pl.col("user_id").is_in(users.slice(at, CHUNK_USERS).implode())),
                 sources,
-                CandidateConfig(),
+                config,
             )
             for at in range(0, len(users), CHUNK_USERS)
         ]
         frame = pl.concat(chunks).sort("as_of", "user_id", "candidate_rank")
         del chunks
-        lake.write_parquet(frame.to_arrow(), f"{CANDIDATES}/{role}.parquet")
+        artifacts.write_candidates(lake, role, [frame.to_arrow()])
         record[role] = {
             "queries": queries.height,
             "users": len(users),
@@ -283,9 +291,10 @@ def promote_if_gate_failed(home: Path) -> None:
     """Promotes the newest ranker with `shelfwise models promote` when the pipeline did not
     (its promotion gate failed), so that the service serves a ranker; records the gate's verdict,
     recomputed with `models.gate.gate_decision` from the evaluation report (own process)."""
+    from models.artifacts import read_evaluation_report
     from models.evaluation import NOT_BASELINES, PRODUCTION
     from models.gate import gate_decision
-    from shelfwise.lake import EVALUATION, Lake
+    from shelfwise.lake import Lake
     from shelfwise.runtime.registry import list_rankers, production
     from shelfwise.settings import Settings
 
@@ -294,7 +303,7 @@ def promote_if_gate_failed(home: Path) -> None:
     tags = list_rankers(settings.bentoml_home)
     if not tags:
         raise SystemExit("no ranker was registered: see the build log")
-    report = Lake(settings.lake_url).read_json(f"{EVALUATION}/metrics.json")
+    report = read_evaluation_report(Lake(settings.lake_url))
     metrics = report["metrics"]
     baselines = {name: values for name, values in metrics.items() if name not in NOT_BASELINES}
     decision = gate_decision(
@@ -325,12 +334,12 @@ def write_serving_features(home: Path) -> None:
     from models.artifacts import load_plan
     from models.marts import Marts
     from models.recommender import serving_snapshot
-    from shelfwise.lake import CANDIDATES, SERVING_CANDIDATES, Lake
+    from shelfwise.lake import SERVING_CANDIDATES, Lake, candidates_file
     from shelfwise.settings import Settings
 
     env = state_env(home)
     lake = Lake(Settings.from_env(env).lake_url)
-    full, chunk = f"{CANDIDATES}/serving.parquet", f"{CANDIDATES}/serving_all_users.parquet"
+    full, chunk = candidates_file("serving"), candidates_file("serving_all_users")
     candidates = lake.read_frame(full)
     users = candidates.get_column("user_id").unique().sort()
     lake.write_parquet(candidates.to_arrow(), chunk)
