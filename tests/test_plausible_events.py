@@ -13,7 +13,14 @@ from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, MAX_PRICE, parse_earliest
 from shelfwise.home import prepare_home
 from shelfwise.intake.ingest import ingest_landing
-from shelfwise.lake import EVENTS, STOCK_UPDATES, Lake
+from shelfwise.lake import (
+    EVENTS,
+    LANDING_EVENTS,
+    STOCK_UPDATES,
+    Lake,
+    dataset_file,
+    quarantine_file,
+)
 from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 from shelfwise.settings import Settings
 from shelfwise.validation import PRICE_REASON
@@ -41,7 +48,7 @@ def test_landing_rejects_events_before_the_earliest_time_and_absurd_prices(tmp_p
         event("huge", day, price=1e308),
         event("both", datetime(1999, 12, 31, 23, 59, tzinfo=UTC), price=math.inf),
     ]
-    lake.write_parquet(events_table(rows), "landing/events/implausible.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "implausible"))
 
     report = ingest_landing(lake, now=NOW, max_invalid_share=1.0)
 
@@ -54,7 +61,7 @@ def test_landing_rejects_events_before_the_earliest_time_and_absurd_prices(tmp_p
     ]
     reasons = {
         event_id: set(reason.split("; "))
-        for event_id, reason in lake.read_frame("quarantine/events/implausible.parquet")
+        for event_id, reason in lake.read_frame(quarantine_file(EVENTS, "implausible"))
         .select("event_id", "reason")
         .rows()
     }
@@ -77,13 +84,13 @@ def test_landing_rejects_events_before_the_earliest_time_and_absurd_prices(tmp_p
 def test_the_earliest_time_is_configurable_for_ingestion(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     rows = [event("2015", datetime(2015, 6, 1, tzinfo=UTC)), event("2021", datetime(2021, 1, 1))]
-    lake.write_parquet(events_table(rows), "landing/events/old-shop.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "old-shop"))
     report = ingest_landing(
         lake, now=NOW, max_invalid_share=1.0, earliest=parse_earliest("2020-01-01")
     )
     assert report.events_landed == 1
     [(event_id, reason)] = (
-        lake.read_frame("quarantine/events/old-shop.parquet").select("event_id", "reason").rows()
+        lake.read_frame(quarantine_file(EVENTS, "old-shop")).select("event_id", "reason").rows()
     )
     assert (event_id, reason) == ("2015", "occurred_at is before 2020-01-01T00:00:00+00:00")
 
@@ -102,7 +109,7 @@ def test_raw_events_takes_the_earliest_time_from_its_config(tmp_path):
     prepare_home(settings)
     lake = Lake(settings.lake_url)
     rows = [event("2015", datetime(2015, 6, 1, tzinfo=UTC)), event("2025", datetime(2025, 1, 1))]
-    lake.write_parquet(events_table(rows), "landing/events/old-shop.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "old-shop"))
     config = {
         "max_invalid_share": 1.0,
         "earliest_event_at": "2020-01-01",
