@@ -19,7 +19,9 @@ from shelfwise.lake import (
     STOCK_UPDATES,
     Lake,
     dataset_file,
+    partition_day,
     quarantine_file,
+    quarantine_folder,
 )
 from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 from shelfwise.settings import Settings
@@ -55,9 +57,9 @@ def test_landing_rejects_events_before_the_earliest_time_and_absurd_prices(tmp_p
     assert (report.events_landed, report.events_quarantined) == (4, 7)
     landed = lake.read_frame(EVENTS)
     assert sorted(landed.get_column("event_id")) == ["at-earliest", "max-price", "no-price", "ok"]
-    assert sorted({f.split("/")[1] for f in lake.list_files(EVENTS)}) == [
-        "date=2000-01-01",
-        f"date={day.date()}",
+    assert sorted({partition_day(f) for f in lake.list_files(EVENTS)}) == [
+        "2000-01-01",
+        str(day.date()),
     ]
     reasons = {
         event_id: set(reason.split("; "))
@@ -156,10 +158,12 @@ def test_compaction_quarantines_implausible_rows_of_the_log_instead_of_absurd_pa
         "impressions": 0,
         "stock_updates": 1,
     }
-    partitions = {f.split("/")[1] for f in lake.list_files(EVENTS) + lake.list_files(STOCK_UPDATES)}
-    assert all(p >= "date=2000-01-01" for p in partitions)
+    partitions = {
+        partition_day(f) for f in lake.list_files(EVENTS) + lake.list_files(STOCK_UPDATES)
+    }
+    assert all(p >= "2000-01-01" for p in partitions)
     assert sorted(lake.read_frame(EVENTS).get_column("event_id")) == ["ok-0", "ok-1", "ok-2"]
-    [quarantined] = lake.list_files("quarantine/events")
+    [quarantined] = lake.list_files(quarantine_folder(EVENTS))
     assert quarantined.rsplit("/", 1)[1].startswith("wal-")
     reasons = dict(lake.read_frame(quarantined).select("event_id", "reason").rows())
     assert reasons == {"bad-0": EARLY, "bad-1": EARLY, "bad-2": PRICE_REASON, "bad-3": PRICE_REASON}
