@@ -116,7 +116,12 @@ def partition_day(relpath: str) -> str | None:
 
 def quarantine_file(dataset: str, name: str) -> str:
     """Rows set aside from a dataset (`quarantine/<dataset>/<name>.parquet`), with a reason each."""
-    return f"{QUARANTINE}/{dataset}/{name}.parquet"
+    return f"{quarantine_folder(dataset)}/{name}.parquet"
+
+
+def quarantine_folder(dataset: str) -> str:
+    """Every `quarantine_file` of a dataset (`quarantine/<dataset>`), read together."""
+    return f"{QUARANTINE}/{dataset}"
 
 
 class Lake:

@@ -226,14 +226,14 @@ def test_strong_baselines_join_the_evaluation_and_the_best_baseline():
 
 def test_the_asset_reads_only_the_events_before_the_cutoff(tmp_path):
     from orchestration.assets.evaluation import _history_before
-    from shelfwise.lake import Lake
+    from shelfwise.lake import EVENTS, Lake, partition_file
 
     lake = Lake(str(tmp_path))
     rows = events(
         [("u1", "a", "purchase", 2), ("u1", "b", "view", 0.25), ("u1", "c", "view", -0.25)]
     )
     for day, part in rows.with_columns(day=pl.col("occurred_at").dt.date()).group_by("day"):
-        lake.write_parquet(part.drop("day").to_arrow(), f"events/date={day[0]}/part.parquet")
+        lake.write_parquet(part.drop("day").to_arrow(), partition_file(EVENTS, day[0], "part"))
     history = _history_before(lake, AS_OF)
     assert sorted(history.get_column("item_id").to_list()) == ["a", "b"]
     assert history.columns == bl.HISTORY_COLUMNS

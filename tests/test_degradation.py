@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from models.artifacts import read_serving_candidates
 from models.candidates import GENERATORS
 from models.features import FEATURE_COLUMNS
 from models.recommender import (
@@ -16,7 +17,7 @@ from models.recommender import (
     FALLBACK_POPULAR,
     Recommender,
 )
-from shelfwise.lake import Lake
+from shelfwise.lake import SERVING_POPULAR, Lake
 from shelfwise.settings import Settings
 from tests.support import PROJECT_ROOT, bentoml_server
 
@@ -67,7 +68,7 @@ def test_a_failing_ranker_falls_back_to_the_candidate_order():
 def test_missing_candidates_fall_back_to_popular_and_unknown_users_are_normal(tmp_path):
     candidates, popular = snapshot()
     lake = Lake(str(tmp_path / "lake"))
-    lake.write_parquet(popular.to_arrow(), "serving/popular_items.parquet")
+    lake.write_parquet(popular.to_arrow(), SERVING_POPULAR)
     degraded = Recommender.from_lake(lake, None)
     answer = degraded.recommend("u1", 2)
     assert answer.fallback_level == FALLBACK_POPULAR
@@ -98,7 +99,7 @@ def server_without_model(pipeline_run, tmp_path):
 
 def test_a_service_with_a_corrupt_model_still_serves_the_candidate_order(server_without_model):
     url, settings = server_without_model
-    user_id = Lake(settings.lake_url).read_frame("serving/candidate_features.parquet")["user_id"][0]
+    user_id = read_serving_candidates(Lake(settings.lake_url), ["user_id"])["user_id"][0]
     response = httpx.post(f"{url}/recommend", json={"user_id": user_id, "k": 5}, timeout=10)
     assert response.status_code == 200
     body = response.json()

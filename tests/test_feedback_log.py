@@ -18,7 +18,7 @@ import pytest
 
 from shelfwise.cli import main
 from shelfwise.contracts import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, ContractError
-from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake
+from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake, partition_day
 from shelfwise.runtime.feedback import (
     NEW_SUFFIX,
     OPEN_SUFFIX,
@@ -108,16 +108,16 @@ def test_append_and_compact_round_trip_with_the_exact_contract_schema(tmp_path):
     assert os.listdir(wal) == ["compact.lock"]
     for relpath in result.files:
         schema = pq.read_schema(lake.fs.open(lake.path(relpath), "rb"))
-        expected = EVENTS_SCHEMA if relpath.startswith("events/") else IMPRESSIONS_SCHEMA
+        expected = EVENTS_SCHEMA if relpath.startswith(EVENTS) else IMPRESSIONS_SCHEMA
         assert schema.equals(expected), relpath
     # Hive partitions by the UTC date: 00:30 at +01:00 is still October 31st in UTC.
-    event_dates = sorted({path.split("/")[1] for path in lake.list_files(EVENTS)})
-    expected_dates = {f"date={row['occurred_at'].astimezone(UTC).date()}" for row in events}
-    assert event_dates[0] == "date=2026-10-31" and event_dates == sorted(expected_dates)
+    event_dates = sorted({partition_day(path) for path in lake.list_files(EVENTS)})
+    expected_dates = {str(row["occurred_at"].astimezone(UTC).date()) for row in events}
+    assert event_dates[0] == "2026-10-31" and event_dates == sorted(expected_dates)
     assert lake.list_files(IMPRESSIONS) == [f for f in result.files if f.startswith(IMPRESSIONS)]
-    assert [f.split("/")[1] for f in lake.list_files(IMPRESSIONS)] == ["date=2026-11-02"]
+    assert [partition_day(f) for f in lake.list_files(IMPRESSIONS)] == ["2026-11-02"]
     for relpath in lake.list_files(EVENTS):
-        day = relpath.split("/")[1].removeprefix("date=")
+        day = partition_day(relpath)
         assert {
             r["occurred_at"].date().isoformat() for r in read_file(lake, relpath).to_pylist()
         } == {day}
@@ -407,7 +407,7 @@ def test_round_trip_and_idempotent_recompaction_on_s3(s3_lake_url, tmp_path):
     assert second.files == first.files
     assert lake.list_files("", suffix="") == sorted(first.files)  # unique keys, no temporaries
     for relpath in first.files:
-        expected = EVENTS_SCHEMA if relpath.startswith("events/") else IMPRESSIONS_SCHEMA
+        expected = EVENTS_SCHEMA if relpath.startswith(EVENTS) else IMPRESSIONS_SCHEMA
         assert read_file(lake, relpath).schema.equals(expected)
     assert lake_rows(lake, EVENTS, "event_id") == sorted(
         utc(events, "occurred_at"), key=lambda row: row["event_id"]
@@ -455,9 +455,9 @@ def test_stock_updates_are_logged_compacted_and_the_latest_per_item_restored(tmp
             log.append(STOCK_UPDATES, [{"item_id": "i3", "updated_at": DAY}])
     result = compact_feedback(wal, lake)
     assert result.rows[STOCK_UPDATES] == 4
-    assert [f.split("/")[1] for f in lake.list_files(STOCK_UPDATES)] == [
-        "date=2026-11-01",
-        "date=2026-11-02",
+    assert [partition_day(f) for f in lake.list_files(STOCK_UPDATES)] == [
+        "2026-11-01",
+        "2026-11-02",
     ]
     assert in_stock(latest_stock_updates(lake)) == {"i1": False, "i2": True}
     assert latest_stock_updates(lake)["i2"] == StockChange.at(True, DAY + timedelta(days=1))

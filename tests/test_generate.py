@@ -10,7 +10,14 @@ import pytest
 
 from shelfwise.contracts import EVENT_TYPES, EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, conform
 from shelfwise.intake.generate import Shop, ShopConfig, generate_shop, write_shop
-from shelfwise.lake import GROUND_TRUTH, LANDING_EVENTS, LANDING_ITEMS, LANDING_USERS, Lake
+from shelfwise.lake import (
+    LANDING_EVENTS,
+    LANDING_ITEMS,
+    LANDING_USERS,
+    Lake,
+    dataset_file,
+    ground_truth_table,
+)
 
 END = datetime.date(2024, 3, 1)
 CONFIG = ShopConfig(users=500, items=300, days=21, events=20_000, seed=11, end_date=END)
@@ -285,7 +292,8 @@ def test_write_shop_lands_files_that_read_back_equal(shop: Shop, tmp_path: Path)
     event_files = lake.list_files(LANDING_EVENTS)
     dates = [START.date() + datetime.timedelta(days=day) for day in range(CONFIG.days)]
     assert event_files == [
-        f"{LANDING_EVENTS}/generated-seed{CONFIG.seed}-{date.isoformat()}.parquet" for date in dates
+        dataset_file(LANDING_EVENTS, f"generated-seed{CONFIG.seed}-{date.isoformat()}")
+        for date in dates
     ]
     assert counts == {
         "events": shop.events.num_rows,
@@ -298,8 +306,8 @@ def test_write_shop_lands_files_that_read_back_equal(shop: Shop, tmp_path: Path)
         day = pl.from_arrow(part.column("occurred_at")).dt.date().unique().to_list()
         assert [date.isoformat() for date in day] == [path[-len("YYYY-MM-DD.parquet") : -8]]
     assert pa.concat_tables(parts).equals(shop.events)
-    seeded = f"generated-seed{CONFIG.seed}.parquet"
-    assert lake.read_table(f"{LANDING_ITEMS}/{seeded}").equals(shop.items)
-    assert lake.read_table(f"{LANDING_USERS}/{seeded}").equals(shop.users)
+    seeded = f"generated-seed{CONFIG.seed}"
+    assert lake.read_table(dataset_file(LANDING_ITEMS, seeded)).equals(shop.items)
+    assert lake.read_table(dataset_file(LANDING_USERS, seeded)).equals(shop.users)
     for name, table in shop.ground_truth.items():
-        assert lake.read_table(f"{GROUND_TRUTH}/{name}.parquet").equals(table), name
+        assert lake.read_table(ground_truth_table(name)).equals(table), name

@@ -126,7 +126,7 @@ def test_generic_maps_columns_time_zones_event_types_and_defaults(tmp_path):
 
     report = ingest_landing(lake, now=NOW, max_invalid_share=1.0)
     assert (report.events_landed, report.events_quarantined) == (20, 3)
-    quarantined = lake.read_frame(f"{paths.QUARANTINE}/events")
+    quarantined = lake.read_frame(paths.quarantine_folder(paths.EVENTS))
     reasons = dict(zip(quarantined["event_type"], quarantined["reason"], strict=True))
     assert "event_type not in" in reasons["wishlist"]
 
@@ -278,7 +278,7 @@ def test_importing_twice_writes_identical_files_and_adds_no_rows(tmp_path):
     again = lake.read_frame(paths.EVENTS)
     assert again.height == landed.height == 26
     assert again.get_column("event_id").n_unique() == again.height
-    catalog = lake.read_frame(f"{paths.ITEMS}/catalog.parquet")
+    catalog = lake.read_frame(paths.catalog_file(paths.ITEMS))
     assert catalog.filter(pl.col("item_id") == "11").get_column("category_id").item() == "1338"
 
 

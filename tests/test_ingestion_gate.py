@@ -3,6 +3,7 @@
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
+import polars as pl
 import pyarrow as pa
 
 from orchestration.assets.features import dbt_feature_tables
@@ -13,7 +14,14 @@ from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import EVENTS_SCHEMA
 from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
-from shelfwise.lake import Lake
+from shelfwise.lake import (
+    EVENTS,
+    LANDING_EVENTS,
+    Lake,
+    dataset_file,
+    feature_table,
+    quarantine_file,
+)
 from shelfwise.settings import Settings
 
 
@@ -40,6 +48,9 @@ def broken_delivery(rows: int, broken_share: float) -> pa.Table:
     )
 
 
+DELIVERY = dataset_file(LANDING_EVENTS, "delivery")
+
+
 def run_ingestion_and_features(
     tmp_path, broken_share: float, max_invalid_share: float, instance=None
 ):
@@ -48,7 +59,7 @@ def run_ingestion_and_features(
     lake = Lake(settings.lake_url)
     shop = ShopConfig(users=200, items=150, days=21, events=8_000, seed=5, end_date=date.today())
     write_shop(generate_shop(shop), lake, seed=5)
-    lake.write_parquet(broken_delivery(200, broken_share), "landing/events/delivery.parquet")
+    lake.write_parquet(broken_delivery(200, broken_share), DELIVERY)
     resources = {
         **defs.resources,
         "shelfwise": ShelfwiseResource(home=str(settings.home), lake_url=settings.lake_url),
@@ -80,8 +91,8 @@ def test_thirty_percent_broken_delivery_stops_the_pipeline_before_features(tmp_p
     evaluation = check_of(result)
     assert not evaluation.passed
     held = evaluation.metadata["held_batches"].value
-    assert list(held) == ["landing/events/delivery.parquet"]
-    batch = held["landing/events/delivery.parquet"]
+    assert list(held) == [DELIVERY]
+    batch = held[DELIVERY]
     assert (batch["invalid_share"], batch["rows_judged"]) == (0.3, 200)
     [reason] = batch["top_reasons"]
     assert reason["rows"] == 60 and reason["reason"].startswith("event_type not in")
@@ -93,8 +104,8 @@ def test_thirty_percent_broken_delivery_stops_the_pipeline_before_features(tmp_p
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert "raw_events" in materialized
     assert "item_features" not in materialized and "stg_lake__events" not in materialized
-    assert not lake.exists("features/item_features.parquet")
-    assert lake.list_files("landing/events") == ["landing/events/delivery.parquet"]
+    assert not lake.exists(feature_table("item_features"))
+    assert lake.list_files(LANDING_EVENTS) == [DELIVERY]
     # What `make pipeline` prints last when the run fails.
     [(name, description)] = failed_checks(instance)
     assert name == "raw_events:valid_batches" and description == evaluation.description
@@ -108,9 +119,9 @@ def test_five_percent_broken_delivery_lands_and_features_are_built(tmp_path):
     assert result.success
     assert failed_checks(instance) == []
     assert check_of(result).passed
-    assert lake.read_frame("quarantine/events/delivery.parquet").height == 10
-    assert lake.exists("features/item_features.parquet")
-    assert lake.list_files("landing/events") == []
+    assert lake.read_frame(quarantine_file(EVENTS, "delivery")).height == 10
+    assert lake.exists(feature_table("item_features"))
+    assert lake.list_files(LANDING_EVENTS) == []
     # The UI shows what the run added per day of the lake.
     [landed] = [
         e.materialization
@@ -123,4 +134,5 @@ def test_five_percent_broken_delivery_lands_and_features_are_built(tmp_path):
     }
     assert len(by_date) >= 21
     assert sum(by_date.values()) == landed.metadata["landed_rows"].value
-    assert by_date == {day: lake.read_frame(f"events/date={day}").height for day in by_date}
+    events = lake.read_frame(EVENTS)
+    assert by_date == {day: events.filter(pl.col("date") == day).height for day in by_date}

@@ -16,7 +16,22 @@ from shelfwise.contracts import (
 )
 from shelfwise.home import prepare_home
 from shelfwise.intake.ingest import ingest_landing, ingested_dates, lake_has_events
-from shelfwise.lake import Lake
+from shelfwise.lake import (
+    EVALUATION_REPORT,
+    EVENTS,
+    ITEMS,
+    LANDING_EVENTS,
+    LANDING_ITEMS,
+    LANDING_USERS,
+    SERVING,
+    STOCK_UPDATES,
+    Lake,
+    catalog_file,
+    dataset_file,
+    feature_table,
+    partition_file,
+    quarantine_file,
+)
 from shelfwise.settings import Settings
 
 NOW = datetime(2026, 5, 10, 12, tzinfo=UTC)
@@ -91,20 +106,20 @@ def test_ingestion_partitions_by_date_and_quarantines_bad_rows_with_reasons(tmp_
         event("e6", day1),
         event("e6", day2),  # one event_id, two different rows: both rejected
     ]
-    lake.write_parquet(events_table(rows), "landing/events/batch-1.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "batch-1"))
     report = ingest_landing(lake, now=NOW, max_invalid_share=1.0)
     assert (report.events_landed, report.events_quarantined) == (2, 5)
     assert report.duplicates_collapsed == 1
     assert report.quarantined_share == pytest.approx(5 / 7)
-    assert lake.list_files("events") == [
-        "events/date=2026-05-08/batch-1.parquet",
-        "events/date=2026-05-09/batch-1.parquet",
+    assert lake.list_files(EVENTS) == [
+        partition_file(EVENTS, "2026-05-08", "batch-1"),
+        partition_file(EVENTS, "2026-05-09", "batch-1"),
     ]
     assert ingested_dates(lake) == [day1.date(), day2.date()]
-    landed = lake.read_frame("events")
+    landed = lake.read_frame(EVENTS)
     assert sorted(landed.get_column("event_id").to_list()) == ["e1", "e2"]
     quarantined = dict(
-        lake.read_frame("quarantine/events/batch-1.parquet").select("event_id", "reason").rows()
+        lake.read_frame(quarantine_file(EVENTS, "batch-1")).select("event_id", "reason").rows()
     )
     assert quarantined["e3"].startswith("event_type not in")
     assert quarantined["e4"] == "price is negative"
@@ -125,27 +140,27 @@ def broken_batch(n_rows: int, n_broken: int) -> pa.Table:
 
 def test_a_batch_within_the_threshold_lands_its_valid_rows(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    lake.write_parquet(broken_batch(100, 5), "landing/events/five-percent.parquet")
+    lake.write_parquet(broken_batch(100, 5), dataset_file(LANDING_EVENTS, "five-percent"))
     report = ingest_landing(lake, now=NOW, max_invalid_share=0.10)
     assert (report.events_landed, report.events_quarantined, report.held) == (95, 5, [])
-    assert lake.read_frame("events").height == 95
-    reasons = lake.read_frame("quarantine/events/five-percent.parquet").get_column("reason")
+    assert lake.read_frame(EVENTS).height == 95
+    reasons = lake.read_frame(quarantine_file(EVENTS, "five-percent")).get_column("reason")
     assert reasons.to_list() == ["quantity is negative"] * 5
 
 
 def test_a_batch_above_the_threshold_is_held_in_landing_and_publishes_nothing(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    lake.write_parquet(broken_batch(100, 30), "landing/events/thirty-percent.parquet")
+    lake.write_parquet(broken_batch(100, 30), dataset_file(LANDING_EVENTS, "thirty-percent"))
     report = ingest_landing(lake, now=NOW, max_invalid_share=0.10)
     [held] = report.held
-    assert held.path == "landing/events/thirty-percent.parquet"
+    assert held.path == dataset_file(LANDING_EVENTS, "thirty-percent")
     assert held.invalid_share == pytest.approx(0.30)
     assert held.reasons == ["quantity is negative"]
-    assert report.events_landed == 0 and lake.list_files("events") == []
-    assert lake.list_files("landing") == ["landing/events/thirty-percent.parquet"]
-    assert lake.read_frame("quarantine/events/thirty-percent.parquet").height == 30
+    assert report.events_landed == 0 and lake.list_files(EVENTS) == []
+    assert lake.list_files("landing") == [dataset_file(LANDING_EVENTS, "thirty-percent")]
+    assert lake.read_frame(quarantine_file(EVENTS, "thirty-percent")).height == 30
     # The default threshold (1%) holds even the 5% batch.
-    lake.write_parquet(broken_batch(100, 5), "landing/events/five-percent.parquet")
+    lake.write_parquet(broken_batch(100, 5), dataset_file(LANDING_EVENTS, "five-percent"))
     assert len(ingest_landing(lake, now=NOW).held) == 2
 
 
@@ -157,12 +172,12 @@ def test_guest_checkouts_and_returns_are_set_aside_and_never_count_as_invalid(tm
     rows += [event(f"return{i}", hour_ago, event_type="purchase", quantity=-2) for i in range(9)]
     rows += [event("bad", hour_ago, event_type="teleport")]  # corruption: 2 of 62 judged rows
     rows += [event("minus", hour_ago, quantity=-1)]  # a negative view is no return: corruption
-    lake.write_parquet(events_table(rows), "landing/events/orders.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "orders"))
     report = ingest_landing(lake, now=NOW, max_invalid_share=0.04)
     assert report.held == []
     assert (report.events_landed, report.events_quarantined, report.events_set_aside) == (60, 2, 39)
     assert report.set_aside_by_reason == {GUEST_REASON: 30, RETURN_REASON: 9}
-    reasons = lake.read_frame("quarantine/events/orders.parquet").get_column("reason")
+    reasons = lake.read_frame(quarantine_file(EVENTS, "orders")).get_column("reason")
     assert sorted(reasons.value_counts().rows()) == sorted(
         [
             (GUEST_REASON, 30),
@@ -180,11 +195,11 @@ def test_a_held_delivery_says_why_and_how_to_go_on_and_holds_its_catalog(tmp_pat
     rows += [event(f"late{i}", NOW + timedelta(days=2)) for i in range(4)]
     rows += [event("mistyped", hour_ago, event_type="teleport")]
     prefix = "import-generic-orders-0a1b2c3d"
-    lake.write_parquet(events_table(rows), f"landing/events/{prefix}-b00000.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, f"{prefix}-b00000"))
     item = {"item_id": "i1", "category_id": "c1", "is_in_stock": True, "title": "Mug"}
-    lake.write_parquet(pa.Table.from_pylist([item]), f"landing/items/{prefix}-items.parquet")
+    lake.write_parquet(pa.Table.from_pylist([item]), dataset_file(LANDING_ITEMS, f"{prefix}-items"))
     lake.write_parquet(
-        pa.Table.from_pylist([{"user_id": "u1"}]), f"landing/users/{prefix}-users.parquet"
+        pa.Table.from_pylist([{"user_id": "u1"}]), dataset_file(LANDING_USERS, f"{prefix}-users")
     )
 
     report = ingest_landing(lake, now=NOW)
@@ -197,12 +212,13 @@ def test_a_held_delivery_says_why_and_how_to_go_on_and_holds_its_catalog(tmp_pat
     assert held.top_reasons[0].example["event_id"] == "late0"
     assert held.command == "make pipeline MAX_INVALID_SHARE=0.05"
     message = held.message()
-    assert f"landing/events/{prefix}-b00000.parquet: held, 5.0% of 100 rows invalid" in message
+    batch = dataset_file(LANDING_EVENTS, f"{prefix}-b00000")
+    assert f"{batch}: held, 5.0% of 100 rows invalid" in message
     assert "occurred_at is in the future: 4 rows, e.g. event_id=late0" in message
     assert message.rstrip().endswith("make pipeline MAX_INVALID_SHARE=0.05")
     # All or nothing: the delivery's catalog rows wait with its events.
     assert report.catalog_files_held == 2 and report.items_upserted == 0
-    assert not lake.exists("catalog/items/catalog.parquet")
+    assert not lake.exists(catalog_file(ITEMS))
     assert len(lake.list_files("landing")) == 3
 
     report = ingest_landing(lake, now=NOW, max_invalid_share=held.accepting_share)
@@ -215,14 +231,16 @@ def test_a_delivery_that_leaves_an_attribute_empty_keeps_the_catalogs_value(tmp_
     first = {"item_id": "i1", "title": "Mug", "category_id": "c1", "price": 3.5}
     lake.write_parquet(
         pa.Table.from_pylist([{**first, "is_in_stock": True, "is_recommendable": False}]),
-        "landing/items/shop.parquet",
+        dataset_file(LANDING_ITEMS, "shop"),
     )
     ingest_landing(lake, now=NOW)
     # An events-only import describes the item with a placeholder category and nothing else.
     placeholder = {"item_id": "i1", "category_id": "unknown", "is_in_stock": True, "price": 4.0}
-    lake.write_parquet(pa.Table.from_pylist([placeholder]), "landing/items/events-only.parquet")
+    lake.write_parquet(
+        pa.Table.from_pylist([placeholder]), dataset_file(LANDING_ITEMS, "events-only")
+    )
     ingest_landing(lake, now=NOW)
-    [row] = lake.read_frame("catalog/items").rows(named=True)
+    [row] = lake.read_frame(ITEMS).rows(named=True)
     assert (row["title"], row["category_id"], row["price"]) == ("Mug", "c1", 4.0)
     assert row["is_recommendable"] is False
 
@@ -232,11 +250,11 @@ def test_ingesting_the_same_delivery_twice_adds_nothing(tmp_path):
     table = events_table(
         [event("e1", NOW - timedelta(hours=3)), event("e2", NOW - timedelta(hours=2))]
     )
-    lake.write_parquet(table, "landing/events/delivery.parquet")
+    lake.write_parquet(table, dataset_file(LANDING_EVENTS, "delivery"))
     ingest_landing(lake, now=NOW)
-    lake.write_parquet(table, "landing/events/delivery.parquet")
+    lake.write_parquet(table, dataset_file(LANDING_EVENTS, "delivery"))
     ingest_landing(lake, now=NOW)
-    assert lake.read_frame("events").height == 2
+    assert lake.read_frame(EVENTS).height == 2
 
 
 def test_a_new_day_is_ingested_without_rewriting_history(tmp_path):
@@ -244,20 +262,20 @@ def test_a_new_day_is_ingested_without_rewriting_history(tmp_path):
     history = events_table(
         [event(f"h{i}", NOW - timedelta(days=2, hours=10 * i)) for i in range(3)]
     )
-    lake.write_parquet(history, "landing/events/history.parquet")
+    lake.write_parquet(history, dataset_file(LANDING_EVENTS, "history"))
     first = ingest_landing(lake, now=NOW)
     assert first.rows_by_date == {"2026-05-07": 1, "2026-05-08": 2}
-    published = lake.list_modified("events")
+    published = lake.list_modified(EVENTS)
 
     today = events_table([event("t1", NOW - timedelta(hours=1))])
-    lake.write_parquet(today, "landing/events/today.parquet")
+    lake.write_parquet(today, dataset_file(LANDING_EVENTS, "today"))
     second = ingest_landing(lake, now=NOW)
     assert second.rows_by_date == {"2026-05-10": 1}
-    after = lake.list_modified("events")
+    after = lake.list_modified(EVENTS)
     # The earlier days' files are untouched (same names, same modification times).
     assert {path: after[path] for path in published} == published
-    assert sorted(set(after) - set(published)) == ["events/date=2026-05-10/today.parquet"]
-    assert lake.read_frame("events").height == 4
+    assert sorted(set(after) - set(published)) == [partition_file(EVENTS, "2026-05-10", "today")]
+    assert lake.read_frame(EVENTS).height == 4
 
 
 def test_catalog_deliveries_are_upserted_by_key(tmp_path):
@@ -276,7 +294,7 @@ def test_catalog_deliveries_are_upserted_by_key(tmp_path):
                 {**base, "item_id": "i2", "price": 6.0, "is_in_stock": True},
             ]
         ),
-        "landing/items/first.parquet",
+        dataset_file(LANDING_ITEMS, "first"),
     )
     ingest_landing(lake, now=NOW)
     lake.write_parquet(
@@ -286,16 +304,16 @@ def test_catalog_deliveries_are_upserted_by_key(tmp_path):
                 {**base, "item_id": None, "price": 1.0, "is_in_stock": True},
             ]
         ),
-        "landing/items/second.parquet",
+        dataset_file(LANDING_ITEMS, "second"),
     )
     report = ingest_landing(lake, now=NOW)
-    catalog = lake.read_frame("catalog/items").sort("item_id")
+    catalog = lake.read_frame(ITEMS).sort("item_id")
     assert catalog.select("item_id", "price", "is_in_stock").rows() == [
         ("i1", 5.0, True),
         ("i2", 7.0, False),
     ]
     assert report.catalog_rows_quarantined == 1
-    assert lake.read_frame("quarantine/catalog/items/second.parquet").get_column("reason")[0] == (
+    assert lake.read_frame(quarantine_file(ITEMS, "second")).get_column("reason")[0] == (
         "item_id is null"
     )
 
@@ -303,35 +321,38 @@ def test_catalog_deliveries_are_upserted_by_key(tmp_path):
 def test_lake_writes_are_atomic_and_listed_relative_to_the_root(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     assert not lake_has_events(lake)
-    lake.write_parquet(pa.table({"x": [1]}), "events/date=2026-01-01/a.parquet")
-    lake.write_json({"a": 1}, "evaluation/metrics.json")
-    assert lake.list_files("events") == ["events/date=2026-01-01/a.parquet"]
-    assert lake.read_json("evaluation/metrics.json") == {"a": 1}
+    written = partition_file(EVENTS, "2026-01-01", "a")
+    lake.write_parquet(pa.table({"x": [1]}), written)
+    lake.write_json({"a": 1}, EVALUATION_REPORT)
+    assert lake.list_files(EVENTS) == [written]
+    assert lake.read_json(EVALUATION_REPORT) == {"a": 1}
     assert not [p for p in (tmp_path / "lake").rglob("_tmp-*")]
     assert lake_has_events(lake)
     with pytest.raises(FileNotFoundError, match="nothing in the lake"):
-        lake.read_table("features/missing.parquet")
-    assert isinstance(lake.read_frame("events"), pl.DataFrame)
+        lake.read_table(feature_table("missing"))
+    assert isinstance(lake.read_frame(EVENTS), pl.DataFrame)
 
 
 def check_streamed_parquet(lake: Lake, leftovers) -> None:
     """Shared by the local and the S3 test: streamed writes, batched reads, atomicity."""
+    big, cast_file = dataset_file(SERVING, "big"), dataset_file(SERVING, "cast")
+    empty, nothing = dataset_file(SERVING, "empty"), dataset_file(SERVING, "nothing")
     tables = [pa.table({"k": [i, i], "v": [0.5 * i, 1.0]}) for i in range(5)]
-    assert lake.write_parquet_tables(iter(tables), "serving/big.parquet") == 10
-    assert lake.read_table("serving/big.parquet").equals(pa.concat_tables(tables))
-    batches = list(lake.iter_parquet("serving/big.parquet", batch_rows=3, columns=["k"]))
+    assert lake.write_parquet_tables(iter(tables), big) == 10
+    assert lake.read_table(big).equals(pa.concat_tables(tables))
+    batches = list(lake.iter_parquet(big, batch_rows=3, columns=["k"]))
     assert max(batch.num_rows for batch in batches) <= 3
     assert pa.concat_tables(batches).column("k").to_pylist() == [i for i in range(5) for _ in "ab"]
     # A table that can be cast to the schema is cast; nothing at all needs a schema.
     cast = pa.table({"k": pa.array([9], pa.int32()), "v": [9.0]})
-    assert lake.write_parquet_tables([tables[0], cast], "serving/cast.parquet") == 3
-    assert lake.read_table("serving/cast.parquet").schema == tables[0].schema
+    assert lake.write_parquet_tables([tables[0], cast], cast_file) == 3
+    assert lake.read_table(cast_file).schema == tables[0].schema
     schema = pa.schema({"k": pa.int64()})
-    assert lake.write_parquet_tables([], "serving/empty.parquet", schema=schema) == 0
-    assert lake.read_table("serving/empty.parquet").schema == schema
+    assert lake.write_parquet_tables([], empty, schema=schema) == 0
+    assert lake.read_table(empty).schema == schema
     with pytest.raises(ValueError, match="no table and no schema"):
-        lake.write_parquet_tables([], "serving/nothing.parquet")
-    assert not lake.exists("serving/nothing.parquet")
+        lake.write_parquet_tables([], nothing)
+    assert not lake.exists(nothing)
 
     # A failure half-way leaves the previous file as it was, and no temporary file.
     def failing():
@@ -339,8 +360,8 @@ def check_streamed_parquet(lake: Lake, leftovers) -> None:
         raise RuntimeError("the generator failed")
 
     with pytest.raises(RuntimeError, match="the generator failed"):
-        lake.write_parquet_tables(failing(), "serving/big.parquet")
-    assert lake.read_table("serving/big.parquet").num_rows == 10
+        lake.write_parquet_tables(failing(), big)
+    assert lake.read_table(big).num_rows == 10
     assert leftovers() == []
 
 
@@ -371,11 +392,12 @@ def test_the_newest_word_on_stock_wins_between_catalog_deliveries_and_service_up
 
     def deliver(name: str, at: datetime) -> None:
         # A delivery without stock times is as of when it landed (the file's modification time).
-        lake.write_parquet(catalog, f"landing/items/{name}.parquet")
-        os.utime(tmp_path / "lake" / "landing" / "items" / f"{name}.parquet", (at.timestamp(),) * 2)
+        delivery = dataset_file(LANDING_ITEMS, name)
+        lake.write_parquet(catalog, delivery)
+        os.utime(lake.path(delivery), (at.timestamp(),) * 2)
 
     def stock() -> dict[str, tuple[bool, datetime]]:
-        rows = lake.read_frame("catalog/items").select("item_id", "is_in_stock", "stock_updated_at")
+        rows = lake.read_frame(ITEMS).select("item_id", "is_in_stock", "stock_updated_at")
         return {item: (in_stock, at) for item, in_stock, at in rows.rows()}
 
     deliver("monday", NOW - timedelta(days=1))
@@ -390,7 +412,7 @@ def test_the_newest_word_on_stock_wins_between_catalog_deliveries_and_service_up
     ]
     lake.write_parquet(
         pa.Table.from_pylist(updates, schema=STOCK_UPDATES_SCHEMA),
-        "stock_updates/date=2026-05-10/wal-a.parquet",
+        partition_file(STOCK_UPDATES, "2026-05-10", "wal-a"),
     )
     # i1's latest update sells it out; i2's keeps it in stock (a newer time, the same answer);
     # i3's is older than the delivery; an unknown item is no catalog row. Applied once only.
@@ -415,8 +437,8 @@ def test_the_newest_word_on_stock_wins_between_catalog_deliveries_and_service_up
 def test_a_catalog_published_before_stock_times_gets_the_column(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     old = pa.table({"item_id": ["i1"], "category_id": ["c"], "is_in_stock": [True]})
-    lake.write_parquet(old, "catalog/items/catalog.parquet")
+    lake.write_parquet(old, catalog_file(ITEMS))
     ingest_landing(lake, now=NOW)
-    catalog = lake.read_table("catalog/items/catalog.parquet")
+    catalog = lake.read_table(catalog_file(ITEMS))
     assert "stock_updated_at" in catalog.schema.names
     assert catalog.num_rows == 1

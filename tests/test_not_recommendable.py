@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from models.artifacts import read_mart
 from models.business_rules import (
     SERVING_ITEMS,
     SERVING_PURCHASES,
@@ -47,7 +48,7 @@ from models.session import BOUGHT_TOGETHER, COVISIT, Session
 from shelfwise.home import prepare_home
 from shelfwise.intake.generate import Shop, ShopConfig, generate_shop, write_shop
 from shelfwise.intake.ingest import ingest_landing
-from shelfwise.lake import FEATURES, SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
+from shelfwise.lake import ITEMS, SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_POPULAR, Lake
 from shelfwise.runtime.online_state import StockChange
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
@@ -103,7 +104,7 @@ def flagged_lake(tmp_path_factory):
 
 
 def mart(lake: Lake, name: str) -> pl.DataFrame:
-    return lake.read_frame(f"{FEATURES}/{name}.parquet")
+    return read_mart(lake, name)
 
 
 def test_the_item_features_mart_carries_the_flag(flagged_lake):
@@ -130,7 +131,7 @@ def test_a_catalog_from_before_the_flag_builds(flagged_lake, tmp_path):
     shutil.copytree(settings.home, home)
     old = Settings.from_env({"SHELFWISE_HOME": str(home)})
     old_lake = Lake(old.lake_url)
-    [catalog] = old_lake.list_files("catalog/items")
+    [catalog] = old_lake.list_files(ITEMS)
     old_lake.write_parquet(old_lake.read_table(catalog).drop(["is_recommendable"]), catalog)
     # The staging model and its not_null test on is_recommendable (every item recommendable).
     dbt(old, ["build", "--select", "stg_lake__items"], [END], tmp_path / "target")

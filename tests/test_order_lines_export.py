@@ -2,7 +2,6 @@
 data"): the documented `shelfwise import` command, `make pipeline` with its defaults, then
 `bentoml serve` of the bento it built (see tests/order_lines.py for what the export holds)."""
 
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -13,8 +12,9 @@ import httpx
 import polars as pl
 import pytest
 
+from models.artifacts import read_evaluation_report
 from shelfwise.contracts import GUEST_REASON, RETURN_REASON
-from shelfwise.lake import Lake
+from shelfwise.lake import EVENTS, ITEMS, Lake
 from shelfwise.settings import Settings
 from tests.order_lines import FEE_CODES, JUNK_TITLES, OrderLinesExport, write_order_lines
 from tests.support import PROJECT_ROOT, VENV_BIN, bentoml_server
@@ -117,7 +117,7 @@ def test_guests_and_returns_are_quarantined_with_their_reason_and_block_nothing(
     assert sorted(reasons) == sorted(
         [(GUEST_REASON, export.guest_rows), (RETURN_REASON, export.cancellation_rows)]
     )
-    events = lake.read_frame("events")
+    events = lake.read_frame(EVENTS)
     assert events.height == export.rows - export.guest_rows - export.cancellation_rows
     assert set(events.get_column("event_type")) == {"purchase"}
     # Customer ids as the shop knows them: `17850.0` in the file, `17850` in the lake.
@@ -127,8 +127,8 @@ def test_guests_and_returns_are_quarantined_with_their_reason_and_block_nothing(
 
 def test_the_catalog_takes_prices_and_titles_from_valid_rows_only(imported_shop):
     lake, export = imported_shop.lake, imported_shop.export
-    items = lake.read_frame("catalog/items")
-    sold = set(lake.read_frame("events").get_column("item_id"))
+    items = lake.read_frame(ITEMS)
+    sold = set(lake.read_frame(EVENTS).get_column("item_id"))
     products = items.filter(pl.col("item_id").is_in(sorted(sold - set(FEE_CODES))))
     assert products.height == len(sold - set(FEE_CODES))
     # No zero price (a giveaway line or a stock adjustment) and no junk or misspelt title.
@@ -141,7 +141,7 @@ def test_the_catalog_takes_prices_and_titles_from_valid_rows_only(imported_shop)
 
 
 def test_the_evaluation_carries_intervals_and_the_gate_promoted_with_confidence(imported_shop):
-    report = json.loads(imported_shop.lake.read_text("evaluation/metrics.json"))
+    report = read_evaluation_report(imported_shop.lake)
     ranker = report["metrics"]["ranker"]
     low, high = ranker["ndcg@10_ci95"]
     assert low <= ranker["ndcg@10"] <= high

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from models.cutoffs import CutoffPlan
+from models.artifacts import load_plan, read_candidates, read_ranker_text, read_training_set
 from models.features import FEATURE_COLUMNS, feature_matrix
 from models.marts import Marts
 from models.recommender import Recommender, serving_snapshot
@@ -14,12 +14,10 @@ from models.recommender import Recommender, serving_snapshot
 
 def test_service_vectors_and_scores_equal_the_training_rows(pipeline_run):
     lake = pipeline_run.lake
-    plan = CutoffPlan.from_cutoffs(
-        lake.read_frame("features/feature_cutoffs.parquet")["as_of"].to_list()
-    )
+    plan = load_plan(lake)
     cutoff = plan.training[0]
-    training = lake.read_frame("training/training_set.parquet").filter(pl.col("as_of") == cutoff)
-    candidates = lake.read_frame("candidates/training.parquet").filter(pl.col("as_of") == cutoff)
+    training = read_training_set(lake).filter(pl.col("as_of") == cutoff)
+    candidates = read_candidates(lake, "training").filter(pl.col("as_of") == cutoff)
 
     # The serving path, run as of a training cutoff.
     snapshot = serving_snapshot(candidates, Marts.load(lake, [cutoff]))
@@ -30,7 +28,7 @@ def test_service_vectors_and_scores_equal_the_training_rows(pipeline_run):
     assert_frame_equal(served, trained, check_exact=True)
 
     # The service core scores a user's rows exactly as the booster scores the training rows.
-    booster = lgb.Booster(model_str=lake.read_text("models/ranker/model.txt"))
+    booster = lgb.Booster(model_str=read_ranker_text(lake))
     recommender = Recommender(
         served,
         popular=pl.DataFrame(

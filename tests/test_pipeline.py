@@ -7,10 +7,11 @@ from datetime import datetime
 import polars as pl
 import pytest
 
+from models.artifacts import read_evaluation_report, read_mart, read_training_set
 from models.features import FEATURE_COLUMNS
 from orchestration.assets.promotion import GATE_CHECK
 from shelfwise.home import prepare_home
-from shelfwise.lake import FEATURES
+from shelfwise.lake import EVENTS, FEATURE_CUTOFFS, FEATURES, partition_day
 from shelfwise.runtime.registry import list_rankers, production
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
@@ -68,27 +69,27 @@ def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
 
 def test_raw_events_are_partitioned_by_date_with_the_contract(pipeline_run):
     lake = pipeline_run.lake
-    files = lake.list_files("events")
-    assert files and all("/date=" in f for f in files)
+    files = lake.list_files(EVENTS)
+    assert files and all(partition_day(f) is not None for f in files)
     assert lake.list_files("landing") == []
-    events = lake.read_frame("events")
+    events = lake.read_frame(EVENTS)
     assert events.get_column("event_id").is_unique().all()
 
 
 def test_features_are_exported_as_parquet_for_every_cutoff(pipeline_run):
     lake = pipeline_run.lake
-    cutoffs = lake.read_frame("features/feature_cutoffs.parquet").get_column("as_of")
+    cutoffs = lake.read_frame(FEATURE_CUTOFFS).get_column("as_of")
     assert cutoffs.len() == 5
     for mart in ("user_features", "item_features", "item_covisitation", "user_item_features"):
-        frame = lake.read_frame(f"features/{mart}.parquet")
+        frame = read_mart(lake, mart)
         assert set(frame.get_column("as_of").unique().to_list()) <= set(cutoffs.to_list())
         assert frame.height > 0
 
 
 def test_features_never_see_events_at_or_after_their_cutoff(pipeline_run):
     lake = pipeline_run.lake
-    events = lake.read_frame("events")
-    users = lake.read_frame("features/user_features.parquet")
+    events = lake.read_frame(EVENTS)
+    users = read_mart(lake, "user_features")
     first_cutoff = users.get_column("as_of").min()
     expected = (
         events.filter(pl.col("occurred_at") < first_cutoff)
@@ -102,7 +103,7 @@ def test_features_never_see_events_at_or_after_their_cutoff(pipeline_run):
 
 
 def test_training_set_has_graded_labels_and_every_feature(pipeline_run):
-    rows = pipeline_run.lake.read_frame("training/training_set.parquet")
+    rows = read_training_set(pipeline_run.lake)
     assert set(FEATURE_COLUMNS) <= set(rows.columns)
     assert set(rows.get_column("label").unique().to_list()) <= {0, 1, 2, 3}
     # Every query holds at least one positive.
@@ -111,7 +112,7 @@ def test_training_set_has_graded_labels_and_every_feature(pipeline_run):
 
 
 def test_ranker_beats_popularity_on_the_held_out_window(pipeline_run):
-    report = pipeline_run.lake.read_json("evaluation/metrics.json")
+    report = read_evaluation_report(pipeline_run.lake)
     metrics = report["metrics"]
     assert metrics["ranker"]["users"] > 50
     assert metrics["ranker"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
@@ -121,7 +122,7 @@ def test_ranker_beats_popularity_on_the_held_out_window(pipeline_run):
 
 
 def test_evaluation_reports_intervals_and_the_gate_reads_the_paired_lower_bound(pipeline_run):
-    report = pipeline_run.lake.read_json("evaluation/metrics.json")
+    report = read_evaluation_report(pipeline_run.lake)
     ranker = report["metrics"]["ranker"]
     lower, upper = ranker["ndcg@10_ci95"]
     assert lower < ranker["ndcg@10"] < upper
@@ -214,7 +215,7 @@ def test_workspace_loads_in_dagster_as_the_ui_would(tmp_path):
 
 
 def test_dbt_docs_generate_documents_every_mart(pipeline_run, tmp_path):
-    cutoffs = pipeline_run.lake.read_frame("features/feature_cutoffs.parquet")["as_of"].to_list()
+    cutoffs = pipeline_run.lake.read_frame(FEATURE_CUTOFFS)["as_of"].to_list()
     dbt(pipeline_run.settings, ["docs", "generate"], cutoffs, tmp_path / "docs")
     catalog = json.loads((tmp_path / "docs" / "catalog.json").read_text())
     manifest = json.loads((tmp_path / "docs" / "manifest.json").read_text())

@@ -13,7 +13,16 @@ from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, MAX_PRICE, PRICE_REASON, parse_earliest
 from shelfwise.home import prepare_home
 from shelfwise.intake.ingest import ingest_landing
-from shelfwise.lake import EVENTS, STOCK_UPDATES, Lake
+from shelfwise.lake import (
+    EVENTS,
+    LANDING_EVENTS,
+    STOCK_UPDATES,
+    Lake,
+    dataset_file,
+    partition_day,
+    quarantine_file,
+    quarantine_folder,
+)
 from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 from shelfwise.settings import Settings
 from tests.test_feedback_log import make_events
@@ -40,20 +49,20 @@ def test_landing_rejects_events_before_the_earliest_time_and_absurd_prices(tmp_p
         event("huge", day, price=1e308),
         event("both", datetime(1999, 12, 31, 23, 59, tzinfo=UTC), price=math.inf),
     ]
-    lake.write_parquet(events_table(rows), "landing/events/implausible.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "implausible"))
 
     report = ingest_landing(lake, now=NOW, max_invalid_share=1.0)
 
     assert (report.events_landed, report.events_quarantined) == (4, 7)
     landed = lake.read_frame(EVENTS)
     assert sorted(landed.get_column("event_id")) == ["at-earliest", "max-price", "no-price", "ok"]
-    assert sorted({f.split("/")[1] for f in lake.list_files(EVENTS)}) == [
-        "date=2000-01-01",
-        f"date={day.date()}",
+    assert sorted({partition_day(f) for f in lake.list_files(EVENTS)}) == [
+        "2000-01-01",
+        str(day.date()),
     ]
     reasons = {
         event_id: set(reason.split("; "))
-        for event_id, reason in lake.read_frame("quarantine/events/implausible.parquet")
+        for event_id, reason in lake.read_frame(quarantine_file(EVENTS, "implausible"))
         .select("event_id", "reason")
         .rows()
     }
@@ -76,13 +85,13 @@ def test_landing_rejects_events_before_the_earliest_time_and_absurd_prices(tmp_p
 def test_the_earliest_time_is_configurable_for_ingestion(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     rows = [event("2015", datetime(2015, 6, 1, tzinfo=UTC)), event("2021", datetime(2021, 1, 1))]
-    lake.write_parquet(events_table(rows), "landing/events/old-shop.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "old-shop"))
     report = ingest_landing(
         lake, now=NOW, max_invalid_share=1.0, earliest=parse_earliest("2020-01-01")
     )
     assert report.events_landed == 1
     [(event_id, reason)] = (
-        lake.read_frame("quarantine/events/old-shop.parquet").select("event_id", "reason").rows()
+        lake.read_frame(quarantine_file(EVENTS, "old-shop")).select("event_id", "reason").rows()
     )
     assert (event_id, reason) == ("2015", "occurred_at is before 2020-01-01T00:00:00+00:00")
 
@@ -101,7 +110,7 @@ def test_raw_events_takes_the_earliest_time_from_its_config(tmp_path):
     prepare_home(settings)
     lake = Lake(settings.lake_url)
     rows = [event("2015", datetime(2015, 6, 1, tzinfo=UTC)), event("2025", datetime(2025, 1, 1))]
-    lake.write_parquet(events_table(rows), "landing/events/old-shop.parquet")
+    lake.write_parquet(events_table(rows), dataset_file(LANDING_EVENTS, "old-shop"))
     config = {
         "max_invalid_share": 1.0,
         "earliest_event_at": "2020-01-01",
@@ -148,10 +157,12 @@ def test_compaction_quarantines_implausible_rows_of_the_log_instead_of_absurd_pa
         "impressions": 0,
         "stock_updates": 1,
     }
-    partitions = {f.split("/")[1] for f in lake.list_files(EVENTS) + lake.list_files(STOCK_UPDATES)}
-    assert all(p >= "date=2000-01-01" for p in partitions)
+    partitions = {
+        partition_day(f) for f in lake.list_files(EVENTS) + lake.list_files(STOCK_UPDATES)
+    }
+    assert all(p >= "2000-01-01" for p in partitions)
     assert sorted(lake.read_frame(EVENTS).get_column("event_id")) == ["ok-0", "ok-1", "ok-2"]
-    [quarantined] = lake.list_files("quarantine/events")
+    [quarantined] = lake.list_files(quarantine_folder(EVENTS))
     assert quarantined.rsplit("/", 1)[1].startswith("wal-")
     reasons = dict(lake.read_frame(quarantined).select("event_id", "reason").rows())
     assert reasons == {"bad-0": EARLY, "bad-1": EARLY, "bad-2": PRICE_REASON, "bad-3": PRICE_REASON}

@@ -8,12 +8,13 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from models.artifacts import read_mart
 from models.collaborative import collaborative_scores, fit_item_models
 from shelfwise.contracts import EVENTS_SCHEMA
 from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.intake.ingest import ingest_landing
-from shelfwise.lake import Lake
+from shelfwise.lake import EVENTS, Lake, partition_file
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 
@@ -57,14 +58,14 @@ def assert_same(left: pl.DataFrame, right: pl.DataFrame) -> None:
 def marts_as_of(lake: Lake, cutoff: datetime) -> dict[str, pl.DataFrame]:
     frames = {}
     for mart in FEATURE_MARTS:
-        frame = lake.read_frame(f"features/{mart}.parquet").filter(pl.col("as_of") == cutoff)
+        frame = read_mart(lake, mart).filter(pl.col("as_of") == cutoff)
         frames[mart] = frame.sort(frame.columns)
     return frames
 
 
 def collaborative_as_of(lake: Lake) -> dict[datetime, pl.DataFrame]:
     """Each cutoff's collaborative candidates for every user, from the lake's marts."""
-    user_items = lake.read_frame("features/user_item_features.parquet")
+    user_items = read_mart(lake, "user_item_features")
     models = fit_item_models(user_items)
     frames = {}
     for cutoff in (CUTOFF, LATER):
@@ -98,7 +99,7 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
         for column in columns:
             assert before[mart].get_column(column).drop_nulls().ne(0).any(), (mart, column)
 
-    events = lake.read_frame("events")
+    events = lake.read_frame(EVENTS)
     # 1. Late-arriving edits: every event at or after the cutoff is rewritten in place.
     after_cutoff = pl.col("occurred_at") >= CUTOFF
     edited = events.with_columns(
@@ -109,11 +110,12 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
         pl.when(after_cutoff).then(pl.col("price") * 10).otherwise(pl.col("price")).alias("price"),
     )
     assert edited.filter(after_cutoff).height > 0
-    for file in lake.list_files("events"):
+    for file in lake.list_files(EVENTS):
         lake.remove([file])
     for (day,), rows in edited.partition_by("date", as_dict=True).items():
         lake.write_parquet(
-            rows.drop("date").to_arrow().cast(EVENTS_SCHEMA), f"events/date={day}/rewritten.parquet"
+            rows.drop("date").to_arrow().cast(EVENTS_SCHEMA),
+            partition_file(EVENTS, day, "rewritten"),
         )
     # 2. New events after the cutoff by users and for items that exist before it.
     known = events.filter(~after_cutoff).head(500)
@@ -124,7 +126,7 @@ def test_appended_and_edited_events_after_the_cutoff_change_no_feature(shop_lake
     )
     lake.write_parquet(
         appended.drop("date").to_arrow().cast(EVENTS_SCHEMA),
-        f"events/date={CUTOFF.date()}/appended.parquet",
+        partition_file(EVENTS, CUTOFF.date(), "appended"),
     )
 
     dbt(settings, ["build", "--exclude", "resource_type:test"], [CUTOFF, LATER], tmp_path / "t2")
@@ -182,11 +184,11 @@ def test_a_redelivered_batch_changes_no_feature(shop_lake, tmp_path):
     dbt(settings, ["build", "--exclude", "resource_type:test"], [LATER], tmp_path / "t1")
     staged_before = staged_events(settings)
     before = marts_as_of(lake, LATER)
-    redelivered = lake.read_frame("events").filter(pl.col("occurred_at") < LATER).head(3000)
+    redelivered = lake.read_frame(EVENTS).filter(pl.col("occurred_at") < LATER).head(3000)
     assert redelivered.height == 3000
     written = [
         lake.write_parquet(
-            rows.drop("date").to_arrow().cast(EVENTS_SCHEMA), f"events/date={day}/again.parquet"
+            rows.drop("date").to_arrow().cast(EVENTS_SCHEMA), partition_file(EVENTS, day, "again")
         )
         for (day,), rows in redelivered.partition_by("date", as_dict=True).items()
     ]

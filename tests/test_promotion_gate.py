@@ -9,6 +9,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from models.artifacts import read_evaluation_report, read_training_set
 from models.ranker import RankerParams, train_ranker
 from orchestration.assets.bento import bento
 from orchestration.assets.evaluation import evaluation
@@ -41,7 +42,7 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
     before = production(settings.bentoml_home)
     bentos_before = bentos(settings)
 
-    rows = lake.read_frame("training/training_set.parquet")
+    rows = read_training_set(lake)
     shuffled = rows.with_columns(
         pl.Series("label", np.random.default_rng(0).permutation(rows["label"].to_numpy()))
     )
@@ -74,10 +75,10 @@ def test_a_crippled_ranker_is_stopped_by_the_gate(pipeline_run, tmp_path):
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {"evaluation", "registered_model"}
     # The evaluation compared it with the model in production on the same candidates.
-    metrics = lake.read_json("evaluation/metrics.json")["metrics"]
+    metrics = read_evaluation_report(lake)["metrics"]
     assert metrics["production"]["ndcg@10"] > metrics["ranker"]["ndcg@10"]
     # ... paired on the same users: the crippled ranker is worse with 95% confidence.
-    paired = lake.read_json("evaluation/metrics.json")["paired"]["production"]
+    paired = read_evaluation_report(lake)["paired"]["production"]
     assert paired["ndcg@10_diff_ci95"][1] < 0
 
     # Materialized on its own, outside the run that evaluated the gate, production_model still

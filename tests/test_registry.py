@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shelfwise.cli import main
-from shelfwise.lake import Lake
+from shelfwise.lake import EVENTS, Lake, partition_file
 from shelfwise.runtime import registry
 from shelfwise.runtime.registry import (
     PRODUCTION_MODEL_NAME,
@@ -177,14 +177,12 @@ def test_data_fingerprints_follow_the_file_listing(tmp_path):
     assert registry.fingerprint_files({"a": 1}) != registry.fingerprint_files({"a": 2})
     lake = Lake(str(tmp_path / "lake"))
     empty = registry.lake_fingerprint(lake)
-    folder = tmp_path / "lake" / "events" / "date=2026-01-01"
-    folder.mkdir(parents=True)
-    (folder / "part-0.parquet").write_bytes(b"12345")
+    part = partition_file(EVENTS, "2026-01-01", "part-0")
+    Path(lake.path(part)).parent.mkdir(parents=True)
+    Path(lake.path(part)).write_bytes(b"12345")
     first = registry.lake_fingerprint(lake)
-    assert first != empty and first == registry.fingerprint_files(
-        {"events/date=2026-01-01/part-0.parquet": 5}
-    )
-    (folder / "part-1.parquet").write_bytes(b"1")
+    assert first != empty and first == registry.fingerprint_files({part: 5})
+    Path(lake.path(partition_file(EVENTS, "2026-01-01", "part-1"))).write_bytes(b"1")
     assert registry.lake_fingerprint(lake) != first
 
 

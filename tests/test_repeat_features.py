@@ -11,11 +11,12 @@ from datetime import UTC, date, datetime, timedelta
 import polars as pl
 import pytest
 
+from models.artifacts import read_mart
 from shelfwise.contracts import EVENTS_SCHEMA
 from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.intake.ingest import ingest_landing
-from shelfwise.lake import Lake
+from shelfwise.lake import EVENTS, Lake, partition_file
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 
@@ -36,7 +37,7 @@ def marts(tmp_path_factory):
     )
     write_shop(generate_shop(config), lake, seed=5)
     ingest_landing(lake, now=END)
-    item = lake.read_frame("events").get_column("item_id").sort()[0]
+    item = lake.read_frame(EVENTS).get_column("item_id").sort()[0]
     # The shopper buys `item` twice in one basket (one occasion), 10 days later, 20 days later,
     # and once more after the cutoff (invisible to it); another item once.
     start = CUTOFF - timedelta(days=35)
@@ -66,11 +67,11 @@ def marts(tmp_path_factory):
         "day"
     ):
         lake.write_parquet(
-            part.drop("day").to_arrow().cast(EVENTS_SCHEMA), f"events/date={day}/shopper.parquet"
+            part.drop("day").to_arrow().cast(EVENTS_SCHEMA), partition_file(EVENTS, day, "shopper")
         )
     dbt(settings, ["build", "--exclude", "resource_type:test"], [CUTOFF], home / "target")
     frames = {
-        name: lake.read_frame(f"features/{name}.parquet")
+        name: read_mart(lake, name)
         for name in ("user_item_features", "item_features", "user_features")
     }
     return lake, item, frames
@@ -79,7 +80,7 @@ def marts(tmp_path_factory):
 def reference(lake: Lake) -> dict[str, pl.DataFrame]:
     """The repeat-purchase columns recomputed from the raw events as of CUTOFF."""
     purchases = (
-        lake.read_frame("events")
+        lake.read_frame(EVENTS)
         .unique("event_id", keep="first")
         .filter((pl.col("occurred_at") < CUTOFF) & (pl.col("event_type") == "purchase"))
         .with_columns(

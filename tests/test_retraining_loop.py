@@ -11,13 +11,14 @@ import httpx
 import polars as pl
 import pytest
 
+from models.artifacts import read_mart
 from models.attribution import attribution_totals
 from orchestration.automation import feedback_volume
 from orchestration.definitions import bound_to
 from orchestration.resources import ShelfwiseResource
 from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
-from shelfwise.lake import FEATURES, SERVING_CANDIDATES, Lake
+from shelfwise.lake import SERVING_CANDIDATES, Lake
 from shelfwise.runtime.registry import production
 from shelfwise.settings import Settings
 from tests.support import served_from_source
@@ -134,7 +135,7 @@ def test_feedback_triggers_a_retraining_that_the_service_picks_up(shop_today):
     wait_for(lambda: served_version(url, settings) == after, what="the service to swap models")
 
     # The feedback is attributed to the responses it came from.
-    daily = Lake(settings.lake_url).read_frame(f"{FEATURES}/feedback_attribution.parquet")
+    daily = read_mart(Lake(settings.lake_url), "feedback_attribution")
     totals = attribution_totals(daily.filter(pl.col("model_version") == before))
     assert totals.get_column("impressions").sum() >= THRESHOLD
     assert totals.get_column("clicks").sum() > 0 and totals.get_column("purchases").sum() > 0

@@ -7,7 +7,7 @@ from polars.testing import assert_frame_equal
 from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.intake.ingest import ingest_landing
-from shelfwise.lake import Lake
+from shelfwise.lake import FEATURE_CUTOFFS, FEATURES, Lake, feature_table
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 
@@ -43,10 +43,10 @@ def test_local_and_s3_lakes_give_identical_feature_tables(s3_lake_url, tmp_path)
         prepare_home(settings)
     local = build(local_settings, tmp_path / "target-local")
     s3 = build(s3_settings, tmp_path / "target-s3")
-    assert s3.list_files("features") == local.list_files("features")
+    assert s3.list_files(FEATURES) == local.list_files(FEATURES)
     for mart in MARTS:
-        left = s3.read_frame(f"features/{mart}.parquet")
-        right = local.read_frame(f"features/{mart}.parquet")
+        left = s3.read_frame(feature_table(mart))
+        right = local.read_frame(feature_table(mart))
         assert left.height > 0, mart
         if "stock_updated_at" in left.columns:
             # When each catalog landed (the lake's modification time, also on S3): the two
@@ -57,5 +57,5 @@ def test_local_and_s3_lakes_give_identical_feature_tables(s3_lake_url, tmp_path)
             left.sort(left.columns), right.sort(right.columns), check_exact=False, rel_tol=1e-9
         )
     assert not list((tmp_path / "s3").rglob("*.parquet")), "the S3 build wrote local Parquet"
-    cutoffs = s3.read_frame("features/feature_cutoffs.parquet").get_column("as_of").to_list()
+    cutoffs = s3.read_frame(FEATURE_CUTOFFS).get_column("as_of").to_list()
     assert cutoffs == [END - timedelta(days=7), END]

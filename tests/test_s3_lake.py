@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from shelfwise.cli import main
 from shelfwise.intake.ingest import ingest_landing, ingested_dates
-from shelfwise.lake import Lake
+from shelfwise.lake import EVENTS, ITEMS, Lake
 
 
 def test_generate_and_ingest_write_the_same_layout_to_s3(s3_lake_url, tmp_path):
@@ -33,9 +33,9 @@ def test_generate_and_ingest_write_the_same_layout_to_s3(s3_lake_url, tmp_path):
     assert s3_report.events_landed == local_report.events_landed > 0
     assert s3.list_files("landing") == []
     assert ingested_dates(s3) == ingested_dates(local)
-    s3_events = s3.read_frame("events").sort("event_id")
-    assert s3_events.equals(local.read_frame("events").sort("event_id"))
-    assert s3.read_frame("catalog/items").height == 110
+    s3_events = s3.read_frame(EVENTS).sort("event_id")
+    assert s3_events.equals(local.read_frame(EVENTS).sort("event_id"))
+    assert s3.read_frame(ITEMS).height == 110
 
 
 def test_parquet_streams_go_to_s3_atomically(s3_lake_url):

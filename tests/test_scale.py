@@ -11,6 +11,15 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from models.artifacts import (
+    candidate_chunks,
+    load_plan,
+    read_candidates,
+    read_evaluation_report,
+    read_labels,
+    read_training_set,
+    sampled_queries,
+)
 from models.candidates import (
     CandidateConfig,
     CandidateSources,
@@ -20,12 +29,11 @@ from models.candidates import (
     generator_recall_per_user,
     mean_recall,
 )
-from models.cutoffs import CutoffPlan
 from models.evaluation import evaluate
 from models.marts import Marts
 from models.queries import query_chunks, sample_queries, whole_queries
 from models.recommender import serving_snapshot
-from shelfwise.lake import SERVING_CANDIDATES, Lake
+from shelfwise.lake import SERVING_CANDIDATES, TRAINING_SET, Lake, candidates_file
 from tests import test_candidates as hand_made
 from tests import test_evaluation as small_evaluation
 
@@ -104,10 +112,11 @@ def test_whole_queries_regroups_batches_cut_inside_a_query():
 def test_an_empty_parquet_file_is_read_as_one_empty_batch(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     schema = queries_of([]).to_arrow().schema
-    lake.write_parquet_tables([], "candidates/serving.parquet", schema=schema)
-    [batch] = lake.iter_parquet("candidates/serving.parquet", batch_rows=10)
+    relpath = candidates_file("serving")
+    lake.write_parquet_tables([], relpath, schema=schema)
+    [batch] = lake.iter_parquet(relpath, batch_rows=10)
     assert batch.num_rows == 0 and batch.schema == schema
-    [only] = lake.iter_parquet("candidates/serving.parquet", batch_rows=10, columns=["user_id"])
+    [only] = lake.iter_parquet(relpath, batch_rows=10, columns=["user_id"])
     assert only.column_names == ["user_id"]
 
 
@@ -122,11 +131,6 @@ def test_chunked_candidates_equal_one_pass_on_hand_made_marts():
     assert_frame_equal(pl.concat(chunks), whole)
     [empty] = generate_candidates_in_chunks(users.head(0), hand_made.SOURCES, hand_made.CONFIG, 5)
     assert empty.is_empty() and empty.columns == whole.columns
-
-
-def pipeline_plan(lake):
-    cutoffs = lake.read_frame("features/feature_cutoffs.parquet").get_column("as_of").to_list()
-    return CutoffPlan.from_cutoffs(cutoffs)
 
 
 def pipeline_sources(lake):
@@ -144,17 +148,15 @@ def test_chunked_candidates_equal_one_pass_on_a_generated_shop(pipeline_run):
     assert whole.height > 100_000
     assert_frame_equal(chunked, whole)
     # What the asset wrote for serving is the same rows.
-    serving = whole.filter(pl.col("as_of") == pipeline_plan(lake).serving)
-    assert_frame_equal(lake.read_frame("candidates/serving.parquet"), serving)
+    serving = whole.filter(pl.col("as_of") == load_plan(lake).serving)
+    assert_frame_equal(read_candidates(lake, "serving"), serving)
 
 
 def test_recall_of_chunks_averages_to_the_recall_of_all_users(pipeline_run):
     lake = pipeline_run.lake
-    plan = pipeline_plan(lake)
-    candidates = lake.read_frame("candidates/evaluation.parquet")
-    labels = lake.read_frame("features/interaction_labels.parquet").filter(
-        pl.col("as_of") == plan.evaluation
-    )
+    plan = load_plan(lake)
+    candidates = read_candidates(lake, "evaluation")
+    labels = read_labels(lake, plan.evaluation)
     users = candidates.get_column("user_id").unique().sort()
     parts = []
     for start in range(0, users.len(), 50):
@@ -172,17 +174,16 @@ def test_recall_of_chunks_averages_to_the_recall_of_all_users(pipeline_run):
 
 def test_chunked_snapshot_equals_the_snapshot_of_all_users(pipeline_run, tmp_path):
     lake = pipeline_run.lake
-    plan = pipeline_plan(lake)
+    plan = load_plan(lake)
     tables = Marts.load(lake, [plan.serving])
-    candidates = lake.read_frame("candidates/serving.parquet")
+    candidates = read_candidates(lake, "serving")
     whole = serving_snapshot(candidates, tables)
     # What the asset wrote (streamed in chunks) is the snapshot of all users at once.
     assert_frame_equal(lake.read_frame(SERVING_CANDIDATES), whole)
     # Small batches cut users in two; regrouped, each chunk is assembled against its users only.
-    batches = lake.iter_parquet("candidates/serving.parquet", batch_rows=997)
     chunks = [
         serving_snapshot(chunk, tables.for_queries(chunk))
-        for chunk in whole_queries(pl.from_arrow(batch) for batch in batches)
+        for chunk in candidate_chunks(lake, "serving", 997)
     ]
     assert len(chunks) > 5
     assert_frame_equal(pl.concat(chunks), whole)
@@ -266,12 +267,12 @@ def test_assets_in_small_chunks_write_the_same_files_and_sampling_is_consistent(
     materialize(candidates, settings, {"chunk_queries": 97})
     materialize(serving_features, settings, {"chunk_rows": 5_000})
     metadata = materialize(training_set, settings, {"chunk_rows": 5_000})
-    paths = [f"candidates/{role}.parquet" for role in ("training", "evaluation", "serving")]
-    for path in [*paths, SERVING_CANDIDATES, "training/training_set.parquet"]:
+    paths = [candidates_file(role) for role in ("training", "evaluation", "serving")]
+    for path in [*paths, SERVING_CANDIDATES, TRAINING_SET]:
         assert_frame_equal(lake.read_frame(path), original.read_frame(path))
-    assert metadata["dagster/row_count"] == original.parquet_rows("training/training_set.parquet")
+    assert metadata["dagster/row_count"] == original.parquet_rows(TRAINING_SET)
     assert metadata["queries"] == (
-        original.read_frame("training/training_set.parquet").select("as_of", "user_id").n_unique()
+        read_training_set(original).select("as_of", "user_id").n_unique()
     )
 
     # Sampled: at most 60 training queries per cutoff and 40 evaluation queries.
@@ -280,20 +281,17 @@ def test_assets_in_small_chunks_write_the_same_files_and_sampling_is_consistent(
         settings,
         {"chunk_queries": 25, "max_training_queries_per_cutoff": 60, "max_evaluation_queries": 40},
     )
-    queries = lake.read_frame("candidates/queries.parquet")
-    evaluation_queries = queries.filter(pl.col("role") == "evaluation").drop("role")
+    evaluation_queries = sampled_queries(lake, "evaluation")
     assert evaluation_queries.height == metadata["evaluation_users"] == 40
     assert metadata["evaluation_labelled_queries"] > 40
-    assert metadata["training_users"] == 60 * len(pipeline_plan(lake).training)
+    assert metadata["training_users"] == 60 * len(load_plan(lake).training)
     for role in ("training", "evaluation"):
-        drawn = queries.filter(pl.col("role") == role).drop("role").sort("as_of", "user_id")
-        generated = (
-            lake.read_frame(f"candidates/{role}.parquet").select("as_of", "user_id").unique()
-        )
+        drawn = sampled_queries(lake, role).sort("as_of", "user_id")
+        generated = read_candidates(lake, role).select("as_of", "user_id").unique()
         assert_frame_equal(generated.sort("as_of", "user_id"), drawn)
     # Every approach, the oracle too, is scored on the 40 sampled users (all have a positive).
     metadata = materialize(evaluation, settings, None)
-    report = lake.read_json("evaluation/metrics.json")
+    report = read_evaluation_report(lake)
     assert report["sample"] == {
         "evaluation_queries": 40,
         "labelled_queries": metadata["labelled_queries"],

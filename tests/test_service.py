@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from models.candidates import GENERATORS
-from shelfwise.lake import SERVING_CANDIDATES
+from shelfwise.lake import SERVING_CANDIDATES, SERVING_ITEMS, SERVING_POPULAR, SERVING_PURCHASES
 from shelfwise.runtime.registry import list_rankers
 
 
@@ -67,7 +67,7 @@ def test_unknown_user_gets_popular_items_not_an_error(bento_server, pipeline_run
     assert response.status_code == 200
     body = response.json()
     assert body["strategy"] == "popular"
-    popular = pipeline_run.lake.read_frame("serving/popular_items.parquet")
+    popular = pipeline_run.lake.read_frame(SERVING_POPULAR)
     assert [i["item_id"] for i in body["items"]] == popular.get_column("item_id").head(5).to_list()
     assert {i["source"] for i in body["items"]} == {"popular"}
 
@@ -110,11 +110,8 @@ def test_health_and_metrics_endpoints(bento_server):
 
 def test_filters_and_business_rules_hold_over_http(bento_server, pipeline_run):
     lake = pipeline_run.lake
-    items = {
-        row["item_id"]: row
-        for row in lake.read_frame("serving/items.parquet").iter_rows(named=True)
-    }
-    purchases = lake.read_frame("serving/purchases.parquet")
+    items = {row["item_id"]: row for row in lake.read_frame(SERVING_ITEMS).iter_rows(named=True)}
+    purchases = lake.read_frame(SERVING_PURCHASES)
     buyer = purchases.group_by("user_id").len().sort("len", descending=True)["user_id"][0]
     bought = set(purchases.filter(pl.col("user_id") == buyer)["item_id"])
 

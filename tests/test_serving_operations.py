@@ -10,7 +10,7 @@ import pytest
 
 from models.business_rules import SERVING_ITEMS
 from models.recommender import FALLBACK_CANDIDATE_ORDER, FALLBACK_POPULAR
-from shelfwise.lake import SERVING_CANDIDATES, Lake
+from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, Lake
 from tests.support import copy_state, processes_serving, served_copy, served_from_source
 
 TOKEN = "s3cret-token"
@@ -113,7 +113,7 @@ def test_two_workers_share_the_online_state_through_redis(pipeline_run, tmp_path
     with served_copy(pipeline_run.settings, tmp_path, env) as (url, settings):
         assert len(processes_serving(settings, b"_bentoml_impl.worker")) == 2
         visitor = f"new-{uuid.uuid4().hex}"
-        item = Lake(settings.lake_url).read_frame("serving/neighbours.parquet")["item_id"][0]
+        item = Lake(settings.lake_url).read_frame(SERVING_NEIGHBOURS)["item_id"][0]
         response = httpx.post(f"{url}/events", json={"events": [view(visitor, item)]}, timeout=10)
         assert response.json()["accepted"] == 1
         # Fresh connections, so the kernel spreads them over both workers: all see the view.

@@ -16,7 +16,7 @@ from models.snapshot import (
     SnapshotOrderError,
     load_snapshot,
 )
-from shelfwise.lake import SERVING_CANDIDATES
+from shelfwise.lake import SERVING, SERVING_CANDIDATES, dataset_file
 
 
 def assert_same(streamed: CandidateSnapshot, whole: CandidateSnapshot) -> None:
@@ -50,7 +50,7 @@ def test_a_snapshot_in_another_order_is_loaded_whole(pipeline_run, tmp_path, cap
     lake = pipeline_run.lake
     whole_file = lake.read_frame(SERVING_CANDIDATES)
     shuffled = whole_file.sample(fraction=1.0, shuffle=True, seed=7)
-    relpath = "serving/shuffled.parquet"
+    relpath = dataset_file(SERVING, "shuffled")
     lake.write_parquet(shuffled.to_arrow(), relpath)
     try:
         with caplog.at_level(logging.WARNING, logger="models.snapshot"):
