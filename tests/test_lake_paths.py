@@ -32,6 +32,9 @@ SPELLED = re.compile(
 )
 
 
+FOLDER_PREFIX = re.compile(rf"^({'|'.join(FOLDERS)})/[\w=./-]*$")
+
+
 def _spelled_paths(path: Path, label: str | None = None) -> list[str]:
     label = label or str(path.relative_to(ROOT))
     found = []
@@ -48,10 +51,10 @@ def _spelled_paths(path: Path, label: str | None = None) -> list[str]:
             starts_path = isinstance(after, ast.Constant) and str(after.value).startswith("/")
             if name in FOLDER_CONSTANTS and starts_path:
                 found.append(f"{label}:{node.lineno}: f-string on {name}")
-            for part in node.values:
-                if isinstance(part, ast.Constant) and SPELLED.match(str(part.value)):
-                    if part is node.values[0]:
-                        found.append(f"{label}:{node.lineno}: {part.value!r}")
+            # A folder spelled at the start, the rest filled in: f"features/{name}.parquet".
+            if isinstance(head, ast.Constant) and FOLDER_PREFIX.match(str(head.value)):
+                if isinstance(after, ast.FormattedValue):
+                    found.append(f"{label}:{node.lineno}: {head.value!r}…")
     return found
 
 
@@ -68,9 +71,10 @@ def test_the_checker_finds_a_spelled_path(tmp_path):
         'b = "serving/items.parquet"\n'
         'c = f"{paths.EVENTS}/date={day}/x.parquet"\n'
         'd = "landing/events"\n'
+        'e = f"features/{name}.parquet"\n'
         'fine = ["events/s", "features", f"{FEATURES}"]\n'
     )
-    assert len(_spelled_paths(module, "spelled.py")) == 4
+    assert len(_spelled_paths(module, "spelled.py")) == 5
 
 
 def test_no_module_but_the_owner_spells_a_lake_path():
