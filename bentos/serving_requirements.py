@@ -28,6 +28,9 @@ REQUIREMENTS = PROJECT_ROOT / "bentos" / "requirements.txt"
 # What the service imports, each with the extras it needs; their own dependencies are derived.
 SERVING_PACKAGES: dict[str, tuple[str, ...]] = {
     "bentoml": (),  # the service (brings pydantic, starlette, uvicorn, prometheus-client)
+    # The httptools protocol (bentos/compat.py, protocol.py) and uvloop, which BentoML's workers
+    # use when installed: what the service was measured with.
+    "uvicorn": ("standard",),
     "pydantic": (),  # the API models (bentos/api_models.py)
     "anyio": (),  # Redis-bound requests in the thread pool (bentos/service.py)
     "lightgbm": (),  # the ranker (bentos/service.py, models/recommender.py)
