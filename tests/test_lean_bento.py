@@ -107,6 +107,7 @@ def image_env(bento_dir, tmp_path_factory) -> dict[str, str]:
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return {
         "PYTHONPATH": str(folder),
+        "PYTHONDONTWRITEBYTECODE": "1",  # leave the bento in the store as it was built
         "LEAN_BENTO_SRC": str(bento_dir / "src"),
         "LEAN_BENTO_REQUIREMENTS": str(bento_dir / "env" / "python" / "requirements.txt"),
     }
