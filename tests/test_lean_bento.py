@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from bentos import serving_requirements
-from tests.support import bentoml_server
+from tests.support import bentoml_server, copy_state
 
 PIPELINE_DISTRIBUTIONS = re.compile(r"^(dagster|dbt|great-expectations|matplotlib|duckdb)\b")
 
@@ -194,12 +194,14 @@ def test_the_isolation_refuses_what_the_bento_lacks(bento_dir, image_env, tmp_pa
 
 @pytest.mark.slow
 def test_the_bento_serves_from_the_bento_alone(pipeline_run, bento_dir, image_env, tmp_path):
-    """`bentoml serve` of the bento (its workers too) with nothing but its src/ and packages."""
+    """`bentoml serve` of the bento (its workers too) with nothing but its src/ and packages, on a
+    copy of the pipeline's state (its impressions must not reach the shared lake)."""
+    settings = copy_state(pipeline_run.settings, tmp_path)
+    src = settings.bentoml_home / "bentos" / "shelfwise" / bento_dir.name / "src"
+    env = {**image_env, "LEAN_BENTO_SRC": str(src)}
     tag = f"shelfwise:{bento_dir.name}"
     log = tmp_path / "bentoml.log"
-    with bentoml_server(
-        tag, pipeline_run.settings, cwd=tmp_path, log_path=log, env=image_env
-    ) as url:
+    with bentoml_server(tag, settings, cwd=tmp_path, log_path=log, env=env) as url:
         answer = httpx.post(f"{url}/recommend", json={"user_id": "u1", "k": 5}, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json()["items"]
