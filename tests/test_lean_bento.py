@@ -152,7 +152,7 @@ def test_the_bento_holds_no_pipeline_code(bento_dir):
     assert {"bentos/service.py", "models/recommender.py", "shelfwise/runtime/feedback.py"} <= files
     pipeline = ("orchestration/", "shelfwise/intake/", "dbt_project/", "tests/", "data/")
     assert not sorted(name for name in files if name.startswith(pipeline))
-    assert "models/ranker.py" not in files and "shelfwise/cli.py" not in files
+    assert "models/evaluation.py" not in files and "shelfwise/cli.py" not in files
 
 
 @pytest.mark.slow
