@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bentos import serving_requirements
+from orchestration import serving_requirements
 from tests.support import bentoml_server, copy_state
 
 PIPELINE_DISTRIBUTIONS = re.compile(r"^(dagster|dbt|great-expectations|matplotlib|duckdb)\b")
@@ -124,7 +124,7 @@ def requirement_names(path: Path) -> set[str]:
 
 def test_the_committed_requirements_are_current():
     assert serving_requirements.REQUIREMENTS.read_text() == serving_requirements.render(), (
-        "bentos/requirements.txt is stale: run `python -m bentos.serving_requirements`"
+        "bentos/requirements.txt is stale: run `python -m orchestration.serving_requirements`"
     )
 
 

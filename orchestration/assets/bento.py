@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from bentos import serving_requirements
+from orchestration import serving_requirements
 from orchestration.resources import ShelfwiseResource
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
