@@ -97,6 +97,7 @@ lock:  ## Re-resolve pyproject.toml into constraints.txt in a throw-away venv.
 	{ echo "# Every package of the resolved environment, pinned. Installs always use this file:"; \
 	  echo "#   pip install -c constraints.txt -e '.[dev]'   (see the Makefile; regenerate with 'make lock')"; \
 	  .lock-venv/bin/pip freeze --all --exclude-editable | sort -f; } > constraints.txt
+	.lock-venv/bin/python -m orchestration.serving_requirements
 	rm -rf .lock-venv
 
 clean:  ## Remove the virtual environment and the dbt build output (keeps data/).

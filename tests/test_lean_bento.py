@@ -1,4 +1,4 @@
-"""The bento holds what the service imports, not the pipeline (docs/operations-bento.md).
+"""The bento holds what the service imports, not the pipeline (docs/bento.md).
 
 The development environment cannot show that by serving the bento: its editable install finds
 any first-party module the bento lacks in the project, and every pipeline package is installed.

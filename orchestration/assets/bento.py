@@ -20,7 +20,7 @@ BENTOML_EXECUTABLE = str(Path(sys.executable).with_name("bentoml"))
 def bento(context: dg.AssetExecutionContext, shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """The deployable bento (`shelfwise:<version>`): the service and the modules it imports, the
     serving packages pinned from constraints.txt and the production ranker, built offline from
-    bentos/bentofile.yaml (docs/operations-bento.md)."""
+    bentos/bentofile.yaml (docs/bento.md)."""
     settings = shelfwise.settings()
     # The pins follow constraints.txt: bentos/requirements.txt is rewritten if it fell behind.
     if serving_requirements.write():
