@@ -21,7 +21,8 @@ class Settings:
         max_per_category: At most this many items of one category per recommendation list
             (`SHELFWISE_MAX_PER_CATEGORY`; 0, the default, means no cap).
         redis_url: When set (`SHELFWISE_REDIS_URL`), the service keeps its online state (sessions,
-            purchases, stock updates) in this Redis, shared by all workers and replicas.
+            purchases, stock updates) in this Redis, shared by all workers and replicas (never
+            shown in the settings' repr: the URL may carry a password).
         ranker_budget_ms: Milliseconds the ranker may take per request before the service serves
             the candidate order instead (`SHELFWISE_RANKER_BUDGET_MS`, default 50; 0: no limit).
         max_body_bytes: The largest request body the service reads (`SHELFWISE_MAX_BODY_BYTES`,
@@ -46,7 +47,7 @@ class Settings:
     lake_url: str
     api_token: str | None = field(default=None, repr=False)
     max_per_category: int = 0
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)
     ranker_budget_ms: float = 50.0
     max_body_bytes: int = 1 << 20
     retrain_after_events: int = 10_000
