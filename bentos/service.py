@@ -49,6 +49,7 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from models.online_store import OnlineVersion, current_version, load_version, open_client
 from models.ranker import booster_from_text
 from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
@@ -61,7 +62,7 @@ from shelfwise.runtime.feedback import (
     latest_stock_updates,
     restore_seen_events,
 )
-from shelfwise.runtime.online_state import StockChange, open_state
+from shelfwise.runtime.online_state import StockChange, UserActivity, open_state
 from shelfwise.runtime.registry import (
     PRODUCTION_MODEL_NAME,
     SOURCE_TAG,
@@ -96,6 +97,8 @@ MODEL = bentoml.metrics.Gauge(
 )
 
 EVENT_VALIDATOR = TypeAdapter(EventIn)
+# Seconds between looks at the online store's pointer (and the upkeep's other timers).
+STORE_POLL_S = 0.5
 
 
 @bentoml.service(name="shelfwise", **SERVICE_CONFIG)
@@ -105,6 +108,12 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
+        # The online store in Redis (`models.online_store`), when configured: the serving state
+        # of the version its pointer names, else the lake's snapshot in process.
+        self._store_client = (
+            open_client(self.settings.redis_url) if self.settings.redis_url else None
+        )
+        self._store_down = False
         booster, features, version, tag, policy = None, None, None, None, None
         try:
             model = self.production_model
@@ -115,7 +124,8 @@ class RecommendationService:
             tag = str(model.tag)
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
-        self.serving = self._serving(booster, features, version, tag, policy)
+        self._ranker = (booster, features, version, tag, policy)
+        self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
@@ -131,7 +141,9 @@ class RecommendationService:
             "Serving %s for %d known users from %s, online state %s",
             self.serving.model_version,
             self.serving.recommender.known_users,
-            self.settings.lake_url,
+            "the lake"
+            if self.serving.store_version is None
+            else f"online store version {self.serving.store_version}",
             "in Redis" if self.settings.redis_url else "in process",
         )
         settle_heap()
@@ -164,19 +176,52 @@ class RecommendationService:
         version: str | None,
         tag: str | None,
         policy: SegmentPolicy | None = None,
+        online: OnlineVersion | None = None,
     ) -> "Serving":
-        """The recommender for a ranker (and its segment policy) and the lake's current
-        serving snapshot."""
+        """The recommender for a ranker (and its segment policy) and the current serving state:
+        the online store's version its pointer names when Redis holds one, else the lake's
+        serving snapshot (`online` None)."""
         lake = Lake(self.settings.lake_url)
         budget = self.settings.ranker_budget_ms / 1000 or None
         cap = self.settings.max_per_category
         try:
-            recommender = Recommender.from_lake(lake, booster, features, cap, budget, policy)
+            if online is not None:
+                recommender = Recommender.from_online_store(
+                    online, booster, features, cap, budget, policy
+                )
+            else:
+                recommender = Recommender.from_lake(lake, booster, features, cap, budget, policy)
         except SnapshotFeaturesError:  # the snapshot was built for another ranker's features
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
-            recommender, version = Recommender.from_lake(lake, None, None, cap, budget), None
+            if online is not None:
+                recommender = Recommender.from_online_store(online, None, None, cap, budget)
+            else:
+                recommender = Recommender.from_lake(lake, None, None, cap, budget)
+            version = None
         MODEL.labels(model_version=version or "none").set(1)
-        return Serving(recommender, version, tag)
+        return Serving(recommender, version, tag, online.version if online else None)
+
+    def refresh_store(self) -> bool:
+        """Switches to the online store's current version if its pointer moved.
+
+        The new version's shared parts are loaded aside; requests keep the old recommender (and
+        read the old version's users) until one reference assignment switches them over.
+
+        Returns:
+            Whether a new version was swapped in.
+        """
+        if self._store_client is None:
+            return False
+        with self._reload_lock:
+            stored = current_version(self._store_client)
+            if stored is None or stored == self.serving.store_version:
+                return False
+            serving = self._serving(*self._ranker, online=load_version(self._store_client, stored))
+            previous, self.serving = self.serving, serving
+            logger.info(
+                "Online store version %s replaces %s", serving.store_version, previous.store_version
+            )
+            return True
 
     def reload(self) -> bool:
         """Swaps in the production model of the store if it changed since it was loaded.
@@ -194,14 +239,29 @@ class RecommendationService:
             model_dir = production_path(self.settings.bentoml_home)
             booster, features = load_ranker(model_dir)
             policy = load_segment_policy(model_dir)
-            serving = self._serving(booster, features, current.source_tag, current.tag, policy)
+            ranker = (booster, features, current.source_tag, current.tag, policy)
+            serving = self._serving(*ranker, online=self._online_version(strict=False))
             if serving.model_version is None:  # the snapshot does not fit: keep what works
                 return False
-            previous, self.serving = self.serving, serving
+            previous, self.serving, self._ranker = self.serving, serving, ranker
             if previous.model_version != serving.model_version:
                 MODEL.labels(model_version=previous.model_version or "none").set(0)
             logger.info("Swapped %s for %s", previous.model_version, serving.model_version)
             return True
+
+    def _online_version(self, strict: bool = True) -> OnlineVersion | None:
+        """The online store's current version with its shared parts, or None (no Redis, no
+        version written yet; or, unless strict, Redis unreachable or the version unreadable)."""
+        if self._store_client is None:
+            return None
+        try:
+            stored = current_version(self._store_client)
+            return None if stored is None else load_version(self._store_client, stored)
+        except Exception:
+            if strict:
+                raise
+            logger.exception("Online store unreadable: serving the lake's snapshot")
+            return None
 
     def _background(self) -> None:
         """Upkeep off the request path: a newly promoted model, and log compaction."""
@@ -209,7 +269,8 @@ class RecommendationService:
         # `__init__` compacted just now (`_restore_stock`): the next round is a period away.
         next_poll = time.monotonic()
         next_compaction = next_poll + compact
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(STORE_POLL_S):
+            self._poll_store()
             now = time.monotonic()
             if poll and now >= next_poll:
                 next_poll = now + poll
@@ -227,6 +288,18 @@ class RecommendationService:
                     )
                 except Exception:  # the log keeps everything; the next round retries
                     logger.exception("Feedback compaction failed")
+
+    def _poll_store(self) -> None:
+        """Follows the online store's pointer; Redis being away is logged once, not per poll."""
+        try:
+            self.refresh_store()
+            if self._store_down:
+                logger.info("Online store reachable again")
+            self._store_down = False
+        except Exception:  # keep serving the version held (its users degrade if Redis is away)
+            if not self._store_down:
+                logger.exception("Online store unreachable: keeping the version held")
+            self._store_down = True
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -270,7 +343,11 @@ class RecommendationService:
         filters: RecommendFilters | None = None,
     ) -> RecommendResponse:
         """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
-        activity, stock = self.state.activity_and_stock(user_id)
+        try:
+            activity, stock = self.state.activity_and_stock(user_id)
+        except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
+            logger.warning("online state unavailable (%r): answering without it", error)
+            activity, stock = UserActivity(), {}
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
@@ -425,6 +502,8 @@ class Serving:
     recommender: Recommender
     model_version: str | None
     tag: str | None
+    # The online store's version the recommender reads (None: the lake's snapshot in process).
+    store_version: int | None = None
 
 
 def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:

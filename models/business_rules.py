@@ -124,10 +124,34 @@ class BusinessRules:
     @classmethod
     def from_lake(cls, lake: Lake, max_per_category: int = 0) -> "BusinessRules":
         """Loads the facts the pipeline exported with the serving snapshot (empty when absent)."""
+        return cls.from_frames(
+            lake.read_frame(SERVING_ITEMS) if lake.exists(SERVING_ITEMS) else None,
+            lake.read_frame(SERVING_PURCHASES) if lake.exists(SERVING_PURCHASES) else None,
+            max_per_category,
+        )
+
+    @classmethod
+    def from_frames(
+        cls,
+        items_frame: pl.DataFrame | None,
+        purchases: pl.DataFrame | None,
+        max_per_category: int = 0,
+    ) -> "BusinessRules":
+        """The rules on the serving snapshot's facts.
+
+        Args:
+            items_frame: The item facts (`serving_facts`' items), or None when absent.
+            purchases: user_id, item_id bought before the snapshot, or None when absent (or kept
+                elsewhere: the online store keeps each user's with their candidates).
+            max_per_category: At most this many items of one category per list (0: no cap).
+
+        Returns:
+            The rules with their facts.
+        """
         items: dict[str, ItemFacts] = {}
         purchased: dict[str, set[str]] = {}
-        if lake.exists(SERVING_ITEMS):
-            frame = lake.read_frame(SERVING_ITEMS)
+        if items_frame is not None:
+            frame = items_frame
             if "stock_updated_at" in frame.columns:  # snapshots before it have no stock time
                 frame = frame.with_columns(pl.col("stock_updated_at").dt.epoch("us"))
             for row in frame.iter_rows(named=True):
@@ -143,9 +167,8 @@ class BusinessRules:
                     # Snapshots before the flag have none; null means the catalog said nothing.
                     row.get("is_recommendable") is not False,
                 )
-        if lake.exists(SERVING_PURCHASES):
-            frame = lake.read_frame(SERVING_PURCHASES)
-            for user_id, item_ids in frame.group_by("user_id").agg("item_id").iter_rows():
+        if purchases is not None:
+            for user_id, item_ids in purchases.group_by("user_id").agg("item_id").iter_rows():
                 purchased[user_id] = set(item_ids)
         return cls(items, purchased, max_per_category)
 

@@ -43,6 +43,7 @@ from models.features import (
     assemble_features,
 )
 from models.marts import Marts
+from models.online_store import OnlineVersion
 from models.segments import SegmentPolicy
 from models.session import (
     BOUGHT_TOGETHER,
@@ -59,9 +60,10 @@ from models.session import (
 from models.snapshot import (
     SNAPSHOT_KEY,
     SNAPSHOT_ORDER,
-    USER_COLUMNS,
     CandidateSnapshot,
+    CandidateStore,
     SnapshotFeaturesError,
+    UserCandidates,
     load_snapshot,
 )
 from shelfwise.lake import (
@@ -88,9 +90,6 @@ FALLBACK_POPULAR = 2  # the candidates are missing: popular items for everyone
 # A known user whose segment the model's segment policy serves its fallback (`models.segments`):
 # answered like an unknown user (session neighbours, else popular items), on purpose.
 FALLBACK_SEGMENT = 3
-
-# Where a snapshot user's event count (their segment) is in `CandidateSnapshot.user_part`.
-_USER_EVENTS = USER_COLUMNS.index(USER_FEATURES["events"])
 
 # The (user, item) purchase counts a purchase in the session adds one to (`_apply_signals`).
 REPEAT_COUNTS = (
@@ -164,7 +163,8 @@ class Recommender:
 
     Args:
         candidates: The serving snapshot: rows of user_id, item_id, candidate_rank and
-            `FEATURE_COLUMNS` in any order, or already loaded (`CandidateSnapshot`).
+            `FEATURE_COLUMNS` in any order, or a candidate store (`CandidateSnapshot` loaded in
+            process, or `models.online_store.RedisCandidateStore`).
         popular: Popular items, most popular first: item_id, popularity.
         booster: The ranker, or None to serve candidates in their generators' order.
         feature_names: The features the booster was trained on, in its order.
@@ -185,7 +185,7 @@ class Recommender:
 
     def __init__(
         self,
-        candidates: pl.DataFrame | CandidateSnapshot,
+        candidates: pl.DataFrame | CandidateStore,
         popular: pl.DataFrame,
         booster: lgb.Booster | None,
         feature_names: list[str] | None = None,
@@ -208,7 +208,7 @@ class Recommender:
                     f"serving snapshot lacks the ranker's features: {missing}"
                 )
             candidates = CandidateSnapshot.from_frame(candidates)
-        self._snapshot = candidates
+        self._store: CandidateStore = candidates
         self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
         # The booster's columns; None when they are FEATURE_COLUMNS as they are (no copy needed).
         ranker_columns = [self._column[name] for name in features]
@@ -302,10 +302,44 @@ class Recommender:
             segment_policy=segment_policy,
         )
 
+    @classmethod
+    def from_online_store(
+        cls,
+        version: OnlineVersion,
+        booster: lgb.Booster | None,
+        feature_names: list[str] | None = None,
+        max_per_category: int = 0,
+        ranker_budget_s: float | None = None,
+        segment_policy: SegmentPolicy | None = None,
+    ) -> "Recommender":
+        """A recommender on one version of the online store in Redis (`models.online_store`).
+
+        Only the version's shared parts are in memory; each request reads its user's candidates
+        and purchases from this version, never another.
+
+        Raises:
+            SnapshotFeaturesError: The version lacks features the ranker needs.
+        """
+        features = feature_names or FEATURE_COLUMNS
+        missing = [name for name in features if name not in version.columns]
+        if missing:
+            raise SnapshotFeaturesError(f"online store lacks the ranker's features: {missing}")
+        return cls(
+            version.store,
+            version.popular,
+            booster,
+            features,
+            BusinessRules.from_frames(version.facts, None, max_per_category),
+            NeighbourIndex(version.neighbours),
+            version.facts,
+            ranker_budget_s,
+            segment_policy=segment_policy,
+        )
+
     @property
     def known_users(self) -> int:
         """How many users have precomputed candidates."""
-        return len(self._snapshot.spans)
+        return self._store.known_users
 
     def recommend(
         self,
@@ -331,14 +365,24 @@ class Recommender:
         """
         filters = filters or RequestFilters()
         session = session or Session()
-        online = OnlineFacts(session.purchased_ids, stock or {})
-        span = self._snapshot.spans.get(user_id)
-        segment_fallback = span is not None and self._segment_fallback(span)
-        if span is not None and not segment_fallback:
-            items, level = self._personalized(user_id, span, session, filters, online, k)
+        try:
+            found = self._store.candidates_of(user_id)
+            missing = self._store.known_users == 0
+        except Exception as error:  # the store is unreachable: as if the candidates were missing
+            logger.warning("candidates of user %s unavailable (%r): degrading", user_id, error)
+            found, missing = None, True
+        bought = session.purchased_ids
+        if found is not None and found.bought:  # a store that keeps the purchases (Redis)
+            bought = found.bought | session.purchased_ids
+        online = OnlineFacts(bought, stock or {})
+        if found is not None and not len(found.item_ids):
+            found = None  # a user with purchases but no candidates
+        segment_fallback = found is not None and self._segment_fallback(found)
+        if found is not None and not segment_fallback:
+            items, level = self._personalized(user_id, found, session, filters, online, k)
             strategy = STRATEGY_PERSONALIZED
         else:
-            level = FALLBACK_POPULAR if not self._snapshot.spans else FALLBACK_NONE
+            level = FALLBACK_POPULAR if missing else FALLBACK_NONE
             level = FALLBACK_SEGMENT if segment_fallback else level
             items = self._session_based(user_id, session, filters, online, k)
             strategy = STRATEGY_SESSION if items else STRATEGY_POPULAR
@@ -392,14 +436,14 @@ class Recommender:
     def _personalized(
         self,
         user_id: str,
-        span: tuple[int, int, int],
+        found: UserCandidates,
         session: Session,
         filters: RequestFilters,
         online: OnlineFacts,
         k: int,
     ) -> tuple[list[RankedItem], int]:
-        matrix, item_ids = self._snapshot.rows_of(span)
-        fallback_order = self._snapshot.ranks[span[0] : span[1]].astype(np.float64)
+        matrix, item_ids = found.matrix, found.item_ids
+        fallback_order = found.ranks.astype(np.float64)
         if session.item_ids:
             matrix, item_ids = self._with_session(matrix, item_ids, session)
             fallback_order = _generators_order(matrix, self._column)
@@ -413,12 +457,11 @@ class Recommender:
         chosen = self.rules.select(user_id, ranked, filters, k, online=online)
         return [RankedItem(item, score, source) for item, (score, source) in chosen], level
 
-    def _segment_fallback(self, span: tuple[int, int, int]) -> bool:
+    def _segment_fallback(self, found: UserCandidates) -> bool:
         """Whether the segment policy serves this known user's segment its fallback."""
         if self._segment_policy is None:
             return False
-        events = self._snapshot.user_part[span[2], _USER_EVENTS]
-        return self._segment_policy.fallback_for(float(events))
+        return self._segment_policy.fallback_for(found.events)
 
     def _rank(self, user_id: str, matrix: np.ndarray) -> np.ndarray | None:
         """The ranker's scores, or None when it is missing, fails or overruns its budget."""

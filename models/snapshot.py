@@ -16,6 +16,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -41,6 +42,46 @@ _ITEM_INDEX = np.array([_COLUMN[c] for c in ITEM_COLUMNS])
 _USER_INDEX = np.array([_COLUMN[c] for c in USER_COLUMNS])
 # Rows decoded at a time while loading: a few hundred MB of a data frame at most.
 LOAD_BATCH_ROWS = 500_000
+
+
+_USER_EVENTS = USER_COLUMNS.index(USER_FEATURES["events"])
+
+
+@dataclass(frozen=True)
+class UserCandidates:
+    """What a candidate store knows of one user, as of its snapshot.
+
+    Attributes:
+        matrix: The candidates' feature vectors (candidates × `FEATURE_COLUMNS`), best first.
+        item_ids: The candidates' item ids.
+        ranks: The candidates' ranks in their generators' order (1 = first).
+        events: The user's event count (`user_events`, the user's segment).
+        bought: Items the user bought before the snapshot, when the store keeps them (the
+            Redis store does); empty when the business rules hold them (the embedded snapshot).
+    """
+
+    matrix: np.ndarray
+    item_ids: np.ndarray
+    ranks: np.ndarray
+    events: float
+    bought: frozenset[str] = frozenset()
+
+
+class CandidateStore(Protocol):
+    """Where a recommender finds a known user's candidates: in process or in Redis."""
+
+    @property
+    def known_users(self) -> int:
+        """How many users have candidates."""
+        ...
+
+    def candidates_of(self, user_id: str) -> UserCandidates | None:
+        """The user's candidates, or None when the store knows nothing of the user.
+
+        Raises:
+            Exception: The store cannot be read (Redis unreachable); the caller degrades.
+        """
+        ...
 
 
 class SnapshotOrderError(ValueError):
@@ -179,6 +220,27 @@ class CandidateSnapshot:
         rows[:, _ITEM_INDEX] = self.item_part[codes]
         rows[:, _USER_INDEX] = self.user_part[user]
         return rows, self.items[codes]
+
+    @property
+    def known_users(self) -> int:
+        """How many users have candidates."""
+        return len(self.spans)
+
+    def candidates_of(self, user_id: str) -> UserCandidates | None:
+        """The user's candidates (see `CandidateStore`), or None for a user without any.
+
+        Args:
+            user_id: Any user id.
+
+        Returns:
+            The rows of `rows_of`, the ranks and the user's event count.
+        """
+        span = self.spans.get(user_id)
+        if span is None:
+            return None
+        matrix, item_ids = self.rows_of(span)
+        events = float(self.user_part[span[2], _USER_EVENTS])
+        return UserCandidates(matrix, item_ids, self.ranks[span[0] : span[1]], events)
 
 
 def load_snapshot(

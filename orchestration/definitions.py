@@ -11,6 +11,7 @@ from orchestration.assets.bento import bento
 from orchestration.assets.evaluation import evaluation
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
+from orchestration.assets.online_store import online_store
 from orchestration.assets.promotion import production_model, registered_model
 from orchestration.assets.ranking import candidates, ranker, training_set
 from orchestration.assets.snapshot import serving_features
@@ -29,6 +30,7 @@ defs = dg.Definitions(
         ranker,
         evaluation,
         serving_features,
+        online_store,
         registered_model,
         production_model,
         bento,

@@ -12,12 +12,14 @@ class ShelfwiseResource(dg.ConfigurableResource):
     """The Shelfwise installation a run works on.
 
     Each unset field falls back to its environment variable (SHELFWISE_HOME, SHELFWISE_LAKE,
-    SHELFWISE_RETRAIN_AFTER_EVENTS), read when a run or a sensor uses the resource.
+    SHELFWISE_RETRAIN_AFTER_EVENTS, SHELFWISE_REDIS_URL), read when a run or a sensor uses the
+    resource.
     """
 
     home: str | None = None
     lake_url: str | None = None
     retrain_after_events: int | None = None
+    redis_url: str | None = None
 
     def settings(self) -> Settings:
         environ = dict(os.environ)
@@ -27,6 +29,8 @@ class ShelfwiseResource(dg.ConfigurableResource):
             environ["SHELFWISE_LAKE"] = self.lake_url
         if self.retrain_after_events:
             environ["SHELFWISE_RETRAIN_AFTER_EVENTS"] = str(self.retrain_after_events)
+        if self.redis_url:
+            environ["SHELFWISE_REDIS_URL"] = self.redis_url
         return Settings.from_env(environ)
 
     def lake(self) -> Lake:

