@@ -1,0 +1,121 @@
+"""Stateless replicas: two `bentoml serve` processes sharing one Redis (its own server, so the
+test may stop it) answer alike, see each other's events, follow a new version of the online store
+without a restart, and degrade instead of failing when Redis goes away."""
+
+import time
+import uuid
+
+import httpx
+import polars as pl
+import pytest
+import redis
+
+from models.online_store import write_from_lake, write_version
+from models.recommender import FALLBACK_POPULAR
+from models.snapshot import CandidateSnapshot
+from shelfwise.lake import (
+    SERVING_CANDIDATES,
+    SERVING_ITEMS,
+    SERVING_NEIGHBOURS,
+    SERVING_POPULAR,
+    SERVING_PURCHASES,
+)
+from shelfwise.runtime import store_keys as keys
+from tests.support import redis_server, served_copy
+
+
+@pytest.fixture(scope="module")
+def replicas(pipeline_run, tmp_path_factory):
+    """Redis holding the pipeline's serving state (version 1), and two replicas serving it."""
+    assert pipeline_run.result.success, pipeline_run.failures
+    folder = tmp_path_factory.mktemp("replicas")
+    with redis_server(folder) as url:
+        client = redis.Redis.from_url(url)
+        first = write_from_lake(client, pipeline_run.lake)
+        env = {"SHELFWISE_REDIS_URL": url}
+        (folder / "a").mkdir()
+        (folder / "b").mkdir()
+        with served_copy(pipeline_run.settings, folder / "a", env) as (a, _):
+            with served_copy(pipeline_run.settings, folder / "b", env) as (b, _):
+                yield {"a": a, "b": b, "client": client, "first": first.version, "folder": folder}
+
+
+def recommend(url: str, user_id: str, k: int = 10) -> dict:
+    response = httpx.post(f"{url}/recommend", json={"user_id": user_id, "k": k}, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def answer(body: dict) -> tuple:
+    return body["strategy"], body["fallback_level"], [i["item_id"] for i in body["items"]]
+
+
+def users(pipeline_run) -> list[str]:
+    frame = pipeline_run.lake.read_frame(SERVING_CANDIDATES, ["user_id"])
+    return sorted(frame["user_id"].unique())
+
+
+def test_both_replicas_serve_the_store_and_answer_alike(replicas, pipeline_run):
+    for name in ("a", "b"):
+        log = (replicas["folder"] / name / "bentoml.log").read_text()
+        assert f"from online store version {replicas['first']}" in log
+    for user in users(pipeline_run)[:25] + ["someone-new"]:
+        assert answer(recommend(replicas["a"], user)) == answer(recommend(replicas["b"], user))
+    assert recommend(replicas["a"], users(pipeline_run)[0])["strategy"] == "personalized"
+
+
+def test_a_view_posted_to_one_replica_changes_the_next_answer_of_the_other(replicas, pipeline_run):
+    visitor = f"new-{uuid.uuid4().hex}"
+    item = pipeline_run.lake.read_frame(SERVING_NEIGHBOURS)["item_id"][0]
+    before = recommend(replicas["b"], visitor)
+    assert before["strategy"] == "popular"
+    event = {"event_id": uuid.uuid4().hex, "user_id": visitor, "item_id": item}
+    event["event_type"] = "view"
+    posted = httpx.post(f"{replicas['a']}/events", json={"events": [event]}, timeout=10)
+    assert posted.json()["accepted"] == 1
+    after = recommend(replicas["b"], visitor)
+    assert after["strategy"] == "session" and answer(after) != answer(before)
+
+
+def wait_for(check, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the replicas did not follow the new version"
+        time.sleep(0.25)
+
+
+def test_a_new_version_is_served_without_restart_and_old_keys_go(replicas, pipeline_run):
+    client, lake = replicas["client"], pipeline_run.lake
+    user = users(pipeline_run)[1]
+    assert recommend(replicas["a"], user)["strategy"] == "personalized"
+    # Version 2: the same state without this user's candidates.
+    frame = lake.read_frame(SERVING_CANDIDATES).filter(pl.col("user_id") != user)
+    second = write_version(
+        client,
+        CandidateSnapshot.from_frame(frame),
+        popular=lake.read_frame(SERVING_POPULAR),
+        neighbours=lake.read_frame(SERVING_NEIGHBOURS),
+        facts=lake.read_frame(SERVING_ITEMS),
+        purchases=lake.read_frame(SERVING_PURCHASES),
+    )
+    assert second.previous == replicas["first"]
+    for replica in ("a", "b"):
+        wait_for(lambda r=replica: recommend(replicas[r], user)["strategy"] != "personalized")
+    # Version 1 is kept until the next switch (a replica might not have polled yet), then goes.
+    assert client.exists(keys.meta_key(replicas["first"]))
+    third = write_from_lake(client, lake)
+    assert replicas["first"] in third.removed
+    assert not list(client.scan_iter(match=keys.version_prefix(replicas["first"]) + "*"))
+    assert client.exists(keys.meta_key(second.version))
+    for replica in ("a", "b"):
+        wait_for(lambda r=replica: recommend(replicas[r], user)["strategy"] == "personalized")
+
+
+def test_without_redis_the_replicas_degrade_and_never_fail(replicas, pipeline_run):
+    """Last in the module: it stops the module's Redis."""
+    replicas["client"].shutdown(nosave=True)
+    for replica in ("a", "b"):
+        body = recommend(replicas[replica], users(pipeline_run)[0], k=5)
+        assert body["fallback_level"] == FALLBACK_POPULAR and len(body["items"]) == 5
+        similar = httpx.post(f"{replicas[replica]}/similar", json={"item_id": "i1"}, timeout=10)
+        assert similar.status_code == 200
