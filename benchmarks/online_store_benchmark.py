@@ -89,7 +89,7 @@ def measure_memory(url: str, lake_path: Path, sample_keys: int, seed: int) -> di
     rows = int(per_user.sum())
     pair, user = len(PAIR_COLUMNS), len(USER_COLUMNS)
     used = after - before
-    overhead = (used - shared - written.bytes) / max(written.users, 1)  # Redis' own per key
+    overhead = statistics.mean(usage) - statistics.mean(values)  # Redis' own, per user key
 
     def layout(row_bytes: float, user_bytes: int, cap: int | None = None) -> float:
         """Bytes per user with history of a value with this layout, plus Redis' overhead."""

@@ -39,6 +39,7 @@ EXPECTED_ASSETS = {
     "ranker",
     "evaluation",
     "serving_features",
+    "online_store",
     "registered_model",
     "production_model",
     "bento",
