@@ -14,7 +14,8 @@ On a finished pipeline state (`--state`, e.g. the demo shop of `make demo`), thi
    process tree's peak RSS;
 3. loads each with `wrk` (one thread, keep-alive) at concurrency `--concurrency`, posting
    `{"user_id": …, "k": 10}` for 2,000 user ids (90% with candidates, 10% never seen), for
-   `--duration` seconds, `--repeats` times (embedded first, then Redis): medians of p50/p99 and requests/s.
+   `--duration` seconds, `--repeats` times (embedded first, then Redis): medians of p50/p99
+   and requests/s.
 
 Targets (issue 17): at most 1 GiB of Redis per million users with history; start-up under 5 s
 with Redis, independent of the number of users; p99 at most 10 ms at concurrency 8.
