@@ -403,11 +403,19 @@ class RecommendationService:
                 field, message = first_error(error)
                 rejected.append(RejectedEvent(index=index, field=field, message=message))
         fresh = list({row["event_id"]: row for row in valid}.values())
-        unseen = self.state.unseen([row["event_id"] for row in fresh])
+        try:
+            unseen = self.state.unseen([row["event_id"] for row in fresh])
+            state_up = True
+        except Exception as error:  # Redis unreachable: the log still makes them durable
+            logger.warning("online state unavailable (%r): events logged, not applied", error)
+            unseen, state_up = [True] * len(fresh), False
         fresh = [row for row, new in zip(fresh, unseen, strict=True) if new]
         if fresh:
             self.feedback.append("events", fresh)  # durable (fsync'ed) before anything else
-            self.state.record(sorted(fresh, key=lambda row: row["occurred_at"]))
+            if state_up:
+                self._update_state(
+                    self.state.record, sorted(fresh, key=lambda row: row["occurred_at"])
+                )
         if stock:
             # Per item the newest update of the request (the later one on a tie), in the log as in
             # the online state, which keeps it only if newer than what it holds.
@@ -418,11 +426,12 @@ class RecommendationService:
                 if kept is None or kept.updated_at <= dated.updated_at:
                     latest[update.item_id] = dated
             self.feedback.append(STOCK_UPDATES, [update.model_dump() for update in latest.values()])
-            self.state.update_stock(
+            self._update_state(
+                self.state.update_stock,
                 {
                     item: StockChange.at(update.is_in_stock, update.updated_at)
                     for item, update in latest.items()
-                }
+                },
             )
         EVENTS.labels(outcome="accepted").inc(len(fresh))
         EVENTS.labels(outcome="duplicate").inc(len(valid) - len(fresh))
@@ -435,6 +444,14 @@ class RecommendationService:
             rejected=rejected,
             stock_updates=len(stock),
         )
+
+    def _update_state(self, update: Callable[[Any], None], changes: Any) -> None:  # noqa: ANN401
+        """Applies logged changes to the online state; Redis being away loses their real-time
+        effect only (the log has them: the lake gets them, a restart restores the stock)."""
+        try:
+            update(changes)
+        except Exception as error:
+            logger.warning("online state unavailable (%r): logged, not applied", error)
 
     @bentoml.api(route="/admin/reload", input_spec=ReloadRequest)
     def admin_reload(self) -> ReloadResponse:

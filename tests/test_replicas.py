@@ -119,3 +119,9 @@ def test_without_redis_the_replicas_degrade_and_never_fail(replicas, pipeline_ru
         assert body["fallback_level"] == FALLBACK_POPULAR and len(body["items"]) == 5
         similar = httpx.post(f"{replicas[replica]}/similar", json={"item_id": "i1"}, timeout=10)
         assert similar.status_code == 200
+        # Events are still acknowledged once durable in the log (their real-time effect waits).
+        event = {"event_id": uuid.uuid4().hex, "user_id": "u1", "item_id": "i1"}
+        event["event_type"] = "view"
+        body = {"events": [event], "stock": [{"item_id": "i2", "is_in_stock": False}]}
+        posted = httpx.post(f"{replicas[replica]}/events", json=body, timeout=10)
+        assert posted.status_code == 200 and posted.json()["accepted"] == 1
