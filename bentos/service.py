@@ -49,6 +49,12 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from models.compiled_ranker import (
+    ENGINE_COMPILED,
+    ENGINE_LIGHTGBM,
+    RankerEngine,
+    load_ranker_engine,
+)
 from models.ranker import booster_from_text
 from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
@@ -95,6 +101,13 @@ MODEL = bentoml.metrics.Gauge(
     labelnames=["model_version"],
 )
 
+RANKER_ENGINE = bentoml.metrics.Gauge(
+    name="shelfwise_ranker_engine",
+    documentation="1 for what predicts the ranker's scores in this worker: 'compiled' (lleaves), "
+    "'lightgbm', or 'none' without a ranker.",
+    labelnames=["engine"],
+)
+
 EVENT_VALIDATOR = TypeAdapter(EventIn)
 
 
@@ -105,17 +118,17 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
-        booster, features, version, tag, policy = None, None, None, None, None
+        ranker, features, version, tag, policy = None, None, None, None, None
         try:
             model = self.production_model
-            booster, features = load_ranker(Path(model.path))
+            ranker, features = load_ranker(Path(model.path), self.settings)
             policy = load_segment_policy(Path(model.path))
             # The promoted ranker's tag, not the production copy's: what training knows.
             version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
             tag = str(model.tag)
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
-        self.serving = self._serving(booster, features, version, tag, policy)
+        self.serving = self._serving(ranker, features, version, tag, policy)
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
@@ -128,8 +141,9 @@ class RecommendationService:
         self._stop = threading.Event()
         threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
         logger.info(
-            "Serving %s for %d known users from %s, online state %s",
+            "Serving %s (ranker engine %s) for %d known users from %s, online state %s",
             self.serving.model_version,
+            self.serving.ranker_engine,
             self.serving.recommender.known_users,
             self.settings.lake_url,
             "in Redis" if self.settings.redis_url else "in process",
@@ -159,24 +173,29 @@ class RecommendationService:
 
     def _serving(
         self,
-        booster,
+        ranker: RankerEngine | None,
         features,
         version: str | None,
         tag: str | None,
         policy: SegmentPolicy | None = None,
     ) -> "Serving":
-        """The recommender for a ranker (and its segment policy) and the lake's current
-        serving snapshot."""
+        """The recommender for a ranker (`RankerEngine`, and its segment policy) and the lake's
+        current serving snapshot."""
+        engine = ranker.engine if ranker is not None else "none"
+        predictor = ranker.predictor if ranker is not None else None
         lake = Lake(self.settings.lake_url)
         budget = self.settings.ranker_budget_ms / 1000 or None
         cap = self.settings.max_per_category
         try:
-            recommender = Recommender.from_lake(lake, booster, features, cap, budget, policy)
+            recommender = Recommender.from_lake(lake, predictor, features, cap, budget, policy)
         except SnapshotFeaturesError:  # the snapshot was built for another ranker's features
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             recommender, version = Recommender.from_lake(lake, None, None, cap, budget), None
+            engine = "none"
         MODEL.labels(model_version=version or "none").set(1)
-        return Serving(recommender, version, tag)
+        for name in (ENGINE_COMPILED, ENGINE_LIGHTGBM, "none"):
+            RANKER_ENGINE.labels(engine=name).set(1 if name == engine else 0)
+        return Serving(recommender, version, tag, engine)
 
     def reload(self) -> bool:
         """Swaps in the production model of the store if it changed since it was loaded.
@@ -192,15 +211,22 @@ class RecommendationService:
             if current is None or current.tag == self.serving.tag:
                 return False
             model_dir = production_path(self.settings.bentoml_home)
-            booster, features = load_ranker(model_dir)
+            ranker, features = load_ranker(model_dir, self.settings)
             policy = load_segment_policy(model_dir)
-            serving = self._serving(booster, features, current.source_tag, current.tag, policy)
+            serving = self._serving(ranker, features, current.source_tag, current.tag, policy)
             if serving.model_version is None:  # the snapshot does not fit: keep what works
+                RANKER_ENGINE.labels(engine="none").set(0)
+                RANKER_ENGINE.labels(engine=self.serving.ranker_engine).set(1)
                 return False
             previous, self.serving = self.serving, serving
             if previous.model_version != serving.model_version:
                 MODEL.labels(model_version=previous.model_version or "none").set(0)
-            logger.info("Swapped %s for %s", previous.model_version, serving.model_version)
+            logger.info(
+                "Swapped %s for %s (ranker engine %s)",
+                previous.model_version,
+                serving.model_version,
+                serving.ranker_engine,
+            )
             return True
 
     def _background(self) -> None:
@@ -425,12 +451,26 @@ class Serving:
     recommender: Recommender
     model_version: str | None
     tag: str | None
+    # What predicts the ranker's scores: "compiled" (lleaves), "lightgbm", or "none".
+    ranker_engine: str = "none"
 
 
-def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:
-    """The LightGBM booster and its feature list from a model store folder."""
+def load_ranker(
+    model_dir: Path, settings: Settings | None = None
+) -> tuple[RankerEngine, list[str]]:
+    """The ranker and its feature list from a model store folder.
+
+    The ranker compiled by lleaves when it can be had (the library shipped in the folder, one
+    compiled earlier into `settings.compiled_ranker_dir`, or one compiled now there, each checked
+    against LightGBM), else LightGBM: compilation never stops the service from serving
+    (`models.compiled_ranker.load_ranker_engine`). LightGBM alone without settings, or with
+    `SHELFWISE_RANKER_ENGINE=lightgbm`.
+    """
     text, info = read_ranker(model_dir)
-    return booster_from_text(text), info["features"]
+    if settings is None or settings.ranker_engine == ENGINE_LIGHTGBM:
+        booster = booster_from_text(text)
+        return RankerEngine(booster, booster, ENGINE_LIGHTGBM, "configured"), info["features"]
+    return load_ranker_engine(text, model_dir, settings.compiled_ranker_dir), info["features"]
 
 
 def load_segment_policy(model_dir: Path) -> SegmentPolicy | None:

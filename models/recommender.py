@@ -166,7 +166,9 @@ class Recommender:
         candidates: The serving snapshot: rows of user_id, item_id, candidate_rank and
             `FEATURE_COLUMNS` in any order, or already loaded (`CandidateSnapshot`).
         popular: Popular items, most popular first: item_id, popularity.
-        booster: The ranker, or None to serve candidates in their generators' order.
+        booster: The ranker (a LightGBM booster, or anything predicting like one: the compiled
+            ranker of `models.compiled_ranker`), or None to serve candidates in their
+            generators' order.
         feature_names: The features the booster was trained on, in its order.
         rules: The business rules (already bought, stock, request filters, category cap).
         neighbours: Item neighbours (co-visitation, bought together, collaborative) as of the
