@@ -55,6 +55,9 @@ TOLERANCE = 1e-6
 # A compilation in a child process that takes longer than this is given up (LightGBM serves).
 COMPILE_TIMEOUT_S = 300.0
 _PROBE_ROWS = 256
+# LightGBM's kZeroThreshold (1e-35 as a float32): its predictor drops a dense row's values within
+# it of 0, so they reach the trees as exactly 0 (a split at -kZeroThreshold tells them apart).
+ZERO_THRESHOLD = float(np.float32(1e-35))
 
 
 class CompilationError(RuntimeError):
@@ -87,9 +90,12 @@ class CompiledRanker:
         Returns:
             One score per row, float64.
         """
-        rows = np.ascontiguousarray(data, dtype=np.float64)
+        rows = np.asarray(data, dtype=np.float64)
         if rows.ndim != 2 or rows.shape[1] != self.num_feature():
             raise ValueError(f"expected rows × {self.num_feature()} features, got {rows.shape}")
+        # As LightGBM reads a dense row: values within ZERO_THRESHOLD of 0 are 0 (a new array,
+        # C-contiguous as lleaves needs it; NaN stays NaN).
+        rows = np.where(np.abs(rows) <= ZERO_THRESHOLD, 0.0, rows)
         return self.model.predict(rows, n_jobs=max(1, int(num_threads)))
 
 
@@ -239,6 +245,8 @@ def probe_rows(booster: lgb.Booster, rows: int = _PROBE_ROWS, seed: int = 0) -> 
         picks = np.array(values)[rng.integers(len(values), size=rows)]
         nudge = rng.choice([-1.0, 0.0, 1.0], size=rows) * np.maximum(np.abs(picks), 1.0) * 1e-6
         column = picks + nudge
+        tiny = rng.random(rows) < 0.05  # LightGBM reads these as 0 (see ZERO_THRESHOLD)
+        column[tiny] = rng.choice([-1.0, 1.0], size=int(tiny.sum())) * ZERO_THRESHOLD
         column[rng.random(rows) < 0.1] = np.nan
         column[rng.random(rows) < 0.05] = 0.0
         matrix[:, feature] = column
