@@ -90,12 +90,12 @@ class CompiledRanker:
         Returns:
             One score per row, float64.
         """
-        rows = np.asarray(data, dtype=np.float64)
+        # A copy, C-contiguous as lleaves reads it: the caller's rows are never changed.
+        rows = np.array(data, dtype=np.float64, order="C")
         if rows.ndim != 2 or rows.shape[1] != self.num_feature():
             raise ValueError(f"expected rows × {self.num_feature()} features, got {rows.shape}")
-        # As LightGBM reads a dense row: values within ZERO_THRESHOLD of 0 are 0 (a new array,
-        # C-contiguous as lleaves needs it; NaN stays NaN).
-        rows = np.where(np.abs(rows) <= ZERO_THRESHOLD, 0.0, rows)
+        # As LightGBM reads a dense row: values within ZERO_THRESHOLD of 0 are 0 (NaN stays NaN).
+        rows[np.abs(rows) <= ZERO_THRESHOLD] = 0.0
         return self.model.predict(rows, n_jobs=max(1, int(num_threads)))
 
 

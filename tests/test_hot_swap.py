@@ -2,6 +2,7 @@
 failed request."""
 
 import json
+import re
 import threading
 import time
 
@@ -56,6 +57,10 @@ def test_a_promoted_model_is_swapped_in_under_load_without_a_failed_request(pipe
         stop.set()
         for thread in threads:
             thread.join()
+        # The new production version carries no compiled library (promoted without the
+        # pipeline's hook): the service compiled it on the swap and serves it compiled.
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        compiled_dir = settings.compiled_ranker_dir
 
     assert reload.status_code == 200 and reload.json() == {"reloaded": True, "model_version": new}
     assert results and {status for _, status, _ in results} == {200}
@@ -63,3 +68,7 @@ def test_a_promoted_model_is_swapped_in_under_load_without_a_failed_request(pipe
     # Every request that started after the swap answered with the new version.
     assert {version for started, _, version in results if started > swapped_at} == {new}
     assert any(version == old for started, _, version in results if started < swapped_at)
+    assert re.search(
+        r'^shelfwise_ranker_engine\{[^}]*engine="compiled"[^}]*\} 1\.0$', metrics, re.M
+    )
+    assert any(compiled_dir.glob("*/ranker.lleaves.o"))
