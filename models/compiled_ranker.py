@@ -319,7 +319,7 @@ def load_ranker_engine(
     model_text: str,
     shipped: Path | None,
     cache_dir: Path | None,
-    compile_library=compile_in_subprocess,  # noqa: ANN001 - a function like compile_library
+    compiler=compile_in_subprocess,  # noqa: ANN001 - a function like compile_library
 ) -> RankerEngine:
     """The fastest engine that scores like LightGBM for a model; LightGBM when nothing else can.
 
@@ -331,7 +331,7 @@ def load_ranker_engine(
         model_text: The model in LightGBM's text format.
         shipped: The folder that may hold a library compiled with the model, or None.
         cache_dir: Where libraries compiled here are kept, or None not to compile.
-        compile_library: Compiles a model's text into a folder (`compile_in_subprocess`).
+        compiler: Compiles a model's text into a folder (`compile_in_subprocess`).
 
     Returns:
         The engine; `engine` says which one predicts.
@@ -355,8 +355,9 @@ def load_ranker_engine(
         except Exception as error:
             reasons.append(f"{source}: {error}")
     if cached is not None:
+        logger.info("Compiling the ranker into %s (%s)", cached, "; ".join(reasons))
         try:
-            compile_library(model_text, cached)
+            compiler(model_text, cached)
             return _checked(model_text, cached, booster, "compiled")
         except Exception as error:
             reasons.append(f"compiled: {error}")

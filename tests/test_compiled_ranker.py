@@ -102,7 +102,7 @@ def test_a_shipped_library_is_used_without_compiling(trained_text, compiled_fold
     def refuse(text, folder):
         raise AssertionError("compiled although a library was shipped")
 
-    engine = load_ranker_engine(trained_text, compiled_folder, tmp_path, compile_library=refuse)
+    engine = load_ranker_engine(trained_text, compiled_folder, tmp_path, compiler=refuse)
     assert (engine.engine, engine.source) == (ENGINE_COMPILED, "shipped")
 
 
@@ -111,7 +111,7 @@ def test_lightgbm_serves_when_compilation_fails(trained_text, tmp_path):
         raise CompilationError("no compiler here")
 
     rows = feature_matrix(synthetic_rows(1, 200, seed=4))
-    engine = load_ranker_engine(trained_text, tmp_path / "none", tmp_path, compile_library=broken)
+    engine = load_ranker_engine(trained_text, tmp_path / "none", tmp_path, compiler=broken)
     assert engine.engine == ENGINE_LIGHTGBM and "no compiler here" in engine.source
     assert engine.predictor is engine.booster
     expected = booster_from_text(trained_text).predict(rows, num_threads=1)
