@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -118,9 +118,11 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
-        ranker, features, version, tag, policy = None, None, None, None, None
+        self._reload_lock = threading.Lock()
+        ranker, features, version, tag, policy, model_dir = None, None, None, None, None, None
         try:
             model = self.production_model
+            model_dir = Path(model.path)
             ranker, features = load_ranker(Path(model.path), self.settings)
             policy = load_segment_policy(Path(model.path))
             # The promoted ranker's tag, not the production copy's: what training knows.
@@ -129,6 +131,7 @@ class RecommendationService:
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
         self.serving = self._serving(ranker, features, version, tag, policy)
+        self._compile_later(model_dir)
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
@@ -137,7 +140,6 @@ class RecommendationService:
         self.impressions = ImpressionLog(self.feedback)
         self._restore_stock()
         self._restore_seen()
-        self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
         logger.info(
@@ -227,7 +229,48 @@ class RecommendationService:
                 serving.model_version,
                 serving.ranker_engine,
             )
-            return True
+        self._compile_later(model_dir)
+        return True
+
+    def _compile_later(self, model_dir: Path | None) -> None:
+        """Compiles the ranker now serving through LightGBM in the background, when it should be
+        compiled and no library fitted (e.g. a model promoted by `shelfwise models promote`)."""
+        serving = self.serving
+        if (
+            model_dir is None
+            or serving.ranker_engine != ENGINE_LIGHTGBM
+            or self.settings.ranker_engine == ENGINE_LIGHTGBM
+        ):
+            return
+        threading.Thread(
+            target=self._compile_ranker,
+            args=(model_dir, serving.tag),
+            name="shelfwise-compile",
+            daemon=True,
+        ).start()
+
+    def _compile_ranker(self, model_dir: Path, tag: str | None) -> None:
+        """Compiles the model of `model_dir` (in a child process) and, if it is still the one
+        served, swaps its compiled form in: the same model, so the same scores."""
+        try:
+            text, _ = read_ranker(model_dir)
+            ranker = load_ranker_engine(text, model_dir, self.settings.compiled_ranker_dir)
+            if ranker.engine != ENGINE_COMPILED:
+                return
+            with self._reload_lock:
+                serving = self.serving
+                if serving.tag != tag or serving.ranker_engine != ENGINE_LIGHTGBM:
+                    return  # another model was swapped in meanwhile
+                self.serving = replace(
+                    serving,
+                    recommender=serving.recommender.with_booster(ranker.predictor),
+                    ranker_engine=ENGINE_COMPILED,
+                )
+                RANKER_ENGINE.labels(engine=ENGINE_LIGHTGBM).set(0)
+                RANKER_ENGINE.labels(engine=ENGINE_COMPILED).set(1)
+            logger.info("Serving %s compiled from now on", serving.model_version)
+        except Exception:  # LightGBM keeps serving
+            logger.exception("Could not compile the ranker of %s", model_dir)
 
     def _background(self) -> None:
         """Upkeep off the request path: a newly promoted model, and log compaction."""
@@ -460,17 +503,18 @@ def load_ranker(
 ) -> tuple[RankerEngine, list[str]]:
     """The ranker and its feature list from a model store folder.
 
-    The ranker compiled by lleaves when it can be had (the library shipped in the folder, one
-    compiled earlier into `settings.compiled_ranker_dir`, or one compiled now there, each checked
-    against LightGBM), else LightGBM: compilation never stops the service from serving
-    (`models.compiled_ranker.load_ranker_engine`). LightGBM alone without settings, or with
-    `SHELFWISE_RANKER_ENGINE=lightgbm`.
+    The ranker compiled by lleaves when a library fits (shipped in the folder, or compiled
+    earlier into `settings.compiled_ranker_dir`; each checked against LightGBM), else LightGBM
+    (`models.compiled_ranker.load_ranker_engine`); nothing is compiled here, so a start or a
+    swap never waits for LLVM (`_compile_later` does it in the background). LightGBM alone
+    without settings, or with `SHELFWISE_RANKER_ENGINE=lightgbm`.
     """
     text, info = read_ranker(model_dir)
     if settings is None or settings.ranker_engine == ENGINE_LIGHTGBM:
         booster = booster_from_text(text)
         return RankerEngine(booster, booster, ENGINE_LIGHTGBM, "configured"), info["features"]
-    return load_ranker_engine(text, model_dir, settings.compiled_ranker_dir), info["features"]
+    engine = load_ranker_engine(text, model_dir, settings.compiled_ranker_dir, compiler=None)
+    return engine, info["features"]
 
 
 def load_segment_policy(model_dir: Path) -> SegmentPolicy | None:

@@ -331,7 +331,8 @@ def load_ranker_engine(
         model_text: The model in LightGBM's text format.
         shipped: The folder that may hold a library compiled with the model, or None.
         cache_dir: Where libraries compiled here are kept, or None not to compile.
-        compiler: Compiles a model's text into a folder (`compile_in_subprocess`).
+        compiler: Compiles a model's text into a folder (`compile_in_subprocess`); None looks
+            for a library only (the service, which then compiles in the background).
 
     Returns:
         The engine; `engine` says which one predicts.
@@ -354,7 +355,7 @@ def load_ranker_engine(
             return _checked(model_text, folder, booster, source)
         except Exception as error:
             reasons.append(f"{source}: {error}")
-    if cached is not None:
+    if cached is not None and compiler is not None:
         logger.info("Compiling the ranker into %s (%s)", cached, "; ".join(reasons))
         try:
             compiler(model_text, cached)
@@ -362,7 +363,10 @@ def load_ranker_engine(
         except Exception as error:
             reasons.append(f"compiled: {error}")
     reason = "; ".join(reasons) or "no library and nowhere to compile one"
-    logger.warning("Compiled ranker unavailable (%s): LightGBM serves", reason)
+    if compiler is None:
+        logger.info("No compiled ranker fits (%s): LightGBM serves", reason)
+    else:
+        logger.warning("Compiled ranker unavailable (%s): LightGBM serves", reason)
     return RankerEngine(booster, booster, ENGINE_LIGHTGBM, reason)
 
 

@@ -23,6 +23,7 @@ neighbours (as in training, where they are not among the recent items). The Bent
 thin shell around `Recommender`.
 """
 
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -303,6 +304,16 @@ class Recommender:
             ranker_budget_s,
             segment_policy=segment_policy,
         )
+
+    def with_booster(self, booster: object) -> "Recommender":
+        """This recommender with another ranker that scores like its own.
+
+        For the same model compiled (`models.compiled_ranker`): everything else is shared, the
+        snapshot is not loaded again.
+        """
+        other = copy.copy(self)
+        other._booster = booster
+        return other
 
     @property
     def known_users(self) -> int:

@@ -58,8 +58,14 @@ def test_a_promoted_model_is_swapped_in_under_load_without_a_failed_request(pipe
         for thread in threads:
             thread.join()
         # The new production version carries no compiled library (promoted without the
-        # pipeline's hook): the service compiled it on the swap and serves it compiled.
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        # pipeline's hook): LightGBM serves it at once, and the service compiles it in the
+        # background, then serves it compiled.
+        engine = re.compile(r'^shelfwise_ranker_engine\{[^}]*engine="compiled"[^}]*\} 1\.0$', re.M)
+        deadline = time.monotonic() + 180
+        while not engine.search(metrics := httpx.get(f"{url}/metrics", timeout=10).text):
+            assert time.monotonic() < deadline, "the swapped-in model was never compiled"
+            time.sleep(0.5)
+        after = httpx.post(f"{url}/recommend", json={"user_id": user}, timeout=10)
         compiled_dir = settings.compiled_ranker_dir
 
     assert reload.status_code == 200 and reload.json() == {"reloaded": True, "model_version": new}
@@ -68,7 +74,6 @@ def test_a_promoted_model_is_swapped_in_under_load_without_a_failed_request(pipe
     # Every request that started after the swap answered with the new version.
     assert {version for started, _, version in results if started > swapped_at} == {new}
     assert any(version == old for started, _, version in results if started < swapped_at)
-    assert re.search(
-        r'^shelfwise_ranker_engine\{[^}]*engine="compiled"[^}]*\} 1\.0$', metrics, re.M
-    )
+    assert engine.search(metrics)
     assert any(compiled_dir.glob("*/ranker.lleaves.o"))
+    assert after.status_code == 200 and after.json()["model_version"] == new
