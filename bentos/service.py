@@ -123,8 +123,8 @@ class RecommendationService:
         try:
             model = self.production_model
             model_dir = Path(model.path)
-            ranker, features = load_ranker(Path(model.path), self.settings)
-            policy = load_segment_policy(Path(model.path))
+            ranker, features = load_ranker(model_dir, self.settings)
+            policy = load_segment_policy(model_dir)
             # The promoted ranker's tag, not the production copy's: what training knows.
             version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
             tag = str(model.tag)
