@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,12 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from models.compiled_ranker import (
+    ENGINE_COMPILED,
+    ENGINE_LIGHTGBM,
+    RankerEngine,
+    load_ranker_engine,
+)
 from models.online_store import OnlineVersion, current_version, load_version, open_client
 from models.ranker import booster_from_text
 from models.recommender import Recommendation, Recommender
@@ -96,6 +102,13 @@ MODEL = bentoml.metrics.Gauge(
     labelnames=["model_version"],
 )
 
+RANKER_ENGINE = bentoml.metrics.Gauge(
+    name="shelfwise_ranker_engine",
+    documentation="1 for what predicts the ranker's scores in this worker: 'compiled' (lleaves), "
+    "'lightgbm', or 'none' without a ranker.",
+    labelnames=["engine"],
+)
+
 EVENT_VALIDATOR = TypeAdapter(EventIn)
 # Seconds between looks at the online store's pointer (and the upkeep's other timers).
 STORE_POLL_S = 0.5
@@ -108,24 +121,27 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
+        self._reload_lock = threading.Lock()
         # The online store in Redis (`models.online_store`), when configured: the serving state
         # of the version its pointer names, else the lake's snapshot in process.
         self._store_client = (
             open_client(self.settings.redis_url) if self.settings.redis_url else None
         )
         self._store_down = False
-        booster, features, version, tag, policy = None, None, None, None, None
+        ranker, features, version, tag, policy, model_dir = None, None, None, None, None, None
         try:
             model = self.production_model
-            booster, features = load_ranker(Path(model.path))
-            policy = load_segment_policy(Path(model.path))
+            model_dir = Path(model.path)
+            ranker, features = load_ranker(model_dir, self.settings)
+            policy = load_segment_policy(model_dir)
             # The promoted ranker's tag, not the production copy's: what training knows.
             version = str(model.info.metadata.get(SOURCE_TAG) or model.tag)
             tag = str(model.tag)
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
-        self._ranker = (booster, features, version, tag, policy)
+        self._ranker = (ranker, features, version, tag, policy)
         self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
+        self._compile_later(model_dir)
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
@@ -134,12 +150,12 @@ class RecommendationService:
         self.impressions = ImpressionLog(self.feedback)
         self._restore_stock()
         self._restore_seen()
-        self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
         logger.info(
-            "Serving %s for %d known users from %s, online state %s",
+            "Serving %s (ranker engine %s) for %d known users from %s, online state %s",
             self.serving.model_version,
+            self.serving.ranker_engine,
             self.serving.recommender.known_users,
             "the lake"
             if self.serving.store_version is None
@@ -171,35 +187,40 @@ class RecommendationService:
 
     def _serving(
         self,
-        booster,
+        ranker: RankerEngine | None,
         features,
         version: str | None,
         tag: str | None,
         policy: SegmentPolicy | None = None,
         online: OnlineVersion | None = None,
     ) -> "Serving":
-        """The recommender for a ranker (and its segment policy) and the current serving state:
-        the online store's version its pointer names when Redis holds one, else the lake's
-        serving snapshot (`online` None)."""
+        """The recommender for a ranker (`RankerEngine`, and its segment policy) and the current
+        serving state: the online store's version its pointer names when Redis holds one, else
+        the lake's serving snapshot (`online` None)."""
+        engine = ranker.engine if ranker is not None else "none"
+        predictor = ranker.predictor if ranker is not None else None
         lake = Lake(self.settings.lake_url)
         budget = self.settings.ranker_budget_ms / 1000 or None
         cap = self.settings.max_per_category
         try:
             if online is not None:
                 recommender = Recommender.from_online_store(
-                    online, booster, features, cap, budget, policy
+                    online, predictor, features, cap, budget, policy
                 )
             else:
-                recommender = Recommender.from_lake(lake, booster, features, cap, budget, policy)
+                recommender = Recommender.from_lake(lake, predictor, features, cap, budget, policy)
         except SnapshotFeaturesError:  # the snapshot was built for another ranker's features
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             if online is not None:
                 recommender = Recommender.from_online_store(online, None, None, cap, budget)
             else:
                 recommender = Recommender.from_lake(lake, None, None, cap, budget)
-            version = None
+            version, engine = None, "none"
         MODEL.labels(model_version=version or "none").set(1)
-        return Serving(recommender, version, tag, online.version if online else None)
+        for name in (ENGINE_COMPILED, ENGINE_LIGHTGBM, "none"):
+            RANKER_ENGINE.labels(engine=name).set(1 if name == engine else 0)
+        store_version = online.version if online else None
+        return Serving(recommender, version, tag, engine, store_version=store_version)
 
     def refresh_store(self) -> bool:
         """Switches to the online store's current version if its pointer moved.
@@ -237,17 +258,67 @@ class RecommendationService:
             if current is None or current.tag == self.serving.tag:
                 return False
             model_dir = production_path(self.settings.bentoml_home)
-            booster, features = load_ranker(model_dir)
+            ranker, features = load_ranker(model_dir, self.settings)
             policy = load_segment_policy(model_dir)
-            ranker = (booster, features, current.source_tag, current.tag, policy)
-            serving = self._serving(*ranker, online=self._online_version(strict=False))
+            spec = (ranker, features, current.source_tag, current.tag, policy)
+            serving = self._serving(*spec, online=self._online_version(strict=False))
             if serving.model_version is None:  # the snapshot does not fit: keep what works
+                RANKER_ENGINE.labels(engine="none").set(0)
+                RANKER_ENGINE.labels(engine=self.serving.ranker_engine).set(1)
                 return False
-            previous, self.serving, self._ranker = self.serving, serving, ranker
+            previous, self.serving, self._ranker = self.serving, serving, spec
             if previous.model_version != serving.model_version:
                 MODEL.labels(model_version=previous.model_version or "none").set(0)
-            logger.info("Swapped %s for %s", previous.model_version, serving.model_version)
-            return True
+            logger.info(
+                "Swapped %s for %s (ranker engine %s)",
+                previous.model_version,
+                serving.model_version,
+                serving.ranker_engine,
+            )
+        self._compile_later(model_dir)
+        return True
+
+    def _compile_later(self, model_dir: Path | None) -> None:
+        """Compiles the ranker now serving through LightGBM in the background, when it should be
+        compiled and no library fitted (e.g. a model promoted by `shelfwise models promote`)."""
+        serving = self.serving
+        if (
+            model_dir is None
+            or serving.ranker_engine != ENGINE_LIGHTGBM
+            or self.settings.ranker_engine == ENGINE_LIGHTGBM
+        ):
+            return
+        threading.Thread(
+            target=self._compile_ranker,
+            args=(model_dir, serving.tag),
+            name="shelfwise-compile",
+            daemon=True,
+        ).start()
+
+    def _compile_ranker(self, model_dir: Path, tag: str | None) -> None:
+        """Compiles the model of `model_dir` (in a child process) and, if it is still the one
+        served, swaps its compiled form in: the same model, so the same scores."""
+        try:
+            text, _ = read_ranker(model_dir)
+            ranker = load_ranker_engine(text, model_dir, self.settings.compiled_ranker_dir)
+            if ranker.engine != ENGINE_COMPILED:
+                return
+            with self._reload_lock:
+                serving = self.serving
+                if serving.tag != tag or serving.ranker_engine != ENGINE_LIGHTGBM:
+                    return  # another model was swapped in meanwhile
+                self.serving = replace(
+                    serving,
+                    recommender=serving.recommender.with_booster(ranker.predictor),
+                    ranker_engine=ENGINE_COMPILED,
+                )
+                # A later switch of the online store's version keeps the compiled ranker.
+                self._ranker = (ranker, *self._ranker[1:])
+                RANKER_ENGINE.labels(engine=ENGINE_LIGHTGBM).set(0)
+                RANKER_ENGINE.labels(engine=ENGINE_COMPILED).set(1)
+            logger.info("Serving %s compiled from now on", serving.model_version)
+        except Exception:  # LightGBM keeps serving
+            logger.exception("Could not compile the ranker of %s", model_dir)
 
     def _online_version(self, strict: bool = True) -> OnlineVersion | None:
         """The online store's current version with its shared parts, or None (no Redis, no
@@ -519,14 +590,29 @@ class Serving:
     recommender: Recommender
     model_version: str | None
     tag: str | None
+    # What predicts the ranker's scores: "compiled" (lleaves), "lightgbm", or "none".
+    ranker_engine: str = "none"
     # The online store's version the recommender reads (None: the lake's snapshot in process).
     store_version: int | None = None
 
 
-def load_ranker(model_dir: Path) -> tuple[Any, list[str]]:
-    """The LightGBM booster and its feature list from a model store folder."""
+def load_ranker(
+    model_dir: Path, settings: Settings | None = None
+) -> tuple[RankerEngine, list[str]]:
+    """The ranker and its feature list from a model store folder.
+
+    The ranker compiled by lleaves when a library fits (shipped in the folder, or compiled
+    earlier into `settings.compiled_ranker_dir`; each checked against LightGBM), else LightGBM
+    (`models.compiled_ranker.load_ranker_engine`); nothing is compiled here, so a start or a
+    swap never waits for LLVM (`_compile_later` does it in the background). LightGBM alone
+    without settings, or with `SHELFWISE_RANKER_ENGINE=lightgbm`.
+    """
     text, info = read_ranker(model_dir)
-    return booster_from_text(text), info["features"]
+    if settings is None or settings.ranker_engine == ENGINE_LIGHTGBM:
+        booster = booster_from_text(text)
+        return RankerEngine(booster, booster, ENGINE_LIGHTGBM, "configured"), info["features"]
+    engine = load_ranker_engine(text, model_dir, settings.compiled_ranker_dir, compiler=None)
+    return engine, info["features"]
 
 
 def load_segment_policy(model_dir: Path) -> SegmentPolicy | None:

@@ -23,6 +23,7 @@ neighbours (as in training, where they are not among the recent items). The Bent
 thin shell around `Recommender`.
 """
 
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -166,7 +167,9 @@ class Recommender:
             `FEATURE_COLUMNS` in any order, or a candidate store (`CandidateSnapshot` loaded in
             process, or `models.online_store.RedisCandidateStore`).
         popular: Popular items, most popular first: item_id, popularity.
-        booster: The ranker, or None to serve candidates in their generators' order.
+        booster: The ranker (a LightGBM booster, or anything predicting like one: the compiled
+            ranker of `models.compiled_ranker`), or None to serve candidates in their
+            generators' order.
         feature_names: The features the booster was trained on, in its order.
         rules: The business rules (already bought, stock, request filters, category cap).
         neighbours: Item neighbours (co-visitation, bought together, collaborative) as of the
@@ -335,6 +338,16 @@ class Recommender:
             ranker_budget_s,
             segment_policy=segment_policy,
         )
+
+    def with_booster(self, booster: object) -> "Recommender":
+        """This recommender with another ranker that scores like its own.
+
+        For the same model compiled (`models.compiled_ranker`): everything else is shared, the
+        snapshot is not loaded again.
+        """
+        other = copy.copy(self)
+        other._booster = booster
+        return other
 
     @property
     def known_users(self) -> int:

@@ -34,6 +34,9 @@ SERVING_PACKAGES: dict[str, tuple[str, ...]] = {
     "pydantic": (),  # the API models (bentos/api_models.py)
     "anyio": (),  # Redis-bound requests in the thread pool (bentos/service.py)
     "lightgbm": (),  # the ranker (bentos/service.py, models/recommender.py)
+    # The ranker compiled to machine code (models/compiled_ranker.py); brings llvmlite.
+    "lleaves": (),
+    "llvmlite": (),  # the compile target (models/compiled_ranker.py)
     "numpy": (),  # models.features, queries, snapshot, collaborative
     "scipy": (),  # sparse neighbours (models/collaborative.py)
     "polars": (),  # every frame of the serving snapshot and the feedback log

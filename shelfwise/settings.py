@@ -41,6 +41,10 @@ class Settings:
         header_timeout_s: Seconds a client has to send a request's headers, from the connection's
             opening or the request's first byte, before the server closes the connection
             (`SHELFWISE_HEADER_TIMEOUT_S`, default 10; 0: no limit).
+        ranker_engine: What predicts the ranker's scores in the service
+            (`SHELFWISE_RANKER_ENGINE`): `compiled` (the default) serves the ranker compiled by
+            lleaves when it can (`models.compiled_ranker`), else LightGBM; `lightgbm` always
+            serves LightGBM.
     """
 
     home: Path
@@ -56,6 +60,7 @@ class Settings:
     earliest_event_at: datetime = DEFAULT_EARLIEST_EVENT_AT
     max_concurrency: int = 8
     header_timeout_s: float = 10.0
+    ranker_engine: str = "compiled"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -85,6 +90,7 @@ class Settings:
             earliest_event_at=parse_earliest(earliest) if earliest else DEFAULT_EARLIEST_EVENT_AT,
             max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 8),
             header_timeout_s=float(env.get("SHELFWISE_HEADER_TIMEOUT_S") or 10.0),
+            ranker_engine=_ranker_engine(env.get("SHELFWISE_RANKER_ENGINE") or "compiled"),
         )
 
     @property
@@ -103,6 +109,17 @@ class Settings:
         return self.home / "wal"
 
     @property
+    def compiled_ranker_dir(self) -> Path:
+        """Rankers the service compiled itself (when the model shipped none that fits), by key."""
+        return self.home / "compiled_rankers"
+
+    @property
     def warehouse_path(self) -> Path:
         """The DuckDB file that only dbt writes."""
         return self.home / "warehouse" / "shelfwise.duckdb"
+
+
+def _ranker_engine(value: str) -> str:
+    if value not in ("compiled", "lightgbm"):
+        raise ValueError(f"SHELFWISE_RANKER_ENGINE must be compiled or lightgbm, not {value!r}")
+    return value

@@ -2,6 +2,7 @@
 failed request."""
 
 import json
+import re
 import threading
 import time
 
@@ -56,6 +57,16 @@ def test_a_promoted_model_is_swapped_in_under_load_without_a_failed_request(pipe
         stop.set()
         for thread in threads:
             thread.join()
+        # The new production version carries no compiled library (promoted without the
+        # pipeline's hook): LightGBM serves it at once, and the service compiles it in the
+        # background, then serves it compiled.
+        engine = re.compile(r'^shelfwise_ranker_engine\{[^}]*engine="compiled"[^}]*\} 1\.0$', re.M)
+        deadline = time.monotonic() + 180
+        while not engine.search(metrics := httpx.get(f"{url}/metrics", timeout=10).text):
+            assert time.monotonic() < deadline, "the swapped-in model was never compiled"
+            time.sleep(0.5)
+        after = httpx.post(f"{url}/recommend", json={"user_id": user}, timeout=10)
+        compiled_dir = settings.compiled_ranker_dir
 
     assert reload.status_code == 200 and reload.json() == {"reloaded": True, "model_version": new}
     assert results and {status for _, status, _ in results} == {200}
@@ -63,3 +74,6 @@ def test_a_promoted_model_is_swapped_in_under_load_without_a_failed_request(pipe
     # Every request that started after the swap answered with the new version.
     assert {version for started, _, version in results if started > swapped_at} == {new}
     assert any(version == old for started, _, version in results if started < swapped_at)
+    assert engine.search(metrics)
+    assert any(compiled_dir.glob("*/ranker.lleaves.o"))
+    assert after.status_code == 200 and after.json()["model_version"] == new

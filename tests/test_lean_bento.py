@@ -205,4 +205,11 @@ def test_the_bento_serves_from_the_bento_alone(pipeline_run, bento_dir, image_en
         answer = httpx.post(f"{url}/recommend", json={"user_id": "u1", "k": 5}, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json()["items"]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert "is not in the bento" not in log.read_text()
+    # The ranker compiled at promotion travels in the bento and serves as it is: lleaves and
+    # llvmlite come with the bento's requirements, and nothing was compiled at start.
+    assert re.search(
+        r'^shelfwise_ranker_engine\{[^}]*engine="compiled"[^}]*\} 1\.0$', metrics, re.M
+    )
+    assert not settings.compiled_ranker_dir.exists()

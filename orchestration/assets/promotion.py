@@ -4,6 +4,7 @@ it may serve, and the production alias the service and the bento use."""
 import dagster as dg
 
 from models import artifacts
+from models.compiled_ranker import LIBRARY_FILE, write_compiled
 from models.evaluation import NOT_BASELINES, PRODUCTION
 from models.gate import (
     DEFAULT_METRIC,
@@ -19,6 +20,7 @@ from shelfwise.runtime.registry import (
     lake_fingerprint,
     list_rankers,
     production,
+    production_path,
     promote,
     register_ranker,
 )
@@ -147,7 +149,8 @@ def production_model(
     context: dg.AssetExecutionContext, shelfwise: ShelfwiseResource
 ) -> dg.MaterializeResult:
     """The ranker in production (`shelfwise_production:latest`, what the service and the bento
-    use): the newly registered ranker, once it passed the promotion gate."""
+    use): the newly registered ranker, once it passed the promotion gate, with its compiled form
+    (`models.compiled_ranker`) when lleaves can compile it here."""
     home = shelfwise.settings().bentoml_home
     [newest, *_] = list_rankers(home)
     # The blocking check stops this step only within the run that evaluated the gate; this asset
@@ -164,12 +167,14 @@ def production_model(
         )
     if not verdict.passed:
         raise dg.Failure(f"{newest} failed the promotion gate: {verdict.description}")
-    tag = promote(home, newest)
+    # The compiled ranker goes into the production folder: the bento carries it.
+    tag = promote(home, newest, add_files=write_compiled)
     current = production(home)
     return dg.MaterializeResult(
         metadata={
             "production_tag": tag,
             "source_tag": current.source_tag,
             "previous_source_tag": str(current.previous_source_tag),
+            "compiled": (production_path(home) / LIBRARY_FILE).is_file(),
         }
     )

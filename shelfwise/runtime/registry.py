@@ -27,6 +27,13 @@ further back (C → B → A), and rolling back the first production is an error.
 the files of that earlier production version, so it works even if the ranker was deleted since.
 The history stays in the store (`bentoml models list shelfwise_production`).
 
+Extra files. `promote` takes an optional `add_files(model_text, folder)`, called on the new
+production version's folder before it is sealed: the pipeline passes
+`models.compiled_ranker.write_compiled`, so production carries the ranker compiled to machine code
+and the bento ships it. The registry knows nothing of it (the core imports no `models`); a
+failing hook is logged and the promotion goes on without its files. A rollback copies the earlier
+production version's files, its compiled library included.
+
 Registering a ranker never changes production: a ranker reaches production only through
 `promote` (in the pipeline, the `production_model` asset, after the promotion gate).
 
@@ -35,9 +42,10 @@ Promotions are not guarded against concurrent writers: run one promotion at a ti
 
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata as package_metadata
@@ -68,6 +76,11 @@ CODE_VERSION = "code_version"
 # BentoML's own files in a model folder; everything else is the ranker's and gets copied.
 _BENTOML_FILES = frozenset({"model.yaml", "custom_objects.pkl"})
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+logger = logging.getLogger(__name__)
+
+# Adds files to a new production version's folder: called with the ranker's text and the folder.
+AddFiles = Callable[[str, Path], None]
 
 
 class RegistryError(ValueError):
@@ -299,7 +312,7 @@ def production(bentoml_home: Path) -> ProductionModel | None:
     )
 
 
-def promote(bentoml_home: Path, tag: str) -> str:
+def promote(bentoml_home: Path, tag: str, add_files: AddFiles | None = None) -> str:
     """Makes a registered ranker production (a new `shelfwise_production` version).
 
     Promoting the ranker that is already production changes nothing.
@@ -308,6 +321,9 @@ def promote(bentoml_home: Path, tag: str) -> str:
         bentoml_home: The BentoML home holding the store.
         tag: The ranker: `shelfwise_ranker:<version>` (a unique version prefix is enough),
             `shelfwise_ranker:latest`, or the bare version.
+        add_files: Called with the ranker's text and the new version's folder before it is
+            sealed, to add files beside the ranker's (the compiled ranker); an exception it
+            raises is logged and the promotion goes on without them.
 
     Returns:
         The production version now live, `shelfwise_production:<version>`.
@@ -319,7 +335,7 @@ def promote(bentoml_home: Path, tag: str) -> str:
     current = _current_production(bentoml_home)
     if current is not None and current.info.metadata.get(SOURCE_TAG) == str(ranker.tag):
         return str(current.tag)
-    return _publish(bentoml_home, ranker, action="promote", previous=current)
+    return _publish(bentoml_home, ranker, action="promote", previous=current, add_files=add_files)
 
 
 def rollback(bentoml_home: Path) -> str:
@@ -411,7 +427,14 @@ def _get_ranker(bentoml_home: Path, tag: str) -> Any:  # noqa: ANN401 - BentoML'
         raise RegistryError(f"cannot resolve ranker {tag}: {error}") from None
 
 
-def _publish(bentoml_home: Path, ranker: Any, *, action: str, previous: Any | None) -> str:  # noqa: ANN401
+def _publish(
+    bentoml_home: Path,
+    ranker: Any,  # noqa: ANN401
+    *,
+    action: str,
+    previous: Any | None,  # noqa: ANN401
+    add_files: AddFiles | None = None,
+) -> str:
     metadata = {
         key: value for key, value in ranker.info.metadata.items() if key not in PRODUCTION_KEYS
     }
@@ -420,10 +443,15 @@ def _publish(bentoml_home: Path, ranker: Any, *, action: str, previous: Any | No
     if previous is not None:
         metadata[PREVIOUS_SOURCE_TAG] = str(previous.info.metadata.get(SOURCE_TAG, ""))
         metadata[PREVIOUS_PRODUCTION] = str(previous.tag)
-    return _create_production(bentoml_home, Path(ranker.path), metadata)
+    return _create_production(bentoml_home, Path(ranker.path), metadata, add_files)
 
 
-def _create_production(bentoml_home: Path, source_dir: Path, metadata: dict[str, Any]) -> str:
+def _create_production(
+    bentoml_home: Path,
+    source_dir: Path,
+    metadata: dict[str, Any],
+    add_files: AddFiles | None = None,
+) -> str:
     import bentoml
 
     with bentoml.models.create(
@@ -437,6 +465,11 @@ def _create_production(bentoml_home: Path, source_dir: Path, metadata: dict[str,
                 shutil.copytree(entry, target)
             else:
                 shutil.copy2(entry, target)
+        if add_files is not None:
+            try:
+                add_files(Path(model.path, RANKER_FILE).read_text(), Path(model.path))
+            except Exception:  # the extra files are optional; the ranker is what production is
+                logger.exception("Could not add files to %s: promoted without them", model.tag)
     return str(model.tag)
 
 

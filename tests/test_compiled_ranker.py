@@ -1,0 +1,188 @@
+"""The ranker compiled by lleaves scores like LightGBM (within 1e-6), on a LambdaRank model trained
+here and on the pipeline's production model; LightGBM serves whenever compiling or loading fails;
+the service says which engine serves."""
+
+import json
+import re
+from datetime import UTC, datetime
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+
+from models.compiled_ranker import (
+    ENGINE_COMPILED,
+    ENGINE_LIGHTGBM,
+    LIBRARY_FILE,
+    LIBRARY_INFO_FILE,
+    TOLERANCE,
+    CompilationError,
+    check_agreement,
+    compile_library,
+    load_library,
+    load_ranker_engine,
+)
+from models.features import FEATURE_COLUMNS, feature_matrix
+from models.ranker import RankerParams, booster_from_text, model_text, train_ranker
+from shelfwise.lake import SERVING_CANDIDATES
+from shelfwise.runtime.registry import (
+    production_path,
+    promote,
+    read_ranker,
+    register_ranker,
+    rollback,
+)
+
+
+def synthetic_rows(queries: int, per_query: int, seed: int) -> pl.DataFrame:
+    """Queries with graded labels that follow a few features, with missing values and zeros."""
+    rng = np.random.default_rng(seed)
+    n = queries * per_query
+    data = {name: rng.normal(size=n).astype(np.float32) for name in FEATURE_COLUMNS}
+    signal = data["user_item_interest"] + 0.6 * data["covisit_score"] + data["item_popularity"]
+    label = np.digitize(signal + rng.normal(size=n), [1.5, 2.3, 3.0]).astype(np.int32)
+    for column in list(data)[::5]:
+        data[column][rng.random(n) < 0.2] = np.nan
+        data[column][rng.random(n) < 0.1] = 0.0
+    return pl.DataFrame(
+        {
+            "as_of": [datetime(2026, 1, 1, tzinfo=UTC)] * n,
+            "user_id": np.repeat(np.arange(queries), per_query).astype(str),
+            "label": label,
+            **data,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_text() -> str:
+    """A small LambdaRank ranker trained with the project's own functions."""
+    params = RankerParams(num_boost_round=40, num_threads=1, min_data_in_leaf=20)
+    return model_text(train_ranker(synthetic_rows(60, 100, seed=1), None, params))
+
+
+@pytest.fixture(scope="module")
+def compiled_folder(trained_text, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compiled")
+    compile_library(trained_text, folder)
+    return folder
+
+
+def test_the_compiled_ranker_scores_like_lightgbm(trained_text, compiled_folder):
+    booster = booster_from_text(trained_text)
+    compiled = load_library(trained_text, compiled_folder)
+    # One request's shape: 200 candidates × the feature vector, float32 as the recommender has it.
+    rows = feature_matrix(synthetic_rows(1, 200, seed=2))
+    assert rows.shape == (200, len(FEATURE_COLUMNS)) and np.isnan(rows).any()
+    expected = booster.predict(rows, num_threads=1)
+    # LambdaRank: LightGBM's predictions are the raw scores, and so are the compiled ones.
+    assert np.array_equal(expected, booster.predict(rows, num_threads=1, raw_score=True))
+    assert np.abs(compiled.predict(rows, num_threads=1) - expected).max() <= TOLERANCE
+    assert np.ptp(expected) > 0.1  # a model that learned something, not constant scores
+    # The probe rows (each side of every split threshold) agree too.
+    assert check_agreement(compiled, booster) <= TOLERANCE
+    info = json.loads((compiled_folder / LIBRARY_INFO_FILE).read_text())
+    assert info["cpu"] in {"x86-64", "generic"}  # portable, never the build machine's CPU
+    assert {"lleaves", "llvmlite", "triple", "model_sha256", "library_sha256"} <= set(info)
+
+
+def test_the_service_path_compiles_once_then_loads_from_its_cache(trained_text, tmp_path):
+    rows = feature_matrix(synthetic_rows(1, 200, seed=3))
+    expected = booster_from_text(trained_text).predict(rows, num_threads=1)
+    first = load_ranker_engine(trained_text, tmp_path / "shipped", tmp_path / "cache")
+    assert (first.engine, first.source) == (ENGINE_COMPILED, "compiled")  # in a child process
+    again = load_ranker_engine(trained_text, tmp_path / "shipped", tmp_path / "cache")
+    assert (again.engine, again.source) == (ENGINE_COMPILED, "cache")
+    for engine in (first, again):
+        assert np.abs(engine.predictor.predict(rows, num_threads=1) - expected).max() <= TOLERANCE
+
+
+def test_a_shipped_library_is_used_without_compiling(trained_text, compiled_folder, tmp_path):
+    def refuse(text, folder):
+        raise AssertionError("compiled although a library was shipped")
+
+    engine = load_ranker_engine(trained_text, compiled_folder, tmp_path, compiler=refuse)
+    assert (engine.engine, engine.source) == (ENGINE_COMPILED, "shipped")
+
+
+def test_lightgbm_serves_when_compilation_fails(trained_text, tmp_path):
+    def broken(text, folder):
+        raise CompilationError("no compiler here")
+
+    rows = feature_matrix(synthetic_rows(1, 200, seed=4))
+    engine = load_ranker_engine(trained_text, tmp_path / "none", tmp_path, compiler=broken)
+    assert engine.engine == ENGINE_LIGHTGBM and "no compiler here" in engine.source
+    assert engine.predictor is engine.booster
+    expected = booster_from_text(trained_text).predict(rows, num_threads=1)
+    assert np.array_equal(engine.predictor.predict(rows, num_threads=1), expected)
+
+
+def test_a_corrupt_or_foreign_library_is_never_loaded(trained_text, compiled_folder, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in (LIBRARY_FILE, LIBRARY_INFO_FILE):
+        (corrupt / name).write_bytes((compiled_folder / name).read_bytes())
+    data = bytearray((corrupt / LIBRARY_FILE).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    (corrupt / LIBRARY_FILE).write_bytes(bytes(data))
+    with pytest.raises(CompilationError, match="corrupt"):
+        load_library(trained_text, corrupt)
+    engine = load_ranker_engine(trained_text, corrupt, None)
+    assert engine.engine == ENGINE_LIGHTGBM and "corrupt" in engine.source
+
+    # A library compiled from another model is refused by its info, before LLVM sees it.
+    other = trained_text.replace("learning_rate: 0.05", "learning_rate: 0.0501")
+    assert other != trained_text
+    with pytest.raises(CompilationError, match="model_sha256"):
+        load_library(other, compiled_folder)
+    # ...and with a cache, the service compiles the right one instead.
+    recompiled = load_ranker_engine(other, compiled_folder, tmp_path / "cache")
+    assert (recompiled.engine, recompiled.source) == (ENGINE_COMPILED, "compiled")
+
+
+def test_promotion_ships_the_compiled_ranker_and_survives_a_failing_hook(trained_text, tmp_path):
+    from models.compiled_ranker import write_compiled
+
+    home = tmp_path / "bentoml"
+    info = {"features": FEATURE_COLUMNS}
+    first = register_ranker(home, trained_text, info, {}, code="test")
+    second = register_ranker(home, trained_text, info, {}, code="test")
+
+    def failing(text, folder):
+        raise RuntimeError("hook failed")
+
+    promote(home, first, add_files=failing)  # promoted all the same, without extra files
+    assert not (production_path(home) / LIBRARY_FILE).exists()
+    promote(home, second, add_files=write_compiled)
+    folder = production_path(home)
+    assert (folder / LIBRARY_FILE).is_file()
+    assert read_ranker(folder)[0] == trained_text
+    assert load_library(trained_text, folder).predict(feature_matrix(synthetic_rows(1, 5, 5))).size
+    rollback(home)  # back to the first production version, which had none
+    assert not (production_path(home) / LIBRARY_FILE).exists()
+
+
+def test_the_pipeline_production_model_ships_compiled_and_scores_like_lightgbm(pipeline_run):
+    assert pipeline_run.result.success, pipeline_run.failures
+    folder = production_path(pipeline_run.settings.bentoml_home)
+    assert (folder / LIBRARY_FILE).is_file(), "production_model did not compile the ranker"
+    text, info = read_ranker(folder)
+    booster = booster_from_text(text)
+    compiled = load_library(text, folder)
+    snapshot = pipeline_run.lake.read_frame(SERVING_CANDIDATES)
+    rows = snapshot.select(info["features"]).to_numpy().astype(np.float32)
+    expected = booster.predict(rows, num_threads=1)
+    assert np.abs(compiled.predict(rows, num_threads=1) - expected).max() <= TOLERANCE
+
+
+def test_the_service_reports_its_ranker_engine(bento_server):
+    metrics = httpx.get(f"{bento_server.url}/metrics", timeout=10).text
+    engines = {
+        engine: float(value)
+        for engine, value in re.findall(
+            r'^shelfwise_ranker_engine\{[^}]*engine="(\w+)"[^}]*\} ([0-9.]+)$', metrics, re.M
+        )
+    }
+    assert engines.get(ENGINE_COMPILED) == 1.0, metrics[-3000:]
+    assert engines.get(ENGINE_LIGHTGBM) == 0.0
