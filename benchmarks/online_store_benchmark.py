@@ -12,6 +12,8 @@ On a finished pipeline state (`--state`, e.g. the demo shop of `make demo`), thi
    (one worker) embedded (the snapshot loaded from the lake) and with Redis (only the shared
    parts read at start-up): seconds from the process start until `/readyz` answers 200, and the
    process tree's peak RSS;
+   With `--workers 1 2` each mode is also served by two BentoML workers (the issue's target:
+   about twice one worker's throughput on this 2-core machine);
 3. loads each with `wrk` (one thread, keep-alive) at concurrency `--concurrency`, posting
    `{"user_id": …, "k": 10}` for 2,000 user ids (90% with candidates, 10% never seen), for
    `--duration` seconds, `--repeats` times (embedded first, then Redis): medians of p50/p99
@@ -22,7 +24,7 @@ with Redis, independent of the number of users; p99 at most 10 ms at concurrency
 
 Usage:
     .venv/bin/python benchmarks/online_store_benchmark.py --state data [--duration 10]
-        [--repeats 2] [--concurrency 8] [--skip-serving]
+        [--repeats 2] [--concurrency 8] [--workers 1 2] [--skip-serving]
 """
 
 import argparse
@@ -144,6 +146,8 @@ def main() -> int:
     parser.add_argument("--sample-keys", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-serving", action="store_true")
+    # BentoML workers per server: with Redis they share one store, so each worker is stateless.
+    parser.add_argument("--workers", type=int, nargs="+", default=[1])
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "online_store.json")
     args = parser.parse_args()
     exit_on_sigterm()
@@ -157,6 +161,7 @@ def main() -> int:
         "duration_s": args.duration,
         "repeats": args.repeats,
         "concurrency": args.concurrency,
+        "workers": args.workers,
     }
     with tempfile.TemporaryDirectory(prefix="online-store-bench-") as scratch:
         scratch = Path(scratch)
@@ -168,14 +173,22 @@ def main() -> int:
                 ids = benchmark_user_ids(home / "lake", 2000, 0.1, args.seed)
                 script = scratch / "recommend.lua"
                 script.write_text(recommend_lua(ids) + report_lua())
-                runs: dict[str, list[dict]] = {"embedded": [], "redis": []}
-                for mode in ("embedded", "redis"):
-                    extra = {"SHELFWISE_MAX_CONCURRENCY": "0"}
-                    if mode == "redis":
+                modes = [
+                    (kind if workers == 1 else f"{kind}, {workers} workers", kind, workers)
+                    for workers in args.workers
+                    for kind in ("embedded", "redis")
+                ]
+                runs: dict[str, list[dict]] = {mode: [] for mode, _, _ in modes}
+                for mode, kind, workers in modes:
+                    extra = {
+                        "SHELFWISE_MAX_CONCURRENCY": "0",
+                        "BENTOML_CONFIG_OPTIONS": f"services.shelfwise.workers={workers}",
+                    }
+                    if kind == "redis":
                         extra["SHELFWISE_REDIS_URL"] = url
-                    with state_copy(home, scratch, f"state-{mode}") as copy:
+                    with state_copy(home, scratch, f"state-{kind}-{workers}") as copy:
                         env = state_env(copy, extra=extra)
-                        log = scratch / f"{mode}.log"
+                        log = scratch / f"{kind}-{workers}.log"
                         with serve(
                             "bentos/service.py:RecommendationService",
                             env,
