@@ -35,15 +35,13 @@ import polars as pl
 
 from models.features import FEATURE_COLUMNS
 from models.snapshot import (
-    _ITEM_INDEX,
-    _PAIR_INDEX,
     _USER_EVENTS,
-    _USER_INDEX,
     ITEM_COLUMNS,
     PAIR_COLUMNS,
     USER_COLUMNS,
     CandidateSnapshot,
     UserCandidates,
+    assemble_rows,
     load_snapshot,
 )
 from shelfwise.lake import (
@@ -128,12 +126,8 @@ def decode_user(
     pairs = take(np.float32, rows * pair_width).reshape(rows, pair_width)
     user = take(np.float32, user_width)
     bought = take(np.int32, bought_count)
-    matrix = np.empty((rows, len(FEATURE_COLUMNS)), dtype=np.float32)
-    matrix[:, _PAIR_INDEX] = pairs
-    matrix[:, _ITEM_INDEX] = item_part[codes]
-    matrix[:, _USER_INDEX] = user
     candidates = UserCandidates(
-        matrix,
+        assemble_rows(pairs, item_part[codes], user),
         items[codes],
         ranks,
         float(user[_USER_EVENTS]),

@@ -215,10 +215,7 @@ class CandidateSnapshot:
         """
         start, end, user = span
         codes = self.item_codes[start:end]
-        rows = np.empty((end - start, len(FEATURE_COLUMNS)), dtype=np.float32)
-        rows[:, _PAIR_INDEX] = self.pairs[start:end]
-        rows[:, _ITEM_INDEX] = self.item_part[codes]
-        rows[:, _USER_INDEX] = self.user_part[user]
+        rows = assemble_rows(self.pairs[start:end], self.item_part[codes], self.user_part[user])
         return rows, self.items[codes]
 
     @property
@@ -241,6 +238,26 @@ class CandidateSnapshot:
         matrix, item_ids = self.rows_of(span)
         events = float(self.user_part[span[2], _USER_EVENTS])
         return UserCandidates(matrix, item_ids, self.ranks[span[0] : span[1]], events)
+
+
+def assemble_rows(pairs: np.ndarray, items: np.ndarray, user: np.ndarray) -> np.ndarray:
+    """A user's candidate rows in `FEATURE_COLUMNS` order from their factorised parts.
+
+    The one reassembly of the in-process snapshot and the online store's user values.
+
+    Args:
+        pairs: Per candidate, the `PAIR_COLUMNS`.
+        items: Per candidate, its item's `ITEM_COLUMNS`.
+        user: The user's `USER_COLUMNS`.
+
+    Returns:
+        The (candidates × features) float32 matrix.
+    """
+    rows = np.empty((len(pairs), len(FEATURE_COLUMNS)), dtype=np.float32)
+    rows[:, _PAIR_INDEX] = pairs
+    rows[:, _ITEM_INDEX] = items
+    rows[:, _USER_INDEX] = user
+    return rows
 
 
 def load_snapshot(
