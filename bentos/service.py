@@ -109,6 +109,13 @@ RANKER_ENGINE = bentoml.metrics.Gauge(
     labelnames=["engine"],
 )
 
+
+def show_ranker_engine(engine: str) -> None:
+    """Sets `shelfwise_ranker_engine` to the engine of the recommender now serving."""
+    for name in (ENGINE_COMPILED, ENGINE_LIGHTGBM, "none"):
+        RANKER_ENGINE.labels(engine=name).set(1 if name == engine else 0)
+
+
 EVENT_VALIDATOR = TypeAdapter(EventIn)
 # Seconds between looks at the online store's pointer (and the upkeep's other timers).
 STORE_POLL_S = 0.5
@@ -141,6 +148,7 @@ class RecommendationService:
             logger.exception("No usable production ranker: serving the candidate order")
         self._ranker = (ranker, features, version, tag, policy)
         self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
+        show_ranker_engine(self.serving.ranker_engine)
         self._compile_later(model_dir)
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
@@ -199,26 +207,22 @@ class RecommendationService:
         the lake's serving snapshot (`online` None)."""
         engine = ranker.engine if ranker is not None else "none"
         predictor = ranker.predictor if ranker is not None else None
-        lake = Lake(self.settings.lake_url)
         budget = self.settings.ranker_budget_ms / 1000 or None
         cap = self.settings.max_per_category
-        try:
+
+        def recommender_for(predictor, names, policy=None) -> Recommender:
             if online is not None:
-                recommender = Recommender.from_online_store(
-                    online, predictor, features, cap, budget, policy
-                )
-            else:
-                recommender = Recommender.from_lake(lake, predictor, features, cap, budget, policy)
+                return Recommender.from_online_store(online, predictor, names, cap, budget, policy)
+            lake = Lake(self.settings.lake_url)
+            return Recommender.from_lake(lake, predictor, names, cap, budget, policy)
+
+        try:
+            recommender = recommender_for(predictor, features, policy)
         except SnapshotFeaturesError:  # the snapshot was built for another ranker's features
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
-            if online is not None:
-                recommender = Recommender.from_online_store(online, None, None, cap, budget)
-            else:
-                recommender = Recommender.from_lake(lake, None, None, cap, budget)
+            recommender = recommender_for(None, None)
             version, engine = None, "none"
         MODEL.labels(model_version=version or "none").set(1)
-        for name in (ENGINE_COMPILED, ENGINE_LIGHTGBM, "none"):
-            RANKER_ENGINE.labels(engine=name).set(1 if name == engine else 0)
         store_version = online.version if online else None
         return Serving(recommender, version, tag, engine, store_version=store_version)
 
@@ -239,6 +243,7 @@ class RecommendationService:
                 return False
             serving = self._serving(*self._ranker, online=load_version(self._store_client, stored))
             previous, self.serving = self.serving, serving
+            show_ranker_engine(serving.ranker_engine)
             logger.info(
                 "Online store version %s replaces %s", serving.store_version, previous.store_version
             )
@@ -263,10 +268,9 @@ class RecommendationService:
             spec = (ranker, features, current.source_tag, current.tag, policy)
             serving = self._serving(*spec, online=self._online_version(strict=False))
             if serving.model_version is None:  # the snapshot does not fit: keep what works
-                RANKER_ENGINE.labels(engine="none").set(0)
-                RANKER_ENGINE.labels(engine=self.serving.ranker_engine).set(1)
                 return False
             previous, self.serving, self._ranker = self.serving, serving, spec
+            show_ranker_engine(serving.ranker_engine)
             if previous.model_version != serving.model_version:
                 MODEL.labels(model_version=previous.model_version or "none").set(0)
             logger.info(
@@ -314,8 +318,7 @@ class RecommendationService:
                 )
                 # A later switch of the online store's version keeps the compiled ranker.
                 self._ranker = (ranker, *self._ranker[1:])
-                RANKER_ENGINE.labels(engine=ENGINE_LIGHTGBM).set(0)
-                RANKER_ENGINE.labels(engine=ENGINE_COMPILED).set(1)
+                show_ranker_engine(ENGINE_COMPILED)
             logger.info("Serving %s compiled from now on", serving.model_version)
         except Exception:  # LightGBM keeps serving
             logger.exception("Could not compile the ranker of %s", model_dir)
