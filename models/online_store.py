@@ -1,15 +1,13 @@
 """The serving state in Redis: versions written by the pipeline, read by stateless replicas.
 
-A version holds what a worker would otherwise load from the lake's serving snapshot:
+A version holds what a worker would otherwise hold in process (`models.snapshot`):
 
-- per user, one compact binary value (`encode_user`): the candidates' item codes (int32) and ranks
-  (int32), their pair features (`PAIR_COLUMNS`, float32), the user's features (`USER_COLUMNS`,
-  float32) and the codes of the items the user bought before the snapshot (int32), after a
-  12-byte header (magic, candidate count, purchase count);
-- shared, O(items) parts, read once per version by each worker: the item table (item ids by code
-  and their `ITEM_COLUMNS`), the popular items, the neighbours, the business rules' item facts
-  (Parquet bytes);
-- a description (`meta`, JSON): the column layout, the snapshot's columns, counts.
+- per user, one compact value, the very bytes of the lake's user states
+  (`models.user_state`: candidates as item codes, the user's features and purchases, and the pair
+  features that cannot be predicted from shared parts);
+- shared, O(items) parts, read once per version by each worker: the item table the values refer
+  to, the popular items, the neighbours, the business rules' item facts (Parquet bytes);
+- a description (`meta`, JSON): the value layout, the snapshot's columns, counts.
 
 `write_version` writes a new version in pipelined batches, then switches the pointer
 (`store_keys.CURRENT`) with one `SET`, then removes every version but the new one and the one it
@@ -24,116 +22,37 @@ the recommender of a version never mixes in another's.
 import io
 import json
 import logging
-import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from models.features import FEATURE_COLUMNS
 from models.snapshot import (
-    _USER_EVENTS,
-    ITEM_COLUMNS,
-    PAIR_COLUMNS,
-    USER_COLUMNS,
+    STATES_BATCH_USERS,
     CandidateSnapshot,
-    UserCandidates,
-    assemble_rows,
-    load_snapshot,
+    encode_snapshot,
+    snapshot_columns,
+    states_fit,
 )
+from models.user_state import LAYOUT, ItemTable, UserCandidates, candidate_count, decode_user
 from shelfwise.lake import (
-    SERVING_CANDIDATES,
     SERVING_ITEMS,
     SERVING_NEIGHBOURS,
     SERVING_POPULAR,
-    SERVING_PURCHASES,
+    SERVING_STATE_ITEMS,
+    SERVING_USER_STATES,
     Lake,
 )
 from shelfwise.runtime import store_keys as keys
 
 logger = logging.getLogger(__name__)
 
-# The layout of a user's value; a reader refuses a version written in another.
-FORMAT = "shelfwise-user-v1"
-_MAGIC = b"SWU1"
-_HEADER = struct.Struct("<4sII")  # magic, candidates, purchases
 # Users written per pipelined round trip.
 WRITE_BATCH_USERS = 2_000
 # Keys removed per UNLINK.
 DELETE_BATCH_KEYS = 5_000
-
-
-def encode_user(
-    codes: np.ndarray, ranks: np.ndarray, pairs: np.ndarray, user: np.ndarray, bought: np.ndarray
-) -> bytes:
-    """One user's value: the header, then item codes, ranks, pair and user features, purchases.
-
-    Args:
-        codes: The candidates' item codes (int32), best first.
-        ranks: The candidates' ranks (int32).
-        pairs: The candidates' `PAIR_COLUMNS` (float32, candidates × pair columns).
-        user: The user's `USER_COLUMNS` (float32).
-        bought: Codes of the items the user bought before the snapshot (int32).
-
-    Returns:
-        The bytes stored under the user's key.
-    """
-    return b"".join(
-        (
-            _HEADER.pack(_MAGIC, len(codes), len(bought)),
-            np.ascontiguousarray(codes, np.int32).tobytes(),
-            np.ascontiguousarray(ranks, np.int32).tobytes(),
-            np.ascontiguousarray(pairs, np.float32).tobytes(),
-            np.ascontiguousarray(user, np.float32).tobytes(),
-            np.ascontiguousarray(bought, np.int32).tobytes(),
-        )
-    )
-
-
-def decode_user(
-    raw: bytes, items: np.ndarray, item_part: np.ndarray
-) -> tuple[UserCandidates, np.ndarray]:
-    """A user's value as candidates in `FEATURE_COLUMNS` order (as `CandidateSnapshot` gives).
-
-    Args:
-        raw: The value `encode_user` wrote.
-        items: The version's item ids by code.
-        item_part: The version's item features by code.
-
-    Returns:
-        The user's candidates (with the purchases as item ids) and the user's feature vector.
-
-    Raises:
-        ValueError: The value is not in this layout.
-    """
-    magic, rows, bought_count = _HEADER.unpack_from(raw)
-    if magic != _MAGIC:
-        raise ValueError("not a Shelfwise user value")
-    offset = _HEADER.size
-    pair_width, user_width = len(PAIR_COLUMNS), len(USER_COLUMNS)
-
-    def take(dtype: type, count: int) -> np.ndarray:
-        nonlocal offset
-        array = np.frombuffer(raw, dtype, count, offset)
-        offset += 4 * count
-        return array
-
-    codes = take(np.int32, rows)
-    ranks = take(np.int32, rows)
-    pairs = take(np.float32, rows * pair_width).reshape(rows, pair_width)
-    user = take(np.float32, user_width)
-    bought = take(np.int32, bought_count)
-    candidates = UserCandidates(
-        assemble_rows(pairs, item_part[codes], user),
-        items[codes],
-        ranks,
-        float(user[_USER_EVENTS]),
-        frozenset(items[bought].tolist()),
-    )
-    return candidates, user
 
 
 @dataclass(frozen=True)
@@ -161,25 +80,25 @@ class WrittenVersion:
 
 def write_version(
     client: Any,  # noqa: ANN401 - a redis.Redis
-    snapshot: CandidateSnapshot,
+    table: ItemTable,
+    states: Iterable[tuple[str, bytes, bool]],
     *,
     popular: pl.DataFrame,
     neighbours: pl.DataFrame,
     facts: pl.DataFrame,
-    purchases: pl.DataFrame,
-    columns: Iterable[str] = FEATURE_COLUMNS,
+    columns: Iterable[str],
     batch_users: int = WRITE_BATCH_USERS,
 ) -> WrittenVersion:
     """Writes a new version of the serving state, switches the pointer to it, removes old ones.
 
     Args:
         client: A Redis client (bytes responses).
-        snapshot: The candidates with their features.
+        table: The item table the users' values refer to.
+        states: (user_id, value, has candidates) per user (`models.snapshot`), streamed.
         popular: item_id, popularity (most popular first).
         neighbours: kind, item_id, neighbour_item_id, score.
         facts: The business rules' item facts (`serving_facts`' items).
-        purchases: user_id, item_id bought before the snapshot.
-        columns: The features the snapshot file holds (the others are unknown, NaN).
+        columns: The features the snapshot holds (the others are unknown, NaN).
         batch_users: Users written per round trip.
 
     Returns:
@@ -188,21 +107,8 @@ def write_version(
     started = time.perf_counter()
     version = int(client.incr(keys.NEXT_VERSION))
     client.sadd(keys.VERSIONS, version)
-    # The item table: the snapshot's items by their codes, then purchased items it lacks.
-    codes = {item: n for n, item in enumerate(snapshot.items.tolist())}
-    by_user: dict[str, list[int]] = {}
-    for user_id, item_ids in purchases.group_by("user_id").agg("item_id").iter_rows():
-        by_user[user_id] = [codes.setdefault(item, len(codes)) for item in item_ids]
-    extra = len(codes) - len(snapshot.items)
-    item_part = np.vstack(
-        [snapshot.item_part, np.full((extra, len(ITEM_COLUMNS)), np.nan, np.float32)]
-    )
-    item_table = pl.DataFrame(
-        {"item_id": list(codes), **{c: item_part[:, n] for n, c in enumerate(ITEM_COLUMNS)}},
-        schema={"item_id": pl.String, **{c: pl.Float32 for c in ITEM_COLUMNS}},
-    )
     shared = {
-        keys.SHARED_ITEMS: item_table,
+        keys.SHARED_ITEMS: table.to_frame(),
         keys.SHARED_POPULAR: popular,
         keys.SHARED_NEIGHBOURS: neighbours,
         keys.SHARED_FACTS: facts,
@@ -215,40 +121,25 @@ def write_version(
         pipe.set(keys.shared_key(version, part), value)
     pipe.execute()
 
-    empty_user = np.full(len(USER_COLUMNS), np.nan, np.float32)
-    no_rows = np.zeros(0, np.int32)
-    users = list(snapshot.spans) + [u for u in by_user if u not in snapshot.spans]
-    for first in range(0, len(users), batch_users):
-        pipe = client.pipeline(transaction=False)
-        for user_id in users[first : first + batch_users]:
-            bought = np.array(by_user.get(user_id, ()), np.int32)
-            span = snapshot.spans.get(user_id)
-            if span is None:
-                value = encode_user(no_rows, no_rows, no_rows, empty_user, bought)
-            else:
-                start, end, index = span
-                value = encode_user(
-                    snapshot.item_codes[start:end],
-                    snapshot.ranks[start:end],
-                    snapshot.pairs[start:end],
-                    snapshot.user_part[index],
-                    bought,
-                )
-            written += len(value)
-            pipe.set(keys.user_key(version, user_id), value)
-        pipe.execute()
+    users = known = 0
+    pipe = client.pipeline(transaction=False)
+    for user_id, value, has_candidates in states:
+        pipe.set(keys.user_key(version, user_id), value)
+        written += len(value)
+        users += 1
+        known += has_candidates
+        if users % batch_users == 0:
+            pipe.execute()
+            pipe = client.pipeline(transaction=False)
+    pipe.execute()
     meta = {
-        "format": FORMAT,
+        "layout": LAYOUT,
         "version": version,
         "written_at": time.time(),
-        "users": len(users),
-        "known_users": len(snapshot.spans),
-        "rows": len(snapshot.ranks),
-        "items": len(codes),
+        "users": users,
+        "known_users": known,
+        "items": len(table),
         "columns": list(columns),
-        "pair_columns": PAIR_COLUMNS,
-        "user_columns": USER_COLUMNS,
-        "item_columns": ITEM_COLUMNS,
     }
     client.set(keys.meta_key(version), json.dumps(meta))
     # The switch: one SET; a replica sees the old version or the new one, whole.
@@ -256,14 +147,14 @@ def write_version(
     previous = int(previous) if previous is not None else None
     removed = remove_versions(client, keep={version, previous})
     return WrittenVersion(
-        version,
-        len(users),
-        len(snapshot.spans),
-        written,
-        time.perf_counter() - started,
-        previous,
-        removed,
+        version, users, known, written, time.perf_counter() - started, previous, removed
     )
+
+
+def snapshot_states(snapshot: CandidateSnapshot) -> Iterator[tuple[str, bytes, bool]]:
+    """The states of a snapshot held in process, as `write_version` takes them."""
+    for user_id, value in snapshot.states.items():
+        yield user_id, value, candidate_count(value) > 0
 
 
 def remove_versions(client: Any, keep: set[int | None]) -> list[int]:  # noqa: ANN401
@@ -295,27 +186,42 @@ def remove_versions(client: Any, keep: set[int | None]) -> list[int]:  # noqa: A
 
 
 def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
-    """Writes the lake's serving snapshot as a new version of the online store.
+    """Writes the lake's serving state (`serving_features`) as a new version of the online store.
+
+    The users' values are streamed from the lake, batch by batch, never held together; values
+    written by another version of the code are encoded afresh from the snapshot's rows.
 
     Args:
         client: A Redis client (bytes responses).
-        lake: The lake holding the serving snapshot (`serving_features`).
+        lake: The lake holding the serving snapshot and its user states.
 
     Returns:
         The new version, now served.
     """
-    snapshot = load_snapshot(lake, [])
-    names = next(lake.iter_parquet(SERVING_CANDIDATES, 1)).schema.names
-    columns = [c for c in FEATURE_COLUMNS if c in names]
+    if states_fit(lake):
+        table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
+        states = _lake_states(lake)
+    else:
+        table, states = encode_snapshot(lake)
     return write_version(
         client,
-        snapshot,
+        table,
+        states,
         popular=lake.read_frame(SERVING_POPULAR),
         neighbours=lake.read_frame(SERVING_NEIGHBOURS),
         facts=lake.read_frame(SERVING_ITEMS),
-        purchases=lake.read_frame(SERVING_PURCHASES),
-        columns=columns,
+        columns=snapshot_columns(lake),
     )
+
+
+def _lake_states(lake: Lake) -> Iterator[tuple[str, bytes, bool]]:
+    for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
+        yield from zip(
+            batch.column("user_id").to_pylist(),
+            batch.column("state").to_pylist(),
+            batch.column("has_candidates").to_pylist(),
+            strict=True,
+        )
 
 
 def current_version(client: Any) -> int | None:  # noqa: ANN401
@@ -330,8 +236,7 @@ class RedisCandidateStore:
     Args:
         client: A Redis client (bytes responses).
         version: The version read; never another.
-        items: The version's item ids by code.
-        item_part: The version's item features by code.
+        table: The version's item table.
         known_users: How many users of the version have candidates.
     """
 
@@ -339,14 +244,12 @@ class RedisCandidateStore:
         self,
         client: Any,  # noqa: ANN401
         version: int,
-        items: np.ndarray,
-        item_part: np.ndarray,
+        table: ItemTable,
         known_users: int,
     ) -> None:
         self.client = client
         self.version = version
-        self._items = items
-        self._item_part = item_part
+        self._table = table
         self._known_users = known_users
 
     @property
@@ -369,7 +272,7 @@ class RedisCandidateStore:
         raw = self.client.get(keys.user_key(self.version, user_id))
         if raw is None:
             return None
-        return decode_user(raw, self._items, self._item_part)[0]
+        return decode_user(raw, self._table)
 
 
 @dataclass(frozen=True)
@@ -418,17 +321,14 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
     if raw_meta is None or any(part is None for part in parts):
         raise OnlineStoreError(f"online store version {version} is missing or incomplete")
     meta = json.loads(raw_meta)
-    layout = (meta.get("pair_columns"), meta.get("user_columns"), meta.get("item_columns"))
-    if meta.get("format") != FORMAT or layout != (PAIR_COLUMNS, USER_COLUMNS, ITEM_COLUMNS):
+    if meta.get("layout") != LAYOUT:
         raise OnlineStoreError(f"online store version {version} has another layout")
     frames = {
         part: pl.read_parquet(io.BytesIO(raw))
         for part, raw in zip(keys.SHARED_PARTS, parts, strict=True)
     }
-    table = frames[keys.SHARED_ITEMS]
-    items = np.array(table.get_column("item_id").to_list(), dtype=object)
-    item_part = table.select(ITEM_COLUMNS).to_numpy().astype(np.float32, copy=False)
-    store = RedisCandidateStore(client, version, items, item_part, int(meta["known_users"]))
+    table = ItemTable.from_frame(frames[keys.SHARED_ITEMS])
+    store = RedisCandidateStore(client, version, table, int(meta["known_users"]))
     return OnlineVersion(
         version,
         store,

@@ -69,6 +69,10 @@ SERVING_POPULAR = f"{SERVING}/popular_items.parquet"
 SERVING_NEIGHBOURS = f"{SERVING}/neighbours.parquet"
 SERVING_ITEMS = f"{SERVING}/items.parquet"
 SERVING_PURCHASES = f"{SERVING}/purchases.parquet"
+# The compact serving state the service holds (`models.user_state`): one value per user and the
+# item table those values refer to.
+SERVING_USER_STATES = f"{SERVING}/user_states.parquet"
+SERVING_STATE_ITEMS = f"{SERVING}/state_items.parquet"
 
 
 def feature_table(name: str) -> str:

@@ -3,7 +3,6 @@ snapshot held in process (a real Redis server, the session's real pipeline lake)
 
 import random
 
-import numpy as np
 import pytest
 import redis
 
@@ -11,8 +10,6 @@ from models.business_rules import RequestFilters
 from models.online_store import (
     OnlineStoreError,
     current_version,
-    decode_user,
-    encode_user,
     load_version,
     write_from_lake,
 )
@@ -20,7 +17,6 @@ from models.ranker import booster_from_text
 from models.recommender import FALLBACK_POPULAR, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
-from models.snapshot import ITEM_COLUMNS, PAIR_COLUMNS, USER_COLUMNS
 from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_PURCHASES
 from shelfwise.runtime import store_keys as keys
 from shelfwise.runtime.online_state import StockChange
@@ -48,26 +44,6 @@ def test_without_redis_the_asset_is_a_no_op(pipeline_run):
     assert pipeline_run.result.success, pipeline_run.failures
     [materialization] = pipeline_run.result.asset_materializations_for_node("online_store")
     assert materialization.metadata["mode"].value == "embedded mode"
-
-
-def test_a_user_value_round_trips_exactly():
-    rng = np.random.default_rng(3)
-    rows = 7
-    pairs = rng.standard_normal((rows, len(PAIR_COLUMNS))).astype(np.float32)
-    pairs[2, 4] = np.nan
-    user = rng.standard_normal(len(USER_COLUMNS)).astype(np.float32)
-    items = np.array([f"i{n}" for n in range(10)], dtype=object)
-    item_part = rng.standard_normal((10, len(ITEM_COLUMNS))).astype(np.float32)
-    codes = np.array([3, 1, 4, 9, 5, 2, 6], np.int32)
-    ranks = np.arange(1, rows + 1, dtype=np.int32)
-    raw = encode_user(codes, ranks, pairs, user, np.array([8, 0], np.int32))
-    assert len(raw) == 12 + rows * (8 + 4 * len(PAIR_COLUMNS)) + 4 * len(USER_COLUMNS) + 8
-    found, decoded_user = decode_user(raw, items, item_part)
-    np.testing.assert_array_equal(found.item_ids, items[codes])
-    np.testing.assert_array_equal(found.ranks, ranks)
-    np.testing.assert_array_equal(decoded_user, user)
-    assert found.bought == {"i8", "i0"}
-    assert found.matrix.shape == (rows, len(PAIR_COLUMNS) + len(ITEM_COLUMNS) + len(USER_COLUMNS))
 
 
 def test_the_redis_path_answers_exactly_as_the_snapshot_in_process(pipeline_run, client, ranker):

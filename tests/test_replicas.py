@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 import redis
 
-from models.online_store import write_from_lake, write_version
+from models.features import FEATURE_COLUMNS
+from models.online_store import snapshot_states, write_from_lake, write_version
 from models.recommender import FALLBACK_POPULAR
 from models.snapshot import CandidateSnapshot
 from shelfwise.lake import (
@@ -18,7 +19,6 @@ from shelfwise.lake import (
     SERVING_ITEMS,
     SERVING_NEIGHBOURS,
     SERVING_POPULAR,
-    SERVING_PURCHASES,
 )
 from shelfwise.runtime import store_keys as keys
 from tests.support import redis_server, served_copy
@@ -90,13 +90,15 @@ def test_a_new_version_is_served_without_restart_and_old_keys_go(replicas, pipel
     assert recommend(replicas["a"], user)["strategy"] == "personalized"
     # Version 2: the same state without this user's candidates.
     frame = lake.read_frame(SERVING_CANDIDATES).filter(pl.col("user_id") != user)
+    snapshot = CandidateSnapshot.from_frame(frame)
     second = write_version(
         client,
-        CandidateSnapshot.from_frame(frame),
+        snapshot.table,
+        snapshot_states(snapshot),
         popular=lake.read_frame(SERVING_POPULAR),
         neighbours=lake.read_frame(SERVING_NEIGHBOURS),
         facts=lake.read_frame(SERVING_ITEMS),
-        purchases=lake.read_frame(SERVING_PURCHASES),
+        columns=FEATURE_COLUMNS,
     )
     assert second.previous == replicas["first"]
     for replica in ("a", "b"):

@@ -13,6 +13,7 @@ from models.marts import Marts
 from models.queries import QUERY
 from models.recommender import serving_popular, serving_snapshot
 from models.session import BOUGHT_TOGETHER, COLLABORATIVE, COVISIT
+from models.snapshot import write_user_states
 from orchestration.resources import ShelfwiseResource
 
 SERVING_POPULAR_ITEMS = 200
@@ -45,7 +46,9 @@ def serving_features(
     everyone else (never an item the catalog marks as not recommendable), and the facts the
     business rules read
     (catalog stock, price, whether an item may be recommended, repeatable categories, purchases).
-    The snapshot is assembled chunk by chunk of users and streamed into one file."""
+    The snapshot is assembled chunk by chunk of users and streamed into one file; then each
+    user's rows are encoded into the compact state the service holds (item codes, the user's own
+    features, and only the pair features the shared item table cannot predict), losslessly."""
     lake = shelfwise.lake()
     plan = artifacts.load_plan(lake)
     tables = Marts.load(lake, [plan.serving])
@@ -85,10 +88,13 @@ def serving_features(
         items=items,
         purchases=purchases,
     )
+    # What the service holds: each user's compact state, exactly these rows once decoded.
+    states = write_user_states(lake, tables.users.select("user_id", "mean_price"))
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
             "users": users,
+            "state_bytes_per_user": round(states.bytes / max(states.known_users, 1)),
             "popular_items": popular.height,
             "as_of": plan.serving.isoformat(),
         }

@@ -1,0 +1,529 @@
+"""Each user's serving state: compact, lossless, and the same bytes in process and in Redis.
+
+The snapshot file (`serving_features`) has one row per (user, candidate) with the whole feature
+vector, assembled as for training. Most of a row follows from far less, which is all a user's
+state keeps:
+
+- the item's features are the item's: the `ItemTable`, shared by every user (O(items)), which
+  also knows each item's price, category and brand;
+- the user's features are the user's: stored once;
+- the pair features follow from keys the service already holds:
+  - a generator's score is 0 unless it proposed the item; `popular_score` and `trending_score`
+    are the item's own (the same for everyone those generators serve);
+  - `sources` counts the generators with a positive score;
+  - the user-item features are null for items the user never touched;
+  - the user-category and user-brand features are the user's per category and per brand: a
+    small per-user table, looked up through the item's category and brand;
+  - `price_to_user_mean` is the item's price over the user's mean price (both float64, divided
+    as the assembly divides them).
+
+So a user's value holds the candidates as item codes in candidate order, the user's features and
+mean price, the items they bought (codes), the category and brand tables, and, for each group of
+pair columns, only the candidates where that prediction differs from the snapshot's row. Decoding
+rebuilds the snapshot's rows exactly (equal, or both NaN): the codec is lossless by construction —
+a wrong prediction costs bytes, never a different score — so the service ranks the very numbers
+the training assembly produced (`models.features.assemble_features`).
+
+Value layout (little-endian): header (magic, candidates n, purchases m, flags, mean price), n item
+codes (uint16, or uint32 when the table has more than 65,535 items), the ranks (int32) when they
+are not 1..n, the user's features (float32), m purchase codes, the category and brand tables
+(count, int32 keys, float32 values), then per block of `BLOCKS` the count of exceptions, their
+candidate positions (uint8/uint16/uint32 by n) and their values (float32).
+"""
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+
+from models.candidates import SCORE_COLUMNS
+from models.features import (
+    FEATURE_COLUMNS,
+    ITEM_FEATURES,
+    USER_BRAND_FEATURES,
+    USER_CATEGORY_FEATURES,
+    USER_FEATURES,
+    USER_ITEM_FEATURES,
+)
+
+FORMAT = "shelfwise-user-v2"
+_MAGIC = b"SWU2"
+_HEADER = struct.Struct("<4sIIBd")  # magic, candidates, purchases, flags, mean price
+_EXPLICIT_RANKS = 1
+
+ITEM_COLUMNS = list(ITEM_FEATURES.values())
+USER_COLUMNS = list(USER_FEATURES.values())
+PAIR_COLUMNS = [c for c in FEATURE_COLUMNS if c not in {*ITEM_COLUMNS, *USER_COLUMNS}]
+# Generators that propose the same items with the same scores to every user they serve.
+ITEM_LEVEL_SCORES = ["popular_score", "trending_score"]
+PRICE_RATIO = "price_to_user_mean"
+SOURCES = "sources"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of pair columns stored as exceptions to one prediction.
+
+    Attributes:
+        columns: The pair columns, stored together (a candidate's whole row of them).
+        predict: How the decoder predicts them: "zero", "item" (the item's own score), "sources"
+            (generators with a positive score), "null", "category" or "brand" (the user's
+            per-category or per-brand table), "price" (item price over the user's mean).
+    """
+
+    columns: tuple[str, ...]
+    predict: str
+
+
+BLOCKS: tuple[Block, ...] = (
+    Block(("history_score",), "zero"),
+    Block(("buy_again_score",), "zero"),
+    Block(("covisit_score", "covisit_hits"), "zero"),
+    Block(("bought_together_score", "bought_together_hits"), "zero"),
+    Block(("collaborative_score",), "zero"),
+    Block(("category_popular_score",), "zero"),
+    Block(("content_score",), "zero"),
+    Block(("popular_score",), "item"),
+    Block(("trending_score",), "item"),
+    # After the scores: its prediction reads them.
+    Block((SOURCES,), "sources"),
+    Block(tuple(USER_ITEM_FEATURES.values()), "null"),
+    Block(tuple(USER_CATEGORY_FEATURES.values()), "category"),
+    Block(tuple(USER_BRAND_FEATURES.values()), "brand"),
+    Block((PRICE_RATIO,), "price"),
+)
+_KEYED = {"category": 0, "brand": 1}
+
+if sorted(c for block in BLOCKS for c in block.columns) != sorted(PAIR_COLUMNS):
+    raise RuntimeError("BLOCKS must cover every pair column once")
+
+_PAIR = {name: n for n, name in enumerate(PAIR_COLUMNS)}
+_BLOCK_INDEX = [np.array([_PAIR[c] for c in block.columns]) for block in BLOCKS]
+_SCORE_INDEX = np.array([_PAIR[c] for c in SCORE_COLUMNS])
+_COLUMN = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
+_PAIR_FEATURES = np.array([_COLUMN[c] for c in PAIR_COLUMNS])
+_ITEM_FEATURES = np.array([_COLUMN[c] for c in ITEM_COLUMNS])
+_USER_FEATURES = np.array([_COLUMN[c] for c in USER_COLUMNS])
+_USER_EVENTS = USER_COLUMNS.index(USER_FEATURES["events"])
+# What a reader must agree on to decode a value; written beside every set of values.
+LAYOUT = {
+    "format": FORMAT,
+    "pair_columns": PAIR_COLUMNS,
+    "user_columns": USER_COLUMNS,
+    "item_columns": ITEM_COLUMNS,
+    "blocks": [[block.predict, *block.columns] for block in BLOCKS],
+}
+_WIDTHS = [len(block.columns) for block in BLOCKS]
+_KEYED_INDEX = {
+    kind: next(i for b, i in zip(BLOCKS, _BLOCK_INDEX, strict=True) if b.predict == kind)
+    for kind in _KEYED
+}
+_KEYED_WIDTHS = [len(_KEYED_INDEX[kind]) for kind in _KEYED]
+_ITEM_SCORE_INDEX = np.array([_PAIR[c] for c in ITEM_LEVEL_SCORES])
+_PRICE_INDEX = _PAIR[PRICE_RATIO]
+# The prediction before any lookup: 0 for scores, null for what the user never touched.
+_DEFAULT_ROW = np.array(
+    [
+        np.nan if any(name in b.columns for b in BLOCKS if b.predict in {"null", *_KEYED}) else 0.0
+        for name in PAIR_COLUMNS
+    ],
+    np.float32,
+)
+
+
+@dataclass(frozen=True)
+class UserCandidates:
+    """What a candidate store knows of one user, as of its snapshot.
+
+    Attributes:
+        matrix: The candidates' feature vectors (candidates × `FEATURE_COLUMNS`), best first.
+        item_ids: The candidates' item ids.
+        ranks: The candidates' ranks in their generators' order (1 = first).
+        events: The user's event count (`user_events`, the user's segment).
+        bought: Items the user bought before the snapshot.
+    """
+
+    matrix: np.ndarray
+    item_ids: np.ndarray
+    ranks: np.ndarray
+    events: float
+    bought: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """What every user's state refers to by item code: shared, O(items).
+
+    Attributes:
+        ids: Item ids by code.
+        features: The items' `ITEM_COLUMNS` (float32; NaN for an item the snapshot lacks).
+        price: The items' price (float64, as the feature assembly divides it; NaN unknown).
+        category: The items' category code (-1: none).
+        brand: The items' brand code (-1: none).
+        item_scores: The items' `ITEM_LEVEL_SCORES` (float32; 0 when not proposed).
+    """
+
+    ids: np.ndarray
+    features: np.ndarray
+    price: np.ndarray
+    category: np.ndarray
+    brand: np.ndarray
+    item_scores: np.ndarray
+    _codes: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_codes", {item: n for n, item in enumerate(self.ids.tolist())})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def code_dtype(self) -> type:
+        """The dtype of item codes in a user's value."""
+        return np.uint16 if len(self.ids) <= np.iinfo(np.uint16).max else np.uint32
+
+    def codes_of(self, item_ids: Iterable[str]) -> np.ndarray:
+        """The codes of items in the table.
+
+        Raises:
+            KeyError: An item is not in the table.
+        """
+        return np.fromiter((self._codes[item] for item in item_ids), np.int64)
+
+    @classmethod
+    def build(
+        cls,
+        snapshot_items: pl.DataFrame,
+        facts: pl.DataFrame | None = None,
+        more_items: Iterable[str] = (),
+    ) -> "ItemTable":
+        """The table of every item a state may name.
+
+        Args:
+            snapshot_items: One row per item of the snapshot: item_id, `ITEM_COLUMNS` and
+                `ITEM_LEVEL_SCORES` as the snapshot's rows hold them.
+            facts: The business rules' item facts (item_id, price, category_id, brand), for
+                prices, categories and brands; without them every price ratio, category and
+                brand feature is stored as an exception (still lossless).
+            more_items: Items the states name besides the candidates (their purchases).
+
+        Returns:
+            The table, items sorted by id.
+        """
+        names = set(snapshot_items.get_column("item_id").to_list()) | set(more_items)
+        if facts is not None:
+            names |= set(facts.get_column("item_id").to_list())
+        ids = pl.DataFrame({"item_id": sorted(names)}, schema={"item_id": pl.String})
+        frame = ids.join(snapshot_items, on="item_id", how="left", maintain_order="left")
+        if facts is not None:
+            described = facts.select(
+                "item_id",
+                pl.col("price").cast(pl.Float64).alias("_price"),
+                pl.col("category_id").cast(pl.String).alias("_category"),
+                pl.col("brand").cast(pl.String).alias("_brand"),
+            )
+            frame = frame.join(described, on="item_id", how="left", maintain_order="left")
+        else:
+            frame = frame.with_columns(
+                pl.lit(None, pl.Float64).alias("_price"),
+                pl.lit(None, pl.String).alias("_category"),
+                pl.lit(None, pl.String).alias("_brand"),
+            )
+        return cls(
+            np.array(frame.get_column("item_id").to_list(), dtype=object),
+            _floats(frame, ITEM_COLUMNS),
+            frame.get_column("_price").fill_null(np.nan).to_numpy().astype(np.float64),
+            _codes_of(frame.get_column("_category")),
+            _codes_of(frame.get_column("_brand")),
+            np.nan_to_num(_floats(frame, ITEM_LEVEL_SCORES), nan=0.0),
+        )
+
+    def to_frame(self) -> pl.DataFrame:
+        """The table as a frame (its Parquet form in the lake and in Redis)."""
+        return pl.DataFrame(
+            {
+                "item_id": self.ids.tolist(),
+                **{c: self.features[:, n] for n, c in enumerate(ITEM_COLUMNS)},
+                "price": self.price,
+                "category_code": self.category,
+                "brand_code": self.brand,
+                **{c: self.item_scores[:, n] for n, c in enumerate(ITEM_LEVEL_SCORES)},
+            },
+            schema={
+                "item_id": pl.String,
+                **{c: pl.Float32 for c in ITEM_COLUMNS},
+                "price": pl.Float64,
+                "category_code": pl.Int32,
+                "brand_code": pl.Int32,
+                **{c: pl.Float32 for c in ITEM_LEVEL_SCORES},
+            },
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame) -> "ItemTable":
+        """The table `to_frame` wrote."""
+        return cls(
+            np.array(frame.get_column("item_id").to_list(), dtype=object),
+            _floats(frame, ITEM_COLUMNS),
+            frame.get_column("price").to_numpy().astype(np.float64),
+            frame.get_column("category_code").to_numpy().astype(np.int32),
+            frame.get_column("brand_code").to_numpy().astype(np.int32),
+            _floats(frame, ITEM_LEVEL_SCORES),
+        )
+
+
+def encode_user(
+    table: ItemTable,
+    codes: np.ndarray,
+    ranks: np.ndarray,
+    rows: np.ndarray,
+    bought: np.ndarray,
+    mean_price: float = float("nan"),
+) -> bytes:
+    """One user's value (see the module docstring).
+
+    Args:
+        table: The shared item table the codes refer to.
+        codes: The candidates' item codes, best first.
+        ranks: The candidates' ranks.
+        rows: The candidates' feature vectors (candidates × `FEATURE_COLUMNS`, float32).
+        bought: Codes of the items the user bought before the snapshot.
+        mean_price: The user's mean price (float64; NaN when unknown).
+
+    Returns:
+        The bytes stored for the user.
+
+    Raises:
+        ValueError: The rows' item features differ from the table's, or the user's features
+            differ between rows (they are not a snapshot of one user at one cutoff).
+    """
+    n = len(codes)
+    codes = np.asarray(codes, np.intp)
+    rows = np.asarray(rows, np.float32).reshape(n, len(FEATURE_COLUMNS))
+    if not _same(rows[:, _ITEM_FEATURES], table.features[codes]).all():
+        raise ValueError("a candidate's item features differ from the item table's")
+    user = rows[0, _USER_FEATURES] if n else np.full(len(USER_COLUMNS), np.nan, np.float32)
+    if n and not _same(rows[:, _USER_FEATURES], user[None, :]).all():
+        raise ValueError("the user's features differ between the user's rows")
+    pairs = np.ascontiguousarray(rows[:, _PAIR_FEATURES])
+    ranks = np.asarray(ranks, np.int32)
+    explicit = not np.array_equal(ranks, np.arange(1, n + 1, dtype=np.int32))
+    code_dtype, index_dtype = table.code_dtype, _index_dtype(n)
+    keyed = [_keyed_table(table, codes, pairs, kind) for kind in _KEYED]
+    predicted = _predicted(table, codes, keyed, mean_price)
+    positions, values, counts = [], [], [len(keys) for keys, _ in keyed]
+    for block, index in zip(BLOCKS, _BLOCK_INDEX, strict=True):
+        if block.predict == "sources":  # from the true scores, which the decoder has by then
+            predicted[:, index[0]] = _sources(pairs)
+        actual = pairs[:, index]
+        off = np.flatnonzero(~_same(actual, predicted[:, index]).all(axis=1))
+        counts.append(len(off))
+        positions.append(off.astype(index_dtype))
+        values.append(actual[off].ravel())
+    flags = _EXPLICIT_RANKS if explicit else 0
+    return b"".join(
+        [
+            _HEADER.pack(_MAGIC, n, len(bought), flags, mean_price),
+            np.array(counts, np.uint32).tobytes(),
+            codes.astype(code_dtype).tobytes(),
+            ranks.tobytes() if explicit else b"",
+            user.astype(np.float32).tobytes(),
+            np.asarray(bought).astype(code_dtype).tobytes(),
+            *[keys.tobytes() for keys, _ in keyed],
+            *[keyed_values.tobytes() for _, keyed_values in keyed],
+            *[block_positions.tobytes() for block_positions in positions],
+            *[block_values.astype(np.float32).tobytes() for block_values in values],
+        ]
+    )
+
+
+def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
+    """A user's value as candidates in `FEATURE_COLUMNS` order, as the snapshot's rows were.
+
+    Args:
+        raw: The value `encode_user` wrote.
+        table: The item table it was written with.
+
+    Returns:
+        The user's candidates and purchases.
+
+    Raises:
+        ValueError: The value is not in this layout.
+    """
+    magic, n, bought_count, flags, mean_price = _HEADER.unpack_from(raw)
+    if magic != _MAGIC:
+        raise ValueError("not a Shelfwise user value of this layout")
+    reader = _Reader(raw, _HEADER.size)
+    counts = reader.take(np.uint32, len(_KEYED) + len(BLOCKS)).tolist()
+    keyed_counts, block_counts = counts[: len(_KEYED)], counts[len(_KEYED) :]
+    code_dtype = table.code_dtype
+    codes = reader.take(code_dtype, n).astype(np.intp)
+    if flags & _EXPLICIT_RANKS:
+        ranks = reader.take(np.int32, n)
+    else:
+        ranks = np.arange(1, n + 1, dtype=np.int32)
+    user = reader.take(np.float32, len(USER_COLUMNS))
+    bought = reader.take(code_dtype, bought_count)
+    keys = [reader.take(np.int32, count) for count in keyed_counts]
+    keyed = [
+        (kind_keys, reader.take(np.float32, count * width).reshape(count, width))
+        for kind_keys, count, width in zip(keys, keyed_counts, _KEYED_WIDTHS, strict=True)
+    ]
+    positions = reader.take(_index_dtype(n), sum(block_counts)).astype(np.intp)
+    values = reader.take(np.float32, sum(c * w for c, w in zip(block_counts, _WIDTHS, strict=True)))
+    pairs = _predicted(table, codes, keyed, mean_price)
+    at_position = at_value = 0
+    for block, index, count, width in zip(BLOCKS, _BLOCK_INDEX, block_counts, _WIDTHS, strict=True):
+        if block.predict == "sources":
+            pairs[:, index[0]] = _sources(pairs)
+        if count:
+            rows = positions[at_position : at_position + count]
+            block_values = values[at_value : at_value + count * width].reshape(count, width)
+            if width == 1:
+                pairs[rows, index[0]] = block_values[:, 0]
+            else:
+                pairs[rows[:, None], index] = block_values
+            at_position += count
+            at_value += count * width
+    matrix = np.empty((n, len(FEATURE_COLUMNS)), np.float32)
+    matrix[:, _PAIR_FEATURES] = pairs
+    matrix[:, _ITEM_FEATURES] = table.features[codes]
+    matrix[:, _USER_FEATURES] = user
+    return UserCandidates(
+        matrix,
+        table.ids[codes],
+        ranks,
+        float(user[_USER_EVENTS]),
+        frozenset(table.ids[bought.astype(np.intp)].tolist()),
+    )
+
+
+def candidate_count(raw: bytes) -> int:
+    """How many candidates a value holds (0: a user with purchases only), from its header."""
+    return int(_HEADER.unpack_from(raw)[1])
+
+
+def encode_users(
+    table: ItemTable,
+    frame: pl.DataFrame,
+    purchases: dict[str, list[str]] | None = None,
+    mean_prices: dict[str, float] | None = None,
+) -> Iterator[tuple[str, bytes]]:
+    """The values of the users whose rows `frame` holds (each user's rows, all of them).
+
+    Args:
+        table: The item table (every candidate and purchased item in it).
+        frame: Snapshot rows: user_id, item_id, candidate_rank and `FEATURE_COLUMNS` (missing
+            ones are null), in any order.
+        purchases: Item ids each user bought before the snapshot.
+        mean_prices: Each user's mean price.
+
+    Yields:
+        (user_id, value) per user of the frame.
+    """
+    purchases, mean_prices = purchases or {}, mean_prices or {}
+    missing = [c for c in FEATURE_COLUMNS if c not in frame.columns]
+    frame = frame.with_columns([pl.lit(None, pl.Float32).alias(c) for c in missing]).sort(
+        "user_id", "candidate_rank"
+    )
+    if frame.height == 0:
+        return
+    users = frame.get_column("user_id").to_numpy()
+    codes = table.codes_of(frame.get_column("item_id").to_list())
+    ranks = frame.get_column("candidate_rank").to_numpy()
+    rows = _floats(frame, FEATURE_COLUMNS)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        user_id = users[start]
+        yield (
+            user_id,
+            encode_user(
+                table,
+                codes[start:end],
+                ranks[start:end],
+                rows[start:end],
+                table.codes_of(purchases.get(user_id, ())),
+                mean_prices.get(user_id, float("nan")),
+            ),
+        )
+
+
+def purchases_only(table: ItemTable, bought: list[str]) -> bytes:
+    """The value of a user with purchases but no candidates."""
+    empty = np.zeros(0, np.int64)
+    return encode_user(
+        table, empty, empty, np.zeros((0, len(FEATURE_COLUMNS))), table.codes_of(bought)
+    )
+
+
+def _predicted(
+    table: ItemTable,
+    codes: np.ndarray,
+    keyed: list[tuple[np.ndarray, np.ndarray]],
+    mean_price: float,
+) -> np.ndarray:
+    """Every pair column as the decoder predicts it, but `sources` (read from the scores)."""
+    pairs = np.tile(_DEFAULT_ROW, (len(codes), 1))
+    pairs[:, _ITEM_SCORE_INDEX] = table.item_scores[codes]
+    for kind, (keys, values) in zip(_KEYED, keyed, strict=True):
+        if len(keys):
+            item_keys = (table.category if kind == "category" else table.brand)[codes]
+            at = np.minimum(np.searchsorted(keys, item_keys), len(keys) - 1)
+            found = keys[at] == item_keys
+            pairs[np.flatnonzero(found)[:, None], _KEYED_INDEX[kind]] = values[at[found]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pairs[:, _PRICE_INDEX] = table.price[codes] / mean_price
+    return pairs
+
+
+def _sources(pairs: np.ndarray) -> np.ndarray:
+    """How many generators proposed each candidate (a positive score)."""
+    return (pairs[:, _SCORE_INDEX] > 0).sum(axis=1)
+
+
+def _keyed_table(
+    table: ItemTable, codes: np.ndarray, pairs: np.ndarray, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user's values per category (or brand): the first candidate's of each, sorted by key."""
+    index = _KEYED_INDEX[kind]
+    item_keys = (table.category if kind == "category" else table.brand)[codes]
+    values = pairs[:, index]
+    known = (item_keys >= 0) & ~np.isnan(values).all(axis=1)
+    keys, first = np.unique(item_keys[known], return_index=True)
+    return keys.astype(np.int32), np.ascontiguousarray(values[known][first], np.float32)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise: equal, or both NaN."""
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def _index_dtype(n: int) -> type:
+    if n <= 256:
+        return np.uint8
+    return np.uint16 if n <= 65_536 else np.uint32
+
+
+def _codes_of(values: pl.Series) -> np.ndarray:
+    """Codes of a column's distinct values (-1 for null)."""
+    codes = values.cast(pl.Categorical).to_physical().cast(pl.Int64)
+    return codes.fill_null(-1).to_numpy().astype(np.int32)
+
+
+def _floats(frame: pl.DataFrame, columns: list[str]) -> np.ndarray:
+    return frame.select(pl.col(columns).cast(pl.Float32)).to_numpy().astype(np.float32, copy=False)
+
+
+class _Reader:
+    """Consecutive arrays out of one value."""
+
+    def __init__(self, raw: bytes, offset: int) -> None:
+        self.raw, self.offset = raw, offset
+
+    def take(self, dtype: type, count: int) -> np.ndarray:
+        array = np.frombuffer(self.raw, dtype, count, self.offset)
+        self.offset += array.nbytes
+        return array

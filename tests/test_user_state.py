@@ -1,0 +1,169 @@
+"""Each user's compact serving state decodes to exactly the snapshot's rows (the pipeline's real
+snapshot, and rows built so that every prediction of the codec is wrong), and is much smaller."""
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from models.features import FEATURE_COLUMNS
+from models.snapshot import CandidateSnapshot, encode_snapshot, read_user_states, states_fit
+from models.user_state import (
+    ITEM_COLUMNS,
+    ITEM_LEVEL_SCORES,
+    PAIR_COLUMNS,
+    ItemTable,
+    candidate_count,
+    decode_user,
+    encode_user,
+)
+from shelfwise.lake import SERVING, SERVING_CANDIDATES, SERVING_PURCHASES, SERVING_USER_STATES, Lake
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(((a == b) | (np.isnan(a) & np.isnan(b))).all())
+
+
+def test_every_state_the_pipeline_wrote_decodes_to_its_snapshot_rows(pipeline_run):
+    lake = pipeline_run.lake
+    assert states_fit(lake)
+    snapshot = read_user_states(lake)
+    rows = lake.read_frame(SERVING_CANDIDATES).sort("user_id", "candidate_rank")
+    bought = dict(lake.read_frame(SERVING_PURCHASES).group_by("user_id").agg("item_id").iter_rows())
+    users = rows.partition_by("user_id", maintain_order=True, as_dict=True)
+    assert snapshot.known_users == len(users) > 100
+    for (user_id,), expected in users.items():
+        found = snapshot.candidates_of(user_id)
+        assert found is not None, user_id
+        assert found.item_ids.tolist() == expected["item_id"].to_list()
+        np.testing.assert_array_equal(found.ranks, expected["candidate_rank"].to_numpy())
+        matrix = expected.select(FEATURE_COLUMNS).to_numpy().astype(np.float32)
+        assert same(found.matrix, matrix), user_id
+        assert found.bought == set(bought.get(user_id, ())), user_id
+    # Buyers without candidates keep their purchases (the already-bought rule reads them).
+    for user_id in set(bought) - {user for (user,) in users}:
+        found = snapshot.candidates_of(user_id)
+        assert found is not None and not len(found.item_ids)
+        assert found.bought == set(bought[user_id])
+    # Compact: the values hold a small part of the rows' float32 feature vectors.
+    dense = rows.height * len(PAIR_COLUMNS) * 4
+    held = sum(len(v) for v in snapshot.states.values())
+    assert held < dense / 4, (held, dense)
+
+
+def random_user(rng: np.random.Generator, table: ItemTable, n: int) -> tuple:
+    codes = rng.choice(len(table), n, replace=False)
+    rows = rng.standard_normal((n, len(FEATURE_COLUMNS))).astype(np.float32)
+    rows[rng.random(rows.shape) < 0.1] = np.nan
+    column = {name: i for i, name in enumerate(FEATURE_COLUMNS)}
+    rows[:, [column[c] for c in ITEM_COLUMNS]] = table.features[codes]
+    user = rng.standard_normal(len(FEATURE_COLUMNS)).astype(np.float32)
+    pair = {column[c] for c in PAIR_COLUMNS} | {column[c] for c in ITEM_COLUMNS}
+    for j in set(range(len(FEATURE_COLUMNS))) - pair:
+        rows[:, j] = user[j]
+    return codes, rows
+
+
+def random_table(rng: np.random.Generator, items: int) -> ItemTable:
+    frame = pl.DataFrame({"item_id": [f"i{n}" for n in range(items)]}).with_columns(
+        [pl.lit(rng.standard_normal(items).astype(np.float32)).alias(c) for c in ITEM_COLUMNS]
+        + [pl.lit(rng.random(items).astype(np.float32)).alias(c) for c in ITEM_LEVEL_SCORES]
+    )
+    facts = pl.DataFrame(
+        {
+            "item_id": [f"i{n}" for n in range(items)],
+            "price": rng.random(items) * 10,
+            "category_id": [f"c{n % 7}" for n in range(items)],
+            "brand": [f"b{n % 11}" if n % 5 else None for n in range(items)],
+        }
+    )
+    return ItemTable.build(frame, facts)
+
+
+@pytest.mark.parametrize(("items", "candidates"), [(40, 12), (70_000, 300)])
+def test_any_rows_round_trip_exactly_when_every_prediction_is_wrong(items, candidates):
+    """Random pair features: no score is 0, no category value repeats, no price ratio fits; the
+    codec stores them all, and decodes them bit for bit (including item codes past uint16 and
+    positions past uint8)."""
+    rng = np.random.default_rng(items)
+    table = random_table(rng, items)
+    codes, rows = random_user(rng, table, candidates)
+    ranks = rng.permutation(candidates).astype(np.int32) + 1
+    bought = rng.choice(len(table), 5, replace=False)
+    raw = encode_user(table, codes, ranks, rows, bought, mean_price=3.7)
+    found = decode_user(raw, table)
+    assert candidate_count(raw) == candidates
+    assert same(found.matrix, rows)
+    np.testing.assert_array_equal(found.item_ids, table.ids[codes])
+    np.testing.assert_array_equal(found.ranks, ranks)
+    assert found.bought == set(table.ids[bought].tolist())
+
+
+def test_predictable_pair_features_cost_no_bytes():
+    rng = np.random.default_rng(1)
+    table = random_table(rng, 50)
+    codes, rows = random_user(rng, table, 20)
+    column = {name: i for i, name in enumerate(FEATURE_COLUMNS)}
+    scores = [c for c in PAIR_COLUMNS if c.endswith("_score") or c.endswith("_hits")]
+    rows[:, [column[c] for c in scores]] = 0.0
+    for n, name in enumerate(ITEM_LEVEL_SCORES):
+        rows[:, column[name]] = table.item_scores[codes, n]
+    generators = [column[c] for c in scores if c.endswith("_score")]
+    rows[:, column["sources"]] = (rows[:, generators] > 0).sum(axis=1)
+    user_item = [c for c in PAIR_COLUMNS if c.startswith("user_item_")]
+    rows[:, [column[c] for c in user_item]] = np.nan
+    for kind in ("category", "brand"):
+        names = [c for c in PAIR_COLUMNS if c.startswith(f"user_{kind}_")]
+        keys = getattr(table, kind)[codes]
+        values = rng.standard_normal((keys.max() + 2, len(names))).astype(np.float32)
+        rows[:, [column[c] for c in names]] = np.where(keys[:, None] >= 0, values[keys], np.nan)
+    rows[:, column["price_to_user_mean"]] = (table.price[codes] / 2.5).astype(np.float32)
+    ranks = np.arange(1, 21, dtype=np.int32)
+    predictable = encode_user(table, codes, ranks, rows, np.zeros(0, int), mean_price=2.5)
+    assert same(decode_user(predictable, table).matrix, rows)
+    rows[3, column["covisit_score"]] = 0.5  # one exception: one position and two values
+    with_one = encode_user(table, codes, ranks, rows, np.zeros(0, int), mean_price=2.5)
+    assert same(decode_user(with_one, table).matrix, rows)
+    assert len(with_one) == len(predictable) + 1 + 2 * 4 + 1 + 4  # and sources changes too
+
+
+def test_rows_that_are_not_one_users_snapshot_are_refused():
+    rng = np.random.default_rng(2)
+    table = random_table(rng, 30)
+    codes, rows = random_user(rng, table, 6)
+    column = {name: i for i, name in enumerate(FEATURE_COLUMNS)}
+    broken = rows.copy()
+    broken[0, column[ITEM_COLUMNS[0]]] += 1.0
+    with pytest.raises(ValueError, match="item features"):
+        encode_user(table, codes, np.arange(1, 7), broken, np.zeros(0, int))
+    broken = rows.copy()
+    broken[1, column["user_events"]] += 1.0
+    with pytest.raises(ValueError, match="user's features"):
+        encode_user(table, codes, np.arange(1, 7), broken, np.zeros(0, int))
+
+
+def test_a_lake_without_states_is_encoded_from_the_rows_the_same(pipeline_run, tmp_path, caplog):
+    """A snapshot written by another pipeline (no states, or states of another layout) is served
+    all the same: the worker encodes the rows itself (bigger: without the mean prices)."""
+    source = pipeline_run.lake
+    shutil.copytree(source.path(SERVING), tmp_path / SERVING)
+    lake = Lake(str(tmp_path))
+    lake.remove([SERVING_USER_STATES])
+    assert not states_fit(lake)
+    with caplog.at_level("WARNING", logger="models.snapshot"):
+        encoded = read_user_states(lake)
+    assert "encoding the rows" in caplog.text
+    stored = read_user_states(source)
+    assert encoded.states.keys() == stored.states.keys()
+    for user_id in list(stored.states)[:200]:
+        a, b = encoded.candidates_of(user_id), stored.candidates_of(user_id)
+        assert same(a.matrix, b.matrix) and a.bought == b.bought
+    # In memory, from rows alone (a recommender built from a frame), the same numbers again.
+    frame = source.read_frame(SERVING_CANDIDATES)
+    from_rows = CandidateSnapshot.from_frame(frame)
+    user_id = frame["user_id"][0]
+    assert same(from_rows.candidates_of(user_id).matrix, stored.candidates_of(user_id).matrix)
+    table, values = encode_snapshot(source, batch_rows=997)  # users cut between batches
+    assert {user for user, _, _ in values} == set(stored.states)
+    assert len(table) == len(stored.table)
