@@ -328,6 +328,7 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
         for part, raw in zip(keys.SHARED_PARTS, parts, strict=True)
     }
     table = ItemTable.from_frame(frames[keys.SHARED_ITEMS])
+    table = table.with_neighbours(frames[keys.SHARED_NEIGHBOURS])
     store = RedisCandidateStore(client, version, table, int(meta["known_users"]))
     return OnlineVersion(
         version,

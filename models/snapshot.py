@@ -34,6 +34,7 @@ from models.user_state import (
 from shelfwise.lake import (
     SERVING_CANDIDATES,
     SERVING_ITEMS,
+    SERVING_NEIGHBOURS,
     SERVING_PURCHASES,
     SERVING_STATE_ITEMS,
     SERVING_USER_STATES,
@@ -102,17 +103,21 @@ class CandidateSnapshot:
 
     @classmethod
     def from_frame(
-        cls, frame: pl.DataFrame, facts: pl.DataFrame | None = None
+        cls,
+        frame: pl.DataFrame,
+        facts: pl.DataFrame | None = None,
+        neighbours: pl.DataFrame | None = None,
     ) -> "CandidateSnapshot":
         """Encodes snapshot rows held in memory (tests, small shops).
 
         Args:
             frame: user_id, item_id, candidate_rank and any of `FEATURE_COLUMNS` (missing ones
                 are null), in any order.
-            facts: The business rules' item facts (prices, categories, brands), if at hand: they
-                make the states smaller, not different.
+            facts: The business rules' item facts (prices, categories, brands), and
+            neighbours: the item neighbours, if at hand: they make the states smaller, not
+                different.
         """
-        table = ItemTable.build(_snapshot_items(frame), facts)
+        table = ItemTable.build(_snapshot_items(frame), facts).with_neighbours(neighbours)
         states = dict(encode_users(table, frame))
         return cls(table, states, len(states))
 
@@ -183,7 +188,7 @@ def encode_snapshot(
         bought = dict(grouped.iter_rows())
     table = ItemTable.build(
         snapshot_items, facts, {item for items in bought.values() for item in items}
-    )
+    ).with_neighbours(_neighbours(lake))
     prices: dict[str, float] = {}
     if mean_prices is not None:
         prices = dict(
@@ -254,6 +259,7 @@ def read_user_states(lake: Lake) -> CandidateSnapshot:
             known += has_candidates
         return CandidateSnapshot(table, states, known)
     table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
+    table = table.with_neighbours(_neighbours(lake))
     states, known = {}, 0
     for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
         users = batch.column(USER_KEY).to_pylist()
@@ -294,6 +300,11 @@ def load_snapshot(lake: Lake, features: list[str]) -> CandidateSnapshot:
     if missing:
         raise SnapshotFeaturesError(f"serving snapshot lacks the ranker's features: {missing}")
     return read_user_states(lake)
+
+
+def _neighbours(lake: Lake) -> pl.DataFrame | None:
+    """The snapshot's item neighbours (the codec recomputes neighbour scores from them)."""
+    return lake.read_frame(SERVING_NEIGHBOURS) if lake.exists(SERVING_NEIGHBOURS) else None
 
 
 def _snapshot_items(frame: pl.DataFrame) -> pl.DataFrame:

@@ -31,6 +31,7 @@ are not 1..n, the user's features (float32), m purchase codes, the category and 
 candidate positions (uint8/uint16/uint32 by n) and their values (float32).
 """
 
+import dataclasses
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from models.features import (
     USER_FEATURES,
     USER_ITEM_FEATURES,
 )
+from models.session import BOUGHT_TOGETHER, COVISIT
 
 FORMAT = "shelfwise-user-v2"
 _MAGIC = b"SWU2"
@@ -60,6 +62,22 @@ PAIR_COLUMNS = [c for c in FEATURE_COLUMNS if c not in {*ITEM_COLUMNS, *USER_COL
 ITEM_LEVEL_SCORES = ["popular_score", "trending_score"]
 PRICE_RATIO = "price_to_user_mean"
 SOURCES = "sources"
+
+
+_USER_ITEM_ACTIVITY = ("views", "carts", "purchases", "days_since_last", "interest")
+_USER_ITEM_PURCHASE_COLUMNS = tuple(
+    v for k, v in USER_ITEM_FEATURES.items() if k not in _USER_ITEM_ACTIVITY
+)
+# The purchase features of an item the user touched but never bought, as dbt's
+# `user_item_features` gives them: decayed counts and occasions 0 (coalesced), the rest null.
+_NEVER_BOUGHT = np.array(
+    [
+        0.0 if k.startswith("purchases_decayed_") or k == "purchase_occasions" else np.nan
+        for k, v in USER_ITEM_FEATURES.items()
+        if k not in _USER_ITEM_ACTIVITY
+    ],
+    np.float32,
+)
 
 
 @dataclass(frozen=True)
@@ -80,20 +98,30 @@ class Block:
 BLOCKS: tuple[Block, ...] = (
     Block(("history_score",), "zero"),
     Block(("buy_again_score",), "zero"),
-    Block(("covisit_score", "covisit_hits"), "zero"),
-    Block(("bought_together_score", "bought_together_hits"), "zero"),
     Block(("collaborative_score",), "zero"),
     Block(("category_popular_score",), "zero"),
     Block(("content_score",), "zero"),
     Block(("popular_score",), "item"),
     Block(("trending_score",), "item"),
-    # After the scores: its prediction reads them.
-    Block((SOURCES,), "sources"),
-    Block(tuple(USER_ITEM_FEATURES.values()), "null"),
+    # The user-item features: what the user did with the item (null if nothing), then what only
+    # a purchase gives (stored for the items the user bought, a small part of their items).
+    Block(tuple(USER_ITEM_FEATURES[name] for name in _USER_ITEM_ACTIVITY), "null"),
+    Block(_USER_ITEM_PURCHASE_COLUMNS, "never_bought"),
     Block(tuple(USER_CATEGORY_FEATURES.values()), "category"),
     Block(tuple(USER_BRAND_FEATURES.values()), "brand"),
     Block((PRICE_RATIO,), "price"),
+    # Predicted from the blocks above, once they are decoded: the user's recent items (the
+    # history generator's candidates, by rank) seed the neighbour generators, as in
+    # `models.candidates.neighbours`; the carted ones (user-item carts or purchases) seed
+    # bought-together.
+    Block(("covisit_score", "covisit_hits"), COVISIT),
+    Block(("bought_together_score", "bought_together_hits"), BOUGHT_TOGETHER),
+    # Last: it counts every generator's score.
+    Block((SOURCES,), "sources"),
 )
+NEIGHBOUR_KINDS = (COVISIT, BOUGHT_TOGETHER)
+# Predictions that read decoded pair columns: made in block order, after those columns.
+_DEPENDENT = {"sources", "never_bought", *NEIGHBOUR_KINDS}
 _KEYED = {"category": 0, "brand": 1}
 
 if sorted(c for block in BLOCKS for c in block.columns) != sorted(PAIR_COLUMNS):
@@ -123,10 +151,17 @@ _KEYED_INDEX = {
 _KEYED_WIDTHS = [len(_KEYED_INDEX[kind]) for kind in _KEYED]
 _ITEM_SCORE_INDEX = np.array([_PAIR[c] for c in ITEM_LEVEL_SCORES])
 _PRICE_INDEX = _PAIR[PRICE_RATIO]
+_HISTORY = _PAIR["history_score"]
+_USER_ITEM_VIEWS = _PAIR[USER_ITEM_FEATURES["views"]]
+_CARTED_INDEX = np.array(
+    [_PAIR[USER_ITEM_FEATURES["carts"]], _PAIR[USER_ITEM_FEATURES["purchases"]]]
+)
 # The prediction before any lookup: 0 for scores, null for what the user never touched.
 _DEFAULT_ROW = np.array(
     [
-        np.nan if any(name in b.columns for b in BLOCKS if b.predict in {"null", *_KEYED}) else 0.0
+        np.nan
+        if any(name in b.columns for b in BLOCKS if b.predict in {"null", "never_bought", *_KEYED})
+        else 0.0
         for name in PAIR_COLUMNS
     ],
     np.float32,
@@ -171,10 +206,26 @@ class ItemTable:
     category: np.ndarray
     brand: np.ndarray
     item_scores: np.ndarray
+    neighbours: dict[str, "NeighbourTable"] = field(default_factory=dict, compare=False)
     _codes: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_codes", {item: n for n, item in enumerate(self.ids.tolist())})
+
+    def with_neighbours(self, neighbours: pl.DataFrame | None) -> "ItemTable":
+        """This table with the neighbour generators' tables (`NEIGHBOUR_KINDS`).
+
+        With them the codec recomputes those generators' scores instead of storing them.
+
+        Args:
+            neighbours: kind, item_id, neighbour_item_id, score (the serving snapshot's
+                neighbours: the marts the generators read at its cutoff); None for none.
+        """
+        tables = {}
+        for kind in NEIGHBOUR_KINDS if neighbours is not None else ():
+            rows = neighbours.filter(pl.col("kind") == kind)
+            tables[kind] = NeighbourTable.build(self, rows)
+        return dataclasses.replace(self, neighbours=tables)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -274,6 +325,46 @@ class ItemTable:
         )
 
 
+@dataclass(frozen=True)
+class NeighbourTable:
+    """One neighbour generator's table by item code (compressed rows).
+
+    Attributes:
+        starts: Per item code, where its neighbours start in `codes` (one more entry at the end).
+        codes: The neighbours' item codes.
+        scores: The neighbours' scores (float64, as the generator sums them).
+    """
+
+    starts: np.ndarray
+    codes: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def build(cls, table: ItemTable, rows: pl.DataFrame) -> "NeighbourTable":
+        """The table of neighbour rows (item_id, neighbour_item_id, score) over `table`'s codes.
+
+        Rows naming an item the table lacks are left out: such an item is never a candidate.
+        """
+        coded = (
+            rows.select(
+                pl.col("item_id").replace_strict(table._codes, default=-1, return_dtype=pl.Int64),
+                pl.col("neighbour_item_id")
+                .replace_strict(table._codes, default=-1, return_dtype=pl.Int64)
+                .alias("neighbour"),
+                pl.col("score").cast(pl.Float64),
+            )
+            .filter((pl.col("item_id") >= 0) & (pl.col("neighbour") >= 0))
+            .sort("item_id", maintain_order=True)
+        )
+        seeds = coded.get_column("item_id").to_numpy()
+        starts = np.searchsorted(seeds, np.arange(len(table) + 1)).astype(np.int64)
+        return cls(
+            starts,
+            coded.get_column("neighbour").to_numpy().astype(np.int64),
+            coded.get_column("score").to_numpy().astype(np.float64),
+        )
+
+
 def encode_user(
     table: ItemTable,
     codes: np.ndarray,
@@ -315,8 +406,8 @@ def encode_user(
     predicted = _predicted(table, codes, keyed, mean_price)
     positions, values, counts = [], [], [len(keys) for keys, _ in keyed]
     for block, index in zip(BLOCKS, _BLOCK_INDEX, strict=True):
-        if block.predict == "sources":  # from the true scores, which the decoder has by then
-            predicted[:, index[0]] = _sources(pairs)
+        if block.predict in _DEPENDENT:  # from the true columns, which the decoder has by then
+            predicted[:, index] = _dependent(block, table, codes, pairs)
         actual = pairs[:, index]
         off = np.flatnonzero(~_same(actual, predicted[:, index]).all(axis=1))
         counts.append(len(off))
@@ -326,7 +417,7 @@ def encode_user(
     return b"".join(
         [
             _HEADER.pack(_MAGIC, n, len(bought), flags, mean_price),
-            np.array(counts, np.uint32).tobytes(),
+            np.array(counts, _count_dtype(n)).tobytes(),
             codes.astype(code_dtype).tobytes(),
             ranks.tobytes() if explicit else b"",
             user.astype(np.float32).tobytes(),
@@ -356,7 +447,7 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
     if magic != _MAGIC:
         raise ValueError("not a Shelfwise user value of this layout")
     reader = _Reader(raw, _HEADER.size)
-    counts = reader.take(np.uint32, len(_KEYED) + len(BLOCKS)).tolist()
+    counts = reader.take(_count_dtype(n), len(_KEYED) + len(BLOCKS)).tolist()
     keyed_counts, block_counts = counts[: len(_KEYED)], counts[len(_KEYED) :]
     code_dtype = table.code_dtype
     codes = reader.take(code_dtype, n).astype(np.intp)
@@ -376,8 +467,8 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
     pairs = _predicted(table, codes, keyed, mean_price)
     at_position = at_value = 0
     for block, index, count, width in zip(BLOCKS, _BLOCK_INDEX, block_counts, _WIDTHS, strict=True):
-        if block.predict == "sources":
-            pairs[:, index[0]] = _sources(pairs)
+        if block.predict in _DEPENDENT:
+            pairs[:, index] = _dependent(block, table, codes, pairs)
         if count:
             rows = positions[at_position : at_position + count]
             block_values = values[at_value : at_value + count * width].reshape(count, width)
@@ -479,9 +570,42 @@ def _predicted(
     return pairs
 
 
-def _sources(pairs: np.ndarray) -> np.ndarray:
-    """How many generators proposed each candidate (a positive score)."""
-    return (pairs[:, _SCORE_INDEX] > 0).sum(axis=1)
+def _dependent(block: Block, table: ItemTable, codes: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """A prediction that reads pair columns decoded before the block (see `_DEPENDENT`)."""
+    n = len(codes)
+    if block.predict == "sources":  # how many generators proposed each candidate
+        return (pairs[:, _SCORE_INDEX] > 0).sum(axis=1).reshape(n, 1)
+    if block.predict == "never_bought":  # the user's items as if not bought, others null
+        touched = ~np.isnan(pairs[:, _USER_ITEM_VIEWS])
+        return np.where(touched[:, None], _NEVER_BOUGHT, np.float32(np.nan))
+    predicted = np.zeros((n, 2), np.float32)
+    neighbours = table.neighbours.get(block.predict)
+    if neighbours is None or n == 0:
+        return predicted
+    seeds = np.flatnonzero(pairs[:, _HISTORY] > 0)
+    if block.predict == BOUGHT_TOGETHER:
+        seeds = seeds[(pairs[np.ix_(seeds, _CARTED_INDEX)] > 0).any(axis=1)]
+    if not len(seeds):
+        return predicted
+    # The seed's recency rank: its history score is 1 / rank.
+    ranks = np.rint(1.0 / pairs[seeds, _HISTORY].astype(np.float64))
+    seeds = seeds[np.argsort(ranks, kind="stable")]
+    ranks = np.sort(ranks, kind="stable")
+    starts, ends = neighbours.starts[codes[seeds]], neighbours.starts[codes[seeds] + 1]
+    lengths = ends - starts
+    if not lengths.sum():
+        return predicted
+    at = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    weights = neighbours.scores[at] / np.repeat(ranks, lengths)
+    order = np.argsort(codes, kind="stable")
+    found = np.minimum(np.searchsorted(codes[order], neighbours.codes[at]), n - 1)
+    hit = codes[order][found] == neighbours.codes[at]
+    positions = order[found[hit]]
+    sums = np.zeros(n, np.float64)
+    np.add.at(sums, positions, weights[hit])
+    predicted[:, 0] = sums
+    predicted[:, 1] = np.bincount(positions, minlength=n)
+    return predicted
 
 
 def _keyed_table(
@@ -499,6 +623,11 @@ def _keyed_table(
 def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Element-wise: equal, or both NaN."""
     return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def _count_dtype(n: int) -> type:
+    """The dtype of a value's counts (none exceeds the candidates)."""
+    return np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32
 
 
 def _index_dtype(n: int) -> type:

@@ -10,7 +10,7 @@ import pytest
 
 from models.artifacts import read_serving_candidates
 from models.candidates import GENERATORS
-from models.features import FEATURE_COLUMNS
+from models.features import FEATURE_COLUMNS, USER_FEATURES
 from models.recommender import (
     FALLBACK_CANDIDATE_ORDER,
     FALLBACK_NONE,
@@ -31,7 +31,7 @@ def snapshot() -> tuple[pl.DataFrame, pl.DataFrame]:
             "candidate_rank": list(range(1, rows + 1)),
             **{name: np.linspace(0, 1, rows).astype(np.float32) for name in FEATURE_COLUMNS},
         }
-    )
+    ).with_columns(pl.lit(0.5, pl.Float32).alias(name) for name in USER_FEATURES.values())
     popular = pl.DataFrame({"item_id": ["p1", "p2", "i0"], "popularity": [9.0, 8.0, 7.0]})
     return candidates, popular
 

@@ -100,8 +100,10 @@ def snapshot(events: dict[str, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
                 **{
                     name: np.linspace(0, 1, 4).astype(np.float32)
                     for name in FEATURE_COLUMNS
-                    if name != USER_FEATURES["events"]
+                    if name not in USER_FEATURES.values()
                 },
+                # The user's own features are the same in each of the user's rows.
+                **{name: np.full(4, 0.5, np.float32) for name in USER_FEATURES.values()},
                 USER_FEATURES["events"]: np.full(4, count, dtype=np.float32),
             }
         ).select("user_id", "item_id", "candidate_rank", *FEATURE_COLUMNS)
