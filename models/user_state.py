@@ -127,11 +127,11 @@ _KEYED = {"category": 0, "brand": 1}
 if sorted(c for block in BLOCKS for c in block.columns) != sorted(PAIR_COLUMNS):
     raise RuntimeError("BLOCKS must cover every pair column once")
 
-_PAIR = {name: n for n, name in enumerate(PAIR_COLUMNS)}
+# Every index below is a position in `FEATURE_COLUMNS`: the codec works on whole rows.
+_PAIR = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
 _BLOCK_INDEX = [np.array([_PAIR[c] for c in block.columns]) for block in BLOCKS]
 _SCORE_INDEX = np.array([_PAIR[c] for c in SCORE_COLUMNS])
 _COLUMN = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
-_PAIR_FEATURES = np.array([_COLUMN[c] for c in PAIR_COLUMNS])
 _ITEM_FEATURES = np.array([_COLUMN[c] for c in ITEM_COLUMNS])
 _USER_FEATURES = np.array([_COLUMN[c] for c in USER_COLUMNS])
 _USER_EVENTS = USER_COLUMNS.index(USER_FEATURES["events"])
@@ -156,13 +156,17 @@ _USER_ITEM_VIEWS = _PAIR[USER_ITEM_FEATURES["views"]]
 _CARTED_INDEX = np.array(
     [_PAIR[USER_ITEM_FEATURES["carts"]], _PAIR[USER_ITEM_FEATURES["purchases"]]]
 )
-# The prediction before any lookup: 0 for scores, null for what the user never touched.
+# The prediction before any lookup: 0 for scores, null for what the user never touched (the
+# item's and the user's parts are filled in from the table and the value).
 _DEFAULT_ROW = np.array(
     [
-        np.nan
-        if any(name in b.columns for b in BLOCKS if b.predict in {"null", "never_bought", *_KEYED})
-        else 0.0
-        for name in PAIR_COLUMNS
+        0.0
+        if name in PAIR_COLUMNS
+        and not any(
+            name in b.columns for b in BLOCKS if b.predict in {"null", "never_bought", *_KEYED}
+        )
+        else np.nan
+        for name in FEATURE_COLUMNS
     ],
     np.float32,
 )
@@ -206,11 +210,23 @@ class ItemTable:
     category: np.ndarray
     brand: np.ndarray
     item_scores: np.ndarray
-    neighbours: dict[str, "NeighbourTable"] = field(default_factory=dict, compare=False)
+    neighbours: "NeighbourTable | None" = field(default=None, compare=False)
     _codes: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    _rows: np.ndarray = field(init=False, repr=False, compare=False)
+    _key_counts: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_codes", {item: n for n, item in enumerate(self.ids.tolist())})
+        # Each item's candidate row as predicted before anything of the user is known.
+        rows = np.tile(_DEFAULT_ROW, (len(self.ids), 1))
+        rows[:, _ITEM_FEATURES] = self.features
+        rows[:, _ITEM_SCORE_INDEX] = self.item_scores
+        object.__setattr__(self, "_rows", rows)
+        counts = {"category": self.category, "brand": self.brand}
+        object.__setattr__(
+            self, "_key_counts", {k: int(v.max(initial=-1)) + 1 for k, v in counts.items()}
+        )
 
     def with_neighbours(self, neighbours: pl.DataFrame | None) -> "ItemTable":
         """This table with the neighbour generators' tables (`NEIGHBOUR_KINDS`).
@@ -221,11 +237,8 @@ class ItemTable:
             neighbours: kind, item_id, neighbour_item_id, score (the serving snapshot's
                 neighbours: the marts the generators read at its cutoff); None for none.
         """
-        tables = {}
-        for kind in NEIGHBOUR_KINDS if neighbours is not None else ():
-            rows = neighbours.filter(pl.col("kind") == kind)
-            tables[kind] = NeighbourTable.build(self, rows)
-        return dataclasses.replace(self, neighbours=tables)
+        built = None if neighbours is None else NeighbourTable.build(self, neighbours)
+        return dataclasses.replace(self, neighbours=built)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -327,12 +340,14 @@ class ItemTable:
 
 @dataclass(frozen=True)
 class NeighbourTable:
-    """One neighbour generator's table by item code (compressed rows).
+    """The neighbour generators' tables by item code, as compressed rows.
+
+    The neighbours of item code c for the k-th of `NEIGHBOUR_KINDS` are row k × items + c.
 
     Attributes:
-        starts: Per item code, where its neighbours start in `codes` (one more entry at the end).
+        starts: Per row, where its neighbours start in `codes` (one more entry at the end).
         codes: The neighbours' item codes.
-        scores: The neighbours' scores (float64, as the generator sums them).
+        scores: The neighbours' scores (float64, as the generators sum them).
     """
 
     starts: np.ndarray
@@ -341,25 +356,33 @@ class NeighbourTable:
 
     @classmethod
     def build(cls, table: ItemTable, rows: pl.DataFrame) -> "NeighbourTable":
-        """The table of neighbour rows (item_id, neighbour_item_id, score) over `table`'s codes.
+        """The table of neighbour rows (kind, item_id, neighbour_item_id, score).
 
         Rows naming an item the table lacks are left out: such an item is never a candidate.
         """
+        items = len(table)
+        kinds = {kind: k for k, kind in enumerate(NEIGHBOUR_KINDS)}
+        code = pl.col("item_id").replace_strict(table._codes, default=-1, return_dtype=pl.Int64)
         coded = (
-            rows.select(
-                pl.col("item_id").replace_strict(table._codes, default=-1, return_dtype=pl.Int64),
+            rows.filter(pl.col("kind").is_in(NEIGHBOUR_KINDS))
+            .select(
+                code.alias("code"),
+                (pl.col("kind").replace_strict(kinds, return_dtype=pl.Int64) * items + code).alias(
+                    "row"
+                ),
                 pl.col("neighbour_item_id")
                 .replace_strict(table._codes, default=-1, return_dtype=pl.Int64)
                 .alias("neighbour"),
                 pl.col("score").cast(pl.Float64),
             )
-            .filter((pl.col("item_id") >= 0) & (pl.col("neighbour") >= 0))
-            .sort("item_id", maintain_order=True)
+            .filter((pl.col("code") >= 0) & (pl.col("neighbour") >= 0))
+            .sort("row", maintain_order=True)
         )
-        seeds = coded.get_column("item_id").to_numpy()
-        starts = np.searchsorted(seeds, np.arange(len(table) + 1)).astype(np.int64)
+        starts = np.searchsorted(
+            coded.get_column("row").to_numpy(), np.arange(len(NEIGHBOUR_KINDS) * items + 1)
+        )
         return cls(
-            starts,
+            starts.astype(np.int64),
             coded.get_column("neighbour").to_numpy().astype(np.int64),
             coded.get_column("score").to_numpy().astype(np.float64),
         )
@@ -398,17 +421,17 @@ def encode_user(
     user = rows[0, _USER_FEATURES] if n else np.full(len(USER_COLUMNS), np.nan, np.float32)
     if n and not _same(rows[:, _USER_FEATURES], user[None, :]).all():
         raise ValueError("the user's features differ between the user's rows")
-    pairs = np.ascontiguousarray(rows[:, _PAIR_FEATURES])
     ranks = np.asarray(ranks, np.int32)
     explicit = not np.array_equal(ranks, np.arange(1, n + 1, dtype=np.int32))
     code_dtype, index_dtype = table.code_dtype, _index_dtype(n)
-    keyed = [_keyed_table(table, codes, pairs, kind) for kind in _KEYED]
+    keyed = [_keyed_table(table, codes, rows, kind) for kind in _KEYED]
     predicted = _predicted(table, codes, keyed, mean_price)
     positions, values, counts = [], [], [len(keys) for keys, _ in keyed]
+    made: dict[str, np.ndarray] = {}
     for block, index in zip(BLOCKS, _BLOCK_INDEX, strict=True):
         if block.predict in _DEPENDENT:  # from the true columns, which the decoder has by then
-            predicted[:, index] = _dependent(block, table, codes, pairs)
-        actual = pairs[:, index]
+            predicted[:, index] = _dependent(block, table, codes, rows, made)
+        actual = rows[:, index]
         off = np.flatnonzero(~_same(actual, predicted[:, index]).all(axis=1))
         counts.append(len(off))
         positions.append(off.astype(index_dtype))
@@ -464,24 +487,22 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
     ]
     positions = reader.take(_index_dtype(n), sum(block_counts)).astype(np.intp)
     values = reader.take(np.float32, sum(c * w for c, w in zip(block_counts, _WIDTHS, strict=True)))
-    pairs = _predicted(table, codes, keyed, mean_price)
+    matrix = _predicted(table, codes, keyed, mean_price)
+    matrix[:, _USER_FEATURES] = user
+    made: dict[str, np.ndarray] = {}
     at_position = at_value = 0
     for block, index, count, width in zip(BLOCKS, _BLOCK_INDEX, block_counts, _WIDTHS, strict=True):
         if block.predict in _DEPENDENT:
-            pairs[:, index] = _dependent(block, table, codes, pairs)
+            matrix[:, index] = _dependent(block, table, codes, matrix, made)
         if count:
             rows = positions[at_position : at_position + count]
             block_values = values[at_value : at_value + count * width].reshape(count, width)
             if width == 1:
-                pairs[rows, index[0]] = block_values[:, 0]
+                matrix[rows, index[0]] = block_values[:, 0]
             else:
-                pairs[rows[:, None], index] = block_values
+                matrix[rows[:, None], index] = block_values
             at_position += count
             at_value += count * width
-    matrix = np.empty((n, len(FEATURE_COLUMNS)), np.float32)
-    matrix[:, _PAIR_FEATURES] = pairs
-    matrix[:, _ITEM_FEATURES] = table.features[codes]
-    matrix[:, _USER_FEATURES] = user
     return UserCandidates(
         matrix,
         table.ids[codes],
@@ -557,64 +578,88 @@ def _predicted(
     mean_price: float,
 ) -> np.ndarray:
     """Every pair column as the decoder predicts it, but `sources` (read from the scores)."""
-    pairs = np.tile(_DEFAULT_ROW, (len(codes), 1))
-    pairs[:, _ITEM_SCORE_INDEX] = table.item_scores[codes]
+    rows = table._rows[codes]
     for kind, (keys, values) in zip(_KEYED, keyed, strict=True):
         if len(keys):
             item_keys = (table.category if kind == "category" else table.brand)[codes]
-            at = np.minimum(np.searchsorted(keys, item_keys), len(keys) - 1)
-            found = keys[at] == item_keys
-            pairs[np.flatnonzero(found)[:, None], _KEYED_INDEX[kind]] = values[at[found]]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pairs[:, _PRICE_INDEX] = table.price[codes] / mean_price
-    return pairs
+            # Per key, its row in `values`; the last row is null: for keys the user lacks, and
+            # for items without one (key -1 reads the last slot).
+            slot = np.full(table._key_counts[kind] + 1, len(keys))
+            slot[keys] = np.arange(len(keys))
+            values = np.vstack([values, np.full((1, values.shape[1]), np.nan, np.float32)])
+            rows[:, _KEYED_INDEX[kind]] = values[slot[item_keys]]
+    if np.isfinite(mean_price) and mean_price != 0:  # `errstate` costs more than the division
+        rows[:, _PRICE_INDEX] = table.price[codes] / mean_price
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rows[:, _PRICE_INDEX] = table.price[codes] / mean_price
+    return rows
 
 
-def _dependent(block: Block, table: ItemTable, codes: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """A prediction that reads pair columns decoded before the block (see `_DEPENDENT`)."""
+def _dependent(
+    block: Block, table: ItemTable, codes: np.ndarray, rows: np.ndarray, made: dict
+) -> np.ndarray:
+    """A prediction that reads pair columns decoded before the block (see `_DEPENDENT`).
+
+    `made` keeps what one call computes for a later block (both neighbour generators at once).
+    """
     n = len(codes)
     if block.predict == "sources":  # how many generators proposed each candidate
-        return (pairs[:, _SCORE_INDEX] > 0).sum(axis=1).reshape(n, 1)
+        return (rows[:, _SCORE_INDEX] > 0).sum(axis=1).reshape(n, 1)
     if block.predict == "never_bought":  # the user's items as if not bought, others null
-        touched = ~np.isnan(pairs[:, _USER_ITEM_VIEWS])
+        touched = ~np.isnan(rows[:, _USER_ITEM_VIEWS])
         return np.where(touched[:, None], _NEVER_BOUGHT, np.float32(np.nan))
-    predicted = np.zeros((n, 2), np.float32)
-    neighbours = table.neighbours.get(block.predict)
-    if neighbours is None or n == 0:
-        return predicted
-    seeds = np.flatnonzero(pairs[:, _HISTORY] > 0)
-    if block.predict == BOUGHT_TOGETHER:
-        seeds = seeds[(pairs[np.ix_(seeds, _CARTED_INDEX)] > 0).any(axis=1)]
-    if not len(seeds):
-        return predicted
-    # The seed's recency rank: its history score is 1 / rank.
-    ranks = np.rint(1.0 / pairs[seeds, _HISTORY].astype(np.float64))
-    seeds = seeds[np.argsort(ranks, kind="stable")]
-    ranks = np.sort(ranks, kind="stable")
-    starts, ends = neighbours.starts[codes[seeds]], neighbours.starts[codes[seeds] + 1]
-    lengths = ends - starts
-    if not lengths.sum():
-        return predicted
-    at = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
-    weights = neighbours.scores[at] / np.repeat(ranks, lengths)
-    order = np.argsort(codes, kind="stable")
-    found = np.minimum(np.searchsorted(codes[order], neighbours.codes[at]), n - 1)
-    hit = codes[order][found] == neighbours.codes[at]
-    positions = order[found[hit]]
-    sums = np.zeros(n, np.float64)
-    np.add.at(sums, positions, weights[hit])
-    predicted[:, 0] = sums
-    predicted[:, 1] = np.bincount(positions, minlength=n)
-    return predicted
+    if not made:
+        made.update(_neighbour_scores(table, codes, rows))
+    return made[block.predict]
+
+
+def _neighbour_scores(
+    table: ItemTable, codes: np.ndarray, rows: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Each neighbour generator's (score, hits) per candidate, as the generators compute them.
+
+    As `models.candidates.neighbours`: over the user's recent items (seeds), the sum of score /
+    the seed's recency rank, and the number of seeds; bought-together seeds only from the carted
+    or bought ones. Both generators in one pass, each summing its seeds in rank order.
+    """
+    n, kinds = len(codes), len(NEIGHBOUR_KINDS)
+    neighbours = table.neighbours
+    seeds = np.flatnonzero(rows[:, _HISTORY] > 0)
+    if not len(seeds) or neighbours is None:
+        return {kind: np.zeros((n, 2), np.float32) for kind in NEIGHBOUR_KINDS}
+    # A seed's recency rank: its history score is 1 / rank.
+    ranks = np.rint(1.0 / rows[seeds, _HISTORY].astype(np.float64))
+    by_rank = np.argsort(ranks, kind="stable")
+    seeds, ranks = seeds[by_rank], ranks[by_rank]
+    carted = (rows[seeds][:, _CARTED_INDEX] > 0).any(axis=1)
+    kind_of = np.r_[np.zeros(len(seeds), np.int64), np.ones(int(carted.sum()), np.int64)]
+    seed_rows = kind_of * len(table) + np.r_[codes[seeds], codes[seeds[carted]]]
+    seed_ranks = np.r_[ranks, ranks[carted]]
+    starts = neighbours.starts[seed_rows]
+    lengths = neighbours.starts[seed_rows + 1] - starts
+    total = int(lengths.sum())
+    made = np.zeros((kinds, n, 2), np.float32)
+    if total:
+        at = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+        position = np.full(len(table), -1, np.int64)  # a candidate's position by item code
+        position[codes] = np.arange(n)
+        found = position[neighbours.codes[at]]
+        hit = found >= 0
+        slots = (np.repeat(kind_of, lengths) * n + found)[hit]
+        weights = (neighbours.scores[at] / np.repeat(seed_ranks, lengths))[hit]
+        made[:, :, 0] = np.bincount(slots, weights, minlength=kinds * n).reshape(kinds, n)
+        made[:, :, 1] = np.bincount(slots, minlength=kinds * n).reshape(kinds, n)
+    return dict(zip(NEIGHBOUR_KINDS, made, strict=True))
 
 
 def _keyed_table(
-    table: ItemTable, codes: np.ndarray, pairs: np.ndarray, kind: str
+    table: ItemTable, codes: np.ndarray, rows: np.ndarray, kind: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """The user's values per category (or brand): the first candidate's of each, sorted by key."""
     index = _KEYED_INDEX[kind]
     item_keys = (table.category if kind == "category" else table.brand)[codes]
-    values = pairs[:, index]
+    values = rows[:, index]
     known = (item_keys >= 0) & ~np.isnan(values).all(axis=1)
     keys, first = np.unique(item_keys[known], return_index=True)
     return keys.astype(np.int32), np.ascontiguousarray(values[known][first], np.float32)
