@@ -382,15 +382,18 @@ class RecommendationService:
         self.feedback.close()
 
     async def _run(self, work: Callable[[], Any]) -> Any:
-        """Runs a request's work on the event loop, or in the thread pool when it waits on Redis.
+        """Runs a request's work on the event loop; in the thread pool while Redis is failing.
 
-        With the online state in process a request is about 0.3 ms of CPU under the GIL, and
-        handing it to BentoML's thread pool (what a sync API does) cost more than the work: GIL
-        hand-offs between the loop and the worker thread. Measured at c=8 on the 152,064-user
-        shop: 1,280 req/s inline against 980 through the pool, p99 11.6 against 13.8 ms. With
-        Redis the request waits on the network, and the pool lets those waits overlap.
+        A request is mostly CPU under the GIL (about 0.3 ms with the online state in process,
+        plus two round trips with Redis), and handing it to BentoML's thread pool costs more than
+        the work: GIL hand-offs between the loop and the worker threads. Measured at c=8, one
+        worker: 1,280 req/s inline against 980 through the pool on the 152,064-user shop; with
+        Redis on this machine (demo shop) 581 req/s inline, p99 22.9 ms, against 334 req/s,
+        p99 47 ms through the pool. While Redis is failing (`_store_down`), a request could wait
+        on it for the client's timeout: then requests go to the pool, so that health probes and
+        other requests keep being answered.
         """
-        if self.settings.redis_url:
+        if self._store_down:
             return await anyio.to_thread.run_sync(work)
         return work()
 
@@ -422,6 +425,7 @@ class RecommendationService:
         except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
             logger.warning("online state unavailable (%r): answering without it", error)
             activity, stock = UserActivity(), {}
+            self._store_down = True  # off the event loop until the store poll reaches Redis
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
