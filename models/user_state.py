@@ -633,9 +633,10 @@ def _neighbour_scores(
     by_rank = np.argsort(ranks, kind="stable")
     seeds, ranks = seeds[by_rank], ranks[by_rank]
     carted = (rows[seeds][:, _CARTED_INDEX] > 0).any(axis=1)
-    kind_of = np.r_[np.zeros(len(seeds), np.int64), np.ones(int(carted.sum()), np.int64)]
-    seed_rows = kind_of * len(table) + np.r_[codes[seeds], codes[seeds[carted]]]
-    seed_ranks = np.r_[ranks, ranks[carted]]
+    both = np.concatenate((np.arange(len(seeds)), np.flatnonzero(carted)))
+    kind_of = (np.arange(len(both)) >= len(seeds)).astype(np.int64)
+    seed_rows = kind_of * len(table) + codes[seeds[both]]
+    seed_ranks = ranks[both]
     starts = neighbours.starts[seed_rows]
     lengths = neighbours.starts[seed_rows + 1] - starts
     total = int(lengths.sum())
