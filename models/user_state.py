@@ -361,22 +361,31 @@ class NeighbourTable:
         Rows naming an item the table lacks are left out: such an item is never a candidate.
         """
         items = len(table)
-        kinds = {kind: k for k, kind in enumerate(NEIGHBOUR_KINDS)}
-        code = pl.col("item_id").replace_strict(table._codes, default=-1, return_dtype=pl.Int64)
+        kinds = pl.DataFrame(
+            {"kind": list(NEIGHBOUR_KINDS), "kind_index": range(len(NEIGHBOUR_KINDS))},
+            schema={"kind": pl.String, "kind_index": pl.Int64},
+        )
+        codes = pl.DataFrame(
+            {"item_id": table.ids.tolist(), "code": np.arange(items)},
+            schema={"item_id": pl.String, "code": pl.Int64},
+        )
+        # Joins, not a dict lookup per row: this runs at every worker's start-up.
         coded = (
-            rows.filter(pl.col("kind").is_in(NEIGHBOUR_KINDS))
-            .select(
-                code.alias("code"),
-                (pl.col("kind").replace_strict(kinds, return_dtype=pl.Int64) * items + code).alias(
-                    "row"
-                ),
-                pl.col("neighbour_item_id")
-                .replace_strict(table._codes, default=-1, return_dtype=pl.Int64)
-                .alias("neighbour"),
-                pl.col("score").cast(pl.Float64),
+            rows.select("kind", "item_id", "neighbour_item_id", pl.col("score").cast(pl.Float64))
+            .with_row_index("order")
+            .join(kinds, on="kind")
+            .join(codes, on="item_id")
+            .join(
+                codes.rename({"item_id": "neighbour_item_id", "code": "neighbour"}),
+                on="neighbour_item_id",
             )
-            .filter((pl.col("code") >= 0) & (pl.col("neighbour") >= 0))
-            .sort("row", maintain_order=True)
+            .select(
+                (pl.col("kind_index") * items + pl.col("code")).alias("row"),
+                "neighbour",
+                "score",
+                "order",
+            )
+            .sort("row", "order")
         )
         starts = np.searchsorted(
             coded.get_column("row").to_numpy(), np.arange(len(NEIGHBOUR_KINDS) * items + 1)
