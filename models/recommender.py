@@ -111,8 +111,8 @@ def serving_snapshot(candidates: pl.DataFrame, tables: Marts) -> pl.DataFrame:
 
     Returns:
         user_id, item_id, candidate_rank and `FEATURE_COLUMNS`, assembled by the very function
-        that builds the training set; each user's rows together, best candidate first (what
-        the service's streaming load needs, see `models.snapshot`).
+        that builds the training set; each user's rows together, best candidate first (the
+        users' states are encoded from it batch by batch, see `models.snapshot`).
     """
     return (
         assemble_features(candidates, tables)
