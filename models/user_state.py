@@ -9,9 +9,12 @@ state keeps:
 - the user's features are the user's: stored once;
 - the pair features follow from keys the service already holds:
   - a generator's score is 0 unless it proposed the item; `popular_score` and `trending_score`
-    are the item's own (the same for everyone those generators serve);
+    are the item's own (the same for everyone those generators serve); the co-visitation and
+    bought-together scores are recomputed from the neighbour tables and the user's recent items,
+    as the generators sum them;
   - `sources` counts the generators with a positive score;
-  - the user-item features are null for items the user never touched;
+  - the user-item features are null for items the user never touched, and the purchase ones are
+    those of a never-bought item unless the user bought it;
   - the user-category and user-brand features are the user's per category and per brand: a
     small per-user table, looked up through the item's category and brand;
   - `price_to_user_mean` is the item's price over the user's mean price (both float64, divided
@@ -24,11 +27,12 @@ rebuilds the snapshot's rows exactly (equal, or both NaN): the codec is lossless
 a wrong prediction costs bytes, never a different score — so the service ranks the very numbers
 the training assembly produced (`models.features.assemble_features`).
 
-Value layout (little-endian): header (magic, candidates n, purchases m, flags, mean price), n item
-codes (uint16, or uint32 when the table has more than 65,535 items), the ranks (int32) when they
-are not 1..n, the user's features (float32), m purchase codes, the category and brand tables
-(count, int32 keys, float32 values), then per block of `BLOCKS` the count of exceptions, their
-candidate positions (uint8/uint16/uint32 by n) and their values (float32).
+Value layout (little-endian): header (magic, candidates n, purchases m, flags, mean price); the
+counts (uint16, uint32 past 65,535 candidates) of the category and brand tables' entries and of
+each block's exceptions; n item codes (uint16, or uint32 when the table has more than 65,535
+items); the ranks (int32) when they are not 1..n; the user's features (float32); m purchase
+codes; the tables' int32 keys, then their float32 values; the exceptions' candidate positions
+(uint8/uint16/uint32 by n), then their values (float32), block after block in `BLOCKS` order.
 """
 
 import dataclasses
