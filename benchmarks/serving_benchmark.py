@@ -445,6 +445,31 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[st
     }
 
 
+def load_alternately(
+    urls: dict[str, str], script: Path, args: argparse.Namespace, warm_up_s: float
+) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """Warms each URL up, then `args.repeats` rounds of one wrk run per concurrency and URL, the
+    URLs in turn (so machine noise hits them alike); prints each run.
+
+    Returns:
+        (URL name, concurrency) → the runs.
+    """
+    for url in urls.values():
+        run_wrk(url, script, TARGET_CONCURRENCY, warm_up_s)
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for repeat in range(args.repeats):
+        for concurrency in args.concurrency:
+            for name, url in urls.items():
+                result = run_wrk(url, script, concurrency, args.duration)
+                runs.setdefault((name, concurrency), []).append(result)
+                print(
+                    f"  run {repeat + 1} c={concurrency:<3} {name:<9} "
+                    f"{result['rps']:7.0f} req/s  p99 {result['p99_ms']:7.2f} ms",
+                    flush=True,
+                )
+    return runs
+
+
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     figures = median_figures(runs, digits=2)
     figures["errors"] = sum(run["errors"] for run in runs)
@@ -721,7 +746,6 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
     print(f"serving the candidates of {served_users:,} users from {lake}", flush=True)
     load_before = load_average()
 
-    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     service_log = scratch / "service.log"
     with serve(SERVICE, env, args.port, service_log, timeout=900, memory=True) as server:
         memory, startup, base = server.memory, server.startup_seconds, server.url
@@ -738,18 +762,7 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
                 "noop": f"http://127.0.0.1:{noop_port}/noop",
                 "recommend": f"{base}/recommend",
             }
-            for url in urls.values():  # warm up
-                run_wrk(url, script, 8, 3)
-            for repeat in range(args.repeats):
-                for concurrency in args.concurrency:
-                    for name, url in urls.items():
-                        result = run_wrk(url, script, concurrency, args.duration)
-                        runs.setdefault((name, concurrency), []).append(result)
-                        print(
-                            f"  run {repeat + 1} c={concurrency:<3} {name:<9} "
-                            f"{result['rps']:7.0f} req/s  p99 {result['p99_ms']:7.2f} ms",
-                            flush=True,
-                        )
+            runs = load_alternately(urls, script, args, warm_up_s=3.0)
         tree = {
             "processes": processes,
             "startup_seconds": round(startup, 1),
@@ -1075,7 +1088,6 @@ def serve_store(
     }
     if store == "redis":
         extra["SHELFWISE_REDIS_URL"] = redis_url
-    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     load_before = load_average()
     with state_copy(home, scratch, f"state-{name}") as copy:
         env = state_env(copy, extra=extra)
@@ -1095,18 +1107,7 @@ def serve_store(
             noop_log = scratch / f"noop-{workers}-{store}.log"
             with serve(NOOP_SERVICE, noop_env, free_port(), noop_log, timeout=900) as noop:
                 urls = {"recommend": f"{server.url}/recommend", "noop": f"{noop.url}/noop"}
-                for url in urls.values():  # warm up
-                    run_wrk(url, script, TARGET_CONCURRENCY, min(3.0, args.duration))
-                for repeat in range(args.repeats):
-                    for concurrency in args.concurrency:
-                        for endpoint, url in urls.items():
-                            result = run_wrk(url, script, concurrency, args.duration)
-                            runs.setdefault((endpoint, concurrency), []).append(result)
-                            print(
-                                f"  run {repeat + 1} c={concurrency:<3} {endpoint:<9} "
-                                f"{result['rps']:7.0f} req/s  p99 {result['p99_ms']:7.2f} ms",
-                                flush=True,
-                            )
+                runs = load_alternately(urls, script, args, warm_up_s=min(3.0, args.duration))
             workers_rss_loaded = [memory_kib(pid)[0] for pid in tree[1:]]
             load_after = load_average()
             peak_rss, peak_pss = server.memory.peak_rss_kib, server.memory.peak_pss_kib
