@@ -29,20 +29,12 @@ from typing import Any
 
 import polars as pl
 
-from models.snapshot import (
-    STATES_BATCH_USERS,
-    CandidateSnapshot,
-    encode_snapshot,
-    snapshot_columns,
-    states_fit,
-)
+from models.snapshot import CandidateSnapshot, lake_states, snapshot_columns
 from models.user_state import LAYOUT, ItemTable, UserCandidates, candidate_count, decode_user
 from shelfwise.lake import (
     SERVING_ITEMS,
     SERVING_NEIGHBOURS,
     SERVING_POPULAR,
-    SERVING_STATE_ITEMS,
-    SERVING_USER_STATES,
     Lake,
 )
 from shelfwise.runtime import store_keys as keys
@@ -198,11 +190,7 @@ def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
     Returns:
         The new version, now served.
     """
-    if states_fit(lake):
-        table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
-        states = _lake_states(lake)
-    else:
-        table, states = encode_snapshot(lake)
+    table, states = lake_states(lake)
     return write_version(
         client,
         table,
@@ -212,16 +200,6 @@ def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
         facts=lake.read_frame(SERVING_ITEMS),
         columns=snapshot_columns(lake),
     )
-
-
-def _lake_states(lake: Lake) -> Iterator[tuple[str, bytes, bool]]:
-    for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
-        yield from zip(
-            batch.column("user_id").to_pylist(),
-            batch.column("state").to_pylist(),
-            batch.column("has_candidates").to_pylist(),
-            strict=True,
-        )
 
 
 def current_version(client: Any) -> int | None:  # noqa: ANN401

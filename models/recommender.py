@@ -64,9 +64,10 @@ from models.snapshot import (
     CandidateSnapshot,
     CandidateStore,
     SnapshotFeaturesError,
-    UserCandidates,
     load_snapshot,
+    require_features,
 )
+from models.user_state import UserCandidates
 from shelfwise.lake import (
     SERVING_CANDIDATES,
     SERVING_ITEMS,
@@ -205,11 +206,7 @@ class Recommender:
         self.content = ContentIndex(self.rules.items)
         features = feature_names or FEATURE_COLUMNS
         if isinstance(candidates, pl.DataFrame):
-            missing = [name for name in features if name not in candidates.columns]
-            if missing:
-                raise SnapshotFeaturesError(
-                    f"serving snapshot lacks the ranker's features: {missing}"
-                )
+            require_features(features, candidates.columns, "serving snapshot")
             candidates = CandidateSnapshot.from_frame(candidates)
         self._store: CandidateStore = candidates
         self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
@@ -324,9 +321,7 @@ class Recommender:
             SnapshotFeaturesError: The version lacks features the ranker needs.
         """
         features = feature_names or FEATURE_COLUMNS
-        missing = [name for name in features if name not in version.columns]
-        if missing:
-            raise SnapshotFeaturesError(f"online store lacks the ranker's features: {missing}")
+        require_features(features, version.columns, "online store")
         return cls(
             version.store,
             version.popular,

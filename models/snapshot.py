@@ -13,7 +13,7 @@ Encoding reads the snapshot file batch by batch (each user's rows contiguous, as
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,15 +56,6 @@ LAYOUT_KEY = b"shelfwise.user_state.layout"
 # Values per Parquet row group of the user states.
 STATES_BATCH_USERS = 50_000
 
-__all__ = [
-    "CandidateSnapshot",
-    "CandidateStore",
-    "SnapshotFeaturesError",
-    "UserCandidates",
-    "load_snapshot",
-    "write_user_states",
-]
-
 
 class CandidateStore(Protocol):
     """Where a recommender finds a known user's candidates: in process or in Redis."""
@@ -85,6 +76,20 @@ class CandidateStore(Protocol):
 
 class SnapshotFeaturesError(ValueError):
     """A snapshot lacks features the ranker needs (it was built for another ranker)."""
+
+
+def require_features(features: Iterable[str], held: Iterable[str], source: str) -> None:
+    """Raises `SnapshotFeaturesError` naming the ranker's `features` that `source` lacks.
+
+    Args:
+        features: The features the ranker needs.
+        held: The features the snapshot (or online store version) holds.
+        source: What holds them, for the message ("serving snapshot", "online store").
+    """
+    held = set(held)
+    missing = [name for name in features if name not in held]
+    if missing:
+        raise SnapshotFeaturesError(f"{source} lacks the ranker's features: {missing}")
 
 
 @dataclass(frozen=True)
@@ -220,18 +225,17 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
         What was written (`SERVING_USER_STATES`, `SERVING_STATE_ITEMS`).
     """
     table, values = encode_snapshot(lake, mean_prices)
-    written = WrittenStates(0, 0, 0)
+    counts = {"users": 0, "known_users": 0, "bytes": 0}
 
     def batches() -> Iterator:
-        nonlocal written
         users, states, known = [], [], []
         for user_id, value, has_candidates in values:
             users.append(user_id)
             states.append(value)
             known.append(has_candidates)
-            written = WrittenStates(
-                written.users + 1, written.known_users + has_candidates, written.bytes + len(value)
-            )
+            counts["users"] += 1
+            counts["known_users"] += has_candidates
+            counts["bytes"] += len(value)
             if len(users) == STATES_BATCH_USERS:
                 yield _states_frame(users, states, known).to_arrow()
                 users, states, known = [], [], []
@@ -241,30 +245,43 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
     items = table.to_frame().to_arrow()
     layout = {LAYOUT_KEY: json.dumps(LAYOUT).encode()}
     lake.write_parquet(items.replace_schema_metadata(layout), SERVING_STATE_ITEMS)
-    return written
+    return WrittenStates(**counts)
 
 
-def read_user_states(lake: Lake) -> CandidateSnapshot:
-    """The users' values and item table `write_user_states` wrote, in process.
+def lake_states(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]]]:
+    """The item table and the users' values `write_user_states` wrote, streamed.
 
-    When the lake has no states (a snapshot written by an older pipeline, or by hand), they are
-    encoded from the snapshot file instead, without the users' mean prices (larger, the same).
+    When the lake has no states in this code's layout (a snapshot written by an older pipeline,
+    or by hand), they are encoded from the snapshot file instead, without the users' mean prices
+    (larger values, the same rows).
+
+    Returns:
+        The table, and (user_id, value, has candidates) per user.
     """
     if not states_fit(lake):
         logger.warning("serving snapshot without user states of this layout: encoding the rows")
-        table, values = encode_snapshot(lake)
-        states, known = {}, 0
-        for user_id, value, has_candidates in values:
-            states[user_id] = value
-            known += has_candidates
-        return CandidateSnapshot(table, states, known)
+        return encode_snapshot(lake)
     table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
-    table = table.with_neighbours(_neighbours(lake))
+
+    def stored() -> Iterator[tuple[str, bytes, bool]]:
+        for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
+            yield from zip(
+                batch.column(USER_KEY).to_pylist(),
+                batch.column("state").to_pylist(),
+                batch.column("has_candidates").to_pylist(),
+                strict=True,
+            )
+
+    return table.with_neighbours(_neighbours(lake)), stored()
+
+
+def read_user_states(lake: Lake) -> CandidateSnapshot:
+    """The users' values and their item table (`lake_states`), held in process."""
+    table, values = lake_states(lake)
     states, known = {}, 0
-    for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
-        users = batch.column(USER_KEY).to_pylist()
-        states.update(zip(users, batch.column("state").to_pylist(), strict=True))
-        known += sum(batch.column("has_candidates").to_pylist())
+    for user_id, value, has_candidates in values:
+        states[user_id] = value
+        known += has_candidates
     return CandidateSnapshot(table, states, known)
 
 
@@ -295,10 +312,7 @@ def load_snapshot(lake: Lake, features: list[str]) -> CandidateSnapshot:
     Raises:
         SnapshotFeaturesError: The snapshot lacks some of `features`.
     """
-    held = snapshot_columns(lake)
-    missing = [name for name in features if name not in held]
-    if missing:
-        raise SnapshotFeaturesError(f"serving snapshot lacks the ranker's features: {missing}")
+    require_features(features, snapshot_columns(lake), "serving snapshot")
     return read_user_states(lake)
 
 
