@@ -51,6 +51,7 @@ from models.features import (
     USER_CATEGORY_FEATURES,
     USER_FEATURES,
     USER_ITEM_FEATURES,
+    feature_matrix,
 )
 from models.session import BOUGHT_TOGETHER, COVISIT
 
@@ -132,10 +133,9 @@ if sorted(c for block in BLOCKS for c in block.columns) != sorted(PAIR_COLUMNS):
     raise RuntimeError("BLOCKS must cover every pair column once")
 
 # Every index below is a position in `FEATURE_COLUMNS`: the codec works on whole rows.
-_PAIR = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
-_BLOCK_INDEX = [np.array([_PAIR[c] for c in block.columns]) for block in BLOCKS]
-_SCORE_INDEX = np.array([_PAIR[c] for c in SCORE_COLUMNS])
 _COLUMN = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
+_BLOCK_INDEX = [np.array([_COLUMN[c] for c in block.columns]) for block in BLOCKS]
+_SCORE_INDEX = np.array([_COLUMN[c] for c in SCORE_COLUMNS])
 _ITEM_FEATURES = np.array([_COLUMN[c] for c in ITEM_COLUMNS])
 _USER_FEATURES = np.array([_COLUMN[c] for c in USER_COLUMNS])
 _USER_EVENTS = USER_COLUMNS.index(USER_FEATURES["events"])
@@ -153,12 +153,12 @@ _KEYED_INDEX = {
     for kind in _KEYED
 }
 _KEYED_WIDTHS = [len(_KEYED_INDEX[kind]) for kind in _KEYED]
-_ITEM_SCORE_INDEX = np.array([_PAIR[c] for c in ITEM_LEVEL_SCORES])
-_PRICE_INDEX = _PAIR[PRICE_RATIO]
-_HISTORY = _PAIR["history_score"]
-_USER_ITEM_VIEWS = _PAIR[USER_ITEM_FEATURES["views"]]
+_ITEM_SCORE_INDEX = np.array([_COLUMN[c] for c in ITEM_LEVEL_SCORES])
+_PRICE_INDEX = _COLUMN[PRICE_RATIO]
+_HISTORY = _COLUMN["history_score"]
+_USER_ITEM_VIEWS = _COLUMN[USER_ITEM_FEATURES["views"]]
 _CARTED_INDEX = np.array(
-    [_PAIR[USER_ITEM_FEATURES["carts"]], _PAIR[USER_ITEM_FEATURES["purchases"]]]
+    [_COLUMN[USER_ITEM_FEATURES["carts"]], _COLUMN[USER_ITEM_FEATURES["purchases"]]]
 )
 # The prediction before any lookup: 0 for scores, null for what the user never touched (the
 # item's and the user's parts are filled in from the table and the value).
@@ -558,7 +558,7 @@ def encode_users(
     users = frame.get_column("user_id").to_numpy()
     codes = table.codes_of(frame.get_column("item_id").to_list())
     ranks = frame.get_column("candidate_rank").to_numpy()
-    rows = _floats(frame, FEATURE_COLUMNS)
+    rows = feature_matrix(frame)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     ends = np.r_[starts[1:], len(users)]
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
