@@ -13,11 +13,14 @@ Encoding reads the snapshot file batch by batch (each user's rows contiguous, as
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from models.features import FEATURE_COLUMNS
 from models.queries import whole_queries
@@ -92,6 +95,65 @@ def require_features(features: Iterable[str], held: Iterable[str], source: str) 
         raise SnapshotFeaturesError(f"{source} lacks the ranker's features: {missing}")
 
 
+class PackedStates(Mapping[str, bytes]):
+    """Users' values in two Arrow buffers, found by the hash of the user id.
+
+    A `dict[str, bytes]` costs about 200 bytes of Python objects per user on top of the value
+    (the key's and the value's objects, the table's slot); here a user costs the id's bytes,
+    two offsets and a hash with its position, about 40 bytes. A lookup hashes the id, binary
+    searches the sorted hashes and compares the id at each match.
+    """
+
+    _CHUNK = 10_000  # users turned into Python objects at a time when iterating
+
+    def __init__(self, user_ids: pa.Array, values: pa.Array) -> None:
+        """Takes the ids (strings) and their values (binary), one per user, no id twice."""
+        self._ids = user_ids.cast(pa.large_string())
+        self._values = values.cast(pa.large_binary())
+        hashes = np.fromiter((hash(user) for user in self._ids.to_pylist()), np.int64)
+        order = np.argsort(hashes, kind="stable")
+        self._hashes, self._order = hashes[order], order.astype(np.int32)
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, bytes]]) -> "PackedStates":
+        """The states of (user_id, value) pairs."""
+        users, values = [], []
+        for user_id, value in pairs:
+            users.append(user_id)
+            values.append(value)
+        return cls(pa.array(users, pa.large_string()), pa.array(values, pa.large_binary()))
+
+    def __getitem__(self, user_id: str) -> bytes:
+        at = int(np.searchsorted(self._hashes, hash(user_id)))
+        while at < len(self._hashes) and self._hashes[at] == hash(user_id):
+            row = int(self._order[at])
+            if self._ids[row].as_py() == user_id:
+                return self._values[row].as_py()
+            at += 1
+        raise KeyError(user_id)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self._ids), self._CHUNK):
+            yield from self._ids.slice(start, self._CHUNK).to_pylist()
+
+    def items(self) -> Iterator[tuple[str, bytes]]:  # type: ignore[override]
+        """(user_id, value) per user, a chunk of Python objects at a time."""
+        for start in range(0, len(self._ids), self._CHUNK):
+            yield from zip(
+                self._ids.slice(start, self._CHUNK).to_pylist(),
+                self._values.slice(start, self._CHUNK).to_pylist(),
+                strict=True,
+            )
+
+    @property
+    def value_bytes(self) -> int:
+        """The bytes of every value together."""
+        return int(pc.sum(pc.binary_length(self._values)).as_py() or 0)
+
+
 @dataclass(frozen=True)
 class CandidateSnapshot:
     """Every known user's state in process: the embedded candidate store.
@@ -103,7 +165,7 @@ class CandidateSnapshot:
     """
 
     table: ItemTable
-    states: dict[str, bytes]
+    states: PackedStates
     known: int
 
     @classmethod
@@ -123,7 +185,7 @@ class CandidateSnapshot:
                 different.
         """
         table = ItemTable.build(_snapshot_items(frame), facts).with_neighbours(neighbours)
-        states = dict(encode_users(table, frame))
+        states = PackedStates.from_pairs(encode_users(table, frame))
         return cls(table, states, len(states))
 
     @property
@@ -134,7 +196,7 @@ class CandidateSnapshot:
     @property
     def state_bytes(self) -> int:
         """The bytes of every user's value together."""
-        return sum(len(value) for value in self.states.values())
+        return self.states.value_bytes
 
     def candidates_of(self, user_id: str) -> UserCandidates | None:
         """The user's candidates and purchases (see `CandidateStore`), or None when unknown."""
@@ -261,7 +323,6 @@ def lake_states(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]
     if not states_fit(lake):
         logger.warning("serving snapshot without user states of this layout: encoding the rows")
         return encode_snapshot(lake)
-    table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
 
     def stored() -> Iterator[tuple[str, bytes, bool]]:
         for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
@@ -272,17 +333,40 @@ def lake_states(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]
                 strict=True,
             )
 
-    return table.with_neighbours(_neighbours(lake)), stored()
+    return _stored_table(lake), stored()
 
 
 def read_user_states(lake: Lake) -> CandidateSnapshot:
     """The users' values and their item table (`lake_states`), held in process."""
-    table, values = lake_states(lake)
-    states, known = {}, 0
-    for user_id, value, has_candidates in values:
-        states[user_id] = value
-        known += has_candidates
-    return CandidateSnapshot(table, states, known)
+    if not states_fit(lake):
+        table, values = lake_states(lake)
+        counted = _Counted(values)
+        return CandidateSnapshot(table, PackedStates.from_pairs(counted), counted.known)
+    # Straight from the file's Arrow buffers: no Python object per user.
+    stored = lake.read_table(SERVING_USER_STATES, columns=[USER_KEY, "state", "has_candidates"])
+    states = PackedStates(
+        stored.column(USER_KEY).combine_chunks(), stored.column("state").combine_chunks()
+    )
+    known = int(np.count_nonzero(stored.column("has_candidates").to_numpy()))
+    return CandidateSnapshot(_stored_table(lake), states, known)
+
+
+class _Counted:
+    """(user_id, value) of (user_id, value, has candidates), counting the users with candidates."""
+
+    def __init__(self, values: Iterable[tuple[str, bytes, bool]]) -> None:
+        self.values, self.known = values, 0
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        for user_id, value, has_candidates in self.values:
+            self.known += has_candidates
+            yield user_id, value
+
+
+def _stored_table(lake: Lake) -> ItemTable:
+    """The item table `write_user_states` wrote, with the lake's neighbours."""
+    table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
+    return table.with_neighbours(_neighbours(lake))
 
 
 def states_fit(lake: Lake) -> bool:

@@ -20,23 +20,39 @@ state keeps:
   - `price_to_user_mean` is the item's price over the user's mean price (both float64, divided
     as the assembly divides them).
 
-So a user's value holds the candidates as item codes in candidate order, the user's features and
-mean price, the items they bought (codes), the category and brand tables, and, for each group of
-pair columns, only the candidates where that prediction differs from the snapshot's row. Decoding
-rebuilds the snapshot's rows exactly (equal, or both NaN): the codec is lossless by construction —
-a wrong prediction costs bytes, never a different score — so the service ranks the very numbers
-the training assembly produced (`models.features.assemble_features`).
+The candidates themselves follow in good part from the user's recent items too: most of a
+user's list is what the neighbour generators propose, and those proposals are the neighbourhood
+of the user's recent items (the history generator's candidates), which the decoder recomputes.
+In the generators' order (co-visitation score, then bought-together, descending; then id), the
+neighbourhood's items are candidates up to a point (the `max_candidates` cut) and not beyond it.
+So the value lists by code only the candidates outside that prefix (recent items, collaborative,
+category and popular ones), and keeps of the prefix its length and its holes (items of it that
+are not candidates: blocked, or cut). On the 10M-event shop this takes 205 of a user's 238
+candidates from the neighbourhood. The candidates' order is recomputed too: the generators sort
+by their scores (`generate_candidates`), which the value decodes.
 
-Value layout (little-endian): header (magic, candidates n, purchases m, flags, mean price); the
-counts (uint16, uint32 past 65,535 candidates) of the category and brand tables' entries and of
-each block's exceptions; n item codes (uint16, or uint32 when the table has more than 65,535
-items); the ranks (int32) when they are not 1..n; the user's features (float32); m purchase
-codes; the tables' int32 keys, then their float32 values; the exceptions' candidate positions
-(uint8/uint16/uint32 by n), then their values (float32), block after block in `BLOCKS` order.
+So a user's value holds the listed candidates as item codes, the user's features and mean
+price, the items they bought (codes), the category and brand tables, and, for each group of
+pair columns, only the candidates where that prediction differs from the snapshot's row.
+Decoding rebuilds the snapshot's rows exactly (equal, or both NaN) in the snapshot's order: the
+codec is lossless by construction — a wrong prediction, a hole or an order the scores do not
+give costs bytes, never a different score — so the service ranks the very numbers the training
+assembly produced (`models.features.assemble_features`).
+
+Value layout (little-endian, then zlib-compressed as a whole): header (magic, candidates n,
+purchases m, neighbourhood prefix, holes h, flags, mean price); the counts (uint16, uint32 past
+65,535 candidates) of the category and brand tables' entries and of each block's exceptions; the
+listed item codes (uint16, or uint32 when the table has more than 65,535 items), by code; the
+holes' positions in the prefix; the order (positions) when it is not the generators' order; the
+ranks (int32) when they are not 1..n; the user's features (float32); m purchase codes; the
+tables' int32 keys, then their float32 values; the exceptions' candidate positions (uint8/
+uint16/uint32 by n), then their values (float32), block after block in `BLOCKS` order. A
+candidate's position is in the stored order: the listed candidates, then the prefix's.
 """
 
 import dataclasses
 import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -55,10 +71,15 @@ from models.features import (
 )
 from models.session import BOUGHT_TOGETHER, COVISIT
 
-FORMAT = "shelfwise-user-v2"
-_MAGIC = b"SWU2"
-_HEADER = struct.Struct("<4sIIBd")  # magic, candidates, purchases, flags, mean price
-_EXPLICIT_RANKS = 1
+FORMAT = "shelfwise-user-v3"
+_MAGIC = b"SWU3"
+# magic, candidates, purchases, neighbourhood prefix, holes in it, flags, mean price
+_HEADER = struct.Struct("<4sIIIIBd")
+_EXPLICIT_RANKS = 1  # the ranks are not 1..n
+_EXPLICIT_ORDER = 2  # the candidates' order is not the generators' order of their scores
+# zlib's default level: within 0.2% of level 9 on the 10M-event shop's values, decompressed in
+# about 6 µs.
+_COMPRESSION_LEVEL = 6
 
 ITEM_COLUMNS = list(ITEM_FEATURES.values())
 USER_COLUMNS = list(USER_FEATURES.values())
@@ -160,6 +181,16 @@ _USER_ITEM_VIEWS = _COLUMN[USER_ITEM_FEATURES["views"]]
 _CARTED_INDEX = np.array(
     [_COLUMN[USER_ITEM_FEATURES["carts"]], _COLUMN[USER_ITEM_FEATURES["purchases"]]]
 )
+# The decoder finds the seeds of the neighbourhood before the neighbourhood's candidates: their
+# history scores and carts come from the exceptions of blocks predicted without any candidate.
+_HISTORY_BLOCK = next(n for n, b in enumerate(BLOCKS) if b.columns == ("history_score",))
+_ACTIVITY_BLOCK = next(n for n, b in enumerate(BLOCKS) if b.predict == "null")
+_CARTED_IN_ACTIVITY = [
+    BLOCKS[_ACTIVITY_BLOCK].columns.index(USER_ITEM_FEATURES[name])
+    for name in ("carts", "purchases")
+]
+if BLOCKS[_HISTORY_BLOCK].predict != "zero":
+    raise RuntimeError("the history scores must be stored as exceptions to zero")
 # The prediction before any lookup: 0 for scores, null for what the user never touched (the
 # item's and the user's parts are filled in from the table and the value).
 _DEFAULT_ROW = np.array(
@@ -435,7 +466,14 @@ def encode_user(
     if n and not _same(rows[:, _USER_FEATURES], user[None, :]).all():
         raise ValueError("the user's features differ between the user's rows")
     ranks = np.asarray(ranks, np.int32)
-    explicit = not np.array_equal(ranks, np.arange(1, n + 1, dtype=np.int32))
+    flags = 0 if np.array_equal(ranks, np.arange(1, n + 1, dtype=np.int32)) else _EXPLICIT_RANKS
+    seeds = np.flatnonzero(rows[:, _HISTORY] > 0)
+    hood = _neighbourhood(table, codes[seeds], rows[seeds, _HISTORY], _carted(rows[seeds]))
+    prefix, holes, stored = _stored_order(codes, hood.proposed)
+    codes, rows = codes[stored], rows[stored]
+    given = np.argsort(stored)  # the given order, as positions in the stored one
+    if not np.array_equal(_generators_order(codes, rows), given):
+        flags |= _EXPLICIT_ORDER
     code_dtype, index_dtype = table.code_dtype, _index_dtype(n)
     keyed = [_keyed_table(table, codes, rows, kind) for kind in _KEYED]
     predicted = _predicted(table, codes, keyed, mean_price)
@@ -443,19 +481,21 @@ def encode_user(
     made: dict[str, np.ndarray] = {}
     for block, index in zip(BLOCKS, _BLOCK_INDEX, strict=True):
         if block.predict in _DEPENDENT:  # from the true columns, which the decoder has by then
-            predicted[:, index] = _dependent(block, table, codes, rows, made)
+            predicted[:, index] = _dependent(block, codes, rows, hood, made)
         actual = rows[:, index]
         off = np.flatnonzero(~_same(actual, predicted[:, index]).all(axis=1))
         counts.append(len(off))
         positions.append(off.astype(index_dtype))
         values.append(actual[off].ravel())
-    flags = _EXPLICIT_RANKS if explicit else 0
-    return b"".join(
+    member_count = prefix - len(holes)
+    value = b"".join(
         [
-            _HEADER.pack(_MAGIC, n, len(bought), flags, mean_price),
+            _HEADER.pack(_MAGIC, n, len(bought), prefix, len(holes), flags, mean_price),
             np.array(counts, _count_dtype(n)).tobytes(),
-            codes.astype(code_dtype).tobytes(),
-            ranks.tobytes() if explicit else b"",
+            codes[: n - member_count].astype(code_dtype).tobytes(),
+            holes.astype(_index_dtype(prefix)).tobytes(),
+            given.astype(index_dtype).tobytes() if flags & _EXPLICIT_ORDER else b"",
+            ranks.tobytes() if flags & _EXPLICIT_RANKS else b"",
             user.astype(np.float32).tobytes(),
             np.asarray(bought).astype(code_dtype).tobytes(),
             *[keys.tobytes() for keys, _ in keyed],
@@ -464,6 +504,7 @@ def encode_user(
             *[block_values.astype(np.float32).tobytes() for block_values in values],
         ]
     )
+    return zlib.compress(value, _COMPRESSION_LEVEL)
 
 
 def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
@@ -479,14 +520,15 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
     Raises:
         ValueError: The value is not in this layout.
     """
-    magic, n, bought_count, flags, mean_price = _HEADER.unpack_from(raw)
-    if magic != _MAGIC:
-        raise ValueError("not a Shelfwise user value of this layout")
+    raw = _unpacked(raw)
+    magic, n, bought_count, prefix, hole_count, flags, mean_price = _HEADER.unpack_from(raw)
     reader = _Reader(raw, _HEADER.size)
     counts = reader.take(_count_dtype(n), len(_KEYED) + len(BLOCKS)).tolist()
     keyed_counts, block_counts = counts[: len(_KEYED)], counts[len(_KEYED) :]
-    code_dtype = table.code_dtype
-    codes = reader.take(code_dtype, n).astype(np.intp)
+    code_dtype, index_dtype = table.code_dtype, _index_dtype(n)
+    listed = reader.take(code_dtype, n - (prefix - hole_count)).astype(np.intp)
+    holes = reader.take(_index_dtype(prefix), hole_count)
+    order = reader.take(index_dtype, n) if flags & _EXPLICIT_ORDER else None
     if flags & _EXPLICIT_RANKS:
         ranks = reader.take(np.int32, n)
     else:
@@ -498,26 +540,43 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
         (kind_keys, reader.take(np.float32, count * width).reshape(count, width))
         for kind_keys, count, width in zip(keys, keyed_counts, _KEYED_WIDTHS, strict=True)
     ]
-    positions = reader.take(_index_dtype(n), sum(block_counts)).astype(np.intp)
+    positions = reader.take(index_dtype, sum(block_counts)).astype(np.intp)
     values = reader.take(np.float32, sum(c * w for c, w in zip(block_counts, _WIDTHS, strict=True)))
+    exceptions = _Exceptions(positions, values, block_counts)
+    # The neighbourhood's seeds are listed candidates with a history score (block 0's
+    # exceptions); whether they were carted is in the user-item activity block.
+    seed_at, seed_history = exceptions.of(_HISTORY_BLOCK)
+    positive = seed_history[:, 0] > 0
+    seed_at, seed_history = seed_at[positive], seed_history[positive, 0]
+    activity_at, activity = exceptions.of(_ACTIVITY_BLOCK)
+    found = np.searchsorted(activity_at, seed_at)
+    found = np.minimum(found, max(len(activity_at) - 1, 0))
+    carted = np.zeros(len(seed_at), bool)
+    if len(activity_at):
+        present = activity_at[found] == seed_at
+        carted[present] = (activity[found[present]][:, _CARTED_IN_ACTIVITY] > 0).any(axis=1)
+    if len(seed_at) and seed_at.max() >= len(listed):
+        raise ValueError("a user value's seed is not among its listed candidates")
+    hood = _neighbourhood(table, listed[seed_at], seed_history, carted)
+    if prefix > len(hood.proposed):
+        raise ValueError("a user value's neighbourhood is shorter than it says")
+    codes = np.concatenate((listed, np.delete(hood.proposed[:prefix], holes)))
     matrix = _predicted(table, codes, keyed, mean_price)
     matrix[:, _USER_FEATURES] = user
     made: dict[str, np.ndarray] = {}
-    at_position = at_value = 0
-    for block, index, count, width in zip(BLOCKS, _BLOCK_INDEX, block_counts, _WIDTHS, strict=True):
+    for block, index, (rows, block_values) in zip(BLOCKS, _BLOCK_INDEX, exceptions, strict=True):
         if block.predict in _DEPENDENT:
-            matrix[:, index] = _dependent(block, table, codes, matrix, made)
-        if count:
-            rows = positions[at_position : at_position + count]
-            block_values = values[at_value : at_value + count * width].reshape(count, width)
-            if width == 1:
+            matrix[:, index] = _dependent(block, codes, matrix, hood, made)
+        if len(rows):
+            if len(index) == 1:
                 matrix[rows, index[0]] = block_values[:, 0]
             else:
                 matrix[rows[:, None], index] = block_values
-            at_position += count
-            at_value += count * width
+    if order is None:
+        order = _generators_order(codes, matrix)
+    codes = codes[order]
     return UserCandidates(
-        matrix,
+        matrix[order],
         table.ids[codes],
         ranks,
         float(user[_USER_EVENTS]),
@@ -527,7 +586,18 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
 
 def candidate_count(raw: bytes) -> int:
     """How many candidates a value holds (0: a user with purchases only), from its header."""
-    return int(_HEADER.unpack_from(raw)[1])
+    return int(_HEADER.unpack_from(_unpacked(raw))[1])
+
+
+def _unpacked(value: bytes) -> bytes:
+    """A value's bytes, uncompressed, after checking they are in this layout."""
+    try:
+        raw = zlib.decompress(value)
+    except zlib.error as error:
+        raise ValueError("not a Shelfwise user value of this layout") from error
+    if raw[: len(_MAGIC)] != _MAGIC:
+        raise ValueError("not a Shelfwise user value of this layout")
+    return raw
 
 
 def encode_users(
@@ -610,61 +680,166 @@ def _predicted(
 
 
 def _dependent(
-    block: Block, table: ItemTable, codes: np.ndarray, rows: np.ndarray, made: dict
+    block: Block, codes: np.ndarray, rows: np.ndarray, hood: "_Neighbourhood", made: dict
 ) -> np.ndarray:
     """A prediction that reads pair columns decoded before the block (see `_DEPENDENT`).
 
     `made` keeps what one call computes for a later block (both neighbour generators at once).
     """
-    n = len(codes)
     if block.predict == "sources":  # how many generators proposed each candidate
-        return (rows[:, _SCORE_INDEX] > 0).sum(axis=1).reshape(n, 1)
+        return (rows[:, _SCORE_INDEX] > 0).sum(axis=1).reshape(len(codes), 1)
     if block.predict == "never_bought":  # the user's items as if not bought, others null
         touched = ~np.isnan(rows[:, _USER_ITEM_VIEWS])
         return np.where(touched[:, None], _NEVER_BOUGHT, np.float32(np.nan))
     if not made:
-        made.update(_neighbour_scores(table, codes, rows))
+        made.update(zip(NEIGHBOUR_KINDS, hood.scores_of(codes), strict=True))
     return made[block.predict]
 
 
-def _neighbour_scores(
-    table: ItemTable, codes: np.ndarray, rows: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Each neighbour generator's (score, hits) per candidate, as the generators compute them.
+@dataclass(frozen=True)
+class _Neighbourhood:
+    """What the neighbour generators propose to one user, from the user's recent items.
 
-    As `models.candidates.neighbours`: over the user's recent items (seeds), the sum of score /
-    the seed's recency rank, and the number of seeds; bought-together seeds only from the carted
-    or bought ones. Both generators in one pass, each summing its seeds in rank order.
+    Attributes:
+        codes: Every item some seed names, sorted.
+        made: Per kind (`NEIGHBOUR_KINDS`), each of `codes`' (score, hits), float32.
+        proposed: The items of `codes` that are not seeds, in the generators' order of their
+            neighbour scores (co-visitation, then bought-together, descending; then code).
     """
-    n, kinds = len(codes), len(NEIGHBOUR_KINDS)
+
+    codes: np.ndarray
+    made: np.ndarray
+    proposed: np.ndarray
+
+    def scores_of(self, codes: np.ndarray) -> np.ndarray:
+        """Per kind, (score, hits) of each item of `codes` (0 for items no seed names)."""
+        scores = np.zeros((len(NEIGHBOUR_KINDS), len(codes), 2), np.float32)
+        if len(self.codes):
+            at = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+            named = self.codes[at] == codes
+            scores[:, named] = self.made[:, at[named]]
+        return scores
+
+
+_NO_NEIGHBOURHOOD = _Neighbourhood(
+    np.zeros(0, np.intp), np.zeros((len(NEIGHBOUR_KINDS), 0, 2), np.float32), np.zeros(0, np.intp)
+)
+
+
+def _neighbourhood(
+    table: ItemTable, seeds: np.ndarray, history: np.ndarray, carted: np.ndarray
+) -> _Neighbourhood:
+    """The neighbour generators' scores for the user, as `models.candidates.neighbours` sums them.
+
+    Over the user's recent items (seeds): the sum of score / the seed's recency rank, and the
+    number of seeds; bought-together seeds only from the carted or bought ones. Seeds are summed
+    in (rank, code) order, so encoder and decoder add the same floats in the same order.
+
+    Args:
+        table: The item table, with its neighbour tables.
+        seeds: The seeds' item codes (the candidates with a history score).
+        history: The seeds' history scores (1 / recency rank).
+        carted: Whether each seed was carted or bought.
+    """
     neighbours = table.neighbours
-    seeds = np.flatnonzero(rows[:, _HISTORY] > 0)
     if not len(seeds) or neighbours is None:
-        return {kind: np.zeros((n, 2), np.float32) for kind in NEIGHBOUR_KINDS}
-    # A seed's recency rank: its history score is 1 / rank.
-    ranks = np.rint(1.0 / rows[seeds, _HISTORY].astype(np.float64))
-    by_rank = np.argsort(ranks, kind="stable")
-    seeds, ranks = seeds[by_rank], ranks[by_rank]
-    carted = (rows[seeds][:, _CARTED_INDEX] > 0).any(axis=1)
+        return _NO_NEIGHBOURHOOD
+    ranks = np.rint(1.0 / np.asarray(history, np.float64))
+    by_rank = np.lexsort((seeds, ranks))
+    seeds, ranks, carted = seeds[by_rank], ranks[by_rank], np.asarray(carted)[by_rank]
     both = np.concatenate((np.arange(len(seeds)), np.flatnonzero(carted)))
     kind_of = (np.arange(len(both)) >= len(seeds)).astype(np.int64)
-    seed_rows = kind_of * len(table) + codes[seeds[both]]
-    seed_ranks = ranks[both]
+    seed_rows = kind_of * len(table) + seeds[both]
     starts = neighbours.starts[seed_rows]
     lengths = neighbours.starts[seed_rows + 1] - starts
     total = int(lengths.sum())
-    made = np.zeros((kinds, n, 2), np.float32)
-    if total:
-        at = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
-        position = np.full(len(table), -1, np.int64)  # a candidate's position by item code
-        position[codes] = np.arange(n)
-        found = position[neighbours.codes[at]]
-        hit = found >= 0
-        slots = (np.repeat(kind_of, lengths) * n + found)[hit]
-        weights = (neighbours.scores[at] / np.repeat(seed_ranks, lengths))[hit]
-        made[:, :, 0] = np.bincount(slots, weights, minlength=kinds * n).reshape(kinds, n)
-        made[:, :, 1] = np.bincount(slots, minlength=kinds * n).reshape(kinds, n)
-    return dict(zip(NEIGHBOUR_KINDS, made, strict=True))
+    if not total:
+        return _NO_NEIGHBOURHOOD
+    at = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+    codes, inverse = np.unique(neighbours.codes[at], return_inverse=True)
+    kinds, width = len(NEIGHBOUR_KINDS), len(codes)
+    slots = np.repeat(kind_of, lengths) * width + inverse
+    weights = neighbours.scores[at] / np.repeat(ranks[both], lengths)
+    made = np.empty((kinds, width, 2), np.float32)
+    made[:, :, 0] = np.bincount(slots, weights, minlength=kinds * width).reshape(kinds, width)
+    made[:, :, 1] = np.bincount(slots, minlength=kinds * width).reshape(kinds, width)
+    others = np.flatnonzero(~_among(codes, np.sort(seeds)))
+    by_score = np.lexsort((codes[others], -made[1, others, 0], -made[0, others, 0]))
+    return _Neighbourhood(codes, made, codes[others[by_score]])
+
+
+def _stored_order(codes: np.ndarray, proposed: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Which candidates the value lists by code, and which it takes from the neighbourhood.
+
+    The neighbourhood's items, in the generators' order, are mostly candidates up to a point
+    and mostly not beyond it: the value keeps that prefix's length and the positions of the
+    prefix's items that are not candidates (holes), at the length where listing codes instead
+    would cost most.
+
+    Returns:
+        The prefix length, the holes' positions in it, and the stored order of the candidates
+        as positions in `codes`: the listed ones by code, then the prefix's ones in its order.
+    """
+    member = np.isin(proposed, codes)
+    prefix = 0
+    if member.any():
+        gain = np.cumsum(np.where(member, 1, -1))
+        if gain.max() > 0:
+            prefix = int(gain.argmax()) + 1
+    holes = np.flatnonzero(~member[:prefix])
+    taken = proposed[:prefix][member[:prefix]]
+    by_code = np.argsort(codes)
+    taken_at = by_code[np.searchsorted(codes, taken, sorter=by_code)]
+    listed = np.flatnonzero(~np.isin(codes, taken))
+    listed = listed[np.argsort(codes[listed], kind="stable")]
+    return prefix, holes, np.concatenate((listed, taken_at)).astype(np.intp)
+
+
+def _generators_order(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The candidates' order as the generators merge them: by each score descending, then id.
+
+    Item codes follow the ids' order (the table is sorted by id).
+    """
+    scores = rows[:, _SCORE_INDEX]
+    # Columns that are 0 for every candidate cannot order them: fewer keys, faster sort.
+    used = np.flatnonzero(scores.any(axis=0))[::-1]
+    return np.lexsort((codes, *(-scores[:, j] for j in used)))
+
+
+def _among(codes: np.ndarray, sorted_codes: np.ndarray) -> np.ndarray:
+    """Whether each of `codes` is in `sorted_codes` (faster than `np.isin` for a few)."""
+    if not len(sorted_codes):
+        return np.zeros(len(codes), bool)
+    at = np.minimum(np.searchsorted(sorted_codes, codes), len(sorted_codes) - 1)
+    return sorted_codes[at] == codes
+
+
+def _carted(rows: np.ndarray) -> np.ndarray:
+    """Whether each row's user carted or bought its item (the bought-together seeds)."""
+    return (rows[:, _CARTED_INDEX] > 0).any(axis=1)
+
+
+class _Exceptions:
+    """A value's exceptions, block by block: (positions, values as count × width)."""
+
+    def __init__(self, positions: np.ndarray, values: np.ndarray, counts: list[int]) -> None:
+        self.blocks = []
+        at_position = at_value = 0
+        for count, width in zip(counts, _WIDTHS, strict=True):
+            self.blocks.append(
+                (
+                    positions[at_position : at_position + count],
+                    values[at_value : at_value + count * width].reshape(count, width),
+                )
+            )
+            at_position += count
+            at_value += count * width
+
+    def of(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.blocks[block]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return iter(self.blocks)
 
 
 def _keyed_table(

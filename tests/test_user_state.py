@@ -2,13 +2,20 @@
 snapshot, and rows built so that every prediction of the codec is wrong), and is much smaller."""
 
 import shutil
+import zlib
 
 import numpy as np
 import polars as pl
 import pytest
 
 from models.features import FEATURE_COLUMNS
-from models.snapshot import CandidateSnapshot, encode_snapshot, read_user_states, states_fit
+from models.snapshot import (
+    CandidateSnapshot,
+    PackedStates,
+    encode_snapshot,
+    read_user_states,
+    states_fit,
+)
 from models.user_state import (
     ITEM_COLUMNS,
     ITEM_LEVEL_SCORES,
@@ -125,7 +132,8 @@ def test_predictable_pair_features_cost_no_bytes():
     rows[3, column["covisit_score"]] = 0.5  # one exception: one position and two values
     with_one = encode_user(table, codes, ranks, rows, np.zeros(0, int), mean_price=2.5)
     assert same(decode_user(with_one, table).matrix, rows)
-    assert len(with_one) == len(predictable) + 1 + 2 * 4 + 1 + 4  # and sources changes too
+    # Sizes before compression: one position and two values, and sources changes too.
+    assert len(zlib.decompress(with_one)) == len(zlib.decompress(predictable)) + 1 + 2 * 4 + 1 + 4
 
 
 def test_rows_that_are_not_one_users_snapshot_are_refused():
@@ -167,3 +175,59 @@ def test_a_lake_without_states_is_encoded_from_the_rows_the_same(pipeline_run, t
     table, values = encode_snapshot(source, batch_rows=997)  # users cut between batches
     assert {user for user, _, _ in values} == set(stored.states)
     assert len(table) == len(stored.table)
+
+
+def test_the_neighbourhood_candidates_cost_no_item_codes():
+    """Candidates the neighbour generators propose (in their order, up to a point) are not listed
+    by code: the decoder recomputes the neighbourhood from the user's recent items. Holes in it
+    and candidates past it are still stored, and the rows decode bit for bit."""
+    rng = np.random.default_rng(3)
+    table = random_table(rng, 400)
+    items = table.ids.tolist()
+    neighbours = pl.DataFrame(
+        {
+            "kind": [kind for kind in ("covisit", "bought_together") for _ in range(400 * 6)],
+            "item_id": [items[n // 6] for _ in range(2) for n in range(400 * 6)],
+            "neighbour_item_id": [items[c] for c in rng.integers(0, 400, 2 * 400 * 6)],
+            "score": rng.random(2 * 400 * 6),
+        }
+    )
+    hooded = table.with_neighbours(neighbours)
+    seeds = rng.choice(400, 5, replace=False)
+    named = set(
+        neighbours.filter(pl.col("item_id").is_in([items[s] for s in seeds]))["neighbour_item_id"]
+    )
+    near = sorted(table.codes_of(named).tolist())
+    dropped = set(near[:: max(1, len(near) // 3)])  # holes in the neighbourhood
+    others = [c for c in rng.permutation(400) if c not in near and c not in seeds][:4]
+    codes = np.array([*seeds, *[c for c in near if c not in dropped and c not in seeds], *others])
+    _, rows = random_user(rng, table, len(codes))
+    rows[:, [FEATURE_COLUMNS.index(c) for c in ITEM_COLUMNS]] = table.features[codes]
+    column = {name: i for i, name in enumerate(FEATURE_COLUMNS)}
+    rows[:, column["history_score"]] = 0.0
+    rows[: len(seeds), column["history_score"]] = 1.0 / np.arange(1, len(seeds) + 1)
+    rows[: len(seeds), column["user_item_carts"]] = [1, 0, 2, 0, 0]  # bought-together seeds
+    ranks = np.arange(1, len(codes) + 1, dtype=np.int32)
+    with_hood = encode_user(hooded, codes, ranks, rows, np.zeros(0, int))
+    without = encode_user(table, codes, ranks, rows, np.zeros(0, int))
+    for value, item_table in ((with_hood, hooded), (without, table)):
+        found = decode_user(value, item_table)
+        assert same(found.matrix, rows)
+        np.testing.assert_array_equal(found.item_ids, table.ids[codes])
+        np.testing.assert_array_equal(found.ranks, ranks)
+    taken = len(codes) - len(seeds) - len(others)
+    assert taken > 20
+    # Each candidate taken from the neighbourhood saves its two-byte code; a hole costs a byte
+    # (sizes before compression).
+    saved = len(zlib.decompress(without)) - len(zlib.decompress(with_hood))
+    assert saved == 2 * taken - len(dropped), (saved, taken)
+
+
+def test_packed_states_find_every_user_and_no_other():
+    values = {f"user-{n}": bytes([n % 251]) * (n % 7) for n in range(5_000)}
+    states = PackedStates.from_pairs(values.items())
+    assert len(states) == len(values)
+    assert all(states[user] == value for user, value in values.items())
+    assert states.get("user-5000") is None and "nobody" not in states
+    assert dict(states.items()) == values and list(states) == list(values)
+    assert states.value_bytes == sum(map(len, values.values()))
