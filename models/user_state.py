@@ -26,28 +26,27 @@ of the user's recent items (the history generator's candidates), which the decod
 In the generators' order (co-visitation score, then bought-together, descending; then id), the
 neighbourhood's items are candidates up to a point (the `max_candidates` cut) and not beyond it.
 So the value lists by code only the candidates outside that prefix (recent items, collaborative,
-category and popular ones), and keeps of the prefix its length and its holes (items of it that
-are not candidates: blocked, or cut). On the 10M-event shop this takes 205 of a user's 238
-candidates from the neighbourhood. The candidates' order is recomputed too: the generators sort
-by their scores (`generate_candidates`), which the value decodes.
+category and popular ones), and keeps of the prefix its length, its holes (items of it that are
+not candidates: blocked, or cut) and one bit per candidate saying which slots of the list the
+prefix fills, in its order. On the 10M-event shop this takes 205 of a user's 238 candidates
+from the neighbourhood.
 
 So a user's value holds the listed candidates as item codes, the user's features and mean
 price, the items they bought (codes), the category and brand tables, and, for each group of
 pair columns, only the candidates where that prediction differs from the snapshot's row.
 Decoding rebuilds the snapshot's rows exactly (equal, or both NaN) in the snapshot's order: the
-codec is lossless by construction — a wrong prediction, a hole or an order the scores do not
-give costs bytes, never a different score — so the service ranks the very numbers the training
+codec is lossless by construction — a wrong prediction or a hole costs bytes, never a different
+score — so the service ranks the very numbers the training
 assembly produced (`models.features.assemble_features`).
 
 Value layout (little-endian, then zlib-compressed as a whole): header (magic, candidates n,
 purchases m, neighbourhood prefix, holes h, flags, mean price); the counts (uint16, uint32 past
 65,535 candidates) of the category and brand tables' entries and of each block's exceptions; the
-listed item codes (uint16, or uint32 when the table has more than 65,535 items), by code; the
-holes' positions in the prefix; the order (positions) when it is not the generators' order; the
-ranks (int32) when they are not 1..n; the user's features (float32); m purchase codes; the
-tables' int32 keys, then their float32 values; the exceptions' candidate positions (uint8/
-uint16/uint32 by n), then their values (float32), block after block in `BLOCKS` order. A
-candidate's position is in the stored order: the listed candidates, then the prefix's.
+listed item codes (uint16, or uint32 when the table has more than 65,535 items); the holes'
+positions in the prefix; when the prefix is not empty, a bit per candidate (set: filled from
+the prefix); the ranks (int32) when they are not 1..n; the user's features (float32); m purchase
+codes; the tables' int32 keys, then their float32 values; the exceptions' candidate positions
+(uint8/uint16/uint32 by n), then their values (float32), block after block in `BLOCKS` order.
 """
 
 import dataclasses
@@ -76,7 +75,6 @@ _MAGIC = b"SWU3"
 # magic, candidates, purchases, neighbourhood prefix, holes in it, flags, mean price
 _HEADER = struct.Struct("<4sIIIIBd")
 _EXPLICIT_RANKS = 1  # the ranks are not 1..n
-_EXPLICIT_ORDER = 2  # the candidates' order is not the generators' order of their scores
 # zlib's default level: within 0.2% of level 9 on the 10M-event shop's values, decompressed in
 # about 6 µs.
 _COMPRESSION_LEVEL = 6
@@ -174,6 +172,10 @@ _KEYED_INDEX = {
     for kind in _KEYED
 }
 _KEYED_WIDTHS = [len(_KEYED_INDEX[kind]) for kind in _KEYED]
+_NULL_ROWS = {
+    kind: np.full((1, width), np.nan, np.float32)
+    for kind, width in zip(_KEYED, _KEYED_WIDTHS, strict=True)
+}
 _ITEM_SCORE_INDEX = np.array([_COLUMN[c] for c in ITEM_LEVEL_SCORES])
 _PRICE_INDEX = _COLUMN[PRICE_RATIO]
 _HISTORY = _COLUMN["history_score"]
@@ -469,11 +471,7 @@ def encode_user(
     flags = 0 if np.array_equal(ranks, np.arange(1, n + 1, dtype=np.int32)) else _EXPLICIT_RANKS
     seeds = np.flatnonzero(rows[:, _HISTORY] > 0)
     hood = _neighbourhood(table, codes[seeds], rows[seeds, _HISTORY], _carted(rows[seeds]))
-    prefix, holes, stored = _stored_order(codes, hood.proposed)
-    codes, rows = codes[stored], rows[stored]
-    given = np.argsort(stored)  # the given order, as positions in the stored one
-    if not np.array_equal(_generators_order(codes, rows), given):
-        flags |= _EXPLICIT_ORDER
+    prefix, holes, taken = _taken_from_neighbourhood(codes, hood.proposed)
     code_dtype, index_dtype = table.code_dtype, _index_dtype(n)
     keyed = [_keyed_table(table, codes, rows, kind) for kind in _KEYED]
     predicted = _predicted(table, codes, keyed, mean_price)
@@ -487,14 +485,13 @@ def encode_user(
         counts.append(len(off))
         positions.append(off.astype(index_dtype))
         values.append(actual[off].ravel())
-    member_count = prefix - len(holes)
     value = b"".join(
         [
             _HEADER.pack(_MAGIC, n, len(bought), prefix, len(holes), flags, mean_price),
             np.array(counts, _count_dtype(n)).tobytes(),
-            codes[: n - member_count].astype(code_dtype).tobytes(),
+            codes[~taken].astype(code_dtype).tobytes(),
             holes.astype(_index_dtype(prefix)).tobytes(),
-            given.astype(index_dtype).tobytes() if flags & _EXPLICIT_ORDER else b"",
+            np.packbits(taken).tobytes() if prefix else b"",
             ranks.tobytes() if flags & _EXPLICIT_RANKS else b"",
             user.astype(np.float32).tobytes(),
             np.asarray(bought).astype(code_dtype).tobytes(),
@@ -528,7 +525,12 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
     code_dtype, index_dtype = table.code_dtype, _index_dtype(n)
     listed = reader.take(code_dtype, n - (prefix - hole_count)).astype(np.intp)
     holes = reader.take(_index_dtype(prefix), hole_count)
-    order = reader.take(index_dtype, n) if flags & _EXPLICIT_ORDER else None
+    codes = np.empty(n, np.intp)
+    if prefix:  # which candidates the neighbourhood gives, one bit each
+        taken = np.unpackbits(reader.take(np.uint8, (n + 7) // 8), count=n).astype(bool)
+        codes[~taken] = listed
+    else:
+        codes[:] = listed
     if flags & _EXPLICIT_RANKS:
         ranks = reader.take(np.int32, n)
     else:
@@ -555,12 +557,15 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
     if len(activity_at):
         present = activity_at[found] == seed_at
         carted[present] = (activity[found[present]][:, _CARTED_IN_ACTIVITY] > 0).any(axis=1)
-    if len(seed_at) and seed_at.max() >= len(listed):
+    if prefix and taken[seed_at].any():
         raise ValueError("a user value's seed is not among its listed candidates")
-    hood = _neighbourhood(table, listed[seed_at], seed_history, carted)
-    if prefix > len(hood.proposed):
-        raise ValueError("a user value's neighbourhood is shorter than it says")
-    codes = np.concatenate((listed, np.delete(hood.proposed[:prefix], holes)))
+    hood = _neighbourhood(table, codes[seed_at], seed_history, carted)
+    if prefix:
+        if prefix > len(hood.proposed):
+            raise ValueError("a user value's neighbourhood is shorter than it says")
+        in_prefix = np.ones(prefix, bool)
+        in_prefix[holes] = False
+        codes[taken] = hood.proposed[:prefix][in_prefix]
     matrix = _predicted(table, codes, keyed, mean_price)
     matrix[:, _USER_FEATURES] = user
     made: dict[str, np.ndarray] = {}
@@ -572,11 +577,8 @@ def decode_user(raw: bytes, table: ItemTable) -> UserCandidates:
                 matrix[rows, index[0]] = block_values[:, 0]
             else:
                 matrix[rows[:, None], index] = block_values
-    if order is None:
-        order = _generators_order(codes, matrix)
-    codes = codes[order]
     return UserCandidates(
-        matrix[order],
+        matrix,
         table.ids[codes],
         ranks,
         float(user[_USER_EVENTS]),
@@ -665,12 +667,11 @@ def _predicted(
     for kind, (keys, values) in zip(_KEYED, keyed, strict=True):
         if len(keys):
             item_keys = (table.category if kind == "category" else table.brand)[codes]
-            # Per key, its row in `values`; the last row is null: for keys the user lacks, and
-            # for items without one (key -1 reads the last slot).
-            slot = np.full(table._key_counts[kind] + 1, len(keys))
-            slot[keys] = np.arange(len(keys))
-            values = np.vstack([values, np.full((1, values.shape[1]), np.nan, np.float32)])
-            rows[:, _KEYED_INDEX[kind]] = values[slot[item_keys]]
+            # Keys are sorted. Items whose key the user lacks (or without one, -1) read the null
+            # row appended to the values.
+            at = np.minimum(np.searchsorted(keys, item_keys), len(keys) - 1)
+            at[keys[at] != item_keys] = len(keys)
+            rows[:, _KEYED_INDEX[kind]] = np.concatenate((values, _NULL_ROWS[kind]))[at]
     if np.isfinite(mean_price) and mean_price != 0:  # `errstate` costs more than the division
         rows[:, _PRICE_INDEX] = table.price[codes] / mean_price
     else:
@@ -768,42 +769,36 @@ def _neighbourhood(
     return _Neighbourhood(codes, made, codes[others[by_score]])
 
 
-def _stored_order(codes: np.ndarray, proposed: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Which candidates the value lists by code, and which it takes from the neighbourhood.
+def _taken_from_neighbourhood(
+    codes: np.ndarray, proposed: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Which candidates the value takes from the neighbourhood instead of listing their codes.
 
     The neighbourhood's items, in the generators' order, are mostly candidates up to a point
-    and mostly not beyond it: the value keeps that prefix's length and the positions of the
-    prefix's items that are not candidates (holes), at the length where listing codes instead
+    and mostly not beyond it. The value keeps that prefix's length, the positions of the prefix's
+    items it does not take (holes), and one bit per candidate: taken from the prefix, in its
+    order, or listed. A prefix item is taken if it is a candidate placed after the ones taken
+    before it (candidates keep their given order); the prefix ends where listing codes instead
     would cost most.
 
     Returns:
-        The prefix length, the holes' positions in it, and the stored order of the candidates
-        as positions in `codes`: the listed ones by code, then the prefix's ones in its order.
+        The prefix length, the holes' positions in it, and per candidate whether it is taken.
     """
-    member = np.isin(proposed, codes)
-    prefix = 0
-    if member.any():
-        gain = np.cumsum(np.where(member, 1, -1))
-        if gain.max() > 0:
-            prefix = int(gain.argmax()) + 1
-    holes = np.flatnonzero(~member[:prefix])
-    taken = proposed[:prefix][member[:prefix]]
+    taken = np.zeros(len(codes), bool)
+    if not len(proposed) or not len(codes):
+        return 0, np.zeros(0, np.intp), taken
     by_code = np.argsort(codes)
-    taken_at = by_code[np.searchsorted(codes, taken, sorter=by_code)]
-    listed = np.flatnonzero(~np.isin(codes, taken))
-    listed = listed[np.argsort(codes[listed], kind="stable")]
-    return prefix, holes, np.concatenate((listed, taken_at)).astype(np.intp)
-
-
-def _generators_order(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The candidates' order as the generators merge them: by each score descending, then id.
-
-    Item codes follow the ids' order (the table is sorted by id).
-    """
-    scores = rows[:, _SCORE_INDEX]
-    # Columns that are 0 for every candidate cannot order them: fewer keys, faster sort.
-    used = np.flatnonzero(scores.any(axis=0))[::-1]
-    return np.lexsort((codes, *(-scores[:, j] for j in used)))
+    at = by_code[np.minimum(np.searchsorted(codes, proposed, sorter=by_code), len(codes) - 1)]
+    position = np.where(codes[at] == proposed, at, -1)
+    # In the prefix's order, a candidate placed after every one kept before it (few are not:
+    # candidates tied on both neighbour scores that later scores order otherwise).
+    latest = np.maximum.accumulate(position)
+    kept = (position >= 0) & (position == latest)
+    kept[1:] &= position[1:] != latest[:-1]
+    gain = np.cumsum(np.where(kept, 1, -1))
+    prefix = int(gain.argmax()) + 1 if gain.max() > 0 else 0
+    taken[position[:prefix][kept[:prefix]]] = True
+    return prefix, np.flatnonzero(~kept[:prefix]), taken
 
 
 def _among(codes: np.ndarray, sorted_codes: np.ndarray) -> np.ndarray:

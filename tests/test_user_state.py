@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from models import candidates
 from models.features import FEATURE_COLUMNS
 from models.snapshot import (
     CandidateSnapshot,
@@ -194,19 +195,46 @@ def test_the_neighbourhood_candidates_cost_no_item_codes():
     )
     hooded = table.with_neighbours(neighbours)
     seeds = rng.choice(400, 5, replace=False)
-    named = set(
-        neighbours.filter(pl.col("item_id").is_in([items[s] for s in seeds]))["neighbour_item_id"]
+    carts = [1, 0, 2, 0, 0]  # the first and third seed also seed bought-together
+    # The neighbour generators' proposals, by the generators themselves, in their order.
+    recent = pl.DataFrame(
+        {
+            "as_of": 0,
+            "user_id": "u",
+            "item_id": [items[c] for c in seeds],
+            "recency_rank": range(1, 6),
+        }
     )
-    near = sorted(table.codes_of(named).tolist())
-    dropped = set(near[:: max(1, len(near) // 3)])  # holes in the neighbourhood
+    marts = {
+        kind: neighbours.filter(kind=kind).drop("kind").with_columns(as_of=0)
+        for kind in ("covisit", "bought_together")
+    }
+    proposed = (
+        candidates.neighbours(recent, marts["covisit"], "covisit_score")
+        .join(
+            candidates.neighbours(
+                recent.filter(pl.Series(carts) > 0),
+                marts["bought_together"],
+                "bought_together_score",
+            ),
+            on=["as_of", "user_id", "item_id"],
+            how="full",
+            coalesce=True,
+        )
+        .fill_null(0.0)
+        .filter(~pl.col("item_id").is_in([items[c] for c in seeds]))
+        .sort(["covisit_score", "bought_together_score", "item_id"], descending=[True, True, False])
+    )
+    near = table.codes_of(proposed["item_id"]).tolist()
+    dropped = set(near[:: max(1, len(near) // 3)][:-1])  # holes in the neighbourhood
     others = [c for c in rng.permutation(400) if c not in near and c not in seeds][:4]
-    codes = np.array([*seeds, *[c for c in near if c not in dropped and c not in seeds], *others])
+    codes = np.array([*seeds, *[c for c in near if c not in dropped], *others])
     _, rows = random_user(rng, table, len(codes))
     rows[:, [FEATURE_COLUMNS.index(c) for c in ITEM_COLUMNS]] = table.features[codes]
     column = {name: i for i, name in enumerate(FEATURE_COLUMNS)}
     rows[:, column["history_score"]] = 0.0
     rows[: len(seeds), column["history_score"]] = 1.0 / np.arange(1, len(seeds) + 1)
-    rows[: len(seeds), column["user_item_carts"]] = [1, 0, 2, 0, 0]  # bought-together seeds
+    rows[: len(seeds), column["user_item_carts"]] = carts
     ranks = np.arange(1, len(codes) + 1, dtype=np.int32)
     with_hood = encode_user(hooded, codes, ranks, rows, np.zeros(0, int))
     without = encode_user(table, codes, ranks, rows, np.zeros(0, int))
@@ -217,10 +245,10 @@ def test_the_neighbourhood_candidates_cost_no_item_codes():
         np.testing.assert_array_equal(found.ranks, ranks)
     taken = len(codes) - len(seeds) - len(others)
     assert taken > 20
-    # Each candidate taken from the neighbourhood saves its two-byte code; a hole costs a byte
-    # (sizes before compression).
+    # Each candidate taken from the neighbourhood saves its two-byte code; a hole costs a byte,
+    # and the value a bit per candidate (sizes before compression).
     saved = len(zlib.decompress(without)) - len(zlib.decompress(with_hood))
-    assert saved == 2 * taken - len(dropped), (saved, taken)
+    assert saved == 2 * taken - len(dropped) - (len(codes) + 7) // 8, (saved, taken)
 
 
 def test_packed_states_find_every_user_and_no_other():
