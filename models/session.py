@@ -98,36 +98,27 @@ class NeighbourIndex:
             The index; each item's neighbours strongest first.
         """
         ids = list(ids)
-        named = (frame.get_column(c).unique().to_list() for c in ("item_id", "neighbour_item_id"))
-        more = set().union(*named).difference(ids)
+        frame = frame.filter(pl.col("kind").is_in(NEIGHBOUR_KINDS))
+        named = pl.concat([frame.get_column("item_id"), frame.get_column("neighbour_item_id")])
+        more = set(named.unique().to_list()).difference(ids)
         ids = np.array([*ids, *sorted(more)], dtype=object)
-        kinds = pl.DataFrame(
-            {"kind": list(NEIGHBOUR_KINDS), "kind_index": range(len(NEIGHBOUR_KINDS))},
-            schema={"kind": pl.String, "kind_index": pl.Int64},
-        )
-        codes = pl.DataFrame(
-            {"item_id": ids.tolist(), "code": np.arange(len(ids))},
-            schema={"item_id": pl.String, "code": pl.Int64},
-        )
+        # Ids to codes through Enum casts (a category's position is its code), not joins.
+        codes, kinds = pl.Enum(ids.tolist()), pl.Enum(NEIGHBOUR_KINDS)
         # Strongest first: this very sort (not a stable one) orders the ties within an item as
         # the service always had them, and their order decides ties between candidates later.
         ordered = (
             frame.select("kind", "item_id", "neighbour_item_id", pl.col("score").cast(pl.Float64))
             .sort("kind", "item_id", "score", descending=[False, False, True])
-            .with_row_index("order")
-            .join(kinds, on="kind")
-            .join(codes, on="item_id")
-            .join(
-                codes.rename({"item_id": "neighbour_item_id", "code": "neighbour"}),
-                on="neighbour_item_id",
-            )
             .select(
-                (pl.col("kind_index") * len(ids) + pl.col("code")).alias("row"),
-                "neighbour",
+                (
+                    pl.col("kind").cast(kinds).to_physical().cast(pl.Int64) * len(ids)
+                    + pl.col("item_id").cast(codes).to_physical().cast(pl.Int64)
+                ).alias("row"),
+                pl.col("neighbour_item_id").cast(codes).to_physical().alias("neighbour"),
                 "score",
-                "order",
             )
-            .sort("row", "order")
+            # Rows in code order, each keeping the order above.
+            .sort("row", maintain_order=True)
         )
         starts = np.searchsorted(
             ordered.get_column("row").to_numpy(), np.arange(len(NEIGHBOUR_KINDS) * len(ids) + 1)
