@@ -149,7 +149,6 @@ class RecommendationService:
         self._ranker = (ranker, features, version, tag, policy)
         self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
         show_ranker_engine(self.serving.ranker_engine)
-        self._compile_later(model_dir)
         self.state = open_state(self.settings.redis_url)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
@@ -159,7 +158,9 @@ class RecommendationService:
         self._restore_stock()
         self._restore_seen()
         self._stop = threading.Event()
-        threading.Thread(target=self._background, name="shelfwise-upkeep", daemon=True).start()
+        threading.Thread(
+            target=self._background, args=(model_dir,), name="shelfwise-upkeep", daemon=True
+        ).start()
         logger.info(
             "Serving %s (ranker engine %s) for %d known users from %s, online state %s",
             self.serving.model_version,
@@ -337,13 +338,21 @@ class RecommendationService:
             logger.exception("Online store unreadable: serving the lake's snapshot")
             return None
 
-    def _background(self) -> None:
-        """Upkeep off the request path: a newly promoted model, and log compaction."""
+    def _background(self, model_dir: Path | None = None) -> None:
+        """Upkeep off the request path: the ranker's compilation once the worker is up (the
+        model of `model_dir`, loaded by `__init__`), a newly promoted model, log compaction."""
         poll, compact = self.settings.model_poll_s, self.settings.compact_every_s
         # `__init__` compacted just now (`_restore_stock`): the next round is a period away.
         next_poll = time.monotonic()
         next_compaction = next_poll + compact
+        compile_pending = True
         while not self._stop.wait(STORE_POLL_S):
+            if compile_pending:
+                # A poll period after `__init__`, when BentoML has the worker serving: the
+                # compiler (a child process busy for seconds) started during start-up delayed
+                # `/readyz` by about 0.5 s on 2 cores. LightGBM serves until then, same scores.
+                compile_pending = False
+                self._compile_later(model_dir)
             self._poll_store()
             now = time.monotonic()
             if poll and now >= next_poll:

@@ -26,11 +26,15 @@ changes nothing in that cutoff's weights or scores.
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
-from scipy.linalg import lapack
+
+# SciPy (~0.1-0.25 s to import) is imported by the functions that fit or score the model: the
+# service imports this module (through `models.candidates`) but never fits one.
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 DEFAULT_MAX_ITEMS = 5_000
 DEFAULT_REGULARISATION = 500.0
@@ -50,7 +54,7 @@ class InteractionMatrix:
         items: The item id of each column, most users first.
     """
 
-    matrix: sp.csr_matrix
+    matrix: "sp.csr_matrix"
     users: list[str]
     items: np.ndarray
 
@@ -65,6 +69,8 @@ def interaction_matrix(pairs: pl.DataFrame, max_items: int) -> InteractionMatrix
     Returns:
         The matrix; users without any kept item have no row.
     """
+    import scipy.sparse as sp
+
     pairs = pairs.select("user_id", "item_id").unique()
     items = (
         pairs.group_by("item_id")
@@ -89,7 +95,7 @@ def interaction_matrix(pairs: pl.DataFrame, max_items: int) -> InteractionMatrix
     return InteractionMatrix(matrix, user_ids.to_list(), items.get_column("item_id").to_numpy())
 
 
-def ease_weights(matrix: sp.csr_matrix, regularisation: float) -> np.ndarray:
+def ease_weights(matrix: "sp.csr_matrix", regularisation: float) -> np.ndarray:
     """EASE's item-item weights `B` (zero diagonal) of a binary user x item matrix.
 
     Args:
@@ -102,6 +108,8 @@ def ease_weights(matrix: sp.csr_matrix, regularisation: float) -> np.ndarray:
     Raises:
         numpy.linalg.LinAlgError: The regularised Gram matrix could not be inverted.
     """
+    from scipy.linalg import lapack
+
     # X'X + lambda I is symmetric positive definite: invert it through its Cholesky factor
     # (LAPACK potrf + potri, float32), about four times faster than a float64 LU inverse.
     gram = (matrix.T @ matrix).toarray().astype(np.float32)
@@ -213,6 +221,8 @@ def _top_unseen(
     mask: np.ndarray,
     schema: dict[str, pl.DataType],
 ) -> pl.DataFrame:
+    import scipy.sparse as sp
+
     columns = rows.get_column("item_id").replace_strict(model.column, default=None).cast(pl.Int64)
     known = rows.with_columns(columns.alias("column")).filter(pl.col("column").is_not_null())
     user_ids = known.get_column("user_id").unique().sort()
@@ -240,8 +250,8 @@ def _top_unseen(
 
 
 def top_items_per_user(
-    interactions: sp.csr_matrix,
-    weights: np.ndarray | sp.csr_matrix,
+    interactions: "sp.csr_matrix",
+    weights: "np.ndarray | sp.csr_matrix",
     users: np.ndarray,
     items: np.ndarray,
     depth: int,
@@ -265,6 +275,8 @@ def top_items_per_user(
     Returns:
         Columns user_id, item_id, score (> 0 only), up to `depth` rows per user.
     """
+    import scipy.sparse as sp
+
     schema = {"user_id": pl.String, "item_id": pl.String, "score": pl.Float64}
     depth = min(depth, len(items))
     parts = [pl.DataFrame(schema=schema)]

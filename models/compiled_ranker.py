@@ -35,12 +35,14 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightgbm as lgb
 import numpy as np
 
 from models.ranker import booster_from_text
+
+if TYPE_CHECKING:  # LightGBM is imported where a booster is loaded (`models.ranker`)
+    import lightgbm as lgb
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class RankerEngine:
     """
 
     predictor: Any
-    booster: lgb.Booster
+    booster: "lgb.Booster"
     engine: str
     source: str
 
@@ -223,7 +225,7 @@ def load_library(model_text: str, folder: Path) -> CompiledRanker:
     return CompiledRanker(model, info)
 
 
-def probe_rows(booster: lgb.Booster, rows: int = _PROBE_ROWS, seed: int = 0) -> np.ndarray:
+def probe_rows(booster: "lgb.Booster", rows: int = _PROBE_ROWS, seed: int = 0) -> np.ndarray:
     """Rows that reach many leaves, drawn at random.
 
     Each feature is just below, at or just above one of its split thresholds, or missing (NaN),
@@ -253,7 +255,7 @@ def probe_rows(booster: lgb.Booster, rows: int = _PROBE_ROWS, seed: int = 0) -> 
     return matrix
 
 
-def check_agreement(compiled: CompiledRanker, booster: lgb.Booster) -> float:
+def check_agreement(compiled: CompiledRanker, booster: "lgb.Booster") -> float:
     """The largest score difference on `probe_rows`; raises beyond `TOLERANCE`.
 
     Raises:
@@ -370,7 +372,7 @@ def load_ranker_engine(
     return RankerEngine(booster, booster, ENGINE_LIGHTGBM, reason)
 
 
-def _checked(model_text: str, folder: Path, booster: lgb.Booster, source: str) -> RankerEngine:
+def _checked(model_text: str, folder: Path, booster: "lgb.Booster", source: str) -> RankerEngine:
     compiled = load_library(model_text, folder)
     difference = check_agreement(compiled, booster)
     logger.info(

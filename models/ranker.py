@@ -1,12 +1,18 @@
 """Training the LightGBM LambdaRank ranker on the multi-cutoff training set."""
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import lightgbm as lgb
 import numpy as np
 import polars as pl
 
 from models.features import FEATURE_COLUMNS, feature_matrix
+
+# LightGBM (with the pandas and SciPy it imports, ~0.5 s) is imported by the functions that use
+# it: the service imports this module for `booster_from_text`, and `bentoml serve` imports the
+# service in its own process too, which never loads a model.
+if TYPE_CHECKING:
+    import lightgbm as lgb
 
 QUERY = ["as_of", "user_id"]
 
@@ -73,7 +79,9 @@ def query_sizes(rows: pl.DataFrame) -> np.ndarray:
     return rows.group_by(QUERY, maintain_order=True).agg(pl.len()).get_column("len").to_numpy()
 
 
-def _dataset(rows: pl.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+def _dataset(rows: pl.DataFrame, reference: "lgb.Dataset | None" = None) -> "lgb.Dataset":
+    import lightgbm as lgb
+
     rows = rows.sort(QUERY, maintain_order=True)
     return lgb.Dataset(
         feature_matrix(rows),
@@ -87,7 +95,7 @@ def _dataset(rows: pl.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Da
 
 def train_ranker(
     train: pl.DataFrame, validation: pl.DataFrame | None, params: RankerParams
-) -> lgb.Booster:
+) -> "lgb.Booster":
     """Trains a LambdaRank booster, early-stopping on the validation queries when given.
 
     The final booster of `train_ranker_with_validation_model`; see there.
@@ -105,7 +113,7 @@ def train_ranker(
 
 def train_ranker_with_validation_model(
     train: pl.DataFrame, validation: pl.DataFrame | None, params: RankerParams
-) -> tuple[lgb.Booster, lgb.Booster | None]:
+) -> tuple["lgb.Booster", "lgb.Booster | None"]:
     """Trains a LambdaRank booster, early-stopping on the validation queries when given.
 
     With validation rows and `params.refit_with_validation`, the rounds early stopping chose
@@ -125,6 +133,8 @@ def train_ranker_with_validation_model(
         taken on the validation window (the segment policy, `models.segments`) need a model
         that did not learn from it.
     """
+    import lightgbm as lgb
+
     train_set = _dataset(train)
     callbacks = []
     valid_sets = []
@@ -145,14 +155,14 @@ def train_ranker_with_validation_model(
     return lgb.train(params.lightgbm_params(), everything, num_boost_round=rounds), booster
 
 
-def feature_importance(booster: lgb.Booster) -> dict[str, float]:
+def feature_importance(booster: "lgb.Booster") -> dict[str, float]:
     """Total gain per feature, largest first."""
     gains = booster.feature_importance(importance_type="gain")
     pairs = sorted(zip(booster.feature_name(), gains, strict=True), key=lambda p: -p[1])
     return {name: float(gain) for name, gain in pairs}
 
 
-def booster_from_text(model_text: str) -> lgb.Booster:
+def booster_from_text(model_text: str) -> "lgb.Booster":
     """A ranker from LightGBM's text format.
 
     The one loader for the lake's file, the model store's and the service's.
@@ -163,9 +173,11 @@ def booster_from_text(model_text: str) -> lgb.Booster:
     Returns:
         The booster.
     """
+    import lightgbm as lgb
+
     return lgb.Booster(model_str=model_text)
 
 
-def model_text(booster: lgb.Booster) -> str:
+def model_text(booster: "lgb.Booster") -> str:
     """A trained ranker in LightGBM's text format, cut at its best iteration."""
     return booster.model_to_string(num_iteration=booster.best_iteration or None)

@@ -28,8 +28,8 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import lightgbm as lgb
 import numpy as np
 import polars as pl
 
@@ -76,6 +76,9 @@ from shelfwise.lake import (
     Lake,
 )
 from shelfwise.runtime.online_state import StockChange
+
+if TYPE_CHECKING:  # LightGBM is imported where a booster is loaded (`models.ranker`)
+    import lightgbm as lgb
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +194,7 @@ class Recommender:
         self,
         candidates: pl.DataFrame | CandidateStore,
         popular: pl.DataFrame,
-        booster: lgb.Booster | None,
+        booster: "lgb.Booster | None",
         feature_names: list[str] | None = None,
         rules: BusinessRules | None = None,
         neighbours: NeighbourIndex | None = None,
@@ -242,7 +245,7 @@ class Recommender:
     def from_lake(
         cls,
         lake: Lake,
-        booster: lgb.Booster | None,
+        booster: "lgb.Booster | None",
         feature_names: list[str] | None = None,
         max_per_category: int = 0,
         ranker_budget_s: float | None = None,
@@ -296,7 +299,7 @@ class Recommender:
             booster,
             features,
             BusinessRules.from_lake(lake, max_per_category),
-            NeighbourIndex(frames[SERVING_NEIGHBOURS]),
+            NeighbourIndex.from_frame(frames[SERVING_NEIGHBOURS]),
             frames[SERVING_ITEMS],
             ranker_budget_s,
             segment_policy=segment_policy,
@@ -306,7 +309,7 @@ class Recommender:
     def from_online_store(
         cls,
         version: OnlineVersion,
-        booster: lgb.Booster | None,
+        booster: "lgb.Booster | None",
         feature_names: list[str] | None = None,
         max_per_category: int = 0,
         ranker_budget_s: float | None = None,
@@ -328,7 +331,7 @@ class Recommender:
             booster,
             features,
             BusinessRules.from_frames(version.facts, None, max_per_category),
-            NeighbourIndex(version.neighbours),
+            version.neighbours,
             version.facts,
             ranker_budget_s,
             segment_policy=segment_policy,

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from models.business_rules import ItemFacts
@@ -56,83 +57,141 @@ Neighbours = Mapping[str, list[tuple[str, float]]]
 
 
 class NeighbourIndex:
-    """Item-to-item neighbours as of the serving cutoff, strongest first.
+    """Item-to-item neighbours as of the serving cutoff, strongest first, by item code.
+
+    Compressed rows: the neighbours of the item with code c (its position in `ids`) of the k-th
+    of `NEIGHBOUR_KINDS` are row k × len(ids) + c, from `starts[row]` to `starts[row + 1]` in
+    `codes` (their item codes) and `scores`. Held as arrays, so a worker of the online store reads
+    them from Redis as they were written (`models.online_store`) instead of sorting and grouping
+    millions of rows at start-up; each item's list is built on first use (`of`).
 
     Args:
-        frame: kind (covisit, bought_together or collaborative), item_id, neighbour_item_id,
-            score. A snapshot without a kind has no neighbours of that kind.
+        ids: Item ids by code (an object array of str).
+        starts: Per row, where its neighbours start (one more entry at the end), int64.
+        codes: The neighbours' item codes, each row's strongest first.
+        scores: The neighbours' scores (float64), in the same order.
     """
 
-    def __init__(self, frame: pl.DataFrame) -> None:
-        ordered = frame.sort("kind", "item_id", "score", descending=[False, False, True])
-        ordered = ordered.with_row_index("row")
-        spans: dict[str, dict[str, tuple[int, int]]] = {
-            COVISIT: {},
-            BOUGHT_TOGETHER: {},
-            COLLABORATIVE: {},
-        }
-        groups = ordered.group_by("kind", "item_id", maintain_order=True).agg(
-            pl.col("row").first(), pl.len()
-        )
-        for kind, item_id, row, length in groups.iter_rows():
-            spans.setdefault(kind, {})[item_id] = (row, length)
-        neighbours, scores = ordered.get_column("neighbour_item_id"), ordered.get_column("score")
+    def __init__(
+        self, ids: np.ndarray, starts: np.ndarray, codes: np.ndarray, scores: np.ndarray
+    ) -> None:
+        if len(starts) != len(NEIGHBOUR_KINDS) * len(ids) + 1 or len(codes) != len(scores):
+            raise ValueError("neighbour rows do not match the items")
+        self.ids, self.starts, self.codes, self.scores = ids, starts, codes, scores
+        self._code = {item: n for n, item in enumerate(ids.tolist())}
         self.tables: dict[str, Neighbours] = {
-            kind: _LazyNeighbours(kind_spans, neighbours, scores)
-            for kind, kind_spans in spans.items()
+            kind: _KindNeighbours(self, k) for k, kind in enumerate(NEIGHBOUR_KINDS)
         }
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, ids: Iterable[str] = ()) -> "NeighbourIndex":
+        """The index of neighbour rows.
+
+        Args:
+            frame: kind (covisit, bought_together or collaborative), item_id, neighbour_item_id,
+                score. A snapshot without a kind has no neighbours of that kind; other kinds are
+                left out.
+            ids: Item ids to give the first codes, in order (e.g. the item table's); items of
+                the frame not among them follow, sorted.
+
+        Returns:
+            The index; each item's neighbours strongest first.
+        """
+        ids = list(ids)
+        frame = frame.filter(pl.col("kind").is_in(NEIGHBOUR_KINDS))
+        named = pl.concat([frame.get_column("item_id"), frame.get_column("neighbour_item_id")])
+        more = set(named.unique().to_list()).difference(ids)
+        ids = np.array([*ids, *sorted(more)], dtype=object)
+        # Ids to codes through Enum casts (a category's position is its code), not joins.
+        codes, kinds = pl.Enum(ids.tolist()), pl.Enum(NEIGHBOUR_KINDS)
+        # Strongest first: this very sort (not a stable one) orders the ties within an item as
+        # the service always had them, and their order decides ties between candidates later.
+        ordered = (
+            frame.select("kind", "item_id", "neighbour_item_id", pl.col("score").cast(pl.Float64))
+            .sort("kind", "item_id", "score", descending=[False, False, True])
+            .select(
+                (
+                    pl.col("kind").cast(kinds).to_physical().cast(pl.Int64) * len(ids)
+                    + pl.col("item_id").cast(codes).to_physical().cast(pl.Int64)
+                ).alias("row"),
+                pl.col("neighbour_item_id").cast(codes).to_physical().alias("neighbour"),
+                "score",
+            )
+            # Rows in code order, each keeping the order above.
+            .sort("row", maintain_order=True)
+        )
+        starts = np.searchsorted(
+            ordered.get_column("row").to_numpy(), np.arange(len(NEIGHBOUR_KINDS) * len(ids) + 1)
+        )
+        return cls(
+            ids,
+            starts.astype(np.int64),
+            ordered.get_column("neighbour").to_numpy().astype(np.int32),
+            ordered.get_column("score").to_numpy().astype(np.float64),
+        )
 
     @classmethod
     def empty(cls) -> "NeighbourIndex":
         """An index without neighbours (no snapshot)."""
         return cls(
-            pl.DataFrame(
-                schema={
-                    "kind": pl.String,
-                    "item_id": pl.String,
-                    "neighbour_item_id": pl.String,
-                    "score": pl.Float64,
-                }
-            )
+            np.array([], dtype=object),
+            np.zeros(1, np.int64),
+            np.array([], np.int32),
+            np.array([], np.float64),
         )
 
     def of(self, kind: str, item_id: str) -> list[tuple[str, float]]:
         """The item's neighbours of one kind, strongest first."""
         return self.tables[kind].get(item_id, [])
 
+    def span(self, kind_index: int, item_id: str) -> tuple[int, int]:
+        """Where the item's neighbours of the kind are in `codes` (start, end); equal if none."""
+        code = self._code.get(item_id)
+        if code is None:
+            return 0, 0
+        row = kind_index * len(self.ids) + code
+        return int(self.starts[row]), int(self.starts[row + 1])
 
-class _LazyNeighbours(Mapping[str, list[tuple[str, float]]]):
-    """One kind's neighbour lists by item, each built from the sorted columns on first use.
 
-    Building every list at start-up took 3 s for the 10M-event shop's 3.2 million neighbour rows;
-    a request reads a few dozen lists.
+class _KindNeighbours(Mapping[str, list[tuple[str, float]]]):
+    """One kind's neighbour lists by item, each built from the index's arrays on first use.
+
+    A request reads a few dozen lists; building all of them (3.2 million neighbours on the
+    10M-event shop) took seconds.
     """
 
-    def __init__(
-        self, spans: dict[str, tuple[int, int]], neighbours: pl.Series, scores: pl.Series
-    ) -> None:
-        self._spans, self._neighbours, self._scores = spans, neighbours, scores
+    def __init__(self, index: NeighbourIndex, kind_index: int) -> None:
+        self._index, self._kind = index, kind_index
         self._lists: dict[str, list[tuple[str, float]]] = {}
 
     def __getitem__(self, item_id: str) -> list[tuple[str, float]]:
         found = self._lists.get(item_id)
         if found is None:
-            start, length = self._spans[item_id]
+            start, end = self._index.span(self._kind, item_id)
+            if start == end:
+                raise KeyError(item_id)
+            index = self._index
             found = list(
                 zip(
-                    self._neighbours.slice(start, length).to_list(),
-                    self._scores.slice(start, length).to_list(),
+                    index.ids[index.codes[start:end]].tolist(),
+                    index.scores[start:end].tolist(),
                     strict=True,
                 )
             )
             self._lists[item_id] = found  # one assignment: safe across request threads
         return found
 
+    def _rows(self) -> np.ndarray:
+        """The codes of the items with neighbours of this kind."""
+        items = len(self._index.ids)
+        starts = self._index.starts[self._kind * items : (self._kind + 1) * items + 1]
+        return np.flatnonzero(np.diff(starts))
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self._spans)
+        return iter(self._index.ids[self._rows()].tolist())
 
     def __len__(self) -> int:
-        return len(self._spans)
+        return len(self._rows())
 
 
 def neighbour_scores(

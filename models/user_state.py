@@ -265,16 +265,22 @@ class ItemTable:
             self, "_key_counts", {k: int(v.max(initial=-1)) + 1 for k, v in counts.items()}
         )
 
-    def with_neighbours(self, neighbours: pl.DataFrame | None) -> "ItemTable":
+    def with_neighbours(self, neighbours: "pl.DataFrame | NeighbourTable | None") -> "ItemTable":
         """This table with the neighbour generators' tables (`NEIGHBOUR_KINDS`).
 
         With them the codec recomputes those generators' scores instead of storing them.
 
         Args:
             neighbours: kind, item_id, neighbour_item_id, score (the serving snapshot's
-                neighbours: the marts the generators read at its cutoff); None for none.
+                neighbours: the marts the generators read at its cutoff); or a table already
+                built for this item table (`NeighbourTable.build`, e.g. as the online store
+                keeps it); None for none.
         """
-        built = None if neighbours is None else NeighbourTable.build(self, neighbours)
+        built = (
+            NeighbourTable.build(self, neighbours)
+            if isinstance(neighbours, pl.DataFrame)
+            else neighbours
+        )
         return dataclasses.replace(self, neighbours=built)
 
     def __len__(self) -> int:

@@ -133,7 +133,7 @@ def _recommender_with(neighbours: list[tuple[str, str, str, float]]) -> Recommen
         }
     )
     popular = pl.DataFrame({"item_id": ["pop"], "popularity": [1.0]})
-    return Recommender(snapshot, popular, None, neighbours=NeighbourIndex(frame))
+    return Recommender(snapshot, popular, None, neighbours=NeighbourIndex.from_frame(frame))
 
 
 def test_similar_and_sessions_of_unknown_users_read_the_collaborative_neighbours():

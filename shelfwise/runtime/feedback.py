@@ -173,7 +173,6 @@ _STREAMS = {
     ),
 }
 _BY_CODE = {stream.code: stream for stream in _STREAMS.values()}
-_EVENT_TYPES = pa.array(EVENT_TYPES, pa.string())
 
 
 def _fsync_dir(directory: Path | str) -> None:
@@ -217,7 +216,10 @@ def _encode_rows(stream: _Stream, rows: list[dict[str, Any]]) -> pa.RecordBatch:
             raise ContractError(f"{stream.name}: required field '{item.name}' is missing or null")
     if stream.name == EVENTS:
         event_types = batch.column(schema.get_field_index("event_type"))
-        if not pc.all(pc.is_in(event_types, value_set=_EVENT_TYPES)).as_py():
+        # Made here, not at import: pyarrow's first array imports pandas (~0.2 s), which the
+        # service's `bentoml serve` process, importing this module, would pay for nothing.
+        known = pa.array(EVENT_TYPES, pa.string())
+        if not pc.all(pc.is_in(event_types, value_set=known)).as_py():
             raise ContractError(
                 f"{stream.name}: field 'event_type' must be one of {', '.join(EVENT_TYPES)}"
             )

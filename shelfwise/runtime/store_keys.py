@@ -8,7 +8,8 @@ keys start with `sw:v<version>:`; one pointer key names the version replicas ser
 - `sw:versions` — a set of the versions written (complete or not), so old ones can be removed.
 - `sw:v<version>:meta` — the version's description (JSON: users, rows, column layout, when).
 - `sw:v<version>:shared:<part>` — a shared, O(items) part of the version (items and their
-  features, popular items, neighbours, the business rules' item facts).
+  features, popular items, the neighbours as arrays by item code, the business rules' item
+  facts).
 - `sw:v<version>:u:{<user_id>}` — one user's candidates and purchases (compact binary). The user
   id is the key's hash tag, so in Redis Cluster every key of a user (of any version) lives on
   one shard.
@@ -26,7 +27,8 @@ VERSIONS = f"{PREFIX}versions"
 # The shared parts of a version.
 SHARED_ITEMS = "items"
 SHARED_POPULAR = "popular"
-SHARED_NEIGHBOURS = "neighbours"
+# Named apart from the Parquet rows older versions held under `neighbours`.
+SHARED_NEIGHBOURS = "neighbour-arrays"
 SHARED_FACTS = "facts"
 SHARED_PARTS = (SHARED_ITEMS, SHARED_POPULAR, SHARED_NEIGHBOURS, SHARED_FACTS)
 
