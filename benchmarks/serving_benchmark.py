@@ -175,6 +175,9 @@ TARGET_REDIS_STARTUP_S = 5.0
 TARGET_STORE_P99_MS = 10.0  # at concurrency 8, one worker
 TARGET_TWO_WORKERS = 1.7  # two workers' requests/s over one worker's
 SETTLE_TIMEOUT_S = 300.0  # for the workers' ranker compilation after start-up
+# A worker starts compiling its ranker a poll period (0.5 s, `bentos.service.STORE_POLL_S`) after
+# its start-up; this long after `/readyz` every worker's compiler has started.
+COMPILE_START_S = 2.0
 IN_PROCESS_HOW = (
     "the summed RSS (/proc) of the N embedded workers minus that of the N Redis workers, read "
     "after the last load run (what serving holds once the allocators have returned what loading "
@@ -1052,6 +1055,7 @@ def settle(pid: int, workers: int, timeout: float) -> tuple[float, bool]:
     children a worker starts after start-up (the ranker's compilation) are done. Returns the
     seconds waited and whether it settled within `timeout`."""
     started = time.perf_counter()
+    time.sleep(COMPILE_START_S)  # the compilers start after start-up
     while len(process_tree(pid)) > 1 + workers:
         if time.perf_counter() - started > timeout:
             return time.perf_counter() - started, False
