@@ -448,6 +448,20 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[st
     }
 
 
+def load_config(args: argparse.Namespace, user_ids: int, load_before: float) -> dict:
+    """The load's part of a results file's config: what wrk sent, how long, how hard."""
+    return {
+        "body": '{"user_id": <cycled>, "k": 10}',
+        "user_ids": user_ids,
+        "unknown_share": args.unknown_share,
+        "duration_seconds": args.duration,
+        "repeats": args.repeats,
+        "concurrency": args.concurrency,
+        # Other work on the machine (1-minute load averages before and after).
+        "load_average": [load_before, load_average()],
+    }
+
+
 def load_alternately(
     urls: dict[str, str], script: Path, args: argparse.Namespace, warm_up_s: float
 ) -> dict[tuple[str, int], list[dict[str, float]]]:
@@ -893,14 +907,7 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
                 "noop": "the service's /noop" if own_noop else NOOP_SERVICE,
                 "shim_installed_by_service": shim_in_service,
                 "client": "wrk -t1 (keep-alive), same machine",
-                "body": '{"user_id": <cycled>, "k": 10}',
-                "user_ids": len(user_ids),
-                "unknown_share": args.unknown_share,
-                "duration_seconds": args.duration,
-                "repeats": args.repeats,
-                "concurrency": args.concurrency,
-                # Other work on the machine (1-minute load averages before and after).
-                "load_average": [load_before, load_average()],
+                **load_config(args, len(user_ids), load_before),
             },
             "figures": figures,
             "memory": memory_figures,
@@ -1364,14 +1371,8 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
                 "stores": args.stores,
                 "workers": args.workers,
                 "client": "wrk -t1 (keep-alive), same machine; /recommend and /noop alternately",
-                "body": '{"user_id": <cycled>, "k": 10}',
-                "user_ids": len(user_ids),
-                "unknown_share": args.unknown_share,
-                "duration_seconds": args.duration,
-                "repeats": args.repeats,
-                "concurrency": args.concurrency,
+                **load_config(args, len(user_ids), load_before),
                 "logs": str(scratch),
-                "load_average": [load_before, load_average()],
             },
             "redis_memory": memory,
             "in_process_memory": {"how": IN_PROCESS_HOW, **in_process},
