@@ -36,6 +36,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _PortTaken(RuntimeError):
+    """`bentoml serve` lost a race for a port it had picked."""
+
+
+# BentoML picks free ports (ours, and circus' control socket) by binding port 0 and closing it,
+# then binds them again later; meanwhile any process's outgoing connection may take the port.
+# A start that fails that way is retried on fresh ports.
+_START_ATTEMPTS = 3
+
+
 @contextmanager
 def bentoml_server(
     target: str,
@@ -55,6 +65,32 @@ def bentoml_server(
         timeout: Seconds to wait for readiness.
         env: Extra environment variables (SHELFWISE_* settings, BENTOML_CONFIG_OPTIONS).
     """
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        try:
+            process, url = _start_bentoml(target, settings, cwd, log_path, timeout, env)
+            break
+        except _PortTaken:
+            if attempt == _START_ATTEMPTS:
+                raise
+    try:
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _start_bentoml(
+    target: str,
+    settings: Settings,
+    cwd: Path,
+    log_path: Path,
+    timeout: float,
+    env: dict[str, str] | None,
+) -> tuple[subprocess.Popen, str]:
+    """Starts `bentoml serve` and waits until it is ready; stops it again on failure."""
     port = free_port()
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -72,30 +108,26 @@ def bentoml_server(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"bentoml serve exited ({process.returncode}):\n"
-                        + log_path.read_text()[-3000:]
-                    )
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"bentoml serve not ready in {timeout} s; see {log_path}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.terminate()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                output = log_path.read_text()
+                error = _PortTaken if "Address already in use" in output else RuntimeError
+                raise error(f"bentoml serve exited ({process.returncode}):\n" + output[-3000:])
             try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bentoml serve not ready in {timeout} s; see {log_path}")
+            time.sleep(0.5)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 @contextmanager
