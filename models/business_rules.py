@@ -122,11 +122,22 @@ class BusinessRules:
         ]
 
     @classmethod
-    def from_lake(cls, lake: Lake, max_per_category: int = 0) -> "BusinessRules":
-        """Loads the facts the pipeline exported with the serving snapshot (empty when absent)."""
+    def from_lake(
+        cls, lake: Lake, max_per_category: int = 0, purchases: bool = True
+    ) -> "BusinessRules":
+        """Loads the facts the pipeline exported with the serving snapshot (empty when absent).
+
+        Args:
+            lake: The lake holding the serving snapshot.
+            max_per_category: At most this many items of one category per list (0: no cap).
+            purchases: Whether to load every user's purchases; not when the candidate store
+                keeps them with each user (the users' values do: a dict of sets of every
+                buyer's items cost 240 MB on the 10M-event shop).
+        """
+        load_purchases = purchases and lake.exists(SERVING_PURCHASES)
         return cls.from_frames(
             lake.read_frame(SERVING_ITEMS) if lake.exists(SERVING_ITEMS) else None,
-            lake.read_frame(SERVING_PURCHASES) if lake.exists(SERVING_PURCHASES) else None,
+            lake.read_frame(SERVING_PURCHASES) if load_purchases else None,
             max_per_category,
         )
 

@@ -29,24 +29,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import polars as pl
 
-from models.session import NEIGHBOUR_KINDS as SESSION_KINDS
+from models.neighbour_arrays import read_neighbour_arrays
 from models.session import NeighbourIndex
-from models.snapshot import CandidateSnapshot, lake_states, snapshot_columns
+from models.snapshot import CandidateSnapshot, lake_neighbour_arrays, lake_states, snapshot_columns
 from models.user_state import (
     LAYOUT,
     ItemTable,
-    NeighbourTable,
     UserCandidates,
     candidate_count,
     decode_user,
 )
-from models.user_state import NEIGHBOUR_KINDS as CODEC_KINDS
 from shelfwise.lake import (
     SERVING_ITEMS,
-    SERVING_NEIGHBOURS,
     SERVING_POPULAR,
     Lake,
 )
@@ -93,7 +89,7 @@ def write_version(
     states: Iterable[tuple[str, bytes, bool]],
     *,
     popular: pl.DataFrame,
-    neighbours: pl.DataFrame,
+    neighbours: bytes,
     facts: pl.DataFrame,
     columns: Iterable[str],
     batch_users: int = WRITE_BATCH_USERS,
@@ -105,8 +101,8 @@ def write_version(
         table: The item table the users' values refer to.
         states: (user_id, value, has candidates) per user (`models.snapshot`), streamed.
         popular: item_id, popularity (most popular first).
-        neighbours: kind, item_id, neighbour_item_id, score (the neighbours `table`'s were
-            built from, if it has them).
+        neighbours: The neighbours indexed by `table`'s item codes
+            (`models.neighbour_arrays.neighbour_arrays`).
         facts: The business rules' item facts (`serving_facts`' items).
         columns: The features the snapshot holds (the others are unknown, NaN).
         batch_users: Users written per round trip.
@@ -120,7 +116,7 @@ def write_version(
     shared = {
         keys.SHARED_ITEMS: _parquet_bytes(table.to_frame()),
         keys.SHARED_POPULAR: _parquet_bytes(popular),
-        keys.SHARED_NEIGHBOURS: neighbour_arrays(table, neighbours),
+        keys.SHARED_NEIGHBOURS: neighbours,
         keys.SHARED_FACTS: _parquet_bytes(facts),
     }
     written = 0
@@ -214,7 +210,7 @@ def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
         table,
         states,
         popular=lake.read_frame(SERVING_POPULAR),
-        neighbours=lake.read_frame(SERVING_NEIGHBOURS),
+        neighbours=lake_neighbour_arrays(lake, table),
         facts=lake.read_frame(SERVING_ITEMS),
         columns=snapshot_columns(lake),
     )
@@ -344,118 +340,6 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
         frames[keys.SHARED_FACTS],
         list(meta["columns"]),
     )
-
-
-def neighbour_arrays(table: ItemTable, neighbours: pl.DataFrame) -> bytes:
-    """A version's neighbours as written: one index serving the session and the codec (`.npz`).
-
-    The session's `NeighbourIndex` (every kind, each item's neighbours strongest first; its
-    codes the table's, then those of items only the neighbours name) is stored whole. The
-    codec's `NeighbourTable` (the one the users' values were encoded with, `table.neighbours`)
-    holds a subset of the same neighbours in another order (as the rows came): it is stored as
-    its row starts and, per neighbour, its place within the index's row of the same kind and
-    item, so the scores are sent once. Reading these arrays is a copy, where building the two
-    indexes took a worker 1.5 s on the 10M-event shop.
-
-    Args:
-        table: The item table the users' values refer to.
-        neighbours: kind, item_id, neighbour_item_id, score (those `table.neighbours` was built
-            from, when it has them).
-
-    Returns:
-        The `.npz` bytes `read_neighbour_arrays` reads.
-
-    Raises:
-        ValueError: `table.neighbours` holds a neighbour the rows lack.
-    """
-    index = NeighbourIndex.from_frame(neighbours, table.ids.tolist())
-    arrays = {
-        "index_more_ids": np.array(index.ids[len(table) :].tolist(), dtype=np.str_),
-        "index_starts": index.starts,
-        # Item codes as the smallest unsigned integers that hold them (uint16 up to 65,535 items).
-        "index_codes": index.codes.astype(_code_dtype(len(index.ids))),
-        "index_scores": index.scores,
-    }
-    codec = table.neighbours
-    if codec is not None:
-        rows = _codec_rows(len(table), len(index.ids))
-        lengths = np.diff(codec.starts)
-        # Matched on (index row, neighbour, score bits, occurrence): equal entries are
-        # interchangeable, so any duplicate finds a place of its own.
-        keys = ["row", "neighbour", "bits"]
-        wanted = pl.DataFrame(
-            {
-                "row": np.repeat(rows, lengths),
-                "neighbour": codec.codes.astype(np.int64),
-                "bits": codec.scores.view(np.int64),
-            }
-        ).with_columns(pl.int_range(pl.len()).over(keys).alias("occurrence"))
-        held = pl.DataFrame(
-            {
-                "row": np.repeat(np.arange(len(index.starts) - 1), np.diff(index.starts)),
-                "neighbour": index.codes.astype(np.int64),
-                "bits": index.scores.view(np.int64),
-                "at": np.arange(len(index.codes)),
-            }
-        ).with_columns(pl.int_range(pl.len()).over(keys).alias("occurrence"))
-        found = wanted.join(held, on=[*keys, "occurrence"], how="left", maintain_order="left")
-        at = found.get_column("at")
-        if at.null_count():
-            raise ValueError("the item table's neighbours are not those of the neighbour rows")
-        offsets = at.to_numpy() - np.repeat(index.starts[rows], lengths)
-        arrays |= {
-            "table_starts": codec.starts,
-            "table_offsets": offsets.astype(_code_dtype(int(offsets.max(initial=0)) + 1)),
-        }
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def read_neighbour_arrays(table: ItemTable, raw: bytes) -> tuple[ItemTable, NeighbourIndex]:
-    """The item table with its codec neighbours, and the session's index (`neighbour_arrays`).
-
-    Args:
-        table: The version's item table (without neighbours).
-        raw: The bytes `neighbour_arrays` wrote.
-
-    Returns:
-        The table with `neighbours` set as when the values were encoded, and the index.
-    """
-    with np.load(io.BytesIO(raw), allow_pickle=False) as stored:
-        arrays = {name: stored[name] for name in stored.files}
-    more = np.array(arrays["index_more_ids"].tolist(), dtype=object)
-    index = NeighbourIndex(
-        np.concatenate([table.ids, more]) if len(more) else table.ids,
-        arrays["index_starts"],
-        arrays["index_codes"],
-        arrays["index_scores"],
-    )
-    if "table_starts" in arrays:
-        starts = arrays["table_starts"]
-        lengths = np.diff(starts)
-        rows = _codec_rows(len(table), len(index.ids))
-        at = np.repeat(index.starts[rows], lengths) + arrays["table_offsets"]
-        codec = NeighbourTable(starts, index.codes[at].astype(np.int64), index.scores[at])
-        table = table.with_neighbours(codec)
-    return table, index
-
-
-def _codec_rows(items: int, index_items: int) -> np.ndarray:
-    """Per row of the codec's `NeighbourTable`, the `NeighbourIndex` row of its kind and item.
-
-    The table's items have the same codes in both.
-    """
-    kinds = np.array([SESSION_KINDS.index(kind) for kind in CODEC_KINDS], np.int64)
-    return (kinds[:, None] * index_items + np.arange(items)[None, :]).ravel()
-
-
-def _code_dtype(values: int) -> type:
-    """The smallest unsigned integer type holding 0 … values - 1."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if values <= np.iinfo(dtype).max + 1:
-            return dtype
-    return np.uint64
 
 
 def open_client(url: str, timeout_s: float = 2.0) -> Any:  # noqa: ANN401

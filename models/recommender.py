@@ -59,6 +59,7 @@ from models.session import (
     recency_signals,
 )
 from models.snapshot import (
+    NEIGHBOUR_ROWS,
     SNAPSHOT_KEY,
     SNAPSHOT_ORDER,
     CandidateSnapshot,
@@ -262,30 +263,14 @@ class Recommender:
                 another ranker); load it without the ranker instead.
         """
         features = feature_names or FEATURE_COLUMNS
-        parts = {
-            SERVING_POPULAR: {"item_id": pl.String, "popularity": pl.Float64},
-            SERVING_NEIGHBOURS: {
-                "kind": pl.String,
-                "item_id": pl.String,
-                "neighbour_item_id": pl.String,
-                "score": pl.Float64,
-            },
-            SERVING_ITEMS: {"item_id": pl.String},
-        }
-        frames = {}
-        for relpath, schema in parts.items():
-            try:
-                frames[relpath] = lake.read_frame(relpath)
-            except Exception:  # a missing or corrupt artifact must not take the service down
-                logger.exception("serving snapshot %s unavailable: degrading", lake.uri(relpath))
-                frames[relpath] = pl.DataFrame(schema=schema)
         try:
             candidates = load_snapshot(lake, features)
         except SnapshotFeaturesError:  # a snapshot for another ranker: the caller decides
             raise
-        except Exception:  # as above: the candidate order, then popular items
+        except Exception:  # a missing or corrupt artifact must not take the service down
             snapshot = lake.uri(SERVING_CANDIDATES)
             logger.exception("serving snapshot %s unavailable: degrading", snapshot)
+            # The candidate order, then popular items.
             candidates = pl.DataFrame(
                 schema={
                     **{k: pl.String for k in SNAPSHOT_KEY[:2]},
@@ -293,13 +278,34 @@ class Recommender:
                     **{name: pl.Float32 for name in features},
                 }
             )
+        # The stored states come with the neighbours indexed as the online store keeps them;
+        # only without them are the neighbour rows read and indexed here.
+        stored = isinstance(candidates, CandidateSnapshot)
+        indexed = stored and candidates.neighbours is not None
+        parts = {
+            SERVING_POPULAR: {"item_id": pl.String, "popularity": pl.Float64},
+            **({} if indexed else {SERVING_NEIGHBOURS: NEIGHBOUR_ROWS.schema}),
+            SERVING_ITEMS: {"item_id": pl.String},
+        }
+        frames = {}
+        for relpath, schema in parts.items():
+            try:
+                frames[relpath] = lake.read_frame(relpath)
+            except Exception:  # as above: degrade
+                logger.exception("serving snapshot %s unavailable: degrading", lake.uri(relpath))
+                frames[relpath] = pl.DataFrame(schema=schema)
+        if indexed:
+            neighbours = candidates.neighbours
+        else:
+            neighbours = NeighbourIndex.from_frame(frames[SERVING_NEIGHBOURS])
         return cls(
             candidates,
             frames[SERVING_POPULAR],
             booster,
             features,
-            BusinessRules.from_lake(lake, max_per_category),
-            NeighbourIndex.from_frame(frames[SERVING_NEIGHBOURS]),
+            # The users' values hold their purchases; without them (degraded) the rules do.
+            BusinessRules.from_lake(lake, max_per_category, purchases=not stored),
+            neighbours,
             frames[SERVING_ITEMS],
             ranker_budget_s,
             segment_policy=segment_policy,
@@ -383,7 +389,7 @@ class Recommender:
             logger.warning("candidates of user %s unavailable (%r): degrading", user_id, error)
             found, missing = None, True
         bought = session.purchased_ids
-        if found is not None and found.bought:  # a store that keeps the purchases (Redis)
+        if found is not None and found.bought:  # the purchases kept with the user's candidates
             bought = found.bought | session.purchased_ids
         online = OnlineFacts(bought, stock or {})
         if found is not None and not len(found.item_ids):

@@ -2,10 +2,11 @@
 
 The pipeline's snapshot file has one row per (user, candidate) with the whole feature vector, as
 training assembles it. The service never holds those rows: `write_user_states` encodes each user
-into one compact value (`models.user_state`, lossless) and writes the values and the shared item
-table next to the file. A worker holds those values in process (`CandidateSnapshot`, the embedded
-default) or reads them from Redis per request (`models.online_store`); either way a request
-decodes one user's rows, the very numbers training would assemble for that user.
+into one compact value (`models.user_state`, lossless) and writes the values, the shared item
+table and the neighbours indexed by its item codes (`models.neighbour_arrays`) next to the file.
+A worker holds those values in process (`CandidateSnapshot`, the embedded default) or reads them
+from Redis per request (`models.online_store`); either way a request decodes one user's rows, the
+very numbers training would assemble for that user.
 
 Encoding reads the snapshot file batch by batch (each user's rows contiguous, as
 `serving_features` writes them), so memory holds one batch and the values, never the rows.
@@ -23,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.features import FEATURE_COLUMNS
+from models.neighbour_arrays import neighbour_arrays, read_neighbour_arrays
 from models.queries import whole_queries
+from models.session import NeighbourIndex
 from models.user_state import (
     ITEM_COLUMNS,
     ITEM_LEVEL_SCORES,
@@ -37,6 +40,7 @@ from models.user_state import (
 from shelfwise.lake import (
     SERVING_CANDIDATES,
     SERVING_ITEMS,
+    SERVING_NEIGHBOUR_ARRAYS,
     SERVING_NEIGHBOURS,
     SERVING_PURCHASES,
     SERVING_STATE_ITEMS,
@@ -58,6 +62,15 @@ LOAD_BATCH_ROWS = 500_000
 LAYOUT_KEY = b"shelfwise.user_state.layout"
 # Values per Parquet row group of the user states.
 STATES_BATCH_USERS = 50_000
+# The serving snapshot's neighbour rows (`SERVING_NEIGHBOURS`).
+NEIGHBOUR_ROWS = pl.DataFrame(
+    schema={
+        "kind": pl.String,
+        "item_id": pl.String,
+        "neighbour_item_id": pl.String,
+        "score": pl.Float64,
+    }
+)
 
 
 class CandidateStore(Protocol):
@@ -115,6 +128,21 @@ class PackedStates(Mapping[str, bytes]):
         self._hashes, self._order = hashes[order], order.astype(np.int32)
 
     @classmethod
+    def from_tables(cls, tables: Iterable[pa.Table]) -> "PackedStates":
+        """The states of tables of `user_id` and `state` columns, read one at a time.
+
+        Each table's buffers are copied into NumPy arrays and released before the next is read,
+        so the read never holds more than one table beyond the states. (Read whole, Arrow's
+        allocator kept about 90 MB beyond the values of the 10M-event shop after returning
+        what it could; these arrays keep a few MB.)
+        """
+        ids, values = [], []
+        for table in tables:
+            ids.append(_binary_parts(table.column(USER_KEY).cast(pa.large_string())))
+            values.append(_binary_parts(table.column("state").cast(pa.large_binary())))
+        return cls(_joined(ids, pa.large_string()), _joined(values, pa.large_binary()))
+
+    @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[str, bytes]]) -> "PackedStates":
         """The states of (user_id, value) pairs."""
         users, values = [], []
@@ -162,11 +190,14 @@ class CandidateSnapshot:
         table: The item table the states refer to.
         states: Each user's value (`models.user_state.encode_user`).
         known: How many of them have candidates (the others only purchases).
+        neighbours: The session's neighbour index, when read with the states from the same
+            arrays (`read_user_states`); None when the caller builds its own.
     """
 
     table: ItemTable
     states: PackedStates
     known: int
+    neighbours: NeighbourIndex | None = None
 
     @classmethod
     def from_frame(
@@ -284,7 +315,8 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
         mean_prices: user_id, mean_price (see `encode_snapshot`).
 
     Returns:
-        What was written (`SERVING_USER_STATES`, `SERVING_STATE_ITEMS`).
+        What was written (`SERVING_USER_STATES`, `SERVING_NEIGHBOUR_ARRAYS`,
+        `SERVING_STATE_ITEMS`; the item table last, as it tells readers the states are whole).
     """
     table, values = encode_snapshot(lake, mean_prices)
     counts = {"users": 0, "known_users": 0, "bytes": 0}
@@ -304,6 +336,7 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
         yield _states_frame(users, states, known).to_arrow()
 
     lake.write_parquet_tables(batches(), SERVING_USER_STATES)
+    lake.write_bytes(neighbour_arrays(table, _neighbour_rows(lake)), SERVING_NEIGHBOUR_ARRAYS)
     items = table.to_frame().to_arrow()
     layout = {LAYOUT_KEY: json.dumps(LAYOUT).encode()}
     lake.write_parquet(items.replace_schema_metadata(layout), SERVING_STATE_ITEMS)
@@ -333,7 +366,17 @@ def lake_states(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]
                 strict=True,
             )
 
-    return _stored_table(lake), stored()
+    return _stored_table(lake)[0], stored()
+
+
+def lake_neighbour_arrays(lake: Lake, table: ItemTable) -> bytes:
+    """The neighbour arrays of the table `lake_states` returned (`models.neighbour_arrays`).
+
+    Those `write_user_states` wrote; built from the neighbour rows for a table encoded afresh.
+    """
+    if states_fit(lake):
+        return lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS)
+    return neighbour_arrays(table, _neighbour_rows(lake))
 
 
 def read_user_states(lake: Lake) -> CandidateSnapshot:
@@ -342,18 +385,43 @@ def read_user_states(lake: Lake) -> CandidateSnapshot:
         table, values = lake_states(lake)
         counted = _Counted(values)
         return CandidateSnapshot(table, PackedStates.from_pairs(counted), counted.known)
-    # Straight from the file's Arrow buffers: no Python object per user.
-    stored = lake.read_table(SERVING_USER_STATES, columns=[USER_KEY, "state", "has_candidates"])
-    states = PackedStates(
-        stored.column(USER_KEY).combine_chunks(), stored.column("state").combine_chunks()
-    )
-    known = int(np.count_nonzero(stored.column("has_candidates").to_numpy()))
-    del stored
-    snapshot = CandidateSnapshot(_stored_table(lake), states, known)
-    # The reads' buffers went back to Arrow's allocator, which keeps them (about 500 MB on the
+    # Straight from the file's Arrow buffers, a row group at a time: no Python object per user.
+    known = 0
+
+    def tables() -> Iterator[pa.Table]:
+        nonlocal known
+        columns = [USER_KEY, "state", "has_candidates"]
+        for table in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS, columns):
+            known += pc.sum(table.column("has_candidates")).as_py() or 0
+            yield table
+
+    states = PackedStates.from_tables(tables())
+    table, neighbours = _stored_table(lake)
+    snapshot = CandidateSnapshot(table, states, known, neighbours)
+    # The reads' buffers went back to Arrow's allocator, which keeps them (about 200 MB on the
     # 10M-event shop) unless asked to return them to the system.
     pa.default_memory_pool().release_unused()
     return snapshot
+
+
+def _binary_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A large string or binary column's offsets (from 0) and bytes, copied out of Arrow."""
+    array = column.combine_chunks()
+    offsets = np.frombuffer(array.buffers()[1], np.int64, len(array) + 1, array.offset * 8)
+    data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].copy()
+    return offsets - offsets[0], data
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]], kind: pa.DataType) -> pa.Array:
+    """One Arrow array of `kind` over the concatenated `_binary_parts` (no copy into Arrow)."""
+    ends = np.cumsum([0, *(len(data) for _, data in parts)])
+    offsets = np.concatenate(
+        [np.zeros(1, np.int64), *(o[1:] + end for (o, _), end in zip(parts, ends, strict=False))]
+    )
+    data = np.concatenate([np.zeros(0, np.uint8), *(data for _, data in parts)])
+    return pa.Array.from_buffers(
+        kind, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
 
 
 class _Counted:
@@ -368,23 +436,24 @@ class _Counted:
             yield user_id, value
 
 
-def _stored_table(lake: Lake) -> ItemTable:
-    """The item table `write_user_states` wrote, with the lake's neighbours."""
+def _stored_table(lake: Lake) -> tuple[ItemTable, NeighbourIndex]:
+    """The item table `write_user_states` wrote, with its neighbours, and the session's index."""
     table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
-    return table.with_neighbours(_neighbours(lake))
+    return read_neighbour_arrays(table, lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS))
 
 
 def states_fit(lake: Lake) -> bool:
-    """Whether the lake holds user states written in this code's layout."""
-    if not (lake.exists(SERVING_USER_STATES) and lake.exists(SERVING_STATE_ITEMS)):
+    """Whether the lake holds user states written in this code's layout (with their arrays)."""
+    parts = (SERVING_USER_STATES, SERVING_NEIGHBOUR_ARRAYS, SERVING_STATE_ITEMS)
+    if not all(lake.exists(part) for part in parts):
         return False
-    metadata = lake.read_table(SERVING_STATE_ITEMS).schema.metadata or {}
+    metadata = lake.parquet_schema(SERVING_STATE_ITEMS).metadata or {}
     return json.loads(metadata.get(LAYOUT_KEY, b"null")) == LAYOUT
 
 
 def snapshot_columns(lake: Lake, relpath: str = SERVING_CANDIDATES) -> list[str]:
     """The `FEATURE_COLUMNS` the snapshot file holds (the others are unknown, NaN)."""
-    names = next(lake.iter_parquet(relpath, 1)).schema.names
+    names = lake.parquet_schema(relpath).names
     return [name for name in FEATURE_COLUMNS if name in names]
 
 
@@ -408,6 +477,12 @@ def load_snapshot(lake: Lake, features: list[str]) -> CandidateSnapshot:
 def _neighbours(lake: Lake) -> pl.DataFrame | None:
     """The snapshot's item neighbours (the codec recomputes neighbour scores from them)."""
     return lake.read_frame(SERVING_NEIGHBOURS) if lake.exists(SERVING_NEIGHBOURS) else None
+
+
+def _neighbour_rows(lake: Lake) -> pl.DataFrame:
+    """The snapshot's item neighbours; no rows when it has none."""
+    found = _neighbours(lake)
+    return NEIGHBOUR_ROWS.clear() if found is None else found
 
 
 def _snapshot_items(frame: pl.DataFrame) -> pl.DataFrame:

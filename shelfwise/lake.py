@@ -73,6 +73,9 @@ SERVING_PURCHASES = f"{SERVING}/purchases.parquet"
 # item table those values refer to.
 SERVING_USER_STATES = f"{SERVING}/user_states.parquet"
 SERVING_STATE_ITEMS = f"{SERVING}/state_items.parquet"
+# The neighbours indexed by those items' codes (`models.neighbour_arrays`), so a worker loads
+# arrays instead of sorting and grouping the neighbour rows.
+SERVING_NEIGHBOUR_ARRAYS = f"{SERVING}/neighbour_arrays.npz"
 
 
 def feature_table(name: str) -> str:
@@ -304,6 +307,16 @@ class Lake:
         with self.fs.open(self.path(relpath), "rb") as handle:
             return handle.read().decode()
 
+    def write_bytes(self, data: bytes, relpath: str) -> str:
+        """Writes a binary file atomically."""
+        self._publish(data, relpath)
+        return relpath
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """Reads a binary file."""
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            return handle.read()
+
     def write_json(self, payload: Any, relpath: str) -> str:
         """Writes a JSON document atomically."""
         self._publish(json.dumps(payload, indent=2, default=str).encode(), relpath)
@@ -351,6 +364,11 @@ class Lake:
                     )
             tables.append(table)
         return pa.concat_tables(tables, promote_options="default")
+
+    def parquet_schema(self, relpath: str) -> pa.Schema:
+        """The Arrow schema of a Parquet file (with its metadata), from its footer."""
+        with self.fs.open(self.path(relpath), "rb") as handle:
+            return pq.ParquetFile(handle).schema_arrow
 
     def parquet_rows(self, relpath: str) -> int:
         """The row count of a Parquet file, from its footer."""

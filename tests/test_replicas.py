@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from models.features import FEATURE_COLUMNS
+from models.neighbour_arrays import neighbour_arrays
 from models.online_store import snapshot_states, write_from_lake, write_version
 from models.recommender import FALLBACK_POPULAR
 from models.snapshot import CandidateSnapshot
@@ -96,7 +97,7 @@ def test_a_new_version_is_served_without_restart_and_old_keys_go(replicas, pipel
         snapshot.table,
         snapshot_states(snapshot),
         popular=lake.read_frame(SERVING_POPULAR),
-        neighbours=lake.read_frame(SERVING_NEIGHBOURS),
+        neighbours=neighbour_arrays(snapshot.table, lake.read_frame(SERVING_NEIGHBOURS)),
         facts=lake.read_frame(SERVING_ITEMS),
         columns=FEATURE_COLUMNS,
     )

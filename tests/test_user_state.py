@@ -6,10 +6,12 @@ import zlib
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from models import candidates
 from models.features import FEATURE_COLUMNS
+from models.session import NeighbourIndex
 from models.snapshot import (
     CandidateSnapshot,
     PackedStates,
@@ -26,7 +28,15 @@ from models.user_state import (
     decode_user,
     encode_user,
 )
-from shelfwise.lake import SERVING, SERVING_CANDIDATES, SERVING_PURCHASES, SERVING_USER_STATES, Lake
+from shelfwise.lake import (
+    SERVING,
+    SERVING_CANDIDATES,
+    SERVING_NEIGHBOUR_ARRAYS,
+    SERVING_NEIGHBOURS,
+    SERVING_PURCHASES,
+    SERVING_USER_STATES,
+    Lake,
+)
 
 
 def same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -58,6 +68,12 @@ def test_every_state_the_pipeline_wrote_decodes_to_its_snapshot_rows(pipeline_ru
     dense = rows.height * len(PAIR_COLUMNS) * 4
     held = sum(len(v) for v in snapshot.states.values())
     assert held < dense / 4, (held, dense)
+    # The session's neighbours come with the states, indexed as from the rows.
+    index = NeighbourIndex.from_frame(lake.read_frame(SERVING_NEIGHBOURS), snapshot.table.ids)
+    assert len(index.codes) > 1000
+    assert snapshot.neighbours.ids.tolist() == index.ids.tolist()
+    for name in ("starts", "codes", "scores"):
+        np.testing.assert_array_equal(getattr(snapshot.neighbours, name), getattr(index, name))
 
 
 def random_user(rng: np.random.Generator, table: ItemTable, n: int) -> tuple:
@@ -152,13 +168,17 @@ def test_rows_that_are_not_one_users_snapshot_are_refused():
         encode_user(table, codes, np.arange(1, 7), broken, np.zeros(0, int))
 
 
-def test_a_lake_without_states_is_encoded_from_the_rows_the_same(pipeline_run, tmp_path, caplog):
-    """A snapshot written by another pipeline (no states, or states of another layout) is served
-    all the same: the worker encodes the rows itself (bigger: without the mean prices)."""
+@pytest.mark.parametrize("missing", [SERVING_USER_STATES, SERVING_NEIGHBOUR_ARRAYS])
+def test_a_lake_without_states_is_encoded_from_the_rows_the_same(
+    pipeline_run, tmp_path, caplog, missing
+):
+    """A snapshot written by another pipeline (no states, states without their neighbour arrays,
+    or states of another layout) is served all the same: the worker encodes the rows itself
+    (bigger: without the mean prices)."""
     source = pipeline_run.lake
     shutil.copytree(source.path(SERVING), tmp_path / SERVING)
     lake = Lake(str(tmp_path))
-    lake.remove([SERVING_USER_STATES])
+    lake.remove([missing])
     assert not states_fit(lake)
     with caplog.at_level("WARNING", logger="models.snapshot"):
         encoded = read_user_states(lake)
@@ -259,3 +279,9 @@ def test_packed_states_find_every_user_and_no_other():
     assert states.get("user-5000") is None and "nobody" not in states
     assert dict(states.items()) == values and list(states) == list(values)
     assert states.value_bytes == sum(map(len, values.values()))
+    # Read a table at a time (slices: arrays that start inside their buffers), the same.
+    whole = pa.table({"user_id": list(values), "state": list(values.values())})
+    tables = (whole.slice(start, 1_234) for start in range(0, whole.num_rows, 1_234))
+    read = PackedStates.from_tables(tables)
+    assert dict(read.items()) == values and read.value_bytes == states.value_bytes
+    assert read["user-4999"] == values["user-4999"] and "user-5000" not in read
