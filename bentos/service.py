@@ -55,7 +55,13 @@ from models.compiled_ranker import (
     RankerEngine,
     load_ranker_engine,
 )
-from models.online_store import OnlineVersion, current_version, load_version, open_client
+from models.online_store import (
+    OnlineStoreError,
+    OnlineVersion,
+    current_version,
+    load_version,
+    open_client,
+)
 from models.ranker import booster_from_text
 from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
@@ -135,6 +141,7 @@ class RecommendationService:
             open_client(self.settings.redis_url) if self.settings.redis_url else None
         )
         self._store_down = False
+        self._store_refusal: str | None = None  # why the current version is refused, if it is
         ranker, features, version, tag, policy, model_dir = None, None, None, None, None, None
         try:
             model = self.production_model
@@ -373,12 +380,18 @@ class RecommendationService:
                     logger.exception("Feedback compaction failed")
 
     def _poll_store(self) -> None:
-        """Follows the online store's pointer; Redis being away is logged once, not per poll."""
+        """Follows the online store's pointer; Redis being away, or a version this worker
+        cannot serve, is logged once, not per poll."""
         try:
             self.refresh_store()
             if self._store_down:
                 logger.info("Online store reachable again")
+            self._store_down, self._store_refusal = False, None
+        except OnlineStoreError as error:  # Redis answers: the version is another release's
             self._store_down = False
+            if str(error) != self._store_refusal:
+                logger.error("Online store version refused: %s; keeping the version held", error)
+            self._store_refusal = str(error)
         except Exception:  # keep serving the version held (its users degrade if Redis is away)
             if not self._store_down:
                 logger.exception("Online store unreachable: keeping the version held")

@@ -305,11 +305,8 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
     Raises:
         OnlineStoreError: The version is gone, incomplete or in another layout.
     """
-    pipe = client.pipeline(transaction=False)
-    pipe.get(keys.meta_key(version))
-    for part in keys.SHARED_PARTS:
-        pipe.get(keys.shared_key(version, part))
-    raw_meta, *parts = pipe.execute()
+    # The description first: a version refused for its layout costs one small read per poll.
+    raw_meta = client.get(keys.meta_key(version))
     if raw_meta is None:
         raise OnlineStoreError(f"online store version {version} is missing or incomplete")
     meta = json.loads(raw_meta)
@@ -321,6 +318,10 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
             f"({meta.get('shared_format')!r}, not {SHARED_FORMAT!r}): write a new version "
             "(the online_store asset)"
         )
+    pipe = client.pipeline(transaction=False)
+    for part in keys.SHARED_PARTS:
+        pipe.get(keys.shared_key(version, part))
+    parts = pipe.execute()
     if any(part is None for part in parts):
         raise OnlineStoreError(f"online store version {version} is missing or incomplete")
     raw = dict(zip(keys.SHARED_PARTS, parts, strict=True))

@@ -114,6 +114,30 @@ def test_a_new_version_is_served_without_restart_and_old_keys_go(replicas, pipel
         wait_for(lambda r=replica: recommend(replicas[r], user)["strategy"] == "personalized")
 
 
+def test_a_version_of_another_release_is_refused_and_the_held_one_served(replicas, pipeline_run):
+    """A pipeline of another release wrote the current version: the replicas keep theirs, say
+    why once (not that Redis is unreachable), and follow the pointer again once it is back."""
+    client = replicas["client"]
+    held = int(client.get(keys.CURRENT))
+    other = int(client.incr(keys.NEXT_VERSION))
+    client.set(keys.meta_key(other), b'{"layout": "shelfwise-user-v0"}')
+    client.set(keys.CURRENT, other)
+    user = users(pipeline_run)[0]
+    try:
+        for name in ("a", "b"):
+            log = replicas["folder"] / name / "bentoml.log"
+            wait_for(lambda log=log: "Online store version refused" in log.read_text())
+            assert recommend(replicas[name], user)["strategy"] == "personalized"
+        time.sleep(1.5)  # a few more polls: still one message, and never "unreachable"
+        for name in ("a", "b"):
+            text = (replicas["folder"] / name / "bentoml.log").read_text()
+            assert text.count("Online store version refused") == 1
+            assert "Online store unreachable" not in text
+    finally:
+        client.set(keys.CURRENT, held)
+        client.delete(keys.meta_key(other))
+
+
 def test_without_redis_the_replicas_degrade_and_never_fail(replicas, pipeline_run):
     """Last in the module: it stops the module's Redis."""
     replicas["client"].shutdown(nosave=True)
