@@ -463,7 +463,7 @@ class Recommender:
         fallback_order = found.ranks.astype(np.float64)
         if session.item_ids:
             matrix, item_ids = self._with_session(matrix, item_ids, session)
-            fallback_order = _generators_order(matrix, self._column)
+            fallback_order = _generators_order(matrix, item_ids, self._column)
         sources = self._proposing_generators(matrix)
         level = FALLBACK_NONE
         scores = self._rank(user_id, matrix)
@@ -756,13 +756,14 @@ def _apply_session_purchases(
     rows[bought, col["user_item_days_since_last"]] = 0.0
 
 
-def _generators_order(matrix: np.ndarray, col: dict[str, int]) -> np.ndarray:
+def _generators_order(matrix: np.ndarray, item_ids: np.ndarray, col: dict[str, int]) -> np.ndarray:
     """Each row's position in the generators' own order, as `generate_candidates` sorts.
 
-    By the score columns: the first generator first, highest score first.
+    By the score columns (the first generator first, highest score first; a missing score as
+    0, as the generators fill it), then by item id.
     """
     keys = [-np.nan_to_num(matrix[:, col[c]]) for c in reversed(SCORE_COLUMNS)]
-    order = np.lexsort(keys)
+    order = np.lexsort([np.asarray(item_ids, dtype=str), *keys])
     position = np.empty(len(order), dtype=np.float64)
     position[order] = np.arange(1, len(order) + 1)
     return position

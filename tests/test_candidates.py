@@ -1,16 +1,20 @@
 import dataclasses
 from datetime import UTC, datetime
 
+import numpy as np
 import polars as pl
 import pytest
 
 from models.candidates import (
     GENERATORS,
+    SCORE_COLUMNS,
     CandidateConfig,
     CandidateSources,
     generate_candidates,
     generator_recall,
 )
+from models.features import FEATURE_COLUMNS
+from models.recommender import _generators_order
 
 AS_OF = datetime(2026, 1, 8, tzinfo=UTC)
 
@@ -164,3 +168,24 @@ def test_a_list_cut_short_keeps_room_for_items_new_to_the_user():
     # A list the cut does not reach is unchanged.
     uncut = generate(["u1"], dataclasses.replace(CONFIG, discovery_slots=2))
     assert uncut.equals(everything.sort("as_of", "user_id", "candidate_rank"))
+
+
+def test_the_service_reorders_session_rows_as_the_generators_sort_them():
+    """After a session adds rows the service re-derives the generators' order (the fallback when
+    there is no ranker): as `generate_candidates` sorts, missing scores as 0, ties by item id."""
+    rng = np.random.default_rng(5)
+    rows = 60
+    column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
+    matrix = np.full((rows, len(FEATURE_COLUMNS)), np.nan, np.float32)
+    for name in SCORE_COLUMNS:  # few distinct values: many ties, some missing
+        matrix[:, column[name]] = rng.choice([np.nan, 0.0, 0.5, 1.0], rows)
+    item_ids = np.array([f"i{n:03d}" for n in rng.permutation(rows)], dtype=object)
+    frame = pl.DataFrame(
+        {"item_id": item_ids.tolist()} | {name: matrix[:, column[name]] for name in SCORE_COLUMNS},
+        nan_to_null=True,
+    ).with_columns([pl.col(name).fill_null(0.0) for name in SCORE_COLUMNS])
+    expected = frame.sort(
+        [*SCORE_COLUMNS, "item_id"], descending=[*[True] * len(SCORE_COLUMNS), False]
+    )["item_id"].to_list()
+    positions = _generators_order(matrix, item_ids, column)
+    assert item_ids[np.argsort(positions)].tolist() == expected
