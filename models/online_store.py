@@ -33,7 +33,7 @@ import polars as pl
 
 from models.neighbour_arrays import read_neighbour_arrays
 from models.session import NeighbourIndex
-from models.snapshot import CandidateSnapshot, lake_neighbour_arrays, lake_states, snapshot_columns
+from models.snapshot import CandidateSnapshot, lake_states, snapshot_columns
 from models.user_state import (
     LAYOUT,
     ItemTable,
@@ -204,13 +204,13 @@ def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
     Returns:
         The new version, now served.
     """
-    table, states = lake_states(lake)
+    table, neighbours, states = lake_states(lake)
     return write_version(
         client,
         table,
         states,
         popular=lake.read_frame(SERVING_POPULAR),
-        neighbours=lake_neighbour_arrays(lake, table),
+        neighbours=neighbours,
         facts=lake.read_frame(SERVING_ITEMS),
         columns=snapshot_columns(lake),
     )

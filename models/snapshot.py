@@ -343,19 +343,22 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
     return WrittenStates(**counts)
 
 
-def lake_states(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]]]:
-    """The item table and the users' values `write_user_states` wrote, streamed.
+def lake_states(lake: Lake) -> tuple[ItemTable, bytes, Iterator[tuple[str, bytes, bool]]]:
+    """What a version of the online store is written from, as `write_user_states` wrote it.
+
+    The item table, its neighbour arrays, and the users' values, streamed.
 
     When the lake has no states in this code's layout (a snapshot written by an older pipeline,
     or by hand), they are encoded from the snapshot file instead, without the users' mean prices
     (larger values, the same rows).
 
     Returns:
-        The table, and (user_id, value, has candidates) per user.
+        The table (its neighbours are in the arrays, `models.neighbour_arrays`), the arrays, and
+        (user_id, value, has candidates) per user.
     """
     if not states_fit(lake):
-        logger.warning("serving snapshot without user states of this layout: encoding the rows")
-        return encode_snapshot(lake)
+        table, values = _encode_afresh(lake)
+        return table, neighbour_arrays(table, _neighbour_rows(lake)), values
 
     def stored() -> Iterator[tuple[str, bytes, bool]]:
         for batch in lake.iter_parquet(SERVING_USER_STATES, STATES_BATCH_USERS):
@@ -366,23 +369,18 @@ def lake_states(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]
                 strict=True,
             )
 
-    return _stored_table(lake)[0], stored()
-
-
-def lake_neighbour_arrays(lake: Lake, table: ItemTable) -> bytes:
-    """The neighbour arrays of the table `lake_states` returned (`models.neighbour_arrays`).
-
-    Those `write_user_states` wrote; built from the neighbour rows for a table encoded afresh.
-    """
-    if states_fit(lake):
-        return lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS)
-    return neighbour_arrays(table, _neighbour_rows(lake))
+    table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
+    return table, lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS), stored()
 
 
 def read_user_states(lake: Lake) -> CandidateSnapshot:
-    """The users' values and their item table (`lake_states`), held in process."""
+    """The users' values and their item table, held in process, with the session's index.
+
+    Encoded from the snapshot file when the lake has no states in this code's layout, as
+    `lake_states` does (then without the index: the caller builds it from the rows).
+    """
     if not states_fit(lake):
-        table, values = lake_states(lake)
+        table, values = _encode_afresh(lake)
         counted = _Counted(values)
         return CandidateSnapshot(table, PackedStates.from_pairs(counted), counted.known)
     # Straight from the file's Arrow buffers, a row group at a time: no Python object per user.
@@ -402,6 +400,11 @@ def read_user_states(lake: Lake) -> CandidateSnapshot:
     # 10M-event shop) unless asked to return them to the system.
     pa.default_memory_pool().release_unused()
     return snapshot
+
+
+def _encode_afresh(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]]]:
+    logger.warning("serving snapshot without user states of this layout: encoding the rows")
+    return encode_snapshot(lake)
 
 
 def _binary_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
