@@ -583,7 +583,10 @@ class RecommendationService:
                     "position": position,
                     "model_version": serving.model_version,
                     "strategy": f"{endpoint}:{answer.strategy}",
-                    "variant": None,
+                    "fallback_level": answer.fallback_level,
+                    "experiment": None,
+                    "arm": None,
+                    "drafted_by": None,
                 }
                 for position, item in enumerate(answer.items, start=1)
             ]

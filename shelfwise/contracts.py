@@ -66,7 +66,13 @@ IMPRESSIONS_SCHEMA = pa.schema(
         pa.field("position", pa.int32(), nullable=False),
         pa.field("model_version", pa.string(), nullable=True),
         pa.field("strategy", pa.string(), nullable=False),
-        pa.field("variant", pa.string(), nullable=True),
+        # The cold-start ladder's fallback level of the response (drift: its share over time).
+        pa.field("fallback_level", pa.int8(), nullable=True),
+        # The experiment the response belongs to and its arm (null outside experiments); when two
+        # arms are interleaved, the arm that drafted this item.
+        pa.field("experiment", pa.string(), nullable=True),
+        pa.field("arm", pa.string(), nullable=True),
+        pa.field("drafted_by", pa.string(), nullable=True),
     ]
 )
 

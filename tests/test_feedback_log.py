@@ -65,7 +65,10 @@ def make_impressions(rec_id: str, count: int) -> list[dict]:
             "position": position,
             "model_version": "shelfwise_ranker:v1" if position % 2 else None,
             "strategy": "ranker",
-            "variant": None,
+            "fallback_level": 0,
+            "experiment": None,
+            "arm": None,
+            "drafted_by": None,
         }
         for position in range(count)
     ]

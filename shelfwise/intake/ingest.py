@@ -284,8 +284,14 @@ def ingest_landing(
                 report.users_upserted += upserted
     report.stock_overrides = _apply_stock_updates(lake)
     report.rows_by_date = dict(sorted(report.rows_by_date.items()))
-    if not lake.list_files(paths.IMPRESSIONS):
-        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), paths.EMPTY_IMPRESSIONS)
+    # An empty file of the contract, so that dbt finds every column even before the first
+    # impression (and after the contract gained columns: rewritten when it lacks one).
+    empty = paths.EMPTY_IMPRESSIONS
+    if not lake.list_files(paths.IMPRESSIONS) or (
+        lake.exists(empty)
+        and not set(IMPRESSIONS_SCHEMA.names) <= set(lake.parquet_schema(empty).names)
+    ):
+        lake.write_parquet(IMPRESSIONS_SCHEMA.empty_table(), empty)
     return report
 
 

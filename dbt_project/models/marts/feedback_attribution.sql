@@ -1,6 +1,6 @@
 -- What the shown recommendations led to: impressions joined to the interactions that came from
 -- them (events carrying the response's rec_id, on an item the response showed), per day, model
--- version, strategy and variant.
+-- version, strategy, experiment and arm.
 with
 
 impressions as (
@@ -29,7 +29,8 @@ attributed as (
         cast(impressions.shown_at as date) as shown_on,
         coalesce(impressions.model_version, 'none') as model_version,
         impressions.strategy,
-        coalesce(impressions.variant, 'default') as variant,
+        coalesce(impressions.experiment, 'none') as experiment,
+        coalesce(impressions.arm, 'none') as arm,
         impressions.rec_id,
         coalesce(outcomes.is_clicked, false) as is_clicked,
         coalesce(outcomes.is_carted, false) as is_carted,
@@ -47,7 +48,8 @@ final as (
         shown_on,
         model_version,
         strategy,
-        variant,
+        experiment,
+        arm,
         count(*) as impressions,
         count(distinct rec_id) as responses,
         count(*) filter (where is_clicked) as clicks,
@@ -56,7 +58,7 @@ final as (
         count(*) filter (where is_clicked) / count(*) as ctr,
         count(*) filter (where is_purchased) / count(*) as conversion_rate
     from attributed
-    group by shown_on, model_version, strategy, variant
+    group by shown_on, model_version, strategy, experiment, arm
 
 )
 

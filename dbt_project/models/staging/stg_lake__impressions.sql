@@ -16,7 +16,10 @@ renamed as (
         cast(position as integer) as position,
         cast(model_version as varchar) as model_version,
         cast(strategy as varchar) as strategy,
-        cast(variant as varchar) as variant
+        cast(fallback_level as tinyint) as fallback_level,
+        cast(experiment as varchar) as experiment,
+        cast(arm as varchar) as arm,
+        cast(drafted_by as varchar) as drafted_by
     from source
 
 ),
