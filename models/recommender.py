@@ -156,12 +156,28 @@ class RankedItem:
 
 
 @dataclass(frozen=True)
+class ScoredRows:
+    """The feature rows a personalised answer was ranked from (references, not copies).
+
+    For what looks at a request after it was answered (explanations, sampled drift rows):
+    `matrix[n]` holds `FEATURE_COLUMNS` of candidate `item_ids[n]`, `scores[n]` its score (the
+    ranker's, or the negated candidate order at fallback level 1).
+    """
+
+    matrix: np.ndarray
+    item_ids: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
 class Recommendation:
     """The answer to one request."""
 
     items: list[RankedItem]
     strategy: str
     fallback_level: int = FALLBACK_NONE
+    # The personalised rows behind the answer; None on the other rungs of the ladder.
+    rows: ScoredRows | None = None
 
 
 class Recommender:
@@ -395,8 +411,9 @@ class Recommender:
         if found is not None and not len(found.item_ids):
             found = None  # a user with purchases but no candidates
         segment_fallback = found is not None and self._segment_fallback(found)
+        rows = None
         if found is not None and not segment_fallback:
-            items, level = self._personalized(user_id, found, session, filters, online, k)
+            items, level, rows = self._personalized(user_id, found, session, filters, online, k)
             strategy = STRATEGY_PERSONALIZED
         else:
             level = FALLBACK_POPULAR if missing else FALLBACK_NONE
@@ -411,7 +428,7 @@ class Recommender:
         if len(items) < k:
             popular = zip(self._popular_ids, self._popular_scores, strict=True)
             items += self._select(user_id, popular, "popular", filters, online, k, items)
-        return Recommendation(items, strategy, level)
+        return Recommendation(items, strategy, level, rows)
 
     def similar(
         self, item_id: str, k: int, filters: RequestFilters | None = None
@@ -458,7 +475,7 @@ class Recommender:
         filters: RequestFilters,
         online: OnlineFacts,
         k: int,
-    ) -> tuple[list[RankedItem], int]:
+    ) -> tuple[list[RankedItem], int, ScoredRows]:
         matrix, item_ids = found.matrix, found.item_ids
         fallback_order = found.ranks.astype(np.float64)
         if session.item_ids:
@@ -472,7 +489,8 @@ class Recommender:
         order = np.argsort(-scores, kind="stable")
         ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
         chosen = self.rules.select(user_id, ranked, filters, k, online=online)
-        return [RankedItem(item, score, source) for item, (score, source) in chosen], level
+        items = [RankedItem(item, score, source) for item, (score, source) in chosen]
+        return items, level, ScoredRows(matrix, item_ids, scores)
 
     def _segment_fallback(self, found: UserCandidates) -> bool:
         """Whether the segment policy serves this known user's segment its fallback."""
