@@ -39,6 +39,7 @@ EVALUATION = "evaluation"
 MODELS = "models"
 GROUND_TRUTH = "ground_truth"
 SERVING = "serving"
+EXPERIMENTS_DIR = "experiments"
 
 # Written just before dbt reads the events: its modification time (on the lake's clock) is when
 # the feature build read them.
@@ -76,6 +77,12 @@ SERVING_STATE_ITEMS = f"{SERVING}/state_items.parquet"
 # The neighbours indexed by those items' codes (`models.neighbour_arrays`), so a worker loads
 # arrays instead of sorting and grouping the neighbour rows.
 SERVING_NEIGHBOUR_ARRAYS = f"{SERVING}/neighbour_arrays.npz"
+# Online experiments (`shelfwise.experiments`): the book the CLI writes and every replica polls,
+# the rankers of its arms copied at start (so a replica needs no model store of its own), and
+# the latest results the pipeline computed (which the service shows on its inspector page).
+EXPERIMENTS = f"{EXPERIMENTS_DIR}/experiments.json"
+EXPERIMENT_ARMS = f"{EXPERIMENTS_DIR}/arms"
+EXPERIMENT_RESULTS = f"{EXPERIMENTS_DIR}/results.json"
 
 
 def feature_table(name: str) -> str:
