@@ -198,27 +198,32 @@ class Comparison:
         return float(self.psi.get_column("psi").max() or 0.0)
 
 
-def psi_markdown(comparisons: Sequence[Comparison], threshold: float, top: int = 15) -> str:
-    """The worst features of each comparison as one Markdown table (for Dagster metadata).
+def psi_markdown(
+    comparisons: Sequence[Comparison],
+    threshold: float,
+    top: int = 15,
+    spread: Comparison | None = None,
+) -> str:
+    """The worst features of the comparisons as one Markdown table (for Dagster metadata).
 
     Args:
-        comparisons: The comparisons, one PSI column each.
-        threshold: The warning threshold (marked with "⚠" in the table).
-        top: How many features to list: the worst of every comparison, in the order of the
-            largest PSI among the comparisons.
+        comparisons: The judged comparisons, one PSI column each.
+        threshold: The warning threshold (a PSI above it is marked "⚠").
+        top: How many features to list, in the order of their largest PSI in any comparison.
+        spread: The training spread (`DriftReport.training_spread`), shown in a column of its
+            own for reading the others, never marked.
 
     Returns:
-        A table: feature, then per comparison its PSI and missing share, largest first.
+        A table: feature, each comparison's PSI, the training spread's, then the share of
+        missing values in training and in each comparison.
     """
     if not comparisons:
-        return "no comparison"
+        return "nothing compared"
+    names = [comparison.name for comparison in comparisons]
     joined = comparisons[0].psi.select(
-        "feature",
-        pl.col("psi").alias(f"psi_{comparisons[0].name}"),
-        pl.col("current_missing").alias(f"missing_{comparisons[0].name}"),
-        pl.col("reference_missing").alias("missing_training"),
+        "feature", pl.col("reference_missing").alias("missing_training")
     )
-    for comparison in comparisons[1:]:
+    for comparison in [*comparisons, *([spread] if spread else [])]:
         joined = joined.join(
             comparison.psi.select(
                 "feature",
@@ -226,16 +231,15 @@ def psi_markdown(comparisons: Sequence[Comparison], threshold: float, top: int =
                 pl.col("current_missing").alias(f"missing_{comparison.name}"),
             ),
             on="feature",
-            how="full",
-            coalesce=True,
+            how="left",
         )
-    names = [comparison.name for comparison in comparisons]
     worst = pl.max_horizontal(*(pl.col(f"psi_{name}") for name in names))
     joined = joined.with_columns(worst.alias("_worst")).sort(
         ["_worst", "feature"], descending=[True, False], nulls_last=True
     )
-    header = ["feature", *(f"PSI {name}" for name in names), "missing training"]
-    header += [f"missing {name}" for name in names]
+    header = ["feature", *(f"PSI {name}" for name in names)]
+    header += ["PSI within training"] if spread else []
+    header += ["missing training", *(f"missing {name}" for name in names)]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in joined.head(top).iter_rows(named=True):
         cells = [f"`{row['feature']}`"]
@@ -243,6 +247,9 @@ def psi_markdown(comparisons: Sequence[Comparison], threshold: float, top: int =
             value = row[f"psi_{name}"]
             mark = " ⚠" if value is not None and value > threshold else ""
             cells.append("–" if value is None else f"{value:.3f}{mark}")
+        if spread:
+            value = row[f"psi_{spread.name}"]
+            cells.append("–" if value is None else f"{value:.3f}")
         cells.append(_share(row["missing_training"]))
         cells += [_share(row[f"missing_{name}"]) for name in names]
         lines.append("| " + " | ".join(cells) + " |")
@@ -456,10 +463,7 @@ class DriftReport:
 
     def markdown(self, top: int = 15) -> str:
         """The worst features as a Markdown table, the training spread beside them."""
-        shown = list(self.comparisons)
-        if self.training_spread is not None:
-            shown.append(self.training_spread)
-        return psi_markdown(shown, self.threshold, top)
+        return psi_markdown(self.comparisons, self.threshold, top, self.training_spread)
 
 
 def compare_to_training(

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from bentos.feature_samples import FeatureSampler
 from models.drift import (
     PSI_EPSILON,
     bin_shares,
@@ -23,6 +24,7 @@ from models.drift import (
     sample_parquet_rows,
 )
 from models.features import FEATURE_COLUMNS, feature_set_id
+from models.recommender import ScoredRows
 from orchestration.assets.drift import FEATURE_DRIFT_CHECK, feature_drift
 from orchestration.resources import ShelfwiseResource
 from shelfwise.lake import FEATURE_SAMPLES, SERVING_CANDIDATES, TRAINING_SET, Lake
@@ -134,6 +136,50 @@ def test_fallback_shares_are_per_day_with_every_level():
             "level_3": 0.0,
         },
     ]
+
+
+# --- the service's sampler -----------------------------------------------------------------------
+
+
+def test_the_sampler_logs_a_share_of_requests_a_bounded_draw_of_their_ranked_rows(tmp_path):
+    rng = np.random.default_rng(4)
+    rows = ScoredRows(
+        matrix=rng.normal(size=(50, len(FEATURE_COLUMNS))).astype(np.float32),
+        item_ids=np.array([f"i{n}" for n in range(50)]),
+        scores=rng.normal(size=50),
+    )
+    now = datetime.now(UTC)
+    lake = Lake(str(tmp_path / "lake"))
+    with FeedbackLog(tmp_path / "wal") as log:
+        sampler = FeatureSampler(log, rate=0.25, max_rows=8, seed=1)
+        picked = [
+            sampler.maybe_add(
+                rows,
+                rec_id=f"r{n}",
+                sampled_at=now,
+                user_id="u1",
+                model_version="m",
+                fallback_level=0,
+            )
+            for n in range(400)
+        ]
+        # Nothing to sample on the other rungs; nothing at rate 0.
+        other = dict(rec_id="x", sampled_at=now, user_id="u", model_version=None, fallback_level=2)
+        assert not sampler.maybe_add(None, **other)
+        assert not FeatureSampler(log, rate=0.0, max_rows=8).maybe_add(rows, **other)
+        sampler.close()
+    assert 70 < sum(picked) < 130  # 100 expected
+    compact_feedback(tmp_path / "wal", lake)
+    logged = lake.read_frame(FEATURE_SAMPLES)
+    assert logged.height == sum(picked) * 8
+    per_request = logged.group_by("rec_id").agg(pl.col("item_id").n_unique())
+    assert per_request.get_column("item_id").to_list() == [8] * sum(picked)
+    # Each row is the candidate's own vector, score and place in the ranked order.
+    order = {f"i{n}": place for place, n in enumerate(np.argsort(-rows.scores), start=1)}
+    for row in logged.head(20).iter_rows(named=True):
+        index = int(row["item_id"][1:])
+        assert row["features"] == rows.matrix[index].tolist()
+        assert row["score"] == rows.scores[index] and row["score_rank"] == order[row["item_id"]]
 
 
 # --- the check on a real lake -------------------------------------------------------------------
@@ -305,7 +351,7 @@ def test_the_check_runs_in_the_pipeline_and_fallback_levels_are_a_mart(pipeline_
     assert evaluation.severity == dg.AssetCheckSeverity.WARN
     assert evaluation.metadata["rows_compared_snapshot"].value > 0
     assert "no sampled requests" in evaluation.description
-    assert "| feature | PSI snapshot | PSI training_spread |" in evaluation.metadata["psi"].value
+    assert "| feature | PSI snapshot | PSI within training |" in evaluation.metadata["psi"].value
 
 
 @pytest.mark.slow
