@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from bentos.feature_samples import FeatureSampler
+from models.artifacts import read_mart
 from models.drift import (
     PSI_EPSILON,
     bin_shares,
@@ -26,9 +27,13 @@ from models.drift import (
 from models.features import FEATURE_COLUMNS, feature_set_id
 from models.recommender import ScoredRows
 from orchestration.assets.drift import FEATURE_DRIFT_CHECK, feature_drift
+from orchestration.assets.features import _fallback_metadata
 from orchestration.resources import ShelfwiseResource
-from shelfwise.lake import FEATURE_SAMPLES, SERVING_CANDIDATES, TRAINING_SET, Lake
+from shelfwise.home import prepare_home
+from shelfwise.lake import FEATURE_SAMPLES, IMPRESSIONS, SERVING_CANDIDATES, TRAINING_SET, Lake
 from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
+from shelfwise.settings import Settings
+from tests.dbt_support import dbt
 from tests.support import served_copy
 
 
@@ -401,3 +406,49 @@ def test_a_served_request_s_ranked_rows_reach_the_lake_when_sampled(pipeline_run
     best = sampled.sort("score", descending=True).row(0, named=True)
     assert best["score_rank"] == 1
     assert sorted(sampled.get_column("score_rank")) == list(range(1, expected.height + 1))
+
+
+@pytest.mark.slow
+def test_the_fallback_levels_mart_counts_responses_per_day_endpoint_and_level(tmp_path):
+    settings = Settings.from_env({"SHELFWISE_HOME": str(tmp_path / "home")})
+    prepare_home(settings)
+    lake = Lake(settings.lake_url)
+    day_one = datetime(2026, 11, 2, 9, tzinfo=UTC)
+    day_two = day_one + timedelta(days=1)
+    # (rec_id, shown_at, endpoint, level, items shown)
+    responses = [("a", day_one, "recommend", 0, 3), ("b", day_one, "recommend", 0, 2)]
+    responses += [("c", day_one, "recommend", 1, 4), ("d", day_one, "recommend", 2, 1)]
+    responses += [("e", day_one, "similar", 0, 5), ("f", day_two, "recommend", 3, 2)]
+    with FeedbackLog(settings.wal_dir) as log:
+        for rec_id, shown_at, endpoint, level, shown in responses:
+            log.append(
+                IMPRESSIONS,
+                [
+                    {
+                        "rec_id": rec_id,
+                        "shown_at": shown_at,
+                        "user_id": "u1",
+                        "item_id": f"i{position}",
+                        "position": position,
+                        "model_version": "m",
+                        "strategy": f"{endpoint}:personalized",
+                        "fallback_level": level,
+                    }
+                    for position in range(1, shown + 1)
+                ],
+            )
+    compact_feedback(settings.wal_dir, lake)
+    dbt(settings, ["build", "--select", "stg_lake__impressions fallback_levels"], [], tmp_path)
+    mart = read_mart(lake, "fallback_levels").sort("shown_on", "endpoint", "fallback_level")
+    assert mart.select("endpoint", "fallback_level", "responses", "response_share").rows() == [
+        ("recommend", 0, 2, 0.5),  # a and b of the day's 4 /recommend responses
+        ("recommend", 1, 1, 0.25),
+        ("recommend", 2, 1, 0.25),
+        ("similar", 0, 1, 1.0),
+        ("recommend", 3, 1, 1.0),
+    ]
+    metadata = _fallback_metadata(mart)
+    assert metadata["latest_day"] == "2026-11-03" and metadata["latest_day_responses"] == 1
+    assert metadata["fallback_level_3_share"] == 1.0 and metadata["fallback_level_0_share"] == 0.0
+    table = metadata["fallback_shares"].value
+    assert "| 2026-11-02 | 4 | 50.0% | 25.0% | 25.0% | 0.0% |" in table
