@@ -776,7 +776,7 @@ class RecommendationService:
             rec_id=rec_id,
             sampled_at=shown_at,
             user_id=user_id,
-            model_version=serving.model_version,
+            model_version=model_version,
             fallback_level=answer.fallback_level,
         )
         return response_type(

@@ -330,6 +330,25 @@ def test_the_check_warns_on_a_shifted_live_sample_naming_the_feature(reference_l
     assert run_check(home, lake, psi_threshold=5.0).passed
 
 
+def test_the_snapshot_is_reported_and_judged_only_with_its_own_threshold(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    write_reference(lake)
+    moved = FEATURE_COLUMNS[0]
+    rng = np.random.default_rng(11)
+    shifted = pl.DataFrame(
+        {"user_id": [f"u{n}" for n in range(4000)], **feature_rows(rng, 4000, 2.0)}
+    )
+    lake.write_parquet(shifted.to_arrow(), SERVING_CANDIDATES)
+    reported = run_check(tmp_path, lake)
+    assert reported.passed, reported.description
+    assert reported.metadata["worst_feature_snapshot"].value == moved
+    assert reported.metadata["max_psi_snapshot"].value > 1.0
+    assert "reported only" in reported.description
+    judged = run_check(tmp_path, lake, snapshot_psi_threshold=0.2)
+    assert not judged.passed
+    assert f"snapshot: 1 feature(s) with PSI above 0.2 ({moved})" in judged.description
+
+
 def test_too_few_live_requests_and_other_feature_lists_are_noted_not_judged(reference_lake):
     home, lake = reference_lake
     log_live_samples(home, lake, requests=10, shift=5.0, seed=7)

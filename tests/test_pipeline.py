@@ -67,9 +67,9 @@ def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
     assert EXPECTED_ASSETS <= materialized
     checks = result.get_asset_check_evaluations()
     assert checks, "dbt tests should run as asset checks"
-    # The drift check warns (a WARN, never a failure) when the generated shop's features moved
-    # since training, which they do (tests/test_drift.py).
-    failed = [c.check_name for c in checks if not c.passed and c.check_name != FEATURE_DRIFT_CHECK]
+    # The drift check among them: no live samples yet, and the snapshot is reported, not judged.
+    assert FEATURE_DRIFT_CHECK in {c.check_name for c in checks}
+    failed = [c.check_name for c in checks if not c.passed]
     assert failed == []
 
 

@@ -23,6 +23,9 @@ class FeatureDriftConfig(dg.Config):
     # PSI above this in any comparison warns (0.1–0.2 is read as a moderate shift, above 0.2 as
     # a significant one).
     psi_threshold: float = DEFAULT_PSI_THRESHOLD
+    # The snapshot's PSI is reported, not judged, unless this is set: it holds every known user
+    # and the training rows only recently active ones (see models.drift.DriftReport).
+    snapshot_psi_threshold: float | None = None
     # Days of sampled live requests compared, today (UTC) included.
     live_days: int = 7
     # Quantile bins of the training distribution (10: deciles), plus one for missing values.
@@ -41,8 +44,9 @@ class FeatureDriftConfig(dg.Config):
     description="Population stability index (PSI) of every ranker feature: the sampled feature "
     "rows of live /recommend requests of the last days, and the serving snapshot, against the "
     "ranker's training rows (bins at the training deciles, missing values a bin of their own). "
-    "Warns when any feature's PSI is above psi_threshold (0.2); the worst features are in the "
-    "metadata. Without live samples yet, only the snapshot is compared.",
+    "Warns when a live feature's PSI is above psi_threshold (0.2); the snapshot's PSI is reported "
+    "(judged only with snapshot_psi_threshold: it holds every known user, the training rows only "
+    "recently active ones). The worst features are in the metadata.",
 )
 def feature_drift(shelfwise: ShelfwiseResource, config: FeatureDriftConfig) -> dg.AssetCheckResult:
     """Compares the served features with the training set (`models.drift.compare_to_training`)."""
@@ -52,6 +56,7 @@ def feature_drift(shelfwise: ShelfwiseResource, config: FeatureDriftConfig) -> d
         datetime.now(UTC).date(),
         live_days=config.live_days,
         threshold=config.psi_threshold,
+        snapshot_threshold=config.snapshot_psi_threshold,
         bins=config.bins,
         max_rows=config.max_rows,
         min_live_requests=config.min_live_requests,
