@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from shelfwise.lake import EXPERIMENTS, Lake
+from shelfwise.lake import EXPERIMENT_RESULTS, EXPERIMENTS, Lake
 
 MODES = ("split", "interleave")
 ARM_KINDS = ("production", "ranker", "candidates", "popular")
@@ -183,3 +183,163 @@ def stop_experiment(lake: Lake, name: str, now: datetime | None = None) -> Exper
             write_experiments(lake, book)
             return stopped
     raise ExperimentError(f"name: no experiment named '{name}'")
+
+
+# Results: what the `experiment_results` asset computes from the lake's impressions and events
+# (models/experiment_results.py), one document per experiment, all of them in one JSON object
+# keyed by experiment name (`shelfwise.lake.EXPERIMENT_RESULTS`). The service shows them; the
+# CLI promotes a winner from them.
+
+
+class ArmResult(BaseModel):
+    """One arm's numbers (in interleave mode: the items the arm drafted).
+
+    Attributes:
+        arm: The arm's name.
+        impressions: Items shown (interleaving: drafted by the arm).
+        clicks: Shown items viewed from the response (the view carried its rec_id).
+        carts: Shown items added to the cart from the response.
+        purchases: Shown items bought from the response.
+        revenue_per_impression: Price × quantity of those purchases per impression.
+        ctr: clicks / impressions; with `ctr_low`, `ctr_high` its 95% interval (delta method
+            on per-user sums: the user is the unit that was randomised).
+        lift_vs_control: The relative difference of the CTR to the control's (0.1: 10% more
+            clicks per impression); with `lift_low`, `lift_high` its interval (simultaneous
+            over the arms compared with the control). None for the control and when
+            interleaving (the interleaving result compares the arms there).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    arm: str
+    impressions: int
+    clicks: int
+    carts: int
+    purchases: int
+    revenue_per_impression: float | None
+    ctr: float | None
+    ctr_low: float | None
+    ctr_high: float | None
+    lift_vs_control: float | None
+    lift_low: float | None
+    lift_high: float | None
+
+
+class InterleavingResult(BaseModel):
+    """Team-draft interleaving: which arm's drafted items shoppers engaged with more, per list.
+
+    Attributes:
+        wins: Per arm, the lists in which its drafted items got more interactions.
+        ties: Lists with interactions, as many on each arm's items.
+        p_value: Two-sided exact binomial (sign) test of the wins against an even split.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    wins: dict[str, int]
+    ties: int
+    p_value: float
+
+
+class ExperimentResults(BaseModel):
+    """The measured outcome of one experiment.
+
+    Attributes:
+        updated_at: When these results were computed.
+        arms: Every arm of the experiment, control first.
+        interleaving: The list wins (interleave mode), None in split mode.
+        winner: The arm the decision rule chose, or None (no significant difference yet).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    updated_at: datetime
+    arms: list[ArmResult]
+    interleaving: InterleavingResult | None
+    winner: str | None
+
+
+_RESULTS = TypeAdapter(dict[str, ExperimentResults])
+
+
+def read_results(lake: Lake) -> dict[str, ExperimentResults]:
+    """The latest results of every experiment, by name (empty before the pipeline computed any).
+
+    Raises:
+        ExperimentError: The results file exists but is not valid.
+    """
+    if not lake.exists(EXPERIMENT_RESULTS):
+        return {}
+    try:
+        return _RESULTS.validate_json(lake.read_text(EXPERIMENT_RESULTS))
+    except ValueError as error:
+        raise ExperimentError(
+            f"{lake.url}/{EXPERIMENT_RESULTS} is not valid experiment results: {error}"
+        ) from error
+
+
+def write_results(lake: Lake, results: dict[str, ExperimentResults]) -> None:
+    """Writes every experiment's results (atomically), replacing the previous ones."""
+    document = {name: result.model_dump(mode="json") for name, result in results.items()}
+    lake.write_text(json.dumps(document, indent=2) + "\n", EXPERIMENT_RESULTS)
+
+
+# Arms whose winning cannot be promoted: they have no ranker to make production.
+_NOT_PROMOTABLE = {
+    "candidates": "serves the candidate order without a ranker",
+    "popular": "serves popular items without a ranker",
+}
+
+
+def winning_arm(lake: Lake, name: str, now: datetime | None = None) -> Arm:
+    """The arm that won a stopped experiment, to promote (`shelfwise models promote --winner-of`).
+
+    Args:
+        lake: The lake holding the book and the results.
+        name: The experiment.
+        now: The current time (default: now).
+
+    Returns:
+        The winning arm: a `ranker` arm (promote its model) or the `production` arm (keep
+        production).
+
+    Raises:
+        ExperimentError: No such experiment; it is still running; its results are missing or
+            older than its end; it has no winner; or the winner has no ranker to promote.
+    """
+    experiment = next((e for e in read_experiments(lake) if e.name == name), None)
+    if experiment is None:
+        raise ExperimentError(f"no experiment named '{name}'")
+    if experiment.is_running(now):
+        # Its production arm would change under it, and the decision is meant for the data of
+        # the whole run: stop, measure, then promote.
+        raise ExperimentError(
+            f"'{name}' is still running: stop it first (`shelfwise experiments stop {name}`), "
+            "then materialize experiment_results"
+        )
+    if experiment.stopped_at is None:
+        raise ExperimentError(f"'{name}' has not started yet")
+    result = read_results(lake).get(name)
+    if result is None:
+        raise ExperimentError(
+            f"no results for '{name}' yet: materialize experiment_results (`make pipeline`)"
+        )
+    if result.updated_at < experiment.stopped_at:
+        raise ExperimentError(
+            f"the results of '{name}' ({result.updated_at.isoformat()}) were computed before it "
+            f"stopped ({experiment.stopped_at.isoformat()}): materialize experiment_results again"
+        )
+    if result.winner is None:
+        raise ExperimentError(
+            f"'{name}' has no winner: no arm differed significantly from the control on CTR "
+            "(interleaving: on the lists won); nothing to promote"
+        )
+    arm = next((a for a in experiment.arms if a.name == result.winner), None)
+    if arm is None:
+        raise ExperimentError(f"the winner '{result.winner}' is not an arm of '{name}'")
+    if arm.kind in _NOT_PROMOTABLE:
+        raise ExperimentError(
+            f"the winner of '{name}' is '{arm.name}', which {_NOT_PROMOTABLE[arm.kind]}: "
+            "there is no ranker to promote; production stays as it is"
+        )
+    return arm
