@@ -1,7 +1,8 @@
 """An ASGI middleware in front of every route: the bearer-token check and the body-size limit.
 
 BentoML serves without authentication and accepts bodies of any size (ARCHITECTURE.md §7). When
-`SHELFWISE_API_TOKEN` is set, write and admin routes (`/events`, `/admin/…`) require
+`SHELFWISE_API_TOKEN` is set, write and admin routes (`/events`, `/admin/…`) and the experiments
+with their results (`/experiments`: revenue per impression is the shop's own business) require
 `Authorization: Bearer <token>` (the scheme in any case, the token compared as UTF-8 bytes in
 constant time); read routes stay open, as shop front-ends call them. Every request
 body must declare its length and stay under `SHELFWISE_MAX_BODY_BYTES` (default 1 MiB), so an
@@ -13,7 +14,7 @@ import hmac
 from bentos.contract import refuse
 from shelfwise.settings import Settings
 
-PROTECTED_PREFIXES = ("/events", "/admin")
+PROTECTED_PREFIXES = ("/events", "/admin", "/experiments")
 
 
 class RequestGuard:

@@ -15,19 +15,39 @@ is one JSON document in the lake (`shelfwise.lake.EXPERIMENTS`), so every replic
 machine, reads the same one; the CLI writes it, the service polls it. At most one experiment
 runs at a time: two experiments on the same users would confound each other, and a user's arm
 must not depend on which experiment a request happened to look at first.
+
+Configuration comes as a mapping (a JSON or YAML file, or the CLI's flags through `parse_arm`)
+and becomes an `Experiment` through `experiment_from_config`, whose errors name the field. A
+`ranker` arm's model is copied into the lake when the experiment starts (`publish_arm_ranker`),
+so a replica loads it with `read_arm_ranker` and needs no model store. The pipeline's latest
+results per experiment live beside the book (`write_results`, `read_results`).
 """
 
 import hashlib
 import json
+import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
-from shelfwise.lake import EXPERIMENT_RESULTS, EXPERIMENTS, Lake
+from shelfwise.lake import EXPERIMENT_RESULTS, EXPERIMENTS, Lake, experiment_arm_ranker
+
+logger = logging.getLogger(__name__)
 
 MODES = ("split", "interleave")
 ARM_KINDS = ("production", "ranker", "candidates", "popular")
+# What an experiment is doing at a time (`status_of`).
+STATUSES = ("scheduled", "running", "stopped")
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
@@ -158,12 +178,246 @@ def start_experiment(lake: Lake, experiment: Experiment) -> list[Experiment]:
     book = read_experiments(lake)
     if any(e.name == experiment.name for e in book):
         raise ExperimentError(f"name: an experiment named '{experiment.name}' exists already")
-    running = running_experiment(book, experiment.started_at)
-    if running is not None:
-        raise ExperimentError(f"'{running.name}' is running: stop it first")
+    check_startable(book, experiment)
     book.append(experiment)
     write_experiments(lake, book)
     return book
+
+
+def check_startable(book: list[Experiment], experiment: Experiment) -> None:
+    """Refuses an experiment the book cannot take (what `start_experiment` checks).
+
+    For a caller with work to do before the start (copying the arms' rankers), so that work is
+    not done for an experiment that will be refused.
+
+    Raises:
+        ExperimentError: Its name was used before, or another experiment runs (or is scheduled)
+            while it would run.
+    """
+    if any(e.name == experiment.name for e in book):
+        raise ExperimentError(f"name: an experiment named '{experiment.name}' exists already")
+    running = running_experiment(book, experiment.started_at)
+    if running is not None:
+        raise ExperimentError(f"'{running.name}' is running: stop it first")
+    scheduled = next(  # one that starts while this one would run
+        (
+            e
+            for e in book
+            if e.started_at > experiment.started_at
+            and (experiment.stopped_at is None or e.started_at < experiment.stopped_at)
+        ),
+        None,
+    )
+    if scheduled is not None:
+        raise ExperimentError(
+            f"'{scheduled.name}' is scheduled from {scheduled.started_at.isoformat()}: "
+            "stop it first, or end this one before"
+        )
+
+
+def status_of(experiment: Experiment, now: datetime | None = None) -> str:
+    """`scheduled` (starts later), `running` or `stopped` at `now` (default: the current time)."""
+    now = now or datetime.now(UTC)
+    if now < experiment.started_at:
+        return "scheduled"
+    return "running" if experiment.is_running(now) else "stopped"
+
+
+def parse_arm(text: str) -> dict[str, Any]:
+    """An arm from the CLI's `NAME=KIND[:MODEL][@SHARE]`.
+
+    For example `control=production`, `new=ranker:shelfwise_ranker:v2@0.5`, `pop=popular`.
+    Returns the arm as configuration (validated with the rest by `experiment_from_config`).
+
+    Raises:
+        ExperimentError: The text does not have that form (the message names the arm).
+    """
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise ExperimentError(f"arms: expected NAME=KIND[:MODEL][@SHARE], got {text!r}")
+    arm: dict[str, Any] = {"name": name.strip()}
+    body, at, share = rest.rpartition("@")
+    if at:
+        try:
+            arm["share"] = float(share)
+        except ValueError:
+            raise ExperimentError(f"arms: the share of '{arm['name']}' is not a number") from None
+        rest = body
+    kind, colon, model = rest.strip().partition(":")
+    arm["kind"] = kind.strip()
+    if colon:
+        arm["model"] = model.strip()
+    return arm
+
+
+def experiment_from_config(config: Mapping[str, Any], now: datetime | None = None) -> Experiment:
+    """An experiment from its configuration (a file's mapping, or the CLI's flags).
+
+    Args:
+        config: `name`, `mode`, `arms` (a list of `{name, kind, model?, share?}`), and
+            optionally `started_at` / `stopped_at` (ISO 8601; naive means UTC).
+        now: The start when the configuration names none (default: the current time).
+
+    Raises:
+        ExperimentError: The configuration is invalid; the message starts with the field's
+            dotted path (`arms.1.model: ...`).
+    """
+    if not isinstance(config, Mapping):
+        raise ExperimentError("experiment: expected a mapping of name, mode and arms")
+    document = {"started_at": now or datetime.now(UTC), **config}
+    try:
+        experiment = Experiment.model_validate(document)
+    except ValidationError as error:
+        raise ExperimentError(_field_message(error)) from None
+    # Stored in UTC, whatever offset (or none) the configuration gave.
+    times = {
+        key: value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        for key in ("started_at", "stopped_at")
+        if (value := getattr(experiment, key)) is not None
+    }
+    return experiment.model_copy(update=times)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """An experiment's configuration from a JSON or YAML file (by its suffix; YAML otherwise).
+
+    Raises:
+        ExperimentError: The file cannot be read or parsed, or holds no mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            document = json.loads(text)
+        else:
+            import yaml
+
+            document = yaml.safe_load(text)
+    except (OSError, ValueError) as error:  # yaml's and json's errors are ValueErrors
+        raise ExperimentError(f"{path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - yaml.YAMLError is no ValueError
+        raise ExperimentError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(document, dict):
+        raise ExperimentError(f"{path}: expected a mapping of name, mode and arms")
+    return document
+
+
+def _field_message(error: ValidationError) -> str:
+    """The first error of a validation as `field.path: message`."""
+    first = error.errors(include_input=False, include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or "experiment"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "is not a field of an experiment"
+    # Checks of the whole experiment name their field themselves ("arms: names must be unique").
+    return message if field == "experiment" else f"{field}: {message}"
+
+
+def publish_arm_ranker(
+    lake: Lake, experiment: str, arm: str, model_text: str, info: Mapping[str, Any]
+) -> None:
+    """Copies a ranker arm's model into the lake, where every replica finds it.
+
+    Args:
+        lake: The lake.
+        experiment: The experiment's name.
+        arm: The arm's name.
+        model_text: The LightGBM booster as text (the model store's `model.txt`).
+        info: The model's info (its `model.json`: the feature list, the segment policy).
+    """
+    model_path, info_path = experiment_arm_ranker(experiment, arm)
+    lake.write_text(model_text, model_path)
+    lake.write_json(dict(info), info_path)
+
+
+def read_arm_ranker(lake: Lake, experiment: str, arm: str) -> tuple[str, dict[str, Any]]:
+    """A ranker arm's model as `publish_arm_ranker` copied it: `(model_text, info)`.
+
+    Raises:
+        ExperimentError: The copy is missing or unreadable.
+    """
+    model_path, info_path = experiment_arm_ranker(experiment, arm)
+    try:
+        return lake.read_text(model_path), lake.read_json(info_path)
+    except (OSError, ValueError) as error:
+        raise ExperimentError(
+            f"the ranker of arm '{arm}' is not in {lake.uri(model_path)}: {error}"
+        ) from None
+
+
+class ArmResult(BaseModel):
+    """One arm's online results (written by the pipeline's `experiment_results`).
+
+    Rates are per impression; `*_low`/`*_high` bound a 95% interval; the lift is relative to
+    the control arm (null for the control itself).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    arm: str
+    impressions: int
+    clicks: int
+    carts: int
+    purchases: int
+    revenue_per_impression: float | None = None
+    ctr: float | None = None
+    ctr_low: float | None = None
+    ctr_high: float | None = None
+    lift_vs_control: float | None = None
+    lift_low: float | None = None
+    lift_high: float | None = None
+
+
+class InterleavingResult(BaseModel):
+    """Which arm won how many interleaved lists, and the test of the difference."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    wins: dict[str, int]
+    ties: int
+    p_value: float | None = None
+
+
+class ExperimentResults(BaseModel):
+    """The latest results of one experiment."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    updated_at: datetime
+    arms: list[ArmResult]
+    interleaving: InterleavingResult | None = None
+    winner: str | None = None
+
+
+def write_results(lake: Lake, results: Mapping[str, ExperimentResults]) -> None:
+    """Writes the latest results, experiment name → results (one JSON object, atomically)."""
+    document = {name: result.model_dump(mode="json") for name, result in results.items()}
+    lake.write_text(json.dumps(document, indent=2) + "\n", EXPERIMENT_RESULTS)
+
+
+def read_results(lake: Lake) -> dict[str, ExperimentResults]:
+    """The latest results by experiment name (none before the pipeline computed any).
+
+    An entry that does not fit `ExperimentResults` is logged and left out, so one bad entry
+    hides only itself.
+
+    Raises:
+        ExperimentError: The file exists but is not a JSON object.
+    """
+    if not lake.exists(EXPERIMENT_RESULTS):
+        return {}
+    try:
+        document = json.loads(lake.read_text(EXPERIMENT_RESULTS))
+    except ValueError as error:
+        raise ExperimentError(f"{lake.uri(EXPERIMENT_RESULTS)} is not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ExperimentError(f"{lake.uri(EXPERIMENT_RESULTS)} is not a JSON object")
+    results = {}
+    for name, entry in document.items():
+        try:
+            results[name] = ExperimentResults.model_validate(entry)
+        except ValidationError as error:
+            logger.warning("results of experiment %s unreadable: %s", name, error)
+    return results
 
 
 def stop_experiment(lake: Lake, name: str, now: datetime | None = None) -> Experiment:
@@ -183,105 +437,6 @@ def stop_experiment(lake: Lake, name: str, now: datetime | None = None) -> Exper
             write_experiments(lake, book)
             return stopped
     raise ExperimentError(f"name: no experiment named '{name}'")
-
-
-# Results: what the `experiment_results` asset computes from the lake's impressions and events
-# (models/experiment_results.py), one document per experiment, all of them in one JSON object
-# keyed by experiment name (`shelfwise.lake.EXPERIMENT_RESULTS`). The service shows them; the
-# CLI promotes a winner from them.
-
-
-class ArmResult(BaseModel):
-    """One arm's numbers (in interleave mode: the items the arm drafted).
-
-    Attributes:
-        arm: The arm's name.
-        impressions: Items shown (interleaving: drafted by the arm).
-        clicks: Shown items viewed from the response (the view carried its rec_id).
-        carts: Shown items added to the cart from the response.
-        purchases: Shown items bought from the response.
-        revenue_per_impression: Price × quantity of those purchases per impression.
-        ctr: clicks / impressions; with `ctr_low`, `ctr_high` its 95% interval (delta method
-            on per-user sums: the user is the unit that was randomised).
-        lift_vs_control: The relative difference of the CTR to the control's (0.1: 10% more
-            clicks per impression); with `lift_low`, `lift_high` its interval (simultaneous
-            over the arms compared with the control). None for the control and when
-            interleaving (the interleaving result compares the arms there).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    arm: str
-    impressions: int
-    clicks: int
-    carts: int
-    purchases: int
-    revenue_per_impression: float | None
-    ctr: float | None
-    ctr_low: float | None
-    ctr_high: float | None
-    lift_vs_control: float | None
-    lift_low: float | None
-    lift_high: float | None
-
-
-class InterleavingResult(BaseModel):
-    """Team-draft interleaving: which arm's drafted items shoppers engaged with more, per list.
-
-    Attributes:
-        wins: Per arm, the lists in which its drafted items got more interactions.
-        ties: Lists with interactions, as many on each arm's items.
-        p_value: Two-sided exact binomial (sign) test of the wins against an even split.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    wins: dict[str, int]
-    ties: int
-    p_value: float
-
-
-class ExperimentResults(BaseModel):
-    """The measured outcome of one experiment.
-
-    Attributes:
-        updated_at: When these results were computed.
-        arms: Every arm of the experiment, control first.
-        interleaving: The list wins (interleave mode), None in split mode.
-        winner: The arm the decision rule chose, or None (no significant difference yet).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    updated_at: datetime
-    arms: list[ArmResult]
-    interleaving: InterleavingResult | None
-    winner: str | None
-
-
-_RESULTS = TypeAdapter(dict[str, ExperimentResults])
-
-
-def read_results(lake: Lake) -> dict[str, ExperimentResults]:
-    """The latest results of every experiment, by name (empty before the pipeline computed any).
-
-    Raises:
-        ExperimentError: The results file exists but is not valid.
-    """
-    if not lake.exists(EXPERIMENT_RESULTS):
-        return {}
-    try:
-        return _RESULTS.validate_json(lake.read_text(EXPERIMENT_RESULTS))
-    except ValueError as error:
-        raise ExperimentError(
-            f"{lake.url}/{EXPERIMENT_RESULTS} is not valid experiment results: {error}"
-        ) from error
-
-
-def write_results(lake: Lake, results: dict[str, ExperimentResults]) -> None:
-    """Writes every experiment's results (atomically), replacing the previous ones."""
-    document = {name: result.model_dump(mode="json") for name, result in results.items()}
-    lake.write_text(json.dumps(document, indent=2) + "\n", EXPERIMENT_RESULTS)
 
 
 # Arms whose winning cannot be promoted: they have no ranker to make production.

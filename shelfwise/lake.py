@@ -85,6 +85,17 @@ EXPERIMENT_ARMS = f"{EXPERIMENTS_DIR}/arms"
 EXPERIMENT_RESULTS = f"{EXPERIMENTS_DIR}/results.json"
 
 
+def experiment_arm_ranker(experiment: str, arm: str) -> tuple[str, str]:
+    """The ranker of an experiment's arm as copied at start: its model text and its info JSON.
+
+    `experiments/arms/<experiment>/<arm>/model.txt` and `.../model.json` (the files of a model
+    store folder, see `shelfwise.runtime.registry`); names never hold a `/`
+    (`shelfwise.experiments.Name`).
+    """
+    folder = f"{EXPERIMENT_ARMS}/{experiment}/{arm}"
+    return f"{folder}/model.txt", f"{folder}/model.json"
+
+
 def feature_table(name: str) -> str:
     """The file of a dbt mart (`features/<name>.parquet`)."""
     return f"{FEATURES}/{name}.parquet"

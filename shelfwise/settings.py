@@ -32,6 +32,8 @@ class Settings:
             (`SHELFWISE_RETRAIN_AFTER_EVENTS`, default 10,000).
         model_poll_s: How often the service looks for a newly promoted model, in seconds
             (`SHELFWISE_MODEL_POLL_S`, default 10; 0: only `POST /admin/reload`).
+        experiment_poll_s: How often the service reads the book of experiments from the lake, in
+            seconds (`SHELFWISE_EXPERIMENT_POLL_S`, default 10; 0: only `POST /admin/reload`).
         compact_every_s: How often the service compacts its feedback log into the lake, in
             seconds (`SHELFWISE_COMPACT_EVERY_S`, default 30; 0: never, leave it to the pipeline).
         earliest_event_at: Events and stock updates dated before this are refused by the API
@@ -56,6 +58,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     retrain_after_events: int = 10_000
     model_poll_s: float = 10.0
+    experiment_poll_s: float = 10.0
     compact_every_s: float = 30.0
     earliest_event_at: datetime = DEFAULT_EARLIEST_EVENT_AT
     max_concurrency: int = 8
@@ -86,6 +89,7 @@ class Settings:
             max_body_bytes=int(env.get("SHELFWISE_MAX_BODY_BYTES") or 1 << 20),
             retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
             model_poll_s=float(env.get("SHELFWISE_MODEL_POLL_S") or 10.0),
+            experiment_poll_s=float(env.get("SHELFWISE_EXPERIMENT_POLL_S") or 10.0),
             compact_every_s=float(env.get("SHELFWISE_COMPACT_EVERY_S") or 30.0),
             earliest_event_at=parse_earliest(earliest) if earliest else DEFAULT_EARLIEST_EVENT_AT,
             max_concurrency=int(env.get("SHELFWISE_MAX_CONCURRENCY") or 8),
