@@ -65,7 +65,10 @@ def experiment_results(
         )
     mart = feature_table(OUTCOMES_MART)
     if lake.exists(mart):
-        outcomes = lake.read_frame(mart, columns=MART_COLUMNS)
+        # dbt-duckdb exports an empty result as one row of nulls: not an impression.
+        outcomes = lake.read_frame(mart, columns=MART_COLUMNS).filter(
+            pl.col("rec_id").is_not_null()
+        )
     else:  # a build before the mart existed
         context.log.warning(f"No {lake.uri(mart)}: every experiment counts no impressions.")
         outcomes = pl.DataFrame()
