@@ -26,7 +26,9 @@ outcome, so they show a difference first; carts, purchases and revenue per impre
 with their intervals and lifts beside it. With m arms compared to the control, each lift interval
 is at confidence 1 - alpha/m (Bonferroni: with two arms, the plain 95% interval). The winner is
 
-- the arm with the largest lift among those whose lift interval lies above 0; else
+- the arm with the largest lift among those whose lift interval lies above 0, unless its lift
+  on a guardrail (purchase rate, revenue per impression) lies entirely below 0: more clicks
+  bought with fewer sales is no win; else
 - the control, when every other arm's lift interval lies below 0; else
 - none.
 
@@ -90,6 +92,8 @@ RATES = {
     "revenue_per_impression": "revenue",
 }
 PRIMARY_METRIC = "ctr"
+# A split arm cannot win while its lift on one of these lies significantly below 0.
+GUARDRAILS = ("purchase_rate", "revenue_per_impression")
 # The mart's arm for a list merged from two arms (the item's arm is in drafted_by).
 INTERLEAVED = "interleaved"
 
@@ -229,7 +233,10 @@ def _z(alpha: float) -> float:
 
 
 def rate_estimate(
-    numerators: np.ndarray, denominators: np.ndarray, alpha: float = DEFAULT_ALPHA, upper=None
+    numerators: np.ndarray,
+    denominators: np.ndarray,
+    alpha: float = DEFAULT_ALPHA,
+    upper: float | None = None,
 ) -> Estimate:
     """A rate per impression with its (1 - alpha) interval, users being the unit.
 
@@ -365,6 +372,18 @@ def _split_winner(
         return None, f"the control '{control.arm}' has no {PRIMARY_METRIC} to compare with"
     confidence = f"{1 - alpha / len(others):.1%}" if len(others) > 1 else f"{1 - alpha:.0%}"
     better = {arm: lift for arm, lift in lifts.items() if lift.low is not None and lift.low > 0}
+    # Guardrails: more clicks bought with fewer purchases or less revenue is no win.
+    by_arm = {summary.arm: summary for summary in others}
+    harmed = {
+        arm: [name for name in GUARDRAILS if _below_zero(by_arm[arm].lifts[name])] for arm in better
+    }
+    if better and all(harmed[arm] for arm in better):
+        arm = max(better, key=lambda arm: better[arm].value)
+        return None, (
+            f"'{arm}' has a higher {PRIMARY_METRIC}, but its {' and '.join(harmed[arm])} "
+            f"lift interval ({confidence}) lies below 0"
+        )
+    better = {arm: lift for arm, lift in better.items() if not harmed[arm]}
     if better:
         best = max(better, key=lambda arm: better[arm].value)
         return best, (
@@ -376,6 +395,10 @@ def _split_winner(
             f"every other arm's {PRIMARY_METRIC} lift interval ({confidence}) lies below 0"
         )
     return None, f"no arm's {PRIMARY_METRIC} lift interval ({confidence}) excludes 0"
+
+
+def _below_zero(lift: Estimate) -> bool:
+    return lift.high is not None and lift.high < 0
 
 
 def sign_test(wins: int, losses: int) -> float:

@@ -117,6 +117,20 @@ def test_a_worse_treatment_makes_the_control_the_winner():
     assert compare_split(per_user, ["control", "worse"]).winner == "control"
 
 
+def test_more_clicks_with_fewer_purchases_is_no_win():
+    """The guardrails: an arm whose CTR lift is significant but whose purchase rate is
+    significantly lower does not win, and the reason says why."""
+    rng = np.random.default_rng(14)
+    baiting = shoppers(rng, 2000, effect=1.5)
+    baiting[:, 2] = rng.binomial(baiting[:, 1].astype(int), 0.05)  # clicked, rarely carted
+    baiting[:, 3] = rng.binomial(baiting[:, 2].astype(int), 0.5)
+    baiting[:, 4] = baiting[:, 3] * 20.0
+    analysis = compare_split({"control": shoppers(rng, 2000), "bait": baiting}, ["control", "bait"])
+    lifts = analysis.arms[1].lifts
+    assert lifts["ctr"].low > 0 and lifts["purchase_rate"].high < 0
+    assert analysis.winner is None and "purchase_rate" in analysis.reason
+
+
 def test_too_few_users_name_no_winner_however_large_the_difference():
     rng = np.random.default_rng(10)
 

@@ -44,9 +44,10 @@ def experiment_results(
     revenue per impression, each with a 95% interval over users (the delta method on per-user
     sums: users are what the experiment randomised), and each arm's relative lift against the
     control (the first arm) with its interval. The primary metric is the CTR: the winner is the
-    arm with the largest CTR lift whose interval lies above 0 (the control, when every other
-    arm is significantly worse); with more than two arms the lift intervals are Bonferroni-
-    corrected, so a null experiment names a winner at most 5% of the time. Interleave: per
+    arm with the largest CTR lift whose interval lies above 0 and whose purchase rate and
+    revenue per impression are not significantly lower (the control, when every other arm is
+    significantly worse); with more than two arms the lift intervals are Bonferroni-corrected,
+    so a null experiment names a winner about 5% of the time. Interleave: per
     list, the arm whose drafted items were clicked, carted or bought more often wins it; the
     winner is the arm with more wins when the two-sided sign test gives p < 0.05.
     The results are written to the lake (experiments/results.json), which the service shows
