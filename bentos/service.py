@@ -51,6 +51,7 @@ from bentos.compat import (
     settle_heap,
 )
 from bentos.contract import RequestContract, first_error
+from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
 from models.business_rules import RequestFilters
@@ -187,6 +188,9 @@ class RecommendationService:
             self.settings.wal_dir, max_segment_seconds=self.settings.compact_every_s or 60.0
         )
         self.impressions = ImpressionLog(self.feedback)
+        self.feature_samples = FeatureSampler(
+            self.feedback, self.settings.feature_sample_rate, self.settings.feature_sample_rows
+        )
         self._restore_stock()
         self._restore_seen()
         self._refresh_experiment_safely()
@@ -494,6 +498,7 @@ class RecommendationService:
     def close(self) -> None:
         self._stop.set()
         self.impressions.close()
+        self.feature_samples.close()
         self.feedback.close()
 
     async def _run(self, work: Callable[[], Any]) -> Any:
@@ -764,6 +769,15 @@ class RecommendationService:
                 }
                 for position, item in enumerate(answer.items, start=1)
             ]
+        )
+        # The ranked rows of a share of the personalised answers, for the drift check.
+        self.feature_samples.maybe_add(
+            answer.rows,
+            rec_id=rec_id,
+            sampled_at=shown_at,
+            user_id=user_id,
+            model_version=serving.model_version,
+            fallback_level=answer.fallback_level,
         )
         return response_type(
             rec_id=rec_id,

@@ -146,7 +146,8 @@ def _compact(args: argparse.Namespace, settings: Settings) -> int:
     _say(
         f"Compacted {result.segments} log segment(s) from {settings.wal_dir} into {lake.url}: "
         f"{result.events:,} events, {result.impressions:,} impressions, "
-        f"{result.rows[STOCK_UPDATES]:,} stock updates, {len(result.files)} file(s)."
+        f"{result.rows[STOCK_UPDATES]:,} stock updates, "
+        f"{result.feature_samples:,} sampled feature rows, {len(result.files)} file(s)."
     )
     for relpath in result.files[:20]:
         _say(f"  wrote {relpath}")

@@ -29,6 +29,9 @@ LANDING_USERS = "landing/users"
 EVENTS = "events"
 IMPRESSIONS = "impressions"
 STOCK_UPDATES = "stock_updates"
+# The feature rows of a sample of live /recommend requests (drift), date-partitioned like the
+# impressions.
+FEATURE_SAMPLES = "feature_samples"
 ITEMS = "catalog/items"
 USERS = "catalog/users"
 QUARANTINE = "quarantine"

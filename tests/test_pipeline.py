@@ -9,6 +9,7 @@ import pytest
 
 from models.artifacts import read_evaluation_report, read_mart, read_training_set
 from models.features import FEATURE_COLUMNS
+from orchestration.assets.drift import FEATURE_DRIFT_CHECK
 from orchestration.assets.promotion import GATE_CHECK
 from shelfwise.home import prepare_home
 from shelfwise.lake import EVENTS, EXPERIMENT_RESULTS, FEATURE_CUTOFFS, FEATURES, partition_day
@@ -19,6 +20,8 @@ from tests.support import PROJECT_ROOT, VENV_BIN, service_env
 
 EXPECTED_ASSETS = {
     "raw_events",
+    "live_feature_samples",
+    "fallback_levels",
     "catalog_items",
     "catalog_users",
     "stg_lake__events",
@@ -66,7 +69,9 @@ def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
     assert EXPECTED_ASSETS <= materialized
     checks = result.get_asset_check_evaluations()
     assert checks, "dbt tests should run as asset checks"
-    failed = [c.check_name for c in checks if not c.passed]
+    # The drift check warns (a WARN, never a failure) when the generated shop's features moved
+    # since training, which they do (tests/test_drift.py).
+    failed = [c.check_name for c in checks if not c.passed and c.check_name != FEATURE_DRIFT_CHECK]
     assert failed == []
 
 
