@@ -10,6 +10,7 @@ from dagster_dbt import DbtCliResource
 from orchestration.assets.bento import bento
 from orchestration.assets.drift import feature_drift
 from orchestration.assets.evaluation import evaluation
+from orchestration.assets.experiments import experiment_results
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
 from orchestration.assets.online_store import online_store
@@ -26,6 +27,7 @@ defs = dg.Definitions(
     assets=[
         raw_events,
         dbt_feature_tables,
+        experiment_results,
         candidates,
         training_set,
         ranker,

@@ -239,14 +239,40 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _winner_of(name: str, settings: Settings) -> str | None:
+    """The ranker tag to promote for an experiment's winner (None: production won, it stays).
+
+    Raises:
+        ExperimentError: The experiment has no winner to promote (`winning_arm` says why).
+    """
+    from shelfwise.experiments import winning_arm
+
+    arm = winning_arm(Lake(settings.lake_url), name)
+    if arm.kind == "production":
+        return None
+    assert arm.model is not None  # a ranker arm names its model
+    return arm.model
+
+
 def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.experiments import ExperimentError
     from shelfwise.runtime.registry import RegistryError, production, promote
 
     home = settings.bentoml_home
     before = production(home)
+    if (args.tag is None) == (args.winner_of is None):
+        sys.stderr.write("shelfwise models promote: give either a TAG or --winner-of EXPERIMENT\n")
+        return 2
     try:
-        tag = promote(home, args.tag)
-    except RegistryError as error:
+        target = args.tag if args.winner_of is None else _winner_of(args.winner_of, settings)
+        if target is None:
+            serving = before.source_tag if before is not None else "no ranker"
+            _say(
+                f"The production arm won '{args.winner_of}': production stays as it is ({serving})."
+            )
+            return 0
+        tag = promote(home, target)
+    except (RegistryError, ExperimentError) as error:
         sys.stderr.write(f"shelfwise models promote: {error}\n")
         return 2
     current = production(home)
@@ -553,8 +579,20 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands = models.add_subparsers(dest="models_command", required=True)
     listing = models_commands.add_parser("list", help="the rankers, newest first; * = production")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    promoting = models_commands.add_parser("promote", help="make a ranker production")
-    promoting.add_argument("tag", metavar="TAG", help="shelfwise_ranker:<version> (or a prefix)")
+    promoting = models_commands.add_parser(
+        "promote",
+        help="make a ranker production (or an experiment's winning ranker: --winner-of)",
+    )
+    promoting.add_argument(
+        "tag", metavar="TAG", nargs="?", help="shelfwise_ranker:<version> (or a prefix)"
+    )
+    promoting.add_argument(
+        "--winner-of",
+        metavar="EXPERIMENT",
+        default=None,
+        help="promote the ranker of the arm that won this stopped experiment (its latest "
+        "experiment_results); a winning production arm keeps production",
+    )
     models_commands.add_parser("rollback", help="restore the previous production ranker")
 
     experiments = commands.add_parser(

@@ -437,3 +437,64 @@ def stop_experiment(lake: Lake, name: str, now: datetime | None = None) -> Exper
             write_experiments(lake, book)
             return stopped
     raise ExperimentError(f"name: no experiment named '{name}'")
+
+
+# Arms whose winning cannot be promoted: they have no ranker to make production.
+_NOT_PROMOTABLE = {
+    "candidates": "serves the candidate order without a ranker",
+    "popular": "serves popular items without a ranker",
+}
+
+
+def winning_arm(lake: Lake, name: str, now: datetime | None = None) -> Arm:
+    """The arm that won a stopped experiment, to promote (`shelfwise models promote --winner-of`).
+
+    Args:
+        lake: The lake holding the book and the results.
+        name: The experiment.
+        now: The current time (default: now).
+
+    Returns:
+        The winning arm: a `ranker` arm (promote its model) or the `production` arm (keep
+        production).
+
+    Raises:
+        ExperimentError: No such experiment; it is still running; its results are missing or
+            older than its end; it has no winner; or the winner has no ranker to promote.
+    """
+    experiment = next((e for e in read_experiments(lake) if e.name == name), None)
+    if experiment is None:
+        raise ExperimentError(f"no experiment named '{name}'")
+    if experiment.is_running(now):
+        # Its production arm would change under it, and the decision is meant for the data of
+        # the whole run: stop, measure, then promote.
+        raise ExperimentError(
+            f"'{name}' is still running: stop it first (`shelfwise experiments stop {name}`), "
+            "then materialize experiment_results"
+        )
+    if experiment.stopped_at is None:
+        raise ExperimentError(f"'{name}' has not started yet")
+    result = read_results(lake).get(name)
+    if result is None:
+        raise ExperimentError(
+            f"no results for '{name}' yet: materialize experiment_results (`make pipeline`)"
+        )
+    if result.updated_at < experiment.stopped_at:
+        raise ExperimentError(
+            f"the results of '{name}' ({result.updated_at.isoformat()}) were computed before it "
+            f"stopped ({experiment.stopped_at.isoformat()}): materialize experiment_results again"
+        )
+    if result.winner is None:
+        raise ExperimentError(
+            f"'{name}' has no winner: no arm differed significantly from the control on CTR "
+            "(interleaving: on the lists won); nothing to promote"
+        )
+    arm = next((a for a in experiment.arms if a.name == result.winner), None)
+    if arm is None:
+        raise ExperimentError(f"the winner '{result.winner}' is not an arm of '{name}'")
+    if arm.kind in _NOT_PROMOTABLE:
+        raise ExperimentError(
+            f"the winner of '{name}' is '{arm.name}', which {_NOT_PROMOTABLE[arm.kind]}: "
+            "there is no ranker to promote; production stays as it is"
+        )
+    return arm

@@ -12,7 +12,7 @@ from models.features import FEATURE_COLUMNS
 from orchestration.assets.drift import FEATURE_DRIFT_CHECK
 from orchestration.assets.promotion import GATE_CHECK
 from shelfwise.home import prepare_home
-from shelfwise.lake import EVENTS, FEATURE_CUTOFFS, FEATURES, partition_day
+from shelfwise.lake import EVENTS, EXPERIMENT_RESULTS, FEATURE_CUTOFFS, FEATURES, partition_day
 from shelfwise.runtime.registry import list_rankers, production
 from shelfwise.settings import Settings
 from tests.dbt_support import dbt
@@ -46,6 +46,8 @@ EXPECTED_ASSETS = {
     "registered_model",
     "production_model",
     "bento",
+    "experiment_outcomes",
+    "experiment_results",
 }
 
 
@@ -71,6 +73,16 @@ def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
     assert FEATURE_DRIFT_CHECK in {c.check_name for c in checks}
     failed = [c.check_name for c in checks if not c.passed]
     assert failed == []
+
+
+def test_without_experiments_the_results_are_empty(pipeline_run):
+    """experiment_results runs in every pipeline; with no experiment in the book it writes an
+    empty results document and says so."""
+    assert pipeline_run.lake.read_json(EXPERIMENT_RESULTS) == {}
+    # dbt-duckdb exports an empty mart as one row of nulls (so the file has its columns).
+    outcomes = read_mart(pipeline_run.lake, "experiment_outcomes")
+    assert outcomes.filter(pl.col("rec_id").is_not_null()).height == 0
+    assert metadata_of(pipeline_run.result, "experiment_results")["experiments"] == 0
 
 
 def test_raw_events_are_partitioned_by_date_with_the_contract(pipeline_run):

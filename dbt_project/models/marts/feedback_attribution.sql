@@ -11,15 +11,7 @@ impressions as (
 
 outcomes as (
 
-    select
-        rec_id,
-        item_id,
-        bool_or(event_type = 'view') as is_clicked,
-        bool_or(event_type = 'add_to_cart') as is_carted,
-        bool_or(event_type = 'purchase') as is_purchased
-    from {{ ref('stg_lake__events') }}
-    where rec_id is not null
-    group by rec_id, item_id
+    select * from {{ ref('int_recommendation_outcomes') }}
 
 ),
 
