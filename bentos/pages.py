@@ -34,6 +34,7 @@ DOCS_PAGE = b"""<!DOCTYPE html>
     <title>Shelfwise API</title>
     <link rel="stylesheet" type="text/css" href="/static_content/swagger-ui.css" />
     <link rel="stylesheet" type="text/css" href="/static_content/index.css" />
+    <link rel="icon" type="image/png" href="/static_content/favicon-light-32x32.png" />
   </head>
   <body>
     <div id="swagger-ui"></div>

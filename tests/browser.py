@@ -85,7 +85,13 @@ def screenshot(
         if click_first_item:
             shown("#recommendations button.item").click()
             shown("#similar-panel[data-item]")
-            driver.execute_script("window.scrollTo(0, 0)")
+        # The whole page: the window grown until its viewport holds the document.
+        chrome, height = driver.execute_script(
+            "return [window.outerHeight - window.innerHeight,"
+            " document.documentElement.scrollHeight]"
+        )
+        driver.set_window_size(size[0], height + chrome)
+        driver.execute_script("window.scrollTo(0, 0)")
         path.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(path))
 

@@ -147,6 +147,8 @@ def test_the_pages_are_served_public_and_self_contained(served):
     document = httpx.get(f"{url}/docs.json", timeout=10).json()
     assert "/history" in document["paths"]
     assert "401" in document["paths"]["/history"]["post"]["responses"]
+    # BentoML's description links badges on the internet; the service's own does not.
+    assert "://" not in document["info"]["description"]
 
 
 def test_a_typed_user_shows_their_list_and_history_once_the_token_is_given(
@@ -270,3 +272,10 @@ def test_the_api_docs_moved_to_docs_and_still_render(served, browser):
     text = browser.find_element("id", "swagger-ui").text
     for route in ("/recommend", "/similar", "/events"):
         assert route in text
+    # Nothing was fetched from elsewhere (a failed load is logged with its address).
+    elsewhere = [
+        entry["message"]
+        for entry in browser.get_log("browser")
+        if re.match(r"https?://", entry["message"]) and not entry["message"].startswith(url)
+    ]
+    assert elsewhere == []
