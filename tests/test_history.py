@@ -15,9 +15,11 @@ import pytest
 from models.business_rules import SERVING_ITEMS, ItemFacts
 from models.features import FEATURE_COLUMNS
 from models.history import user_history
+from models.online_store import load_version, write_from_lake
+from models.recommender import Recommender
 from models.session import Session
 from models.user_state import UserCandidates
-from shelfwise.lake import SERVING_CANDIDATES, Lake
+from shelfwise.lake import SERVING_CANDIDATES, SERVING_PURCHASES, Lake
 from tests.support import served_copy
 
 COLUMN = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
@@ -97,6 +99,32 @@ def test_a_purchase_in_the_session_is_a_purchase_even_when_viewed():
     session = Session(("i1",), carted_ids=frozenset(), purchased_ids=frozenset({"i1"}))
     [entry] = user_history(None, session, FACTS, limit=20).entries
     assert (entry.item_id, entry.event, entry.live) == ("i1", "purchase", True)
+
+
+def test_the_history_is_the_same_from_redis_as_in_process(pipeline_run, redis_url):
+    """The online store's users' states (Redis) hold what the lake's snapshot does."""
+    import redis
+
+    assert pipeline_run.result.success, pipeline_run.failures
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/6")
+    client.flushdb()
+    try:
+        lake = pipeline_run.lake
+        version = load_version(client, write_from_lake(client, lake).version)
+        embedded = Recommender.from_lake(lake, None)
+        online = Recommender.from_online_store(version, None)
+        users = sorted(lake.read_frame(SERVING_CANDIDATES, ["user_id"])["user_id"].unique())
+        buyers = sorted(lake.read_frame(SERVING_PURCHASES)["user_id"].unique())
+        session = Session(("i1", "i2"), frozenset({"i2"}), frozenset({"i3"}))
+        histories = 0
+        for user in [*users[:150], *sorted(set(buyers) - set(users))[:20], "nobody"]:
+            for live in (Session(), session):
+                expected = embedded.history(user, live, 100)
+                assert online.history(user, live, 100) == expected, user
+                histories += any(not entry.live for entry in expected.entries)
+        assert histories > 100
+    finally:
+        client.flushdb()
 
 
 @pytest.fixture(scope="module")
