@@ -27,6 +27,7 @@ from pydantic import (
 
 from models.business_rules import RequestFilters
 from shelfwise.contracts import EVENT_TYPES, MAX_PRICE
+from shelfwise.experiments import ARM_KINDS, MODES, STATUSES, ExperimentResults
 
 # Clocks differ: an event up to this far in the future is accepted.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -49,6 +50,11 @@ class RecommendedItem(BaseModel):
     source: str = Field(
         description="What proposed the item: a candidate generator (history, buy_again, covisit, "
         "bought_together, collaborative, category_popular, content, trending, popular)."
+    )
+    arm: str | None = Field(
+        None,
+        description="When two arms of an experiment are interleaved: the arm that drafted this "
+        "item; else null.",
     )
 
 
@@ -207,7 +213,18 @@ class RecommendResponse(BaseModel):
         "user's segment its fallback, as for an unknown user (chosen on validation because the "
         "ranker did not beat popularity there)."
     )
-    model_version: str | None = Field(description="The ranker's tag; null when none is loaded.")
+    model_version: str | None = Field(
+        description="The ranker's tag; null when none is loaded (or the experiment's arm uses "
+        "none). Under an experiment, the arm's ranker; when interleaving, the control arm's."
+    )
+    experiment: str | None = Field(
+        None, description="The running experiment this answer belongs to; null outside one."
+    )
+    arm: str | None = Field(
+        None,
+        description="The experiment's arm that answered (split), or `interleaved` (each item "
+        "names its drafting arm); null outside an experiment.",
+    )
 
 
 class SimilarResponse(RecommendResponse):
@@ -312,6 +329,12 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ExperimentsRequest(BaseModel):
+    """The body of `POST /experiments`: an empty object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def plausible_utc(value: datetime | None, info: ValidationInfo | None = None) -> datetime | None:
     """A client's time in UTC (naive means UTC), refused when implausible.
 
@@ -371,3 +394,60 @@ class EventsResponse(BaseModel):
 class ReloadResponse(BaseModel):
     reloaded: bool = Field(description="Whether a newly promoted model was swapped in.")
     model_version: str | None = Field(description="The ranker served from now on.")
+
+
+class ExperimentArmOut(BaseModel):
+    name: str = Field(description="The arm's name; the first arm is the control.")
+    kind: Literal[ARM_KINDS] = Field(  # type: ignore[valid-type]
+        description="production (the served ranker), ranker (a registered version), candidates "
+        "(the candidate order, no ranker) or popular (popular items)."
+    )
+    model: str | None = Field(description="A ranker arm's model tag; null for the other kinds.")
+    share: float = Field(description="Relative share of users in split mode.")
+
+
+class ExperimentOut(BaseModel):
+    name: str
+    mode: Literal[MODES] = Field(  # type: ignore[valid-type]
+        description="split (each user sees one arm) or interleave (team draft of two arms)."
+    )
+    status: Literal[STATUSES] = Field(  # type: ignore[valid-type]
+        description="scheduled (starts later), running or stopped."
+    )
+    started_at: datetime
+    stopped_at: datetime | None
+    arms: list[ExperimentArmOut]
+    results: ExperimentResults | None = Field(
+        description="The latest results the pipeline computed (`experiment_results`); null "
+        "before any."
+    )
+
+
+class ExperimentsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "experiments": [
+                    {
+                        "name": "ranker-v2",
+                        "mode": "split",
+                        "status": "running",
+                        "started_at": "2026-11-26T10:00:00Z",
+                        "stopped_at": None,
+                        "arms": [
+                            {"name": "control", "kind": "production", "model": None, "share": 1},
+                            {
+                                "name": "challenger",
+                                "kind": "ranker",
+                                "model": "shelfwise_ranker:abc123",
+                                "share": 1,
+                            },
+                        ],
+                        "results": None,
+                    }
+                ]
+            }
+        }
+    )
+
+    experiments: list[ExperimentOut] = Field(description="Every experiment, oldest first.")

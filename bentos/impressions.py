@@ -14,11 +14,15 @@ at most `MAX_BATCH_ROWS` rows, and a batch the log refuses as too large
 (`shelfwise.runtime.feedback.RecordTooLargeError`) is halved until it fits; a single row too
 large on its own is dropped (`reason="too_large"`). Rows lost to a failed write count as
 `reason="write_failed"`.
+
+The same writer logs the sampled feature rows of `/recommend` requests (`bentos/feature_samples.py`)
+to their own stream, with their own bound and counter.
 """
 
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import bentoml
@@ -52,6 +56,8 @@ class ImpressionLog:
         log: The feedback log to append to.
         max_queued_rows: Rows the queue may hold; a response that does not fit is dropped.
         max_batch_rows: Rows per `append`.
+        stream: The log's stream the rows go to (impressions by default).
+        dropped_counter: The Prometheus counter of dropped rows (by `reason`).
     """
 
     def __init__(
@@ -59,24 +65,29 @@ class ImpressionLog:
         log: FeedbackLog,
         max_queued_rows: int = MAX_QUEUED_ROWS,
         max_batch_rows: int = MAX_BATCH_ROWS,
+        stream: str = IMPRESSIONS,
+        dropped_counter: bentoml.metrics.Counter = DROPPED,
     ) -> None:
         self._log = log
+        self._stream = stream
+        self._dropped_counter = dropped_counter
         self._max_queued_rows = max_queued_rows
         self._max_batch_rows = max_batch_rows
-        self._queue: queue.SimpleQueue[list[dict[str, Any]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Sequence[dict[str, Any]]] = queue.SimpleQueue()
         # Rows queued or being written; guarded by a lock held for an addition only.
         self._queued_rows = 0
         self._count_lock = threading.Lock()
         self.dropped = 0  # rows dropped by this log (also in the Prometheus counter)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=stream, daemon=True)
         self._thread.start()
 
-    def add(self, rows: list[dict[str, Any]]) -> bool:
+    def add(self, rows: Sequence[dict[str, Any]]) -> bool:
         """Queues one response's impressions; never blocks (beyond a counter's lock), never raises.
 
         Args:
-            rows: The response's impression rows.
+            rows: The response's impression rows: a list, or a sequence that builds them when the
+                writer thread iterates it (`bentos.feature_samples.SampledRows`).
 
         Returns:
             Whether they were queued; False when the queue was full and they were dropped.
@@ -99,7 +110,7 @@ class ImpressionLog:
     def _drop(self, reason: str, rows: int) -> None:
         with self._count_lock:
             self.dropped += rows
-        DROPPED.labels(reason=reason).inc(rows)
+        self._dropped_counter.labels(reason=reason).inc(rows)
 
     def _run(self) -> None:
         # Wakes on a clock, not on each response: woken per response, the thread encoded and
@@ -119,9 +130,17 @@ class ImpressionLog:
         batch: list[dict[str, Any]] = []
         while True:
             try:
-                batch.extend(self._queue.get_nowait())
+                queued = self._queue.get_nowait()
             except queue.Empty:
                 break
+            try:
+                batch.extend(queued)  # a lazy sequence builds its rows here, off the request path
+            except Exception:  # the writer must outlive a response it cannot turn into rows
+                logger.exception("could not build %d rows of %s", len(queued), self._stream)
+                self._drop("write_failed", len(queued))
+                with self._count_lock:
+                    self._queued_rows -= len(queued)
+                continue
             while len(batch) >= self._max_batch_rows:
                 self._append_and_release(batch[: self._max_batch_rows])
                 del batch[: self._max_batch_rows]
@@ -136,15 +155,15 @@ class ImpressionLog:
     def _append(self, rows: list[dict[str, Any]]) -> None:
         """Appends rows, halving a batch the log refuses as too large; never raises."""
         try:
-            self._log.append(IMPRESSIONS, rows)
+            self._log.append(self._stream, rows)
         except RecordTooLargeError:
             if len(rows) == 1:
-                logger.warning("dropped an impression row over the log's record limit")
+                logger.warning("dropped a row of %s over the log's record limit", self._stream)
                 self._drop("too_large", 1)
                 return
             middle = len(rows) // 2
             self._append(rows[:middle])
             self._append(rows[middle:])
         except Exception:  # logging impressions must never take serving down
-            logger.exception("could not log %d impressions", len(rows))
+            logger.exception("could not log %d rows of %s", len(rows), self._stream)
             self._drop("write_failed", len(rows))

@@ -28,6 +28,10 @@ from bentos.api_models import (
     EventIn,
     EventsRequest,
     EventsResponse,
+    ExperimentArmOut,
+    ExperimentOut,
+    ExperimentsRequest,
+    ExperimentsResponse,
     HistoryItem,
     HistoryRequest,
     HistoryResponse,
@@ -50,14 +54,22 @@ from bentos.compat import (
     settle_heap,
 )
 from bentos.contract import RequestContract, first_error
+from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
 from bentos.pages import ServicePages
+from models.business_rules import RequestFilters
 from models.compiled_ranker import (
     ENGINE_COMPILED,
     ENGINE_LIGHTGBM,
     RankerEngine,
     load_ranker_engine,
+)
+from models.experiments import (
+    ExperimentAnswer,
+    ExperimentRefused,
+    LiveExperiment,
+    load_arm_models,
 )
 from models.online_store import (
     OnlineStoreError,
@@ -71,6 +83,13 @@ from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
+from shelfwise.experiments import (
+    Experiment,
+    read_experiments,
+    read_results,
+    running_experiment,
+    status_of,
+)
 from shelfwise.lake import STOCK_UPDATES, Lake
 from shelfwise.runtime.feedback import (
     FeedbackLog,
@@ -158,6 +177,13 @@ class RecommendationService:
         except Exception:  # a missing or corrupt model degrades the service, never kills it
             logger.exception("No usable production ranker: serving the candidate order")
         self._ranker = (ranker, features, version, tag, policy)
+        # The running experiment, ready to answer (None: production alone, as without
+        # experiments); swapped by one reference assignment (`refresh_experiment`).
+        self._experiment: LiveExperiment | None = None
+        # The book as last read, and the refused experiment not to log again (name, production).
+        self._book: list[Experiment] = []
+        self._experiment_refusal: tuple[str, str | None] | None = None
+        self._experiment_lock = threading.Lock()  # the upkeep's poll against /admin/reload's
         self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
         show_ranker_engine(self.serving.ranker_engine)
         self.state = open_state(self.settings.redis_url)
@@ -166,8 +192,12 @@ class RecommendationService:
             self.settings.wal_dir, max_segment_seconds=self.settings.compact_every_s or 60.0
         )
         self.impressions = ImpressionLog(self.feedback)
+        self.feature_samples = FeatureSampler(
+            self.feedback, self.settings.feature_sample_rate, self.settings.feature_sample_rows
+        )
         self._restore_stock()
         self._restore_seen()
+        self._refresh_experiment_safely()
         self._stop = threading.Event()
         threading.Thread(
             target=self._background, args=(model_dir,), name="shelfwise-upkeep", daemon=True
@@ -353,9 +383,11 @@ class RecommendationService:
         """Upkeep off the request path: the ranker's compilation once the worker is up (the
         model of `model_dir`, loaded by `__init__`), a newly promoted model, log compaction."""
         poll, compact = self.settings.model_poll_s, self.settings.compact_every_s
+        experiment_poll = self.settings.experiment_poll_s
         # `__init__` compacted just now (`_restore_stock`): the next round is a period away.
         next_poll = time.monotonic()
         next_compaction = next_poll + compact
+        next_experiment_poll = next_poll + experiment_poll  # `__init__` read the book
         compile_pending = True
         while not self._stop.wait(STORE_POLL_S):
             if compile_pending:
@@ -372,6 +404,9 @@ class RecommendationService:
                     self.reload()
                 except Exception:  # a broken new model must not stop the old one serving
                     logger.exception("Could not load the newly promoted model")
+            if experiment_poll and now >= next_experiment_poll:
+                next_experiment_poll = now + experiment_poll
+                self._refresh_experiment_safely()
             if compact and now >= next_compaction:
                 next_compaction = now + compact
                 try:
@@ -382,6 +417,68 @@ class RecommendationService:
                     )
                 except Exception:  # the log keeps everything; the next round retries
                     logger.exception("Feedback compaction failed")
+
+    def refresh_experiment(self) -> bool:
+        """Follows the book of experiments in the lake: swaps the running one in or out.
+
+        A newly running experiment is built aside (its ranker arms loaded from their copies in
+        the lake, its arms bound to the production recommender, which checks their features)
+        and swapped in by one reference assignment; a stopped one is swapped out the same way,
+        and production serves alone again. An experiment this worker cannot serve is refused
+        with one log line (per experiment and production model) and production serves.
+
+        Returns:
+            Whether the experiment served changed.
+        """
+        lake = Lake(self.settings.lake_url)
+        self._book = book = read_experiments(lake)
+        running = running_experiment(book)
+        current = self._experiment
+        serving = self.serving
+        if running is None:
+            if current is None:
+                return False
+            self._experiment = None
+            logger.info("Experiment %s is over: production serves everyone", current.name)
+            return True
+        if current is not None and current.experiment == running:
+            try:  # production may have been swapped since: its arms must still fit it
+                current.bind(serving.recommender, serving.model_version)
+                return False
+            except ExperimentRefused as error:
+                self._refuse(running, serving, error)
+                return True
+        if self._experiment_refusal == (running.name, serving.model_version):
+            self._experiment = None  # refused already (and logged)
+            return current is not None
+        try:
+            live = LiveExperiment(running, load_arm_models(lake, running))
+            live.bind(serving.recommender, serving.model_version)
+        except ExperimentRefused as error:
+            self._refuse(running, serving, error)
+            return True
+        self._experiment, self._experiment_refusal = live, None
+        arms = ", ".join(f"{arm.name} ({arm.model or arm.kind})" for arm in running.arms)
+        logger.info("Experiment %s (%s) serving: %s", running.name, running.mode, arms)
+        return True
+
+    def _refuse(self, running: Experiment, serving: "Serving", error: Exception) -> None:
+        """Serves production instead of an experiment this worker cannot serve; logs it once."""
+        self._experiment = None
+        refusal = (running.name, serving.model_version)
+        if self._experiment_refusal != refusal:
+            logger.error(
+                "Experiment %s refused: %s; production serves everyone", running.name, error
+            )
+        self._experiment_refusal = refusal
+
+    def _refresh_experiment_safely(self) -> None:
+        """`refresh_experiment`, keeping what serves when the book cannot be read."""
+        try:
+            with self._experiment_lock:
+                self.refresh_experiment()
+        except Exception:  # the lake away or a broken book: keep serving what serves
+            logger.exception("Could not read the book of experiments: serving as before")
 
     def _poll_store(self) -> None:
         """Follows the online store's pointer; Redis being away, or a version this worker
@@ -405,6 +502,7 @@ class RecommendationService:
     def close(self) -> None:
         self._stop.set()
         self.impressions.close()
+        self.feature_samples.close()
         self.feedback.close()
 
     async def _run(self, work: Callable[[], Any]) -> Any:
@@ -457,16 +555,55 @@ class RecommendationService:
             activity.item_ids, activity.carted_ids, activity.purchased_ids
         ).with_context(context.item_id, context.session_item_ids)
         serving = self.serving
-        answer = serving.recommender.recommend(
-            user_id,
-            k,
-            # The item on the page is never recommended on its own page.
-            (filters or RecommendFilters()).to_rules(exclude=context.item_id),
-            session,
-            context.item_id,
-            stock,
-        )
+        # The item on the page is never recommended on its own page.
+        rules = (filters or RecommendFilters()).to_rules(exclude=context.item_id)
+        experiment = self._experiment
+        if experiment is not None:  # the one check it costs when no experiment runs
+            rec_id = uuid.uuid4().hex  # seeds the interleaving: the list can be drawn again
+            trial = self._try_experiment(
+                experiment, serving, user_id, k, rules, session, context.item_id, stock, rec_id
+            )
+            if trial is not None:
+                answer = trial.recommendation
+                return self._respond(
+                    "recommend", user_id, answer, serving, RecommendResponse, trial, rec_id
+                )
+        answer = serving.recommender.recommend(user_id, k, rules, session, context.item_id, stock)
         return self._respond("recommend", user_id, answer, serving, RecommendResponse)
+
+    def _try_experiment(
+        self,
+        experiment: LiveExperiment,
+        serving: "Serving",
+        user_id: str,
+        k: int,
+        rules: RequestFilters,
+        session: Session,
+        context_item_id: str | None,
+        stock: dict,
+        rec_id: str,
+    ) -> ExperimentAnswer | None:
+        """The experiment's answer; None (production answers) if its arms do not fit the
+        production just swapped in (the upkeep refuses it) or an arm failed unexpectedly."""
+        try:
+            return experiment.recommend(
+                serving.recommender,
+                serving.model_version,
+                user_id,
+                k,
+                rules,
+                session,
+                context_item_id,
+                stock,
+                rec_id,
+            )
+        except ExperimentRefused:
+            return None
+        except Exception:  # an arm's bug must not fail the request: production answers
+            logger.exception(
+                "Experiment %s failed for user %s: production answers", experiment.name, user_id
+            )
+            return None
 
     @bentoml.api(route="/similar", input_spec=SimilarRequest)
     async def similar(
@@ -591,7 +728,38 @@ class RecommendationService:
         """Loads the newly promoted model now instead of at the next poll (needs the token when
         SHELFWISE_API_TOKEN is set)."""
         swapped = self.reload()
+        self._refresh_experiment_safely()  # the book of experiments too, now
         return ReloadResponse(reloaded=swapped, model_version=self.serving.model_version)
+
+    @bentoml.api(route="/experiments", input_spec=ExperimentsRequest)
+    def experiments(self) -> ExperimentsResponse:
+        """Every experiment of the book with its status and its latest results (needs the token
+        when SHELFWISE_API_TOKEN is set)."""
+        lake = Lake(self.settings.lake_url)
+        try:
+            book = read_experiments(lake)
+        except Exception:  # the lake away or a broken book: the book as last read
+            logger.exception("Could not read the book of experiments: answering the last one read")
+            book = self._book
+        try:
+            results = read_results(lake)
+        except Exception:  # results are optional: the book without them
+            logger.exception("Could not read the experiments' results")
+            results = {}
+        return ExperimentsResponse(
+            experiments=[
+                ExperimentOut(
+                    name=experiment.name,
+                    mode=experiment.mode,
+                    status=status_of(experiment),
+                    started_at=experiment.started_at,
+                    stopped_at=experiment.stopped_at,
+                    arms=[ExperimentArmOut(**arm.model_dump()) for arm in experiment.arms],
+                    results=results.get(experiment.name),
+                )
+                for experiment in book
+            ]
+        )
 
     def _respond(
         self,
@@ -600,8 +768,19 @@ class RecommendationService:
         answer: Recommendation,
         serving: "Serving",
         response_type,
+        trial: ExperimentAnswer | None = None,
+        rec_id: str | None = None,
     ):
-        rec_id = uuid.uuid4().hex
+        rec_id = rec_id or uuid.uuid4().hex
+        if trial is None:  # as without experiments
+            experiment = arm = None
+            model_version = serving.model_version
+            drafted: list[str | None] = [None] * len(answer.items)
+            versions: list[str | None] = [model_version] * len(answer.items)
+        else:
+            experiment, arm, model_version = trial.experiment, trial.arm, trial.model_version
+            drafted = trial.drafted_by or [None] * len(answer.items)
+            versions = trial.item_model_versions or [model_version] * len(answer.items)
         RESPONSES.labels(
             endpoint=endpoint, strategy=answer.strategy, fallback_level=str(answer.fallback_level)
         ).inc()
@@ -614,22 +793,36 @@ class RecommendationService:
                     "user_id": user_id,
                     "item_id": item.item_id,
                     "position": position,
-                    "model_version": serving.model_version,
+                    "model_version": versions[position - 1],
                     "strategy": f"{endpoint}:{answer.strategy}",
                     "fallback_level": answer.fallback_level,
-                    "experiment": None,
-                    "arm": None,
-                    "drafted_by": None,
+                    "experiment": experiment,
+                    "arm": arm,
+                    "drafted_by": drafted[position - 1],
                 }
                 for position, item in enumerate(answer.items, start=1)
             ]
         )
+        # The ranked rows of a share of the personalised answers, for the drift check.
+        self.feature_samples.maybe_add(
+            answer.rows,
+            rec_id=rec_id,
+            sampled_at=shown_at,
+            user_id=user_id,
+            model_version=model_version,
+            fallback_level=answer.fallback_level,
+        )
         return response_type(
             rec_id=rec_id,
-            items=[RecommendedItem(**vars(item)) for item in answer.items],
+            items=[
+                RecommendedItem(**vars(item), arm=by)
+                for item, by in zip(answer.items, drafted, strict=True)
+            ],
             strategy=answer.strategy,
             fallback_level=answer.fallback_level,
-            model_version=serving.model_version,
+            model_version=model_version,
+            experiment=experiment,
+            arm=arm,
         )
 
 
@@ -644,6 +837,7 @@ RecommendationService.add_asgi_middleware(
         "/events": (EventsRequest, EventsResponse),
         "/history": (HistoryRequest, HistoryResponse),
         "/admin/reload": (ReloadRequest, ReloadResponse),
+        "/experiments": (ExperimentsRequest, ExperimentsResponse),
     },
     protected=PROTECTED_PREFIXES,
     openapi=lambda: RecommendationService.openapi_spec.asdict(),

@@ -5,6 +5,9 @@ same dbt feature tables, so the two cannot drift apart. Missing values stay miss
 LightGBM learns what "no history" means instead of us pretending it is zero.
 """
 
+import hashlib
+from collections.abc import Sequence
+
 import numpy as np
 import polars as pl
 
@@ -150,3 +153,19 @@ def assemble_features(candidates: pl.DataFrame, tables: Marts) -> pl.DataFrame:
 def feature_matrix(assembled: pl.DataFrame) -> np.ndarray:
     """The `FEATURE_COLUMNS` of assembled rows as a float32 matrix (nulls become NaN)."""
     return assembled.select(FEATURE_COLUMNS).to_numpy().astype(np.float32, copy=False)
+
+
+def feature_set_id(names: Sequence[str] = FEATURE_COLUMNS) -> str:
+    """A short fingerprint of a feature list (its names, in order).
+
+    The service's sampled feature rows carry it (`shelfwise.contracts.FEATURE_SAMPLES_SCHEMA`),
+    so that the drift check recognises rows logged by a release with another feature list and
+    leaves them out, rather than comparing them column by column with the wrong features.
+
+    Args:
+        names: The feature names, in the order of the vectors.
+
+    Returns:
+        16 hexadecimal characters.
+    """
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]

@@ -207,6 +207,9 @@ class Recommender:
 
     # Candidates a session may add to a known user's list (its strongest neighbours).
     MAX_SESSION_CANDIDATES = 100
+    # The fallback level of the candidate order without a ranker score: a degradation, unless
+    # the candidate order is what was asked for (`without_ranker`).
+    _unranked_level = FALLBACK_CANDIDATE_ORDER
 
     def __init__(
         self,
@@ -230,6 +233,7 @@ class Recommender:
             require_features(features, candidates.columns, "serving snapshot")
             candidates = CandidateSnapshot.from_frame(candidates)
         self._store: CandidateStore = candidates
+        self._features = list(features)
         self._column = {name: n for n, name in enumerate(FEATURE_COLUMNS)}
         # The booster's columns; None when they are FEATURE_COLUMNS as they are (no copy needed).
         ranker_columns = [self._column[name] for name in features]
@@ -370,6 +374,37 @@ class Recommender:
         other._booster = booster
         return other
 
+    def with_ranker(
+        self, booster: object, segment_policy: SegmentPolicy | None = None
+    ) -> "Recommender":
+        """This recommender with another ranker (a model of its own, on the same features).
+
+        For an experiment's ranker arm: the snapshot, neighbours and rules are shared, the
+        ranker and its segment policy are the other model's. The other model must score the
+        same `feature_names` (the snapshot holds those); the caller checks.
+        """
+        other = copy.copy(self)
+        other._booster = booster
+        other._segment_policy = segment_policy
+        other._unranked_level = FALLBACK_CANDIDATE_ORDER
+        return other
+
+    def without_ranker(self) -> "Recommender":
+        """This recommender serving the candidate order on purpose (fallback level 0).
+
+        For an experiment's `candidates` arm: every known user gets their candidates in the
+        generators' own order (no segment policy: it chose between the ranker and the fallback),
+        and since that order is what the arm asks for, it is no degradation.
+        """
+        other = self.with_ranker(None, None)
+        other._unranked_level = FALLBACK_NONE
+        return other
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The features the ranker scores, in its order (those the snapshot was loaded for)."""
+        return list(self._features)
+
     @property
     def known_users(self) -> int:
         """How many users have precomputed candidates."""
@@ -449,6 +484,34 @@ class Recommender:
             items += self._select(user_id, popular, "popular", filters, online, k, items)
         return Recommendation(items, strategy, level, rows)
 
+    def popular(
+        self,
+        user_id: str,
+        k: int,
+        filters: RequestFilters | None = None,
+        session: Session | None = None,
+        stock: Mapping[str, StockChange] | None = None,
+    ) -> Recommendation:
+        """The shop's popular items for anyone, through the business rules, as intended.
+
+        The rules as for every list: what the user already bought, stock, the request's filters,
+        the category cap; fallback level 0. For an experiment's `popular` arm; arguments as for
+        `recommend`.
+        """
+        filters = filters or RequestFilters()
+        session = session or Session()
+        bought = session.purchased_ids
+        try:
+            found = self._store.candidates_of(user_id)
+            if found is not None and found.bought:
+                bought = found.bought | session.purchased_ids
+        except Exception as error:  # the store is unreachable: the session's purchases only
+            logger.warning("purchases of user %s unavailable (%r)", user_id, error)
+        online = OnlineFacts(bought, stock or {})
+        popular = zip(self._popular_ids, self._popular_scores, strict=True)
+        items = self._select(user_id, popular, "popular", filters, online, k, [])
+        return Recommendation(items, STRATEGY_POPULAR, FALLBACK_NONE)
+
     def similar(
         self, item_id: str, k: int, filters: RequestFilters | None = None
     ) -> Recommendation:
@@ -504,7 +567,7 @@ class Recommender:
         level = FALLBACK_NONE
         scores = self._rank(user_id, matrix)
         if scores is None:
-            scores, level = -fallback_order, FALLBACK_CANDIDATE_ORDER
+            scores, level = -fallback_order, self._unranked_level
         order = np.argsort(-scores, kind="stable")
         ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
         chosen = self.rules.select(user_id, ranked, filters, k, online=online)

@@ -8,6 +8,7 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 
 from orchestration.assets.bento import bento
+from orchestration.assets.drift import feature_drift
 from orchestration.assets.evaluation import evaluation
 from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
@@ -35,6 +36,7 @@ defs = dg.Definitions(
         production_model,
         bento,
     ],
+    asset_checks=[feature_drift],
     jobs=[retraining],
     schedules=[daily_retraining],
     sensors=[feedback_volume],
@@ -51,6 +53,7 @@ def bound_to(shelfwise: ShelfwiseResource) -> dg.Definitions:
     benchmarks run several side by side)."""
     return dg.Definitions(
         assets=defs.assets,
+        asset_checks=defs.asset_checks,
         jobs=defs.jobs,
         schedules=defs.schedules,
         sensors=defs.sensors,

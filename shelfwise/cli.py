@@ -1,4 +1,4 @@
-"""The `shelfwise` command line: set up state, generate or import a shop, manage the models."""
+"""The `shelfwise` command line: set up state, generate or import a shop, models, experiments."""
 
 import argparse
 import json
@@ -146,7 +146,8 @@ def _compact(args: argparse.Namespace, settings: Settings) -> int:
     _say(
         f"Compacted {result.segments} log segment(s) from {settings.wal_dir} into {lake.url}: "
         f"{result.events:,} events, {result.impressions:,} impressions, "
-        f"{result.rows[STOCK_UPDATES]:,} stock updates, {len(result.files)} file(s)."
+        f"{result.rows[STOCK_UPDATES]:,} stock updates, "
+        f"{result.feature_samples:,} sampled feature rows, {len(result.files)} file(s)."
     )
     for relpath in result.files[:20]:
         _say(f"  wrote {relpath}")
@@ -277,6 +278,138 @@ def _models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 def _models(args: argparse.Namespace, settings: Settings) -> int:
     handlers = {"list": _models_list, "promote": _models_promote, "rollback": _models_rollback}
     return handlers[args.models_command](args, settings)
+
+
+def _experiments_start(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.experiments import (
+        ExperimentError,
+        check_startable,
+        experiment_from_config,
+        parse_arm,
+        publish_arm_ranker,
+        read_config_file,
+        read_experiments,
+        start_experiment,
+    )
+    from shelfwise.runtime.registry import RegistryError, production_ranker, registered_ranker
+
+    lake = Lake(args.lake or settings.lake_url)
+    home = settings.bentoml_home
+    try:
+        if args.file is not None:
+            if args.name or args.mode or args.arm:
+                raise ExperimentError("--file: give the experiment as a file or as flags, not both")
+            config = read_config_file(Path(args.file))
+        else:
+            config = {
+                "name": args.name,
+                "mode": args.mode or "split",
+                "arms": [parse_arm(a) for a in args.arm],
+            }
+            config = {key: value for key, value in config.items() if value}
+        experiment = experiment_from_config(config)
+        check_startable(read_experiments(lake), experiment)
+        # Ranker arms: the registered model, resolved to its full tag, checked and copied into
+        # the lake, where every replica finds it.
+        current = production_ranker(home)
+        arms, copies = [], []
+        for index, arm in enumerate(experiment.arms):
+            if arm.kind == "ranker":
+                try:
+                    tag, text, info = registered_ranker(home, str(arm.model))
+                except RegistryError as error:
+                    raise ExperimentError(f"arms.{index}.model: {error}") from None
+                if current is not None and info.get("features") != current[1].get("features"):
+                    raise ExperimentError(
+                        f"arms.{index}.model: {tag} scores other features than the production "
+                        "ranker, for which the serving snapshot was built"
+                    )
+                arm = arm.model_copy(update={"model": tag})
+                copies.append((arm.name, text, info))
+            arms.append(arm)
+        experiment = experiment.model_copy(update={"arms": arms})
+        for name, text, info in copies:
+            publish_arm_ranker(lake, experiment.name, name, text, info)
+        start_experiment(lake, experiment)
+    except ExperimentError as error:
+        sys.stderr.write(f"shelfwise experiments start: {error}\n")
+        return 2
+    _say(
+        f"Started {experiment.mode} experiment {experiment.name} at "
+        f"{experiment.started_at.isoformat(timespec='seconds')}: {_arms_text(experiment.arms)}."
+    )
+    _say(
+        "Every replica serves it from its next look at the book "
+        f"(SHELFWISE_EXPERIMENT_POLL_S, default 10 s): {lake.url}."
+    )
+    return 0
+
+
+def _arms_text(arms) -> str:  # noqa: ANN001 - shelfwise.experiments.Arm, imported lazily
+    parts = []
+    for arm in arms:
+        what = arm.model if arm.kind == "ranker" else arm.kind
+        parts.append(f"{arm.name}={what}@{arm.share:g}")
+    return ", ".join(parts)
+
+
+def _experiments_stop(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.experiments import ExperimentError, stop_experiment
+
+    lake = Lake(args.lake or settings.lake_url)
+    try:
+        stopped = stop_experiment(lake, args.name)
+    except ExperimentError as error:
+        sys.stderr.write(f"shelfwise experiments stop: {error}\n")
+        return 2
+    assert stopped.stopped_at is not None  # stop_experiment just set it
+    _say(
+        f"Stopped experiment {stopped.name} at {stopped.stopped_at.isoformat(timespec='seconds')}"
+        "; production serves everyone again from each replica's next look at the book."
+    )
+    return 0
+
+
+def _experiments_list(args: argparse.Namespace, settings: Settings) -> int:
+    from shelfwise.experiments import ExperimentError, read_experiments, status_of
+
+    lake = Lake(args.lake or settings.lake_url)
+    try:
+        book = read_experiments(lake)
+    except ExperimentError as error:
+        sys.stderr.write(f"shelfwise experiments list: {error}\n")
+        return 2
+    if args.json:
+        payload = [
+            {**experiment.model_dump(mode="json"), "status": status_of(experiment)}
+            for experiment in book
+        ]
+        _say(json.dumps(payload, indent=2))
+        return 0
+    if not book:
+        _say(f"No experiments in {lake.url} yet; `shelfwise experiments start` starts one.")
+        return 0
+    _say(
+        f"{'name':<24} {'mode':<10} {'status':<9} {'started (UTC)':<19} {'stopped (UTC)':<19} arms"
+    )
+    for experiment in book:
+        stopped = experiment.stopped_at
+        _say(
+            f"{experiment.name:<24} {experiment.mode:<10} {status_of(experiment):<9} "
+            f"{experiment.started_at.strftime('%Y-%m-%d %H:%M:%S'):<19} "
+            f"{'-' if stopped is None else stopped.strftime('%Y-%m-%d %H:%M:%S'):<19} "
+            f"{_arms_text(experiment.arms)}"
+        )
+    return 0
+
+
+def _experiments(args: argparse.Namespace, settings: Settings) -> int:
+    handlers = {
+        "start": _experiments_start,
+        "stop": _experiments_stop,
+        "list": _experiments_list,
+    }
+    return handlers[args.experiments_command](args, settings)
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -424,6 +557,45 @@ def build_parser() -> argparse.ArgumentParser:
     promoting.add_argument("tag", metavar="TAG", help="shelfwise_ranker:<version> (or a prefix)")
     models_commands.add_parser("rollback", help="restore the previous production ranker")
 
+    experiments = commands.add_parser(
+        "experiments",
+        help="start, stop and list online experiments (A/B splits and interleaving of rankers)",
+        description="The book of experiments in the lake (docs/experiments.md); every replica "
+        "of the service follows it.",
+    )
+    experiments_commands = experiments.add_subparsers(dest="experiments_command", required=True)
+    starting = experiments_commands.add_parser(
+        "start",
+        help="start an experiment (from flags or a JSON/YAML file)",
+        description="Start an experiment. The first arm is the control. A ranker arm's "
+        "registered model is copied into the lake for every replica.",
+    )
+    starting.add_argument("--name", default=None, help="unique among all experiments ever run")
+    starting.add_argument("--mode", default=None, help="split (the default) or interleave")
+    starting.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=KIND[:MODEL][@SHARE]",
+        help="an arm: KIND is production, ranker (with MODEL, a shelfwise_ranker tag), "
+        "candidates or popular; SHARE its relative share of users in split mode (default 1), "
+        "e.g. challenger=ranker:shelfwise_ranker:abc123@0.5",
+    )
+    starting.add_argument(
+        "--file", default=None, metavar="FILE", help="the experiment as JSON or YAML instead"
+    )
+    starting.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
+    stopping = experiments_commands.add_parser("stop", help="stop a running experiment")
+    stopping.add_argument("name", metavar="NAME")
+    stopping.add_argument("--lake", default=None, help="lake URL; default: SHELFWISE_LAKE")
+    listing_experiments = experiments_commands.add_parser(
+        "list", help="every experiment with its mode, status, arms and times"
+    )
+    listing_experiments.add_argument("--json", action="store_true", help="machine-readable")
+    listing_experiments.add_argument(
+        "--lake", default=None, help="lake URL; default: SHELFWISE_LAKE"
+    )
+
     banner = commands.add_parser("demo-banner", help="print the demo's URLs and a curl")
     banner.add_argument("--host", default="127.0.0.1")
     banner.add_argument("--serve-port", type=int, default=3000)
@@ -443,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         "compact": _compact,
         "retrain": _retrain,
         "models": _models,
+        "experiments": _experiments,
     }
     return handlers[args.command](args, settings)
 

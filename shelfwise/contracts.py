@@ -76,6 +76,29 @@ IMPRESSIONS_SCHEMA = pa.schema(
     ]
 )
 
+# The feature rows of a sample of personalised /recommend responses (drift checks): one row per
+# (sampled response, ranked candidate). The vector is a list column, not one column per feature:
+# the core knows no feature names (they belong to `models.features`, above it), and a new
+# feature list in a later release must not make older log segments unreadable; `feature_set`
+# (a fingerprint of the names in order, `models.drift.feature_set_id`) tells which list a row
+# holds. NaN in `features` is a missing value (the ranker's "no history").
+FEATURE_SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("rec_id", pa.string(), nullable=False),
+        pa.field("sampled_at", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=True),
+        pa.field("fallback_level", pa.int8(), nullable=True),
+        pa.field("item_id", pa.string(), nullable=False),
+        # The candidate's place in the ranked order of all the request's candidates (1: the
+        # highest score), before the business rules chose what was shown; and that score.
+        pa.field("score_rank", pa.int32(), nullable=False),
+        pa.field("score", pa.float64(), nullable=True),
+        pa.field("feature_set", pa.string(), nullable=False),
+        pa.field("features", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
 # Stock changes the shop sends to the service's /events: per item the newest one overrides the
 # catalog's `is_in_stock` where it is newer than the row's `stock_updated_at`.
 STOCK_UPDATES_SCHEMA = pa.schema(

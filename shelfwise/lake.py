@@ -29,6 +29,9 @@ LANDING_USERS = "landing/users"
 EVENTS = "events"
 IMPRESSIONS = "impressions"
 STOCK_UPDATES = "stock_updates"
+# The feature rows of a sample of live /recommend requests (drift), date-partitioned like the
+# impressions.
+FEATURE_SAMPLES = "feature_samples"
 ITEMS = "catalog/items"
 USERS = "catalog/users"
 QUARANTINE = "quarantine"
@@ -39,6 +42,7 @@ EVALUATION = "evaluation"
 MODELS = "models"
 GROUND_TRUTH = "ground_truth"
 SERVING = "serving"
+EXPERIMENTS_DIR = "experiments"
 
 # Written just before dbt reads the events: its modification time (on the lake's clock) is when
 # the feature build read them.
@@ -76,6 +80,23 @@ SERVING_STATE_ITEMS = f"{SERVING}/state_items.parquet"
 # The neighbours indexed by those items' codes (`models.neighbour_arrays`), so a worker loads
 # arrays instead of sorting and grouping the neighbour rows.
 SERVING_NEIGHBOUR_ARRAYS = f"{SERVING}/neighbour_arrays.npz"
+# Online experiments (`shelfwise.experiments`): the book the CLI writes and every replica polls,
+# the rankers of its arms copied at start (so a replica needs no model store of its own), and
+# the latest results the pipeline computed (which the service shows on its inspector page).
+EXPERIMENTS = f"{EXPERIMENTS_DIR}/experiments.json"
+EXPERIMENT_ARMS = f"{EXPERIMENTS_DIR}/arms"
+EXPERIMENT_RESULTS = f"{EXPERIMENTS_DIR}/results.json"
+
+
+def experiment_arm_ranker(experiment: str, arm: str) -> tuple[str, str]:
+    """The ranker of an experiment's arm as copied at start: its model text and its info JSON.
+
+    `experiments/arms/<experiment>/<arm>/model.txt` and `.../model.json` (the files of a model
+    store folder, see `shelfwise.runtime.registry`); names never hold a `/`
+    (`shelfwise.experiments.Name`).
+    """
+    folder = f"{EXPERIMENT_ARMS}/{experiment}/{arm}"
+    return f"{folder}/model.txt", f"{folder}/model.json"
 
 
 def feature_table(name: str) -> str:

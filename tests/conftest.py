@@ -55,7 +55,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> PipelineRun:
         **defs.resources,
         "shelfwise": ShelfwiseResource(home=str(settings.home), lake_url=settings.lake_url),
     }
-    assets = list(defs.assets)
+    assets = [*defs.assets, *defs.asset_checks]
     result = dg.materialize(assets, resources=resources, raise_on_error=False)
     return PipelineRun(settings=settings, result=result)
 

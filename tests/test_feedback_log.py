@@ -18,7 +18,14 @@ import pytest
 
 from shelfwise.cli import main
 from shelfwise.contracts import EVENTS_SCHEMA, IMPRESSIONS_SCHEMA, ContractError
-from shelfwise.lake import EVENTS, IMPRESSIONS, STOCK_UPDATES, Lake, partition_day
+from shelfwise.lake import (
+    EVENTS,
+    FEATURE_SAMPLES,
+    IMPRESSIONS,
+    STOCK_UPDATES,
+    Lake,
+    partition_day,
+)
 from shelfwise.runtime.feedback import (
     NEW_SUFFIX,
     OPEN_SUFFIX,
@@ -147,8 +154,8 @@ def test_duplicate_event_ids_are_published_once(tmp_path):
     result = compact_feedback(wal, lake)
 
     assert result.segments == 2
-    assert result.rows == {EVENTS: 6, IMPRESSIONS: 3, STOCK_UPDATES: 0}
-    assert result.duplicates == {EVENTS: 3, IMPRESSIONS: 3, STOCK_UPDATES: 0}
+    assert result.rows == {EVENTS: 6, IMPRESSIONS: 3, STOCK_UPDATES: 0, FEATURE_SAMPLES: 0}
+    assert result.duplicates == {EVENTS: 3, IMPRESSIONS: 3, STOCK_UPDATES: 0, FEATURE_SAMPLES: 0}
     assert [row["event_id"] for row in lake_rows(lake, EVENTS, "event_id")] == [
         f"e{n}" for n in range(6)
     ]
@@ -176,7 +183,12 @@ def test_rows_that_break_the_contract_are_refused_before_anything_is_written(tmp
     with pytest.raises(RuntimeError, match="closed"):
         log.append(EVENTS, good)
 
-    assert compact_feedback(wal, lake).rows == {EVENTS: 3, IMPRESSIONS: 0, STOCK_UPDATES: 0}
+    assert compact_feedback(wal, lake).rows == {
+        EVENTS: 3,
+        IMPRESSIONS: 0,
+        STOCK_UPDATES: 0,
+        FEATURE_SAMPLES: 0,
+    }
 
 
 @pytest.mark.parametrize("damage", ["cut", "zeros", "garbage", "flipped"])

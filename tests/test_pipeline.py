@@ -9,6 +9,7 @@ import pytest
 
 from models.artifacts import read_evaluation_report, read_mart, read_training_set
 from models.features import FEATURE_COLUMNS
+from orchestration.assets.drift import FEATURE_DRIFT_CHECK
 from orchestration.assets.promotion import GATE_CHECK
 from shelfwise.home import prepare_home
 from shelfwise.lake import EVENTS, FEATURE_CUTOFFS, FEATURES, partition_day
@@ -19,6 +20,8 @@ from tests.support import PROJECT_ROOT, VENV_BIN, service_env
 
 EXPECTED_ASSETS = {
     "raw_events",
+    "live_feature_samples",
+    "fallback_levels",
     "catalog_items",
     "catalog_users",
     "stg_lake__events",
@@ -64,6 +67,8 @@ def test_every_asset_materializes_and_every_dbt_test_passes(pipeline_run):
     assert EXPECTED_ASSETS <= materialized
     checks = result.get_asset_check_evaluations()
     assert checks, "dbt tests should run as asset checks"
+    # The drift check among them: no live samples yet, and the snapshot is reported, not judged.
+    assert FEATURE_DRIFT_CHECK in {c.check_name for c in checks}
     failed = [c.check_name for c in checks if not c.passed]
     assert failed == []
 

@@ -156,6 +156,7 @@ def test_compaction_quarantines_implausible_rows_of_the_log_instead_of_absurd_pa
         "events": 4,
         "impressions": 0,
         "stock_updates": 1,
+        "feature_samples": 0,
     }
     partitions = {
         partition_day(f) for f in lake.list_files(EVENTS) + lake.list_files(STOCK_UPDATES)

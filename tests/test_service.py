@@ -26,7 +26,18 @@ def test_known_user_gets_k_distinct_items_reranked_by_the_ranker(
     response = recommend(bento_server, {"user_id": known_user, "k": 10})
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"rec_id", "items", "strategy", "fallback_level", "model_version"}
+    assert set(body) == {
+        "rec_id",
+        "items",
+        "strategy",
+        "fallback_level",
+        "model_version",
+        "experiment",
+        "arm",
+    }
+    # No experiment runs: production answers, as without experiments.
+    assert body["experiment"] is None and body["arm"] is None
+    assert all(item["arm"] is None for item in body["items"])
     assert body["fallback_level"] == 0 and len(body["rec_id"]) == 32
     items = body["items"]
     assert len(items) == 10

@@ -1,5 +1,7 @@
 """Settings come from the environment when a process starts, and never show their secrets."""
 
+import pytest
+
 from shelfwise.settings import Settings
 
 
@@ -15,3 +17,17 @@ def test_secrets_stay_out_of_the_repr():
     assert "s3cr3t-token" not in shown
     assert "hunter2" not in shown
     assert "lake_url" in shown
+
+
+def test_the_feature_sample_rate_is_a_share_and_the_rows_a_count():
+    default = Settings.from_env({})
+    assert (default.feature_sample_rate, default.feature_sample_rows) == (0.01, 20)
+    chosen = Settings.from_env(
+        {"SHELFWISE_FEATURE_SAMPLE_RATE": "0", "SHELFWISE_FEATURE_SAMPLE_ROWS": "0"}
+    )
+    assert (chosen.feature_sample_rate, chosen.feature_sample_rows) == (0.0, 0)
+    for rate in ("1.5", "-0.1", "nan"):
+        with pytest.raises(ValueError, match="SHELFWISE_FEATURE_SAMPLE_RATE"):
+            Settings.from_env({"SHELFWISE_FEATURE_SAMPLE_RATE": rate})
+    with pytest.raises(ValueError, match="SHELFWISE_FEATURE_SAMPLE_ROWS"):
+        Settings.from_env({"SHELFWISE_FEATURE_SAMPLE_ROWS": "-1"})

@@ -54,32 +54,57 @@ def serve(
             shutdown).
         memory: Sample its process tree's RSS and PSS from the start (`Server.memory`).
     """
-    import httpx
-
-    started = time.perf_counter()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port"]
-        process = subprocess.Popen(
-            [*command, str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+    for attempt in range(1, START_ATTEMPTS + 1):
+        started = time.perf_counter()
+        with log.open("w") as out:
+            command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port"]
+            process = subprocess.Popen(
+                [*command, str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        sampler = TreeMemory(process.pid, pss=True) if memory else None
         try:
-            sampler = TreeMemory(process.pid, pss=True) if memory else None
             with sampler or nullcontext():
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"{target} exited ({process.returncode}); see {log}")
-                    if time.perf_counter() - started > timeout:
-                        raise RuntimeError(f"{target} not ready in {timeout:.0f} s; see {log}")
-                    try:
-                        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.25)
-                yield Server(process, url, time.perf_counter() - started, sampler)
+                try:
+                    _wait_ready(process, target, f"http://127.0.0.1:{port}", log, started, timeout)
+                except _PortTaken:
+                    if attempt == START_ATTEMPTS:
+                        raise
+                    continue
+                seconds = time.perf_counter() - started
+                yield Server(process, f"http://127.0.0.1:{port}", seconds, sampler)
+                return
         finally:
             stop(process, grace)
+
+
+class _PortTaken(RuntimeError):
+    """`bentoml serve` lost a race for a port BentoML had picked."""
+
+
+# BentoML picks circus' control port by binding port 0 and closing it, and binds it again later;
+# meanwhile another process's outgoing connection may take it. Such a start is tried again.
+START_ATTEMPTS = 3
+
+
+def _wait_ready(
+    process: subprocess.Popen, target: str, url: str, log: Path, started: float, timeout: float
+) -> None:
+    """Returns once `/readyz` answers 200; raises if the server exits or overruns `timeout`."""
+    import httpx
+
+    while True:
+        if process.poll() is not None:
+            taken = "Address already in use" in log.read_text(errors="replace")
+            error = _PortTaken if taken else RuntimeError
+            raise error(f"{target} exited ({process.returncode}); see {log}")
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"{target} not ready in {timeout:.0f} s; see {log}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
 
 
 def stop(process: subprocess.Popen, grace: float) -> None:

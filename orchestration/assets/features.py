@@ -4,10 +4,12 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import dagster as dg
+import polars as pl
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
 
 from models.attribution import attribution_markdown, attribution_totals
 from models.cutoffs import plan_cutoffs
+from models.drift import fallback_markdown, fallback_shares
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 from shelfwise.home import prepare_home
@@ -15,6 +17,7 @@ from shelfwise.intake.ingest import ingested_dates
 from shelfwise.lake import FEATURE_BUILD_MARKER, Lake, feature_table
 
 ATTRIBUTION_MART = "feedback_attribution"
+FALLBACK_MART = "fallback_levels"
 
 
 class FeatureCutoffsConfig(dg.Config):
@@ -89,4 +92,21 @@ def _with_row_count(event: Any, lake: Lake) -> Any:
         totals = attribution_totals(lake.read_frame(relpath))
         metadata["online_results"] = dg.MetadataValue.md(attribution_markdown(totals))
         metadata["impressions"] = int(totals.get_column("impressions").sum())
+    if model == FALLBACK_MART:
+        metadata.update(_fallback_metadata(lake.read_frame(relpath)))
     return event.with_metadata(metadata)
+
+
+def _fallback_metadata(daily: pl.DataFrame) -> dict[str, Any]:
+    """/recommend's share of responses per fallback level: the last days as a table, and the
+    latest day's shares as numbers, which the UI plots across materializations."""
+    shares = fallback_shares(daily, "recommend")
+    metadata: dict[str, Any] = {"fallback_shares": dg.MetadataValue.md(fallback_markdown(shares))}
+    latest = shares.tail(1).to_dicts()
+    if latest:
+        metadata["latest_day"] = str(latest[0]["shown_on"])
+        metadata["latest_day_responses"] = int(latest[0]["responses"])
+        for name, value in latest[0].items():
+            if name.startswith("level_"):
+                metadata[f"fallback_{name}_share"] = float(value)
+    return metadata

@@ -5,7 +5,7 @@ import dagster as dg
 from orchestration.resources import ShelfwiseResource
 from shelfwise.contracts import DEFAULT_EARLIEST_EVENT_AT, parse_earliest
 from shelfwise.intake.ingest import DEFAULT_MAX_INVALID_SHARE, ingest_landing
-from shelfwise.lake import IMPRESSIONS, ITEMS, USERS
+from shelfwise.lake import FEATURE_SAMPLES, IMPRESSIONS, ITEMS, USERS
 from shelfwise.runtime.feedback import compact_feedback
 
 VALID_BATCHES_CHECK = "valid_batches"
@@ -34,6 +34,12 @@ class IngestionConfig(dg.Config):
             description="What the service showed, one row per item of a response, compacted from "
             "its write-ahead log (impressions/date=YYYY-MM-DD/).",
         ),
+        dg.AssetSpec(
+            "live_feature_samples",
+            description="The ranked candidates' feature rows of a sample of personalised "
+            "/recommend requests (SHELFWISE_FEATURE_SAMPLE_RATE), compacted from the service's "
+            "write-ahead log (feature_samples/date=YYYY-MM-DD/); the drift check reads them.",
+        ),
         dg.AssetSpec("catalog_items", description="The item catalog (catalog/items/)."),
         dg.AssetSpec("catalog_users", description="Registered users (catalog/users/)."),
     ],
@@ -53,7 +59,8 @@ def raw_events(
     context: dg.AssetExecutionContext, shelfwise: ShelfwiseResource, config: IngestionConfig
 ):
     """Ingests what `shelfwise generate` or `shelfwise import` left in the lake's landing area,
-    and the feedback (events and impressions) in the service's write-ahead log."""
+    and the feedback (events, impressions, sampled feature rows) in the service's write-ahead
+    log."""
     lake = shelfwise.lake()
     earliest = parse_earliest(config.earliest_event_at)
     feedback = compact_feedback(shelfwise.settings().wal_dir, lake, earliest)
@@ -106,6 +113,14 @@ def raw_events(
             "compacted_rows": feedback.impressions,
             "files_in_lake": len(lake.list_files(IMPRESSIONS)),
             "lake": dg.MetadataValue.path(lake.uri(IMPRESSIONS)),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key="live_feature_samples",
+        metadata={
+            "compacted_rows": feedback.feature_samples,
+            "files_in_lake": len(lake.list_files(FEATURE_SAMPLES)),
+            "lake": dg.MetadataValue.path(lake.uri(FEATURE_SAMPLES)),
         },
     )
     yield dg.MaterializeResult(

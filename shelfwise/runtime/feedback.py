@@ -1,10 +1,11 @@
-"""Durable feedback: a write-ahead log of events, impressions and stock updates; its compactor.
+"""Durable feedback: a write-ahead log of events, impressions, stock updates, feature samples.
 
 The service appends each `/events` batch (and its stock updates) and each list of impressions to a
 `FeedbackLog` and acknowledges only after `append` returns, that is after the bytes are on disk
-(`fsync`). A compactor (`compact_feedback`, `shelfwise compact`, or the pipeline) later publishes
-the log as Parquet under `events/date=YYYY-MM-DD/`, `impressions/date=YYYY-MM-DD/` and
-`stock_updates/date=YYYY-MM-DD/` and removes it.
+(`fsync`); the feature rows of a sample of `/recommend` requests (drift checks) go to the same log.
+A compactor (`compact_feedback`, `shelfwise compact`, or the pipeline) later publishes the log as
+Parquet under `events/date=YYYY-MM-DD/`, `impressions/date=YYYY-MM-DD/`,
+`stock_updates/date=YYYY-MM-DD/` and `feature_samples/date=YYYY-MM-DD/` and removes it.
 
 Design:
 
@@ -45,17 +46,18 @@ Design:
 - **Compaction.** One compactor at a time (an `flock` on `compact.lock`). Segments are compacted
   oldest first, one at a time: each stream's batches are concatenated, conformed to the contract
   (`shelfwise.contracts.conform`), deduplicated (events by `event_id`, impressions by
-  `rec_id, item_id, position`, stock updates by `item_id, updated_at`; the first copy wins, also
-  across the segments of one run), split by the UTC date of `occurred_at` / `shown_at` /
-  `updated_at` and published with `Lake.write_parquet` (temporary name, then move; on a local
-  lake the file and its folder are also fsync'ed) as
-  `<stream>/date=YYYY-MM-DD/wal-<segment name>.parquet`. Only then is the segment removed. The
-  output name derives from the segment, so a compaction interrupted between publishing and
-  removing simply rewrites the same objects on the next run: no second copy, also on S3 (where
-  the names are unique object keys). A duplicate sent by a client into two segments that end up in
-  different runs can reach the lake twice; `stg_lake__events` dedupes by `event_id` downstream.
-  A segment that no longer fits the contract (written by another version) is moved, untouched,
-  to `failed/` in the log folder and reported, instead of blocking every later segment.
+  `rec_id, item_id, position`, stock updates by `item_id, updated_at`, feature samples by
+  `rec_id, item_id`; the first copy wins, also across the segments of one run), split by the UTC
+  date of `occurred_at` / `shown_at` / `updated_at` / `sampled_at` and published with
+  `Lake.write_parquet` (temporary name, then move; on a local lake the file and its folder are
+  also fsync'ed) as `<stream>/date=YYYY-MM-DD/wal-<segment name>.parquet`. Only then is the
+  segment removed. The output name derives from the segment, so a compaction interrupted between
+  publishing and removing simply rewrites the same objects on the next run: no second copy, also
+  on S3 (where the names are unique object keys). A duplicate sent by a client into two segments
+  that end up in different runs can reach the lake twice; `stg_lake__events` dedupes by
+  `event_id` downstream. A segment that no longer fits the contract (written by another version)
+  is moved, untouched, to `failed/` in the log folder and reported, instead of blocking every
+  later segment.
 - **Implausible rows are quarantined, not published.** Rows dated before the earliest plausible
   time (`DEFAULT_EARLIEST_EVENT_AT`, 2000-01-01, or the caller's `earliest`), and events whose
   price is not finite, negative or above `MAX_PRICE`, go to
@@ -89,6 +91,7 @@ from shelfwise.contracts import (
     DEFAULT_EARLIEST_EVENT_AT,
     EVENT_TYPES,
     EVENTS_SCHEMA,
+    FEATURE_SAMPLES_SCHEMA,
     IMPRESSIONS_SCHEMA,
     MAX_PRICE,
     NEGATIVE_PRICE_REASON,
@@ -101,6 +104,7 @@ from shelfwise.contracts import (
 )
 from shelfwise.lake import (
     EVENTS,
+    FEATURE_SAMPLES,
     IMPRESSIONS,
     STOCK_UPDATES,
     Lake,
@@ -170,6 +174,9 @@ _STREAMS = {
     ),
     STOCK_UPDATES: _Stream(
         STOCK_UPDATES, 3, STOCK_UPDATES_SCHEMA, "updated_at", ("item_id", "updated_at")
+    ),
+    FEATURE_SAMPLES: _Stream(
+        FEATURE_SAMPLES, 4, FEATURE_SAMPLES_SCHEMA, "sampled_at", ("rec_id", "item_id")
     ),
 }
 _BY_CODE = {stream.code: stream for stream in _STREAMS.values()}
@@ -293,7 +300,7 @@ class FeedbackLog:
         """Appends rows to the log; returns only once they are on disk (fsync'ed).
 
         Args:
-            stream: `"events"`, `"impressions"` or `"stock_updates"`.
+            stream: `"events"`, `"impressions"`, `"stock_updates"` or `"feature_samples"`.
             rows: Dicts with the contract's column names (`shelfwise.contracts`); missing optional
                 columns are null, extra keys are ignored. Timestamps are datetimes, tz-aware (a
                 naive one is taken as UTC, as `conform` does).
@@ -481,7 +488,8 @@ class CompactionResult:
     """What one compaction published.
 
     Attributes:
-        rows: Rows published per stream (`events`, `impressions`, `stock_updates`).
+        rows: Rows published per stream (`events`, `impressions`, `stock_updates`,
+            `feature_samples`).
         duplicates: Rows dropped per stream as duplicates of a row compacted before them.
         quarantined: Rows per stream written to `quarantine/<stream>/` instead: dated before
             the earliest plausible time, or an event's price not finite, negative or too large.
@@ -515,6 +523,11 @@ class CompactionResult:
     def impressions(self) -> int:
         """Impressions published."""
         return self.rows[IMPRESSIONS]
+
+    @property
+    def feature_samples(self) -> int:
+        """Sampled feature rows of live requests published."""
+        return self.rows[FEATURE_SAMPLES]
 
 
 @dataclass

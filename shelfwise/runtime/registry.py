@@ -501,6 +501,25 @@ def read_ranker(model_dir: Path) -> tuple[str, dict[str, Any]]:
     return Path(model_dir, RANKER_FILE).read_text(), info
 
 
+def registered_ranker(bentoml_home: Path, tag: str) -> tuple[str, str, dict[str, Any]]:
+    """A registered ranker's full tag, booster text and info (feature list, segment policy).
+
+    Args:
+        bentoml_home: The BentoML home holding the store.
+        tag: `shelfwise_ranker:<version>` (a unique version prefix is enough),
+            `shelfwise_ranker:latest`, or the bare version (as `promote` takes it).
+
+    Returns:
+        `(tag, model_text, info)`, the tag resolved to the full version.
+
+    Raises:
+        RegistryError: The tag is not a ranker in this store.
+    """
+    ranker = _get_ranker(bentoml_home, tag)
+    text, info = read_ranker(Path(ranker.path))
+    return str(ranker.tag), text, info
+
+
 def production_path(bentoml_home: Path) -> Path:
     """The folder of the current production model in the store (booster and info files).
 
