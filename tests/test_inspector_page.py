@@ -6,6 +6,8 @@ its user; the experiments tab copes with a service without experiments; `/docs` 
 API. Each answer shown is checked against the API's own answer to the same request."""
 
 import re
+import time
+from datetime import UTC, datetime
 
 import httpx
 import polars as pl
@@ -13,6 +15,8 @@ import pytest
 
 from bentos.api_models import RecommendRequest
 from models.candidates import GENERATORS
+from shelfwise.cli import main as cli
+from shelfwise.experiments import ArmResult, ExperimentResults, write_results
 from shelfwise.lake import SERVING_CANDIDATES, Lake
 from shelfwise.runtime.registry import list_rankers
 from tests.browser import missing_browser
@@ -30,7 +34,8 @@ EXPLAINS = "explain" in RecommendRequest.model_fields
 def served(pipeline_run, tmp_path_factory):
     assert pipeline_run.result.success, pipeline_run.failures
     folder = tmp_path_factory.mktemp("inspector")
-    with served_copy(pipeline_run.settings, folder, {"SHELFWISE_API_TOKEN": TOKEN}) as served:
+    env = {"SHELFWISE_API_TOKEN": TOKEN, "SHELFWISE_EXPERIMENT_POLL_S": "1"}
+    with served_copy(pipeline_run.settings, folder, env) as served:
         yield served
 
 
@@ -248,19 +253,58 @@ def test_an_explanation_is_shown(served, browser, user):
             assert contribution["text"] in text
 
 
-def test_the_experiments_tab_shows_what_the_service_runs(served, browser):
-    url, _ = served
+def test_the_experiments_tab_shows_what_the_service_runs(served, browser, monkeypatch):
+    url, settings = served
     open_page(browser, url)
     wait(browser, "#tab-experiments").click()
-    answer = api(url, "/experiments", {})
-    if answer.status_code == 404 or not answer.json().get("experiments"):
-        assert "No experiments" in wait(browser, "#no-experiments").text
-    else:
-        wait(browser, "#experiments article.experiment")
-        shown = browser.find_elements("css selector", "#experiments article.experiment")
-        assert [article.get_attribute("data-experiment") for article in shown] == [
-            experiment["name"] for experiment in answer.json()["experiments"]
-        ]
+    # None yet (a service without the endpoint, a 404, reads the same).
+    assert api(url, "/experiments", {}).json() == {"experiments": []}
+    assert wait(browser, "#no-experiments").text.startswith("No experiments")
+    monkeypatch.setenv("SHELFWISE_HOME", str(settings.home))
+    monkeypatch.setenv("SHELFWISE_LAKE", settings.lake_url)
+    arms = ["--arm", "control=production@3", "--arm", "pop=popular@1"]
+    assert cli(["experiments", "start", "--name", "inspected", *arms]) == 0
+    try:
+        # The pipeline's results as experiment_results writes them.
+        results = ExperimentResults(
+            updated_at=datetime.now(UTC),
+            arms=[
+                ArmResult(arm="control", impressions=1000, clicks=80, carts=20, purchases=9),
+                ArmResult(
+                    arm="pop",
+                    impressions=990,
+                    clicks=40,
+                    carts=8,
+                    purchases=3,
+                    ctr=0.0404,
+                    ctr_low=0.03,
+                    ctr_high=0.052,
+                    lift_vs_control=-0.5,
+                    lift_low=-0.62,
+                    lift_high=-0.35,
+                ),
+            ],
+            winner="control",
+        )
+        write_results(Lake(settings.lake_url), {"inspected": results})
+        deadline = time.monotonic() + WAIT_S
+        while not api(url, "/experiments", {}).json()["experiments"]:
+            assert time.monotonic() < deadline, "the service did not list the experiment"
+            time.sleep(0.5)
+        wait(browser, "#experiments-refresh").click()
+        article = wait(browser, '#experiments article[data-experiment="inspected"]')
+        shares = {
+            row.get_attribute("data-arm"): row.text
+            for row in article.find_elements("css selector", "tr[data-arm]")
+        }
+        assert shares["control"].endswith("75%") and shares["pop"].endswith("25%")
+        result_rows = article.find_elements("css selector", "tr[data-result]")
+        assert [row.get_attribute("data-result") for row in result_rows] == ["control", "pop"]
+        assert "winner" in result_rows[0].get_attribute("class")
+        assert "-50.0%" in result_rows[1].text and "4.04%" in result_rows[1].text
+        assert "Winner: control" in article.text
+    finally:
+        assert cli(["experiments", "stop", "inspected"]) == 0
     wait(browser, "#tab-user").click()
     wait(browser, "#user-form")
 
