@@ -23,7 +23,7 @@ DBT_MANIFEST := dbt_project/target/manifest.json
 DBT_SOURCES := $(shell find dbt_project -path dbt_project/target -prune -o -type f \( -name '*.sql' -o -name '*.yml' \) -print)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help setup init demo pipeline data serve ui test docs lint format lock clean
+.PHONY: help setup browser init demo pipeline data serve ui test docs lint format lock clean
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,21 @@ $(DBT_MANIFEST): $(INSTALLED) $(DBT_SOURCES)
 	$(BIN)/dagster-dbt project prepare-and-package --file orchestration/dbt_project.py
 
 setup: $(INSTALLED) $(DBT_MANIFEST)  ## Create .venv from the pinned constraints and prepare the dbt manifest.
+
+# The inspector page's browser test drives Debian's chromium through its chromedriver (never a
+# browser download). Only `make test` needs them, so `make demo` works without; installed when
+# missing, with apt-get as root, else through sudo.
+BROWSER_PACKAGES := chromium chromium-driver
+browser:  ## Install Debian's chromium and chromedriver for the browser test, when missing.
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "The browser test needs chromium and chromedriver at /usr/bin (Debian: $(BROWSER_PACKAGES))." >&2; \
+	    exit 1; \
+	  fi; \
+	  as_root=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "Installing $(BROWSER_PACKAGES) (apt-get$${as_root:+ through sudo})"; \
+	  $$as_root apt-get update -qq \
+	    && $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null
 
 init: setup
 	@$(BIN)/shelfwise init
@@ -76,7 +91,7 @@ demo: pipeline  ## Set up, run the whole pipeline on generated data, then serve 
 	  trap 'kill -TERM $$serve 2>/dev/null; wait $$serve' EXIT; \
 	  $(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p $(UI_PORT)
 
-test: setup  ## Run the test suite.
+test: setup browser  ## Run the test suite (installs the browser for the inspector's test).
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 docs: setup  ## Build the docs site (strict).

@@ -37,6 +37,8 @@ MAX_FILTER_IDS = 1000
 MAX_K = 100
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_STOCK_UPDATES_PER_REQUEST = 10_000
+MAX_HISTORY = 100
+DEFAULT_HISTORY = 20
 
 Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 Price = Annotated[StrictFloat, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)]
@@ -114,6 +116,76 @@ class SimilarRequest(BaseModel):
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="How many items.")
     user_id: Identifier | None = Field(None, description="The shopper, when known (for logging).")
     filters: RecommendFilters | None = None
+
+
+class HistoryRequest(BaseModel):
+    """The body of `POST /history`."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"example": {"user_id": "u1", "limit": 20}}
+    )
+
+    user_id: Identifier = Field(description='The shopper, e.g. "u1".')
+    limit: StrictInt = Field(
+        DEFAULT_HISTORY, ge=1, le=MAX_HISTORY, description="At most this many entries."
+    )
+
+
+class HistoryItem(BaseModel):
+    item_id: str = Field(description="The item.")
+    event: Literal["view", "cart", "purchase", "history"] = Field(
+        description="What happened: view, cart, purchase, or history (one of the user's recent "
+        "items in the snapshot, whose counts say no more)."
+    )
+    live: bool = Field(
+        description="From the session since the snapshot (the online state); else as of the "
+        "serving snapshot."
+    )
+    days_before_snapshot: float | None = Field(
+        None,
+        description="A snapshot entry's days between the user's last interaction with the item "
+        "and the snapshot's cutoff, when known; null for live entries.",
+    )
+    category_id: str | None = Field(None, description="The item's category, when known.")
+    price: float | None = Field(None, description="The item's price, when known.")
+
+
+class HistoryResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "user_id": "u1",
+                "known": True,
+                "items": [
+                    {
+                        "item_id": "i42",
+                        "event": "cart",
+                        "live": True,
+                        "days_before_snapshot": None,
+                        "category_id": "c3",
+                        "price": 12.5,
+                    },
+                    {
+                        "item_id": "i7",
+                        "event": "purchase",
+                        "live": False,
+                        "days_before_snapshot": 4.0,
+                        "category_id": "c1",
+                        "price": 3.99,
+                    },
+                ],
+            }
+        }
+    )
+
+    user_id: str
+    known: bool = Field(
+        description="Whether the serving snapshot holds a state for the user (a known user)."
+    )
+    items: list[HistoryItem] = Field(
+        description="Most recent first: the live session (views and carts most recent first, "
+        "then purchases since the snapshot), then the snapshot's recent and bought items."
+    )
 
 
 class RecommendResponse(BaseModel):

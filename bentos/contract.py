@@ -42,6 +42,13 @@ COMMON_ERRORS = {
     500: "An error of the service (a bug): the body says no more than that.",
 }
 UNAUTHORIZED = "Authorization: Bearer <SHELFWISE_API_TOKEN> is missing or wrong (when it is set)."
+# The document's description, in place of BentoML's README, whose badges the OpenAPI page would
+# fetch from the internet (the page must work offline, like the inspector).
+API_DESCRIPTION = (
+    "Shelfwise's recommendation service: recommendations, similar items, feedback events and a "
+    "user's history. The inspector page at `/` looks at a user through this API. Every client "
+    "error has the shape `ErrorResponse`, naming the field."
+)
 
 
 class RequestContract:
@@ -171,7 +178,8 @@ def document_contract(
     its response model (BentoML inlines it and loses `null` on the way); 400 and every
     status of `COMMON_ERRORS` are `ErrorResponse` (on `/events`, a 400 can also be the
     `EventsResponse` listing every event rejected); 401 on protected routes; BentoML's 404,
-    which an API route never sends, is dropped. Then `anyOf: [X, {type: null}]`, which OpenAPI
+    which an API route never sends, is dropped. The description is `API_DESCRIPTION` (BentoML's
+    links images on the internet). Then `anyOf: [X, {type: null}]`, which OpenAPI
     3.0 cannot read, becomes `X` with `nullable: true` everywhere.
 
     Args:
@@ -183,6 +191,7 @@ def document_contract(
         The completed document (a new dict).
     """
     spec = json.loads(json.dumps(spec))
+    spec.setdefault("info", {})["description"] = API_DESCRIPTION
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for model in (ErrorResponse, EventIn):
         schemas[model.__name__] = _component(model, schemas)

@@ -1,10 +1,13 @@
 """An ASGI middleware in front of every route: the bearer-token check and the body-size limit.
 
 BentoML serves without authentication and accepts bodies of any size (ARCHITECTURE.md §7). When
-`SHELFWISE_API_TOKEN` is set, write and admin routes (`/events`, `/admin/…`) and the experiments
-with their results (`/experiments`: revenue per impression is the shop's own business) require
+`SHELFWISE_API_TOKEN` is set, write and admin routes (`/events`, `/admin/…`), the experiments
+with their results (`/experiments`: revenue per impression is the shop's own business) and
+`/history` (what a shopper viewed and bought is not for shop front-ends to read) require
 `Authorization: Bearer <token>` (the scheme in any case, the token compared as UTF-8 bytes in
-constant time); read routes stay open, as shop front-ends call them. Every request
+constant time); the recommendation routes stay open, as shop front-ends call them, and so do the
+inspector page and the API docs (`GET /`, `/docs`: pages that hold no data; the page sends the
+token it is given with its API calls). Every request
 body must declare its length and stay under `SHELFWISE_MAX_BODY_BYTES` (default 1 MiB), so an
 oversized body is refused before it is read.
 """
@@ -14,7 +17,7 @@ import hmac
 from bentos.contract import refuse
 from shelfwise.settings import Settings
 
-PROTECTED_PREFIXES = ("/events", "/admin", "/experiments")
+PROTECTED_PREFIXES = ("/events", "/admin", "/experiments", "/history")
 
 
 class RequestGuard:

@@ -32,6 +32,9 @@ from bentos.api_models import (
     ExperimentOut,
     ExperimentsRequest,
     ExperimentsResponse,
+    HistoryItem,
+    HistoryRequest,
+    HistoryResponse,
     RecommendContext,
     RecommendedItem,
     RecommendFilters,
@@ -54,6 +57,7 @@ from bentos.contract import RequestContract, first_error
 from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
+from bentos.pages import ServicePages
 from models.business_rules import RequestFilters
 from models.compiled_ranker import (
     ENGINE_COMPILED,
@@ -618,6 +622,35 @@ class RecommendationService:
         )
         return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
 
+    @bentoml.api(route="/history", input_spec=HistoryRequest)
+    async def history(self, user_id: str, limit: int = 20) -> HistoryResponse:
+        """A user's recent history, most recent first: the live session since the snapshot,
+        then what the serving snapshot knows (recent and bought items), with category and price
+        (needs the token when SHELFWISE_API_TOKEN is set: it shows what a shopper did)."""
+        return await self._run(functools.partial(self.history_now, user_id, limit))
+
+    def history_now(self, user_id: str, limit: int = 20) -> HistoryResponse:
+        """`/history`'s work, on the calling thread; Redis being away leaves out what it holds
+        (the session, or the user's snapshot state) instead of failing."""
+        try:
+            activity = self.state.activity(user_id)
+        except Exception as error:
+            logger.warning("online state unavailable (%r): history without the session", error)
+            activity = UserActivity()
+            self._store_down = True
+        session = Session(activity.item_ids, activity.carted_ids, activity.purchased_ids)
+        recommender = self.serving.recommender
+        try:
+            found = recommender.history(user_id, session, limit)
+        except Exception as error:  # the candidate store (Redis) is unreachable
+            logger.warning("candidates unavailable (%r): history of the session only", error)
+            found = recommender.history_of_session(session, limit)
+        return HistoryResponse(
+            user_id=user_id,
+            known=found.known,
+            items=[HistoryItem(**vars(entry)) for entry in found.entries],
+        )
+
     @bentoml.api(route="/events", input_spec=EventsRequest)
     def events(
         self,
@@ -793,7 +826,8 @@ class RecommendationService:
         )
 
 
-# The guard (token, body size) first, then the contract (media type, validation, OpenAPI).
+# The guard (token, body size) first, then the contract (media type, validation, OpenAPI), then
+# the pages.
 RecommendationService.add_asgi_middleware(RequestGuard)
 RecommendationService.add_asgi_middleware(
     RequestContract,
@@ -801,12 +835,15 @@ RecommendationService.add_asgi_middleware(
         "/recommend": (RecommendRequest, RecommendResponse),
         "/similar": (SimilarRequest, SimilarResponse),
         "/events": (EventsRequest, EventsResponse),
+        "/history": (HistoryRequest, HistoryResponse),
         "/admin/reload": (ReloadRequest, ReloadResponse),
         "/experiments": (ExperimentsRequest, ExperimentsResponse),
     },
     protected=PROTECTED_PREFIXES,
     openapi=lambda: RecommendationService.openapi_spec.asdict(),
 )
+# The inspector page at `/` (instead of BentoML's Swagger UI) and the OpenAPI page at `/docs`.
+RecommendationService.add_asgi_middleware(ServicePages)
 
 
 @dataclass(frozen=True)

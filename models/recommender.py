@@ -43,6 +43,7 @@ from models.features import (
     USER_FEATURES,
     assemble_features,
 )
+from models.history import UserHistory, user_history
 from models.marts import Marts
 from models.online_store import OnlineVersion
 from models.segments import SegmentPolicy
@@ -408,6 +409,24 @@ class Recommender:
     def known_users(self) -> int:
         """How many users have precomputed candidates."""
         return self._store.known_users
+
+    def history(self, user_id: str, session: Session, limit: int) -> UserHistory:
+        """A user's recent history, most recent first (`models.history.user_history`).
+
+        Args:
+            user_id: Any user id (an unknown user has only the live session).
+            session: The user's live session from the online state.
+            limit: At most this many entries.
+
+        Raises:
+            Exception: The candidate store is unreachable (Redis); the caller decides.
+        """
+        found = self._store.candidates_of(user_id)
+        return user_history(found, session, self.rules.items, limit)
+
+    def history_of_session(self, session: Session, limit: int) -> UserHistory:
+        """The live session's part of a history alone (the candidate store is unreachable)."""
+        return user_history(None, session, self.rules.items, limit)
 
     def recommend(
         self,

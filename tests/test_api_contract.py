@@ -44,7 +44,8 @@ def test_every_operation_answers_as_documented_and_never_with_a_server_error(con
     url, _, _ = contract_server
     schema = schemathesis.openapi.from_url(f"{url}/docs.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/recommend", "/similar", "/events", "/admin/reload"}
+    routes = {"/recommend", "/similar", "/events", "/history", "/admin/reload"}
+    assert {op.path for op in operations} >= routes
     for operation in operations:
 
         @given(case=operation.as_strategy())
@@ -126,6 +127,8 @@ def test_absurd_prices_are_refused(contract_server, price):
         ("/recommend", {"user_id": "u1", "k": 1.5}, "k"),
         ("/recommend", {"user_id": "u1", "filters": {"in_stock_only": 0}}, "filters.in_stock_only"),
         ("/similar", {"item_id": "i1", "k": 101}, "k"),
+        ("/history", {"user_id": "u1", "limit": True}, "limit"),
+        ("/history", {"user_id": "u1", "k": 5}, "k"),
         ("/events", {"event": []}, "event"),
         ("/events", {"stock": [{"item_id": "i1", "is_in_stock": 1}]}, "stock.0.is_in_stock"),
         ("/admin/reload", {"now": True}, "now"),
@@ -145,7 +148,7 @@ def test_typos_and_loose_types_are_a_400_not_silently_read(contract_server, rout
 def test_anything_but_json_is_a_415_before_it_is_parsed(contract_server, content_type):
     url, _, _ = contract_server
     headers = {"Content-Type": content_type} if content_type else {}
-    for route in ("/recommend", "/similar", "/events"):
+    for route in ("/recommend", "/similar", "/events", "/history"):
         answer = httpx.post(f"{url}{route}", content=b"x=1", headers=headers, timeout=30)
         assert error_of(answer) == (415, "Content-Type")
 
@@ -167,10 +170,11 @@ def test_the_document_declares_nullable_fields_and_every_error_status(contract_s
     schemas = document["components"]["schemas"]
     assert schemas["RecommendResponse"]["properties"]["model_version"]["nullable"] is True
     assert schemas["RecommendRequest"]["additionalProperties"] is False
-    for route in ("/recommend", "/similar", "/events", "/admin/reload"):
+    for route in ("/recommend", "/similar", "/events", "/history", "/admin/reload"):
         responses = document["paths"][route]["post"]["responses"]
         assert {"200", "400", "411", "413", "415", "429", "503"} <= set(responses)
     assert "401" in document["paths"]["/events"]["post"]["responses"]
+    assert "401" in document["paths"]["/history"]["post"]["responses"]
     assert "401" not in document["paths"]["/recommend"]["post"]["responses"]
 
 

@@ -206,6 +206,9 @@ def test_the_bento_serves_from_the_bento_alone(pipeline_run, bento_dir, image_en
         assert answer.status_code == 200, answer.text
         assert answer.json()["items"]
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        # The inspector page is a file of the bento too (bentos/pages.py reads it at start).
+        page = httpx.get(f"{url}/", timeout=10)
+        assert page.status_code == 200 and "<title>Shelfwise inspector</title>" in page.text
     assert "is not in the bento" not in log.read_text()
     # The ranker compiled at promotion travels in the bento and serves as it is: lleaves and
     # llvmlite come with the bento's requirements, and nothing was compiled at start.
