@@ -27,7 +27,7 @@ import copy
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -178,7 +178,7 @@ class Recommendation:
     strategy: str
     fallback_level: int = FALLBACK_NONE
     # The personalised rows behind the answer; None on the other rungs of the ladder.
-    rows: ScoredRows | None = None
+    rows: ScoredRows | None = field(default=None, compare=False, repr=False)
 
 
 class Recommender:
