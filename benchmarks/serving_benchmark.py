@@ -94,6 +94,9 @@ Targets (issue 17), per store: at most 1 GiB per million users with history (Red
 requests/s; two workers at least 1.7x one worker's requests/s. `--serve-users` does not apply:
 every user with candidates is served.
 
+`--explain` (either benchmark): every `/recommend` body asks for explanations
+(`"explain": true`, issue 18), to measure what they cost against the same run without.
+
 Usage:
     .venv/bin/python benchmarks/serving_benchmark.py [--state DIR] [--rebuild] [--duration S]
         [--repeats N] [--concurrency 1 8 32]

@@ -6,6 +6,7 @@ row's values and the user's item that links a candidate.
 """
 
 import math
+import re
 
 import httpx
 import numpy as np
@@ -205,6 +206,12 @@ def recommend(server, body):
 
 
 def test_the_service_explains_an_item_when_asked(bento_server, users, snapshot):
+    # The bento serves the compiled ranker, which has no contributions: the booster it was
+    # compiled from explains, and its contributions add up to the compiled ranker's scores.
+    metrics = httpx.get(f"{bento_server.url}/metrics", timeout=10).text
+    assert re.search(
+        r'^shelfwise_ranker_engine\{[^}]*engine="compiled"[^}]*\} 1\.0$', metrics, re.M
+    )
     user_id = users[0]
     plain = recommend(bento_server, {"user_id": user_id, "k": 10}).json()
     assert all(item["explanation"] is None for item in plain["items"])
