@@ -94,6 +94,9 @@ Targets (issue 17), per store: at most 1 GiB per million users with history (Red
 requests/s; two workers at least 1.7x one worker's requests/s. `--serve-users` does not apply:
 every user with candidates is served.
 
+`--explain` (either benchmark): every `/recommend` body asks for explanations
+(`"explain": true`, issue 18), to measure what they cost against the same run without.
+
 Usage:
     .venv/bin/python benchmarks/serving_benchmark.py [--state DIR] [--rebuild] [--duration S]
         [--repeats N] [--concurrency 1 8 32]
@@ -434,9 +437,10 @@ def write_serving_features(home: Path) -> None:
 # --- serving and measuring --------------------------------------------------------------------
 
 
-def wrk_script(user_ids: list[str]) -> str:
-    """wrk's Lua: `{"user_id": …, "k": 10}` bodies posted in turn, JSON reported at the end."""
-    return recommend_lua(user_ids) + report_lua()
+def wrk_script(user_ids: list[str], explain: bool = False) -> str:
+    """wrk's Lua: `{"user_id": …, "k": 10}` bodies posted in turn, JSON reported at the end;
+    with `explain`, the bodies ask for explanations (`"explain": true`)."""
+    return recommend_lua(user_ids, explain=explain) + report_lua()
 
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
@@ -451,7 +455,7 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[st
 def load_config(args: argparse.Namespace, user_ids: int, load_before: float) -> dict:
     """The load's part of a results file's config: what wrk sent, how long, how hard."""
     return {
-        "body": '{"user_id": <cycled>, "k": 10}',
+        "body": '{"user_id": <cycled>, "k": 10' + (', "explain": true}' if args.explain else "}"),
         "user_ids": user_ids,
         "unknown_share": args.unknown_share,
         "duration_seconds": args.duration,
@@ -758,7 +762,7 @@ def run_serving_benchmark(args: argparse.Namespace) -> int:
     user_ids = benchmark_user_ids(lake, args.user_ids, args.unknown_share, args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="serving-benchmark-"))
     script = scratch / "bodies.lua"
-    script.write_text(wrk_script(user_ids))
+    script.write_text(wrk_script(user_ids, args.explain))
     shim_in_service = "install_timeout_timer_fix" in (ROOT / "bentos/service.py").read_text()
     print(f"serving the candidates of {served_users:,} users from {lake}", flush=True)
     load_before = load_average()
@@ -1332,7 +1336,7 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
     user_ids = benchmark_user_ids(lake, args.user_ids, args.unknown_share, args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="serving-stores-"))
     script = scratch / "bodies.lua"
-    script.write_text(wrk_script(user_ids))
+    script.write_text(wrk_script(user_ids, args.explain))
     print(f"state: {home}; logs in {scratch}", flush=True)
     load_before = load_average()
     modes: dict[str, dict[str, Any]] = {}
@@ -1414,6 +1418,11 @@ def main(argv: list[str] | None = None) -> int:
         "--stores", nargs="+", choices=STORES, help="the online store benchmark (issue 17)"
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="with --stores")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help='/recommend bodies ask for explanations ("explain": true)',
+    )
     parser.add_argument("--sample-keys", type=int, default=500, help=argparse.SUPPRESS)
     parser.add_argument("--write-candidates", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)

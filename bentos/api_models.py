@@ -44,6 +44,53 @@ Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 Price = Annotated[StrictFloat, Field(ge=0, le=MAX_PRICE, allow_inf_nan=False)]
 
 
+class FeatureContribution(BaseModel):
+    feature: str = Field(description="A feature of the ranker, e.g. user_item_purchases.")
+    value: float | None = Field(description="Its value for this item; null when missing.")
+    contribution: float = Field(
+        description="What it added to the score (LightGBM's contribution; negative lowers it)."
+    )
+    text: str = Field(description='The value in words, e.g. "bought 3 times, last 12 days ago".')
+
+
+class ItemExplanation(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "generators": ["history", "buy_again"],
+                "contributions": [
+                    {
+                        "feature": "user_item_purchases",
+                        "value": 3.0,
+                        "contribution": 0.82,
+                        "text": "bought 3 times, last 12 days ago",
+                    }
+                ],
+                "bias": 0.0,
+                "rest": 0.41,
+            }
+        }
+    )
+
+    generators: list[str] = Field(
+        description="Every candidate generator that proposed the item (the source alone on the "
+        "rungs without candidates, and for popular items topping a list up)."
+    )
+    contributions: list[FeatureContribution] = Field(
+        description="The ranker's three largest feature contributions, largest |contribution| "
+        "first; empty when the ranker did not score the item (fallback level 1, no ranker, or "
+        "a rung other than personalized)."
+    )
+    bias: float | None = Field(
+        None, description="The ranker's bias term; null without contributions."
+    )
+    rest: float | None = Field(
+        None,
+        description="The summed contributions of the features not listed: bias + the listed "
+        "contributions + rest is the item's score. Null without contributions.",
+    )
+
+
 class RecommendedItem(BaseModel):
     item_id: str = Field(description="The recommended item.")
     score: float = Field(description="Higher is better; comparable only within one response.")
@@ -55,6 +102,9 @@ class RecommendedItem(BaseModel):
         None,
         description="When two arms of an experiment are interleaved: the arm that drafted this "
         "item; else null.",
+    )
+    explanation: ItemExplanation | None = Field(
+        None, description="Why it is recommended, when the request asked (`explain`); else null."
     )
 
 
@@ -103,6 +153,11 @@ class RecommendRequest(BaseModel):
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="How many items.")
     context: RecommendContext | None = None
     filters: RecommendFilters | None = None
+    explain: StrictBool = Field(
+        False,
+        description="Explain every item: the generators that proposed it and the ranker's "
+        "largest feature contributions. Costs time; off by default.",
+    )
 
 
 class SimilarRequest(BaseModel):

@@ -57,9 +57,11 @@ def report_lua(*counters: str) -> str:
     return REPORT_LUA.replace("COUNTERS", ", ".join(f'"{name}"' for name in counters))
 
 
-def recommend_lua(user_ids: list[str], k: int = 10) -> str:
-    """Lua posting `{"user_id": …, "k": k}` bodies to wrk's URL in turn (no reporter)."""
-    bodies = ", ".join(f"'{json.dumps({'user_id': user, 'k': k})}'" for user in user_ids)
+def recommend_lua(user_ids: list[str], k: int = 10, explain: bool = False) -> str:
+    """Lua posting `{"user_id": …, "k": k}` bodies to wrk's URL in turn (no reporter); with
+    `explain`, each body asks for explanations (`"explain": true`)."""
+    extra = {"explain": True} if explain else {}
+    bodies = ", ".join(f"'{json.dumps({'user_id': user, 'k': k, **extra})}'" for user in user_ids)
     return RECOMMEND_LUA.replace("BODIES", bodies)
 
 
