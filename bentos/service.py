@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio.to_thread
 import bentoml
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
 from bentos.api_models import (
@@ -58,6 +59,7 @@ from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
 from bentos.pages import ServicePages
+from bentos.tracing import request_tracing, stop_tracing, tracer
 from models.business_rules import RequestFilters
 from models.compiled_ranker import (
     ENGINE_COMPILED,
@@ -83,6 +85,7 @@ from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
+from models.tracing import STAGE_STATE, stage
 from shelfwise.experiments import (
     Experiment,
     read_experiments,
@@ -157,6 +160,8 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
+        # The stages' tracer when SHELFWISE_OTLP_ENDPOINT is set; None: no spans at all.
+        self._tracer = tracer(self.settings)
         self._reload_lock = threading.Lock()
         # The online store in Redis (`models.online_store`), when configured: the serving state
         # of the version its pointer names, else the lake's snapshot in process.
@@ -264,6 +269,8 @@ class RecommendationService:
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             recommender = recommender_for(None, None)
             version, engine = None, "none"
+        if self._tracer is not None:
+            recommender = recommender.with_tracer(self._tracer)
         MODEL.labels(model_version=version or "none").set(1)
         store_version = online.version if online else None
         return Serving(recommender, version, tag, engine, store_version=store_version)
@@ -504,6 +511,7 @@ class RecommendationService:
         self.impressions.close()
         self.feature_samples.close()
         self.feedback.close()
+        stop_tracing()  # exports the spans still queued
 
     async def _run(self, work: Callable[[], Any]) -> Any:
         """Runs a request's work on the event loop; in the thread pool while Redis is failing.
@@ -544,12 +552,13 @@ class RecommendationService:
         filters: RecommendFilters | None = None,
     ) -> RecommendResponse:
         """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
-        try:
-            activity, stock = self.state.activity_and_stock(user_id)
-        except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
-            logger.warning("online state unavailable (%r): answering without it", error)
-            activity, stock = UserActivity(), {}
-            self._store_down = True  # off the event loop until the store poll reaches Redis
+        with stage(self._tracer, STAGE_STATE):
+            try:
+                activity, stock = self.state.activity_and_stock(user_id)
+            except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
+                logger.warning("online state unavailable (%r): answering without it", error)
+                activity, stock = UserActivity(), {}
+                self._store_down = True  # off the event loop until the store poll reaches Redis
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
@@ -781,6 +790,20 @@ class RecommendationService:
             experiment, arm, model_version = trial.experiment, trial.arm, trial.model_version
             drafted = trial.drafted_by or [None] * len(answer.items)
             versions = trial.item_model_versions or [model_version] * len(answer.items)
+        if self._tracer is not None:  # the request's span (bentos/tracing.py RouteTracing)
+            span = trace.get_current_span()
+            span.set_attributes(
+                {
+                    "shelfwise.rec_id": rec_id,
+                    "shelfwise.strategy": answer.strategy,
+                    "shelfwise.fallback_level": answer.fallback_level,
+                    "shelfwise.model_version": model_version or "none",
+                    "shelfwise.ranker_engine": serving.ranker_engine,
+                    "shelfwise.items": len(answer.items),
+                }
+            )
+            if trial is not None:
+                span.set_attributes({"shelfwise.experiment": experiment, "shelfwise.arm": arm})
         RESPONSES.labels(
             endpoint=endpoint, strategy=answer.strategy, fallback_level=str(answer.fallback_level)
         ).inc()
@@ -826,8 +849,10 @@ class RecommendationService:
         )
 
 
-# The guard (token, body size) first, then the contract (media type, validation, OpenAPI), then
-# the pages.
+# Tracing first (a no-op, not even a layer, unless SHELFWISE_OTLP_ENDPOINT is set: its span
+# covers the rest), then the guard (token, body size), then the contract (media type,
+# validation, OpenAPI), then the pages.
+RecommendationService.add_asgi_middleware(request_tracing)
 RecommendationService.add_asgi_middleware(RequestGuard)
 RecommendationService.add_asgi_middleware(
     RequestContract,
