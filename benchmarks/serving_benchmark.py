@@ -94,6 +94,10 @@ Targets (issue 17), per store: at most 1 GiB per million users with history (Red
 requests/s; two workers at least 1.7x one worker's requests/s. `--serve-users` does not apply:
 every user with candidates is served.
 
+Tracing (issue 18), `--stores … --otlp`: the same, with `SHELFWISE_OTLP_ENDPOINT` pointing the
+service at an OTLP/HTTP receiver in this process (`tests.support.otlp_receiver`), every request
+sampled: what tracing on costs. Without `--otlp` tracing is off, as by default.
+
 Usage:
     .venv/bin/python benchmarks/serving_benchmark.py [--state DIR] [--rebuild] [--duration S]
         [--repeats N] [--concurrency 1 8 32]
@@ -103,6 +107,7 @@ Usage:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -1099,6 +1104,8 @@ def serve_store(
     }
     if store == "redis":
         extra["SHELFWISE_REDIS_URL"] = redis_url
+    if args.otlp_url:  # --otlp: tracing on, every request sampled (bentos/tracing.py)
+        extra["SHELFWISE_OTLP_ENDPOINT"] = args.otlp_url
     load_before = load_average()
     with state_copy(home, scratch, f"state-{name}") as copy:
         env = state_env(copy, extra=extra)
@@ -1322,7 +1329,7 @@ def print_stores(
 def run_store_benchmark(args: argparse.Namespace) -> int:
     """Issue 17's online store targets (module docstring); 0 when every one measured is met."""
     sys.path.insert(0, str(ROOT))
-    from tests.support import redis_server
+    from tests.support import otlp_receiver, redis_server
 
     if args.serve_users:
         raise SystemExit("--serve-users does not apply to --stores: every user is served")
@@ -1336,7 +1343,9 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
     print(f"state: {home}; logs in {scratch}", flush=True)
     load_before = load_average()
     modes: dict[str, dict[str, Any]] = {}
-    with redis_server(scratch) as url:
+    tracing = otlp_receiver() if args.otlp else contextlib.nullcontext()
+    with redis_server(scratch) as url, tracing as receiver:
+        args.otlp_url = receiver.url if receiver is not None else None
         memory = redis_memory(url, lake, args.sample_keys, args.seed)
         print(
             f"Redis: {memory['users_with_candidates']:,} users with candidates, "
@@ -1370,6 +1379,8 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
                 "noop": NOOP_SERVICE,
                 "stores": args.stores,
                 "workers": args.workers,
+                # --otlp: spans exported to a receiver in the benchmark's own process.
+                "tracing": "on, exported over OTLP/HTTP" if args.otlp else "off",
                 "client": "wrk -t1 (keep-alive), same machine; /recommend and /noop alternately",
                 **load_config(args, len(user_ids), load_before),
                 "logs": str(scratch),
@@ -1414,6 +1425,12 @@ def main(argv: list[str] | None = None) -> int:
         "--stores", nargs="+", choices=STORES, help="the online store benchmark (issue 17)"
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="with --stores")
+    parser.add_argument(
+        "--otlp",
+        action="store_true",
+        help="with --stores: trace /recommend (SHELFWISE_OTLP_ENDPOINT), exporting every span "
+        "to an OTLP receiver in this process",
+    )
     parser.add_argument("--sample-keys", type=int, default=500, help=argparse.SUPPRESS)
     parser.add_argument("--write-candidates", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)

@@ -552,13 +552,13 @@ class RecommendationService:
         filters: RecommendFilters | None = None,
     ) -> RecommendResponse:
         """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
-        with stage(self._tracer, STAGE_STATE):
-            try:
+        try:
+            with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
                 activity, stock = self.state.activity_and_stock(user_id)
-            except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
-                logger.warning("online state unavailable (%r): answering without it", error)
-                activity, stock = UserActivity(), {}
-                self._store_down = True  # off the event loop until the store poll reaches Redis
+        except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
+            logger.warning("online state unavailable (%r): answering without it", error)
+            activity, stock = UserActivity(), {}
+            self._store_down = True  # off the event loop until the store poll reaches Redis
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
