@@ -97,6 +97,10 @@ every user with candidates is served.
 `--explain` (either benchmark): every `/recommend` body asks for explanations
 (`"explain": true`, issue 18), to measure what they cost against the same run without.
 
+Tracing (issue 18), `--stores … --otlp`: the same, with `SHELFWISE_OTLP_ENDPOINT` pointing the
+service at an OTLP/HTTP receiver in this process (`tests.support.otlp_receiver`), every request
+sampled: what tracing on costs. Without `--otlp` tracing is off, as by default.
+
 Usage:
     .venv/bin/python benchmarks/serving_benchmark.py [--state DIR] [--rebuild] [--duration S]
         [--repeats N] [--concurrency 1 8 32]
@@ -106,6 +110,7 @@ Usage:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -1103,6 +1108,8 @@ def serve_store(
     }
     if store == "redis":
         extra["SHELFWISE_REDIS_URL"] = redis_url
+    if args.otlp_url:  # --otlp: tracing on, every request sampled (bentos/tracing.py)
+        extra["SHELFWISE_OTLP_ENDPOINT"] = args.otlp_url
     load_before = load_average()
     with state_copy(home, scratch, f"state-{name}") as copy:
         env = state_env(copy, extra=extra)
@@ -1326,7 +1333,7 @@ def print_stores(
 def run_store_benchmark(args: argparse.Namespace) -> int:
     """Issue 17's online store targets (module docstring); 0 when every one measured is met."""
     sys.path.insert(0, str(ROOT))
-    from tests.support import redis_server
+    from tests.support import otlp_receiver, redis_server
 
     if args.serve_users:
         raise SystemExit("--serve-users does not apply to --stores: every user is served")
@@ -1340,7 +1347,9 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
     print(f"state: {home}; logs in {scratch}", flush=True)
     load_before = load_average()
     modes: dict[str, dict[str, Any]] = {}
-    with redis_server(scratch) as url:
+    tracing = otlp_receiver() if args.otlp else contextlib.nullcontext()
+    with redis_server(scratch) as url, tracing as receiver:
+        args.otlp_url = receiver.url if receiver is not None else None
         memory = redis_memory(url, lake, args.sample_keys, args.seed)
         print(
             f"Redis: {memory['users_with_candidates']:,} users with candidates, "
@@ -1374,6 +1383,8 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
                 "noop": NOOP_SERVICE,
                 "stores": args.stores,
                 "workers": args.workers,
+                # --otlp: spans exported to a receiver in the benchmark's own process.
+                "tracing": "on, exported over OTLP/HTTP" if args.otlp else "off",
                 "client": "wrk -t1 (keep-alive), same machine; /recommend and /noop alternately",
                 **load_config(args, len(user_ids), load_before),
                 "logs": str(scratch),
@@ -1422,6 +1433,12 @@ def main(argv: list[str] | None = None) -> int:
         "--explain",
         action="store_true",
         help='/recommend bodies ask for explanations ("explain": true)',
+    )
+    parser.add_argument(
+        "--otlp",
+        action="store_true",
+        help="with --stores: trace /recommend (SHELFWISE_OTLP_ENDPOINT), exporting every span "
+        "to an OTLP receiver in this process",
     )
     parser.add_argument("--sample-keys", type=int, default=500, help=argparse.SUPPRESS)
     parser.add_argument("--write-candidates", action="store_true", help=argparse.SUPPRESS)

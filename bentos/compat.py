@@ -12,8 +12,9 @@ every full garbage collection walks it, freezing the event loop for 60–1,000 m
   as the response has started (the only moment it could still act) or the request ends. It
   refuses to patch a `TimeoutMiddleware` whose source it does not know, so a BentoML upgrade that
   changes or fixes that code fails at start-up instead of being silently patched.
-- `SERVICE_CONFIG` keeps a 10 s traffic timeout and excludes the hot routes from tracing (no
-  exporter is configured, so their spans cost time and memory for nothing).
+- `SERVICE_CONFIG` keeps a 10 s traffic timeout and excludes the hot routes from BentoML's
+  tracing (no exporter is configured, so their spans cost time and memory for nothing). Traces of
+  `/recommend` and `/similar`, when wanted, are Shelfwise's own (`bentos/tracing.py`).
 - `settle_heap()`, at the end of the service's `__init__`, freezes what start-up allocated (the
   serving snapshot, the model) so later full collections skip it.
 

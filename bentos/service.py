@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio.to_thread
 import bentoml
+from opentelemetry import trace
 from pydantic import TypeAdapter, ValidationError
 
 from bentos.api_models import (
@@ -59,6 +60,7 @@ from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
 from bentos.impressions import ImpressionLog
 from bentos.pages import ServicePages
+from bentos.tracing import request_tracing, stop_tracing, tracer
 from models.business_rules import RequestFilters
 from models.compiled_ranker import (
     ENGINE_COMPILED,
@@ -86,6 +88,7 @@ from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
 from models.snapshot import SnapshotFeaturesError
+from models.tracing import STAGE_STATE, stage
 from shelfwise.experiments import (
     Experiment,
     read_experiments,
@@ -160,6 +163,8 @@ class RecommendationService:
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
+        # The stages' tracer when SHELFWISE_OTLP_ENDPOINT is set; None: no spans at all.
+        self._tracer = tracer(self.settings)
         self._reload_lock = threading.Lock()
         # The online store in Redis (`models.online_store`), when configured: the serving state
         # of the version its pointer names, else the lake's snapshot in process.
@@ -267,6 +272,8 @@ class RecommendationService:
             logger.exception("Serving snapshot does not fit the ranker: serving without it")
             recommender = recommender_for(None, None)
             version, engine = None, "none"
+        if self._tracer is not None:
+            recommender = recommender.with_tracer(self._tracer)
         MODEL.labels(model_version=version or "none").set(1)
         store_version = online.version if online else None
         # The booster explains (`explain`) whatever engine predicts: lleaves has no contributions.
@@ -517,6 +524,7 @@ class RecommendationService:
         self.impressions.close()
         self.feature_samples.close()
         self.feedback.close()
+        stop_tracing()  # exports the spans still queued
 
     async def _run(self, work: Callable[[], Any], offload: bool = False) -> Any:
         """Runs a request's work on the event loop; in the thread pool while Redis is failing,
@@ -568,7 +576,8 @@ class RecommendationService:
     ) -> RecommendResponse:
         """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
         try:
-            activity, stock = self.state.activity_and_stock(user_id)
+            with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
+                activity, stock = self.state.activity_and_stock(user_id)
         except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
             logger.warning("online state unavailable (%r): answering without it", error)
             activity, stock = UserActivity(), {}
@@ -836,6 +845,20 @@ class RecommendationService:
             experiment, arm, model_version = trial.experiment, trial.arm, trial.model_version
             drafted = trial.drafted_by or [None] * len(answer.items)
             versions = trial.item_model_versions or [model_version] * len(answer.items)
+        if self._tracer is not None:  # the request's span (bentos/tracing.py RouteTracing)
+            span = trace.get_current_span()
+            span.set_attributes(
+                {
+                    "shelfwise.rec_id": rec_id,
+                    "shelfwise.strategy": answer.strategy,
+                    "shelfwise.fallback_level": answer.fallback_level,
+                    "shelfwise.model_version": model_version or "none",
+                    "shelfwise.ranker_engine": serving.ranker_engine,
+                    "shelfwise.items": len(answer.items),
+                }
+            )
+            if trial is not None:
+                span.set_attributes({"shelfwise.experiment": experiment, "shelfwise.arm": arm})
         RESPONSES.labels(
             endpoint=endpoint, strategy=answer.strategy, fallback_level=str(answer.fallback_level)
         ).inc()
@@ -892,8 +915,10 @@ class RecommendationService:
         )
 
 
-# The guard (token, body size) first, then the contract (media type, validation, OpenAPI), then
-# the pages.
+# Tracing first (a no-op, not even a layer, unless SHELFWISE_OTLP_ENDPOINT is set: its span
+# covers the rest), then the guard (token, body size), then the contract (media type,
+# validation, OpenAPI), then the pages.
+RecommendationService.add_asgi_middleware(request_tracing)
 RecommendationService.add_asgi_middleware(RequestGuard)
 RecommendationService.add_asgi_middleware(
     RequestContract,

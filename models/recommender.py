@@ -69,6 +69,20 @@ from models.snapshot import (
     load_snapshot,
     require_features,
 )
+from models.tracing import (
+    ATTR_CANDIDATES,
+    ATTR_PICKED,
+    ATTR_ROWS,
+    ATTR_SESSION_ITEMS,
+    ATTR_SOURCE,
+    ATTR_USER_KNOWN,
+    STAGE_CANDIDATES,
+    STAGE_FEATURES,
+    STAGE_NEIGHBOURS,
+    STAGE_RANK,
+    STAGE_RULES,
+    stage,
+)
 from models.user_state import UserCandidates
 from shelfwise.lake import (
     SERVING_CANDIDATES,
@@ -81,6 +95,7 @@ from shelfwise.runtime.online_state import StockChange
 
 if TYPE_CHECKING:  # LightGBM is imported where a booster is loaded (`models.ranker`)
     import lightgbm as lgb
+    from opentelemetry.trace import Tracer
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +225,8 @@ class Recommender:
     # The fallback level of the candidate order without a ranker score: a degradation, unless
     # the candidate order is what was asked for (`without_ranker`).
     _unranked_level = FALLBACK_CANDIDATE_ORDER
+    # The tracer of the request's stages (`models.tracing`); None, tracing off: no spans at all.
+    _tracer: "Tracer | None" = None
 
     def __init__(
         self,
@@ -405,6 +422,19 @@ class Recommender:
         """The features the ranker scores, in its order (those the snapshot was loaded for)."""
         return list(self._features)
 
+    def with_tracer(self, tracer: "Tracer | None") -> "Recommender":
+        """This recommender tracing each request's stages with `tracer` (`models.tracing`).
+
+        Args:
+            tracer: An OpenTelemetry tracer, or None for no spans at all (the default).
+
+        Returns:
+            A copy sharing everything else (`with_booster` keeps the tracer).
+        """
+        other = copy.copy(self)
+        other._tracer = tracer
+        return other
+
     @property
     def known_users(self) -> int:
         """How many users have precomputed candidates."""
@@ -453,7 +483,13 @@ class Recommender:
         filters = filters or RequestFilters()
         session = session or Session()
         try:
-            found = self._store.candidates_of(user_id)
+            with stage(self._tracer, STAGE_CANDIDATES) as span:
+                found = self._store.candidates_of(user_id)
+                if span is not None:
+                    count = 0 if found is None else len(found.item_ids)
+                    span.set_attributes(
+                        {ATTR_USER_KNOWN: found is not None, ATTR_CANDIDATES: count}
+                    )
             missing = self._store.known_users == 0
         except Exception as error:  # the store is unreachable: as if the candidates were missing
             logger.warning("candidates of user %s unavailable (%r): degrading", user_id, error)
@@ -472,7 +508,8 @@ class Recommender:
         else:
             level = FALLBACK_POPULAR if missing else FALLBACK_NONE
             level = FALLBACK_SEGMENT if segment_fallback else level
-            items = self._session_based(user_id, session, filters, online, k)
+            with stage(self._tracer, STAGE_NEIGHBOURS):
+                items = self._session_based(user_id, session, filters, online, k)
             strategy = STRATEGY_SESSION if items else STRATEGY_POPULAR
             if not items:  # a new item without neighbours yet: what trends in its category
                 facts = self.rules.items.get(context_item_id or next(iter(session.item_ids), ""))
@@ -560,17 +597,26 @@ class Recommender:
     ) -> tuple[list[RankedItem], int, ScoredRows]:
         matrix, item_ids = found.matrix, found.item_ids
         fallback_order = found.ranks.astype(np.float64)
-        if session.item_ids:
-            matrix, item_ids = self._with_session(matrix, item_ids, session)
-            fallback_order = _generators_order(matrix, item_ids, self._column)
+        with stage(self._tracer, STAGE_FEATURES) as span:
+            if session.item_ids:
+                matrix, item_ids = self._with_session(matrix, item_ids, session)
+                fallback_order = _generators_order(matrix, item_ids, self._column)
+            if span is not None:
+                span.set_attributes(
+                    {ATTR_SESSION_ITEMS: len(session.item_ids), ATTR_ROWS: len(matrix)}
+                )
         sources = self._proposing_generators(matrix)
         level = FALLBACK_NONE
-        scores = self._rank(user_id, matrix)
+        with stage(self._tracer, STAGE_RANK):
+            scores = self._rank(user_id, matrix)
         if scores is None:
             scores, level = -fallback_order, self._unranked_level
         order = np.argsort(-scores, kind="stable")
         ranked = ((str(item_ids[i]), (float(scores[i]), GENERATORS[sources[i]])) for i in order)
-        chosen = self.rules.select(user_id, ranked, filters, k, online=online)
+        with stage(self._tracer, STAGE_RULES) as span:
+            chosen = self.rules.select(user_id, ranked, filters, k, online=online)
+            if span is not None:
+                span.set_attributes({ATTR_SOURCE: STRATEGY_PERSONALIZED, ATTR_PICKED: len(chosen)})
         items = [RankedItem(item, score, source) for item, (score, source) in chosen]
         return items, level, ScoredRows(matrix, item_ids, scores)
 
@@ -716,7 +762,10 @@ class Recommender:
         Each item's source is its strongest kind.
         """
         ranked = sorted(((item, score) for item, (score, _) in merged.items()), key=lambda p: -p[1])
-        picked = self.rules.select(user_id, ranked, filters, k, [], online)
+        with stage(self._tracer, STAGE_RULES) as span:
+            picked = self.rules.select(user_id, ranked, filters, k, [], online)
+            if span is not None:
+                span.set_attributes({ATTR_SOURCE: "neighbours", ATTR_PICKED: len(picked)})
         return [RankedItem(item, float(score), merged[item][1]) for item, score in picked]
 
     def _select(
@@ -733,7 +782,10 @@ class Recommender:
         if len(chosen) >= k:
             return []
         already = [item.item_id for item in chosen]
-        picked = self.rules.select(user_id, ranked, filters, k - len(chosen), already, online)
+        with stage(self._tracer, STAGE_RULES) as span:
+            picked = self.rules.select(user_id, ranked, filters, k - len(chosen), already, online)
+            if span is not None:
+                span.set_attributes({ATTR_SOURCE: source, ATTR_PICKED: len(picked)})
         return [RankedItem(item_id, float(score), source) for item_id, score in picked]
 
     def _proposable(self, item_id: str) -> bool:

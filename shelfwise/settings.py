@@ -52,6 +52,14 @@ class Settings:
             (`SHELFWISE_FEATURE_SAMPLE_RATE`, default 0.01; 0: none; at most 1).
         feature_sample_rows: The most candidate rows logged per sampled request, a uniform draw
             among them (`SHELFWISE_FEATURE_SAMPLE_ROWS`, default 20; 0: all of them).
+        otlp_endpoint: When set (`SHELFWISE_OTLP_ENDPOINT`), the service traces `/recommend` and
+            its stages with OpenTelemetry and exports the spans over OTLP/HTTP (protobuf) to this
+            URL: a collector's base URL (`http://collector:4318`, `/v1/traces` is appended) or
+            its full traces URL. Unset (the default), nothing is traced (never shown in the
+            settings' repr: the URL may carry credentials).
+        trace_sample_rate: The share of `/recommend` requests traced when tracing is on
+            (`SHELFWISE_TRACE_SAMPLE_RATE`, 0 to 1, default 1); a request whose caller sent a
+            W3C `traceparent` follows the caller's sampling decision instead.
     """
 
     home: Path
@@ -77,6 +85,8 @@ class Settings:
     # their user features: more requests tell more than more rows of one.
     feature_sample_rate: float = 0.01
     feature_sample_rows: int = 20
+    otlp_endpoint: str | None = field(default=None, repr=False)
+    trace_sample_rate: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -113,6 +123,10 @@ class Settings:
             ),
             feature_sample_rows=_not_negative(
                 "SHELFWISE_FEATURE_SAMPLE_ROWS", int(env.get("SHELFWISE_FEATURE_SAMPLE_ROWS") or 20)
+            ),
+            otlp_endpoint=env.get("SHELFWISE_OTLP_ENDPOINT") or None,
+            trace_sample_rate=_share(
+                "SHELFWISE_TRACE_SAMPLE_RATE", env.get("SHELFWISE_TRACE_SAMPLE_RATE") or "1"
             ),
         )
 

@@ -4,10 +4,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -223,3 +226,125 @@ def processes_serving(settings: Settings, cmdline_part: bytes = b"") -> set[int]
         if cmdline_part in cmdline and home in environ.split(b"\0"):
             found.add(int(entry.name))
     return found
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """One span as an OTLP receiver decoded it (ids in hex, as OpenTelemetry prints them)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str  # "" for a root span
+    name: str
+    kind: int  # opentelemetry.proto.trace.v1.Span.SpanKind: 2 is SERVER
+    attributes: dict[str, Any]
+    service_name: str | None
+
+
+class OtlpReceiver:
+    """What `otlp_receiver` received: the decoded spans, and how many export requests."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.exports = 0
+        self._spans: list[ReceivedSpan] = []
+        self._lock = threading.Lock()
+
+    @property
+    def spans(self) -> list[ReceivedSpan]:
+        with self._lock:
+            return list(self._spans)
+
+    def add(self, spans: list[ReceivedSpan]) -> None:
+        with self._lock:
+            self.exports += 1
+            self._spans.extend(spans)
+
+    def wait_for(
+        self, done: Callable[[list[ReceivedSpan]], bool], timeout: float = 30
+    ) -> list[ReceivedSpan]:
+        """The spans received once `done(spans)` holds; raises after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not done(spans := self.spans):
+            if time.monotonic() > deadline:
+                names = sorted({span.name for span in spans})
+                raise AssertionError(f"not received in {timeout} s; got {len(spans)}: {names}")
+            time.sleep(0.1)
+        return spans
+
+
+def _any_value(value: Any) -> Any:  # noqa: ANN401
+    kind = value.WhichOneof("value")
+    return None if kind is None else getattr(value, kind)
+
+
+def _decode_export(body: bytes) -> list[ReceivedSpan]:
+    """The spans of an OTLP/HTTP protobuf `ExportTraceServiceRequest`."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    spans = []
+    for resource_spans in request.resource_spans:
+        resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                spans.append(
+                    ReceivedSpan(
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(),
+                        name=span.name,
+                        kind=span.kind,
+                        attributes={a.key: _any_value(a.value) for a in span.attributes},
+                        service_name=resource.get("service.name"),
+                    )
+                )
+    return spans
+
+
+@contextmanager
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP trace receiver (what a collector or Jaeger listens to on port 4318) on a
+    free loopback port, until the block ends; yields what it received.
+
+    It decodes each `POST /v1/traces` (protobuf, gzip or not) with opentelemetry-proto and answers
+    as a collector does: 200 with an empty `ExportTraceServiceResponse`.
+    """
+    import gzip
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceResponse,
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            if self.path != "/v1/traces":
+                self.send_error(404)
+                return
+            receiver.add(_decode_export(body))
+            answer = ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002, ANN401
+            pass  # quiet
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver = OtlpReceiver(f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, name="otlp-receiver", daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()

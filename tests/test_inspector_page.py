@@ -13,7 +13,6 @@ import httpx
 import polars as pl
 import pytest
 
-from bentos.api_models import RecommendRequest
 from models.candidates import GENERATORS
 from shelfwise.cli import main as cli
 from shelfwise.experiments import ArmResult, ExperimentResults, write_results
@@ -27,7 +26,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 WAIT_S = 30
 
 # The explain helper's field (#18); until it is merged the page must still work without it.
-EXPLAINS = "explain" in RecommendRequest.model_fields
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +229,6 @@ def test_clicking_an_item_shows_its_similar_items(served, browser, user):
     wait(browser, f'#similar-panel[data-item="{neighbour}"]')
 
 
-@pytest.mark.skipif(
-    not EXPLAINS, reason="RecommendRequest has no `explain` yet (#18's explain helper)"
-)
 def test_an_explanation_is_shown(served, browser, user):
     url, _ = served
     inspect(browser, url, user)
