@@ -255,5 +255,6 @@ def test_cli_models_needs_a_subcommand(cli_home, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["models"])
     assert exited.value.code == 2
-    with pytest.raises(SystemExit):
-        main(["models", "promote"])
+    # promote takes a tag or --winner-of, exactly one of them
+    assert main(["models", "promote"]) == 2
+    assert "give either a TAG or --winner-of EXPERIMENT" in capsys.readouterr().err
