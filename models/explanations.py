@@ -393,28 +393,28 @@ def _times_text(name: str, what: str) -> Callable[["_Facts"], str]:
     return lambda facts: what.format(_times(facts.positive(name)))
 
 
-def _value_text(name: str, what: str, missing: str) -> Callable[["_Facts"], str]:
+def _known_text(
+    name: str, what: str, missing: str, shown: Callable[[float], str]
+) -> Callable[["_Facts"], str]:
+    """`what` with the feature's value as `shown` writes it, or `missing` when unknown."""
+
     def text(facts: _Facts) -> str:
         value = facts[name]
-        return missing if value is None else what.format(_number(round(value, 2)))
+        return missing if value is None else what.format(shown(value))
 
     return text
+
+
+def _value_text(name: str, what: str, missing: str) -> Callable[["_Facts"], str]:
+    return _known_text(name, what, missing, lambda value: _number(round(value, 2)))
 
 
 def _share_text(name: str, what: str, missing: str) -> Callable[["_Facts"], str]:
-    def text(facts: _Facts) -> str:
-        value = facts[name]
-        return missing if value is None else what.format(_share(value))
-
-    return text
+    return _known_text(name, what, missing, _share)
 
 
 def _age_text(name: str, what: str, missing: str) -> Callable[["_Facts"], str]:
-    def text(facts: _Facts) -> str:
-        value = facts[name]
-        return missing if value is None else what.format(_days(value))
-
-    return text
+    return _known_text(name, what, missing, _days)
 
 
 def _age(facts: _Facts) -> str:
