@@ -589,31 +589,23 @@ class RecommendationService:
         serving = self.serving
         # The item on the page is never recommended on its own page.
         rules = (filters or RecommendFilters()).to_rules(exclude=context.item_id)
+        trial, rec_id = None, None
         experiment = self._experiment
         if experiment is not None:  # the one check it costs when no experiment runs
             rec_id = uuid.uuid4().hex  # seeds the interleaving: the list can be drawn again
             trial = self._try_experiment(
                 experiment, serving, user_id, k, rules, session, context.item_id, stock, rec_id
             )
-            if trial is not None:
-                answer = trial.recommendation
-                explanations = self._explain(answer, serving, trial) if explain else None
-                return self._respond(
-                    "recommend",
-                    user_id,
-                    answer,
-                    serving,
-                    RecommendResponse,
-                    trial,
-                    rec_id,
-                    explanations,
-                )
-        answer = serving.recommender.recommend(user_id, k, rules, session, context.item_id, stock)
-        explanations = None
-        if explain:  # only then: a request without `explain` does no more than before
-            explanations = self._explain(answer, serving)
+        if trial is not None:
+            answer = trial.recommendation
+        else:
+            answer = serving.recommender.recommend(
+                user_id, k, rules, session, context.item_id, stock
+            )
+        # Only with `explain`: a request without it does no more than before.
+        explanations = self._explain(answer, serving, trial) if explain else None
         return self._respond(
-            "recommend", user_id, answer, serving, RecommendResponse, explanations=explanations
+            "recommend", user_id, answer, serving, RecommendResponse, trial, rec_id, explanations
         )
 
     def _explain(

@@ -494,10 +494,7 @@ class Recommender:
         except Exception as error:  # the store is unreachable: as if the candidates were missing
             logger.warning("candidates of user %s unavailable (%r): degrading", user_id, error)
             found, missing = None, True
-        bought = session.purchased_ids
-        if found is not None and found.bought:  # the purchases kept with the user's candidates
-            bought = found.bought | session.purchased_ids
-        online = OnlineFacts(bought, stock or {})
+        online = _online_facts(found, session, stock)
         if found is not None and not len(found.item_ids):
             found = None  # a user with purchases but no candidates
         segment_fallback = found is not None and self._segment_fallback(found)
@@ -517,8 +514,7 @@ class Recommender:
                 items = self._select(user_id, trending, "trending", filters, online, k, items)
                 strategy = STRATEGY_CATEGORY_TRENDING if items else strategy
         if len(items) < k:
-            popular = zip(self._popular_ids, self._popular_scores, strict=True)
-            items += self._select(user_id, popular, "popular", filters, online, k, items)
+            items += self._popular_for(user_id, filters, online, k, items)
         return Recommendation(items, strategy, level, rows)
 
     def popular(
@@ -537,16 +533,13 @@ class Recommender:
         """
         filters = filters or RequestFilters()
         session = session or Session()
-        bought = session.purchased_ids
         try:
             found = self._store.candidates_of(user_id)
-            if found is not None and found.bought:
-                bought = found.bought | session.purchased_ids
         except Exception as error:  # the store is unreachable: the session's purchases only
             logger.warning("purchases of user %s unavailable (%r)", user_id, error)
-        online = OnlineFacts(bought, stock or {})
-        popular = zip(self._popular_ids, self._popular_scores, strict=True)
-        items = self._select(user_id, popular, "popular", filters, online, k, [])
+            found = None
+        online = _online_facts(found, session, stock)
+        items = self._popular_for(user_id, filters, online, k, [])
         return Recommendation(items, STRATEGY_POPULAR, FALLBACK_NONE)
 
     def similar(
@@ -582,8 +575,7 @@ class Recommender:
         if not items:
             strategy = STRATEGY_POPULAR
         if len(items) < k:
-            popular = zip(self._popular_ids, self._popular_scores, strict=True)
-            items += self._select("", popular, "popular", filters, online, k, items)
+            items += self._popular_for("", filters, online, k, items)
         return Recommendation(items, strategy, FALLBACK_NONE)
 
     def _personalized(
@@ -768,6 +760,18 @@ class Recommender:
                 span.set_attributes({ATTR_SOURCE: "neighbours", ATTR_PICKED: len(picked)})
         return [RankedItem(item, float(score), merged[item][1]) for item, score in picked]
 
+    def _popular_for(
+        self,
+        user_id: str,
+        filters: RequestFilters,
+        online: OnlineFacts,
+        k: int,
+        chosen: list[RankedItem],
+    ) -> list[RankedItem]:
+        """The shop's popular items the rules allow, topping `chosen` up to k."""
+        popular = zip(self._popular_ids, self._popular_scores, strict=True)
+        return self._select(user_id, popular, "popular", filters, online, k, chosen)
+
     def _select(
         self,
         user_id: str,
@@ -906,6 +910,20 @@ def _apply_session_purchases(
     rows[bought, col["user_item_repurchase_due_ratio"]] = np.where(known, 0.0, np.nan)
     rows[bought, col["user_item_days_since_last_purchase"]] = 0.0
     rows[bought, col["user_item_days_since_last"]] = 0.0
+
+
+def _online_facts(
+    found: UserCandidates | None, session: Session, stock: Mapping[str, StockChange] | None
+) -> OnlineFacts:
+    """What the rules know of a request beyond the snapshot.
+
+    The user's purchases (those kept with the user's candidates and the session's) and the
+    posted stock updates.
+    """
+    bought = session.purchased_ids
+    if found is not None and found.bought:
+        bought = found.bought | session.purchased_ids
+    return OnlineFacts(bought, stock or {})
 
 
 def _generators_order(matrix: np.ndarray, item_ids: np.ndarray, col: dict[str, int]) -> np.ndarray:
