@@ -6,8 +6,9 @@ A version holds what a worker would otherwise hold in process (`models.snapshot`
   (`models.user_state`: candidates as item codes, the user's features and purchases, and the pair
   features that cannot be predicted from shared parts);
 - shared, O(items) parts, read once per version by each worker: the item table the values refer
-  to, the popular items, the business rules' item facts (Parquet bytes), and the neighbours
-  already indexed by item code (`SHARED_FORMAT`: NumPy arrays);
+  to, the popular items, the business rules' item facts (Parquet bytes), the neighbours
+  already indexed by item code (`SHARED_FORMAT`: NumPy arrays), and the zstd dictionary the
+  values are compressed with;
 - a description (`meta`, JSON): the value layout, the shared parts' format, the snapshot's
   columns, counts.
 
@@ -37,6 +38,7 @@ from models.snapshot import CandidateSnapshot, lake_states, snapshot_columns
 from models.user_state import (
     LAYOUT,
     ItemTable,
+    StateCodec,
     UserCandidates,
     candidate_count,
     decode_user,
@@ -98,7 +100,7 @@ def write_version(
 
     Args:
         client: A Redis client (bytes responses).
-        table: The item table the users' values refer to.
+        table: The item table the users' values refer to, with their codec.
         states: (user_id, value, has candidates) per user (`models.snapshot`), streamed.
         popular: item_id, popularity (most popular first).
         neighbours: The neighbours indexed by `table`'s item codes
@@ -118,6 +120,7 @@ def write_version(
         keys.SHARED_POPULAR: _parquet_bytes(popular),
         keys.SHARED_NEIGHBOURS: neighbours,
         keys.SHARED_FACTS: _parquet_bytes(facts),
+        keys.SHARED_DICTIONARY: table.codec.dictionary,
     }
     written = 0
     pipe = client.pipeline(transaction=False)
@@ -160,7 +163,7 @@ def write_version(
 def snapshot_states(snapshot: CandidateSnapshot) -> Iterator[tuple[str, bytes, bool]]:
     """The states of a snapshot held in process, as `write_version` takes them."""
     for user_id, value in snapshot.states.items():
-        yield user_id, value, candidate_count(value) > 0
+        yield user_id, value, candidate_count(value, snapshot.table) > 0
 
 
 def remove_versions(client: Any, keep: set[int | None]) -> list[int]:  # noqa: ANN401
@@ -329,9 +332,9 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
         part: pl.read_parquet(io.BytesIO(raw[part]))
         for part in (keys.SHARED_ITEMS, keys.SHARED_POPULAR, keys.SHARED_FACTS)
     }
-    table, neighbours = read_neighbour_arrays(
-        ItemTable.from_frame(frames[keys.SHARED_ITEMS]), raw[keys.SHARED_NEIGHBOURS]
-    )
+    items = ItemTable.from_frame(frames[keys.SHARED_ITEMS])
+    items = items.with_codec(StateCodec(raw[keys.SHARED_DICTIONARY]))
+    table, neighbours = read_neighbour_arrays(items, raw[keys.SHARED_NEIGHBOURS])
     store = RedisCandidateStore(client, version, table, int(meta["known_users"]))
     return OnlineVersion(
         version,

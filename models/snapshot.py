@@ -3,7 +3,8 @@
 The pipeline's snapshot file has one row per (user, candidate) with the whole feature vector, as
 training assembles it. The service never holds those rows: `write_user_states` encodes each user
 into one compact value (`models.user_state`, lossless) and writes the values, the shared item
-table and the neighbours indexed by its item codes (`models.neighbour_arrays`) next to the file.
+table, the dictionary the values are compressed with, and the neighbours indexed by the table's
+item codes (`models.neighbour_arrays`) next to the file.
 A worker holds those values in process (`CandidateSnapshot`, the embedded default) or reads them
 from Redis per request (`models.online_store`); either way a request decodes one user's rows, the
 very numbers training would assemble for that user.
@@ -32,10 +33,12 @@ from models.user_state import (
     ITEM_LEVEL_SCORES,
     LAYOUT,
     ItemTable,
+    StateCodec,
     UserCandidates,
     decode_user,
     encode_users,
     purchases_only,
+    train_codec,
 )
 from shelfwise.lake import (
     SERVING_CANDIDATES,
@@ -43,6 +46,7 @@ from shelfwise.lake import (
     SERVING_NEIGHBOUR_ARRAYS,
     SERVING_NEIGHBOURS,
     SERVING_PURCHASES,
+    SERVING_STATE_DICTIONARY,
     SERVING_STATE_ITEMS,
     SERVING_USER_STATES,
     Lake,
@@ -216,7 +220,8 @@ class CandidateSnapshot:
                 different.
         """
         table = ItemTable.build(_snapshot_items(frame), facts).with_neighbours(neighbours)
-        states = PackedStates.from_pairs(encode_users(table, frame))
+        table, values = train_codec(table, encode_users(table, frame, compressed=False))
+        states = PackedStates.from_pairs(values)
         return cls(table, states, len(states))
 
     @property
@@ -266,8 +271,9 @@ def encode_snapshot(
         batch_rows: Rows read at a time.
 
     Returns:
-        The table, and (user_id, value, has candidates) for every user with candidates, then
-        for every user with purchases only.
+        The table (with the codec trained on the first values, which are encoded here), and
+        (user_id, value, has candidates) for every user with candidates, then for every user
+        with purchases only.
 
     Raises:
         ValueError: A user's rows are not contiguous in the file.
@@ -293,18 +299,19 @@ def encode_snapshot(
             mean_prices.select(USER_KEY, pl.col("mean_price").cast(pl.Float64)).iter_rows()
         )
 
-    def values() -> Iterator[tuple[str, bytes, bool]]:
+    def values() -> Iterator[tuple[tuple[str, bool], bytes]]:
         seen = set()
         batches = (pl.from_arrow(batch) for batch in lake.iter_parquet(relpath, batch_rows))
         for chunk in whole_queries(batches, key=(USER_KEY,)):
-            for user_id, value in encode_users(table, chunk, bought, prices):
+            for user_id, value in encode_users(table, chunk, bought, prices, compressed=False):
                 seen.add(user_id)
-                yield user_id, value, True
+                yield (user_id, True), value
         for user_id, item_ids in bought.items():
             if user_id not in seen:
-                yield user_id, purchases_only(table, item_ids), False
+                yield (user_id, False), purchases_only(table, item_ids, compressed=False)
 
-    return table, values()
+    table, compressed = train_codec(table, values())
+    return table, ((user_id, value, known) for (user_id, known), value in compressed)
 
 
 def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> WrittenStates:
@@ -316,7 +323,8 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
 
     Returns:
         What was written (`SERVING_USER_STATES`, `SERVING_NEIGHBOUR_ARRAYS`,
-        `SERVING_STATE_ITEMS`; the item table last, as it tells readers the states are whole).
+        `SERVING_STATE_DICTIONARY`, `SERVING_STATE_ITEMS`; the item table last, as it tells
+        readers the states are whole).
     """
     table, values = encode_snapshot(lake, mean_prices)
     counts = {"users": 0, "known_users": 0, "bytes": 0}
@@ -337,6 +345,7 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
 
     lake.write_parquet_tables(batches(), SERVING_USER_STATES)
     lake.write_bytes(neighbour_arrays(table, _neighbour_rows(lake)), SERVING_NEIGHBOUR_ARRAYS)
+    lake.write_bytes(table.codec.dictionary, SERVING_STATE_DICTIONARY)
     items = table.to_frame().to_arrow()
     layout = {LAYOUT_KEY: json.dumps(LAYOUT).encode()}
     lake.write_parquet(items.replace_schema_metadata(layout), SERVING_STATE_ITEMS)
@@ -353,8 +362,8 @@ def lake_states(lake: Lake) -> tuple[ItemTable, bytes, Iterator[tuple[str, bytes
     (larger values, the same rows).
 
     Returns:
-        The table (its neighbours are in the arrays, `models.neighbour_arrays`), the arrays, and
-        (user_id, value, has candidates) per user.
+        The table with its codec (its neighbours are in the arrays, `models.neighbour_arrays`),
+        the arrays, and (user_id, value, has candidates) per user.
     """
     if not states_fit(lake):
         table, values = _encode_afresh(lake)
@@ -369,8 +378,7 @@ def lake_states(lake: Lake) -> tuple[ItemTable, bytes, Iterator[tuple[str, bytes
                 strict=True,
             )
 
-    table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
-    return table, lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS), stored()
+    return _stored_items(lake), lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS), stored()
 
 
 def read_user_states(lake: Lake) -> CandidateSnapshot:
@@ -441,13 +449,23 @@ class _Counted:
 
 def _stored_table(lake: Lake) -> tuple[ItemTable, NeighbourIndex]:
     """The item table `write_user_states` wrote, with its neighbours, and the session's index."""
+    return read_neighbour_arrays(_stored_items(lake), lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS))
+
+
+def _stored_items(lake: Lake) -> ItemTable:
+    """The item table `write_user_states` wrote, with the codec of its values."""
     table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
-    return read_neighbour_arrays(table, lake.read_bytes(SERVING_NEIGHBOUR_ARRAYS))
+    return table.with_codec(StateCodec(lake.read_bytes(SERVING_STATE_DICTIONARY)))
 
 
 def states_fit(lake: Lake) -> bool:
     """Whether the lake holds user states written in this code's layout (with their arrays)."""
-    parts = (SERVING_USER_STATES, SERVING_NEIGHBOUR_ARRAYS, SERVING_STATE_ITEMS)
+    parts = (
+        SERVING_USER_STATES,
+        SERVING_NEIGHBOUR_ARRAYS,
+        SERVING_STATE_DICTIONARY,
+        SERVING_STATE_ITEMS,
+    )
     if not all(lake.exists(part) for part in parts):
         return False
     metadata = lake.parquet_schema(SERVING_STATE_ITEMS).metadata or {}

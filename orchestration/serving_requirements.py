@@ -44,6 +44,7 @@ SERVING_PACKAGES: dict[str, tuple[str, ...]] = {
     "fsspec": (),  # the lake's file systems (shelfwise/lake.py)
     "s3fs": (),  # a lake on S3 (`s3://…`, loaded by fsspec)
     "redis": (),  # the online state in Redis (shelfwise/runtime/online_state.py)
+    "zstandard": (),  # the users' compressed states (models/user_state.py)
     # Traces over OTLP/HTTP when configured (bentos/tracing.py); brings the OpenTelemetry SDK.
     "opentelemetry-exporter-otlp-proto-http": (),
 }

@@ -77,6 +77,8 @@ SERVING_PURCHASES = f"{SERVING}/purchases.parquet"
 # item table those values refer to.
 SERVING_USER_STATES = f"{SERVING}/user_states.parquet"
 SERVING_STATE_ITEMS = f"{SERVING}/state_items.parquet"
+# The zstd dictionary the values are compressed with, trained for the snapshot (empty: none).
+SERVING_STATE_DICTIONARY = f"{SERVING}/state_dictionary.zstd"
 # The neighbours indexed by those items' codes (`models.neighbour_arrays`), so a worker loads
 # arrays instead of sorting and grouping the neighbour rows.
 SERVING_NEIGHBOUR_ARRAYS = f"{SERVING}/neighbour_arrays.npz"

@@ -3,21 +3,35 @@ snapshot held in process (a real Redis server, the session's real pipeline lake)
 
 import random
 
+import numpy as np
+import polars as pl
 import pytest
 import redis
 
 from models.business_rules import RequestFilters
+from models.features import FEATURE_COLUMNS
+from models.neighbour_arrays import neighbour_arrays
 from models.online_store import (
     OnlineStoreError,
     current_version,
     load_version,
+    snapshot_states,
     write_from_lake,
+    write_version,
 )
 from models.ranker import booster_from_text
 from models.recommender import FALLBACK_POPULAR, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
-from shelfwise.lake import SERVING_CANDIDATES, SERVING_NEIGHBOURS, SERVING_PURCHASES
+from models.snapshot import CandidateSnapshot, read_user_states
+from shelfwise.lake import (
+    SERVING_CANDIDATES,
+    SERVING_ITEMS,
+    SERVING_NEIGHBOURS,
+    SERVING_POPULAR,
+    SERVING_PURCHASES,
+    SERVING_STATE_DICTIONARY,
+)
 from shelfwise.runtime import store_keys as keys
 from shelfwise.runtime.online_state import StockChange
 from shelfwise.runtime.registry import production_path, read_ranker
@@ -114,3 +128,58 @@ def test_an_unreachable_redis_degrades_to_popular_items_not_an_error(pipeline_ru
 def test_an_incomplete_version_is_refused(client):
     with pytest.raises(OnlineStoreError):
         load_version(client, 10_000)
+
+
+def same_candidates(a, b) -> bool:
+    return (
+        a.item_ids.tolist() == b.item_ids.tolist()
+        and np.array_equal(a.ranks, b.ranks)
+        and bool(((a.matrix == b.matrix) | (np.isnan(a.matrix) & np.isnan(b.matrix))).all())
+        and a.bought == b.bought
+    )
+
+
+def test_a_version_holds_the_lakes_dictionary_and_decodes_every_user_as_the_lake(
+    pipeline_run, client
+):
+    """The values are compressed with the dictionary trained for the snapshot: a version holds
+    it as a shared part beside the lake's very bytes, and a worker reading Redis decodes every
+    user as one reading the lake."""
+    lake = pipeline_run.lake
+    dictionary = lake.read_bytes(SERVING_STATE_DICTIONARY)
+    assert dictionary
+    written = write_from_lake(client, lake)
+    assert client.get(keys.shared_key(written.version, keys.SHARED_DICTIONARY)) == dictionary
+    version = load_version(client, written.version)
+    in_process = read_user_states(lake)
+    assert written.users == len(in_process.states) > 100
+    for user_id, value in in_process.states.items():
+        assert client.get(keys.user_key(written.version, user_id)) == value
+        online = version.store.candidates_of(user_id)
+        assert same_candidates(online, in_process.candidates_of(user_id)), user_id
+
+
+def test_a_tiny_shop_without_a_dictionary_is_served_from_redis(pipeline_run, client):
+    """Two users are too few values to train a dictionary on: the version holds an empty one
+    (a part present, not missing) and its users decode to their rows."""
+    lake = pipeline_run.lake
+    rows = lake.read_frame(SERVING_CANDIDATES)
+    two = rows["user_id"].unique(maintain_order=True).head(2).to_list()
+    snapshot = CandidateSnapshot.from_frame(rows.filter(pl.col("user_id").is_in(two)))
+    assert snapshot.table.codec.dictionary == b""
+    written = write_version(
+        client,
+        snapshot.table,
+        snapshot_states(snapshot),
+        popular=lake.read_frame(SERVING_POPULAR),
+        neighbours=neighbour_arrays(snapshot.table, lake.read_frame(SERVING_NEIGHBOURS)),
+        facts=lake.read_frame(SERVING_ITEMS),
+        columns=FEATURE_COLUMNS,
+    )
+    assert written.users == written.known_users == 2
+    version = load_version(client, written.version)
+    for user_id in two:
+        online = version.store.candidates_of(user_id)
+        assert same_candidates(online, snapshot.candidates_of(user_id)), user_id
+        expected = rows.filter(user_id=user_id).sort("candidate_rank")
+        assert online.item_ids.tolist() == expected["item_id"].to_list()

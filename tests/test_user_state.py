@@ -2,7 +2,7 @@
 snapshot, and rows built so that every prediction of the codec is wrong), and is much smaller."""
 
 import shutil
-import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -18,15 +18,18 @@ from models.snapshot import (
     encode_snapshot,
     read_user_states,
     states_fit,
+    write_user_states,
 )
 from models.user_state import (
     ITEM_COLUMNS,
     ITEM_LEVEL_SCORES,
+    NO_DICTIONARY,
     PAIR_COLUMNS,
     ItemTable,
     candidate_count,
     decode_user,
     encode_user,
+    train_codec,
 )
 from shelfwise.lake import (
     SERVING,
@@ -34,6 +37,7 @@ from shelfwise.lake import (
     SERVING_NEIGHBOUR_ARRAYS,
     SERVING_NEIGHBOURS,
     SERVING_PURCHASES,
+    SERVING_STATE_DICTIONARY,
     SERVING_USER_STATES,
     Lake,
 )
@@ -68,6 +72,12 @@ def test_every_state_the_pipeline_wrote_decodes_to_its_snapshot_rows(pipeline_ru
     dense = rows.height * len(PAIR_COLUMNS) * 4
     held = sum(len(v) for v in snapshot.states.values())
     assert held < dense / 4, (held, dense)
+    # Compressed with the dictionary trained for this snapshot, written beside the values: they
+    # are smaller than the same bytes compressed without it.
+    dictionary = lake.read_bytes(SERVING_STATE_DICTIONARY)
+    assert dictionary and snapshot.table.codec.dictionary == dictionary
+    unpacked = [snapshot.table.codec.decompress(value) for value in snapshot.states.values()]
+    assert held < sum(len(NO_DICTIONARY.compress(value)) for value in unpacked)
     # The session's neighbours come with the states, indexed as from the rows.
     index = NeighbourIndex.from_frame(lake.read_frame(SERVING_NEIGHBOURS), snapshot.table.ids)
     assert len(index.codes) > 1000
@@ -117,11 +127,74 @@ def test_any_rows_round_trip_exactly_when_every_prediction_is_wrong(items, candi
     bought = rng.choice(len(table), 5, replace=False)
     raw = encode_user(table, codes, ranks, rows, bought, mean_price=3.7)
     found = decode_user(raw, table)
-    assert candidate_count(raw) == candidates
+    assert candidate_count(raw, table) == candidates
     assert same(found.matrix, rows)
     np.testing.assert_array_equal(found.item_ids, table.ids[codes])
     np.testing.assert_array_equal(found.ranks, ranks)
     assert found.bought == set(table.ids[bought].tolist())
+
+
+def test_values_round_trip_with_a_dictionary_trained_on_them():
+    """Values compressed with a dictionary trained on them decode to the same rows, in one thread
+    or several at once; a handful of values is too few to train on and goes without one,
+    decoded the same."""
+    rng = np.random.default_rng(4)
+    table = random_table(rng, 500)
+    users = {}
+    for n in range(300):
+        codes, rows = random_user(rng, table, int(rng.integers(1, 40)))
+        users[f"u{n}"] = (codes, np.arange(1, len(codes) + 1, dtype=np.int32), rows)
+    unpacked = (
+        (user_id, encode_user(table, *user, np.zeros(0, int), 2.0, compressed=False))
+        for user_id, user in users.items()
+    )
+    trained, values = train_codec(table, unpacked)
+    values = dict(values)
+    assert list(values) == list(users) and trained.codec.dictionary
+    for user_id, (codes, ranks, rows) in users.items():
+        found = decode_user(values[user_id], trained)
+        assert same(found.matrix, rows)
+        np.testing.assert_array_equal(found.item_ids, table.ids[codes])
+        np.testing.assert_array_equal(found.ranks, ranks)
+        assert candidate_count(values[user_id], trained) == len(codes)
+    # The service decodes from its event loop and its threads at once: the same rows.
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda value: decode_user(value, trained), values.values()))
+    for (codes, ranks, rows), user in zip(users.values(), found, strict=True):
+        assert same(user.matrix, rows)
+        np.testing.assert_array_equal(user.item_ids, table.ids[codes])
+        np.testing.assert_array_equal(user.ranks, ranks)
+    few = [
+        (user_id, encode_user(table, *users[user_id], np.zeros(0, int), compressed=False))
+        for user_id in ("u0", "u1", "u2")
+    ]
+    untrained, values = train_codec(table, few)
+    assert untrained.codec.dictionary == b""
+    for user_id, value in values:
+        assert same(decode_user(value, untrained).matrix, users[user_id][2])
+
+
+def test_a_tiny_shop_writes_its_states_without_a_dictionary_and_reads_them(pipeline_run, tmp_path):
+    """Three users (and no buyer besides): too few values to train a dictionary on. The lake
+    holds an empty one, and the states read back to the snapshot's rows."""
+    source = pipeline_run.lake
+    shutil.copytree(source.path(SERVING), tmp_path / SERVING)
+    lake = Lake(str(tmp_path))
+    rows = source.read_frame(SERVING_CANDIDATES)
+    three = rows["user_id"].unique(maintain_order=True).head(3).to_list()
+    rows = rows.filter(pl.col("user_id").is_in(three))
+    lake.write_parquet(rows.to_arrow(), SERVING_CANDIDATES)
+    purchases = lake.read_frame(SERVING_PURCHASES).filter(pl.col("user_id").is_in(three))
+    lake.write_parquet(purchases.to_arrow(), SERVING_PURCHASES)
+    written = write_user_states(lake)
+    assert written.users == written.known_users == 3
+    assert states_fit(lake) and lake.read_bytes(SERVING_STATE_DICTIONARY) == b""
+    snapshot = read_user_states(lake)
+    for (user_id,), expected in rows.partition_by("user_id", as_dict=True).items():
+        found = snapshot.candidates_of(user_id)
+        expected = expected.sort("candidate_rank")
+        assert found.item_ids.tolist() == expected["item_id"].to_list()
+        assert same(found.matrix, expected.select(FEATURE_COLUMNS).to_numpy().astype(np.float32))
 
 
 def test_predictable_pair_features_cost_no_bytes():
@@ -150,7 +223,8 @@ def test_predictable_pair_features_cost_no_bytes():
     with_one = encode_user(table, codes, ranks, rows, np.zeros(0, int), mean_price=2.5)
     assert same(decode_user(with_one, table).matrix, rows)
     # Sizes before compression: one position and two values, and sources changes too.
-    assert len(zlib.decompress(with_one)) == len(zlib.decompress(predictable)) + 1 + 2 * 4 + 1 + 4
+    unpacked = table.codec.decompress
+    assert len(unpacked(with_one)) == len(unpacked(predictable)) + 1 + 2 * 4 + 1 + 4
 
 
 def test_rows_that_are_not_one_users_snapshot_are_refused():
@@ -267,7 +341,7 @@ def test_the_neighbourhood_candidates_cost_no_item_codes():
     assert taken > 20
     # Each candidate taken from the neighbourhood saves its two-byte code; a hole costs a byte,
     # and the value a bit per candidate (sizes before compression).
-    saved = len(zlib.decompress(without)) - len(zlib.decompress(with_hood))
+    saved = len(table.codec.decompress(without)) - len(hooded.codec.decompress(with_hood))
     assert saved == 2 * taken - len(dropped) - (len(codes) + 7) // 8, (saved, taken)
 
 

@@ -9,7 +9,7 @@ keys start with `sw:v<version>:`; one pointer key names the version replicas ser
 - `sw:v<version>:meta` — the version's description (JSON: users, rows, column layout, when).
 - `sw:v<version>:shared:<part>` — a shared, O(items) part of the version (items and their
   features, popular items, the neighbours as arrays by item code, the business rules' item
-  facts).
+  facts, the dictionary the users' values are compressed with).
 - `sw:v<version>:u:{<user_id>}` — one user's candidates and purchases (compact binary). The user
   id is the key's hash tag, so in Redis Cluster every key of a user (of any version) lives on
   one shard.
@@ -30,7 +30,9 @@ SHARED_POPULAR = "popular"
 # Named apart from the Parquet rows older versions held under `neighbours`.
 SHARED_NEIGHBOURS = "neighbour-arrays"
 SHARED_FACTS = "facts"
-SHARED_PARTS = (SHARED_ITEMS, SHARED_POPULAR, SHARED_NEIGHBOURS, SHARED_FACTS)
+# The zstd dictionary the version's user values are compressed with (empty: none).
+SHARED_DICTIONARY = "state-dictionary"
+SHARED_PARTS = (SHARED_ITEMS, SHARED_POPULAR, SHARED_NEIGHBOURS, SHARED_FACTS, SHARED_DICTIONARY)
 
 
 def version_prefix(version: int) -> str:
