@@ -632,9 +632,19 @@ class RecommendationService:
         explain: bool = False,
     ) -> RecommendResponse:
         """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
+        serving = self.serving
+        # With Redis, the user's ranked list is read in the online state's round trip.
+        ranked_key = serving.recommender.ranked_list_key(user_id)
+        ranked_value, ranked_fetched = None, False
         try:
             with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
-                activity, stock = self.state.activity_and_stock(user_id)
+                if ranked_key is None:
+                    activity, stock = self.state.activity_and_stock(user_id)
+                else:
+                    activity, stock, ranked_value = self.state.activity_stock_and_value(
+                        user_id, ranked_key
+                    )
+                    ranked_fetched = True
         except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
             logger.warning("online state unavailable (%r): answering without it", error)
             activity, stock = UserActivity(), {}
@@ -643,7 +653,6 @@ class RecommendationService:
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
         ).with_context(context.item_id, context.session_item_ids)
-        serving = self.serving
         # The item on the page is never recommended on its own page.
         rules = (filters or RecommendFilters()).to_rules(exclude=context.item_id)
         trial, rec_id = None, None
@@ -670,7 +679,15 @@ class RecommendationService:
             answer = trial.recommendation
         else:
             answer = serving.recommender.recommend(
-                user_id, k, rules, session, context.item_id, stock, need_rows
+                user_id,
+                k,
+                rules,
+                session,
+                context.item_id,
+                stock,
+                need_rows,
+                ranked_value,
+                ranked_fetched,
             )
         # Only with `explain`: a request without it does no more than before.
         explanations = self._explain(answer, serving, trial) if explain else None

@@ -284,15 +284,29 @@ class RedisCandidateStore:
             self.client, self.version, self._table, self._known_users, self.snapshot_id, ranked
         )
 
-    def ranked_of(self, user_id: str) -> list[tuple[str, tuple[float, str]]] | None:
+    def ranked_key_of(self, user_id: str) -> str | None:
+        """The key of the user's ranked list in this version's ranking (None: it has none)."""
+        if self._ranked is None:
+            return None
+        return keys.ranked_key(self.version, self._ranked.ranking, user_id)
+
+    def ranked_of(
+        self, user_id: str, value: bytes | None = None, fetched: bool = False
+    ) -> list[tuple[str, tuple[float, str]]] | None:
         """The user's ranked list from this version (one GET), or None.
+
+        Args:
+            user_id: Any user id.
+            value: The list's value, when the caller fetched it (`ranked_key_of`) already.
+            fetched: Whether it did (then `value` None means the user has no list).
 
         Raises:
             redis.RedisError: Redis is unreachable.
         """
-        if self._ranked is None:
+        key = self.ranked_key_of(user_id)
+        if key is None:
             return None
-        raw = self.client.get(keys.ranked_key(self.version, self._ranked.ranking, user_id))
+        raw = value if fetched else self.client.get(key)
         if not raw:
             return None
         return decode_ranked(raw, self._table.ids, self._table.wide_codes)

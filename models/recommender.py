@@ -447,6 +447,16 @@ class Recommender:
         """The candidate store (the snapshot's users)."""
         return self._store
 
+    def ranked_list_key(self, user_id: str) -> str | None:
+        """The Redis key of the user's ranked list, when requests answer from lists in Redis.
+
+        The caller may read it with the online state, in one round trip (None: no such key).
+        """
+        if not self._precomputed:
+            return None
+        key_of = getattr(self._store, "ranked_key_of", None)
+        return None if key_of is None else key_of(user_id)
+
     @property
     def answers_from_ranked_lists(self) -> bool:
         """Whether requests without a session may be answered from the ranked lists."""
@@ -513,6 +523,8 @@ class Recommender:
         context_item_id: str | None = None,
         stock: Mapping[str, StockChange] | None = None,
         need_rows: bool = False,
+        ranked_value: bytes | None = None,
+        ranked_fetched: bool = False,
     ) -> Recommendation:
         """The top-k distinct items for a user that the business rules allow.
 
@@ -525,6 +537,9 @@ class Recommender:
             stock: Stock updates posted to the service (the online state's).
             need_rows: Re-rank even when the ranked list would answer, for the ranked rows
                 (`Recommendation.rows`: explanations, drift samples).
+            ranked_value: The user's ranked list as read by the caller together with the online
+                state (`ranked_list_key`), when `ranked_fetched`; else the store reads it.
+            ranked_fetched: Whether the caller read it (None then: the user has none).
 
         Returns:
             Up to k items, best first, topped up with popular items.
@@ -532,7 +547,9 @@ class Recommender:
         filters = filters or RequestFilters()
         session = session or Session()
         if self._precomputed and not need_rows and _no_activity(session):
-            answer = self._from_ranked_list(user_id, k, filters, stock)
+            answer = self._from_ranked_list(
+                user_id, k, filters, stock, ranked_value, ranked_fetched
+            )
             if answer is not None:
                 return answer
         try:
@@ -576,6 +593,8 @@ class Recommender:
         k: int,
         filters: RequestFilters,
         stock: Mapping[str, StockChange] | None,
+        value: bytes | None = None,
+        fetched: bool = False,
     ) -> Recommendation | None:
         """The answer from the user's ranked list, or None when only re-ranking can give it.
 
@@ -586,7 +605,11 @@ class Recommender:
         """
         try:
             with stage(self._tracer, STAGE_CANDIDATES) as span:
-                ranked = self._store.ranked_of(user_id)
+                ranked = (
+                    self._store.ranked_of(user_id, value, fetched)
+                    if fetched
+                    else self._store.ranked_of(user_id)
+                )
                 if span is not None:
                     span.set_attributes({ATTR_RANKED: ranked is not None})
         except Exception as error:  # the store is unreachable: the full path degrades

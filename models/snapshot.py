@@ -93,7 +93,10 @@ class CandidateStore(Protocol):
         ...
 
     def ranked_of(self, user_id: str) -> list[tuple[str, tuple[float, str]]] | None:
-        """The user's ranked list (`models.ranked_lists.decode_ranked`), or None."""
+        """The user's ranked list (`models.ranked_lists.decode_ranked`), or None.
+
+        A store in Redis also takes the value its caller already read (`ranked_key_of`).
+        """
         ...
 
     def candidates_of(self, user_id: str) -> UserCandidates | None:
@@ -169,7 +172,7 @@ class PackedStates(Mapping[str, bytes]):
     def row_of(self, user_id: str) -> int | None:
         """The user's row (values of other columns aligned with these are at it), or None."""
         key = hash(user_id)
-        at = int(np.searchsorted(self._hashes, key))
+        at = int(self._hashes.searchsorted(key))
         while at < len(self._hashes) and self._hashes[at] == key:
             row = int(self._order[at])
             if self._ids[row].as_py() == user_id:

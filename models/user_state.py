@@ -50,6 +50,7 @@ codes; the tables' int32 keys, then their float32 values; the exceptions' candid
 """
 
 import dataclasses
+import functools
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -286,7 +287,7 @@ class ItemTable:
         """The dtype of item codes in a user's value."""
         return np.uint16 if len(self.ids) <= np.iinfo(np.uint16).max else np.uint32
 
-    @property
+    @functools.cached_property
     def wide_codes(self) -> bool:
         """Whether item codes take 32 bits (more than 65,535 items), not 16."""
         return self.code_dtype is np.uint32

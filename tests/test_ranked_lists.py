@@ -6,6 +6,7 @@ is removed; a real service answers from them and picks new ones up without a res
 
 import random
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,13 @@ import pytest
 import redis
 
 from models.business_rules import RequestFilters
-from models.online_store import load_version, ranked_info, write_from_lake, write_ranked
+from models.online_store import (
+    load_version,
+    ranked_info,
+    write_from_lake,
+    write_ranked,
+    write_ranked_from_lake,
+)
 from models.ranked_lists import RankedListsInfo, decode_ranked, read_ranked_info
 from models.ranker import booster_from_text
 from models.recommender import Recommender
@@ -25,7 +32,7 @@ from shelfwise.lake import SERVING_RANKED_LISTS, Lake
 from shelfwise.runtime import store_keys as keys
 from shelfwise.runtime.online_state import StockChange
 from shelfwise.runtime.registry import production, production_path, read_ranker
-from tests.support import copy_state, served_from_source
+from tests.support import copy_state, redis_server, served_copy, served_from_source
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +219,32 @@ def test_a_service_picks_up_lists_written_after_it_started(pipeline_run, tmp_pat
         reloaded = httpx.post(f"{url}/admin/reload", json={}, timeout=30)
         assert reloaded.status_code == 200, reloaded.text
         assert "switched in (answering from them: True)" in log.read_text()
+
+
+def test_a_replica_on_redis_switches_to_lists_written_into_its_version(pipeline_run, tmp_path):
+    with redis_server(tmp_path / "redis") as redis_url:
+        client = redis.Redis.from_url(redis_url)
+        version = write_from_lake(client, pipeline_run.lake).version
+        env = {"SHELFWISE_REDIS_URL": redis_url}
+        with served_copy(pipeline_run.settings, tmp_path / "serve", env) as (url, _):
+            log = tmp_path / "serve" / "bentoml.log"
+            assert "switched in" not in log.read_text()
+            written, ranking = write_ranked_from_lake(client, pipeline_run.lake)
+            assert written == version and ranking is not None
+            deadline = time.monotonic() + 10
+            while "switched in (answering from them: True)" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            users = sorted(Recommender.from_lake(pipeline_run.lake, None).store.states)[:30]
+            for user_id in users:
+                bodies = [
+                    httpx.post(
+                        f"{url}/recommend",
+                        json={"user_id": user_id, "k": 6, "explain": explain},
+                        timeout=10,
+                    ).json()
+                    for explain in (False, True)
+                ]
+                assert [i["item_id"] for i in bodies[0]["items"]] == [
+                    i["item_id"] for i in bodies[1]["items"]
+                ]
