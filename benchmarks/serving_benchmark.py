@@ -442,10 +442,29 @@ def write_serving_features(home: Path) -> None:
 # --- serving and measuring --------------------------------------------------------------------
 
 
-def wrk_script(user_ids: list[str], explain: bool = False) -> str:
+def wrk_script(
+    user_ids: list[str], explain: bool = False, session_items: list[str | None] | None = None
+) -> str:
     """wrk's Lua: `{"user_id": …, "k": 10}` bodies posted in turn, JSON reported at the end;
-    with `explain`, the bodies ask for explanations (`"explain": true`)."""
-    return recommend_lua(user_ids, explain=explain) + report_lua()
+    with `explain`, the bodies ask for explanations (`"explain": true`); with `session_items`,
+    those users' bodies carry a session item (`recommend_lua`)."""
+    return recommend_lua(user_ids, explain=explain, session_items=session_items) + report_lua()
+
+
+def session_items_for(
+    lake: Path, user_ids: list[str], share: float, seed: int
+) -> list[str | None] | None:
+    """For a seeded `share` of the users, one popular item as their session (else None): those
+    requests are re-ranked with the session, never answered from a ranked list."""
+    if share <= 0:
+        return None
+    import polars as pl
+
+    from shelfwise.lake import SERVING_POPULAR
+
+    popular = pl.read_parquet(lake / SERVING_POPULAR)["item_id"].head(50).to_list()
+    rng = random.Random(seed + 1)
+    return [rng.choice(popular) if rng.random() < share else None for _ in user_ids]
 
 
 def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
@@ -463,6 +482,7 @@ def load_config(args: argparse.Namespace, user_ids: int, load_before: float) -> 
         "body": '{"user_id": <cycled>, "k": 10' + (', "explain": true}' if args.explain else "}"),
         "user_ids": user_ids,
         "unknown_share": args.unknown_share,
+        "session_share": args.session_share,
         "duration_seconds": args.duration,
         "repeats": args.repeats,
         "concurrency": args.concurrency,
@@ -1018,13 +1038,15 @@ def redis_memory(url: str, lake: Path, sample_keys: int, seed: int) -> dict[str,
     import polars as pl
     import redis
 
-    from models.online_store import write_from_lake
+    from models.online_store import write_from_lake, write_ranked_from_lake
     from shelfwise.lake import SERVING_CANDIDATES, Lake
     from shelfwise.runtime import store_keys as keys
 
     client = redis.Redis.from_url(url)
     before = client.info("memory")["used_memory"]
     written = write_from_lake(client, Lake(str(lake)))
+    # The users' ranked lists too, as the pipeline's `ranked_lists` asset writes them.
+    _, ranking = write_ranked_from_lake(client, Lake(str(lake)))
     used = client.info("memory")["used_memory"] - before
     users = written.known_users
     if not users:
@@ -1041,8 +1063,8 @@ def redis_memory(url: str, lake: Path, sample_keys: int, seed: int) -> dict[str,
     per_user = (used - shared) / users
     return {
         "how": (
-            "Redis used_memory after write_from_lake minus before, less the shared parts' "
-            "MEMORY USAGE (O(items)), over known_users"
+            "Redis used_memory after write_from_lake and write_ranked_from_lake minus before, "
+            "less the shared parts' MEMORY USAGE (O(items)), over known_users"
         ),
         "version": written.version,
         "users_written": written.users,
@@ -1051,6 +1073,11 @@ def redis_memory(url: str, lake: Path, sample_keys: int, seed: int) -> dict[str,
         "write_seconds": written.seconds,
         "value_bytes_written": written.bytes,
         "used_memory_delta_bytes": used,
+        "ranked_lists": (
+            {"users": ranking.users, "depth": ranking.depth, "model_version": ranking.model_version}
+            if ranking is not None
+            else "none in the lake for this snapshot: requests re-rank"
+        ),
         "shared_parts_bytes": shared,
         "bytes_per_user": per_user,
         "gib_per_million_users": per_user * 1e6 / GIB,
@@ -1343,7 +1370,8 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
     user_ids = benchmark_user_ids(lake, args.user_ids, args.unknown_share, args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="serving-stores-"))
     script = scratch / "bodies.lua"
-    script.write_text(wrk_script(user_ids, args.explain))
+    sessions = session_items_for(lake, user_ids, args.session_share, args.seed)
+    script.write_text(wrk_script(user_ids, args.explain, sessions))
     print(f"state: {home}; logs in {scratch}", flush=True)
     load_before = load_average()
     modes: dict[str, dict[str, Any]] = {}
@@ -1420,6 +1448,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--user-ids", type=int, default=2_000)
     parser.add_argument("--unknown-share", type=float, default=0.1)
+    parser.add_argument(
+        "--session-share",
+        type=float,
+        default=0.0,
+        help="share of requests carrying a session item (re-ranked, never from a ranked list)",
+    )
     parser.add_argument("--port", type=int, default=3710)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--noop-variants", action="store_true", help="compare no-op set-ups")

@@ -122,6 +122,11 @@ class FeatureSampler:
         """Rows dropped by the writer (also in the Prometheus counter)."""
         return self._writer.dropped
 
+    def draw(self) -> bool:
+        """Whether the next request is sampled (decided before it is answered: a sampled
+        request is re-ranked, not answered from its ranked list, so that it has rows)."""
+        return self.rate > 0.0 and self._random.random() < self.rate
+
     def maybe_add(
         self,
         rows: ScoredRows | None,
@@ -131,6 +136,7 @@ class FeatureSampler:
         user_id: str,
         model_version: str | None,
         fallback_level: int,
+        drawn: bool | None = None,
     ) -> bool:
         """Logs a request's ranked rows if the draw picks it; never blocks, never raises.
 
@@ -141,11 +147,15 @@ class FeatureSampler:
             user_id: The user.
             model_version: The ranker that scored them.
             fallback_level: The answer's fallback level (1: the candidate order, no ranker).
+            drawn: The request's draw (`draw`), when made before it was answered; None draws
+                now.
 
         Returns:
             Whether the request was sampled and its rows queued.
         """
-        if rows is None or self.rate <= 0.0 or self._random.random() >= self.rate:
+        if drawn is None:
+            drawn = self.draw()
+        if rows is None or not drawn:
             return False
         try:
             count = len(rows.item_ids)

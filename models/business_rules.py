@@ -77,6 +77,11 @@ NO_ONLINE_FACTS = OnlineFacts()
 
 # A rule sees what the user bought, the item, its facts (None when unknown) and the request.
 Rule = Callable[[Collection[str], str, ItemFacts | None, RequestFilters], bool]
+# The rules whose verdict on an item for a user no request and no online fact changes
+# (`BusinessRules.rejects_always`); ranked lists (`models.ranked_lists`) leave out what they
+# reject. The others read the request's filters or the stock.
+STATIC_RULES = frozenset({"not_recommendable", "already_bought"})
+_ANY_REQUEST = RequestFilters()
 
 
 @dataclass
@@ -223,6 +228,23 @@ class BusinessRules:
         before = self.purchased.get(user_id, frozenset())
         return before | set(online.purchased) if online.purchased else before
 
+    def rejects_always(self, bought: Collection[str], item_id: str) -> bool:
+        """Whether the rules reject an item for a user whatever the request and the online facts.
+
+        Only `STATIC_RULES` decide it: the catalog's flag and purchases before the snapshot
+        (later purchases only add to those, and a stock update changes no other fact).
+
+        Args:
+            bought: What the user bought before the snapshot.
+            item_id: The item.
+        """
+        facts = self.items.get(item_id)
+        return any(
+            not rule(bought, item_id, facts, _ANY_REQUEST)
+            for name, rule in self.rules
+            if name in STATIC_RULES
+        )
+
     def violated(
         self,
         user_id: str,
@@ -232,6 +254,13 @@ class BusinessRules:
     ) -> list[str]:
         """The names of the rules that forbid showing this item to this user."""
         return self._violated(self.bought(user_id, online), item_id, filters, online)
+
+    def _allows(
+        self, bought: Collection[str], item_id: str, filters: RequestFilters, online: OnlineFacts
+    ) -> bool:
+        """Whether every rule allows the item (`_violated` is empty), stopping at the first no."""
+        facts = self.facts(item_id, online)
+        return all(rule(bought, item_id, facts, filters) for _, rule in self.rules)
 
     def _violated(
         self, bought: Collection[str], item_id: str, filters: RequestFilters, online: OnlineFacts
@@ -268,7 +297,7 @@ class BusinessRules:
         for item_id, payload in ranked:
             if len(chosen) == k:
                 break
-            if item_id in seen or self._violated(bought, item_id, filters, online):
+            if item_id in seen or not self._allows(bought, item_id, filters, online):
                 continue
             category = self.items[item_id].category_id if item_id in self.items else None
             if self.max_per_category and category is not None:

@@ -161,11 +161,14 @@ class ServedArm:
         session: Session,
         context_item_id: str | None,
         stock: Mapping[str, StockChange],
+        need_rows: bool = False,
     ) -> Recommendation:
         """The arm's answer to a request (arguments as for `Recommender.recommend`)."""
         if self.arm.kind == "popular":
             return self.recommender.popular(user_id, k, filters, session, stock)
-        return self.recommender.recommend(user_id, k, filters, session, context_item_id, stock)
+        return self.recommender.recommend(
+            user_id, k, filters, session, context_item_id, stock, need_rows
+        )
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ class LiveExperiment:
         context_item_id: str | None,
         stock: Mapping[str, StockChange],
         rec_id: str,
+        need_rows: bool = False,
     ) -> ExperimentAnswer:
         """Answers a request under the experiment.
 
@@ -280,12 +284,13 @@ class LiveExperiment:
             context_item_id: The item on the page, if any.
             stock: Stock updates.
             rec_id: The response's id: seeds the interleaving's coins.
+            need_rows: Re-rank for the ranked rows (see `Recommender.recommend`).
 
         Raises:
             ExperimentRefused: The arms cannot be bound to `production` (see `bind`).
         """
         arms = self.bind(production, production_version)
-        request = (user_id, k, filters, session, context_item_id, stock)
+        request = (user_id, k, filters, session, context_item_id, stock, need_rows)
         if self.experiment.mode == "split":
             served = arms[self.experiment.arm_of(user_id).name]
             answer = served.answer(*request)

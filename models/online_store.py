@@ -22,6 +22,7 @@ A worker reads the pointer (`current_version`), loads the shared parts of that v
 the recommender of a version never mixes in another's.
 """
 
+import dataclasses
 import io
 import json
 import logging
@@ -33,8 +34,14 @@ from typing import Any
 import polars as pl
 
 from models.neighbour_arrays import read_neighbour_arrays
+from models.ranked_lists import (
+    RankedListsInfo,
+    decode_ranked,
+    read_ranked_info,
+    read_ranked_lists,
+)
 from models.session import NeighbourIndex
-from models.snapshot import CandidateSnapshot, lake_states, snapshot_columns
+from models.snapshot import CandidateSnapshot, lake_states, snapshot_columns, snapshot_id
 from models.user_state import (
     LAYOUT,
     ItemTable,
@@ -46,6 +53,7 @@ from models.user_state import (
 from shelfwise.lake import (
     SERVING_ITEMS,
     SERVING_POPULAR,
+    SERVING_USER_STATES,
     Lake,
 )
 from shelfwise.runtime import store_keys as keys
@@ -95,6 +103,7 @@ def write_version(
     facts: pl.DataFrame,
     columns: Iterable[str],
     batch_users: int = WRITE_BATCH_USERS,
+    snapshot: str | None = None,
 ) -> WrittenVersion:
     """Writes a new version of the serving state, switches the pointer to it, removes old ones.
 
@@ -108,6 +117,8 @@ def write_version(
         facts: The business rules' item facts (`serving_facts`' items).
         columns: The features the snapshot holds (the others are unknown, NaN).
         batch_users: Users written per round trip.
+        snapshot: The id of the lake's states written (`models.snapshot.snapshot_id`), which
+            ranked lists name; None when they were encoded afresh.
 
     Returns:
         The new version and what writing it took.
@@ -149,6 +160,7 @@ def write_version(
         "known_users": known,
         "items": len(table),
         "columns": list(columns),
+        "snapshot_id": snapshot,
     }
     client.set(keys.meta_key(version), json.dumps(meta))
     # The switch: one SET; a replica sees the old version or the new one, whole.
@@ -181,17 +193,22 @@ def remove_versions(client: Any, keep: set[int | None]) -> list[int]:  # noqa: A
         version = int(raw)
         if version in keep:
             continue
-        batch = []
-        for key in client.scan_iter(match=keys.version_prefix(version) + "*", count=10_000):
-            batch.append(key)
-            if len(batch) == DELETE_BATCH_KEYS:
-                client.unlink(*batch)
-                batch = []
-        if batch:
-            client.unlink(*batch)
+        _unlink_matching(client, keys.version_prefix(version) + "*")
         client.srem(keys.VERSIONS, version)
         removed.append(version)
     return sorted(removed)
+
+
+def _unlink_matching(client: Any, pattern: str) -> None:  # noqa: ANN401
+    """Removes every key matching a pattern, in batches."""
+    batch = []
+    for key in client.scan_iter(match=pattern, count=10_000):
+        batch.append(key)
+        if len(batch) == DELETE_BATCH_KEYS:
+            client.unlink(*batch)
+            batch = []
+    if batch:
+        client.unlink(*batch)
 
 
 def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
@@ -216,6 +233,7 @@ def write_from_lake(client: Any, lake: Lake) -> WrittenVersion:  # noqa: ANN401
         neighbours=neighbours,
         facts=lake.read_frame(SERVING_ITEMS),
         columns=snapshot_columns(lake),
+        snapshot=snapshot_id(lake),
     )
 
 
@@ -233,6 +251,8 @@ class RedisCandidateStore:
         version: The version read; never another.
         table: The version's item table.
         known_users: How many users of the version have candidates.
+        snapshot_id: The id of the lake states the version was written from, if known.
+        ranked: What the version's ranked lists were ranked for; None: the version has none.
     """
 
     def __init__(
@@ -241,11 +261,58 @@ class RedisCandidateStore:
         version: int,
         table: ItemTable,
         known_users: int,
+        snapshot_id: str | None = None,
+        ranked: RankedListsInfo | None = None,
     ) -> None:
         self.client = client
         self.version = version
+        self.snapshot_id = snapshot_id
         self._table = table
         self._known_users = known_users
+        self._ranked = ranked
+
+    @property
+    def ranked_lists(self) -> RankedListsInfo | None:
+        """What the version's ranked lists were ranked for; None when it has none."""
+        return self._ranked
+
+    @property
+    def table(self) -> ItemTable:
+        """The item table the version's values refer to."""
+        return self._table
+
+    def with_ranked(self, ranked: RankedListsInfo | None) -> "RedisCandidateStore":
+        """This version's store reading its ranked lists as `ranked` describes them."""
+        return RedisCandidateStore(
+            self.client, self.version, self._table, self._known_users, self.snapshot_id, ranked
+        )
+
+    def ranked_key_of(self, user_id: str) -> str | None:
+        """The key of the user's ranked list in this version's ranking (None: it has none)."""
+        if self._ranked is None:
+            return None
+        return keys.ranked_key(self.version, self._ranked.ranking, user_id)
+
+    def ranked_of(
+        self, user_id: str, value: bytes | None = None, fetched: bool = False
+    ) -> list[tuple[str, tuple[float, str]]] | None:
+        """The user's ranked list from this version (one GET), or None.
+
+        Args:
+            user_id: Any user id.
+            value: The list's value, when the caller fetched it (`ranked_key_of`) already.
+            fetched: Whether it did (then `value` None means the user has no list).
+
+        Raises:
+            redis.RedisError: Redis is unreachable.
+        """
+        key = self.ranked_key_of(user_id)
+        if key is None:
+            return None
+        raw = value if fetched else self.client.get(key)
+        if not raw:
+            return None
+        return decode_ranked(raw, self._table.ids, self._table.wide_codes)
 
     @property
     def known_users(self) -> int:
@@ -335,7 +402,10 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
     items = ItemTable.from_frame(frames[keys.SHARED_ITEMS])
     items = items.with_codec(StateCodec(raw[keys.SHARED_DICTIONARY]))
     table, neighbours = read_neighbour_arrays(items, raw[keys.SHARED_NEIGHBOURS])
-    store = RedisCandidateStore(client, version, table, int(meta["known_users"]))
+    snapshot = meta.get("snapshot_id")
+    store = RedisCandidateStore(
+        client, version, table, int(meta["known_users"]), snapshot, ranked_info(client, version)
+    )
     return OnlineVersion(
         version,
         store,
@@ -344,6 +414,82 @@ def load_version(client: Any, version: int) -> OnlineVersion:  # noqa: ANN401
         frames[keys.SHARED_FACTS],
         list(meta["columns"]),
     )
+
+
+def version_snapshot_id(client: Any, version: int) -> str | None:  # noqa: ANN401
+    """The id of the lake states a version was written from (None: unknown or no version)."""
+    raw = client.get(keys.meta_key(version))
+    return None if raw is None else json.loads(raw).get("snapshot_id")
+
+
+def ranked_info(client: Any, version: int) -> RankedListsInfo | None:  # noqa: ANN401
+    """What a version's ranked lists were ranked for; None when it has none (yet)."""
+    raw = client.get(keys.ranked_meta_key(version))
+    return None if raw is None else RankedListsInfo.from_json(raw)
+
+
+def write_ranked(
+    client: Any,  # noqa: ANN401
+    version: int,
+    lists: Iterable[tuple[str, bytes]],
+    info: RankedListsInfo,
+    batch_users: int = WRITE_BATCH_USERS,
+) -> RankedListsInfo:
+    """Writes ranked lists into a version as a new ranking, switches to it, removes the old one.
+
+    Each ranking has keys of its own, so a replica never reads one model's list under another's
+    description; one still reading the ranking replaced finds its keys gone and re-ranks.
+
+    Args:
+        client: A Redis client.
+        version: The version the lists were ranked for (its snapshot).
+        lists: (user_id, value) per user; b"" for a user without a list.
+        info: What they were ranked for.
+        batch_users: Users written per round trip.
+
+    Returns:
+        The description switched in (with its ranking's number).
+    """
+    ranking = int(client.incr(keys.next_ranking_key(version)))
+    pipe = client.pipeline(transaction=False)
+    count = 0
+    for user_id, value in lists:
+        if value:
+            pipe.set(keys.ranked_key(version, ranking, user_id), value)
+            count += 1
+            if count % batch_users == 0:
+                pipe.execute()
+                pipe = client.pipeline(transaction=False)
+    pipe.execute()
+    switched = dataclasses.replace(info, ranking=ranking)
+    before = ranked_info(client, version)
+    client.set(keys.ranked_meta_key(version), switched.to_json())
+    if before is not None and before.ranking != ranking:
+        _unlink_matching(client, keys.ranking_prefix(version, before.ranking) + "*")
+    return switched
+
+
+def write_ranked_from_lake(client: Any, lake: Lake) -> tuple[int | None, RankedListsInfo | None]:  # noqa: ANN401
+    """Writes the lake's ranked lists into the current version, when it holds their snapshot.
+
+    Args:
+        client: A Redis client.
+        lake: The lake holding the user states and their ranked lists.
+
+    Returns:
+        The current version (None: none written yet) and the ranking switched in (None when the
+        version holds another snapshot or the lake no lists of its states).
+    """
+    version = current_version(client)
+    info = read_ranked_info(lake)
+    if version is None or info is None or version_snapshot_id(client, version) != info.snapshot_id:
+        return version, None
+    users = lake.read_table(SERVING_USER_STATES, columns=["user_id"]).column("user_id")
+    lists = read_ranked_lists(lake, info.snapshot_id, len(users))
+    if lists is None:
+        return version, None
+    pairs = ((user_id, lists.at(row) or b"") for row, user_id in enumerate(users.to_pylist()))
+    return version, write_ranked(client, version, pairs, info)
 
 
 def open_client(url: str, timeout_s: float = 2.0) -> Any:  # noqa: ANN401

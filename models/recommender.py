@@ -46,6 +46,7 @@ from models.features import (
 from models.history import UserHistory, user_history
 from models.marts import Marts
 from models.online_store import OnlineVersion
+from models.ranked_lists import encode_ranked
 from models.segments import SegmentPolicy
 from models.session import (
     BOUGHT_TOGETHER,
@@ -72,6 +73,7 @@ from models.snapshot import (
 from models.tracing import (
     ATTR_CANDIDATES,
     ATTR_PICKED,
+    ATTR_RANKED,
     ATTR_ROWS,
     ATTR_SESSION_ITEMS,
     ATTR_SOURCE,
@@ -227,6 +229,8 @@ class Recommender:
     _unranked_level = FALLBACK_CANDIDATE_ORDER
     # The tracer of the request's stages (`models.tracing`); None, tracing off: no spans at all.
     _tracer: "Tracer | None" = None
+    # Whether the store's ranked lists are this recommender's ranking (`with_ranked_lists`).
+    _precomputed = False
 
     def __init__(
         self,
@@ -404,7 +408,59 @@ class Recommender:
         other._booster = booster
         other._segment_policy = segment_policy
         other._unranked_level = FALLBACK_CANDIDATE_ORDER
+        other._precomputed = False  # the lists are production's ranking, not this model's
         return other
+
+    def with_ranked_lists(self, model_version: str | None) -> "Recommender":
+        """This recommender answering from the store's ranked lists where they are exact.
+
+        Only when the lists were ranked for the store's snapshot by `model_version`, the model
+        this recommender's ranker is (`models.ranked_lists`); otherwise every request re-ranks.
+
+        Args:
+            model_version: The ranker's model version (the production model's source tag).
+
+        Returns:
+            A copy sharing everything else.
+        """
+        info = getattr(self._store, "ranked_lists", None)
+        other = copy.copy(self)
+        other._precomputed = (
+            self._booster is not None
+            and info is not None
+            and info.serves(getattr(self._store, "snapshot_id", None), model_version)
+        )
+        return other
+
+    def with_store(self, store: CandidateStore) -> "Recommender":
+        """This recommender on another store of the same snapshot (e.g. with new ranked lists).
+
+        Whether it answers from ranked lists is decided again (`with_ranked_lists`).
+        """
+        other = copy.copy(self)
+        other._store = store
+        other._precomputed = False
+        return other
+
+    @property
+    def store(self) -> CandidateStore:
+        """The candidate store (the snapshot's users)."""
+        return self._store
+
+    def ranked_list_key(self, user_id: str) -> str | None:
+        """The Redis key of the user's ranked list, when requests answer from lists in Redis.
+
+        The caller may read it with the online state, in one round trip (None: no such key).
+        """
+        if not self._precomputed:
+            return None
+        key_of = getattr(self._store, "ranked_key_of", None)
+        return None if key_of is None else key_of(user_id)
+
+    @property
+    def answers_from_ranked_lists(self) -> bool:
+        """Whether requests without a session may be answered from the ranked lists."""
+        return self._precomputed
 
     def without_ranker(self) -> "Recommender":
         """This recommender serving the candidate order on purpose (fallback level 0).
@@ -466,6 +522,9 @@ class Recommender:
         session: Session | None = None,
         context_item_id: str | None = None,
         stock: Mapping[str, StockChange] | None = None,
+        need_rows: bool = False,
+        ranked_value: bytes | None = None,
+        ranked_fetched: bool = False,
     ) -> Recommendation:
         """The top-k distinct items for a user that the business rules allow.
 
@@ -476,12 +535,23 @@ class Recommender:
             session: What the user did since the snapshot (and the request's context items).
             context_item_id: The item on the page, if any (its category guides cold start).
             stock: Stock updates posted to the service (the online state's).
+            need_rows: Re-rank even when the ranked list would answer, for the ranked rows
+                (`Recommendation.rows`: explanations, drift samples).
+            ranked_value: The user's ranked list as read by the caller together with the online
+                state (`ranked_list_key`), when `ranked_fetched`; else the store reads it.
+            ranked_fetched: Whether the caller read it (None then: the user has none).
 
         Returns:
             Up to k items, best first, topped up with popular items.
         """
         filters = filters or RequestFilters()
         session = session or Session()
+        if self._precomputed and not need_rows and _no_activity(session):
+            answer = self._from_ranked_list(
+                user_id, k, filters, stock, ranked_value, ranked_fetched
+            )
+            if answer is not None:
+                return answer
         try:
             with stage(self._tracer, STAGE_CANDIDATES) as span:
                 found = self._store.candidates_of(user_id)
@@ -516,6 +586,83 @@ class Recommender:
         if len(items) < k:
             items += self._popular_for(user_id, filters, online, k, items)
         return Recommendation(items, strategy, level, rows)
+
+    def _from_ranked_list(
+        self,
+        user_id: str,
+        k: int,
+        filters: RequestFilters,
+        stock: Mapping[str, StockChange] | None,
+        value: bytes | None = None,
+        fetched: bool = False,
+    ) -> Recommendation | None:
+        """The answer from the user's ranked list, or None when only re-ranking can give it.
+
+        The rules walk the list as `_personalized` walks the full ranking; only if k items pass
+        before it ends is the answer certainly the same (`models.ranked_lists`). The user's own
+        purchases are left out of the rules' facts: those the rules reject are not in the list,
+        those in repeatable categories the rules allow.
+        """
+        try:
+            with stage(self._tracer, STAGE_CANDIDATES) as span:
+                ranked = (
+                    self._store.ranked_of(user_id, value, fetched)
+                    if fetched
+                    else self._store.ranked_of(user_id)
+                )
+                if span is not None:
+                    span.set_attributes({ATTR_RANKED: ranked is not None})
+        except Exception as error:  # the store is unreachable: the full path degrades
+            logger.warning("ranked list of user %s unavailable (%r)", user_id, error)
+            return None
+        if ranked is None or len(ranked) < k:
+            return None
+        with stage(self._tracer, STAGE_RULES) as span:
+            online = OnlineFacts(frozenset(), stock or {})
+            chosen = self.rules.select(user_id, ranked, filters, k, online=online)
+            if span is not None:
+                span.set_attributes({ATTR_SOURCE: STRATEGY_PERSONALIZED, ATTR_PICKED: len(chosen)})
+        if len(chosen) < k:
+            return None
+        items = [RankedItem(item, score, source) for item, (score, source) in chosen]
+        return Recommendation(items, STRATEGY_PERSONALIZED, FALLBACK_NONE)
+
+    def ranked_list(self, user_id: str, depth: int) -> bytes:
+        """The user's ranked list (`models.ranked_lists`): what `recommend` would rank.
+
+        The best `depth` items of the ranker's order that the rules may ever show this user
+        (not those never to recommend, nor those bought before the snapshot in a category not
+        bought again), with their scores and proposing generators.
+
+        Args:
+            user_id: A user of the store.
+            depth: Items kept at most.
+
+        Returns:
+            The value; b"" when a request of the user is not answered by the ranker from
+            the snapshot's candidates (unknown, no candidates, the segment's fallback, no
+            ranker), so re-ranking answers it.
+        """
+        found = self._store.candidates_of(user_id)
+        if found is None or not len(found.item_ids) or self._segment_fallback(found):
+            return b""
+        scores = self._rank(user_id, found.matrix)
+        if scores is None:
+            return b""
+        sources = self._proposing_generators(found.matrix)
+        kept = []
+        for row in np.argsort(-scores, kind="stable").tolist():
+            if not self.rules.rejects_always(found.bought, str(found.item_ids[row])):
+                kept.append(row)
+                if len(kept) == depth:
+                    break
+        table = self._store.table
+        return encode_ranked(
+            table.codes_of(found.item_ids[kept].tolist()).tolist(),
+            scores[kept].tolist(),
+            sources[kept].tolist(),
+            table.wide_codes,
+        )
 
     def popular(
         self,
@@ -910,6 +1057,11 @@ def _apply_session_purchases(
     rows[bought, col["user_item_repurchase_due_ratio"]] = np.where(known, 0.0, np.nan)
     rows[bought, col["user_item_days_since_last_purchase"]] = 0.0
     rows[bought, col["user_item_days_since_last"]] = 0.0
+
+
+def _no_activity(session: Session) -> bool:
+    """Whether a request brings nothing beyond the snapshot (no session, no page item)."""
+    return not (session.item_ids or session.carted_ids or session.purchased_ids)
 
 
 def _online_facts(

@@ -13,8 +13,10 @@ Encoding reads the snapshot file batch by batch (each user's rows contiguous, as
 `serving_features` writes them), so memory holds one batch and the values, never the rows.
 """
 
+import dataclasses
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 from models.features import FEATURE_COLUMNS
 from models.neighbour_arrays import neighbour_arrays, read_neighbour_arrays
 from models.queries import whole_queries
+from models.ranked_lists import RankedLists, RankedListsInfo, decode_ranked, read_ranked_lists
 from models.session import NeighbourIndex
 from models.user_state import (
     ITEM_COLUMNS,
@@ -64,6 +67,9 @@ SNAPSHOT_ORDER = [USER_KEY, RANK]
 LOAD_BATCH_ROWS = 500_000
 # The key of the value layout in the item table's Parquet metadata.
 LAYOUT_KEY = b"shelfwise.user_state.layout"
+# A new id per snapshot written: what ranked lists (`models.ranked_lists`) and online store
+# versions say they belong to.
+SNAPSHOT_ID_KEY = b"shelfwise.snapshot_id"
 # Values per Parquet row group of the user states.
 STATES_BATCH_USERS = 50_000
 # The serving snapshot's neighbour rows (`SERVING_NEIGHBOURS`).
@@ -83,6 +89,18 @@ class CandidateStore(Protocol):
     @property
     def known_users(self) -> int:
         """How many users have candidates."""
+        ...
+
+    @property
+    def ranked_lists(self) -> "RankedListsInfo | None":
+        """What the store's ranked lists were ranked for; None when it holds none."""
+        ...
+
+    def ranked_of(self, user_id: str) -> list[tuple[str, tuple[float, str]]] | None:
+        """The user's ranked list (`models.ranked_lists.decode_ranked`), or None.
+
+        A store in Redis also takes the value its caller already read (`ranked_key_of`).
+        """
         ...
 
     def candidates_of(self, user_id: str) -> UserCandidates | None:
@@ -155,14 +173,22 @@ class PackedStates(Mapping[str, bytes]):
             values.append(value)
         return cls(pa.array(users, pa.large_string()), pa.array(values, pa.large_binary()))
 
-    def __getitem__(self, user_id: str) -> bytes:
-        at = int(np.searchsorted(self._hashes, hash(user_id)))
-        while at < len(self._hashes) and self._hashes[at] == hash(user_id):
+    def row_of(self, user_id: str) -> int | None:
+        """The user's row (values of other columns aligned with these are at it), or None."""
+        key = hash(user_id)
+        at = int(self._hashes.searchsorted(key))
+        while at < len(self._hashes) and self._hashes[at] == key:
             row = int(self._order[at])
             if self._ids[row].as_py() == user_id:
-                return self._values[row].as_py()
+                return row
             at += 1
-        raise KeyError(user_id)
+        return None
+
+    def __getitem__(self, user_id: str) -> bytes:
+        row = self.row_of(user_id)
+        if row is None:
+            raise KeyError(user_id)
+        return self._values[row].as_py()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -196,12 +222,17 @@ class CandidateSnapshot:
         known: How many of them have candidates (the others only purchases).
         neighbours: The session's neighbour index, when read with the states from the same
             arrays (`read_user_states`); None when the caller builds its own.
+        snapshot_id: The id the states were written with (`snapshot_id`); None when encoded
+            here.
+        ranked: The users' ranked lists for this snapshot, row-aligned with `states`.
     """
 
     table: ItemTable
     states: PackedStates
     known: int
     neighbours: NeighbourIndex | None = None
+    snapshot_id: str | None = None
+    ranked: RankedLists | None = None
 
     @classmethod
     def from_frame(
@@ -238,6 +269,23 @@ class CandidateSnapshot:
         """The user's candidates and purchases (see `CandidateStore`), or None when unknown."""
         raw = self.states.get(user_id)
         return None if raw is None else decode_user(raw, self.table)
+
+    @property
+    def ranked_lists(self) -> RankedListsInfo | None:
+        """What the held ranked lists were ranked for; None when none are held."""
+        return None if self.ranked is None else self.ranked.info
+
+    def ranked_of(self, user_id: str) -> list[tuple[str, tuple[float, str]]] | None:
+        """The user's ranked list (see `CandidateStore`), or None."""
+        if self.ranked is None:
+            return None
+        row = self.states.row_of(user_id)
+        raw = None if row is None else self.ranked.at(row)
+        return None if raw is None else decode_ranked(raw, self.table.ids, self.table.wide_codes)
+
+    def with_ranked(self, ranked: RankedLists | None) -> "CandidateSnapshot":
+        """These states with other ranked lists (ranked for this snapshot, row-aligned)."""
+        return dataclasses.replace(self, ranked=ranked)
 
 
 @dataclass(frozen=True)
@@ -347,7 +395,7 @@ def write_user_states(lake: Lake, mean_prices: pl.DataFrame | None = None) -> Wr
     lake.write_bytes(neighbour_arrays(table, _neighbour_rows(lake)), SERVING_NEIGHBOUR_ARRAYS)
     lake.write_bytes(table.codec.dictionary, SERVING_STATE_DICTIONARY)
     items = table.to_frame().to_arrow()
-    layout = {LAYOUT_KEY: json.dumps(LAYOUT).encode()}
+    layout = {LAYOUT_KEY: json.dumps(LAYOUT).encode(), SNAPSHOT_ID_KEY: uuid.uuid4().hex.encode()}
     lake.write_parquet(items.replace_schema_metadata(layout), SERVING_STATE_ITEMS)
     return WrittenStates(**counts)
 
@@ -403,7 +451,9 @@ def read_user_states(lake: Lake) -> CandidateSnapshot:
 
     states = PackedStates.from_tables(tables())
     table, neighbours = _stored_table(lake)
-    snapshot = CandidateSnapshot(table, states, known, neighbours)
+    stored_id = snapshot_id(lake)
+    ranked = read_ranked_lists(lake, stored_id, len(states))
+    snapshot = CandidateSnapshot(table, states, known, neighbours, stored_id, ranked)
     # The reads' buffers went back to Arrow's allocator, which keeps them (about 200 MB on the
     # 10M-event shop) unless asked to return them to the system.
     pa.default_memory_pool().release_unused()
@@ -456,6 +506,18 @@ def _stored_items(lake: Lake) -> ItemTable:
     """The item table `write_user_states` wrote, with the codec of its values."""
     table = ItemTable.from_frame(lake.read_frame(SERVING_STATE_ITEMS))
     return table.with_codec(StateCodec(lake.read_bytes(SERVING_STATE_DICTIONARY)))
+
+
+def snapshot_id(lake: Lake) -> str | None:
+    """The id of the lake's user states (new with every `write_user_states`).
+
+    None when the lake holds none in this code's layout.
+    """
+    if not states_fit(lake):
+        return None
+    metadata = lake.parquet_schema(SERVING_STATE_ITEMS).metadata or {}
+    found = metadata.get(SNAPSHOT_ID_KEY)
+    return found.decode() if found else None
 
 
 def states_fit(lake: Lake) -> bool:

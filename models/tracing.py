@@ -37,6 +37,8 @@ ATTR_SESSION_ITEMS = "shelfwise.session.items"
 ATTR_ROWS = "shelfwise.rows"
 ATTR_SOURCE = "shelfwise.source"
 ATTR_PICKED = "shelfwise.picked"
+# The request was answered from the user's precomputed ranked list (`models.ranked_lists`).
+ATTR_RANKED = "shelfwise.ranked_list"
 
 # What `stage` returns without a tracer: shared (a nullcontext holds no state), so tracing off
 # allocates nothing per request.

@@ -56,6 +56,7 @@ codes; the tables' int32 keys, then their float32 values; the exceptions' candid
 """
 
 import dataclasses
+import functools
 import itertools
 import struct
 import threading
@@ -397,6 +398,11 @@ class ItemTable:
     def code_dtype(self) -> type:
         """The dtype of item codes in a user's value."""
         return np.uint16 if len(self.ids) <= np.iinfo(np.uint16).max else np.uint32
+
+    @functools.cached_property
+    def wide_codes(self) -> bool:
+        """Whether item codes take 32 bits (more than 65,535 items), not 16."""
+        return self.code_dtype is np.uint32
 
     def codes_of(self, item_ids: Iterable[str]) -> np.ndarray:
         """The codes of items in the table.

@@ -15,6 +15,7 @@ from orchestration.assets.features import dbt_feature_tables
 from orchestration.assets.lake import raw_events
 from orchestration.assets.online_store import online_store
 from orchestration.assets.promotion import production_model, registered_model
+from orchestration.assets.ranked_lists import ranked_lists
 from orchestration.assets.ranking import candidates, ranker, training_set
 from orchestration.assets.snapshot import serving_features
 from orchestration.automation import daily_retraining, feedback_volume, retraining
@@ -36,6 +37,7 @@ defs = dg.Definitions(
         online_store,
         registered_model,
         production_model,
+        ranked_lists,
         bento,
     ],
     asset_checks=[feature_drift],

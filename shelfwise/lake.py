@@ -82,6 +82,9 @@ SERVING_STATE_DICTIONARY = f"{SERVING}/state_dictionary.zstd"
 # The neighbours indexed by those items' codes (`models.neighbour_arrays`), so a worker loads
 # arrays instead of sorting and grouping the neighbour rows.
 SERVING_NEIGHBOUR_ARRAYS = f"{SERVING}/neighbour_arrays.npz"
+# Each known user's candidates as the production ranker ranks them (`models.ranked_lists`),
+# row-aligned with the user states.
+SERVING_RANKED_LISTS = f"{SERVING}/ranked_lists.parquet"
 # Online experiments (`shelfwise.experiments`): the book the CLI writes and every replica polls,
 # the rankers of its arms copied at start (so a replica needs no model store of its own), and
 # the latest results the pipeline computed (which the service shows on its inspector page).

@@ -57,11 +57,31 @@ def report_lua(*counters: str) -> str:
     return REPORT_LUA.replace("COUNTERS", ", ".join(f'"{name}"' for name in counters))
 
 
-def recommend_lua(user_ids: list[str], k: int = 10, explain: bool = False) -> str:
+def recommend_lua(
+    user_ids: list[str],
+    k: int = 10,
+    explain: bool = False,
+    session_items: list[str | None] | None = None,
+) -> str:
     """Lua posting `{"user_id": …, "k": k}` bodies to wrk's URL in turn (no reporter); with
-    `explain`, each body asks for explanations (`"explain": true`)."""
+    `explain`, each body asks for explanations (`"explain": true`); with `session_items`, the
+    body of each user with an item there carries it as the client's session
+    (`"context": {"session_item_ids": [item]}`), so it is re-ranked with the session."""
     extra = {"explain": True} if explain else {}
-    bodies = ", ".join(f"'{json.dumps({'user_id': user, 'k': k, **extra})}'" for user in user_ids)
+    items = session_items or [None] * len(user_ids)
+    bodies = ", ".join(
+        "'"
+        + json.dumps(
+            {
+                "user_id": user,
+                "k": k,
+                **extra,
+                **({"context": {"session_item_ids": [item]}} if item else {}),
+            }
+        )
+        + "'"
+        for user, item in zip(user_ids, items, strict=True)
+    )
     return RECOMMEND_LUA.replace("BODIES", bodies)
 
 

@@ -110,6 +110,15 @@ class OnlineState(Protocol):
         """What a recommendation reads: the user's activity and the stock changes, together."""
         ...
 
+    def activity_stock_and_value(
+        self, user_id: str, key: str
+    ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
+        """`activity_and_stock` and the raw value of another key of the same Redis, together.
+
+        One round trip for a request's ranked list too; in process the value is always None.
+        """
+        ...
+
     def update_stock(self, changes: Mapping[str, StockChange]) -> None:
         """Records stock changes (item_id → change) that are newer than the item's recorded one.
 
@@ -205,6 +214,11 @@ class InProcessState:
     ) -> tuple[UserActivity, Mapping[str, StockChange]]:
         return self.activity(user_id), self._stock
 
+    def activity_stock_and_value(  # noqa: D102
+        self, user_id: str, key: str
+    ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
+        return self.activity(user_id), self._stock, None
+
     def update_stock(self, changes: Mapping[str, StockChange]) -> None:  # noqa: D102
         with self._lock:
             for item, change in changes.items():
@@ -249,7 +263,9 @@ class RedisState:
 
     def __init__(self, url: str, prefix: str = "shelfwise:") -> None:
         import redis
+        from redis.client import NEVER_DECODE
 
+        self._never_decode = NEVER_DECODE
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
         self._redis.ping()  # fail at start-up, not on the first request
         self._prefix = prefix
@@ -343,6 +359,18 @@ class RedisState:
         items, cart, bought, version = pipe.execute()
         activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
         return activity, self._stock_at(version)
+
+    def activity_stock_and_value(  # noqa: D102
+        self, user_id: str, key: str
+    ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
+        pipe = self._redis.pipeline(transaction=False)
+        self._queue_activity(pipe, user_id)
+        pipe.get(self._key("stock", "version"))
+        # Binary, unlike this client's other replies: read undecoded.
+        pipe.execute_command("GET", key, **{self._never_decode: []})
+        items, cart, bought, version, value = pipe.execute()
+        activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
+        return activity, self._stock_at(version), value
 
     def _queue_activity(self, pipe: Any, user_id: str) -> None:  # noqa: ANN401 - redis' Pipeline
         pipe.lrange(self._key("session", user_id), 0, SESSION_ITEMS - 1)

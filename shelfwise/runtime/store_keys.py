@@ -13,6 +13,12 @@ keys start with `sw:v<version>:`; one pointer key names the version replicas ser
 - `sw:v<version>:u:{<user_id>}` — one user's candidates and purchases (compact binary). The user
   id is the key's hash tag, so in Redis Cluster every key of a user (of any version) lives on
   one shard.
+- `sw:v<version>:r<ranking>:{<user_id>}` — the user's ranked list (`models.ranked_lists`) in
+  one ranking of the version (by one production model), written into a version after it went
+  live; same hash tag.
+- `sw:v<version>:ranked` — the ranking replicas read (JSON: its number, snapshot, model),
+  switched with one `SET` after its lists are written; the ranking before is removed after.
+- `sw:v<version>:next-ranking` — a counter; `INCR` gives a ranking its number.
 
 The online state of `shelfwise.runtime.online_state.RedisState` (sessions, carts, purchases, stock,
 seen event ids) keeps its own `shelfwise:` keys: they carry no hash tag, see
@@ -53,3 +59,23 @@ def shared_key(version: int, part: str) -> str:
 def user_key(version: int, user_id: str) -> str:
     """The key of one user's state in a version, the user id as its hash tag."""
     return f"{version_prefix(version)}u:{{{user_id}}}"
+
+
+def ranked_key(version: int, ranking: int, user_id: str) -> str:
+    """The key of one user's list in a ranking of a version, the user id as its hash tag."""
+    return f"{ranking_prefix(version, ranking)}{{{user_id}}}"
+
+
+def ranking_prefix(version: int, ranking: int) -> str:
+    """What every key of one ranking of a version starts with."""
+    return f"{version_prefix(version)}r{ranking}:"
+
+
+def next_ranking_key(version: int) -> str:
+    """The counter numbering a version's rankings."""
+    return f"{version_prefix(version)}next-ranking"
+
+
+def ranked_meta_key(version: int) -> str:
+    """The key of what a version's ranked lists were ranked for."""
+    return f"{version_prefix(version)}ranked"
