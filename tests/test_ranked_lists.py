@@ -127,6 +127,26 @@ def test_answers_from_lists_equal_re_ranking_whatever_the_request(production_rec
     assert from_lists > requests * 0.3  # the default request of most users, at least
 
 
+def test_answers_from_lists_equal_re_ranking_under_a_category_cap(pipeline_run):
+    """The cap counts only items the rules allow, so lists without the always-rejected items
+    walk to the same answer; the pipeline ranked them without any cap."""
+    home = pipeline_run.settings.bentoml_home
+    text, info = read_ranker(production_path(home))
+    capped = Recommender.from_lake(
+        pipeline_run.lake,
+        booster_from_text(text),
+        info["features"],
+        max_per_category=1,
+        segment_policy=SegmentPolicy.from_dict(info.get("segment_policy")),
+    ).with_ranked_lists(production(home).source_tag)
+    from_lists = 0
+    for user_id in list(capped.store.states)[:300]:
+        fast = capped.recommend(user_id, 4)
+        _same_answer(fast, capped.recommend(user_id, 4, need_rows=True))
+        from_lists += fast.rows is None
+    assert from_lists > 0
+
+
 def test_lists_answer_only_their_own_model_and_only_requests_without_activity(
     production_recommender,
 ):
@@ -222,7 +242,7 @@ def test_a_service_picks_up_lists_written_after_it_started(pipeline_run, tmp_pat
 
 
 def test_a_replica_on_redis_switches_to_lists_written_into_its_version(pipeline_run, tmp_path):
-    with redis_server(tmp_path / "redis") as redis_url:
+    with redis_server(tmp_path) as redis_url:
         client = redis.Redis.from_url(redis_url)
         version = write_from_lake(client, pipeline_run.lake).version
         env = {"SHELFWISE_REDIS_URL": redis_url}
