@@ -260,7 +260,10 @@ class BusinessRules:
     ) -> bool:
         """Whether every rule allows the item (`_violated` is empty), stopping at the first no."""
         facts = self.facts(item_id, online)
-        return all(rule(bought, item_id, facts, filters) for _, rule in self.rules)
+        for _, rule in self.rules:
+            if not rule(bought, item_id, facts, filters):
+                return False
+        return True
 
     def _violated(
         self, bought: Collection[str], item_id: str, filters: RequestFilters, online: OnlineFacts
