@@ -172,7 +172,9 @@ class RecommendationService:
         # The online store in Redis (`models.online_store`), when configured: the serving state
         # of the version its pointer names, else the lake's snapshot in process.
         self._store_client = (
-            open_client(self.settings.redis_url) if self.settings.redis_url else None
+            open_client(self.settings.redis_url, cluster=self.settings.redis_cluster)
+            if self.settings.redis_url
+            else None
         )
         self._store_down = False
         self._store_refusal: str | None = None  # why the current version is refused, if it is
@@ -197,7 +199,7 @@ class RecommendationService:
         self._experiment_lock = threading.Lock()  # the upkeep's poll against /admin/reload's
         self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
         show_ranker_engine(self.serving.ranker_engine)
-        self.state = open_state(self.settings.redis_url)
+        self.state = open_state(self.settings.redis_url, cluster=self.settings.redis_cluster)
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
             self.settings.wal_dir, max_segment_seconds=self.settings.compact_every_s or 60.0

@@ -57,6 +57,7 @@ from shelfwise.lake import (
     Lake,
 )
 from shelfwise.runtime import store_keys as keys
+from shelfwise.runtime.redis_clients import SERVING_CLUSTER_RETRIES, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -492,16 +493,29 @@ def write_ranked_from_lake(client: Any, lake: Lake) -> tuple[int | None, RankedL
     return version, write_ranked(client, version, pairs, info)
 
 
-def open_client(url: str, timeout_s: float = 2.0) -> Any:  # noqa: ANN401
+def open_client(
+    url: str,
+    timeout_s: float = 2.0,
+    cluster: bool = False,
+    cluster_retries: int = SERVING_CLUSTER_RETRIES,
+) -> Any:  # noqa: ANN401
     """A Redis client for the online store (bytes responses, bounded waits).
 
     Args:
-        url: A Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+        url: A Redis URL, e.g. `redis://127.0.0.1:6379/0`; with `cluster`, any one node of the
+            cluster (`shelfwise.runtime.redis_clients`).
         timeout_s: Seconds a connection or a command may take before it fails.
+        cluster: Whether `url` is a node of a Redis Cluster (`SHELFWISE_REDIS_CLUSTER`).
+        cluster_retries: With `cluster`, retries of a command that met a connection error or a
+            cluster-down reply (the service's default: once; a writer passes more).
     """
-    import redis
-
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return redis_client(
+        url,
+        cluster=cluster,
+        timeout_s=timeout_s,
+        connect_timeout_s=timeout_s,
+        cluster_retries=cluster_retries,
+    )
 
 
 def _parquet_bytes(frame: pl.DataFrame) -> bytes:

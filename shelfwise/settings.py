@@ -23,6 +23,10 @@ class Settings:
         redis_url: When set (`SHELFWISE_REDIS_URL`), the service keeps its online state (sessions,
             purchases, stock updates) in this Redis, shared by all workers and replicas (never
             shown in the settings' repr: the URL may carry a password).
+        redis_cluster: Whether `redis_url` names a node of a Redis Cluster
+            (`SHELFWISE_REDIS_CLUSTER`, `true` or `false`, the default): the service and the
+            pipeline then talk to the cluster through redis-py's cluster client, which finds the
+            other nodes and sends each key to the node owning its slot.
         ranker_budget_ms: Milliseconds the ranker may take per request before the service serves
             the candidate order instead (`SHELFWISE_RANKER_BUDGET_MS`, default 50; 0: no limit).
         max_body_bytes: The largest request body the service reads (`SHELFWISE_MAX_BODY_BYTES`,
@@ -67,6 +71,7 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     max_per_category: int = 0
     redis_url: str | None = field(default=None, repr=False)
+    redis_cluster: bool = False
     ranker_budget_ms: float = 50.0
     max_body_bytes: int = 1 << 20
     retrain_after_events: int = 10_000
@@ -108,6 +113,7 @@ class Settings:
             api_token=env.get("SHELFWISE_API_TOKEN") or None,
             max_per_category=int(env.get("SHELFWISE_MAX_PER_CATEGORY") or 0),
             redis_url=env.get("SHELFWISE_REDIS_URL") or None,
+            redis_cluster=_flag("SHELFWISE_REDIS_CLUSTER", env.get("SHELFWISE_REDIS_CLUSTER")),
             ranker_budget_ms=float(env.get("SHELFWISE_RANKER_BUDGET_MS") or 50.0),
             max_body_bytes=int(env.get("SHELFWISE_MAX_BODY_BYTES") or 1 << 20),
             retrain_after_events=int(env.get("SHELFWISE_RETRAIN_AFTER_EVENTS") or 10_000),
@@ -167,6 +173,14 @@ def _not_negative(name: str, value: int) -> int:
     if value < 0:
         raise ValueError(f"{name} must be 0 or more, not {value}")
     return value
+
+
+def _flag(name: str, value: str | None) -> bool:
+    """A true-or-false setting; unset or empty is false."""
+    text = (value or "false").strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{name} must be true or false, not {value!r}")
+    return text in ("true", "1", "yes")
 
 
 def _ranker_engine(value: str) -> str:

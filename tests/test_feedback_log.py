@@ -535,8 +535,8 @@ def test_a_stock_value_of_an_earlier_version_in_redis_counts_as_oldest(redis_url
 
     state, item = open_state(redis_url), f"item-{time.monotonic_ns()}"
     client = redis.Redis.from_url(redis_url)
-    client.hset("shelfwise:stock", item, "1")  # written without a time, before stock times
-    client.incr("shelfwise:stock:version")
+    client.hset("shelfwise:{stock}", item, "1")  # written without a time, before stock times
+    client.incr("shelfwise:{stock}:version")
     assert stock(state)[item] == StockChange(True, 0)
     state.update_stock({item: StockChange.at(False, DAY)})
     assert stock(state)[item] == StockChange.at(False, DAY)

@@ -31,3 +31,17 @@ def test_the_feature_sample_rate_is_a_share_and_the_rows_a_count():
             Settings.from_env({"SHELFWISE_FEATURE_SAMPLE_RATE": rate})
     with pytest.raises(ValueError, match="SHELFWISE_FEATURE_SAMPLE_ROWS"):
         Settings.from_env({"SHELFWISE_FEATURE_SAMPLE_ROWS": "-1"})
+
+
+def test_the_redis_cluster_setting_is_true_or_false():
+    assert Settings.from_env({}).redis_cluster is False
+    for text, expected in (
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("false", False),
+        ("", False),
+    ):
+        assert Settings.from_env({"SHELFWISE_REDIS_CLUSTER": text}).redis_cluster is expected
+    with pytest.raises(ValueError, match="SHELFWISE_REDIS_CLUSTER"):
+        Settings.from_env({"SHELFWISE_REDIS_CLUSTER": "cluster"})

@@ -4,6 +4,7 @@ import dagster as dg
 
 from models.online_store import open_client, write_from_lake
 from orchestration.resources import ShelfwiseResource
+from shelfwise.runtime.redis_clients import WRITER_CLUSTER_RETRIES
 
 
 @dg.asset(deps=["serving_features"], group_name="serving")
@@ -17,7 +18,12 @@ def online_store(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     settings = shelfwise.settings()
     if not settings.redis_url:
         return dg.MaterializeResult(metadata={"mode": "embedded mode"})
-    client = open_client(settings.redis_url, timeout_s=30.0)
+    client = open_client(
+        settings.redis_url,
+        timeout_s=30.0,
+        cluster=settings.redis_cluster,
+        cluster_retries=WRITER_CLUSTER_RETRIES,
+    )
     written = write_from_lake(client, shelfwise.lake())
     return dg.MaterializeResult(
         metadata={

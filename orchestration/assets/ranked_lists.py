@@ -17,6 +17,7 @@ from models.recommender import Recommender
 from models.segments import SegmentPolicy
 from models.snapshot import CandidateSnapshot, snapshot_id
 from orchestration.resources import ShelfwiseResource
+from shelfwise.runtime.redis_clients import WRITER_CLUSTER_RETRIES
 from shelfwise.runtime.registry import production, production_path, read_ranker
 
 
@@ -80,7 +81,13 @@ def ranked_lists(
         "seconds": round(seconds, 1),
     }
     if settings.redis_url:
-        version, switched = write_ranked_from_lake(open_client(settings.redis_url, 30.0), lake)
+        client = open_client(
+            settings.redis_url,
+            30.0,
+            cluster=settings.redis_cluster,
+            cluster_retries=WRITER_CLUSTER_RETRIES,
+        )
+        version, switched = write_ranked_from_lake(client, lake)
         if switched is None:
             context.log.warning(
                 "The online store's version %s holds another snapshot: its lists are left as "

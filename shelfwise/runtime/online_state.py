@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
+from shelfwise.runtime.redis_clients import redis_client
+
 SESSION_ITEMS = 20
 SESSION_TTL_S = 2 * 3600
 PURCHASES_TTL_S = 14 * 24 * 3600
@@ -251,24 +253,33 @@ class RedisState:
     """Online state in Redis, shared by every worker and replica.
 
     Keys (prefix `shelfwise:`): `seen:<event_id>` (string with a TTL), `seen-restored` (the start
-    of the last completed restore of seen ids, see `seen_restored_through`), `session:<user>` (list,
-    most recent first), `cart:<user>` and `bought:<user>` (sets), `stock` (hash item →
-    `<0|1>|<updated_at_us>`, set by a script that keeps the newer change) with `stock:version` (a
-    counter, so each worker re-reads the hash only when it changed).
+    of the last completed restore of seen ids, see `seen_restored_through`), `session:{<user>}`
+    (list, most recent first), `cart:{<user>}` and `bought:{<user>}` (sets), `{stock}` (hash
+    item → `<0|1>|<updated_at_us>`, set by a script that keeps the newer change) with
+    `{stock}:version` (a counter, so each worker re-reads the hash only when it changed).
+
+    The braces are Redis Cluster hash tags: a user's keys share the slot of the user's keys in
+    the online store (`store_keys.user_key`, `ranked_key`), so a request's reads of the user go
+    to one node; the stock hash and its counter share one, as the script that sets them must.
 
     Args:
-        url: A Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+        url: A Redis URL, e.g. `redis://127.0.0.1:6379/0`; with `cluster`, any one node.
         prefix: Key prefix (several installations may share one Redis).
+        cluster: Whether `url` is a node of a Redis Cluster (`redis.cluster.RedisCluster`).
     """
 
-    def __init__(self, url: str, prefix: str = "shelfwise:") -> None:
-        import redis
+    def __init__(self, url: str, prefix: str = "shelfwise:", cluster: bool = False) -> None:
         from redis.client import NEVER_DECODE
 
         self._never_decode = NEVER_DECODE
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2)
+        # A cluster's pipelines pass NEVER_DECODE on to each node's reply, as a single Redis'.
+        self._redis = redis_client(url, cluster=cluster, timeout_s=2, decode_responses=True)
         self._redis.ping()  # fail at start-up, not on the first request
         self._prefix = prefix
+        # One hash tag: the script reads and writes both, and Redis Cluster runs a script only
+        # over keys of one slot.
+        self._stock_key = f"{prefix}{{stock}}"
+        self._stock_version_key = f"{prefix}{{stock}}:version"
         self._stock: dict[str, StockChange] = {}
         self._stock_version: str | None = None
         self._lock = threading.Lock()
@@ -276,6 +287,9 @@ class RedisState:
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
+
+    def _user_key(self, kind: str, user_id: str) -> str:
+        return f"{self._prefix}{kind}:{{{user_id}}}"
 
     def unseen(self, event_ids: list[str]) -> list[bool]:  # noqa: D102
         pipe = self._redis.pipeline(transaction=False)
@@ -324,7 +338,7 @@ class RedisState:
             if not claimed:  # recorded before (a re-sent event)
                 continue
             user, item, kind = event["user_id"], event["item_id"], event["event_type"]
-            session, cart = self._key("session", user), self._key("cart", user)
+            session, cart = self._user_key("session", user), self._user_key("cart", user)
             if kind in ("view", "add_to_cart"):
                 pipe.lrem(session, 0, item)
                 pipe.lpush(session, item)
@@ -337,7 +351,7 @@ class RedisState:
                 pipe.srem(cart, item)
             elif kind == "purchase":
                 pipe.srem(cart, item)
-                bought = self._key("bought", user)
+                bought = self._user_key("bought", user)
                 pipe.sadd(bought, item)
                 pipe.expire(bought, PURCHASES_TTL_S)
         pipe.execute()
@@ -355,7 +369,7 @@ class RedisState:
         # read again only when another worker changed it.
         pipe = self._redis.pipeline(transaction=False)
         self._queue_activity(pipe, user_id)
-        pipe.get(self._key("stock", "version"))
+        pipe.get(self._stock_version_key)
         items, cart, bought, version = pipe.execute()
         activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
         return activity, self._stock_at(version)
@@ -365,7 +379,7 @@ class RedisState:
     ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
         pipe = self._redis.pipeline(transaction=False)
         self._queue_activity(pipe, user_id)
-        pipe.get(self._key("stock", "version"))
+        pipe.get(self._stock_version_key)
         # Binary, unlike this client's other replies: read undecoded.
         pipe.execute_command("GET", key, **{self._never_decode: []})
         items, cart, bought, version, value = pipe.execute()
@@ -373,9 +387,9 @@ class RedisState:
         return activity, self._stock_at(version), value
 
     def _queue_activity(self, pipe: Any, user_id: str) -> None:  # noqa: ANN401 - redis' Pipeline
-        pipe.lrange(self._key("session", user_id), 0, SESSION_ITEMS - 1)
-        pipe.smembers(self._key("cart", user_id))
-        pipe.smembers(self._key("bought", user_id))
+        pipe.lrange(self._user_key("session", user_id), 0, SESSION_ITEMS - 1)
+        pipe.smembers(self._user_key("cart", user_id))
+        pipe.smembers(self._user_key("bought", user_id))
 
     def update_stock(self, changes: Mapping[str, StockChange]) -> None:  # noqa: D102
         if not changes:
@@ -385,13 +399,13 @@ class RedisState:
             for item, change in changes.items()
             for part in (item, int(change.in_stock), change.updated_at_us)
         ]
-        self._keep_newer(keys=[self._key("stock"), self._key("stock", "version")], args=args)
+        self._keep_newer(keys=[self._stock_key, self._stock_version_key], args=args)
 
     def _stock_at(self, version: str | None) -> Mapping[str, StockChange]:
         """The stock hash as of `version`, re-read only when it is not the cached one."""
         if version != self._stock_version:
             with self._lock:
-                raw = self._redis.hgetall(self._key("stock"))
+                raw = self._redis.hgetall(self._stock_key)
                 self._stock = {item: _parse_stock(value) for item, value in raw.items()}
                 self._stock_version = version
         return self._stock
@@ -422,6 +436,6 @@ def _parse_stock(value: str) -> StockChange:
     return StockChange(in_stock == "1", int(updated_at_us or 0))
 
 
-def open_state(redis_url: str | None) -> OnlineState:
-    """Redis-backed state when a URL is given, else in-process state."""
-    return RedisState(redis_url) if redis_url else InProcessState()
+def open_state(redis_url: str | None, cluster: bool = False) -> OnlineState:
+    """In Redis when a URL is given (with `cluster`: any node of a cluster), else in process."""
+    return RedisState(redis_url, cluster=cluster) if redis_url else InProcessState()

@@ -21,8 +21,9 @@ keys start with `sw:v<version>:`; one pointer key names the version replicas ser
 - `sw:v<version>:next-ranking` — a counter; `INCR` gives a ranking its number.
 
 The online state of `shelfwise.runtime.online_state.RedisState` (sessions, carts, purchases, stock,
-seen event ids) keeps its own `shelfwise:` keys: they carry no hash tag, see
-docs/operations.md (Several replicas).
+seen event ids) keeps its own `shelfwise:` keys; a user's carry the same `{<user_id>}` hash tag,
+so in Redis Cluster a request's reads of one user go to one shard (docs/operations.md, Redis
+Cluster).
 """
 
 PREFIX = "sw:"
