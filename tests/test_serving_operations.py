@@ -47,7 +47,11 @@ def guarded(pipeline_run, tmp_path_factory):
 
 def test_a_late_ranker_serves_the_candidate_order_not_an_error(guarded):
     url, settings = guarded
-    response = httpx.post(f"{url}/recommend", json={"user_id": known_user(settings)}, timeout=10)
+    user = known_user(settings)
+    # A session item: the request is re-ranked, not answered from the user's ranked list.
+    item = Lake(settings.lake_url).read_frame(SERVING_ITEMS).get_column("item_id")[0]
+    request = {"user_id": user, "context": {"session_item_ids": [item]}}
+    response = httpx.post(f"{url}/recommend", json=request, timeout=10)
     assert response.status_code == 200
     body = response.json()
     assert body["fallback_level"] == FALLBACK_CANDIDATE_ORDER
@@ -55,6 +59,9 @@ def test_a_late_ranker_serves_the_candidate_order_not_an_error(guarded):
     assert body["model_version"] is not None  # the ranker is loaded; it was only too slow
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'endpoint="recommend",fallback_level="1",strategy="personalized"' in metrics
+    # Without a session its ranked list answers: ranked before, so the ranker's budget is moot.
+    listed = httpx.post(f"{url}/recommend", json={"user_id": user}, timeout=10).json()
+    assert listed["fallback_level"] == 0 and listed["strategy"] == "personalized"
 
 
 def test_the_category_cap_holds_over_http(guarded):
