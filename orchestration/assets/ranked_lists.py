@@ -1,6 +1,7 @@
 """Ranked lists: the serving snapshot's candidates ranked once by the production ranker."""
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -19,6 +20,9 @@ from models.snapshot import CandidateSnapshot, snapshot_id
 from orchestration.resources import ShelfwiseResource
 from shelfwise.runtime.redis_clients import WRITER_CLUSTER_RETRIES
 from shelfwise.runtime.registry import production, production_path, read_ranker
+
+# Users between two progress lines in the run's log.
+PROGRESS_USERS = 50_000
 
 
 class RankedListsConfig(dg.Config):
@@ -65,11 +69,17 @@ def ranked_lists(
         raise dg.Failure("The lake's user states changed while they were read: run again.")
     model_version = current.source_tag or current.tag
     started = time.perf_counter()
-    written = write_ranked_lists(
-        lake,
-        (recommender.ranked_list(user_id, config.depth) for user_id in store.states),
-        RankedListsInfo(snapshot, model_version, config.depth),
-    )
+
+    def lists() -> Iterator[bytes]:
+        for done, user_id in enumerate(store.states, start=1):
+            yield recommender.ranked_list(user_id, config.depth)
+            if done % PROGRESS_USERS == 0:
+                elapsed = time.perf_counter() - started
+                total = len(store.states)
+                context.log.info(f"ranked {done:,} of {total:,} users in {elapsed:.0f} s")
+
+    info = RankedListsInfo(snapshot, model_version, config.depth)
+    written = write_ranked_lists(lake, lists(), info)
     seconds = time.perf_counter() - started
     metadata: dict[str, Any] = {
         "model_version": model_version,
