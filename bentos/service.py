@@ -563,7 +563,8 @@ class RecommendationService:
         cannot serve, is logged once, not per poll."""
         try:
             self.refresh_store()
-            self.refresh_ranked_lists()
+            if self._store_client is not None:  # in process: at the model poll (the lake)
+                self.refresh_ranked_lists()
             if self._store_down:
                 logger.info("Online store reachable again")
             self._store_down, self._store_refusal = False, None

@@ -43,7 +43,9 @@ SERVING_PACKAGES: dict[str, tuple[str, ...]] = {
     "pyarrow": (),  # the lake's parquet I/O and the event schema (shelfwise.lake, contracts)
     "fsspec": (),  # the lake's file systems (shelfwise/lake.py)
     "s3fs": (),  # a lake on S3 (`s3://…`, loaded by fsspec)
-    "redis": (),  # the online state in Redis (shelfwise/runtime/online_state.py)
+    # The online state and store in Redis (shelfwise/runtime/online_state.py, models/
+    # online_store.py), replies parsed by hiredis.
+    "redis": ("hiredis",),
     "zstandard": (),  # the users' compressed states (models/user_state.py)
     # Traces over OTLP/HTTP when configured (bentos/tracing.py); brings the OpenTelemetry SDK.
     "opentelemetry-exporter-otlp-proto-http": (),

@@ -4,6 +4,7 @@ scores within the compiled ranker's 1e-6), whatever the filters, k and stock; li
 for their own snapshot and model; in Redis each ranking is switched in whole and the one before
 is removed; a real service answers from them and picks new ones up without a restart."""
 
+import dataclasses
 import random
 import shutil
 import time
@@ -157,8 +158,8 @@ def test_lists_answer_only_their_own_model_and_only_requests_without_activity(
     assert not served.with_ranker(served._booster).answers_from_ranked_lists  # an arm's model
     assert not served.without_ranker().answers_from_ranked_lists
     other_snapshot = served.store.with_ranked(
-        type(served.store.ranked)(
-            RankedListsInfo("another-snapshot", model_version, 16), served.store.ranked.values
+        dataclasses.replace(
+            served.store.ranked, info=RankedListsInfo("another-snapshot", model_version, 16)
         )
     )
     assert (
