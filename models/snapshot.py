@@ -13,6 +13,7 @@ Encoding reads the snapshot file batch by batch (each user's rows contiguous, as
 `serving_features` writes them), so memory holds one batch and the values, never the rows.
 """
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -455,9 +456,19 @@ def read_user_states(lake: Lake) -> CandidateSnapshot:
     ranked = read_ranked_lists(lake, stored_id, len(states))
     snapshot = CandidateSnapshot(table, states, known, neighbours, stored_id, ranked)
     # The reads' buffers went back to Arrow's allocator, which keeps them (about 200 MB on the
-    # 10M-event shop) unless asked to return them to the system.
+    # 10M-event shop) unless asked to return them to the system; the copies made on the way
+    # went back to glibc's heap, which keeps them too (41 MiB there, 140 bytes per user).
     pa.default_memory_pool().release_unused()
+    _trim_heap()
     return snapshot
+
+
+def _trim_heap() -> None:
+    """Returns the freed pages of glibc's heap to the system (nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
 
 
 def _encode_afresh(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bool]]]:
