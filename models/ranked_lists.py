@@ -29,7 +29,7 @@ they were ranked for; in Redis, one key per user in the version they were ranked
 import functools
 import json
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,10 +44,9 @@ RANKED_LISTS_FORMAT = "shelfwise-ranked-v1"
 # a deeper list costs 7 bytes per item and user.
 DEFAULT_DEPTH = 16
 MAX_DEPTH = 255  # the count is one byte
-USER_KEY = "user_id"
 VALUE = "ranked"
 INFO_KEY = b"shelfwise.ranked_lists"
-# Users ranked and written at a time.
+# Users read at a time.
 WRITE_BATCH_USERS = 50_000
 
 
@@ -183,24 +182,13 @@ def write_ranked_lists(
     Returns:
         The description written (with the users counted).
     """
-    users = 0
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        nonlocal users
-        batch: list[bytes] = []
-        for value in values:
-            batch.append(value)
-            users += bool(value)
-            if len(batch) == WRITE_BATCH_USERS:
-                yield pa.record_batch([pa.array(batch, pa.large_binary())], names=[VALUE])
-                batch = []
-        yield pa.record_batch([pa.array(batch, pa.large_binary())], names=[VALUE])
-
-    # The description is only known once every user is ranked: written aside, then in one
-    # piece with the values (the file appears whole).
-    tables = [pa.Table.from_batches([b]) for b in batches()]
+    # The description is only known once every user is ranked: the file is written in one
+    # piece with it (it appears whole).
+    held = list(values)
+    users = sum(1 for value in held if value)
     written = RankedListsInfo(info.snapshot_id, info.model_version, info.depth, users)
-    table = pa.concat_tables(tables).replace_schema_metadata({INFO_KEY: written.to_json()})
+    table = pa.table({VALUE: pa.array(held, pa.large_binary())})
+    table = table.replace_schema_metadata({INFO_KEY: written.to_json()})
     lake.write_parquet(table, SERVING_RANKED_LISTS)
     return written
 

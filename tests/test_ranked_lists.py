@@ -206,26 +206,31 @@ def test_rankings_switch_whole_in_redis_and_the_one_before_is_removed(pipeline_r
         client.flushdb()
 
 
-def test_a_service_answers_from_lists_as_it_would_by_re_ranking(bento_server, pipeline_run):
-    users = sorted(Recommender.from_lake(pipeline_run.lake, None).store.states)[:40]
+def _assert_served_as_re_ranked(url: str, users: list[str], k: int) -> None:
+    """Each user's plain answer (from the list) equals the explained one (re-ranked)."""
     for user_id in users:
-        bodies = [
+        plain, explained = (
             httpx.post(
-                f"{bento_server.url}/recommend",
-                json={"user_id": user_id, "k": 8, "explain": explain},
+                f"{url}/recommend",
+                json={"user_id": user_id, "k": k, "explain": explain},
                 timeout=10,
             ).json()
             for explain in (False, True)  # an explained request is re-ranked
-        ]
-        fast, full = ([(i["item_id"], i["source"]) for i in b["items"]] for b in bodies)
+        )
+        fast, full = ([(i["item_id"], i["source"]) for i in b["items"]] for b in (plain, explained))
         assert fast == full
-        assert bodies[0]["strategy"] == bodies[1]["strategy"]
+        assert plain["strategy"] == explained["strategy"]
         np.testing.assert_allclose(
-            [i["score"] for i in bodies[0]["items"]],
-            [i["score"] for i in bodies[1]["items"]],
+            [i["score"] for i in plain["items"]],
+            [i["score"] for i in explained["items"]],
             rtol=1e-6,
             atol=1e-6,
         )
+
+
+def test_a_service_answers_from_lists_as_it_would_by_re_ranking(bento_server, pipeline_run):
+    users = sorted(Recommender.from_lake(pipeline_run.lake, None).store.states)[:40]
+    _assert_served_as_re_ranked(bento_server.url, users, k=8)
 
 
 def test_a_service_picks_up_lists_written_after_it_started(pipeline_run, tmp_path):
@@ -257,15 +262,4 @@ def test_a_replica_on_redis_switches_to_lists_written_into_its_version(pipeline_
                 assert time.monotonic() < deadline, log.read_text()[-2000:]
                 time.sleep(0.2)
             users = sorted(Recommender.from_lake(pipeline_run.lake, None).store.states)[:30]
-            for user_id in users:
-                bodies = [
-                    httpx.post(
-                        f"{url}/recommend",
-                        json={"user_id": user_id, "k": 6, "explain": explain},
-                        timeout=10,
-                    ).json()
-                    for explain in (False, True)
-                ]
-                assert [i["item_id"] for i in bodies[0]["items"]] == [
-                    i["item_id"] for i in bodies[1]["items"]
-                ]
+            _assert_served_as_re_ranked(url, users, k=6)

@@ -78,8 +78,8 @@ def ranked_lists(
                 total = len(store.states)
                 context.log.info(f"ranked {done:,} of {total:,} users in {elapsed:.0f} s")
 
-    info = RankedListsInfo(snapshot, model_version, config.depth)
-    written = write_ranked_lists(lake, lists(), info)
+    ranking = RankedListsInfo(snapshot, model_version, config.depth)
+    written = write_ranked_lists(lake, lists(), ranking)
     seconds = time.perf_counter() - started
     metadata: dict[str, Any] = {
         "model_version": model_version,
