@@ -58,7 +58,7 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
-from bentos.impressions import ImpressionLog
+from bentos.impressions import ImpressionLog, ShownItems
 from bentos.pages import ServicePages
 from bentos.tracing import request_tracing, stop_tracing, tracer
 from models.business_rules import RequestFilters
@@ -958,22 +958,18 @@ class RecommendationService:
         ).inc()
         shown_at = datetime.now(UTC)
         self.impressions.add(
-            [
-                {
-                    "rec_id": rec_id,
-                    "shown_at": shown_at,
-                    "user_id": user_id,
-                    "item_id": item.item_id,
-                    "position": position,
-                    "model_version": versions[position - 1],
-                    "strategy": f"{endpoint}:{answer.strategy}",
-                    "fallback_level": answer.fallback_level,
-                    "experiment": experiment,
-                    "arm": arm,
-                    "drafted_by": drafted[position - 1],
-                }
-                for position, item in enumerate(answer.items, start=1)
-            ]
+            ShownItems(
+                rec_id=rec_id,
+                shown_at=shown_at,
+                user_id=user_id,
+                item_ids=[item.item_id for item in answer.items],
+                model_versions=versions,
+                strategy=f"{endpoint}:{answer.strategy}",
+                fallback_level=answer.fallback_level,
+                experiment=experiment,
+                arm=arm,
+                drafted_by=drafted,
+            )
         )
         # The ranked rows of a share of the personalised answers, for the drift check.
         self.feature_samples.maybe_add(

@@ -2,11 +2,12 @@
 growing, batches are cut, and the log refuses an oversized record before writing it."""
 
 import threading
+from datetime import UTC, datetime
 
 import pytest
 from prometheus_client import REGISTRY
 
-from bentos.impressions import ImpressionLog
+from bentos.impressions import ImpressionLog, ShownItems
 from shelfwise.lake import IMPRESSIONS, Lake
 from shelfwise.runtime.feedback import (
     OPEN_SUFFIX,
@@ -31,10 +32,12 @@ class StalledLog:
         self.entered = threading.Event()
         self.appended: list[list[dict]] = []
 
-    def append(self, stream: str, rows: list[dict]) -> None:
+    def append_columns(self, stream: str, columns: dict[str, list], rows: int) -> None:
         self.entered.set()
         self.release.wait()
-        self.appended.append(list(rows))
+        self.appended.append(
+            [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+        )
 
 
 def test_a_full_queue_drops_a_responses_impressions_and_counts_them_without_blocking():
@@ -101,3 +104,47 @@ def test_impressions_are_cut_to_fit_the_record_limit_and_an_oversized_row_is_dro
     logged = lake_rows(lake, IMPRESSIONS, "position")
     assert sorted(row["position"] for row in logged) == [p for p in range(60) if p != 17]
     assert impressions.dropped == 1 and dropped("too_large") - before == 1
+
+
+def test_a_responses_shown_items_become_one_impression_row_per_item(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    shown_at = datetime(2026, 11, 2, 23, 59, 59, 999_999, tzinfo=UTC)
+    first = ShownItems(
+        rec_id="r1",
+        shown_at=shown_at,
+        user_id="u1",
+        item_ids=["i7", "i3", "i9"],
+        model_versions=["ranker:a", "ranker:b", "ranker:a"],
+        strategy="recommend:ranker",
+        fallback_level=0,
+        experiment="e1",
+        arm="blend",
+        drafted_by=["control", "treatment", "control"],
+    )
+    second = ShownItems(
+        "r2", shown_at, "u2", ["i1"], [None], "similar:popular", 3, None, None, [None]
+    )
+    with FeedbackLog(wal) as log:
+        impressions = ImpressionLog(log, max_batch_rows=2)  # cut inside the first response
+        assert impressions.add(first) and impressions.add(second)
+        impressions.close()
+    compact_feedback(wal, lake)
+    logged = sorted(
+        lake_rows(lake, IMPRESSIONS, "rec_id"), key=lambda row: (row["rec_id"], row["position"])
+    )
+    assert [
+        (row["rec_id"], row["position"], row["item_id"], row["model_version"], row["drafted_by"])
+        for row in logged
+    ] == [
+        ("r1", 1, "i7", "ranker:a", "control"),
+        ("r1", 2, "i3", "ranker:b", "treatment"),
+        ("r1", 3, "i9", "ranker:a", "control"),
+        ("r2", 1, "i1", None, None),
+    ]
+    assert {row["shown_at"].astimezone(UTC) for row in logged} == {shown_at}  # to the microsecond
+    assert [(row["user_id"], row["strategy"], row["fallback_level"]) for row in logged] == [
+        ("u1", "recommend:ranker", 0)
+    ] * 3 + [("u2", "similar:popular", 3)]
+    assert [(row["experiment"], row["arm"]) for row in logged] == [("e1", "blend")] * 3 + [
+        (None, None)
+    ]

@@ -191,6 +191,26 @@ def test_rows_that_break_the_contract_are_refused_before_anything_is_written(tmp
     }
 
 
+def test_columns_are_held_to_the_same_contract_as_rows(tmp_path):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    rows = make_impressions("r", 4)
+    columns = {name: [row[name] for row in rows] for name in rows[0]}
+    with FeedbackLog(wal) as log:
+        with pytest.raises(ContractError, match="'position'"):
+            log.append_columns(IMPRESSIONS, {**columns, "position": [1, None, 3, 4]}, 4)
+        with pytest.raises(ContractError, match="'item_id' has 3 values, not 4"):
+            log.append_columns(IMPRESSIONS, {**columns, "item_id": ["a", "b", "c"]}, 4)
+        with pytest.raises(ContractError, match="'shown_at'"):
+            log.append_columns(IMPRESSIONS, {**columns, "shown_at": ["today"] * 4}, 4)
+        with pytest.raises(ContractError, match="'user_id'"):  # required, and missing
+            log.append_columns(IMPRESSIONS, {k: v for k, v in columns.items() if k != "user_id"}, 4)
+        optional_missing = {k: v for k, v in columns.items() if k != "model_version"}
+        log.append_columns(IMPRESSIONS, optional_missing, 4)
+    compact_feedback(wal, lake)
+    logged = lake_rows(lake, IMPRESSIONS, "position")
+    assert logged == utc([{**row, "model_version": None} for row in rows], "shown_at")
+
+
 @pytest.mark.parametrize("damage", ["cut", "zeros", "garbage", "flipped"])
 def test_a_torn_trailing_record_is_skipped(tmp_path, damage):
     wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))

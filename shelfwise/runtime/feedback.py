@@ -76,7 +76,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -205,19 +205,53 @@ def _record(kind: int, stream: _Stream, payload: bytes) -> bytes:
 
 def _encode_rows(stream: _Stream, rows: list[dict[str, Any]]) -> pa.RecordBatch:
     """Rows as a record batch of the stream's contract, or a `ContractError` naming the field."""
-    schema = stream.schema
     try:
-        batch = pa.RecordBatch.from_pylist(rows, schema=schema)
+        batch = pa.RecordBatch.from_pylist(rows, schema=stream.schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-        for item in schema:  # find the field to name it; the error path only
-            try:
-                pa.array([row.get(item.name) for row in rows], type=item.type)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as field_error:
-                raise ContractError(
-                    f"{stream.name}: field '{item.name}' cannot be read as {item.type}: "
-                    f"{field_error}"
-                ) from error
-        raise ContractError(f"{stream.name}: rows do not fit the contract: {error}") from error
+        columns = {item.name: [row.get(item.name) for row in rows] for item in stream.schema}
+        raise _contract_error(stream, columns, error) from error
+    return _checked(stream, batch)
+
+
+def _encode_columns(
+    stream: _Stream, columns: Mapping[str, Sequence[Any]], rows: int
+) -> pa.RecordBatch:
+    """Columns (name → values) as a record batch of the stream's contract, or a ContractError.
+
+    A column of the contract that is missing is null; the error names the field.
+    """
+    given = {item.name: columns.get(item.name, [None] * rows) for item in stream.schema}
+    for name, values in given.items():
+        if len(values) != rows:
+            message = f"field '{name}' has {len(values)} values, not {rows}"
+            raise ContractError(f"{stream.name}: {message}")
+    try:
+        batch = pa.RecordBatch.from_pydict(given, schema=stream.schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise _contract_error(stream, given, error) from error
+    return _checked(stream, batch)
+
+
+def _contract_error(
+    stream: _Stream, columns: Mapping[str, Sequence[Any]], error: Exception
+) -> ContractError:
+    """The error of rows that do not convert, naming the first field that does not.
+
+    The error path only: each column is converted again on its own.
+    """
+    for item in stream.schema:
+        try:
+            pa.array(columns[item.name], type=item.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as field_error:
+            return ContractError(
+                f"{stream.name}: field '{item.name}' cannot be read as {item.type}: {field_error}"
+            )
+    return ContractError(f"{stream.name}: rows do not fit the contract: {error}")
+
+
+def _checked(stream: _Stream, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch, once its required fields have no null and its event types are known."""
+    schema = stream.schema
     for index, item in enumerate(schema):
         if not item.nullable and batch.column(index).null_count:
             raise ContractError(f"{stream.name}: required field '{item.name}' is missing or null")
@@ -231,6 +265,18 @@ def _encode_rows(stream: _Stream, rows: list[dict[str, Any]]) -> pa.RecordBatch:
                 f"{stream.name}: field 'event_type' must be one of {', '.join(EVENT_TYPES)}"
             )
     return batch
+
+
+def stream_schema(name: str) -> pa.Schema:
+    """The contract schema of a stream of the log (`"events"`, `"impressions"`, …)."""
+    return _stream(name).schema
+
+
+def _stream(name: str) -> _Stream:
+    spec = _STREAMS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown feedback stream {name!r}; expected {' or '.join(_STREAMS)}")
+    return spec
 
 
 @dataclass
@@ -314,20 +360,41 @@ class FeedbackLog:
             RuntimeError: The log is closed.
             OSError: Writing or syncing failed; the rows are not acknowledged.
         """
-        spec = _STREAMS.get(stream)
-        if spec is None:
-            expected = " or ".join(_STREAMS)
-            raise ValueError(f"unknown feedback stream {stream!r}; expected {expected}")
+        spec = _stream(stream)
         if not rows:
             return
-        batch = _encode_rows(spec, rows)
+        self._append_batch(spec, _encode_rows(spec, rows))
+
+    def append_columns(self, stream: str, columns: Mapping[str, Sequence[Any]], rows: int) -> None:
+        """`append` for rows given as columns, without a dict per row.
+
+        The same contract, checks and guarantee (on disk when it returns).
+
+        Args:
+            stream: As for `append`.
+            columns: Column name → one value per row, in the row order; a missing optional
+                column is null, extra columns are ignored. Timestamps are tz-aware datetimes or
+                integers (microseconds since the epoch, UTC: faster to convert).
+            rows: The number of rows (every column given has as many values).
+
+        Raises:
+            ContractError, RecordTooLargeError, ValueError, RuntimeError, OSError: As `append`;
+                also a column with another number of values (ContractError).
+        """
+        spec = _stream(stream)
+        if not rows:
+            return
+        self._append_batch(spec, _encode_columns(spec, columns, rows))
+
+    def _append_batch(self, spec: _Stream, batch: pa.RecordBatch) -> None:
+        stream, rows = spec.name, batch.num_rows
         # The IPC payload holds every buffer (padded): a batch already over the limit is refused
         # before serializing copies it.
         if batch.nbytes > self.max_record_bytes:
-            raise RecordTooLargeError(stream, len(rows), batch.nbytes, self.max_record_bytes)
+            raise RecordTooLargeError(stream, rows, batch.nbytes, self.max_record_bytes)
         payload = batch.serialize().to_pybytes()
         if len(payload) > self.max_record_bytes:  # refused before a byte reaches the segment
-            raise RecordTooLargeError(stream, len(rows), len(payload), self.max_record_bytes)
+            raise RecordTooLargeError(stream, rows, len(payload), self.max_record_bytes)
         record = _record(_KIND_BATCH, spec, payload)
         with self._cond:
             segment = self._writable_segment(len(record))
