@@ -18,7 +18,8 @@ order, Python lists of floats) is left to the writer thread, which iterates them
 """
 
 import random
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -100,14 +101,29 @@ class FeatureSampler:
         rate: The share of personalised requests sampled (0 to 1).
         max_rows: The most candidate rows logged per sampled request (0: all).
         seed: Seed of the draws (None: from the system; tests fix it).
+        max_per_s: The most requests sampled per second, on average (0: no bound); a draw
+            beyond it is not sampled. Bursts of up to a second's worth pass.
+        clock: Seconds of a monotonic clock (tests pass their own).
     """
 
     def __init__(
-        self, log: FeedbackLog, rate: float, max_rows: int, seed: int | None = None
+        self,
+        log: FeedbackLog,
+        rate: float,
+        max_rows: int,
+        seed: int | None = None,
+        max_per_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rate = rate
         self.max_rows = max_rows
+        self.max_per_s = max_per_s
         self._random = random.Random(seed)
+        # A token bucket: `max_per_s` tokens a second, at most a second's worth (at least one).
+        self._clock = clock
+        self._capacity = max(1.0, max_per_s)
+        self._tokens = self._capacity
+        self._filled_at = clock()
         self._feature_set = feature_set_id()
         self._writer = ImpressionLog(
             log,
@@ -124,8 +140,22 @@ class FeatureSampler:
 
     def draw(self) -> bool:
         """Whether the next request is sampled (decided before it is answered: a sampled
-        request is re-ranked, not answered from its ranked list, so that it has rows)."""
-        return self.rate > 0.0 and self._random.random() < self.rate
+        request is re-ranked, not answered from its ranked list, so that it has rows).
+
+        Drawn with probability `rate`, within `max_per_s`. Called from the event loop, and from
+        the thread pool for some requests: two draws racing can at worst take one token too many.
+        """
+        if self.rate <= 0.0 or self._random.random() >= self.rate:
+            return False
+        if not self.max_per_s:
+            return True
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._filled_at) * self.max_per_s)
+        self._filled_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def maybe_add(
         self,

@@ -206,7 +206,10 @@ class RecommendationService:
         )
         self.impressions = ImpressionLog(self.feedback)
         self.feature_samples = FeatureSampler(
-            self.feedback, self.settings.feature_sample_rate, self.settings.feature_sample_rows
+            self.feedback,
+            self.settings.feature_sample_rate,
+            self.settings.feature_sample_rows,
+            max_per_s=self.settings.feature_samples_per_s,
         )
         self._restore_stock()
         self._restore_seen()

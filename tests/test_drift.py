@@ -190,6 +190,25 @@ def test_the_sampler_logs_a_share_of_requests_a_bounded_draw_of_their_ranked_row
         assert row["score"] == rows.scores[index] and row["score_rank"] == order[row["item_id"]]
 
 
+def test_the_sampler_draws_at_most_its_bound_per_second_whatever_the_share(tmp_path):
+    now = [100.0]
+    with FeedbackLog(tmp_path / "wal") as log:
+        sampler = FeatureSampler(
+            log, rate=1.0, max_rows=8, seed=1, max_per_s=2.0, clock=lambda: now[0]
+        )
+        assert [sampler.draw() for _ in range(5)] == [True, True, False, False, False]  # a burst
+        now[0] += 0.5  # half a second: one more
+        assert [sampler.draw() for _ in range(3)] == [True, False, False]
+        now[0] += 10.0  # a quiet while fills the bucket to a second's worth, not more
+        assert sum(sampler.draw() for _ in range(10)) == 2
+        unbounded = FeatureSampler(log, rate=1.0, max_rows=8)  # max_per_s 0: no bound
+        assert sum(unbounded.draw() for _ in range(50)) == 50
+        half = FeatureSampler(log, rate=0.5, max_rows=8, seed=1, max_per_s=1000.0)
+        assert 400 < sum(half.draw() for _ in range(1000)) < 600  # the share still applies
+        for made in (sampler, unbounded, half):
+            made.close()
+
+
 def test_rows_that_cannot_be_built_are_dropped_and_the_writer_goes_on(tmp_path):
     class Unbuildable(Sequence):
         def __len__(self) -> int:
@@ -408,6 +427,7 @@ def test_a_served_request_s_ranked_rows_reach_the_lake_when_sampled(pipeline_run
     user = snapshot.get_column("user_id")[0]
     env = {
         "SHELFWISE_FEATURE_SAMPLE_RATE": "1",
+        "SHELFWISE_FEATURE_SAMPLES_PER_S": "0",  # no bound
         "SHELFWISE_FEATURE_SAMPLE_ROWS": "0",  # all of them
         "SHELFWISE_COMPACT_EVERY_S": "0",  # the test compacts
         "SHELFWISE_MODEL_POLL_S": "0",
