@@ -996,13 +996,15 @@ def _first_copies(table: pa.Table, stream: _Stream, seen: list[pl.DataFrame]) ->
 def _publish_by_date(table: pa.Table, stream: _Stream, stem: str, lake: Lake) -> list[str]:
     if not table.num_rows:
         return []
-    dates = pc.strftime(table.column(stream.time_column), format="%Y-%m-%d")
+    # The UTC day of each row (the contract's times are UTC). A cast, not `pc.strftime`: that
+    # formats row by row, 1.1 s for the 400,000 impressions a busy worker logs between two
+    # compactions, much of it holding the GIL that the worker's event loop needs.
+    days = pc.cast(table.column(stream.time_column), pa.date32())
     written = []
-    for day in sorted(pc.unique(dates).to_pylist()):
-        part = table.filter(pc.equal(dates, day))
-        written.append(
-            lake.write_parquet(part, partition_file(stream.name, day, f"{OUTPUT_PREFIX}{stem}"))
-        )
+    for day in sorted(pc.unique(days).to_pylist()):
+        part = table.filter(pc.equal(days, pa.scalar(day, pa.date32())))
+        name = partition_file(stream.name, day.isoformat(), f"{OUTPUT_PREFIX}{stem}")
+        written.append(lake.write_parquet(part, name))
     return written
 
 
