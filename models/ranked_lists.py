@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from models.arrow_buffers import binary_parts, joined_parts
 from models.candidates import GENERATORS
 from shelfwise.lake import SERVING_RANKED_LISTS, Lake
 
@@ -213,15 +214,11 @@ def read_ranked_lists(lake: Lake, snapshot_id: str | None, rows: int) -> RankedL
     info = read_ranked_info(lake)
     if info is None or snapshot_id is None or info.snapshot_id != snapshot_id:
         return None
-    lengths, chunks = [], []
-    for table in lake.iter_parquet(SERVING_RANKED_LISTS, WRITE_BATCH_USERS, columns=[VALUE]):
-        array = table.column(VALUE).combine_chunks().cast(pa.large_binary())
-        bounds = np.frombuffer(array.buffers()[1], np.int64, len(array) + 1, array.offset * 8)
-        lengths.append(np.diff(bounds))
-        data = array.buffers()[2]
-        chunks.append(b"" if data is None else data.to_pybytes()[bounds[0] : bounds[-1]])
-    sizes = np.concatenate([np.zeros(0, np.int64), *lengths])
-    if len(sizes) != rows:
+    parts = [
+        binary_parts(table.column(VALUE).cast(pa.large_binary()))
+        for table in lake.iter_parquet(SERVING_RANKED_LISTS, WRITE_BATCH_USERS, columns=[VALUE])
+    ]
+    offsets, data = joined_parts(parts)
+    if len(offsets) - 1 != rows:
         return None
-    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(sizes)])
-    return RankedLists(info, offsets, b"".join(chunks))
+    return RankedLists(info, offsets, data.tobytes())

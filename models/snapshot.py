@@ -27,6 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.arrow_buffers import binary_parts, joined_parts
 from models.features import FEATURE_COLUMNS
 from models.neighbour_arrays import neighbour_arrays, read_neighbour_arrays
 from models.queries import whole_queries
@@ -154,15 +155,13 @@ class PackedStates(Mapping[str, bytes]):
     def from_tables(cls, tables: Iterable[pa.Table]) -> "PackedStates":
         """The states of tables of `user_id` and `state` columns, read one at a time.
 
-        Each table's buffers are copied into NumPy arrays and released before the next is read,
-        so the read never holds more than one table beyond the states. (Read whole, Arrow's
-        allocator kept about 90 MB beyond the values of the 10M-event shop after returning
-        what it could; these arrays keep a few MB.)
+        Each table's buffers are copied into NumPy arrays and released before the next is read
+        (`models.arrow_buffers`), so the read never holds more than one table beyond the states.
         """
         ids, values = [], []
         for table in tables:
-            ids.append(_binary_parts(table.column(USER_KEY).cast(pa.large_string())))
-            values.append(_binary_parts(table.column("state").cast(pa.large_binary())))
+            ids.append(binary_parts(table.column(USER_KEY).cast(pa.large_string())))
+            values.append(binary_parts(table.column("state").cast(pa.large_binary())))
         return cls(_joined(ids, pa.large_string()), _joined(values, pa.large_binary()))
 
     @classmethod
@@ -476,21 +475,9 @@ def _encode_afresh(lake: Lake) -> tuple[ItemTable, Iterator[tuple[str, bytes, bo
     return encode_snapshot(lake)
 
 
-def _binary_parts(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A large string or binary column's offsets (from 0) and bytes, copied out of Arrow."""
-    array = column.combine_chunks()
-    offsets = np.frombuffer(array.buffers()[1], np.int64, len(array) + 1, array.offset * 8)
-    data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].copy()
-    return offsets - offsets[0], data
-
-
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]], kind: pa.DataType) -> pa.Array:
-    """One Arrow array of `kind` over the concatenated `_binary_parts` (no copy into Arrow)."""
-    ends = np.cumsum([0, *(len(data) for _, data in parts)])
-    offsets = np.concatenate(
-        [np.zeros(1, np.int64), *(o[1:] + end for (o, _), end in zip(parts, ends, strict=False))]
-    )
-    data = np.concatenate([np.zeros(0, np.uint8), *(data for _, data in parts)])
+    """One Arrow array of `kind` over the concatenated `binary_parts` (no copy into Arrow)."""
+    offsets, data = joined_parts(parts)
     return pa.Array.from_buffers(
         kind, len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
     )
