@@ -6,8 +6,9 @@ four times faster for one request's 200 candidates (docs/benchmarks.md).
 
 - `compile_library` compiles a model's text into `LIBRARY_FILE` in a folder, beside
   `LIBRARY_INFO_FILE`: the model text's SHA-256, the object's SHA-256, the lleaves and llvmlite
-  versions and the target it was compiled for. The pipeline does it when a ranker becomes
-  production, so the production model's folder (and the bento) carries it.
+  versions and the target it was compiled for; and `PROBE_FILE`, the probe rows with LightGBM's
+  scores of them (their SHA-256 and the LightGBM version in the info). The pipeline does it when
+  a ranker becomes production, so the production model's folder (and the bento) carries it.
 - The target is portable, never the build machine's CPU (LLVM's default): the baseline of the
   architecture (`x86-64`, SSE2 only, on x86; `generic` elsewhere). On this machine that is as fast
   as code for its own CPU (docs/benchmarks.md), and it runs on any CPU of the architecture.
@@ -16,7 +17,11 @@ four times faster for one request's 200 candidates (docs/benchmarks.md).
   library compiled now in a child process (never in the serving process: LLVM holding the GIL
   for seconds, or crashing, must not touch requests) and cached by all of that, else LightGBM.
   A library is used only after it scored probe rows built from the model's own split
-  thresholds (each side of every threshold, missing values) within `TOLERANCE` of LightGBM.
+  thresholds (each side of every threshold, missing values) within `TOLERANCE` of LightGBM:
+  of the scores LightGBM gave them when the library was compiled (`PROBE_FILE`, when the same
+  LightGBM version is installed), else of LightGBM's scores now. So a worker serving the
+  compiled ranker never imports LightGBM at start-up (about 0.5 s of its start on 2 cores); the
+  booster is loaded when an explanation first needs it (`models.ranker.LazyBooster`).
   Any failure (import, compile, load, mismatch) is logged and serves LightGBM: compilation is an
   optimisation, never a reason not to serve.
 
@@ -25,21 +30,24 @@ apply the same objective transform; for LambdaRank that is none (the raw scores 
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.ranker import booster_from_text
+from models.ranker import LazyBooster, booster_from_text
 
 if TYPE_CHECKING:  # LightGBM is imported where a booster is loaded (`models.ranker`)
     import lightgbm as lgb
@@ -48,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 LIBRARY_FILE = "ranker.lleaves.o"
 LIBRARY_INFO_FILE = "ranker.lleaves.json"
+# The probe rows (`probe_rows`) and LightGBM's scores of them, written with the library.
+PROBE_FILE = "ranker.lleaves.probe.npz"
 
 ENGINE_COMPILED = "compiled"
 ENGINE_LIGHTGBM = "lightgbm"
@@ -60,6 +70,30 @@ _PROBE_ROWS = 256
 # LightGBM's kZeroThreshold (1e-35 as a float32): its predictor drops a dense row's values within
 # it of 0, so they reach the trees as exactly 0 (a split at -kZeroThreshold tells them apart).
 ZERO_THRESHOLD = float(np.float32(1e-35))
+
+
+_LLEAVES_IMPORT = threading.Lock()
+
+
+def import_lleaves() -> ModuleType:
+    """lleaves, imported without pandas unless pandas is loaded already.
+
+    lleaves imports pandas only to recognise DataFrames, and falls back to a stand-in class
+    without it; this module hands it arrays only. In a serving worker nothing else needs pandas,
+    which would be about 0.3 s and 32 MiB of its start-up (measured: docs/benchmarks.md). `None`
+    in `sys.modules` makes `import pandas` raise ImportError, the import system's documented
+    way to block a module, for the length of this import only.
+    """
+    with _LLEAVES_IMPORT:
+        blocked = "pandas" not in sys.modules
+        if blocked:
+            sys.modules["pandas"] = None  # type: ignore[assignment]
+        try:
+            import lleaves
+        finally:
+            if blocked and sys.modules.get("pandas", False) is None:
+                del sys.modules["pandas"]
+    return lleaves
 
 
 class CompilationError(RuntimeError):
@@ -107,14 +141,15 @@ class RankerEngine:
 
     Attributes:
         predictor: A `CompiledRanker` or the `lgb.Booster`; both `predict(rows, num_threads=1)`.
-        booster: The LightGBM booster (the reference, and what serves without compilation).
+        booster: The LightGBM booster (what serves without compilation); a `LazyBooster`,
+            loaded on first use, when the compiled ranker serves.
         engine: `ENGINE_COMPILED` or `ENGINE_LIGHTGBM`.
         source: Where the compiled library came from (`shipped`, `cache`, `compiled`), or why
             LightGBM serves.
     """
 
     predictor: Any
-    booster: "lgb.Booster"
+    booster: "lgb.Booster | LazyBooster"
     engine: str
     source: str
 
@@ -159,10 +194,10 @@ def compile_library(model_text: str, folder: Path) -> dict[str, Any]:
         folder: Where to write the two files (created when missing).
 
     Returns:
-        The library's info: `library_key`, the object's `library_sha256`, its size and the
-        seconds the compilation took.
+        The library's info: `library_key`, the object's `library_sha256`, its size, the
+        seconds the compilation took, and the probe's `probe_sha256` and `probe_lightgbm`.
     """
-    import lleaves
+    lleaves = import_lleaves()
 
     folder.mkdir(parents=True, exist_ok=True)
     key = library_key(model_text)
@@ -179,15 +214,23 @@ def compile_library(model_text: str, folder: Path) -> dict[str, Any]:
             target_cpu_features=key["cpu_features"],
         )
         data = library.read_bytes()
+        compile_seconds = time.perf_counter() - started
+        probe = Path(scratch, PROBE_FILE)
+        booster = booster_from_text(model_text)
+        rows = probe_rows(booster)
+        np.savez(probe, rows=rows, scores=booster.predict(rows, num_threads=1))
         info = {
             **key,
             "library_sha256": hashlib.sha256(data).hexdigest(),
             "library_bytes": len(data),
-            "compile_seconds": round(time.perf_counter() - started, 3),
+            "compile_seconds": round(compile_seconds, 3),
+            "probe_sha256": hashlib.sha256(probe.read_bytes()).hexdigest(),
+            "probe_lightgbm": metadata.version("lightgbm"),
         }
         info_file = Path(scratch, LIBRARY_INFO_FILE)
         info_file.write_text(json.dumps(info, indent=2))
         os.replace(library, folder / LIBRARY_FILE)
+        os.replace(probe, folder / PROBE_FILE)  # the info last: it names both
         os.replace(info_file, folder / LIBRARY_INFO_FILE)
     return info
 
@@ -200,7 +243,7 @@ def load_library(model_text: str, folder: Path) -> CompiledRanker:
             or target, or its bytes are not those it was compiled to (a corrupt object file is
             never handed to LLVM's loader).
     """
-    import lleaves
+    lleaves = import_lleaves()
 
     library, info_file = folder / LIBRARY_FILE, folder / LIBRARY_INFO_FILE
     if not library.is_file() or not info_file.is_file():
@@ -256,23 +299,47 @@ def probe_rows(booster: "lgb.Booster", rows: int = _PROBE_ROWS, seed: int = 0) -
 
 
 def check_agreement(compiled: CompiledRanker, booster: "lgb.Booster") -> float:
-    """The largest score difference on `probe_rows`; raises beyond `TOLERANCE`.
+    """The largest score difference to LightGBM on `probe_rows`; raises beyond `TOLERANCE`.
 
     Raises:
         CompilationError: The compiled ranker disagrees with LightGBM.
     """
-    if compiled.num_feature() != booster.num_feature():
-        raise CompilationError(
-            f"compiled ranker takes {compiled.num_feature()} features, "
-            f"LightGBM's {booster.num_feature()}"
-        )
     rows = probe_rows(booster)
-    difference = float(
-        np.max(np.abs(compiled.predict(rows) - booster.predict(rows, num_threads=1)))
-    )
+    return check_scores(compiled, rows, booster.predict(rows, num_threads=1))
+
+
+def check_scores(compiled: CompiledRanker, rows: np.ndarray, expected: np.ndarray) -> float:
+    """The largest difference to LightGBM's scores of `rows`; raises beyond `TOLERANCE`.
+
+    Raises:
+        CompilationError: The compiled ranker disagrees with LightGBM, or takes other features.
+    """
+    if rows.ndim != 2 or compiled.num_feature() != rows.shape[1]:
+        raise CompilationError(
+            f"compiled ranker takes {compiled.num_feature()} features, LightGBM's {rows.shape}"
+        )
+    difference = float(np.max(np.abs(compiled.predict(rows) - expected)))
     if not difference <= TOLERANCE:  # NaN counts as a disagreement
         raise CompilationError(f"compiled ranker differs from LightGBM by {difference}")
     return difference
+
+
+def stored_probe(folder: Path, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The probe rows and LightGBM's scores of them written with a library (`PROBE_FILE`).
+
+    None when they cannot stand in for LightGBM's scores now: no probe (a library compiled
+    before probes were stored), its bytes not those the info names, or scored by another
+    LightGBM version than the one installed (which would serve in the library's stead).
+    """
+    probe = folder / PROBE_FILE
+    if not probe.is_file() or info.get("probe_lightgbm") != metadata.version("lightgbm"):
+        return None
+    data = probe.read_bytes()
+    if hashlib.sha256(data).hexdigest() != info.get("probe_sha256"):
+        logger.warning("Probe in %s is corrupt (SHA-256 differs): LightGBM scores it", folder)
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        return stored["rows"], stored["scores"]
 
 
 def compile_in_subprocess(model_text: str, folder: Path) -> dict[str, Any]:
@@ -327,7 +394,8 @@ def load_ranker_engine(
 
     Tries, in order: the library shipped in `shipped` (the production model's folder), one in
     `cache_dir` from an earlier start, one compiled now into `cache_dir`. Every library must
-    pass `check_agreement` before it is used.
+    score the probe rows as LightGBM does before it is used: `check_scores` against the stored
+    probe (`stored_probe`), else `check_agreement` (LightGBM loaded now).
 
     Args:
         model_text: The model in LightGBM's text format.
@@ -339,7 +407,7 @@ def load_ranker_engine(
     Returns:
         The engine; `engine` says which one predicts.
     """
-    booster = booster_from_text(model_text)
+    booster = LazyBooster(model_text)
     attempts: list[tuple[str, Path]] = []
     if shipped is not None:
         attempts.append(("shipped", shipped))
@@ -350,7 +418,8 @@ def load_ranker_engine(
             attempts.append(("cache", cached))
         except Exception as error:  # e.g. lleaves or llvmlite not installed
             logger.warning("Ranker not compiled (%s): LightGBM serves", error)
-            return RankerEngine(booster, booster, ENGINE_LIGHTGBM, f"unavailable: {error}")
+            loaded = booster.get()
+            return RankerEngine(loaded, loaded, ENGINE_LIGHTGBM, f"unavailable: {error}")
     reasons = []
     for source, folder in attempts:
         try:
@@ -369,18 +438,24 @@ def load_ranker_engine(
         logger.info("No compiled ranker fits (%s): LightGBM serves", reason)
     else:
         logger.warning("Compiled ranker unavailable (%s): LightGBM serves", reason)
-    return RankerEngine(booster, booster, ENGINE_LIGHTGBM, reason)
+    loaded = booster.get()
+    return RankerEngine(loaded, loaded, ENGINE_LIGHTGBM, reason)
 
 
-def _checked(model_text: str, folder: Path, booster: "lgb.Booster", source: str) -> RankerEngine:
+def _checked(model_text: str, folder: Path, booster: LazyBooster, source: str) -> RankerEngine:
     compiled = load_library(model_text, folder)
-    difference = check_agreement(compiled, booster)
+    probe = stored_probe(folder, compiled.info)
+    if probe is not None:
+        difference, against = check_scores(compiled, *probe), "its stored probe"
+    else:
+        difference, against = check_agreement(compiled, booster.get()), "LightGBM now"
     logger.info(
-        "Compiled ranker (%s, %s) serves: %s, max difference to LightGBM %.1e",
+        "Compiled ranker (%s, %s) serves: %s, max difference to LightGBM %.1e (%s)",
         source,
         compiled.info.get("cpu"),
         folder,
         difference,
+        against,
     )
     return RankerEngine(compiled, booster, ENGINE_COMPILED, source)
 
@@ -398,7 +473,7 @@ def write_compiled(model_text: str, folder: Path) -> None:
         logger.info("Compiled the ranker in %.1f s into %s", info["compile_seconds"], folder)
     except Exception:  # the model stays usable through LightGBM; the service may compile later
         logger.exception("Could not compile the ranker into %s: it ships without", folder)
-        for name in (LIBRARY_FILE, LIBRARY_INFO_FILE):
+        for name in (LIBRARY_FILE, LIBRARY_INFO_FILE, PROBE_FILE):
             (folder / name).unlink(missing_ok=True)
 
 

@@ -1,7 +1,8 @@
 """Training the LightGBM LambdaRank ranker on the multi-cutoff training set."""
 
+import threading
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -176,6 +177,44 @@ def booster_from_text(model_text: str) -> "lgb.Booster":
     import lightgbm as lgb
 
     return lgb.Booster(model_str=model_text)
+
+
+class LazyBooster:
+    """A model's LightGBM booster, loaded on first use: predicts like `lgb.Booster`.
+
+    What a worker serving the compiled ranker keeps for explanations (`pred_contrib`), which
+    only LightGBM computes: a worker that is never asked for one never imports LightGBM (with
+    its pandas and SciPy) nor holds the booster. Safe to share between threads.
+
+    Args:
+        text: The model in LightGBM's text format.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._booster: lgb.Booster | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the booster has been loaded."""
+        return self._booster is not None
+
+    def get(self) -> "lgb.Booster":
+        """The booster, loaded now if it was not."""
+        if self._booster is None:
+            with self._lock:
+                if self._booster is None:
+                    self._booster = booster_from_text(self._text)
+        return self._booster
+
+    def predict(self, data: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - as lgb.Booster.predict
+        """`lgb.Booster.predict` of the loaded booster."""
+        return self.get().predict(data, **kwargs)
+
+    def num_feature(self) -> int:
+        """Features the model takes."""
+        return self.get().num_feature()
 
 
 def model_text(booster: "lgb.Booster") -> str:

@@ -321,7 +321,7 @@ class Lake:
                 schema = parquet.schema_arrow
                 if columns is not None:
                     schema = pa.schema([schema.field(name) for name in columns])
-                yield schema.empty_table()
+                yield pa.Table.from_batches([], schema=schema)  # empty_table imports pandas
 
     def write_text(self, text: str, relpath: str) -> str:
         """Writes a text file atomically."""

@@ -2,9 +2,13 @@
 here and on the pipeline's production model; LightGBM serves whenever compiling or loading fails;
 the service says which engine serves."""
 
+import hashlib
 import json
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,6 +20,7 @@ from models.compiled_ranker import (
     ENGINE_LIGHTGBM,
     LIBRARY_FILE,
     LIBRARY_INFO_FILE,
+    PROBE_FILE,
     TOLERANCE,
     CompilationError,
     check_agreement,
@@ -141,6 +146,80 @@ def test_a_corrupt_or_foreign_library_is_never_loaded(trained_text, compiled_fol
     assert (recompiled.engine, recompiled.source) == (ENGINE_COMPILED, "compiled")
 
 
+def test_a_library_with_its_probe_serves_without_lightgbm_until_an_explanation(
+    trained_text, compiled_folder, tmp_path
+):
+    # A fresh interpreter, as a worker starting: nothing has imported LightGBM before.
+    (tmp_path / "model.txt").write_text(trained_text)
+    script = f"""
+import json, sys
+import numpy as np
+from models.compiled_ranker import load_ranker_engine
+engine = load_ranker_engine(open({str(tmp_path / "model.txt")!r}).read(), \
+    __import__("pathlib").Path({str(compiled_folder)!r}), None, compiler=None)
+before = "lightgbm" in sys.modules
+rows = np.random.default_rng(7).normal(size=(3, engine.predictor.num_feature()))
+contributions = engine.booster.predict(rows, pred_contrib=True, num_threads=1)
+print(json.dumps({{"engine": engine.engine, "source": engine.source, "before": before,
+    "after": "lightgbm" in sys.modules, "contributions": contributions.tolist(),
+    "scores": engine.predictor.predict(rows).tolist(), "rows": rows.tolist()}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (seen["engine"], seen["source"]) == (ENGINE_COMPILED, "shipped")
+    assert seen["before"] is False and seen["after"] is True
+    # The contributions come from the booster loaded on demand: they sum to LightGBM's score.
+    booster = booster_from_text(trained_text)
+    rows = np.array(seen["rows"])
+    expected = booster.predict(rows, pred_contrib=True, num_threads=1)
+    assert np.allclose(seen["contributions"], expected)
+    assert np.allclose(np.sum(seen["contributions"], axis=1), seen["scores"], atol=1e-6)
+
+
+def copied(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for name in (LIBRARY_FILE, LIBRARY_INFO_FILE, PROBE_FILE):
+        (to / name).write_bytes((folder / name).read_bytes())
+    return to
+
+
+def test_the_stored_probe_decides_and_lightgbm_checks_when_it_cannot(
+    trained_text, compiled_folder, tmp_path
+):
+    # A probe whose scores are not the library's: the library is refused, LightGBM serves.
+    wrong = copied(compiled_folder, tmp_path / "wrong")
+    with np.load(wrong / PROBE_FILE) as probe:
+        rows, scores = probe["rows"], probe["scores"]
+    np.savez(wrong / PROBE_FILE, rows=rows, scores=scores + 1e-3)
+    info = json.loads((wrong / LIBRARY_INFO_FILE).read_text())
+    info["probe_sha256"] = hashlib.sha256((wrong / PROBE_FILE).read_bytes()).hexdigest()
+    (wrong / LIBRARY_INFO_FILE).write_text(json.dumps(info))
+    engine = load_ranker_engine(trained_text, wrong, None, compiler=None)
+    assert engine.engine == ENGINE_LIGHTGBM and "differs from LightGBM" in engine.source
+
+    # The stored probe serves: the booster is not loaded.
+    engine = load_ranker_engine(trained_text, compiled_folder, None, compiler=None)
+    assert engine.engine == ENGINE_COMPILED and not engine.booster.loaded
+    # A corrupt probe, or one scored by another LightGBM version, cannot stand in for LightGBM:
+    # LightGBM scores the probe rows now, and the (sound) library serves.
+    corrupt = copied(compiled_folder, tmp_path / "corrupt")
+    (corrupt / PROBE_FILE).write_bytes((corrupt / PROBE_FILE).read_bytes()[:-8] + b"\0" * 8)
+    foreign = copied(compiled_folder, tmp_path / "foreign")
+    info = json.loads((foreign / LIBRARY_INFO_FILE).read_text())
+    (foreign / LIBRARY_INFO_FILE).write_text(json.dumps({**info, "probe_lightgbm": "0.1"}))
+    missing = copied(compiled_folder, tmp_path / "missing")
+    (missing / PROBE_FILE).unlink()
+    for folder in (corrupt, foreign, missing):
+        engine = load_ranker_engine(trained_text, folder, None, compiler=None)
+        assert engine.engine == ENGINE_COMPILED and engine.booster.loaded, folder.name
+
+
 def test_promotion_ships_the_compiled_ranker_and_survives_a_failing_hook(trained_text, tmp_path):
     from models.compiled_ranker import write_compiled
 
@@ -156,7 +235,7 @@ def test_promotion_ships_the_compiled_ranker_and_survives_a_failing_hook(trained
     assert not (production_path(home) / LIBRARY_FILE).exists()
     promote(home, second, add_files=write_compiled)
     folder = production_path(home)
-    assert (folder / LIBRARY_FILE).is_file()
+    assert (folder / LIBRARY_FILE).is_file() and (folder / PROBE_FILE).is_file()
     assert read_ranker(folder)[0] == trained_text
     assert load_library(trained_text, folder).predict(feature_matrix(synthetic_rows(1, 5, 5))).size
     rollback(home)  # back to the first production version, which had none
