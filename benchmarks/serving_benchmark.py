@@ -63,7 +63,9 @@ The online store (issue 17), `--stores embedded redis --workers 1 2`: on the sta
 1. the lake's serving snapshot is written into Redis as one version
    (`models.online_store.write_from_lake`); Redis memory is its `used_memory` after the write
    minus before, divided by the users with candidates (`WrittenVersion.known_users`);
-2. for each worker count and store, a fresh copy of the state is served with
+2. for each worker count and store, a fresh copy of the state is served (its lake hard-linked,
+   without the warehouse: `state_copy(serving=True)`, so copying gigabytes does not evict the
+   service's code from the page cache just before its start) with
    `bentoml serve bentos/service.py:RecommendationService` and
    `BENTOML_CONFIG_OPTIONS=services.shelfwise.workers=N` (`SHELFWISE_REDIS_URL` set for
    `redis`: the workers read only the version's shared parts at start-up): start-up is the
@@ -1138,7 +1140,7 @@ def serve_store(
     if args.otlp_url:  # --otlp: tracing on, every request sampled (bentos/tracing.py)
         extra["SHELFWISE_OTLP_ENDPOINT"] = args.otlp_url
     load_before = load_average()
-    with state_copy(home, scratch, f"state-{name}") as copy:
+    with state_copy(home, scratch, f"state-{name}", serving=True) as copy:
         env = state_env(copy, extra=extra)
         log = scratch / f"{name}.log"
         print(f"{store}, {workers} worker(s): starting …", flush=True)

@@ -94,11 +94,29 @@ def state_record(home: Path, name: str, rebuild: bool = False) -> dict[str, Any]
 
 
 @contextmanager
-def state_copy(home: Path, scratch: Path, name: str) -> Iterator[Path]:
-    """A fresh copy of the state (without its log), removed afterwards."""
+def state_copy(home: Path, scratch: Path, name: str, serving: bool = False) -> Iterator[Path]:
+    """A fresh copy of the state (without its log), removed afterwards.
+
+    With `serving`, a copy for the service alone: the lake's files are hard links and the
+    warehouse is left out. The service never reads the warehouse, and only adds files to the
+    lake (written under a temporary name and renamed in, `shelfwise.lake`), so no write goes
+    through a link into `home`. Copying the 10M-event shop (9 GB) evicted the service's own
+    code from the page cache just before it started: its start-up measured a cold disk (6.5 s
+    against 4.4-5.0 s, measured once with the page cache dropped), not the service.
+    """
     copy = scratch / name
-    shutil.copytree(home, copy, ignore=shutil.ignore_patterns("wal", "*.log"))
+    ignore = ["wal", "*.log", *(["warehouse", "lake"] if serving else [])]
+    shutil.copytree(home, copy, ignore=shutil.ignore_patterns(*ignore))
+    if serving and (home / "lake").is_dir():
+        shutil.copytree(home / "lake", copy / "lake", copy_function=_link)
     try:
         yield copy
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+
+
+def _link(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system: a copy
+        shutil.copy2(source, destination)
