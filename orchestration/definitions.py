@@ -19,6 +19,7 @@ from orchestration.assets.ranked_lists import ranked_lists
 from orchestration.assets.ranking import candidates, ranker, training_set
 from orchestration.assets.snapshot import serving_features
 from orchestration.automation import daily_retraining, feedback_volume, retraining
+from orchestration.concurrency import pipeline_executor
 from orchestration.dbt_project import dbt_project
 from orchestration.resources import ShelfwiseResource
 
@@ -44,6 +45,7 @@ defs = dg.Definitions(
     jobs=[retraining],
     schedules=[daily_retraining],
     sensors=[feedback_volume],
+    executor=pipeline_executor,
     resources={
         "shelfwise": ShelfwiseResource(),
         # The dbt of this virtual environment, also when it is not activated.
@@ -61,5 +63,6 @@ def bound_to(shelfwise: ShelfwiseResource) -> dg.Definitions:
         jobs=defs.jobs,
         schedules=defs.schedules,
         sensors=defs.sensors,
+        executor=defs.executor,
         resources={**defs.resources, "shelfwise": shelfwise},
     )

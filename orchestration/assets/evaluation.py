@@ -26,6 +26,7 @@ from models.report import (
     render_rebuy_markdown,
 )
 from models.training_set import label_queries
+from orchestration.concurrency import MEMORY_HEAVY
 from orchestration.resources import ShelfwiseResource
 from shelfwise.intake.ingest import ingested_dates
 from shelfwise.lake import EVALUATION_CHART, EVENTS, Lake, ground_truth_table, partition_day
@@ -190,7 +191,11 @@ def _segment_metadata(results: dict) -> dict[str, float | int | str]:
     return values
 
 
-@dg.asset(deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES], group_name="ranking")
+@dg.asset(
+    deps=["ranker", "candidates", "interaction_labels", *TABLE_NAMES],
+    group_name="ranking",
+    op_tags=MEMORY_HEAVY,
+)
 def evaluation(shelfwise: ShelfwiseResource) -> dg.MaterializeResult:
     """Offline quality on the held-out label window after the evaluation cutoff (a time split;
     `label_window_days` of the `dbt_feature_tables` config, 7 by default), computed by our own

@@ -28,6 +28,7 @@ from models.ranker import (
     train_ranker_with_validation_model,
 )
 from models.training_set import build_training_set, label_queries
+from orchestration.concurrency import MEMORY_HEAVY
 from orchestration.configs import config_from, to_params
 from orchestration.resources import ShelfwiseResource
 
@@ -74,7 +75,7 @@ CANDIDATE_MARTS = [
 ROLES = ("training", "evaluation", "serving")
 
 
-@dg.asset(deps=CANDIDATE_MARTS, group_name="ranking")
+@dg.asset(deps=CANDIDATE_MARTS, group_name="ranking", op_tags=MEMORY_HEAVY)
 def candidates(shelfwise: ShelfwiseResource, config: CandidatesConfig) -> dg.MaterializeResult:
     """Candidate items per user and cutoff from nine generators (history, buy-again,
     co-visitation, bought-together, collaborative, category-popular, new items by content,

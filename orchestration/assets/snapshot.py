@@ -14,6 +14,7 @@ from models.queries import QUERY
 from models.recommender import serving_popular, serving_snapshot
 from models.session import BOUGHT_TOGETHER, COLLABORATIVE, COVISIT
 from models.snapshot import write_user_states
+from orchestration.concurrency import MEMORY_HEAVY
 from orchestration.resources import ShelfwiseResource
 
 SERVING_POPULAR_ITEMS = 200
@@ -36,6 +37,7 @@ class ServingFeaturesConfig(dg.Config):
         *TABLE_NAMES,
     ],
     group_name="serving",
+    op_tags=MEMORY_HEAVY,
 )
 def serving_features(
     shelfwise: ShelfwiseResource, config: ServingFeaturesConfig
