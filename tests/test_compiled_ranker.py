@@ -149,7 +149,8 @@ def test_a_corrupt_or_foreign_library_is_never_loaded(trained_text, compiled_fol
 def test_a_library_with_its_probe_serves_without_lightgbm_until_an_explanation(
     trained_text, compiled_folder, tmp_path
 ):
-    # A fresh interpreter, as a worker starting: nothing has imported LightGBM before.
+    # A fresh interpreter, as a worker starting: nothing has imported LightGBM (nor pandas,
+    # which lleaves is imported without) before.
     (tmp_path / "model.txt").write_text(trained_text)
     script = f"""
 import json, sys
@@ -157,7 +158,7 @@ import numpy as np
 from models.compiled_ranker import load_ranker_engine
 engine = load_ranker_engine(open({str(tmp_path / "model.txt")!r}).read(), \
     __import__("pathlib").Path({str(compiled_folder)!r}), None, compiler=None)
-before = "lightgbm" in sys.modules
+before = "lightgbm" in sys.modules or "pandas" in sys.modules
 rows = np.random.default_rng(7).normal(size=(3, engine.predictor.num_feature()))
 contributions = engine.booster.predict(rows, pred_contrib=True, num_threads=1)
 print(json.dumps({{"engine": engine.engine, "source": engine.source, "before": before,
