@@ -442,13 +442,21 @@ def load_ranker_engine(
     return RankerEngine(loaded, loaded, ENGINE_LIGHTGBM, reason)
 
 
-def _checked(model_text: str, folder: Path, booster: LazyBooster, source: str) -> RankerEngine:
-    compiled = load_library(model_text, folder)
+def _agreement(compiled: CompiledRanker, folder: Path, booster: LazyBooster) -> tuple[float, str]:
+    """The compiled ranker's largest difference to LightGBM, and what it was checked against.
+
+    The probe stored in `folder` when it can stand in for LightGBM, else LightGBM's scores now
+    (the booster loaded).
+    """
     probe = stored_probe(folder, compiled.info)
     if probe is not None:
-        difference, against = check_scores(compiled, *probe), "its stored probe"
-    else:
-        difference, against = check_agreement(compiled, booster.get()), "LightGBM now"
+        return check_scores(compiled, *probe), "its stored probe"
+    return check_agreement(compiled, booster.get()), "LightGBM now"
+
+
+def _checked(model_text: str, folder: Path, booster: LazyBooster, source: str) -> RankerEngine:
+    compiled = load_library(model_text, folder)
+    difference, against = _agreement(compiled, folder, booster)
     logger.info(
         "Compiled ranker (%s, %s) serves: %s, max difference to LightGBM %.1e (%s)",
         source,
@@ -468,8 +476,8 @@ def write_compiled(model_text: str, folder: Path) -> None:
     """
     try:
         info = compile_library(model_text, folder)
-        compiled = load_library(model_text, folder)
-        check_agreement(compiled, booster_from_text(model_text))
+        # Against the probe `compile_library` just scored with LightGBM, not a second booster.
+        _agreement(load_library(model_text, folder), folder, LazyBooster(model_text))
         logger.info("Compiled the ranker in %.1f s into %s", info["compile_seconds"], folder)
     except Exception:  # the model stays usable through LightGBM; the service may compile later
         logger.exception("Could not compile the ranker into %s: it ships without", folder)

@@ -212,10 +212,6 @@ class LazyBooster:
         """`lgb.Booster.predict` of the loaded booster."""
         return self.get().predict(data, **kwargs)
 
-    def num_feature(self) -> int:
-        """Features the model takes."""
-        return self.get().num_feature()
-
 
 def model_text(booster: "lgb.Booster") -> str:
     """A trained ranker in LightGBM's text format, cut at its best iteration."""
