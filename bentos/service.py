@@ -106,7 +106,14 @@ from shelfwise.runtime.feedback import (
     latest_stock_updates,
     restore_seen_events,
 )
-from shelfwise.runtime.online_state import StockChange, UserActivity, open_state
+from shelfwise.runtime.online_state import (
+    RedisState,
+    StateRead,
+    StockChange,
+    UserActivity,
+    open_state,
+)
+from shelfwise.runtime.read_batcher import ReadBatcher
 from shelfwise.runtime.registry import (
     PRODUCTION_MODEL_NAME,
     SOURCE_TAG,
@@ -146,6 +153,21 @@ RANKER_ENGINE = bentoml.metrics.Gauge(
     "'lightgbm', or 'none' without a ranker.",
     labelnames=["engine"],
 )
+
+STATE_ROUND_TRIPS = bentoml.metrics.Counter(
+    name="shelfwise_state_round_trips",
+    documentation="Round trips to Redis that read the online state for /recommend requests.",
+)
+STATE_READS = bentoml.metrics.Counter(
+    name="shelfwise_state_reads",
+    documentation="/recommend requests whose online state was read in those round trips "
+    "(reads / round trips: requests per round trip).",
+)
+
+
+def _count_state_reads(requests: int) -> None:
+    STATE_ROUND_TRIPS.inc()
+    STATE_READS.inc(requests)
 
 
 def show_ranker_engine(engine: str) -> None:
@@ -200,6 +222,12 @@ class RecommendationService:
         self.serving = self._serving(*self._ranker, online=self._online_version(strict=False))
         show_ranker_engine(self.serving.ranker_engine)
         self.state = open_state(self.settings.redis_url, cluster=self.settings.redis_cluster)
+        # With Redis, the requests waiting on the event loop read it in one round trip.
+        self._state_reads: ReadBatcher[tuple[str, str | None], StateRead] | None = (
+            ReadBatcher(self.state.read_requests, on_batch=_count_state_reads)
+            if isinstance(self.state, RedisState)
+            else None
+        )
         # Segments are sealed (compactable) as often as they are compacted.
         self.feedback = FeedbackLog(
             self.settings.wal_dir, max_segment_seconds=self.settings.compact_every_s or 60.0
@@ -598,7 +626,9 @@ class RecommendationService:
         the work: GIL hand-offs between the loop and the worker threads. Measured at c=8, one
         worker: 1,280 req/s inline against 980 through the pool on the 152,064-user shop; with
         Redis on this machine (demo shop) 581 req/s inline, p99 22.9 ms, against 334 req/s,
-        p99 47 ms through the pool. While Redis is failing (`_store_down`), a request could wait
+        p99 47 ms through the pool. With Redis, `/recommend` reads the online state through
+        `_state_reads` (`shelfwise.runtime.read_batcher`): the requests waiting on the loop share
+        one round trip. While Redis is failing (`_store_down`), a request could wait
         on it for the client's timeout: then requests go to the pool, so that health probes and
         other requests keep being answered. An explained `/recommend` (`explain`) goes to the
         pool too: LightGBM's contributions take milliseconds (0.6 ms per item on the demo ranker),
@@ -624,10 +654,20 @@ class RecommendationService:
         filtered by the business rules (already bought, out of stock, the request's filters).
         With `explain`, each item says which generators proposed it and why the ranker put it
         there (its largest feature contributions)."""
-        return await self._run(
-            functools.partial(self.recommend_now, user_id, k, context, filters, explain),
-            offload=explain,
-        )
+        batcher = self._state_reads
+        if batcher is None or self._store_down or explain:
+            return await self._run(
+                functools.partial(self.recommend_now, user_id, k, context, filters, explain),
+                offload=explain,
+            )
+        serving = self.serving
+        ranked_key = serving.recommender.ranked_list_key(user_id)
+        try:
+            with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
+                read = await batcher.read((user_id, ranked_key))
+        except Exception as error:
+            read = self._without_state(error)
+        return self._recommend_read(serving, read, ranked_key, user_id, k, context, filters)
 
     def recommend_now(
         self,
@@ -641,20 +681,40 @@ class RecommendationService:
         serving = self.serving
         # With Redis, the user's ranked list is read in the online state's round trip.
         ranked_key = serving.recommender.ranked_list_key(user_id)
-        ranked_value, ranked_fetched = None, False
         try:
             with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
-                if ranked_key is None:
-                    activity, stock = self.state.activity_and_stock(user_id)
-                else:
-                    activity, stock, ranked_value = self.state.activity_stock_and_value(
-                        user_id, ranked_key
-                    )
-                    ranked_fetched = True
-        except Exception as error:  # Redis unreachable: answer without the session, not a 5xx
-            logger.warning("online state unavailable (%r): answering without it", error)
-            activity, stock = UserActivity(), {}
-            self._store_down = True  # off the event loop until the store poll reaches Redis
+                read = self.state.read_requests([(user_id, ranked_key)])[0]
+                if isinstance(read, Exception):
+                    raise read
+        except Exception as error:
+            read = self._without_state(error)
+        return self._recommend_read(
+            serving, read, ranked_key, user_id, k, context, filters, explain
+        )
+
+    def _without_state(self, error: Exception) -> StateRead | None:
+        """Redis unreachable: the request answers without the session, not with a 5xx."""
+        logger.warning("online state unavailable (%r): answering without it", error)
+        self._store_down = True  # off the event loop until the store poll reaches Redis
+        return None
+
+    def _recommend_read(
+        self,
+        serving: "Serving",
+        read: StateRead | None,
+        ranked_key: str | None,
+        user_id: str,
+        k: int,
+        context: RecommendContext | None,
+        filters: RecommendFilters | None,
+        explain: bool = False,
+    ) -> RecommendResponse:
+        """`/recommend`'s answer once the online state is read (`read`; None: unavailable)."""
+        if read is None:
+            activity, stock, ranked_value, ranked_fetched = UserActivity(), {}, None, False
+        else:
+            activity, stock, ranked_value = read
+            ranked_fetched = ranked_key is not None
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids

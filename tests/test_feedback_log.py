@@ -550,6 +550,38 @@ def test_activity_and_stock_in_one_read_see_another_workers_stock_change(redis_u
     assert worker.activity_and_stock("nobody")[1][item] == StockChange.at(False, DAY)
 
 
+@pytest.mark.parametrize("backend", ["in_process", "redis"])
+def test_several_requests_read_in_one_call_what_each_would_read_alone(backend, request):
+    redis_url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    state, tag = open_state(redis_url), time.monotonic_ns()
+    viewer, buyer, stranger = f"viewer-{tag}", f"buyer-{tag}", f"stranger-{tag}"
+    events = [
+        {"event_id": f"{tag}-1", "user_id": viewer, "item_id": "i1", "event_type": "view"},
+        {"event_id": f"{tag}-2", "user_id": viewer, "item_id": "i2", "event_type": "add_to_cart"},
+        {"event_id": f"{tag}-3", "user_id": buyer, "item_id": "i3", "event_type": "purchase"},
+    ]
+    state.record(events)
+    state.update_stock({f"item-{tag}": StockChange.at(False, DAY)})
+    value_key = f"shelfwise:value:{{{buyer}}}"
+    if redis_url is not None:
+        import redis
+
+        redis.Redis.from_url(redis_url).set(value_key, b"\x00ranked\xff")
+    requests = [(viewer, None), (buyer, value_key), (stranger, f"shelfwise:none:{{{tag}}}")]
+    reads = state.read_requests(requests)
+    alone = [state.read_requests([one])[0] for one in requests]
+    assert reads == alone
+    assert reads[0].activity.item_ids == ("i2", "i1") and reads[0].activity.carted_ids == {"i2"}
+    assert reads[1].activity.purchased_ids == {"i3"} and reads[2].activity.item_ids == ()
+    assert all(read.stock[f"item-{tag}"] == StockChange.at(False, DAY) for read in reads)
+    assert [read.value for read in reads] == [
+        None,
+        b"\x00ranked\xff" if redis_url else None,  # in process a value is never read
+        None,
+    ]
+    assert state.activity_stock_and_value(buyer, value_key) == tuple(reads[1])
+
+
 def test_a_stock_value_of_an_earlier_version_in_redis_counts_as_oldest(redis_url):
     import redis
 

@@ -25,7 +25,7 @@ from models.recommender import FALLBACK_POPULAR, Recommender
 from models.snapshot import CandidateSnapshot
 from shelfwise.lake import SERVING_NEIGHBOURS
 from shelfwise.runtime import store_keys as keys
-from shelfwise.runtime.online_state import StockChange, open_state
+from shelfwise.runtime.online_state import RedisState, StockChange, open_state
 from tests.support import redis_cluster, served_copy
 
 CLUSTER_ENV = {"SHELFWISE_REDIS_CLUSTER": "true"}
@@ -227,7 +227,18 @@ def test_a_primary_stopped_degrades_its_users_and_serves_the_others(pipeline_run
         client = open_client(url, cluster=True)
         version = load_version(client, write_from_lake(client, pipeline_run.lake).version)
         recommender = Recommender.from_online_store(version, None)
-        stopped = client.get_node_from_key(keys.user_key(version.version, "any"))
+        # A node that does not hold the stock (every state read needs it), so that the online
+        # state's users on the other nodes are still read.
+        stock_node = client.get_node_from_key("shelfwise:{stock}")
+        stopped = next(
+            node
+            for node in (
+                client.get_node_from_key(keys.user_key(version.version, f"any-{n}"))
+                for n in range(100)
+            )
+            if node != stock_node
+        )
+        state = RedisState(url, cluster=True)
         users = [
             user
             for user in sorted(held.states)[:60]
@@ -246,6 +257,11 @@ def test_a_primary_stopped_degrades_its_users_and_serves_the_others(pipeline_run
         for user in on_stopped[:5]:
             answer = recommender.recommend(user, 5)
             assert answer.fallback_level == FALLBACK_POPULAR and len(answer.items) == 5
+        # Several requests' state read together: a failed pipeline is read again request by
+        # request, so only the users on the stopped node lose their session.
+        mixed = elsewhere[:3] + on_stopped[:3]
+        reads = state.read_requests([(user, None) for user in mixed])
+        assert [isinstance(read, Exception) for read in reads] == [False] * 3 + [True] * 3
 
 
 def recommend(url: str, user_id: str, k: int = 10) -> dict:

@@ -2,6 +2,8 @@
 test may stop it) answer alike, see each other's events, follow a new version of the online store
 without a restart, and degrade instead of failing when Redis goes away."""
 
+import asyncio
+import re
 import time
 import uuid
 
@@ -63,6 +65,45 @@ def test_both_replicas_serve_the_store_and_answer_alike(replicas, pipeline_run):
     for user in users(pipeline_run)[:25] + ["someone-new"]:
         assert answer(recommend(replicas["a"], user)) == answer(recommend(replicas["b"], user))
     assert recommend(replicas["a"], users(pipeline_run)[0])["strategy"] == "personalized"
+
+
+def state_reads(url: str) -> tuple[float, float]:
+    """The replica's `/recommend` state reads and the Redis round trips they took."""
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+
+    def total(name: str) -> float:
+        found = re.search(rf"^{name}_total(?:{{[^}}]*}})? ([0-9.e+]+)$", metrics, re.M)
+        assert found, metrics[-2000:]
+        return float(found.group(1))
+
+    return total("shelfwise_state_reads"), total("shelfwise_state_round_trips")
+
+
+def test_concurrent_requests_share_round_trips_and_answer_as_one_at_a_time(replicas, pipeline_run):
+    """Requests waiting on a worker's event loop read Redis together (`ReadBatcher`)."""
+    # Eight: the worker's default limit of requests in progress (SHELFWISE_MAX_CONCURRENCY).
+    url, known = replicas["a"], users(pipeline_run)[:6]
+    crowd = known + [f"someone-new-{n}" for n in range(2)]
+    alone = {user: answer(recommend(url, user)) for user in crowd}
+
+    async def burst() -> list[tuple]:
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def one(user: str) -> tuple:
+                response = await client.post(f"{url}/recommend", json={"user_id": user, "k": 10})
+                assert response.status_code == 200, response.text
+                return answer(response.json())
+
+            return await asyncio.gather(*(one(user) for user in crowd))
+
+    reads_before, trips_before = state_reads(url)
+    for _ in range(5):  # concurrent, but not necessarily parsed in one pass of the loop
+        assert dict(zip(crowd, asyncio.run(burst()), strict=True)) == alone
+        reads, trips = state_reads(url)
+        if reads - reads_before > trips - trips_before:
+            break
+    assert reads - reads_before >= len(crowd)
+    assert reads - reads_before > trips - trips_before > 0  # some requests shared a round trip
 
 
 def test_a_view_posted_to_one_replica_changes_the_next_answer_of_the_other(replicas, pipeline_run):

@@ -21,7 +21,7 @@ ordered dictionary), about 150 MB in Redis (a key with a TTL each); both measure
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
@@ -67,6 +67,21 @@ class UserActivity:
     item_ids: tuple[str, ...] = ()
     carted_ids: frozenset[str] = frozenset()
     purchased_ids: frozenset[str] = frozenset()
+
+
+class StateRead(NamedTuple):
+    """What one request reads from the online state.
+
+    Attributes:
+        activity: The user's session, cart and purchases.
+        stock: The stock changes (item_id → change), shop-wide.
+        value: The raw value of the key the request asked for with it (the user's ranked list in
+            the online store); None without a key, when the key does not exist, and in process.
+    """
+
+    activity: UserActivity
+    stock: Mapping[str, StockChange]
+    value: bytes | None = None
 
 
 class OnlineState(Protocol):
@@ -118,6 +133,24 @@ class OnlineState(Protocol):
         """`activity_and_stock` and the raw value of another key of the same Redis, together.
 
         One round trip for a request's ranked list too; in process the value is always None.
+        """
+        ...
+
+    def read_requests(
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[StateRead | Exception]:
+        """What several requests read, together: one Redis round trip for all of them.
+
+        Args:
+            requests: Per request, the user and the key whose raw value it reads with the
+                user's activity (its ranked list), or None.
+
+        Returns:
+            One `StateRead` per request, in order; in a Redis Cluster with a node failing, the
+            error instead for the requests whose keys are on that node.
+
+        Raises:
+            Exception: The read failed for every request (Redis unreachable).
         """
         ...
 
@@ -221,6 +254,11 @@ class InProcessState:
     ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
         return self.activity(user_id), self._stock, None
 
+    def read_requests(  # noqa: D102
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[StateRead | Exception]:
+        return [StateRead(self.activity(user_id), self._stock) for user_id, _ in requests]
+
     def update_stock(self, changes: Mapping[str, StockChange]) -> None:  # noqa: D102
         with self._lock:
             for item, change in changes.items():
@@ -276,6 +314,7 @@ class RedisState:
         self._redis = redis_client(url, cluster=cluster, timeout_s=2, decode_responses=True)
         self._redis.ping()  # fail at start-up, not on the first request
         self._prefix = prefix
+        self._cluster = cluster
         # One hash tag: the script reads and writes both, and Redis Cluster runs a script only
         # over keys of one slot.
         self._stock_key = f"{prefix}{{stock}}"
@@ -365,26 +404,51 @@ class RedisState:
     def activity_and_stock(  # noqa: D102
         self, user_id: str
     ) -> tuple[UserActivity, Mapping[str, StockChange]]:
-        # One round trip: the stock's version travels with the activity; the hash itself is
-        # read again only when another worker changed it.
-        pipe = self._redis.pipeline(transaction=False)
-        self._queue_activity(pipe, user_id)
-        pipe.get(self._stock_version_key)
-        items, cart, bought, version = pipe.execute()
-        activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
-        return activity, self._stock_at(version)
+        read = self._read_together([(user_id, None)])[0]
+        return read.activity, read.stock
 
     def activity_stock_and_value(  # noqa: D102
         self, user_id: str, key: str
     ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
+        return self._read_together([(user_id, key)])[0]
+
+    def read_requests(  # noqa: D102
+        self, requests: Sequence[tuple[str, str | None]]
+    ) -> list[StateRead | Exception]:
+        try:
+            return list(self._read_together(requests))
+        except Exception:
+            if not self._cluster or len(requests) == 1:
+                raise
+        # A node of the cluster failing fails the whole pipeline: each request alone then, so
+        # that users whose keys are on the other nodes keep their session.
+        reads: list[StateRead | Exception] = []
+        for request in requests:
+            try:
+                reads.extend(self._read_together([request]))
+            except Exception as error:  # noqa: BLE001 - that request's answer degrades
+                reads.append(error)
+        return reads
+
+    def _read_together(self, requests: Sequence[tuple[str, str | None]]) -> list[StateRead]:
+        # One round trip: the stock's version travels with the activity (once for all the
+        # requests); the hash itself is read again only when another worker changed it.
         pipe = self._redis.pipeline(transaction=False)
-        self._queue_activity(pipe, user_id)
         pipe.get(self._stock_version_key)
-        # Binary, unlike this client's other replies: read undecoded.
-        pipe.execute_command("GET", key, **{self._never_decode: []})
-        items, cart, bought, version, value = pipe.execute()
-        activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
-        return activity, self._stock_at(version), value
+        for user_id, key in requests:
+            self._queue_activity(pipe, user_id)
+            if key is not None:
+                # Binary, unlike this client's other replies: read undecoded.
+                pipe.execute_command("GET", key, **{self._never_decode: []})
+        replies = iter(pipe.execute())
+        stock = self._stock_at(next(replies))
+        reads = []
+        for _, key in requests:
+            items, cart, bought = next(replies), next(replies), next(replies)
+            value = next(replies) if key is not None else None
+            activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
+            reads.append(StateRead(activity, stock, value))
+        return reads
 
     def _queue_activity(self, pipe: Any, user_id: str) -> None:  # noqa: ANN401 - redis' Pipeline
         pipe.lrange(self._user_key("session", user_id), 0, SESSION_ITEMS - 1)
