@@ -170,6 +170,18 @@ def _count_state_reads(requests: int) -> None:
     STATE_READS.inc(requests)
 
 
+def _store_keys(serving: "Serving", user_id: str) -> tuple[str | None, str | None]:
+    """The user's keys in the Redis candidate store that the online state's round trip reads
+    too, so that no request needs a second one: the ranked list's (None without ranked lists)
+    and the candidates' (None: the store is in process)."""
+    recommender = serving.recommender
+    return recommender.ranked_list_key(user_id), recommender.candidates_key(user_id)
+
+
+def _present(keys: tuple[str | None, ...]) -> tuple[str, ...]:
+    return tuple(key for key in keys if key is not None)
+
+
 def show_ranker_engine(engine: str) -> None:
     """Sets `shelfwise_ranker_engine` to the engine of the recommender now serving."""
     for name in (ENGINE_COMPILED, ENGINE_LIGHTGBM, "none"):
@@ -661,13 +673,13 @@ class RecommendationService:
                 offload=explain,
             )
         serving = self.serving
-        ranked_key = serving.recommender.ranked_list_key(user_id)
+        keys = _store_keys(serving, user_id)
         try:
             with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
-                read = await batcher.read((user_id, ranked_key))
+                read = await batcher.read((user_id, _present(keys)))
         except Exception as error:
             read = self._without_state(error)
-        return self._recommend_read(serving, read, ranked_key, user_id, k, context, filters)
+        return self._recommend_read(serving, read, keys, user_id, k, context, filters)
 
     def recommend_now(
         self,
@@ -679,18 +691,15 @@ class RecommendationService:
     ) -> RecommendResponse:
         """`/recommend`'s work, on the calling thread (arguments as validated by the API)."""
         serving = self.serving
-        # With Redis, the user's ranked list is read in the online state's round trip.
-        ranked_key = serving.recommender.ranked_list_key(user_id)
+        keys = _store_keys(serving, user_id)
         try:
             with stage(self._tracer, STAGE_STATE):  # a failure is recorded on the span
-                read = self.state.read_requests([(user_id, ranked_key)])[0]
+                read = self.state.read_requests([(user_id, _present(keys))])[0]
                 if isinstance(read, Exception):
                     raise read
         except Exception as error:
             read = self._without_state(error)
-        return self._recommend_read(
-            serving, read, ranked_key, user_id, k, context, filters, explain
-        )
+        return self._recommend_read(serving, read, keys, user_id, k, context, filters, explain)
 
     def _without_state(self, error: Exception) -> StateRead | None:
         """Redis unreachable: the request answers without the session, not with a 5xx."""
@@ -702,19 +711,25 @@ class RecommendationService:
         self,
         serving: "Serving",
         read: StateRead | None,
-        ranked_key: str | None,
+        keys: tuple[str | None, str | None],
         user_id: str,
         k: int,
         context: RecommendContext | None,
         filters: RecommendFilters | None,
         explain: bool = False,
     ) -> RecommendResponse:
-        """`/recommend`'s answer once the online state is read (`read`; None: unavailable)."""
+        """`/recommend`'s answer once the online state is read (`read`; None: unavailable) with
+        the values of the user's `keys` in the Redis candidate store (`_store_keys`)."""
+        ranked_key, candidates_key = keys
+        ranked_value, candidates_value = None, None
         if read is None:
-            activity, stock, ranked_value, ranked_fetched = UserActivity(), {}, None, False
+            activity, stock = UserActivity(), {}
         else:
-            activity, stock, ranked_value = read
-            ranked_fetched = ranked_key is not None
+            activity, stock, values = read
+            found = iter(values)
+            ranked_value = next(found) if ranked_key is not None else None
+            candidates_value = next(found) if candidates_key is not None else None
+        fetched = read is not None
         context = context or RecommendContext()
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
@@ -753,7 +768,9 @@ class RecommendationService:
                 stock,
                 need_rows,
                 ranked_value,
-                ranked_fetched,
+                fetched and ranked_key is not None,
+                candidates_value,
+                fetched and candidates_key is not None,
             )
         # Only with `explain`: a request without it does no more than before.
         explanations = self._explain(answer, serving, trial) if explain else None

@@ -320,11 +320,19 @@ class RedisCandidateStore:
         """How many users have candidates."""
         return self._known_users
 
-    def candidates_of(self, user_id: str) -> UserCandidates | None:
+    def user_key_of(self, user_id: str) -> str:
+        """The key of the user's candidates and purchases in this version."""
+        return keys.user_key(self.version, user_id)
+
+    def candidates_of(
+        self, user_id: str, value: bytes | None = None, fetched: bool = False
+    ) -> UserCandidates | None:
         """The user's candidates and purchases from this version (one GET).
 
         Args:
             user_id: Any user id.
+            value: The user's value, when the caller fetched it (`user_key_of`) already.
+            fetched: Whether it did (then `value` None means the version knows no such user).
 
         Returns:
             None when the version knows nothing of the user.
@@ -332,7 +340,7 @@ class RedisCandidateStore:
         Raises:
             redis.RedisError: Redis is unreachable.
         """
-        raw = self.client.get(keys.user_key(self.version, user_id))
+        raw = value if fetched else self.client.get(keys.user_key(self.version, user_id))
         if raw is None:
             return None
         return decode_user(raw, self._table)

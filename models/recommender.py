@@ -457,6 +457,14 @@ class Recommender:
         key_of = getattr(self._store, "ranked_key_of", None)
         return None if key_of is None else key_of(user_id)
 
+    def candidates_key(self, user_id: str) -> str | None:
+        """The Redis key of the user's candidates, when the candidate store is in Redis.
+
+        The caller may read it with the online state, in one round trip (None: no such key).
+        """
+        key_of = getattr(self._store, "user_key_of", None)
+        return None if key_of is None else key_of(user_id)
+
     @property
     def answers_from_ranked_lists(self) -> bool:
         """Whether requests without a session may be answered from the ranked lists."""
@@ -525,6 +533,8 @@ class Recommender:
         need_rows: bool = False,
         ranked_value: bytes | None = None,
         ranked_fetched: bool = False,
+        candidates_value: bytes | None = None,
+        candidates_fetched: bool = False,
     ) -> Recommendation:
         """The top-k distinct items for a user that the business rules allow.
 
@@ -540,6 +550,10 @@ class Recommender:
             ranked_value: The user's ranked list as read by the caller together with the online
                 state (`ranked_list_key`), when `ranked_fetched`; else the store reads it.
             ranked_fetched: Whether the caller read it (None then: the user has none).
+            candidates_value: The user's candidates as read by the caller together with the
+                online state (`candidates_key`), when `candidates_fetched`; else the store
+                reads them if it needs them.
+            candidates_fetched: Whether the caller read them (None then: an unknown user).
 
         Returns:
             Up to k items, best first, topped up with popular items.
@@ -554,7 +568,10 @@ class Recommender:
                 return answer
         try:
             with stage(self._tracer, STAGE_CANDIDATES) as span:
-                found = self._store.candidates_of(user_id)
+                if candidates_fetched:  # a Redis store's value, read with the online state
+                    found = self._store.candidates_of(user_id, candidates_value, True)
+                else:
+                    found = self._store.candidates_of(user_id)
                 if span is not None:
                     count = 0 if found is None else len(found.item_ids)
                     span.set_attributes(

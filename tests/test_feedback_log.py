@@ -567,19 +567,21 @@ def test_several_requests_read_in_one_call_what_each_would_read_alone(backend, r
         import redis
 
         redis.Redis.from_url(redis_url).set(value_key, b"\x00ranked\xff")
-    requests = [(viewer, None), (buyer, value_key), (stranger, f"shelfwise:none:{{{tag}}}")]
+    missing = f"shelfwise:none:{{{tag}}}"
+    requests = [(viewer, ()), (buyer, (value_key, missing)), (stranger, (missing,))]
     reads = state.read_requests(requests)
     alone = [state.read_requests([one])[0] for one in requests]
     assert reads == alone
     assert reads[0].activity.item_ids == ("i2", "i1") and reads[0].activity.carted_ids == {"i2"}
     assert reads[1].activity.purchased_ids == {"i3"} and reads[2].activity.item_ids == ()
     assert all(read.stock[f"item-{tag}"] == StockChange.at(False, DAY) for read in reads)
-    assert [read.value for read in reads] == [
-        None,
-        b"\x00ranked\xff" if redis_url else None,  # in process a value is never read
-        None,
+    # In process a value is never read: None for each key.
+    assert [read.values for read in reads] == [
+        (),
+        (b"\x00ranked\xff" if redis_url else None, None),
+        (None,),
     ]
-    assert state.activity_stock_and_value(buyer, value_key) == tuple(reads[1])
+    assert state.activity_stock_and_value(buyer, value_key)[2] == reads[1].values[0]
 
 
 def test_a_stock_value_of_an_earlier_version_in_redis_counts_as_oldest(redis_url):

@@ -1,6 +1,7 @@
 """The online store in Redis: versions, the pointer switch, and exact parity with the serving
 snapshot held in process (a real Redis server, the session's real pipeline lake)."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from models.features import FEATURE_COLUMNS
 from models.neighbour_arrays import neighbour_arrays
 from models.online_store import (
     OnlineStoreError,
+    RedisCandidateStore,
     current_version,
     load_version,
     snapshot_states,
@@ -69,10 +71,26 @@ def test_the_redis_path_answers_exactly_as_the_snapshot_in_process(pipeline_run,
     written = write_from_lake(client, lake)
     assert current_version(client) == written.version
     embedded = Recommender.from_lake(lake, booster, features, 2, None, policy)
-    online = Recommender.from_online_store(
-        load_version(client, written.version), booster, features, 2, None, policy
-    )
+    version = load_version(client, written.version)
+    online = Recommender.from_online_store(version, booster, features, 2, None, policy)
     assert online.known_users == embedded.known_users > 100
+    # The service reads a user's candidates in the online state's round trip: a store whose
+    # Redis is gone must then answer alike, as it never reads again.
+    store = version.store
+    gone = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    prefetched = Recommender.from_online_store(
+        dataclasses.replace(
+            version,
+            store=RedisCandidateStore(
+                gone, store.version, store.table, store.known_users, store.snapshot_id
+            ),
+        ),
+        booster,
+        features,
+        2,
+        None,
+        policy,
+    )
 
     users = sorted(lake.read_frame(SERVING_CANDIDATES, ["user_id"])["user_id"].unique())
     buyers = sorted(lake.read_frame(SERVING_PURCHASES)["user_id"].unique())
@@ -92,6 +110,22 @@ def test_the_redis_path_answers_exactly_as_the_snapshot_in_process(pipeline_run,
             expected = embedded.recommend(user, 10, filters, session, None, changes)
             got = online.recommend(user, 10, filters, session, None, changes)
             assert got == expected, user
+            value = client.get(online.candidates_key(user))
+            assert (
+                prefetched.recommend(
+                    user,
+                    10,
+                    filters,
+                    session,
+                    None,
+                    changes,
+                    candidates_value=value,
+                    candidates_fetched=True,
+                )
+                == expected
+            ), user
+    # Without the value read with the online state, that store degrades (its Redis is gone).
+    assert prefetched.recommend(users[0], 10).fallback_level == FALLBACK_POPULAR
     assert any(r.strategy == "personalized" for r in [online.recommend(u, 5) for u in users[:20]])
 
 

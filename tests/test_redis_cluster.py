@@ -260,7 +260,7 @@ def test_a_primary_stopped_degrades_its_users_and_serves_the_others(pipeline_run
         # Several requests' state read together: a failed pipeline is read again request by
         # request, so only the users on the stopped node lose their session.
         mixed = elsewhere[:3] + on_stopped[:3]
-        reads = state.read_requests([(user, None) for user in mixed])
+        reads = state.read_requests([(user, ()) for user in mixed])
         assert [isinstance(read, Exception) for read in reads] == [False] * 3 + [True] * 3
 
 

@@ -75,13 +75,14 @@ class StateRead(NamedTuple):
     Attributes:
         activity: The user's session, cart and purchases.
         stock: The stock changes (item_id → change), shop-wide.
-        value: The raw value of the key the request asked for with it (the user's ranked list in
-            the online store); None without a key, when the key does not exist, and in process.
+        values: The raw values of the keys the request asked for with it (the user's ranked
+            list and candidates in the online store), in order; None for a key that does not
+            exist, and always in process.
     """
 
     activity: UserActivity
     stock: Mapping[str, StockChange]
-    value: bytes | None = None
+    values: tuple[bytes | None, ...] = ()
 
 
 class OnlineState(Protocol):
@@ -137,13 +138,13 @@ class OnlineState(Protocol):
         ...
 
     def read_requests(
-        self, requests: Sequence[tuple[str, str | None]]
+        self, requests: Sequence[tuple[str, Sequence[str]]]
     ) -> list[StateRead | Exception]:
         """What several requests read, together: one Redis round trip for all of them.
 
         Args:
-            requests: Per request, the user and the key whose raw value it reads with the
-                user's activity (its ranked list), or None.
+            requests: Per request, the user and the keys of the same Redis whose raw values it
+                reads with the user's activity (its ranked list and candidates; may be empty).
 
         Returns:
             One `StateRead` per request, in order; in a Redis Cluster with a node failing, the
@@ -255,9 +256,12 @@ class InProcessState:
         return self.activity(user_id), self._stock, None
 
     def read_requests(  # noqa: D102
-        self, requests: Sequence[tuple[str, str | None]]
+        self, requests: Sequence[tuple[str, Sequence[str]]]
     ) -> list[StateRead | Exception]:
-        return [StateRead(self.activity(user_id), self._stock) for user_id, _ in requests]
+        return [
+            StateRead(self.activity(user_id), self._stock, (None,) * len(keys))
+            for user_id, keys in requests
+        ]
 
     def update_stock(self, changes: Mapping[str, StockChange]) -> None:  # noqa: D102
         with self._lock:
@@ -404,16 +408,17 @@ class RedisState:
     def activity_and_stock(  # noqa: D102
         self, user_id: str
     ) -> tuple[UserActivity, Mapping[str, StockChange]]:
-        read = self._read_together([(user_id, None)])[0]
+        read = self._read_together([(user_id, ())])[0]
         return read.activity, read.stock
 
     def activity_stock_and_value(  # noqa: D102
         self, user_id: str, key: str
     ) -> tuple[UserActivity, Mapping[str, StockChange], bytes | None]:
-        return self._read_together([(user_id, key)])[0]
+        activity, stock, (value,) = self._read_together([(user_id, (key,))])[0]
+        return activity, stock, value
 
     def read_requests(  # noqa: D102
-        self, requests: Sequence[tuple[str, str | None]]
+        self, requests: Sequence[tuple[str, Sequence[str]]]
     ) -> list[StateRead | Exception]:
         try:
             return list(self._read_together(requests))
@@ -430,24 +435,24 @@ class RedisState:
                 reads.append(error)
         return reads
 
-    def _read_together(self, requests: Sequence[tuple[str, str | None]]) -> list[StateRead]:
+    def _read_together(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[StateRead]:
         # One round trip: the stock's version travels with the activity (once for all the
         # requests); the hash itself is read again only when another worker changed it.
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(self._stock_version_key)
-        for user_id, key in requests:
+        for user_id, keys in requests:
             self._queue_activity(pipe, user_id)
-            if key is not None:
+            for key in keys:
                 # Binary, unlike this client's other replies: read undecoded.
                 pipe.execute_command("GET", key, **{self._never_decode: []})
         replies = iter(pipe.execute())
         stock = self._stock_at(next(replies))
         reads = []
-        for _, key in requests:
+        for _, keys in requests:
             items, cart, bought = next(replies), next(replies), next(replies)
-            value = next(replies) if key is not None else None
+            values = tuple(next(replies) for _ in keys)
             activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
-            reads.append(StateRead(activity, stock, value))
+            reads.append(StateRead(activity, stock, values))
         return reads
 
     def _queue_activity(self, pipe: Any, user_id: str) -> None:  # noqa: ANN401 - redis' Pipeline
