@@ -634,7 +634,7 @@ class RecommendationService:
         or when the caller asks (`offload`: an explained request).
 
         A request is mostly CPU under the GIL (about 0.3 ms with the online state in process,
-        plus two round trips with Redis), and handing it to BentoML's thread pool costs more than
+        plus a round trip with Redis), and handing it to BentoML's thread pool costs more than
         the work: GIL hand-offs between the loop and the worker threads. Measured at c=8, one
         worker: 1,280 req/s inline against 980 through the pool on the 152,064-user shop; with
         Redis on this machine (demo shop) 581 req/s inline, p99 22.9 ms, against 334 req/s,
