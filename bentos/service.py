@@ -235,7 +235,7 @@ class RecommendationService:
         show_ranker_engine(self.serving.ranker_engine)
         self.state = open_state(self.settings.redis_url, cluster=self.settings.redis_cluster)
         # With Redis, the requests waiting on the event loop read it in one round trip.
-        self._state_reads: ReadBatcher[tuple[str, str | None], StateRead] | None = (
+        self._state_reads: ReadBatcher[tuple[str, tuple[str, ...]], StateRead] | None = (
             ReadBatcher(self.state.read_requests, on_batch=_count_state_reads)
             if isinstance(self.state, RedisState)
             else None
