@@ -27,12 +27,7 @@ from typing import Annotated, Any
 import bentoml
 from pydantic import BaseModel, Field
 
-from bentos.compat import (
-    SERVICE_CONFIG,
-    install_balanced_accept,
-    install_timeout_timer_fix,
-    settle_heap,
-)
+from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
 
 VARIANTS = (
     "default",
@@ -58,8 +53,6 @@ else:
 
 if _SHIM:
     install_timeout_timer_fix()
-# Every variant spreads connections over workers as the service does (bentos/compat.py).
-install_balanced_accept()
 
 
 class NoopResponse(BaseModel):

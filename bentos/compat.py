@@ -25,23 +25,12 @@ plus load shedding (`SHELFWISE_MAX_CONCURRENCY`) and a header-read timeout
 (`SHELFWISE_HEADER_TIMEOUT_S`), neither of which uvicorn 0.54.0 or BentoML's configuration offers
 in a form that works (see that module). It refuses an uvicorn version it was not written for, and
 the h11 protocol (uvicorn's choice when httptools is not installed).
-
-Connections spread over workers. BentoML's workers accept from one shared listening socket, and
-libuv (under uvloop) accepts every pending connection in a loop once woken: a few keep-alive
-connections opened at once could all go to one worker, which then served every request of a
-run while the other idled (measured with two workers and wrk's eight connections: 4 lopsided
-runs out of about 15, each at about one worker's throughput). `install_balanced_accept()` sets
-libuv's `UV_TCP_SINGLE_ACCEPT=1` (called by the service module at import, before the worker's
-server listens): a worker yields after each connection it accepts, so that the other workers,
-woken by the same connection burst, take their share (0 lopsided runs out of 8 measured). An
-operator's own value of the variable is kept.
 """
 
 import asyncio
 import gc
 import hashlib
 import inspect
-import os
 from typing import Any
 
 import bentoml
@@ -203,13 +192,3 @@ def install_http_protocol() -> None:
     check_uvicorn(uvicorn.__version__, uvicorn_auto.AutoHTTPProtocol)
     # uvicorn.Config.load() resolves http="auto" (what BentoML passes) through this attribute.
     uvicorn_auto.AutoHTTPProtocol = ShelfwiseProtocol
-
-
-# libuv reads it once, at a server's first listen (src/unix/tcp.c, `uv__tcp_listen`).
-SINGLE_ACCEPT_VARIABLE = "UV_TCP_SINGLE_ACCEPT"
-
-
-def install_balanced_accept() -> None:
-    """Makes libuv accept one connection per wake-up in this process (idempotent), unless the
-    environment already sets `UV_TCP_SINGLE_ACCEPT`."""
-    os.environ.setdefault(SINGLE_ACCEPT_VARIABLE, "1")

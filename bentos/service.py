@@ -51,7 +51,6 @@ from bentos.api_models import (
 )
 from bentos.compat import (
     SERVICE_CONFIG,
-    install_balanced_accept,
     install_http_protocol,
     install_timeout_timer_fix,
     settle_heap,
@@ -131,8 +130,6 @@ logger = logging.getLogger("bentoml.shelfwise")
 install_timeout_timer_fix()
 # Load shedding and a header-read timeout in uvicorn's protocol (bentos/protocol.py).
 install_http_protocol()
-# Keep-alive connections spread over the workers (bentos/compat.py).
-install_balanced_accept()
 
 RESPONSES = bentoml.metrics.Counter(
     name="shelfwise_responses",

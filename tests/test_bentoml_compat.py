@@ -15,7 +15,6 @@ import asyncio
 import gc
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import weakref
@@ -322,20 +321,3 @@ def test_the_recommendation_service_installs_the_fix_when_imported():
         [sys.executable, "-c", check], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
-
-
-@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
-def test_a_worker_accepts_one_connection_per_wake_up_unless_the_operator_says_otherwise(
-    given, expected
-):
-    """The worker imports the service module before its server listens, and libuv reads
-    `UV_TCP_SINGLE_ACCEPT` at that first listen (bentos/compat.py)."""
-    env = {key: value for key, value in os.environ.items() if key != "UV_TCP_SINGLE_ACCEPT"}
-    if given is not None:
-        env["UV_TCP_SINGLE_ACCEPT"] = given
-    code = "import os, bentos.service; print(os.environ.get('UV_TCP_SINGLE_ACCEPT'))"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == expected
