@@ -15,7 +15,9 @@ benchmark compares, each adding one change to the previous:
 - `shim_gc_tracing`: + tracing off for the hot routes (the whole `SERVICE_CONFIG`);
 - `full_sync`: + a pydantic model returned instead of a `dict` (a sync endpoint, run in
   BentoML's thread pool: the set-up until `/recommend` became `async`);
-- `full` (the default): + an `async` endpoint: the real set-up;
+- `full` (the default): + an `async` endpoint and the service's HTTP protocol
+  (`bentos/protocol.py`: load shedding, off in the benchmarks, the header timeout and recycled
+  keep-alive connections): the real set-up;
 - `full_noshim`: `full` without the shim, to see what the shim alone buys.
 
 Serve from the project root: `bentoml serve benchmarks/noop_service.py:NoopService`.
@@ -27,7 +29,12 @@ from typing import Annotated, Any
 import bentoml
 from pydantic import BaseModel, Field
 
-from bentos.compat import SERVICE_CONFIG, install_timeout_timer_fix, settle_heap
+from bentos.compat import (
+    SERVICE_CONFIG,
+    install_http_protocol,
+    install_timeout_timer_fix,
+    settle_heap,
+)
 
 VARIANTS = (
     "default",
@@ -53,6 +60,8 @@ else:
 
 if _SHIM:
     install_timeout_timer_fix()
+if VARIANT in ("full", "full_noshim"):
+    install_http_protocol()
 
 
 class NoopResponse(BaseModel):

@@ -133,6 +133,7 @@ from harness import (
     ChildFailed,
     benchmark_user_ids,
     child_json,
+    cpu_ticks,
     exit_on_sigterm,
     format_pairs,
     format_table,
@@ -494,33 +495,56 @@ def load_config(args: argparse.Namespace, user_ids: int, load_before: float) -> 
 
 
 def load_alternately(
-    urls: dict[str, str], script: Path, args: argparse.Namespace, warm_up_s: float
+    urls: dict[str, str],
+    script: Path,
+    args: argparse.Namespace,
+    warm_up_s: float,
+    workers: dict[str, list[int]] | None = None,
 ) -> dict[tuple[str, int], list[dict[str, float]]]:
     """Warms each URL up, then `args.repeats` rounds of one wrk run per concurrency and URL, the
     URLs in turn (so machine noise hits them alike); prints each run.
 
+    With `workers` (URL name → the pids of the workers serving it, two or more), each run also
+    records how the load spread over them: the least busy worker's share of the workers' CPU
+    time during the run (`least_busy_worker_share`: 0.5 is even for two, 0 is every request on
+    one worker).
+
     Returns:
         (URL name, concurrency) → the runs.
     """
+    workers = {name: pids for name, pids in (workers or {}).items() if len(pids) > 1}
     for url in urls.values():
         run_wrk(url, script, TARGET_CONCURRENCY, warm_up_s)
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for repeat in range(args.repeats):
         for concurrency in args.concurrency:
             for name, url in urls.items():
+                before = [cpu_ticks(pid) for pid in workers.get(name, [])]
                 result = run_wrk(url, script, concurrency, args.duration)
+                spread = ""
+                if before:
+                    after = [cpu_ticks(pid) for pid in workers[name]]
+                    used = [now - was for now, was in zip(after, before, strict=True)]
+                    share = min(used) / max(1, sum(used))
+                    result["least_busy_worker_share"] = share
+                    spread = f"  least busy worker {share:4.0%}"
                 runs.setdefault((name, concurrency), []).append(result)
                 print(
                     f"  run {repeat + 1} c={concurrency:<3} {name:<9} "
-                    f"{result['rps']:7.0f} req/s  p99 {result['p99_ms']:7.2f} ms",
+                    f"{result['rps']:7.0f} req/s  p99 {result['p99_ms']:7.2f} ms{spread}",
                     flush=True,
                 )
     return runs
 
 
-def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+def _median(runs: list[dict[str, float]]) -> dict[str, Any]:
     figures = median_figures(runs, digits=2)
     figures["errors"] = sum(run["errors"] for run in runs)
+    figures["rps_runs"] = [round(run["rps"]) for run in runs]
+    if "least_busy_worker_share" in runs[0]:
+        figures["least_busy_worker_share_runs"] = [
+            round(run["least_busy_worker_share"], 2) for run in runs
+        ]
     return figures
 
 
@@ -1158,7 +1182,9 @@ def serve_store(
             noop_log = scratch / f"noop-{workers}-{store}.log"
             with serve(NOOP_SERVICE, noop_env, free_port(), noop_log, timeout=900) as noop:
                 urls = {"recommend": f"{server.url}/recommend", "noop": f"{noop.url}/noop"}
-                runs = load_alternately(urls, script, args, warm_up_s=min(3.0, args.duration))
+                serving = {"recommend": tree[1:], "noop": process_tree(noop.process.pid)[1:]}
+                warm_up_s = min(3.0, args.duration)
+                runs = load_alternately(urls, script, args, warm_up_s, workers=serving)
             workers_rss_loaded = [memory_kib(pid)[0] for pid in tree[1:]]
             load_after = load_average()
             peak_rss, peak_pss = server.memory.peak_rss_kib, server.memory.peak_pss_kib
@@ -1307,10 +1333,12 @@ def print_stores(
     """The runs, the memory and the table of issue 17's targets, per mode."""
     print()
     table = [["mode", "c", "start-up s", "workers' RSS MiB", "loaded", "peak RSS", "p50 ms"]]
-    table[0] += ["p99 ms", "req/s", "no-op req/s", "/no-op"]
+    table[0] += ["p99 ms", "req/s", "no-op req/s", "/no-op", "least busy worker"]
     for name, mode in modes.items():
         for concurrency, f in mode["figures"].items():
             rec = f["recommend"]
+            shares = rec.get("least_busy_worker_share_runs")
+            spread = "/".join(f"{share:.0%}" for share in shares) if shares else "-"
             table.append(
                 [
                     name,
@@ -1324,6 +1352,7 @@ def print_stores(
                     f"{rec['rps']:,.0f}",
                     f"{f['noop']['rps']:,.0f}",
                     f"{f['recommend_over_noop_rps']:.2f}",
+                    spread,
                 ]
             )
     print(format_table(table))

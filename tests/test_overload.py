@@ -1,5 +1,6 @@
 """Hostile and careless clients over real HTTP (issue 14, items 3 and 7): overload is answered
-with 429 and `Retry-After` while health stays up, and half-sent request headers are timed out.
+with 429 and `Retry-After` while health stays up, and half-sent request headers are timed out;
+and keep-alive connections are recycled so that they spread over the workers (issue 17).
 
 One server (`bentoml serve` from source on a copy of the pipeline's state) with a limit of 2
 requests in progress and a 1 s header timeout (`bentos/protocol.py`). The assertions are about
@@ -23,6 +24,7 @@ from uvicorn.server import ServerState
 
 from bentos import compat
 from bentos.protocol import NEVER_SHED, Limits, ShelfwiseProtocol
+from shelfwise.settings import Settings
 from tests.support import served_copy
 
 LIMIT = 2
@@ -158,6 +160,33 @@ def test_normal_requests_still_work(hardened):
             assert client.post(f"{hardened}/recommend", json={"user_id": "u1"}).status_code == 200
 
 
+def test_a_keep_alive_connection_is_closed_after_its_last_request(hardened):
+    last = Settings.max_requests_per_connection  # the default: the server does not set it
+    with socket.create_connection(_address(hardened), timeout=30) as sock:
+        for served in range(1, last + 1):
+            sock.sendall(_request("GET", "/livez"))
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            response.read()
+            assert response.status == 200
+            assert (response.getheader("Connection") == "close") == (served == last), served
+        assert _closed_within_bound(sock) == b""
+
+
+def test_clients_reconnect_when_their_connection_is_recycled(hardened):
+    last = Settings.max_requests_per_connection
+    ports = set()
+
+    def connection_port(response: httpx.Response) -> None:  # before the body: still connected
+        ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+    # Keep-alive, reconnecting when told to close.
+    with httpx.Client(timeout=10, event_hooks={"response": [connection_port]}) as client:
+        for _ in range(2 * last + 1):
+            assert client.get(f"{hardened}/livez").status_code == 200
+    assert len(ports) == 3
+
+
 def test_health_routes_are_never_shed():
     assert {"/livez", "/readyz", "/metrics"} <= NEVER_SHED
 
@@ -289,6 +318,44 @@ def test_a_refused_request_that_asked_to_close_gets_its_connection_closed(limit_
         (busy, _), (closing, out) = _connections(2)
         busy.data_received(RECOMMEND)
         closing.data_received(RECOMMEND.replace(b"Host:", b"Connection: close\r\nHost:"))
+        assert out.written.startswith(b"HTTP/1.1 429 ")
+        assert b"connection: close\r\n" in out.written and out.closed
+
+    asyncio.run(scenario())
+
+
+def test_the_last_request_of_a_connection_is_answered_then_the_connection_closed(monkeypatch):
+    limits = Limits(max_concurrency=0, header_timeout_s=0, max_requests_per_connection=2)
+    monkeypatch.setattr(ShelfwiseProtocol, "limits", limits)
+
+    async def scenario() -> None:
+        [(protocol, out)] = _connections(1)
+        protocol.data_received(RECOMMEND)
+        while not out.written.endswith(b"0\r\n\r\n"):  # the chunked body's end
+            await asyncio.sleep(0)
+        assert out.written.startswith(b"HTTP/1.1 200 ")
+        assert b"connection: close" not in out.written and not out.closed
+        out.written = b""
+        protocol.data_received(RECOMMEND)
+        for _ in range(1_000):  # the response's task runs in a few steps of the loop
+            if out.closed:
+                break
+            await asyncio.sleep(0)
+        assert out.written.startswith(b"HTTP/1.1 200 ")
+        assert b"connection: close\r\n" in out.written and out.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_last_request_closes_its_connection_too(monkeypatch):
+    limits = Limits(max_concurrency=1, header_timeout_s=0, max_requests_per_connection=1)
+    monkeypatch.setattr(ShelfwiseProtocol, "limits", limits)
+    monkeypatch.setattr(ShelfwiseProtocol, "in_progress", 0)
+
+    async def scenario() -> None:
+        (busy, _), (refused, out) = _connections(2)
+        busy.data_received(RECOMMEND)
+        refused.data_received(RECOMMEND)
         assert out.written.startswith(b"HTTP/1.1 429 ")
         assert b"connection: close\r\n" in out.written and out.closed
 

@@ -129,6 +129,15 @@ class TreeMemory(Background):
             self._stop.wait(self.interval)
 
 
+def cpu_ticks(pid: int) -> int:
+    """CPU time one process used so far (user + system), in clock ticks; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
 class CpuMeter:
     """CPU used during a measurement (in cores): by the server's process tree, by wrk (and other
     children of this script), by this script, and by everything else on the machine, the noise of
@@ -145,14 +154,7 @@ class CpuMeter:
         return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
     def _server(self) -> int:
-        total = 0
-        for pid in process_tree(self.server_pid):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total
+        return sum(cpu_ticks(pid) for pid in process_tree(self.server_pid))
 
     def __enter__(self) -> "CpuMeter":
         self._start = (
