@@ -1161,6 +1161,8 @@ def serve_store(
     }
     if store == "redis":
         extra["SHELFWISE_REDIS_URL"] = redis_url
+    if args.max_requests_per_connection is not None:  # the no-op's too: `noop_env` below
+        extra["SHELFWISE_MAX_REQUESTS_PER_CONNECTION"] = str(args.max_requests_per_connection)
     if args.otlp_url:  # --otlp: tracing on, every request sampled (bentos/tracing.py)
         extra["SHELFWISE_OTLP_ENDPOINT"] = args.otlp_url
     load_before = load_average()
@@ -1444,6 +1446,8 @@ def run_store_benchmark(args: argparse.Namespace) -> int:
                 "workers": args.workers,
                 # --otlp: spans exported to a receiver in the benchmark's own process.
                 "tracing": "on, exported over OTLP/HTTP" if args.otlp else "off",
+                # None: the service's default (shelfwise.settings.Settings).
+                "max_requests_per_connection": args.max_requests_per_connection,
                 "client": "wrk -t1 (keep-alive), same machine; /recommend and /noop alternately",
                 **load_config(args, len(user_ids), load_before),
                 "logs": str(scratch),
@@ -1504,6 +1508,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --stores: trace /recommend (SHELFWISE_OTLP_ENDPOINT), exporting every span "
         "to an OTLP receiver in this process",
+    )
+    parser.add_argument(
+        "--max-requests-per-connection",
+        type=int,
+        help="with --stores: SHELFWISE_MAX_REQUESTS_PER_CONNECTION for both services "
+        "(0: connections kept; unset: the default)",
     )
     parser.add_argument("--sample-keys", type=int, default=500, help=argparse.SUPPRESS)
     parser.add_argument("--write-candidates", action="store_true", help=argparse.SUPPRESS)
