@@ -77,7 +77,9 @@ The online store (issue 17), `--stores embedded redis --workers 1 2`: on the sta
    same set-up and worker count) is served, and wrk (as above) loads `/recommend` and `/noop`
    alternately, `--repeats` runs of `--duration` s at each `--concurrency` (8 by default):
    medians of p50/p99 and requests/s, and /recommend's throughput as a ratio to the no-op's;
-   after the last run the workers' RSS is read again.
+   with several workers, each run's least busy worker's share of the workers' CPU time (how
+   wrk's connections spread over them; `--max-requests-per-connection` sets how often the
+   workers recycle them); after the last run the workers' RSS is read again.
 
 In-process memory (embedded): the summed RSS (/proc) of the N embedded workers minus that of the
 N Redis workers, read after the last load run, divided by the users with candidates: what
