@@ -50,3 +50,11 @@ def test_the_redis_cluster_setting_is_true_or_false():
         assert Settings.from_env({"SHELFWISE_REDIS_CLUSTER": text}).redis_cluster is expected
     with pytest.raises(ValueError, match="SHELFWISE_REDIS_CLUSTER"):
         Settings.from_env({"SHELFWISE_REDIS_CLUSTER": "cluster"})
+
+
+def test_the_requests_per_connection_are_a_count_and_0_turns_recycling_off():
+    assert Settings.from_env({}).max_requests_per_connection == 250
+    env = {"SHELFWISE_MAX_REQUESTS_PER_CONNECTION": "0"}
+    assert Settings.from_env(env).max_requests_per_connection == 0
+    with pytest.raises(ValueError, match="SHELFWISE_MAX_REQUESTS_PER_CONNECTION"):
+        Settings.from_env({"SHELFWISE_MAX_REQUESTS_PER_CONNECTION": "-1"})
