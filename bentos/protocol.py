@@ -52,9 +52,9 @@ one and a half times the setting (as gunicorn's `max_requests_jitter`), so that 
 together, served at the same pace, do not all reconnect at once and land together again.
 The price: the first request on a new connection waits for the accept, about a loop round
 (measured at c=8, one worker: after 100 requests, p99 +1 ms, the reconnecting 1% of requests
-being the p99; after 250, the default, within the noise; after 1,000 no change). A request pipelined behind the last one is not read
-(HTTP/1.1 clients retry it on a new connection, as after any close). 0 keeps connections for as
-long as the client does.
+being the p99; after 250, the default, within the noise; after 1,000 no change). A request
+pipelined behind the last one is not read (HTTP/1.1 clients retry it on a new connection, as
+after any close). 0 keeps connections for as long as the client does.
 """
 
 import asyncio
