@@ -211,6 +211,7 @@ class HistoryResponse(BaseModel):
             "example": {
                 "user_id": "u1",
                 "known": True,
+                "complete": True,
                 "items": [
                     {
                         "item_id": "i42",
@@ -235,7 +236,14 @@ class HistoryResponse(BaseModel):
 
     user_id: str
     known: bool = Field(
-        description="Whether the serving snapshot holds a state for the user (a known user)."
+        description="Whether the serving snapshot holds a state for the user (a known user); "
+        "false also when the service could not tell (`complete` false)."
+    )
+    complete: bool = Field(
+        True,
+        description="False when the online store (Redis) could not be read: `items` holds what "
+        "the service could still see (possibly nothing), not the whole history, and `known` "
+        "is not an answer.",
     )
     items: list[HistoryItem] = Field(
         description="Most recent first: the live session (views and carts most recent first, "

@@ -867,11 +867,12 @@ class RecommendationService:
     def history_now(self, user_id: str, limit: int = 20) -> HistoryResponse:
         """`/history`'s work, on the calling thread; Redis being away leaves out what it holds
         (the session, or the user's snapshot state) instead of failing."""
+        complete = True
         try:
             activity = self.state.activity(user_id)
         except Exception as error:
             logger.warning("online state unavailable (%r): history without the session", error)
-            activity = UserActivity()
+            activity, complete = UserActivity(), False
             self._store_down = True
         session = Session(activity.item_ids, activity.carted_ids, activity.purchased_ids)
         recommender = self.serving.recommender
@@ -879,10 +880,11 @@ class RecommendationService:
             found = recommender.history(user_id, session, limit)
         except Exception as error:  # the candidate store (Redis) is unreachable
             logger.warning("candidates unavailable (%r): history of the session only", error)
-            found = recommender.history_of_session(session, limit)
+            found, complete = recommender.history_of_session(session, limit), False
         return HistoryResponse(
             user_id=user_id,
             known=found.known,
+            complete=complete,
             items=[HistoryItem(**vars(entry)) for entry in found.entries],
         )
 

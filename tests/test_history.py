@@ -154,7 +154,7 @@ def test_a_known_users_history_is_what_the_snapshot_records(served):
     response = history(url, {"user_id": user, "limit": 100})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["user_id"] == user and body["known"] is True
+    assert body["user_id"] == user and body["known"] is True and body["complete"] is True
     entries = body["items"]
     assert entries and not any(entry["live"] for entry in entries)
     # Every recent item of the snapshot is there, most recent first.
@@ -219,4 +219,9 @@ def test_history_needs_the_token_and_is_validated(served):
         assert (answer.status_code, answer.json()["field"]) == (400, field), body
     unknown = history(url, {"user_id": "nobody-at-all"})
     assert unknown.status_code == 200
-    assert unknown.json() == {"user_id": "nobody-at-all", "known": False, "items": []}
+    assert unknown.json() == {
+        "user_id": "nobody-at-all",
+        "known": False,
+        "complete": True,
+        "items": [],
+    }

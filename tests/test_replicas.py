@@ -187,6 +187,12 @@ def test_without_redis_the_replicas_degrade_and_never_fail(replicas, pipeline_ru
         assert body["fallback_level"] == FALLBACK_POPULAR and len(body["items"]) == 5
         similar = httpx.post(f"{replicas[replica]}/similar", json={"item_id": "i1"}, timeout=10)
         assert similar.status_code == 200
+        # The history says it is not the whole story, rather than that the user is unknown.
+        found = httpx.post(
+            f"{replicas[replica]}/history", json={"user_id": users(pipeline_run)[0]}, timeout=10
+        )
+        assert found.status_code == 200
+        assert found.json()["complete"] is False and found.json()["known"] is False
         # Events are still acknowledged once durable in the log (their real-time effect waits).
         event = {"event_id": uuid.uuid4().hex, "user_id": "u1", "item_id": "i1"}
         event["event_type"] = "view"
