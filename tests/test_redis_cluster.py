@@ -4,7 +4,8 @@ versions and rankings go from every node, the online state works whole (pipeline
 nodes, the binary read in the state's round trip, the stock script, seen ids), and a real
 service on the cluster answers as the lake's does and follows a view and a stock update; a primary
 stopped degrades its users' answers, not the others'; with replicas, a live service follows a
-replica's promotion without a restart."""
+replica's promotion without a restart; a user's slot moved to another primary under a live
+service changes none of its answers."""
 
 import time
 import uuid
@@ -317,6 +318,65 @@ def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(pipeline
             event = {"event_id": uuid.uuid4().hex, "user_id": visitor, "item_id": item}
             assert post(service, {"events": [{**event, "event_type": "view"}]})["accepted"] == 1
             assert recommend(service, visitor)["strategy"] == "session"
+
+
+def test_a_users_slot_moved_to_another_primary_while_serving_changes_no_answer(
+    pipeline_run, tmp_path
+):
+    """Resharding by hand as `redis-cli --cluster reshard` does it (IMPORTING / MIGRATING, the
+    keys moved in two `MIGRATE`s, then `SETSLOT NODE`) under a live service: the user's answer
+    is the same at every step, and a view posted while the slot is half moved is written, read
+    back in the history and kept."""
+    with redis_cluster(tmp_path / "redis") as url:
+        client = open_client(url, cluster=True)
+        version = write_from_lake(client, pipeline_run.lake).version
+        assert write_ranked_from_lake(client, pipeline_run.lake)[1] is not None
+        (tmp_path / "service").mkdir()
+        env = {"SHELFWISE_REDIS_URL": url, **CLUSTER_ENV}
+        with served_copy(pipeline_run.settings, tmp_path / "service", env) as (service, _):
+            held = Recommender.from_lake(pipeline_run.lake, None).store
+            user = next(
+                user
+                for user in sorted(held.states)
+                if recommend(service, user)["strategy"] == "personalized"
+            )
+            before = answer(recommend(service, user))
+            slot = key_slot(user.encode())
+            source = client.get_node_from_key(keys.user_key(version, user))
+            target = next(node for node in client.get_primaries() if node.name != source.name)
+            old, new = source.redis_connection, target.redis_connection
+            new.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", old.cluster("MYID"))
+            old.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", new.cluster("MYID"))
+            moving = sorted(old.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000))
+            candidates_key = keys.user_key(version, user)
+            assert candidates_key in moving and len(moving) >= 2  # and the user's ranked list
+            assert answer(recommend(service, user)) == before
+
+            def migrate(batch: list[str]) -> None:
+                old.execute_command(
+                    "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *batch
+                )
+
+            # All but the user's candidates: the user's keys are on both nodes now.
+            migrate([key for key in moving if key != candidates_key])
+            assert answer(recommend(service, user)) == before
+            item = pipeline_run.lake.read_frame(SERVING_NEIGHBOURS)["item_id"][0]
+            event = {"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item}
+            assert post(service, {"events": [{**event, "event_type": "view"}]})["accepted"] == 1
+            after_view = answer(recommend(service, user))
+            assert after_view != before
+
+            migrate(sorted(old.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000)))
+            for node in client.get_primaries():
+                node.redis_connection.execute_command(
+                    "CLUSTER SETSLOT", slot, "NODE", new.cluster("MYID")
+                )
+            assert old.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000) == []
+            assert answer(recommend(service, user)) == after_view
+            found = httpx.post(f"{service}/history", json={"user_id": user}, timeout=10).json()
+            assert (found["items"][0]["item_id"], found["items"][0]["live"]) == (item, True)
+            log = (tmp_path / "service" / "bentoml.log").read_text()
+            assert "unavailable" not in log and "Traceback" not in log
 
 
 def _slots_of(client, node) -> set[int]:
