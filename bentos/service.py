@@ -191,6 +191,8 @@ def show_ranker_engine(engine: str) -> None:
 EVENT_VALIDATOR = TypeAdapter(EventIn)
 # Seconds between looks at the online store's pointer (and the upkeep's other timers).
 STORE_POLL_S = 0.5
+# Seconds between attempts to restore the online state into a Redis that lost it, while they fail.
+RESTORE_RETRY_S = 30.0
 
 
 @bentoml.service(name="shelfwise", **SERVICE_CONFIG)
@@ -212,6 +214,9 @@ class RecommendationService:
         )
         self._store_down = False
         self._store_refusal: str | None = None  # why the current version is refused, if it is
+        self._version_lost = False  # Redis holds no version any more (logged once)
+        self._next_restore = 0.0  # when the upkeep may try again to restore a lost state
+        self._restored_mark: str | None = None  # the online state's mark of this worker's restore
         ranker, features, version, tag, policy, model_dir = None, None, None, None, None, None
         try:
             model = self.production_model
@@ -251,8 +256,7 @@ class RecommendationService:
             self.settings.feature_sample_rows,
             max_per_s=self.settings.feature_samples_per_s,
         )
-        self._restore_stock()
-        self._restore_seen()
+        self._restore()
         self._refresh_experiment_safely()
         self._stop = threading.Event()
         threading.Thread(
@@ -270,10 +274,20 @@ class RecommendationService:
         )
         settle_heap()
 
-    def _restore_stock(self) -> None:
+    def _restore(self) -> None:
+        """Restores the stock updates and seen event ids into the online state, and notes it
+        there once both are in, so that the upkeep sees when Redis loses them (`_poll_store`)."""
+        stock, seen = self._restore_stock(), self._restore_seen()
+        if stock and seen:
+            try:
+                self._restored_mark = self.state.mark_restored()
+            except Exception:  # the upkeep restores again
+                logger.exception("Could not note the restore in the online state")
+
+    def _restore_stock(self) -> bool:
         """Acknowledged stock updates outlive the process: those in the lake and those still in
         the log (a killed predecessor's, or all of them with compaction off) are restored into
-        the online state."""
+        the online state. Returns whether they were."""
         lake = Lake(self.settings.lake_url)
         try:
             if self.settings.compact_every_s:
@@ -281,15 +295,45 @@ class RecommendationService:
             self.state.update_stock(latest_stock_updates(lake, self.settings.wal_dir))
         except Exception:  # serve without them rather than not at all; the log keeps them
             logger.exception("Could not restore the stock updates from %s", lake.url)
+            return False
+        return True
 
-    def _restore_seen(self) -> None:
+    def _restore_seen(self) -> bool:
         """Idempotency outlives the process: the event ids of the window in the log and the lake
-        (after `_restore_stock` compacted a killed predecessor's log) are seen again."""
+        (after `_restore_stock` compacted a killed predecessor's log) are seen again. Returns
+        whether they were."""
         lake = Lake(self.settings.lake_url)
         try:
             restore_seen_events(self.state, lake, self.settings.wal_dir)
         except Exception:  # serve without them rather than not at all; dbt dedupes downstream
             logger.exception("Could not restore the seen event ids from %s", lake.url)
+            return False
+        return True
+
+    def _restore_if_lost(self) -> None:
+        """Redis lost the online state (restarted without persistence, flushed): the stock
+        updates and seen event ids are restored again from the lake and this worker's log, as
+        at start-up, without a restart. Every worker does it, each with its own log: one that
+        finds another worker's mark restores too. Both restores are idempotent. Sessions and
+        carts since the snapshot are gone with Redis."""
+        now = time.monotonic()
+        if now < self._next_restore:
+            return
+        mark = self.state.restored_mark()
+        if mark is not None and mark == self._restored_mark:
+            self._next_restore = 0.0
+            return
+        if not self._next_restore:  # once per loss, not per retry
+            logger.warning(
+                "The online state lost its data (Redis restarted empty or was flushed): "
+                "restoring the stock updates and seen event ids; sessions and carts since the "
+                "snapshot are lost"
+            )
+        self._next_restore = now + RESTORE_RETRY_S
+        self._restore()
+        if self._restored_mark is not None and self.state.restored_mark() == self._restored_mark:
+            self._next_restore = 0.0
+            logger.info("Online state restored")
 
     def _serving(
         self,
@@ -351,7 +395,16 @@ class RecommendationService:
             return False
         with self._reload_lock:
             stored = current_version(self._store_client)
-            if stored is None or stored == self.serving.store_version:
+            was_lost = self._version_lost
+            self._version_lost = stored is None and self.serving.store_version is not None
+            if self._version_lost and not was_lost:
+                logger.error(
+                    "The online store holds no version any more (Redis restarted empty or was "
+                    "flushed): known users are answered as new ones until the pipeline writes "
+                    "a version again (materialize `online_store`)"
+                )
+            # After a loss, Redis numbers versions from 1 again: one with the number held is new.
+            if stored is None or (stored == self.serving.store_version and not was_lost):
                 return False
             serving = self._serving(*self._ranker, online=load_version(self._store_client, stored))
             previous, self.serving = self.serving, serving
@@ -608,6 +661,7 @@ class RecommendationService:
             self.refresh_store()
             if self._store_client is not None:  # in process: at the model poll (the lake)
                 self.refresh_ranked_lists()
+                self._restore_if_lost()
             if self._store_down:
                 logger.info("Online store reachable again")
             self._store_down, self._store_refusal = False, None

@@ -119,10 +119,10 @@ def test_a_view_posted_to_one_replica_changes_the_next_answer_of_the_other(repli
     assert after["strategy"] == "session" and answer(after) != answer(before)
 
 
-def wait_for(check, timeout: float = 15.0) -> None:
+def wait_for(check, timeout: float = 15.0, what: str = "the replicas followed the version") -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, "the replicas did not follow the new version"
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.25)
 
 
@@ -177,6 +177,45 @@ def test_a_version_of_another_release_is_refused_and_the_held_one_served(replica
     finally:
         client.set(keys.CURRENT, held)
         client.delete(keys.meta_key(other))
+
+
+def test_redis_restarted_empty_is_restored_and_followed_without_a_restart(replicas, pipeline_run):
+    """Redis loses everything (a restart without persistence, a flush): the replicas put back
+    the stock updates and seen event ids from the lake and their logs (the one update only
+    replica a's log holds included, though b may have restored first), say that the version is
+    gone, and serve the pipeline's next version when it comes, even under the same number."""
+    client, lake = replicas["client"], pipeline_run.lake
+    user = users(pipeline_run)[2]
+    held = int(client.get(keys.CURRENT))
+    hidden = recommend(replicas["a"], "someone-new")["items"][0]["item_id"]
+    event = {"event_id": uuid.uuid4().hex, "user_id": "u1", "item_id": hidden}
+    body = {"events": [{**event, "event_type": "view"}], "stock": [{"item_id": hidden}]}
+    body["stock"][0]["is_in_stock"] = False
+    posted = httpx.post(f"{replicas['a']}/events", json=body, timeout=10).json()
+    assert (posted["accepted"], posted["stock_updates"]) == (1, 1)
+    for name in ("a", "b"):
+        assert hidden not in answer(recommend(replicas[name], "someone-new"))[2]
+
+    client.flushall()
+    for name in ("a", "b"):
+        log = replicas["folder"] / name / "bentoml.log"
+        wait_for(lambda log=log: "Online state restored" in log.read_text(), what="restored")
+        text = log.read_text()
+        assert text.count("The online state lost its data") == 1
+        assert text.count("The online store holds no version any more") == 1
+        assert hidden not in answer(recommend(replicas[name], "someone-new"))[2]
+        resent = httpx.post(f"{replicas[name]}/events", json={"events": body["events"]}, timeout=10)
+        assert (resent.json()["accepted"], resent.json()["duplicates"]) == (0, 1)
+        assert recommend(replicas[name], user)["strategy"] != "personalized"  # as a new user
+
+    client.set(keys.NEXT_VERSION, held - 1)  # the next version takes the number held
+    assert write_from_lake(client, lake).version == held
+    for name in ("a", "b"):
+        # Its shared parts loaded anew: the ones held were another snapshot's for all it knew.
+        log = replicas["folder"] / name / "bentoml.log"
+        switched = f"Online store version {held} replaces {held}"
+        wait_for(lambda log=log: switched in log.read_text(), what=switched)
+        assert recommend(replicas[name], user)["strategy"] == "personalized"
 
 
 def test_without_redis_the_replicas_degrade_and_never_fail(replicas, pipeline_run):

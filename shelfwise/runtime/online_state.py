@@ -20,6 +20,7 @@ ordered dictionary), about 150 MB in Redis (a key with a TTL each); both measure
 
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ SESSION_ITEMS = 20
 SESSION_TTL_S = 2 * 3600
 PURCHASES_TTL_S = 14 * 24 * 3600
 SEEN_TTL_S = 7 * 24 * 3600
+# The restore mark of the state in process (`OnlineState.restored_mark`): it is never lost.
+IN_PROCESS_MARK = "in-process"
 # The in-process state remembers at most this many event ids (oldest forgotten first; ~320 MB).
 SEEN_CAPACITY = 2_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -114,6 +117,24 @@ class OnlineState(Protocol):
 
     def mark_seen_restored(self, started_at: float) -> None:
         """Notes a completed restore that began at `started_at` (epoch seconds)."""
+        ...
+
+    def restored_mark(self) -> str | None:
+        """The mark of the restores the state holds (`mark_restored`), or None.
+
+        None once Redis lost its data (restarted without persistence, flushed): the stock
+        updates and seen event ids must be restored again, by every worker (each from its own
+        log). A worker that finds another mark than its own knows another one did it after a
+        loss, and restores its own part.
+        """
+        ...
+
+    def mark_restored(self) -> str:
+        """Notes that this worker restored the stock updates and seen event ids.
+
+        Returns:
+            The mark the state now holds: a new one if it held none, else the one it held.
+        """
         ...
 
     def record(self, events: Iterable[Mapping[str, Any]]) -> None:
@@ -217,6 +238,12 @@ class InProcessState:
     def mark_seen_restored(self, started_at: float) -> None:  # noqa: D102
         pass
 
+    def restored_mark(self) -> str | None:  # noqa: D102
+        return IN_PROCESS_MARK  # the memory goes only with the process, and a new one restores
+
+    def mark_restored(self) -> str:  # noqa: D102
+        return IN_PROCESS_MARK
+
     def _remember(self, event_id: str, seen_at: float) -> None:
         self._seen[event_id] = seen_at
         if len(self._seen) > SEEN_CAPACITY:
@@ -298,7 +325,9 @@ class RedisState:
     of the last completed restore of seen ids, see `seen_restored_through`), `session:{<user>}`
     (list, most recent first), `cart:{<user>}` and `bought:{<user>}` (sets), `{stock}` (hash
     item → `<0|1>|<updated_at_us>`, set by a script that keeps the newer change) with
-    `{stock}:version` (a counter, so each worker re-reads the hash only when it changed).
+    `{stock}:version` (a counter, so each worker re-reads the hash only when it changed), and
+    `{stock}:restored` (a mark set by the first worker that restored the stock and seen ids:
+    missing, Redis lost its data and the workers restore them again, see `restored_mark`).
 
     The braces are Redis Cluster hash tags: a user's keys share the slot of the user's keys in
     the online store (`store_keys.user_key`, `ranked_key`), so a request's reads of the user go
@@ -323,6 +352,8 @@ class RedisState:
         # over keys of one slot.
         self._stock_key = f"{prefix}{{stock}}"
         self._stock_version_key = f"{prefix}{{stock}}:version"
+        # No TTL, on the stock's node: gone only with the data the restore put there.
+        self._restored_key = f"{prefix}{{stock}}:restored"
         self._stock: dict[str, StockChange] = {}
         self._stock_version: str | None = None
         self._lock = threading.Lock()
@@ -370,6 +401,13 @@ class RedisState:
         # its own start. Gone with the ids when Redis restarts empty (then the next start restores
         # the whole window); a snapshot restores it with ids at least as new.
         self._redis.set(self._key("seen-restored"), repr(started_at), ex=SEEN_TTL_S)
+
+    def restored_mark(self) -> str | None:  # noqa: D102
+        return self._redis.get(self._restored_key)
+
+    def mark_restored(self) -> str:  # noqa: D102
+        self._redis.set(self._restored_key, uuid.uuid4().hex, nx=True)
+        return self._redis.get(self._restored_key)
 
     def record(self, events: Iterable[Mapping[str, Any]]) -> None:  # noqa: D102
         events = list(events)
