@@ -19,6 +19,7 @@ A request that passes costs one more pydantic validation of a small body (tens o
 import json
 import logging
 from collections.abc import Callable, Mapping
+from importlib import metadata as package_metadata
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -49,6 +50,17 @@ API_DESCRIPTION = (
     "user's history. The inspector page at `/` looks at a user through this API. Every client "
     "error has the shape `ErrorResponse`, naming the field."
 )
+
+
+API_TITLE = "Shelfwise"
+
+
+def _package_version() -> str:
+    """The installed Shelfwise's version (a bento carries its own tag instead)."""
+    try:
+        return package_metadata.version("shelfwise")
+    except package_metadata.PackageNotFoundError:
+        return "unreleased"
 
 
 class RequestContract:
@@ -191,7 +203,11 @@ def document_contract(
         The completed document (a new dict).
     """
     spec = json.loads(json.dumps(spec))
-    spec.setdefault("info", {})["description"] = API_DESCRIPTION
+    info = spec.setdefault("info", {})
+    info.update(title=API_TITLE, description=API_DESCRIPTION)
+    info.pop("contact", None)  # BentoML's team, who answer for BentoML, not for this API
+    if info.get("version") in (None, "None"):  # served from source: no bento version
+        info["version"] = _package_version()
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for model in (ErrorResponse, EventIn):
         schemas[model.__name__] = _component(model, schemas)

@@ -5,6 +5,7 @@ reproduction of a probe that once got a 500, an ignored option or a traceback in
 import json
 import time
 import uuid
+from importlib import metadata as package_metadata
 from pathlib import Path
 
 import httpx
@@ -167,6 +168,10 @@ def test_a_client_error_is_one_log_line_without_a_traceback(contract_server):
 def test_the_document_declares_nullable_fields_and_every_error_status(contract_server):
     url, _, _ = contract_server
     document = httpx.get(f"{url}/docs.json", timeout=30).json()
+    # Shelfwise's API, not BentoML's boilerplate (served from source: the package's version).
+    assert document["info"]["title"] == "Shelfwise"
+    assert document["info"]["version"] == package_metadata.version("shelfwise")
+    assert "contact" not in document["info"] and "BentoML" not in document["info"]["description"]
     schemas = document["components"]["schemas"]
     assert schemas["RecommendResponse"]["properties"]["model_version"]["nullable"] is True
     assert schemas["RecommendRequest"]["additionalProperties"] is False

@@ -210,10 +210,10 @@ def test_redis_restarted_empty_is_restored_and_followed_without_a_restart(replic
 
     client.set(keys.NEXT_VERSION, held - 1)  # the next version takes the number held
     assert write_from_lake(client, lake).version == held
+    # Its shared parts loaded anew: the ones held were another snapshot's for all it knew.
+    switched = f"Online store version {held} replaces {held}"
     for name in ("a", "b"):
-        # Its shared parts loaded anew: the ones held were another snapshot's for all it knew.
         log = replicas["folder"] / name / "bentoml.log"
-        switched = f"Online store version {held} replaces {held}"
         wait_for(lambda log=log: switched in log.read_text(), what=switched)
         assert recommend(replicas[name], user)["strategy"] == "personalized"
 
