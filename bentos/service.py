@@ -9,6 +9,7 @@ copy of the promoted ranker; see `shelfwise.runtime.registry`), declared below s
 packs it into the bento; the serving snapshot comes from the lake.
 """
 
+import contextlib
 import functools
 import logging
 import threading
@@ -560,14 +561,21 @@ class RecommendationService:
         next_poll = time.monotonic()
         next_compaction = next_poll + compact
         next_experiment_poll = next_poll + experiment_poll  # `__init__` read the book
-        compile_pending = True
+        first_round = True
         while not self._stop.wait(STORE_POLL_S):
-            if compile_pending:
+            if first_round:
                 # A poll period after `__init__`, when BentoML has the worker serving: the
                 # compiler (a child process busy for seconds) started during start-up delayed
                 # `/readyz` by about 0.5 s on 2 cores. LightGBM serves until then, same scores.
-                compile_pending = False
+                first_round = False
                 self._compile_later(model_dir)
+                # pyarrow imports pandas when the impression writer first converts a batch (any
+                # `pa.array` does), and BentoML's check of a model's metadata looks pandas up in
+                # `sys.modules` without importing it: a model poll during that import met a
+                # half-initialized module and failed. Imported here first, the import lock makes
+                # the writer wait for it (or this thread for the writer) before any poll.
+                with contextlib.suppress(ImportError):  # no pandas, no pyarrow import of it
+                    import pandas  # noqa: F401
             self._poll_store()
             now = time.monotonic()
             if poll and now >= next_poll:

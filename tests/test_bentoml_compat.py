@@ -321,3 +321,50 @@ def test_the_recommendation_service_installs_the_fix_when_imported():
         [sys.executable, "-c", check], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# A fresh interpreter polls the production model (as the service's upkeep does) while a thread
+# imports pandas, as pyarrow does at the impression writer's first batch.
+_POLL_DURING_PANDAS_IMPORT = """
+import sys, threading
+from pathlib import Path
+from shelfwise.runtime.registry import production
+home = Path(sys.argv[1])
+production(home)
+assert "pandas" not in sys.modules
+importer = threading.Thread(target=__import__, args=("pandas",))
+importer.start()
+if sys.argv[2] == "poller-imports-too":
+    import pandas  # waits for the other thread's import to finish, if it is under way
+failed = polls = 0
+while importer.is_alive() or polls < 20:
+    polls += 1
+    try:
+        production(home)
+    except Exception:
+        failed += 1
+print(failed, polls)
+"""
+
+
+def test_a_model_poll_fails_while_pandas_is_half_imported_unless_the_poller_imports_it(
+    pipeline_run,
+):
+    """Why the service's upkeep imports pandas before its first model poll
+    (`RecommendationService._background`): BentoML's check of a model's metadata looks pandas
+    up in `sys.modules` without importing it, and meets a half-initialized module while another
+    thread imports it; a thread that imported pandas itself waits on the import lock instead."""
+    home = str(pipeline_run.settings.bentoml_home)
+    results = {}
+    for order in ("concurrent", "poller-imports-too"):
+        done = subprocess.run(
+            [sys.executable, "-c", _POLL_DURING_PANDAS_IMPORT, home, order],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        results[order] = [int(n) for n in done.stdout.split()]
+    assert results["concurrent"][0] > 0, results
+    assert results["poller-imports-too"][0] == 0, results
