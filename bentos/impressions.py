@@ -43,7 +43,9 @@ logger = logging.getLogger("bentoml.shelfwise")
 # Every 50 ms: a flush holds the GIL while it builds Arrow, and the requests in flight wait; four
 # small flushes a tick stall them less than one large one. Measured at c=8, one worker (demo shop,
 # 2 x 10 s each, in turns): p99 12.8-14.7 ms against 14.4-16.3 ms every 0.2 s (11.1-12.3 ms with
-# no impressions at all), the same req/s, for 25 us more of the writer's CPU per request.
+# no impressions at all), the same req/s, for 25 us more of the writer's CPU per request. In the
+# store benchmark (embedded, 1 worker, 4 x 2 runs in turns) both were within its noise: p99
+# 12.1-16.0 against 13.4-15.6 ms, 0.55-0.60x the no-op against 0.58-0.63x.
 FLUSH_INTERVAL_S = 0.05
 IMPRESSIONS = "impressions"
 # About 4 s of impressions at this machine's peak (~1,200 responses/s of 10 items), so a stall
