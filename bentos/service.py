@@ -275,15 +275,19 @@ class RecommendationService:
         )
         settle_heap()
 
-    def _restore(self) -> None:
+    def _restore(self) -> bool:
         """Restores the stock updates and seen event ids into the online state, and notes it
-        there once both are in, so that the upkeep sees when Redis loses them (`_poll_store`)."""
+        there once both are in, so that the upkeep sees when Redis loses them (`_poll_store`).
+        Returns whether both were restored and noted."""
         stock, seen = self._restore_stock(), self._restore_seen()
-        if stock and seen:
-            try:
-                self._restored_mark = self.state.mark_restored()
-            except Exception:  # the upkeep restores again
-                logger.exception("Could not note the restore in the online state")
+        if not (stock and seen):
+            return False
+        try:
+            self._restored_mark = self.state.mark_restored()
+        except Exception:  # the upkeep restores again
+            logger.exception("Could not note the restore in the online state")
+            return False
+        return True
 
     def _restore_stock(self) -> bool:
         """Acknowledged stock updates outlive the process: those in the lake and those still in
@@ -331,8 +335,7 @@ class RecommendationService:
                 "snapshot are lost"
             )
         self._next_restore = now + RESTORE_RETRY_S
-        self._restore()
-        if self._restored_mark is not None and self.state.restored_mark() == self._restored_mark:
+        if self._restore():
             self._next_restore = 0.0
             logger.info("Online state restored")
 

@@ -266,7 +266,9 @@ def test_a_primary_stopped_degrades_its_users_and_serves_the_others(pipeline_run
         assert [isinstance(read, Exception) for read in reads] == [False] * 3 + [True] * 3
 
 
-def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(pipeline_run, tmp_path):
+def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(
+    pipeline_run, held, tmp_path
+):
     """With a replica per primary (`cluster-node-timeout` 1 s): a primary stopped under a live
     service costs its users their own list only until its replica is promoted; then the same
     service, not restarted, answers them as before and writes their sessions to the new
@@ -282,7 +284,6 @@ def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(pipeline
         (tmp_path / "service").mkdir()
         env = {"SHELFWISE_REDIS_URL": url, **CLUSTER_ENV}
         with served_copy(pipeline_run.settings, tmp_path / "service", env) as (service, _):
-            held = Recommender.from_lake(pipeline_run.lake, None).store
             on_stopped = {
                 user: answer(recommend(service, user))
                 for user in sorted(held.states)[:200]
@@ -312,7 +313,7 @@ def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(pipeline
             visitor = next(
                 f"new-{n}"
                 for n in range(10_000)
-                if key_slot(f"{{new-{n}}}".encode()) in _slots_of(client, promoted)
+                if client.get_node_from_key(keys.user_key(version, f"new-{n}")) == promoted
             )
             item = pipeline_run.lake.read_frame(SERVING_NEIGHBOURS)["item_id"][0]
             event = {"event_id": uuid.uuid4().hex, "user_id": visitor, "item_id": item}
@@ -321,7 +322,7 @@ def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(pipeline
 
 
 def test_a_users_slot_moved_to_another_primary_while_serving_changes_no_answer(
-    pipeline_run, tmp_path
+    pipeline_run, held, tmp_path
 ):
     """Resharding by hand as `redis-cli --cluster reshard` does it (IMPORTING / MIGRATING, the
     keys moved in two `MIGRATE`s, then `SETSLOT NODE`) under a live service: the user's answer
@@ -334,7 +335,6 @@ def test_a_users_slot_moved_to_another_primary_while_serving_changes_no_answer(
         (tmp_path / "service").mkdir()
         env = {"SHELFWISE_REDIS_URL": url, **CLUSTER_ENV}
         with served_copy(pipeline_run.settings, tmp_path / "service", env) as (service, _):
-            held = Recommender.from_lake(pipeline_run.lake, None).store
             user = next(
                 user
                 for user in sorted(held.states)
@@ -377,15 +377,6 @@ def test_a_users_slot_moved_to_another_primary_while_serving_changes_no_answer(
             assert (found["items"][0]["item_id"], found["items"][0]["live"]) == (item, True)
             log = (tmp_path / "service" / "bentoml.log").read_text()
             assert "unavailable" not in log and "Traceback" not in log
-
-
-def _slots_of(client, node) -> set[int]:
-    """The hash slots `node` serves, as the cluster client sees them now."""
-    return {
-        slot
-        for slot, nodes in client.nodes_manager.slots_cache.items()
-        if nodes and nodes[0].name == node.name
-    }
 
 
 def recommend(url: str, user_id: str, k: int = 10) -> dict:
