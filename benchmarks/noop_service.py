@@ -17,7 +17,7 @@ benchmark compares, each adding one change to the previous:
   BentoML's thread pool: the set-up until `/recommend` became `async`);
 - `full` (the default): + an `async` endpoint and the service's HTTP protocol
   (`bentos/protocol.py`: load shedding, off in the benchmarks, the header timeout and recycled
-  keep-alive connections): the real set-up;
+  keep-alive connections) and the cached API callers: the real set-up;
 - `full_noshim`: `full` without the shim, to see what the shim alone buys.
 
 Serve from the project root: `bentoml serve benchmarks/noop_service.py:NoopService`.
@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from bentos.compat import (
     SERVICE_CONFIG,
+    install_api_method_cache,
     install_http_protocol,
     install_timeout_timer_fix,
     settle_heap,
@@ -62,6 +63,7 @@ if _SHIM:
     install_timeout_timer_fix()
 if VARIANT in ("full", "full_noshim"):
     install_http_protocol()
+    install_api_method_cache()
 
 
 class NoopResponse(BaseModel):

@@ -15,6 +15,13 @@ every full garbage collection walks it, freezing the event loop for 60–1,000 m
 - `SERVICE_CONFIG` keeps a 10 s traffic timeout and excludes the hot routes from BentoML's
   tracing (no exporter is configured, so their spans cost time and memory for nothing). Traces of
   `/recommend` and `/similar`, when wanted, are Shelfwise's own (`bentos/tracing.py`).
+- `install_api_method_cache()` (called by the service module at import) makes BentoML build each
+  API's local caller once per service instance. BentoML 1.4.40 resolves the endpoint's function
+  on every request (`getattr(instance, name).local` in `ServiceAppFactory.api_endpoint`), and
+  `APIMethod._local_call` runs `inspect.signature` and wraps the function each time: 50-60 us of
+  a request's ~0.9 ms on the event loop, for the same function every time. The cached caller is
+  what BentoML would build (it depends only on the method and the instance). Like the timer
+  shim, it refuses a `_local_call` whose source it does not know.
 - `settle_heap()`, at the end of the service's `__init__`, freezes what start-up allocated (the
   serving snapshot, the model) so later full collections skip it.
 
@@ -31,10 +38,12 @@ import asyncio
 import gc
 import hashlib
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import bentoml
 import uvicorn
+from _bentoml_sdk.method import APIMethod
 from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http import auto as uvicorn_auto
@@ -63,9 +72,9 @@ class BentoMLCompatError(RuntimeError):
     """The installed BentoML is not the one a compatibility shim was written for."""
 
 
-def timeout_middleware_fingerprint(cls: type) -> str:
-    """sha256 of a class's source, to recognise the `TimeoutMiddleware` the shim patches."""
-    return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+def source_fingerprint(code: Any) -> str:
+    """sha256 of a class's or function's source, to recognise the BentoML code a shim patches."""
+    return hashlib.sha256(inspect.getsource(code).encode()).hexdigest()
 
 
 def check_timeout_middleware(cls: type, version: str) -> None:
@@ -79,7 +88,7 @@ def check_timeout_middleware(cls: type, version: str) -> None:
         BentoMLCompatError: The source differs from every known one.
     """
     try:
-        fingerprint = timeout_middleware_fingerprint(cls)
+        fingerprint = source_fingerprint(cls)
     except (OSError, TypeError) as error:  # installed without its source
         raise BentoMLCompatError(
             f"bentos/compat.py: cannot read the source of BentoML {version}'s TimeoutMiddleware "
@@ -141,6 +150,71 @@ def install_timeout_timer_fix() -> None:
     check_timeout_middleware(cls, bentoml.__version__)
     setattr(_call_cancelling_timer, _PATCHED_MARK, True)
     cls.__call__ = _call_cancelling_timer  # type: ignore[method-assign]
+
+
+# sha256 of `inspect.getsource(APIMethod._local_call)` in the BentoML versions whose local caller
+# depends only on the method and the instance (what makes caching it per instance exact).
+KNOWN_LOCAL_CALL = {
+    "72c85cd5fadd8a7c9c7af342f0f245c457c0b5fcb0b71094c49d5048dc5dc43f": "1.4.40",
+}
+# The attribute of a service instance holding its callers (id of the `APIMethod` -> caller). On
+# the instance, not in a global table: a caller holds its instance, so the two go together.
+_CALLERS_ATTR = "__shelfwise_api_callers__"
+_CACHED_MARK = "__shelfwise_caches_callers__"
+
+
+def check_local_call(method: Callable[..., Any], version: str) -> None:
+    """Raises unless `method` is an `APIMethod._local_call` whose source the cache knows.
+
+    Args:
+        method: `APIMethod._local_call` (BentoML's, unpatched).
+        version: The installed BentoML version, for the message.
+
+    Raises:
+        BentoMLCompatError: The source differs from every known one, or cannot be read.
+    """
+    try:
+        fingerprint = source_fingerprint(method)
+    except (OSError, TypeError) as error:
+        raise BentoMLCompatError(
+            f"bentos/compat.py: cannot read the source of BentoML {version}'s "
+            f"APIMethod._local_call to check that caching it fits: {error}"
+        ) from error
+    if fingerprint not in KNOWN_LOCAL_CALL:
+        known = ", ".join(sorted(set(KNOWN_LOCAL_CALL.values())))
+        raise BentoMLCompatError(
+            f"bentos/compat.py: BentoML {version}'s APIMethod._local_call is not the code the "
+            f"per-instance cache was written for (BentoML {known}; source sha256 "
+            f"{fingerprint}). If the new version no longer rebuilds the caller per request, "
+            "delete install_api_method_cache(); otherwise check that its caller still depends "
+            "only on the method and the instance and add the fingerprint to KNOWN_LOCAL_CALL."
+        )
+
+
+def install_api_method_cache() -> None:
+    """Makes BentoML build each API's local caller once per service instance (idempotent).
+
+    Raises:
+        BentoMLCompatError: The installed BentoML's `APIMethod._local_call` is not known code.
+    """
+    build = APIMethod._local_call
+    if getattr(build, _CACHED_MARK, False):
+        return
+    check_local_call(build, bentoml.__version__)
+
+    def _local_call(self: APIMethod, instance: Any) -> Callable[..., Any]:
+        try:
+            callers = vars(instance).setdefault(_CALLERS_ATTR, {})
+        except TypeError:  # an instance without a __dict__: built per call, as BentoML does
+            return build(self, instance)
+        caller = callers.get(id(self))  # APIMethods live as long as their class: ids are stable
+        if caller is None:
+            caller = callers[id(self)] = build(self, instance)
+        return caller
+
+    _local_call.__wrapped__ = build  # type: ignore[attr-defined]
+    setattr(_local_call, _CACHED_MARK, True)
+    APIMethod._local_call = _local_call  # type: ignore[method-assign]
 
 
 def settle_heap() -> None:

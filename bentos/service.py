@@ -52,6 +52,7 @@ from bentos.api_models import (
 )
 from bentos.compat import (
     SERVICE_CONFIG,
+    install_api_method_cache,
     install_http_protocol,
     install_timeout_timer_fix,
     settle_heap,
@@ -129,6 +130,8 @@ logger = logging.getLogger("bentoml.shelfwise")
 # BentoML's per-request timer leak (ARCHITECTURE.md §7): patched once per process, at import,
 # before the worker builds its app; refuses to patch a BentoML it does not know.
 install_timeout_timer_fix()
+# BentoML's per-request rebuild of the endpoint's caller (bentos/compat.py), cached.
+install_api_method_cache()
 # Load shedding and a header-read timeout in uvicorn's protocol (bentos/protocol.py).
 install_http_protocol()
 

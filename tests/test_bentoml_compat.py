@@ -9,9 +9,13 @@
   with a 10 s timeout, its timers are cancelled once the shim is installed and not before, the
   hot routes are not traced.
 - The shim refuses a `TimeoutMiddleware` whose source it does not know, as after an upgrade.
+- The API method cache: BentoML's own caller (defaults filled in, bound to its instance), built
+  once per service instance and method, through a real service's ASGI app too; refused for a
+  `_local_call` it does not know.
 """
 
 import asyncio
+import functools
 import gc
 import importlib.util
 import json
@@ -21,7 +25,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import httpx
@@ -32,6 +36,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.util.http import ExcludeList
+from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -316,6 +321,8 @@ def test_the_recommendation_service_installs_the_fix_when_imported():
         "import bentos.service\n"
         "from bentoml._internal.server.http import traffic\n"
         "assert getattr(traffic.TimeoutMiddleware.__call__, '__shelfwise_cancels_timer__', False)\n"
+        "from _bentoml_sdk.method import APIMethod\n"
+        "assert getattr(APIMethod._local_call, '__shelfwise_caches_callers__', False)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", check], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
@@ -368,3 +375,62 @@ def test_a_model_poll_fails_while_pandas_is_half_imported_unless_the_poller_impo
         results[order] = [int(n) for n in done.stdout.split()]
     assert results["concurrent"][0] > 0, results
     assert results["poller-imports-too"][0] == 0, results
+
+
+@bentoml.service(name="compat_callers")
+class _Callers:
+    """A service whose API has a pydantic `Field` default, which BentoML's caller fills in."""
+
+    @bentoml.api(route="/echo")
+    def echo(self, user_id: str, k: Annotated[int, Field(ge=1)] = Field(10)) -> dict[str, Any]:
+        return {"user_id": user_id, "k": k, "instance": id(self)}
+
+
+def test_api_method_cache_builds_each_caller_once_per_instance() -> None:
+    compat.install_api_method_cache()
+    first, second = _Callers.inner(), _Callers.inner()
+
+    caller = first.echo.local
+
+    # What BentoML's caller does (the Field default filled in, bound to the instance), built once.
+    assert caller(user_id="u1") == {"user_id": "u1", "k": 10, "instance": id(first)}
+    assert caller(user_id="u1", k=3)["k"] == 3
+    assert all(first.echo.local is caller for _ in range(5))
+    assert second.echo.local is not caller
+    assert second.echo.local(user_id="u2")["instance"] == id(second)
+
+    # The callers live on their instance: one that goes takes its callers with it.
+    gone = weakref.ref(second)
+    del second
+    gc.collect()
+    assert gone() is None
+
+
+def test_api_method_cache_answers_requests_as_bentoml_does() -> None:
+    from starlette.testclient import TestClient
+
+    compat.install_api_method_cache()
+    with TestClient(_Callers.to_asgi()) as client:
+        answers = [client.post("/echo", json={"user_id": f"u{n}"}).json() for n in range(20)]
+        refused = client.post("/echo", json={"user_id": "u1", "k": 0})
+
+    assert [answer["user_id"] for answer in answers] == [f"u{n}" for n in range(20)]
+    assert {answer["k"] for answer in answers} == {10}
+    assert len({answer["instance"] for answer in answers}) == 1  # one instance, one caller
+    assert refused.status_code == 400
+
+
+def test_installed_bentoml_is_the_one_the_api_method_cache_knows() -> None:
+    compat.check_local_call(compat.APIMethod._local_call.__wrapped__, bentoml.__version__)
+
+
+def test_api_method_cache_refuses_a_local_call_it_does_not_know(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def _local_call(self: Any, instance: Any) -> Callable[..., Any]:  # an upgrade's own version
+        return functools.partial(self.func, instance)
+
+    monkeypatch.setattr(compat.APIMethod, "_local_call", _local_call)
+
+    with pytest.raises(compat.BentoMLCompatError, match="delete install_api_method_cache"):
+        compat.install_api_method_cache()
