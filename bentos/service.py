@@ -14,7 +14,6 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -60,6 +59,7 @@ from bentos.compat import (
 from bentos.contract import RequestContract, first_error
 from bentos.feature_samples import FeatureSampler
 from bentos.guard import PROTECTED_PREFIXES, RequestGuard
+from bentos.ids import new_id
 from bentos.impressions import ImpressionLog, ShownItems
 from bentos.pages import ServicePages
 from bentos.tracing import request_tracing, stop_tracing, tracer
@@ -182,6 +182,14 @@ def _store_keys(serving: "Serving", user_id: str) -> tuple[str | None, str | Non
     return recommender.ranked_list_key(user_id), recommender.candidates_key(user_id)
 
 
+@functools.cache
+def _responses(endpoint: str, strategy: str, fallback_level: int) -> Any:
+    """`RESPONSES`' counter of these labels, looked up once (a lookup takes its lock)."""
+    return RESPONSES.labels(
+        endpoint=endpoint, strategy=strategy, fallback_level=str(fallback_level)
+    )
+
+
 def _present(keys: tuple[str | None, ...]) -> tuple[str, ...]:
     return tuple(key for key in keys if key is not None)
 
@@ -193,6 +201,10 @@ def show_ranker_engine(engine: str) -> None:
 
 
 EVENT_VALIDATOR = TypeAdapter(EventIn)
+# A request without context or filters: these, shared (never modified), instead of new ones.
+_NO_CONTEXT = RecommendContext()
+_NO_FILTERS = RecommendFilters()
+_NO_FILTERS_RULES = _NO_FILTERS.to_rules()
 # Seconds between looks at the online store's pointer (and the upkeep's other timers).
 STORE_POLL_S = 0.5
 # Seconds between attempts to restore the online state into a Redis that lost it, while they fail.
@@ -798,12 +810,15 @@ class RecommendationService:
             ranked_value = next(found) if ranked_key is not None else None
             candidates_value = next(found) if candidates_key is not None else None
         fetched = read is not None
-        context = context or RecommendContext()
+        context = context or _NO_CONTEXT
         session = Session(
             activity.item_ids, activity.carted_ids, activity.purchased_ids
         ).with_context(context.item_id, context.session_item_ids)
         # The item on the page is never recommended on its own page.
-        rules = (filters or RecommendFilters()).to_rules(exclude=context.item_id)
+        if filters is None and context.item_id is None:
+            rules = _NO_FILTERS_RULES  # most requests: built once
+        else:
+            rules = (filters or _NO_FILTERS).to_rules(exclude=context.item_id)
         trial, rec_id = None, None
         # Explanations and drift samples read the ranked rows: such a request is re-ranked even
         # when its ranked list would answer it.
@@ -811,7 +826,7 @@ class RecommendationService:
         need_rows = explain or sampled
         experiment = self._experiment
         if experiment is not None:  # the one check it costs when no experiment runs
-            rec_id = uuid.uuid4().hex  # seeds the interleaving: the list can be drawn again
+            rec_id = new_id()  # seeds the interleaving: the list can be drawn again
             trial = self._try_experiment(
                 experiment,
                 serving,
@@ -921,7 +936,7 @@ class RecommendationService:
         # Reads no online state, so it never waits on the network: always on the event loop.
         serving = self.serving
         answer = serving.recommender.similar(
-            item_id, k, (filters or RecommendFilters()).to_rules(exclude=item_id)
+            item_id, k, (filters or _NO_FILTERS).to_rules(exclude=item_id)
         )
         return self._respond("similar", user_id or "", answer, serving, SimilarResponse)
 
@@ -1079,7 +1094,7 @@ class RecommendationService:
         explanations: list[Explanation] | None = None,
         sampled: bool | None = None,
     ):
-        rec_id = rec_id or uuid.uuid4().hex
+        rec_id = rec_id or new_id()
         if trial is None:  # as without experiments
             experiment = arm = None
             model_version = serving.model_version
@@ -1103,9 +1118,7 @@ class RecommendationService:
             )
             if trial is not None:
                 span.set_attributes({"shelfwise.experiment": experiment, "shelfwise.arm": arm})
-        RESPONSES.labels(
-            endpoint=endpoint, strategy=answer.strategy, fallback_level=str(answer.fallback_level)
-        ).inc()
+        _responses(endpoint, answer.strategy, answer.fallback_level).inc()
         shown_at = datetime.now(UTC)
         self.impressions.add(
             ShownItems(
@@ -1234,7 +1247,7 @@ def event_row(event: EventIn, now: datetime) -> dict[str, Any]:
     """An accepted event as a lake row (`shelfwise.contracts.EVENTS_SCHEMA`)."""
     occurred_at = event.occurred_at or now
     return {
-        "event_id": event.event_id or uuid.uuid4().hex,
+        "event_id": event.event_id or new_id(),
         "occurred_at": occurred_at,
         "user_id": event.user_id,
         "session_id": event.session_id or f"api:{event.user_id}",

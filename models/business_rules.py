@@ -295,18 +295,21 @@ class BusinessRules:
         """
         chosen: list[tuple[str, object]] = []
         seen = set(already)
-        per_category = Counter(self.items[i].category_id for i in seen if i in self.items)
+        capped = self.max_per_category > 0
+        if capped:
+            per_category = Counter(self.items[i].category_id for i in seen if i in self.items)
         bought = self.bought(user_id, online)
         for item_id, payload in ranked:
             if len(chosen) == k:
                 break
             if item_id in seen or not self._allows(bought, item_id, filters, online):
                 continue
-            category = self.items[item_id].category_id if item_id in self.items else None
-            if self.max_per_category and category is not None:
-                if per_category[category] >= self.max_per_category:
-                    continue
-                per_category[category] += 1
+            if capped and (facts := self.items.get(item_id)) is not None:
+                category = facts.category_id
+                if category is not None:
+                    if per_category[category] >= self.max_per_category:
+                        continue
+                    per_category[category] += 1
             seen.add(item_id)
             chosen.append((item_id, payload))
         return chosen

@@ -347,6 +347,7 @@ def test_the_neighbourhood_candidates_cost_no_item_codes():
 
 def test_packed_states_find_every_user_and_no_other():
     values = {f"user-{n}": bytes([n % 251]) * (n % 7) for n in range(5_000)}
+    values.update({"": b"e", "ü-ñ": b"u", "用户-7": b"z", "user-1\x00": b"n"})  # ids are bytes
     states = PackedStates.from_pairs(values.items())
     assert len(states) == len(values)
     assert all(states[user] == value for user, value in values.items())
@@ -359,3 +360,4 @@ def test_packed_states_find_every_user_and_no_other():
     read = PackedStates.from_tables(tables)
     assert dict(read.items()) == values and read.value_bytes == states.value_bytes
     assert read["user-4999"] == values["user-4999"] and "user-5000" not in read
+    assert read["用户-7"] == b"z" and "用户-8" not in read and "ü" not in read
