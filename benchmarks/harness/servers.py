@@ -40,6 +40,7 @@ def serve(
     timeout: float = 300,
     grace: float = 30,
     memory: bool = False,
+    root: Path = ROOT,
 ) -> Iterator[Server]:
     """`bentoml serve TARGET` on 127.0.0.1:`port` from the project root, until `/readyz` is 200.
 
@@ -53,13 +54,14 @@ def serve(
             then its processes still there are killed (a worker still loading ignores the
             shutdown).
         memory: Sample its process tree's RSS and PSS from the start (`Server.memory`).
+        root: The checkout to serve from (this one unless given: another version's code).
     """
     for attempt in range(1, START_ATTEMPTS + 1):
         started = time.perf_counter()
         with log.open("w") as out:
             command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port"]
             process = subprocess.Popen(
-                [*command, str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                [*command, str(port)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT
             )
         sampler = TreeMemory(process.pid, pss=True) if memory else None
         try:
