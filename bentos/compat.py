@@ -77,6 +77,38 @@ def source_fingerprint(code: Any) -> str:
     return hashlib.sha256(inspect.getsource(code).encode()).hexdigest()
 
 
+def _check_known_source(
+    code: Any, name: str, shim: str, known: dict[str, str], version: str, advice: str
+) -> None:
+    """Raises unless `code`'s source is one of `known` (sha256 -> BentoML version).
+
+    Args:
+        code: The BentoML class or function a shim replaces (unpatched).
+        name: What it is, for the message.
+        shim: The shim, for the message.
+        known: The fingerprints of the sources the shim was written against.
+        version: The installed BentoML version, for the message.
+        advice: What to do about a new source.
+
+    Raises:
+        BentoMLCompatError: The source differs from every known one, or cannot be read.
+    """
+    try:
+        fingerprint = source_fingerprint(code)
+    except (OSError, TypeError) as error:  # installed without its source
+        raise BentoMLCompatError(
+            f"bentos/compat.py: cannot read the source of BentoML {version}'s {name} "
+            f"to check that {shim} fits it: {error}"
+        ) from error
+    if fingerprint not in known:
+        versions = ", ".join(sorted(set(known.values())))
+        raise BentoMLCompatError(
+            f"bentos/compat.py: BentoML {version}'s {name} ({inspect.getfile(code)}) "
+            f"is not the code {shim} was written for (BentoML {versions}; "
+            f"source sha256 {fingerprint}). {advice}"
+        )
+
+
 def check_timeout_middleware(cls: type, version: str) -> None:
     """Raises unless `cls` is a `TimeoutMiddleware` whose source the shim was written for.
 
@@ -87,22 +119,16 @@ def check_timeout_middleware(cls: type, version: str) -> None:
     Raises:
         BentoMLCompatError: The source differs from every known one.
     """
-    try:
-        fingerprint = source_fingerprint(cls)
-    except (OSError, TypeError) as error:  # installed without its source
-        raise BentoMLCompatError(
-            f"bentos/compat.py: cannot read the source of BentoML {version}'s TimeoutMiddleware "
-            f"to check that the timer-cancelling shim fits it: {error}"
-        ) from error
-    if fingerprint not in KNOWN_TIMEOUT_MIDDLEWARE:
-        known = ", ".join(sorted(set(KNOWN_TIMEOUT_MIDDLEWARE.values())))
-        raise BentoMLCompatError(
-            f"bentos/compat.py: BentoML {version}'s TimeoutMiddleware ({inspect.getfile(cls)}) "
-            f"is not the code the timer-cancelling shim was written for (BentoML {known}; "
-            f"source sha256 {fingerprint}). If the new version cancels its per-request "
-            "`loop.call_later` timer itself, delete install_timeout_timer_fix(); otherwise port "
-            "the shim to the new source and add its fingerprint to KNOWN_TIMEOUT_MIDDLEWARE."
-        )
+    _check_known_source(
+        cls,
+        "TimeoutMiddleware",
+        "the timer-cancelling shim",
+        KNOWN_TIMEOUT_MIDDLEWARE,
+        version,
+        "If the new version cancels its per-request `loop.call_later` timer itself, delete "
+        "install_timeout_timer_fix(); otherwise port the shim to the new source and add its "
+        "fingerprint to KNOWN_TIMEOUT_MIDDLEWARE.",
+    )
 
 
 async def _call_cancelling_timer(self: Any, scope: Any, receive: Any, send: Any) -> None:
@@ -173,22 +199,16 @@ def check_local_call(method: Callable[..., Any], version: str) -> None:
     Raises:
         BentoMLCompatError: The source differs from every known one, or cannot be read.
     """
-    try:
-        fingerprint = source_fingerprint(method)
-    except (OSError, TypeError) as error:
-        raise BentoMLCompatError(
-            f"bentos/compat.py: cannot read the source of BentoML {version}'s "
-            f"APIMethod._local_call to check that caching it fits: {error}"
-        ) from error
-    if fingerprint not in KNOWN_LOCAL_CALL:
-        known = ", ".join(sorted(set(KNOWN_LOCAL_CALL.values())))
-        raise BentoMLCompatError(
-            f"bentos/compat.py: BentoML {version}'s APIMethod._local_call is not the code the "
-            f"per-instance cache was written for (BentoML {known}; source sha256 "
-            f"{fingerprint}). If the new version no longer rebuilds the caller per request, "
-            "delete install_api_method_cache(); otherwise check that its caller still depends "
-            "only on the method and the instance and add the fingerprint to KNOWN_LOCAL_CALL."
-        )
+    _check_known_source(
+        method,
+        "APIMethod._local_call",
+        "the per-instance cache of callers",
+        KNOWN_LOCAL_CALL,
+        version,
+        "If the new version no longer rebuilds the caller per request, delete "
+        "install_api_method_cache(); otherwise check that its caller still depends only on the "
+        "method and the instance and add the fingerprint to KNOWN_LOCAL_CALL.",
+    )
 
 
 def install_api_method_cache() -> None:
