@@ -16,11 +16,15 @@ at most `MAX_BATCH_ROWS` rows, and a batch the log refuses as too large
 large on its own is dropped (`reason="too_large"`). Rows lost to a failed write count as
 `reason="write_failed"`.
 
-Why columns: the writer holds the GIL while it turns rows into Arrow, and the event loop that
-answers requests waits meanwhile. From dicts, a flush of 2,600 impressions (0.2 s of the
-busiest worker) took 4.8 ms, a stall every request in flight shared; from columns about 2 ms,
-and each response saved building ten dicts (about 15 µs). Flushing four times as often since
-made each stall a quarter as long (`FLUSH_INTERVAL_S`).
+Why columns, and why small appends: the writer holds the GIL while it turns rows into Arrow, and
+the event loop that answers requests waits meanwhile. From dicts, a flush of 2,600 impressions
+(0.2 s of the busiest worker) took 4.8 ms, a stall every request in flight shared; from columns
+about 2 ms, and each response saved building ten dicts (about 15 µs). Even so, one append per
+flush was `/recommend`'s tail: a busy loop hands the GIL to the writer only every few
+milliseconds, so a flush meant to run every 50 ms ran every ~120 ms over ~2,900 rows, several
+milliseconds of stall each. Appends of about `APPEND_ROWS` rows hold the GIL a few hundred
+microseconds each, and give it back to the loop while their write and fsync run
+(`APPEND_ROWS`, measured there).
 
 The same writer logs the sampled feature rows of `/recommend` requests (`bentos/feature_samples.py`)
 to their own stream, with their own bound and counter.
@@ -48,12 +52,22 @@ logger = logging.getLogger("bentoml.shelfwise")
 # 12.1-16.0 against 13.4-15.6 ms, 0.55-0.60x the no-op against 0.58-0.63x.
 FLUSH_INTERVAL_S = 0.05
 IMPRESSIONS = "impressions"
+# Rows per append while the writer keeps up. Measured at c=8, one worker (demo shop, 16 paired
+# rounds of 5 s, `benchmarks/paired_serving_benchmark.py`): appends of ~300 rows against one per
+# flush, p99 -1.8 ms [-3.0, -0.6] (10.6 -> 9.3 ms), the same req/s (1.01x [0.96, 1.06]); with no
+# impressions at all the p99 was 3.4 ms lower. About 50 appends (fsyncs) a second at 1,500
+# responses/s of 10 items.
+APPEND_ROWS = 300
+# Appends per flush at most: when the queue is long (a slow disk, large responses) the appends
+# grow instead (up to `MAX_BATCH_ROWS`), so that the fsyncs a second stay bounded and the writer
+# catches up rather than falling further behind.
+MAX_APPENDS_PER_FLUSH = 8
 # About 4 s of impressions at this machine's peak (~1,200 responses/s of 10 items), so a stall
 # of the disk of a few seconds loses nothing; ~0.5 kB a row in memory (200-character ids at
 # most), so the queue never holds more than a few tens of MB.
 MAX_QUEUED_ROWS = 50_000
-# Rows per `append` (one log record): a few MB with bounded identifiers, far below the log's
-# record limit, and a short hold of the log's lock for the /events appends waiting behind it.
+# Rows per `append` at most (one log record): a few MB with bounded identifiers, far below the
+# log's record limit, and a short hold of the log's lock for the /events appends waiting behind it.
 MAX_BATCH_ROWS = 10_000
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -119,9 +133,12 @@ class ImpressionLog:
     Args:
         log: The feedback log to append to.
         max_queued_rows: Rows the queue may hold; a response that does not fit is dropped.
-        max_batch_rows: Rows per `append`.
+        max_batch_rows: Rows per `append` at most.
         stream: The log's stream the rows go to (impressions by default).
         dropped_counter: The Prometheus counter of dropped rows (by `reason`).
+        append_rows: Rows per `append` while the queue is short (each append holds the GIL
+            while its rows become Arrow).
+        max_appends_per_flush: Appends per flush at most; a longer queue makes larger appends.
     """
 
     def __init__(
@@ -131,8 +148,12 @@ class ImpressionLog:
         max_batch_rows: int = MAX_BATCH_ROWS,
         stream: str = IMPRESSIONS,
         dropped_counter: bentoml.metrics.Counter = DROPPED,
+        append_rows: int = APPEND_ROWS,
+        max_appends_per_flush: int = MAX_APPENDS_PER_FLUSH,
     ) -> None:
         self._log = log
+        self._append_rows = min(append_rows, max_batch_rows)
+        self._max_appends_per_flush = max_appends_per_flush
         self._stream = stream
         self._dropped_counter = dropped_counter
         self._max_queued_rows = max_queued_rows
@@ -187,11 +208,16 @@ class ImpressionLog:
             self._flush()
 
     def _flush(self) -> None:
-        """Appends what is queued, `max_batch_rows` at a time.
+        """Appends what is queued, `append_rows` at a time, or in `max_appends_per_flush`
+        appends of at most `max_batch_rows` when the queue is longer.
 
         Rows count against the queue's bound until they are appended, so the rows held in memory
         (queued or being written) never exceed it.
         """
+        with self._count_lock:
+            backlog = self._queued_rows
+        per_append = -(-backlog // self._max_appends_per_flush)  # rounded up
+        cut = min(self._max_batch_rows, max(self._append_rows, per_append))
         batch: dict[str, list[Any]] = {name: [] for name in self._names}
         rows = 0
         while True:
@@ -210,8 +236,7 @@ class ImpressionLog:
             for name, values in batch.items():
                 values.extend(columns[name])
             rows += len(queued)
-            while rows >= self._max_batch_rows:
-                cut = self._max_batch_rows
+            while rows >= cut:
                 head = {name: values[:cut] for name, values in batch.items()}
                 self._append_and_release(head, cut)
                 for values in batch.values():

@@ -148,3 +148,51 @@ def test_a_responses_shown_items_become_one_impression_row_per_item(tmp_path):
     assert [(row["experiment"], row["arm"]) for row in logged] == [("e1", "blend")] * 3 + [
         (None, None)
     ]
+
+
+class GatedLog:
+    """A real feedback log whose first append waits until released; records every append's size."""
+
+    def __init__(self, log: FeedbackLog) -> None:
+        self.log = log
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.sizes: list[int] = []
+
+    def append_columns(self, stream: str, columns: dict[str, list], rows: int) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        self.sizes.append(rows)
+        self.log.append_columns(stream, columns, rows)
+
+
+@pytest.mark.parametrize(
+    ("responses", "max_batch_rows", "sizes"),
+    [
+        (10, 1000, [30, 30, 30, 10]),  # a short queue: appends of `append_rows`
+        (40, 1000, [100, 100, 100, 100]),  # a long one: `max_appends_per_flush` larger appends
+        (40, 80, [80, 80, 80, 80, 80]),  # never over `max_batch_rows`
+    ],
+)
+def test_the_writer_appends_in_small_appends_and_in_few_larger_ones_when_behind(
+    tmp_path, responses, max_batch_rows, sizes
+):
+    wal, lake = tmp_path / "wal", Lake(str(tmp_path / "lake"))
+    with FeedbackLog(wal) as log:
+        gated = GatedLog(log)
+        impressions = ImpressionLog(
+            gated, max_batch_rows=max_batch_rows, append_rows=30, max_appends_per_flush=4
+        )
+        assert impressions.add(make_impressions("r00", 10))
+        assert gated.entered.wait(10)  # the writer holds r00 in its append
+        for n in range(1, responses + 1):  # queued meanwhile: the next flush's backlog
+            assert impressions.add(make_impressions(f"r{n:02d}", 10))
+        gated.release.set()
+        impressions.close()
+    assert gated.sizes == [10, *sizes]
+    compact_feedback(wal, lake)
+    logged = lake_rows(lake, IMPRESSIONS, "rec_id")
+    assert [row["rec_id"] for row in logged] == [
+        f"r{n:02d}" for n in range(responses + 1) for _ in range(10)
+    ]
