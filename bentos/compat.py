@@ -14,7 +14,12 @@ every full garbage collection walks it, freezing the event loop for 60–1,000 m
   changes or fixes that code fails at start-up instead of being silently patched.
 - `SERVICE_CONFIG` keeps a 10 s traffic timeout and excludes the hot routes from BentoML's
   tracing (no exporter is configured, so their spans cost time and memory for nothing). Traces of
-  `/recommend` and `/similar`, when wanted, are Shelfwise's own (`bentos/tracing.py`).
+  `/recommend` and `/similar`, when wanted, are Shelfwise's own (`bentos/tracing.py`). It turns
+  BentoML's access log off by default, as gunicorn ships: a line written to stderr on the event
+  loop for every request cost one worker 12–16% of its requests (paired), and a slow reader of
+  that stream stalls every request. BentoML's metrics count and time every request either way,
+  Shelfwise logs its refusals and errors, and `BENTOML_CONFIG_OPTIONS=
+  "services.shelfwise.logging.access.enabled=true"` turns the log back on (docs/operations.md).
 - `install_api_method_cache()` (called by the service module at import) makes BentoML build each
   API's local caller once per service instance. BentoML 1.4.40 resolves the endpoint's function
   on every request (`getattr(instance, name).local` in `ServiceAppFactory.api_endpoint`), and
@@ -57,6 +62,7 @@ HOT_ROUTES = ("/recommend", "/similar", "/events", "/noop", "/metrics", "/livez"
 
 SERVICE_CONFIG: dict[str, Any] = {
     "traffic": {"timeout": 10},
+    "logging": {"access": {"enabled": False}},  # see the module's docstring
     "tracing": {"excluded_urls": [f"{route}$" for route in HOT_ROUTES]},
 }
 

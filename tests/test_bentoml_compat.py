@@ -7,7 +7,8 @@
 - A real BentoML service built with `SERVICE_CONFIG`, served through its ASGI app in a separate
   process (BentoML's configuration is process-global): the timeout middleware is in the stack
   with a 10 s timeout, its timers are cancelled once the shim is installed and not before, the
-  hot routes are not traced.
+  hot routes are not traced, BentoML's access log is off; BentoML's own option
+  (`BENTOML_CONFIG_OPTIONS`) turns the access log back on.
 - The shim refuses a `TimeoutMiddleware` whose source it does not know, as after an upgrade.
 - The API method cache: BentoML's own caller (defaults filled in, bound to its instance), built
   once per service instance and method, through a real service's ASGI app too; refused for a
@@ -280,7 +281,9 @@ def probe_service(install_shim: bool) -> dict[str, Any]:
     }
 
 
-def _probe_in_subprocess(install_shim: bool, tmp_path: Path) -> dict[str, Any]:
+def _probe_in_subprocess(
+    install_shim: bool, tmp_path: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     code = (
         "import json, sys; from tests.test_bentoml_compat import probe_service; "
         f"sys.stdout.write('PROBE ' + json.dumps(probe_service({install_shim})))"
@@ -288,7 +291,11 @@ def _probe_in_subprocess(install_shim: bool, tmp_path: Path) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-c", code],
         cwd=PROJECT_ROOT,
-        env={"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"},
+        env={
+            "BENTOML_HOME": str(tmp_path / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+            **(env or {}),
+        },
         capture_output=True,
         text=True,
         timeout=120,
@@ -309,6 +316,15 @@ def test_real_service_with_service_config(install_shim: bool, tmp_path: Path) ->
     assert probe["cancelled"] == (21 if install_shim else 0)
     assert probe["noop_traced"] is False
     assert probe["traced_traced"] is True
+    # No access log by default (SERVICE_CONFIG)...
+    assert "AccessLogMiddleware" not in [name for name, _ in probe["middlewares"]]
+
+
+def test_bentomls_own_option_turns_the_access_log_back_on(tmp_path: Path) -> None:
+    option = "services.compat_probe.logging.access.enabled=true"
+    probe = _probe_in_subprocess(True, tmp_path, {"BENTOML_CONFIG_OPTIONS": option})
+
+    assert "AccessLogMiddleware" in [name for name, _ in probe["middlewares"]]
 
 
 def test_the_recommendation_service_installs_the_fix_when_imported():
