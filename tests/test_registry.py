@@ -112,6 +112,19 @@ def test_promote_lists_production_and_copies_the_rankers_files(home, three):
     assert json.loads((folder / RANKER_INFO_FILE).read_text())["name"] == "B"
 
 
+def test_production_reads_the_current_version_only(home, three):
+    """The service asks for production every few seconds: it must not read every promotion's
+    metadata (a store's history grows with each retraining), so a damaged old one is not read."""
+    a, b, c = three
+    oldest = production(home).tag
+    promote(home, b)
+    newest = promote(home, c)
+    (home / "models" / oldest.replace(":", "/") / "model.yaml").unlink()
+
+    current = production(home)
+    assert (current.tag, current.source_tag) == (newest, c)
+
+
 def test_promote_accepts_a_version_prefix_and_is_idempotent(home, three):
     versions = [tag.split(":")[1] for tag in three]
     c = three[2]

@@ -396,7 +396,10 @@ def _versions(bentoml_home: Path, name: str) -> list[Any]:
 def _current_production(bentoml_home: Path) -> Any | None:  # noqa: ANN401 - BentoML's Model
     import bentoml
 
-    if not _versions(bentoml_home, PRODUCTION_MODEL_NAME):
+    # Not `_versions`: listing reads every version's metadata (one per promotion or rollback),
+    # and the service asks this every `model_poll_s` on a thread that shares the GIL with its
+    # requests. `latest` reads one.
+    if not (bentoml_home / "models" / PRODUCTION_MODEL_NAME).is_dir():
         return None
     try:
         return _model_store(bentoml_home).get(f"{PRODUCTION_MODEL_NAME}:latest")
