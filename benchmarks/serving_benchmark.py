@@ -184,6 +184,11 @@ DISTRIBUTIONS = ("bentoml", "lightgbm", "numpy", "polars")
 STORES = ("embedded", "redis")
 GIB = 2**30
 TARGET_GIB_PER_MILLION_USERS = 1.0  # users with history (with candidates)
+# In process, bytes per user are a difference of RSS: on a small shop the allocators' slack (about
+# 1 MiB either way between runs) is tens of bytes a user (65 at the demo shop's 15,304), so the
+# in-process figure is printed but judged only from this many users (the issue states the target
+# on the 10M-event shop: 303,952). Redis' figure subtracts what its keys hold and is always judged.
+MIN_USERS_JUDGED_IN_PROCESS = 100_000
 TARGET_REDIS_STARTUP_S = 5.0
 TARGET_STORE_P99_MS = 10.0  # at concurrency 8, one worker
 TARGET_TWO_WORKERS = 1.7  # two workers' requests/s over one worker's
@@ -1266,8 +1271,10 @@ def store_targets(
     measured and whether it met the target; None where the run did not measure it."""
     rows: list[dict[str, Any]] = []
 
-    def row(target: str, mode: str, measured: str | None, met: bool | None) -> None:
-        rows.append({"target": target, "mode": mode, "measured": measured, "met": met})
+    def row(
+        target: str, mode: str, measured: str | None, met: bool | None, why: str | None = None
+    ) -> None:
+        rows.append({"target": target, "mode": mode, "measured": measured, "met": met, "why": why})
 
     memory_target = f"<= {TARGET_GIB_PER_MILLION_USERS:g} GiB per 1M users with history"
     for store in stores:
@@ -1284,11 +1291,14 @@ def store_targets(
             # workers (with one, that worker served every request of the load runs).
             count = next((n for n in sorted(workers) if str(n) in in_process), None)
             gib = in_process[str(count)]["gib_per_million_users_per_worker"] if count else None
+            users = memory["users_with_candidates"]
+            judged = gib is not None and users >= MIN_USERS_JUDGED_IN_PROCESS
             row(
                 memory_target,
                 f"embedded, per worker ({count}-worker run)" if count else "embedded",
                 None if gib is None else f"{gib:.2f} GiB",
-                None if gib is None else gib <= TARGET_GIB_PER_MILLION_USERS,
+                gib <= TARGET_GIB_PER_MILLION_USERS if judged else None,
+                None if judged or gib is None else f"not judged: {users:,} users",
             )
     if "redis" in stores:
         for count in workers:
@@ -1388,7 +1398,10 @@ def print_stores(
     print()
     status = {True: "met", False: "MISSED", None: "not measured"}
     rows = [["target", "mode", "measured", ""]]
-    rows += [[t["target"], t["mode"], t["measured"] or "-", status[t["met"]]] for t in targets]
+    rows += [
+        [t["target"], t["mode"], t["measured"] or "-", t["why"] or status[t["met"]]]
+        for t in targets
+    ]
     print(format_table(rows))
 
 
