@@ -208,23 +208,29 @@ class ImpressionLog:
             self._flush()
 
     def _flush(self) -> None:
-        """Appends what is queued, `append_rows` at a time, or in `max_appends_per_flush`
-        appends of at most `max_batch_rows` when the queue is longer.
+        """Appends what was queued when it started (everything once the log is closing),
+        `append_rows` at a time, or in `max_appends_per_flush` appends of at most
+        `max_batch_rows` when the queue is longer.
+
+        What arrives meanwhile waits for the next flush, which sizes its appends by the queue it
+        finds: a writer falling behind makes fewer, larger appends instead of one small append
+        (and fsync) after another.
 
         Rows count against the queue's bound until they are appended, so the rows held in memory
         (queued or being written) never exceed it.
         """
         with self._count_lock:
-            backlog = self._queued_rows
+            backlog = self._queued_rows  # all queued: nothing is being written between flushes
         per_append = -(-backlog // self._max_appends_per_flush)  # rounded up
         cut = min(self._max_batch_rows, max(self._append_rows, per_append))
         batch: dict[str, list[Any]] = {name: [] for name in self._names}
-        rows = 0
-        while True:
+        rows = taken = 0
+        while taken < backlog or self._stop.is_set():
             try:
                 queued = self._queue.get_nowait()
             except queue.Empty:
                 break
+            taken += len(queued)
             try:
                 columns = self._columns(queued)  # a lazy sequence builds its rows here
             except Exception:  # the writer must outlive a response it cannot turn into rows

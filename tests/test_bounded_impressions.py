@@ -2,6 +2,7 @@
 growing, batches are cut, and the log refuses an oversized record before writing it."""
 
 import threading
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -151,18 +152,23 @@ def test_a_responses_shown_items_become_one_impression_row_per_item(tmp_path):
 
 
 class GatedLog:
-    """A real feedback log whose first append waits until released; records every append's size."""
+    """A real feedback log whose first append waits until released (and, with `gate_second`, the
+    second one until `release_second`); records every append's size."""
 
-    def __init__(self, log: FeedbackLog) -> None:
+    def __init__(self, log: FeedbackLog, gate_second: bool = False) -> None:
         self.log = log
-        self.release = threading.Event()
-        self.entered = threading.Event()
+        self.release, self.release_second = threading.Event(), threading.Event()
+        self.entered, self.entered_second = threading.Event(), threading.Event()
+        self.gate_second = gate_second
         self.sizes: list[int] = []
 
     def append_columns(self, stream: str, columns: dict[str, list], rows: int) -> None:
         if not self.entered.is_set():
             self.entered.set()
             assert self.release.wait(10)
+        elif self.gate_second and not self.entered_second.is_set():
+            self.entered_second.set()
+            assert self.release_second.wait(10)
         self.sizes.append(rows)
         self.log.append_columns(stream, columns, rows)
 
@@ -196,3 +202,27 @@ def test_the_writer_appends_in_small_appends_and_in_few_larger_ones_when_behind(
     assert [row["rec_id"] for row in logged] == [
         f"r{n:02d}" for n in range(responses + 1) for _ in range(10)
     ]
+
+
+def test_rows_queued_during_a_flush_wait_for_the_next_which_sizes_its_appends_by_them(tmp_path):
+    with FeedbackLog(tmp_path / "wal") as log:
+        gated = GatedLog(log, gate_second=True)
+        impressions = ImpressionLog(
+            gated, max_batch_rows=1000, append_rows=30, max_appends_per_flush=4
+        )
+        assert impressions.add(make_impressions("r00", 10))
+        assert gated.entered.wait(10)
+        for n in range(1, 11):  # the second flush's backlog: 100 rows
+            assert impressions.add(make_impressions(f"r{n:02d}", 10))
+        gated.release.set()
+        assert gated.entered_second.wait(10)  # the second flush's first append of 30
+        for n in range(11, 51):  # 400 rows more, queued while that flush runs
+            assert impressions.add(make_impressions(f"r{n:02d}", 10))
+        gated.release_second.set()
+        deadline = time.monotonic() + 10
+        while sum(gated.sizes) < 110 and time.monotonic() < deadline:  # the second flush's end
+            time.sleep(0.01)
+        impressions.close()
+    # The second flush appends its own 100 rows; the 400 that came meanwhile go in 4 appends of
+    # 100, not in a dozen more appends of 30.
+    assert gated.sizes == [10, 30, 30, 30, 10, 100, 100, 100, 100]
