@@ -23,8 +23,8 @@ about 2 ms, and each response saved building ten dicts (about 15 µs). Even so, 
 flush was `/recommend`'s tail: a busy loop hands the GIL to the writer only every few
 milliseconds, so a flush meant to run every 50 ms ran every ~120 ms over ~2,900 rows, several
 milliseconds of stall each. Appends of about `APPEND_ROWS` rows hold the GIL a few hundred
-microseconds each, and give it back to the loop while their write and fsync run
-(`APPEND_ROWS`, measured there).
+microseconds each, and give it back to the loop while their write and fsync run (measured: see
+`APPEND_ROWS`).
 
 The same writer logs the sampled feature rows of `/recommend` requests (`bentos/feature_samples.py`)
 to their own stream, with their own bound and counter.
