@@ -230,7 +230,7 @@ def redis_cluster(
         for client in clients[1:]:
             client.execute_command("CLUSTER MEET", first["host"], first["port"])
         deadline = time.monotonic() + 30
-        while not all(_cluster_ready(client, nodes) for client in clients):
+        while not all(cluster_ready(client, nodes) for client in clients):
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok in 30 s")
             time.sleep(0.1)
@@ -288,7 +288,7 @@ def _wait_for_ping(
             time.sleep(0.1)
 
 
-def _cluster_ready(client: Any, nodes: int) -> bool:  # noqa: ANN401
+def cluster_ready(client: Any, nodes: int) -> bool:  # noqa: ANN401
     """Whether a node sees the whole cluster: state ok, every slot served, every node known."""
     info = client.cluster("INFO")
     return (

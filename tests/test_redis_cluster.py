@@ -28,7 +28,7 @@ from models.snapshot import CandidateSnapshot
 from shelfwise.lake import SERVING_NEIGHBOURS
 from shelfwise.runtime import store_keys as keys
 from shelfwise.runtime.online_state import RedisState, StockChange, open_state
-from tests.support import redis_cluster, served_copy
+from tests.support import cluster_ready, redis_cluster, served_copy
 
 CLUSTER_ENV = {"SHELFWISE_REDIS_CLUSTER": "true"}
 
@@ -308,10 +308,11 @@ def test_a_replica_takes_over_a_stopped_primary_and_the_service_follows(
             client.nodes_manager.initialize()  # this test's client saw no failure: asked anew
             promoted = client.get_node_from_key(keys.user_key(version, users[0]))
             assert promoted.name != stopped.name
-            # The failover is over once every live node says so: until then a node may still
-            # answer CLUSTERDOWN (seen once, after the users' answers had come back).
+            # The failover is over once every live node says so (state ok, every slot served,
+            # the 6 nodes known, the stopped one as failed): until then a node may still answer
+            # CLUSTERDOWN (seen once, after the users' answers had come back).
             live = [node for node in client.get_nodes() if node.name != stopped.name]
-            while not all(cluster_ok(node) for node in live):
+            while not all(cluster_ready(node.redis_connection, nodes=6) for node in live):
                 assert time.monotonic() < deadline, "the cluster did not settle after the failover"
                 time.sleep(0.2)
 
@@ -383,15 +384,6 @@ def test_a_users_slot_moved_to_another_primary_while_serving_changes_no_answer(
             assert (found["items"][0]["item_id"], found["items"][0]["live"]) == (item, True)
             log = (tmp_path / "service" / "bentoml.log").read_text()
             assert "unavailable" not in log and "Traceback" not in log
-
-
-def cluster_ok(node) -> bool:
-    """Whether a cluster node reports `cluster_state:ok` (every slot served)."""
-    info = node.redis_connection.execute_command("CLUSTER INFO")
-    if isinstance(info, dict):
-        return str(info.get("cluster_state")) == "ok"
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    return "cluster_state:ok" in text
 
 
 def recommend(url: str, user_id: str, k: int = 10) -> dict:
