@@ -584,6 +584,25 @@ def test_several_requests_read_in_one_call_what_each_would_read_alone(backend, r
     assert state.activity_stock_and_value(buyer, value_key)[2] == reads[1].values[0]
 
 
+def test_a_failed_read_leaves_no_reply_behind_and_a_dropped_connection_is_reopened(redis_url):
+    import redis
+
+    state, tag = open_state(redis_url), time.monotonic_ns()
+    broken, viewer = f"broken-{tag}", f"viewer-{tag}"
+    state.record(
+        [{"event_id": f"{tag}-1", "user_id": viewer, "item_id": "i1", "event_type": "view"}]
+    )
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"shelfwise:session:{{{broken}}}", "not a list")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        state.read_requests([(broken, ()), (viewer, ())])
+    # The viewer's replies, unread after the error, are not taken for the next read's.
+    assert state.read_requests([(viewer, ())])[0].activity.item_ids == ("i1",)
+    # Redis closed the connection (a restart, a timeout): the read opens another and succeeds.
+    assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+    assert state.read_requests([(viewer, ())])[0].activity.item_ids == ("i1",)
+
+
 def test_a_stock_value_of_an_earlier_version_in_redis_counts_as_oldest(redis_url):
     import redis
 

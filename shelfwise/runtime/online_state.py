@@ -476,6 +476,8 @@ class RedisState:
     def _read_together(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[StateRead]:
         # One round trip: the stock's version travels with the activity (once for all the
         # requests); the hash itself is read again only when another worker changed it.
+        if not self._cluster:
+            return self._read_packed(requests)
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(self._stock_version_key)
         for user_id, keys in requests:
@@ -491,6 +493,60 @@ class RedisState:
             values = tuple(next(replies) for _ in keys)
             activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
             reads.append(StateRead(activity, stock, values))
+        return reads
+
+    def _read_packed(self, requests: Sequence[tuple[str, Sequence[str]]]) -> list[StateRead]:
+        """`_read_together` on a single Redis, without redis-py's pipeline.
+
+        The same commands, packed here and their replies read in order from one pooled
+        connection: redis-py's pipeline spends about as much CPU again per command on its
+        bookkeeping (measured: 8 requests a round trip, 590–650 µs of CPU against 350–395).
+        Retried as redis-py retries a pipeline (the connection's `Retry`, the connection dropped
+        after each failure); dropped too on any other error, as replies may be left unread.
+        """
+        commands = [_command(b"GET", self._stock_version_key.encode())]
+        for user_id, keys in requests:
+            commands.append(
+                _command(
+                    b"LRANGE",
+                    self._user_key("session", user_id).encode(),
+                    b"0",
+                    _LAST_SESSION_INDEX,
+                )
+            )
+            commands.append(_command(b"SMEMBERS", self._user_key("cart", user_id).encode()))
+            commands.append(_command(b"SMEMBERS", self._user_key("bought", user_id).encode()))
+            commands.extend(_command(b"GET", key.encode()) for key in keys)
+        packed = b"".join(commands)
+        pool = self._redis.connection_pool
+        connection = pool.get_connection()
+        try:
+            return connection.retry.call_with_retry(
+                lambda: self._send_and_read(connection, packed, requests),
+                lambda _: connection.disconnect(),
+            )
+        finally:
+            pool.release(connection)
+
+    def _send_and_read(
+        self,
+        connection: Any,  # noqa: ANN401 - a redis.connection.Connection
+        packed: bytes,
+        requests: Sequence[tuple[str, Sequence[str]]],
+    ) -> list[StateRead]:
+        try:
+            connection.send_packed_command([packed])
+            read = connection.read_response
+            stock = self._stock_at(read())
+            reads = []
+            for _, keys in requests:
+                items, cart, bought = read(), read(), read()
+                values = tuple(read(disable_decoding=True) for _ in keys)
+                activity = UserActivity(tuple(items), frozenset(cart), frozenset(bought))
+                reads.append(StateRead(activity, stock, values))
+        except BaseException:
+            connection.disconnect()  # replies may be left unread: never reuse it
+            raise
         return reads
 
     def _queue_activity(self, pipe: Any, user_id: str) -> None:  # noqa: ANN401 - redis' Pipeline
@@ -519,6 +575,13 @@ class RedisState:
 
 
 _RESTORE_CHUNK = 10_000
+_LAST_SESSION_INDEX = str(SESSION_ITEMS - 1).encode()
+
+
+def _command(*args: bytes) -> bytes:
+    """One command in Redis' protocol (RESP): an array of bulk strings."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args)
+
 
 # KEYS: the stock hash, its version counter. ARGV: item, 0|1, updated_at_us, repeated. Sets each
 # item whose stored change is not newer (a value without a time, "0" or "1", counts as oldest)
