@@ -31,7 +31,7 @@ def test_the_feature_sample_rate_is_a_share_and_the_rows_a_count():
             Settings.from_env({"SHELFWISE_FEATURE_SAMPLE_RATE": rate})
     with pytest.raises(ValueError, match="SHELFWISE_FEATURE_SAMPLE_ROWS"):
         Settings.from_env({"SHELFWISE_FEATURE_SAMPLE_ROWS": "-1"})
-    assert default.feature_samples_per_s == 1.0
+    assert default.feature_samples_per_s == 0.1
     assert Settings.from_env({"SHELFWISE_FEATURE_SAMPLES_PER_S": "0"}).feature_samples_per_s == 0
     for bound in ("-1", "nan"):
         with pytest.raises(ValueError, match="SHELFWISE_FEATURE_SAMPLES_PER_S"):
