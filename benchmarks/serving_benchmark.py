@@ -1323,7 +1323,7 @@ def store_targets(
         row(
             f"req/s >= {TARGET_THROUGHPUT_RATIO:g}x no-op at c={at}, 1 worker",
             store,
-            None if ratio is None else f"{ratio:.2f}x",
+            None if ratio is None else f"{ratio:.3f}x",  # 3 places: 0.498 is missed, not "0.50"
             None if ratio is None else ratio >= TARGET_THROUGHPUT_RATIO,
         )
         two = modes.get(mode_name(store, 2), {}).get("figures", {}).get(at)
@@ -1331,7 +1331,7 @@ def store_targets(
         row(
             f"2 workers >= {TARGET_TWO_WORKERS:g}x 1 worker's req/s at c={at}",
             store,
-            None if scale is None else f"{scale:.2f}x",
+            None if scale is None else f"{scale:.3f}x",
             None if scale is None else scale >= TARGET_TWO_WORKERS,
         )
     return rows
