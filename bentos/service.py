@@ -417,10 +417,11 @@ class RecommendationService:
             was_lost = self._version_lost
             self._version_lost = stored is None and self.serving.store_version is not None
             if self._version_lost and not was_lost:
+                self._serve_lost_version()
                 logger.error(
                     "The online store holds no version any more (Redis restarted empty or was "
-                    "flushed): known users are answered as new ones until the pipeline writes "
-                    "a version again (materialize `online_store`)"
+                    "flushed): known users are answered as new ones, with fallback level 2, "
+                    "until the pipeline writes a version again (materialize `online_store`)"
                 )
             # After a loss, Redis numbers versions from 1 again: one with the number held is new.
             if stored is None or (stored == self.serving.store_version and not was_lost):
@@ -432,6 +433,17 @@ class RecommendationService:
                 "Online store version %s replaces %s", serving.store_version, previous.store_version
             )
             return True
+
+    def _serve_lost_version(self) -> None:
+        """Serves the version Redis lost as a missing snapshot: its users' keys are gone, and a
+        known user answered like a new one must say so (`FALLBACK_POPULAR`), not look intended."""
+        serving = self.serving
+        store = serving.recommender.store
+        if isinstance(store, RedisCandidateStore):
+            recommender = serving.recommender.with_store(store.lost())
+            self.serving = replace(
+                serving, recommender=recommender.with_ranked_lists(serving.model_version)
+            )
 
     def reload(self) -> bool:
         """Swaps in the production model of the store if it changed since it was loaded.

@@ -288,6 +288,13 @@ class RedisCandidateStore:
             self.client, self.version, self._table, self._known_users, self.snapshot_id, ranked
         )
 
+    def lost(self) -> "RedisCandidateStore":
+        """This version once Redis no longer holds it (restarted empty, flushed).
+
+        No user has candidates or a ranked list any more, as in a missing snapshot.
+        """
+        return RedisCandidateStore(self.client, self.version, self._table, 0, self.snapshot_id)
+
     def ranked_key_of(self, user_id: str) -> str | None:
         """The key of the user's ranked list in this version's ranking (None: it has none)."""
         if self._ranked is None:

@@ -168,7 +168,8 @@ def test_a_version_of_another_release_is_refused_and_the_held_one_served(replica
         for name in ("a", "b"):
             log = replicas["folder"] / name / "bentoml.log"
             wait_for(lambda log=log: "Online store version refused" in log.read_text())
-            assert recommend(replicas[name], user)["strategy"] == "personalized"
+            again = recommend(replicas[name], user)
+        assert again["strategy"] == "personalized" and again["fallback_level"] == 0
         time.sleep(1.5)  # a few more polls: still one message, and never "unreachable"
         for name in ("a", "b"):
             text = (replicas["folder"] / name / "bentoml.log").read_text()
@@ -206,7 +207,9 @@ def test_redis_restarted_empty_is_restored_and_followed_without_a_restart(replic
         assert hidden not in answer(recommend(replicas[name], "someone-new"))[2]
         resent = httpx.post(f"{replicas[name]}/events", json={"events": body["events"]}, timeout=10)
         assert (resent.json()["accepted"], resent.json()["duplicates"]) == (0, 1)
-        assert recommend(replicas[name], user)["strategy"] != "personalized"  # as a new user
+        # As a new user, and saying that its candidates are missing, not that all is well.
+        lost = recommend(replicas[name], user)
+        assert lost["strategy"] != "personalized" and lost["fallback_level"] == FALLBACK_POPULAR
 
     client.set(keys.NEXT_VERSION, held - 1)  # the next version takes the number held
     assert write_from_lake(client, lake).version == held
@@ -215,7 +218,8 @@ def test_redis_restarted_empty_is_restored_and_followed_without_a_restart(replic
     for name in ("a", "b"):
         log = replicas["folder"] / name / "bentoml.log"
         wait_for(lambda log=log: switched in log.read_text(), what=switched)
-        assert recommend(replicas[name], user)["strategy"] == "personalized"
+        again = recommend(replicas[name], user)
+        assert again["strategy"] == "personalized" and again["fallback_level"] == 0
 
 
 def test_without_redis_the_replicas_degrade_and_never_fail(replicas, pipeline_run):
