@@ -168,8 +168,7 @@ def test_a_version_of_another_release_is_refused_and_the_held_one_served(replica
         for name in ("a", "b"):
             log = replicas["folder"] / name / "bentoml.log"
             wait_for(lambda log=log: "Online store version refused" in log.read_text())
-            again = recommend(replicas[name], user)
-        assert again["strategy"] == "personalized" and again["fallback_level"] == 0
+            assert recommend(replicas[name], user)["strategy"] == "personalized"
         time.sleep(1.5)  # a few more polls: still one message, and never "unreachable"
         for name in ("a", "b"):
             text = (replicas["folder"] / name / "bentoml.log").read_text()
