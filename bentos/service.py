@@ -92,7 +92,7 @@ from models.ranker import booster_from_text
 from models.recommender import Recommendation, Recommender
 from models.segments import SegmentPolicy
 from models.session import Session
-from models.snapshot import CandidateSnapshot, SnapshotFeaturesError
+from models.snapshot import CandidateSnapshot, CandidateStore, SnapshotFeaturesError
 from models.tracing import STAGE_STATE, stage
 from shelfwise.experiments import (
     Experiment,
@@ -440,10 +440,7 @@ class RecommendationService:
         serving = self.serving
         store = serving.recommender.store
         if isinstance(store, RedisCandidateStore):
-            recommender = serving.recommender.with_store(store.lost())
-            self.serving = replace(
-                serving, recommender=recommender.with_ranked_lists(serving.model_version)
-            )
+            self.serving = _on_store(serving, store.lost())
 
     def reload(self) -> bool:
         """Swaps in the production model of the store if it changed since it was loaded.
@@ -509,10 +506,7 @@ class RecommendationService:
                 updated = store.with_ranked(ranked)
             else:
                 return False
-            recommender = serving.recommender.with_store(updated)
-            self.serving = replace(
-                serving, recommender=recommender.with_ranked_lists(serving.model_version)
-            )
+            self.serving = _on_store(serving, updated)
         logger.info(
             "Ranked lists of %s by %s switched in (answering from them: %s)",
             found.snapshot_id if found else None,
@@ -1221,6 +1215,13 @@ class Serving:
     # ranker predicts the same scores but has no per-feature contributions); None without one.
     booster: Any = None
     feature_names: list[str] | None = None
+
+
+def _on_store(serving: Serving, store: CandidateStore) -> Serving:
+    """`serving` on another store of its snapshot, answering from ranked lists if that one has
+    them for its model."""
+    recommender = serving.recommender.with_store(store)
+    return replace(serving, recommender=recommender.with_ranked_lists(serving.model_version))
 
 
 def load_ranker(
